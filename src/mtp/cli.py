@@ -1,0 +1,207 @@
+"""The ``mtp`` command line: one typed function per subcommand; argparse only maps flags onto them.
+
+Bad input ends in one line, ``mtp: error: ...``, and exit status 2; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+from mtp.config import AnalyzeConfig
+from mtp.errors import UserError
+
+
+# ----------------------------------------------------------------------------- output helpers
+
+
+def _check_writable_file(path: str | None, flag: str) -> None:
+    """Fail before any slow work if an output file cannot be written."""
+    if path is None:
+        return
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise UserError(f"{flag} {path} is a directory: give a file path")
+    parent = p.parent if str(p.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise UserError(f"{flag} {path}: {parent} is not a directory")
+    if parent.exists() and not os.access(parent, os.W_OK):
+        raise UserError(f"{flag} {path}: cannot write to {parent}")
+
+
+def _check_writable_dir(path: str | None, flag: str) -> None:
+    if path is None:
+        return
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{flag} {path} exists and is not a directory")
+
+
+def write_json(path: str | Path, obj) -> None:
+    """Write atomically: a temporary file in the same folder, then a rename (never a half-written file)."""
+    p = Path(path).expanduser()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ----------------------------------------------------------------------------- subcommands
+
+
+def analyze(cfg: AnalyzeConfig, json_path: str | None = None, out_dir: str | None = None,
+            progress: bool = True, command: str = "") -> int:
+    """How much multi-token prediction the models already have: Markdown on stdout, JSON and plots."""
+    from mtp.analysis.plots import write_plots
+    from mtp.analysis.report import markdown
+    from mtp.analysis.run import analyze as run_analysis
+
+    _check_writable_file(json_path, "--json")
+    _check_writable_dir(out_dir, "--out")
+    report = run_analysis(cfg, progress=progress)
+    report["command"] = command
+    print(markdown(report))
+    if json_path:
+        write_json(json_path, report)
+        print(f"\nJSON: {json_path}")
+    if out_dir:
+        for path in write_plots(report, out_dir):
+            print(f"plot: {path}")
+    return 0
+
+
+def bench_analyze(model: str, data: str, context: int, positions: int, positions_per_window: int, k: int,
+                  top_p: float, max_candidates: int, chunk_tokens: int, dtype: str, device: str, seed: int,
+                  json_path: str | None = None, progress: bool = True, command: str = "") -> int:
+    """Batched vs naive marginalization on the same positions: both times, the ratio, the largest difference."""
+    from mtp.bench import bench_analyze as run_bench, format_bench_analyze
+
+    _check_writable_file(json_path, "--json")
+    result = run_bench(model, data, context=context, positions=positions, positions_per_window=positions_per_window,
+                       k=k, top_p=top_p, max_candidates=max_candidates, chunk_tokens=chunk_tokens, dtype=dtype,
+                       device=device, seed=seed, progress=progress)
+    result["command"] = command
+    print(format_bench_analyze(result))
+    if json_path:
+        write_json(json_path, result)
+    return 0
+
+
+# ----------------------------------------------------------------------------- argument parsing
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit status 2)."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.exit(2, f"mtp: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=0, help="seed for choosing windows (default 0)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or float64 (default float32)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = AnalyzeConfig.__dataclass_fields__
+    parser = _Parser(prog="mtp", description="Multi-token prediction: measure it, train it, decode faster with it.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    a = sub.add_parser("analyze", help="how much MTP ability next-token models already have (marginalization, "
+                                       "logit lens)")
+    a.add_argument("--model", action="append", dest="models", metavar="NAME|PATH",
+                   help="built-in name (smollm2-135m, gemma3-270m, qwen2.5-coder-0.5b), HF folder or .gguf file; "
+                        "repeatable (default smollm2-135m)")
+    a.add_argument("--data", action="append", metavar="CORPUS|FILE",
+                   help="code, prose, translation, or a .txt/.jsonl file; repeatable (default code)")
+    a.add_argument("--text", action="append", metavar="FILE", help="a user text file (shorthand for --data FILE)")
+    a.add_argument("--k", type=int, default=d["k"].default, help="largest prediction distance, 1-3 (default 3)")
+    a.add_argument("--top-p", type=float, action="append", dest="top_p",
+                   help="mass covered by each sum over intermediate tokens; repeatable (default 0.99 and 0.9)")
+    a.add_argument("--max-candidates", type=int, default=d["max_candidates"].default,
+                   help="most candidate paths per position and k (default %(default)s)")
+    a.add_argument("--context", type=int, default=d["context"].default,
+                   help="least tokens of left context per position (default %(default)s)")
+    a.add_argument("--max-positions", type=int, default=d["max_positions"].default,
+                   help="scored positions per model and corpus (default %(default)s)")
+    a.add_argument("--positions-per-window", type=int, default=d["positions_per_window"].default,
+                   help="scored positions per token window (default %(default)s)")
+    a.add_argument("--chunk-tokens", type=int, default=d["chunk_tokens"].default,
+                   help="candidate tokens per batched forward (default %(default)s)")
+    a.add_argument("--no-lens", action="store_true", help="skip the logit-lens layer analysis")
+    a.add_argument("--json", dest="json_path", metavar="FILE", help="write every figure as JSON")
+    a.add_argument("--out", metavar="DIR", help="write PNG plots here")
+    _add_common(a)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True,
+                                                                       parser_class=_Parser)
+    b = bench.add_parser("analyze", help="batched vs naive marginalization: time, ratio, largest difference")
+    b.add_argument("--model", default="smollm2-135m", metavar="NAME|PATH")
+    b.add_argument("--data", default="code", metavar="CORPUS|FILE")
+    b.add_argument("--context", type=int, default=256)
+    b.add_argument("--positions", type=int, default=8, help="scored positions (default %(default)s)")
+    b.add_argument("--positions-per-window", type=int, default=4)
+    b.add_argument("--k", type=int, default=2)
+    b.add_argument("--top-p", type=float, default=0.99)
+    b.add_argument("--max-candidates", type=int, default=64)
+    b.add_argument("--chunk-tokens", type=int, default=128)
+    b.add_argument("--json", dest="json_path", metavar="FILE")
+    _add_common(b)
+    return parser
+
+
+def run(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    progress, command = not args.quiet, "mtp " + shlex.join(argv)
+    if args.command == "analyze":
+        data = (args.data or []) + (args.text or [])
+        cfg = AnalyzeConfig(models=args.models or ["smollm2-135m"], data=data or ["code"], k=args.k,
+                            top_p=args.top_p or [0.99, 0.9], max_candidates=args.max_candidates,
+                            context=args.context, max_positions=args.max_positions,
+                            positions_per_window=args.positions_per_window, chunk_tokens=args.chunk_tokens,
+                            lens=not args.no_lens, seed=args.seed, device=args.device, dtype=args.dtype)
+        return analyze(cfg, json_path=args.json_path, out_dir=args.out, progress=progress, command=command)
+    if args.command == "bench" and args.bench == "analyze":
+        return bench_analyze(args.model, args.data, args.context, args.positions, args.positions_per_window, args.k,
+                             args.top_p, args.max_candidates, args.chunk_tokens, args.dtype, args.device, args.seed,
+                             json_path=args.json_path, progress=progress, command=command)
+    raise AssertionError(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # our own bars and messages say what is happening
+    try:
+        return run(argv)
+    except SystemExit as e:  # argparse: --help (0) or a one-line usage error (2)
+        return e.code if isinstance(e.code, int) else 2
+    except UserError as e:
+        print(f"mtp: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mtp: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("mtp: error: out of memory: lower --chunk-tokens or --max-candidates", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

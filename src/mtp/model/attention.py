@@ -1,0 +1,63 @@
+"""Drive Hugging Face decoders with custom (tree) attention through their public arguments.
+
+Forwarding many candidate tokens against one cached prefix needs a 4-D attention mask: each new token
+sees part of the cache (its prefix and its ancestors) and itself, at an explicit position id. The models
+take an additive mask of shape (B, 1, Q, KV) as-is; hybrid models (Gemma 3, Qwen2) take a dict with one
+mask per layer type, so sliding-window layers get the window applied here, from the position ids.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mtp.errors import UserError
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(..., Q, KV) bool -> (B, 1, Q, KV) float: 0 where attention is allowed, the dtype's min elsewhere."""
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask if mask.dim() == 4 else mask.reshape(-1, 1, *allowed.shape[-2:])
+
+
+def attention_masks(config, allowed: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
+                    dtype: torch.dtype):
+    """The ``attention_mask`` argument for a forward over Q new tokens against KV keys (cache + new).
+
+    allowed: (Q, KV) or (B, Q, KV) bool, which key each query may see (causality and tree structure);
+    q_pos: (..., Q) and k_pos: (..., KV) position ids of queries and keys, used for sliding windows.
+    """
+    layer_types = getattr(config, "layer_types", None)
+    window = getattr(config, "sliding_window", None)
+
+    def windowed() -> torch.Tensor:
+        return allowed & (q_pos.unsqueeze(-1) - k_pos.unsqueeze(-2) < window)
+
+    if not layer_types:
+        # Models without per-layer types apply a sliding window to every layer when they use one.
+        if window is not None and getattr(config, "use_sliding_window", True):
+            return additive_mask(windowed(), dtype)
+        return additive_mask(allowed, dtype)
+    masks = {}
+    for kind in set(layer_types):
+        if kind == "full_attention" or (kind == "sliding_attention" and window is None):
+            masks[kind] = additive_mask(allowed, dtype)
+        elif kind == "sliding_attention":
+            masks[kind] = additive_mask(windowed(), dtype)
+        else:
+            raise UserError(f"attention layer type {kind!r} of {config.model_type} is not supported by mtp yet")
+    return masks
+
+
+def truncate_cache(cache, length: int) -> None:
+    """Drop cache entries beyond ``length`` (transformers >= 5: ``crop`` takes minus the count removed)."""
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)
+
+
+def select_cache(cache, index: torch.Tensor) -> None:
+    """Keep only the cache entries at ``index`` (in that order), in every layer of a DynamicCache."""
+    for layer in cache.layers:
+        layer.keys = layer.keys.index_select(-2, index)
+        layer.values = layer.values.index_select(-2, index)

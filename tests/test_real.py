@@ -1,0 +1,42 @@
+"""Real pretrained model (smollm2-135m, converted once from its GGUF package into the cache)."""
+
+import pytest
+import torch
+
+from mtp import load_backbone, load_corpus, make_windows
+from mtp.analysis.marginal import CachedEvaluator, NaiveEvaluator, marginalize
+from mtp.backbones import cache_dir
+
+pytestmark = pytest.mark.real
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_backbone("smollm2-135m", dtype="float32")
+
+
+def test_converted_copy_is_cached(smollm2):
+    folder = cache_dir() / "models" / "smollm2-135m"
+    assert (folder / "model.safetensors").is_file() and (folder / "mtp_source.json").is_file()
+
+
+def test_real_model_has_mtp_ability_on_code(smollm2):
+    model, tok = smollm2
+    windows = make_windows(load_corpus("code"), tok, context=128, max_positions=32, per_window=16, horizon=2,
+                           seed=0)
+    hits = torch.zeros(2)
+    for w in windows:
+        res = marginalize(CachedEvaluator(model), w.input_ids, w.positions, 2, [0.99], 32)
+        for k in (1, 2):
+            pred = res.marginals[k - 1][0].argmax(-1)
+            hits[k - 1] += (pred == w.input_ids[w.positions + k]).sum()
+    acc = hits / 32
+    assert acc[0] > 0.35 and acc[1] > 0.2  # a random model scores about 1 / 49152
+
+
+def test_batched_equals_naive_on_real_model(smollm2):
+    model, tok = smollm2
+    (w,) = make_windows(load_corpus("code"), tok, context=96, max_positions=2, per_window=2, horizon=2, seed=1)
+    a = marginalize(CachedEvaluator(model, chunk_tokens=5), w.input_ids, w.positions, 2, [0.99], 8)
+    b = marginalize(NaiveEvaluator(model), w.input_ids, w.positions, 2, [0.99], 8)
+    assert (a.marginals[1] - b.marginals[1]).abs().max() < 1e-5
