@@ -104,14 +104,20 @@ def test_package_not_installed(capsys, monkeypatch, text_file):
     assert_one_line_error(code, err, "pip install --no-deps mtp-no-such-package-xyz")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
-def test_unreadable_file(capsys, tiny_folder, text_file):
-    text_file.chmod(0)
-    try:
-        code, _, err = run_cli(capsys, "analyze", "--model", str(tiny_folder), "--text", str(text_file))
-        assert_one_line_error(code, err, "cannot read")
-    finally:
-        text_file.chmod(0o644)
+def test_unreadable_file(capsys, monkeypatch, tiny_folder, text_file):
+    """Permission denied (simulated, since tests may run as root, who reads any file)."""
+    import pathlib
+
+    real = pathlib.Path.read_bytes
+
+    def deny(self):
+        if self == text_file:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(pathlib.Path, "read_bytes", deny)
+    code, _, err = run_cli(capsys, "analyze", "--model", str(tiny_folder), "--text", str(text_file))
+    assert_one_line_error(code, err, "cannot read", "Permission denied")
 
 
 def test_console_script_exit_status(tmp_path):

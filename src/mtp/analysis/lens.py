@@ -9,26 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from mtp.errors import UserError
-
-_NORM_NAMES = ("norm", "final_layernorm", "ln_f", "final_norm")
-
-
-def final_norm(model) -> torch.nn.Module:
-    """The norm applied before the unembedding, found on the decoder stack."""
-    decoder = model.get_decoder()
-    for name in _NORM_NAMES:
-        module = getattr(decoder, name, None)
-        if isinstance(module, torch.nn.Module):
-            return module
-    raise UserError(f"{type(model).__name__}: cannot find the final norm for the logit lens")
+from mtp.model.heads import unembed
 
 
 def lens_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     """Read a residual-stream state (..., H) through the final norm, unembedding and logit soft-capping."""
-    logits = model.get_output_embeddings()(final_norm(model)(hidden))
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap else logits
+    return unembed(model, hidden)
 
 
 @torch.inference_mode()

@@ -20,33 +20,33 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask if mask.dim() == 4 else mask.reshape(-1, 1, *allowed.shape[-2:])
 
 
+def layer_mask(config, layer_type: str, allowed: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
+               dtype: torch.dtype) -> torch.Tensor:
+    """The additive mask for one attention layer type; sliding windows are applied from position ids."""
+    window = getattr(config, "sliding_window", None)
+    if layer_type == "sliding_attention" and window is not None:
+        allowed = allowed & (q_pos.unsqueeze(-1) - k_pos.unsqueeze(-2) < window)
+    elif layer_type not in ("full_attention", "sliding_attention"):
+        raise UserError(f"attention layer type {layer_type!r} of {config.model_type} is not supported by mtp yet")
+    return additive_mask(allowed, dtype)
+
+
 def attention_masks(config, allowed: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
                     dtype: torch.dtype):
     """The ``attention_mask`` argument for a forward over Q new tokens against KV keys (cache + new).
 
     allowed: (Q, KV) or (B, Q, KV) bool, which key each query may see (causality and tree structure);
     q_pos: (..., Q) and k_pos: (..., KV) position ids of queries and keys, used for sliding windows.
+    Hybrid models (a ``layer_types`` list) get a dict with one mask per layer type.
     """
     layer_types = getattr(config, "layer_types", None)
-    window = getattr(config, "sliding_window", None)
-
-    def windowed() -> torch.Tensor:
-        return allowed & (q_pos.unsqueeze(-1) - k_pos.unsqueeze(-2) < window)
-
     if not layer_types:
         # Models without per-layer types apply a sliding window to every layer when they use one.
-        if window is not None and getattr(config, "use_sliding_window", True):
-            return additive_mask(windowed(), dtype)
-        return additive_mask(allowed, dtype)
-    masks = {}
-    for kind in set(layer_types):
-        if kind == "full_attention" or (kind == "sliding_attention" and window is None):
-            masks[kind] = additive_mask(allowed, dtype)
-        elif kind == "sliding_attention":
-            masks[kind] = additive_mask(windowed(), dtype)
-        else:
-            raise UserError(f"attention layer type {kind!r} of {config.model_type} is not supported by mtp yet")
-    return masks
+        uses_window = getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window",
+                                                                                        True)
+        kind = "sliding_attention" if uses_window else "full_attention"
+        return layer_mask(config, kind, allowed, q_pos, k_pos, dtype)
+    return {kind: layer_mask(config, kind, allowed, q_pos, k_pos, dtype) for kind in set(layer_types)}
 
 
 def truncate_cache(cache, length: int) -> None:

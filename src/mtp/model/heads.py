@@ -1,0 +1,199 @@
+"""MTP heads on a backbone's hidden states, the taps that feed them, and the shared unembedding.
+
+Head k (k = 1 .. n) predicts token t+1+k from the hidden states at position t (head 0 is the backbone's
+own next-token head). Every head maps a hidden state (B, T, H) to a hidden state that the backbone's
+final norm and unembedding turn into logits: nothing vocabulary-sized is copied per head.
+
+Head kinds live in a registry: adding one is a class plus one ``@register_head`` line.
+- ``mlp`` (Medusa, arXiv 2401.10774): residual blocks h + SiLU(W h + b), zero-initialized, so a new head
+  starts as the identity and reproduces the next-token distribution;
+- ``transformer`` (Gloeckle et al., arXiv 2404.19737): one decoder layer of the backbone's own class,
+  built from its config (never a forked modeling file), optionally a copy of the backbone's last layer.
+
+Taps say which hidden state a head reads: ``last`` (the last layer's output, before the final norm),
+``layer:i`` (the output of layer i; 0 is the embeddings) or ``whs`` (a softmax-normalized weighting of
+the embeddings and every layer's output, one weight vector per head; Mehra et al., arXiv 2502.09419).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+
+import torch
+from torch import nn
+
+from mtp.errors import UserError
+from mtp.model.attention import layer_mask
+
+HEAD_KINDS: dict[str, type["Head"]] = {}
+
+
+def register_head(name: str):
+    def wrap(cls):
+        cls.kind = name
+        HEAD_KINDS[name] = cls
+        return cls
+    return wrap
+
+
+class Head(nn.Module):
+    kind = ""
+
+    def forward(self, h: torch.Tensor, position_ids: torch.Tensor, cache=None) -> torch.Tensor:
+        """(B, T, H) -> (B, T, H); ``cache``: the head's own KV cache (transformer heads, decoding)."""
+        raise NotImplementedError
+
+
+@register_head("mlp")
+class MLPHead(Head):
+    def __init__(self, backbone, layers: int = 1, **_):
+        super().__init__()
+        size = backbone.config.hidden_size
+        self.blocks = nn.ModuleList(nn.Linear(size, size) for _ in range(layers))
+        for block in self.blocks:  # zero init: the head starts as the identity
+            nn.init.zeros_(block.weight)
+            nn.init.zeros_(block.bias)
+
+    def forward(self, h, position_ids, cache=None):
+        for block in self.blocks:
+            h = h + nn.functional.silu(block(h))  # (B, T, H)
+        return h
+
+
+def _decoder(backbone):
+    return backbone.get_decoder()
+
+
+_NORM_NAMES = ("norm", "final_layernorm", "ln_f", "final_norm")
+
+
+def final_norm(backbone) -> nn.Module:
+    """The norm applied before the unembedding, found on the decoder stack."""
+    decoder = _decoder(backbone)
+    for name in _NORM_NAMES:
+        module = getattr(decoder, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    raise UserError(f"{type(backbone).__name__}: cannot find the final norm before the unembedding")
+
+
+def unembed(backbone, hidden: torch.Tensor, normed: bool = False) -> torch.Tensor:
+    """The backbone's shared output path: final norm (unless applied), unembedding, soft-capping. (..., H) -> (..., V)"""
+    if not normed:
+        hidden = final_norm(backbone)(hidden)
+    logits = backbone.get_output_embeddings()(hidden)
+    cap = getattr(backbone.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+@register_head("transformer")
+class TransformerHead(Head):
+    """One decoder layer of the backbone's architecture with its own (single-layer) config."""
+
+    def __init__(self, backbone, init_from_last: bool = True, **_):
+        super().__init__()
+        decoder = _decoder(backbone)
+        last = decoder.layers[-1]
+        config = copy.deepcopy(backbone.config)
+        self.layer_type = (getattr(config, "layer_types", None) or ["full_attention"])[-1]
+        config.num_hidden_layers = 1
+        if getattr(config, "layer_types", None):
+            config.layer_types = [self.layer_type]
+        self.config = config
+        self.layer = type(last)(config, 0)
+        if init_from_last:
+            self.layer.load_state_dict(last.state_dict())
+        self.layer.to(dtype=next(last.parameters()).dtype)
+        # The rotary embedding has no trainable weights: borrow the backbone's, never copy it.
+        self._rotary = [decoder.rotary_emb]
+
+    def _position_embeddings(self, h, position_ids):
+        rotary = self._rotary[0]
+        if "layer_type" in inspect.signature(rotary.forward).parameters:
+            return rotary(h, position_ids, self.layer_type)
+        return rotary(h, position_ids)
+
+    def forward(self, h, position_ids, cache=None):
+        past = cache.get_seq_length() if cache is not None else 0
+        t = h.shape[1]
+        mask = None
+        window = getattr(self.config, "sliding_window", None)
+        if past or (self.layer_type == "sliding_attention" and window is not None and t > window):
+            # Explicit causal mask against the cache; otherwise the attention kernel's own causal path.
+            q_pos = position_ids[0]
+            k_pos = torch.cat([torch.arange(past, device=h.device), q_pos]) if past else q_pos
+            allowed = torch.ones(t, past + t, dtype=torch.bool, device=h.device).tril(past)
+            mask = layer_mask(self.config, self.layer_type, allowed, q_pos, k_pos, h.dtype)
+        out = self.layer(h, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
+                         use_cache=cache is not None, position_embeddings=self._position_embeddings(h, position_ids))
+        return out[0] if isinstance(out, tuple) else out
+
+
+# ----------------------------------------------------------------------------- taps
+
+
+def parse_tap(tap: str, n_layers: int) -> tuple[str, int | None]:
+    """``last`` | ``layer:i`` (0 = embeddings, n_layers = last) | ``whs``."""
+    if tap in ("last", "whs"):
+        return tap, None
+    if tap.startswith("layer:"):
+        try:
+            i = int(tap.split(":", 1)[1])
+        except ValueError:
+            i = -1
+        if 0 <= i <= n_layers:
+            return "layer", i
+        raise UserError(f"tap {tap!r}: the layer must be 0..{n_layers} (0 = embeddings)")
+    raise UserError(f"unknown tap {tap!r}: use last, layer:I or whs")
+
+
+@contextlib.contextmanager
+def capture_hidden(backbone, layers: list[int]):
+    """Record the residual stream before the final norm: index 0 = embeddings, i = output of layer i.
+
+    Forward hooks on the backbone's own decoder layers, so every architecture works unchanged, and
+    gradients flow through the recorded tensors in joint training.
+    """
+    decoder = _decoder(backbone)
+    store: dict[int, torch.Tensor] = {}
+    handles = []
+    if 0 in layers:
+        handles.append(decoder.layers[0].register_forward_pre_hook(
+            lambda mod, args, kwargs: store.__setitem__(0, args[0] if args else kwargs["hidden_states"]),
+            with_kwargs=True))
+    for i in layers:
+        if i > 0:
+            handles.append(decoder.layers[i - 1].register_forward_hook(
+                lambda mod, args, out, i=i: store.__setitem__(i, out[0] if isinstance(out, tuple) else out)))
+    try:
+        yield store
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def whs_init(n_states: int) -> torch.Tensor:
+    """WHS logits putting 90% of the weight on the last layer: a fresh head reads almost what ``last`` reads."""
+    logits = torch.zeros(n_states)
+    if n_states > 1:
+        logits[-1] = torch.log(torch.tensor(0.9 * (n_states - 1) / 0.1))
+    return logits
+
+
+class TappedHead(nn.Module):
+    """A head body plus its tap: with WHS, its own softmax-normalized weight per hidden state."""
+
+    def __init__(self, body: Head, whs_states: int | None = None):
+        super().__init__()
+        self.body = body
+        self.whs = nn.Parameter(whs_init(whs_states)) if whs_states else None
+
+    def forward(self, states: list[torch.Tensor], position_ids: torch.Tensor, cache=None) -> torch.Tensor:
+        if self.whs is None:
+            h = states[0]
+        else:
+            w = torch.softmax(self.whs.float(), -1).to(states[0].dtype)  # (L+1,)
+            h = sum(w[i] * s for i, s in enumerate(states))  # (B, T, H), no stacked copy
+        return self.body(h, position_ids, cache)

@@ -1,0 +1,247 @@
+"""A backbone (or trunk) plus n MTP heads sharing its final norm and unembedding.
+
+    input_ids (B, T) -> backbone -> tapped hidden states -> head k -> final norm -> unembedding -> logits
+    head 0 is the backbone's own next-token head; head k >= 1 predicts x_{t+1+k} at position t.
+
+``save_pretrained`` writes ``config.json`` (backbone reference and fingerprint, head kind, number of heads,
+tap, dtype, training recipe) and ``model.safetensors`` (the heads with their WHS weights, and backbone
+weights or LoRA adapters only when they were trained). ``from_pretrained`` refuses heads made for another backbone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mtp.errors import UserError
+from mtp.model.heads import HEAD_KINDS, TappedHead, capture_hidden, parse_tap, unembed
+
+FORMAT_VERSION = 1
+_FINGERPRINT_POINTS = 64
+
+
+@dataclass
+class HeadsConfig:
+    """What a head set is; stored as config.json beside the weights."""
+
+    backbone: str
+    """The backbone it was trained on: built-in name, HF folder or .gguf file."""
+    n_heads: int = 4
+    """Heads beyond the backbone's own: head k predicts x_{t+1+k}, k = 1 .. n_heads."""
+    kind: str = "mlp"
+    tap: str = "last"
+    """last | layer:I | whs."""
+    mlp_layers: int = 1
+    """Residual blocks per mlp head."""
+    init_from_last: bool = True
+    """transformer heads start as copies of the backbone's last layer."""
+    dtype: str = "float32"
+    trained_backbone: str = "none"
+    """none (frozen) | full | lora: which backbone weights are stored with the heads."""
+    lora: dict = field(default_factory=dict)
+    recipe: dict = field(default_factory=dict)
+    """How the heads were trained (the command, data, steps, ...)."""
+
+    def __post_init__(self):
+        if self.kind not in HEAD_KINDS:
+            raise UserError(f"unknown head kind {self.kind!r}: use one of {', '.join(HEAD_KINDS)}")
+        if self.n_heads < 1:
+            raise UserError(f"the number of heads must be at least 1, got {self.n_heads}")
+        if self.mlp_layers < 1:
+            raise UserError(f"--mlp-layers must be at least 1, got {self.mlp_layers}")
+        if self.trained_backbone not in ("none", "full", "lora"):
+            raise UserError(f"trained_backbone must be none, full or lora, got {self.trained_backbone!r}")
+
+
+def unembedding_fingerprint(backbone) -> dict:
+    """A few unembedding values at fixed places, with its shape: enough to tell backbones apart."""
+    w = backbone.get_output_embeddings().weight
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randint(0, w.shape[0], (_FINGERPRINT_POINTS,), generator=g)
+    cols = torch.randint(0, w.shape[1], (_FINGERPRINT_POINTS,), generator=g)
+    sample = w.detach()[rows.to(w.device), cols.to(w.device)].float().cpu()
+    return {"shape": list(w.shape), "sample": [round(x, 6) for x in sample.tolist()]}
+
+
+def _fingerprint_matches(a: dict, b: dict) -> bool:
+    if a.get("shape") != b.get("shape"):
+        return False
+    x, y = torch.tensor(a["sample"]), torch.tensor(b["sample"])
+    return bool(torch.allclose(x, y, rtol=2e-2, atol=2e-3))  # bf16 / fp16 copies of one backbone agree
+
+
+class MTPModel(nn.Module):
+    """Backbone + heads. The backbone stays an ordinary transformers model (optionally peft-wrapped)."""
+
+    def __init__(self, backbone, config: HeadsConfig):
+        super().__init__()
+        self.backbone, self.config = backbone, config
+        n_layers = backbone.config.num_hidden_layers
+        self.tap_kind, tap_layer = parse_tap(config.tap, n_layers)
+        self.tapped = {"last": [n_layers], "layer": [tap_layer], "whs": list(range(n_layers + 1))}[self.tap_kind]
+        head_cls = HEAD_KINDS[config.kind]
+        dtype = backbone.get_output_embeddings().weight.dtype
+        whs = n_layers + 1 if self.tap_kind == "whs" else None
+        self.heads = nn.ModuleList(
+            TappedHead(head_cls(backbone, layers=config.mlp_layers, init_from_last=config.init_from_last), whs)
+            for _ in range(config.n_heads)).to(device=backbone.device, dtype=dtype)
+        for head in self.heads:  # WHS logits stay float32 (softmax over a handful of values)
+            if head.whs is not None:
+                head.whs.data = head.whs.data.float()
+
+    # ------------------------------------------------------------------ forward pieces
+
+    @property
+    def n_heads(self) -> int:
+        return self.config.n_heads
+
+    def trunk(self, input_ids, position_ids=None, cache=None):
+        """Backbone forward: (final normed hidden state (B, T, H), tapped pre-norm states [(B, T, H)])."""
+        with capture_hidden(self.backbone, self.tapped) as store:
+            out = self.backbone.get_decoder()(input_ids=input_ids, position_ids=position_ids,
+                                              past_key_values=cache, use_cache=cache is not None)
+        return out.last_hidden_state, [store[i] for i in self.tapped]
+
+    def head_hidden(self, k: int, states: list[torch.Tensor], position_ids=None, cache=None) -> torch.Tensor:
+        """Head k >= 1 on the tapped states -> (B, T, H), before the shared final norm."""
+        if position_ids is None:
+            position_ids = torch.arange(states[0].shape[1], device=states[0].device)[None]
+        return self.heads[k - 1](states, position_ids, cache)
+
+    def logits(self, hidden: torch.Tensor, normed: bool = False) -> torch.Tensor:
+        """Shared final norm (unless already applied) + unembedding + soft-capping: (..., H) -> (..., V)."""
+        return unembed(self.backbone, hidden, normed)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits of every head, (K, B, T, V) with K = n_heads + 1; row k predicts x_{t+1+k}."""
+        final, states = self.trunk(input_ids)
+        rows = [self.logits(final, normed=True)] + [self.logits(self.head_hidden(k, states))
+                                                    for k in range(1, self.n_heads + 1)]
+        return torch.stack(rows)  # (K, B, T, V)
+
+    # ------------------------------------------------------------------ parameters
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return list(self.heads.parameters())
+
+    def _trained_state(self) -> dict[str, torch.Tensor]:
+        state = {f"heads.{k}": v for k, v in self.heads.state_dict().items()}
+        if self.config.trained_backbone == "full":
+            state.update({f"backbone.{k}": v for k, v in self.backbone.state_dict().items()})
+        elif self.config.trained_backbone == "lora":
+            from peft import get_peft_model_state_dict
+
+            state.update({f"lora.{k}": v for k, v in get_peft_model_state_dict(self.backbone).items()})
+        # safetensors refuses shared storage (tied embeddings): store contiguous copies
+        return {k: v.detach().contiguous().clone() for k, v in state.items()}
+
+    # ------------------------------------------------------------------ save / load
+
+    def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None) -> Path:
+        """Write config.json + model.safetensors atomically: a complete new folder replaces the old one."""
+        from safetensors.torch import save_file
+
+        out = Path(directory)
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            state = self._trained_state()
+            if dtype is not None:
+                state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+            save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+            meta = {"mtp_format": FORMAT_VERSION, **asdict(self.config),
+                    "backbone_fingerprint": unembedding_fingerprint(self.backbone),
+                    "backbone_config": {k: getattr(self.backbone.config, k, None)
+                                        for k in ("model_type", "hidden_size", "vocab_size", "num_hidden_layers")}}
+            (tmp / "config.json").write_text(json.dumps(meta, indent=1) + "\n")
+            _replace_dir(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return out
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, backbone=None, dtype: str | None = None,
+                        device: str = "cpu") -> "MTPModel":
+        """Load heads (and trained backbone weights); ``backbone`` defaults to the one named in config.json."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        folder = Path(directory)
+        meta = read_heads_config(folder)
+        fields = {k: meta[k] for k in HeadsConfig.__dataclass_fields__ if k in meta}
+        config = HeadsConfig(**fields)
+        if backbone is None:
+            from mtp.backbones import load_backbone
+
+            backbone, _ = load_backbone(config.backbone, dtype=dtype or config.dtype, device=device)
+        check_compatible(meta, backbone, folder)
+        try:
+            state = load_file(folder / "model.safetensors", device=str(backbone.device))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(f"{folder}/model.safetensors is truncated or corrupt ({e}): retrain or restore it") from None
+        if config.trained_backbone == "lora":
+            from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+            backbone = get_peft_model(backbone, LoraConfig(**config.lora))
+            set_peft_model_state_dict(backbone, {k[5:]: v for k, v in state.items() if k.startswith("lora.")})
+        elif config.trained_backbone == "full":
+            _load_exact(backbone, {k[9:]: v for k, v in state.items() if k.startswith("backbone.")}, folder, strict=False)
+        model = cls(backbone, config)
+        _load_exact(model.heads, {k[6:]: v for k, v in state.items() if k.startswith("heads.")}, folder)
+        return model
+
+
+def read_heads_config(folder: Path) -> dict:
+    if not folder.is_dir():
+        raise UserError(f"heads folder {folder} does not exist")
+    for name in ("config.json", "model.safetensors"):
+        if not (folder / name).is_file():
+            raise UserError(f"{folder} is not an mtp heads checkpoint (no {name})")
+    try:
+        meta = json.loads((folder / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{folder}/config.json is corrupt ({e})") from None
+    if not isinstance(meta, dict) or meta.get("mtp_format") != FORMAT_VERSION:
+        raise UserError(f"{folder}/config.json is not an mtp heads config (format {FORMAT_VERSION})")
+    return meta
+
+
+def check_compatible(meta: dict, backbone, folder: Path) -> None:
+    """Refuse heads trained for another backbone: sizes, vocabulary and unembedding fingerprint."""
+    cfg = backbone.config
+    want = meta.get("backbone_config", {})
+    for key in ("hidden_size", "vocab_size", "num_hidden_layers"):
+        if want.get(key) is not None and want[key] != getattr(cfg, key, None):
+            raise UserError(f"heads in {folder} were trained for {meta.get('backbone')!r} ({key} {want[key]}), "
+                            f"not for this backbone ({key} {getattr(cfg, key, None)})")
+    if not _fingerprint_matches(meta.get("backbone_fingerprint", {}), unembedding_fingerprint(backbone)):
+        raise UserError(f"heads in {folder} were trained for {meta.get('backbone')!r}, whose unembedding differs "
+                        "from this backbone's: use the backbone they were trained on")
+
+
+def _load_exact(module: nn.Module, state: dict, folder: Path, strict: bool = True) -> None:
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatch
+        raise UserError(f"{folder}: weights do not fit this model ({str(e).splitlines()[0]})") from None
+    if strict and (missing or unexpected):
+        raise UserError(f"{folder}: weights do not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Put ``new`` at ``target``; an existing ``target`` is removed only after ``new`` is in place."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,140 @@
+import pytest
+import torch
+
+from mtp.errors import UserError
+from mtp.losses import IGNORE, head_targets, head_weights
+from mtp.model.mtp import HeadsConfig, MTPModel
+from mtp.train import mtp_step, naive_step
+from tests.conftest import tiny_model
+
+
+def make(arch="llama", seed=0, **kw):
+    backbone = tiny_model(arch, vocab=64, seed=seed)
+    return MTPModel(backbone, HeadsConfig(backbone="tiny", **kw))
+
+
+def randomize_heads(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.head_parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.1)
+
+
+@pytest.mark.parametrize("k", [0, 1, 3])
+def test_offset_head_k_predicts_t_plus_1_plus_k(k):
+    ids = torch.arange(10)[None]
+    t = head_targets(ids, k)
+    assert t[0, : 10 - 1 - k].tolist() == list(range(1 + k, 10))
+    assert (t[0, 10 - 1 - k:] == IGNORE).all()
+
+
+def test_offset_respects_loss_mask():
+    ids = torch.arange(8)[None]
+    mask = torch.tensor([[False, False, False, True, True, True, True, True]])
+    t = head_targets(ids, 1, mask)  # targets x_{t+2}; only tokens 3.. may be targets
+    assert t[0].tolist() == [IGNORE, 3, 4, 5, 6, 7, IGNORE, IGNORE]
+
+
+def test_zero_init_mlp_heads_reproduce_next_token(arch):
+    model = make(arch, kind="mlp", n_heads=3)
+    ids = torch.randint(3, 64, (2, 11))
+    logits = model(ids)  # (K, B, T, V)
+    assert logits.shape == (4, 2, 11, 64)
+    for k in range(1, 4):
+        assert torch.allclose(logits[k], logits[0], atol=1e-10)
+
+
+def test_transformer_head_copy_of_last_layer_replays_it(arch):
+    """Fed the input of the last layer, a head initialized as its copy reproduces the backbone's logits:
+    checks the head's causal mask, sliding window and rotary embeddings."""
+    model = make(arch, kind="transformer", n_heads=2, tap="layer:1")
+    ids = torch.randint(3, 64, (2, 13))  # longer than gemma3's sliding window of 6
+    logits = model(ids)
+    for k in (1, 2):
+        assert torch.allclose(logits[k], logits[0], atol=1e-8)
+
+
+def test_whs_weights_are_normalized_and_favor_last_layer():
+    model = make(tap="whs", n_heads=2)
+    w = torch.softmax(model.heads[0].whs, -1)
+    assert w.shape == (3,) and torch.isclose(w.sum(), torch.tensor(1.0, dtype=w.dtype))
+    assert abs(w[-1].item() - 0.9) < 1e-6
+
+
+@pytest.mark.parametrize("kind,tap", [("mlp", "last"), ("mlp", "whs"), ("transformer", "last"),
+                                      ("transformer", "layer:1")])
+@pytest.mark.parametrize("train_backbone", [False, True])
+def test_sequential_equals_naive_gradients(kind, tap, train_backbone):
+    torch.manual_seed(0)
+    ids = torch.randint(3, 64, (2, 12))
+    weights = head_weights(3, ntp_weight=0.5, schedule="decay:0.8")
+    grads = []
+    for step in ("sequential", "naive"):
+        model = make(kind=kind, tap=tap, n_heads=3)
+        randomize_heads(model)
+        model.backbone.requires_grad_(train_backbone)
+        if step == "sequential":
+            losses = mtp_step(model, ids, weights, train_backbone=train_backbone, chunk_tokens=7)
+        else:
+            losses = naive_step(model, ids, weights)
+        grads.append(({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, losses))
+    (ga, la), (gb, lb) = grads
+    assert la == pytest.approx(lb, abs=1e-10)
+    assert ga.keys() == gb.keys() and len(ga) > 0
+    for name in ga:
+        assert torch.allclose(ga[name], gb[name], atol=1e-10, rtol=1e-7), name
+
+
+def test_frozen_backbone_gets_no_gradient():
+    model = make(n_heads=2)
+    randomize_heads(model)
+    model.backbone.requires_grad_(False)
+    mtp_step(model, torch.randint(3, 64, (2, 10)), head_weights(2), train_backbone=False)
+    assert all(p.grad is None for p in model.backbone.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.head_parameters())
+
+
+@pytest.mark.parametrize("kind,tap", [("mlp", "whs"), ("transformer", "last")])
+def test_save_load_bit_exact(tmp_path, kind, tap):
+    model = make(kind=kind, tap=tap, n_heads=2)
+    randomize_heads(model)
+    model.save_pretrained(tmp_path / "heads")
+    loaded = MTPModel.from_pretrained(tmp_path / "heads", backbone=model.backbone)
+    ids = torch.randint(3, 64, (1, 9))
+    assert torch.equal(model(ids), loaded(ids))
+    for (na, a), (nb, b) in zip(model.heads.state_dict().items(), loaded.heads.state_dict().items()):
+        assert na == nb and torch.equal(a, b)
+
+
+def test_heads_for_another_backbone_are_refused(tmp_path):
+    model = make(seed=0)
+    model.save_pretrained(tmp_path / "heads")
+    with pytest.raises(UserError, match="unembedding differs"):
+        MTPModel.from_pretrained(tmp_path / "heads", backbone=tiny_model("llama", vocab=64, seed=5))
+    with pytest.raises(UserError, match="vocab_size"):
+        MTPModel.from_pretrained(tmp_path / "heads", backbone=tiny_model("llama", vocab=80, seed=0))
+
+
+def test_bad_checkpoints(tmp_path):
+    model = make()
+    with pytest.raises(UserError, match="does not exist"):
+        MTPModel.from_pretrained(tmp_path / "nope", backbone=model.backbone)
+    model.save_pretrained(tmp_path / "heads")
+    weights = tmp_path / "heads" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:50])  # truncated
+    with pytest.raises(UserError, match="truncated or corrupt"):
+        MTPModel.from_pretrained(tmp_path / "heads", backbone=model.backbone)
+    (tmp_path / "heads" / "config.json").write_text("{not json")
+    with pytest.raises(UserError, match="corrupt"):
+        MTPModel.from_pretrained(tmp_path / "heads", backbone=model.backbone)
+
+
+def test_bad_head_configs():
+    with pytest.raises(UserError, match="unknown head kind"):
+        HeadsConfig(backbone="x", kind="lstm")
+    with pytest.raises(UserError, match="at least 1"):
+        HeadsConfig(backbone="x", n_heads=0)
+    with pytest.raises(UserError, match="unknown tap"):
+        make(tap="middle")
+    with pytest.raises(UserError, match="0..2"):
+        make(tap="layer:7")
