@@ -6,14 +6,19 @@ Bad input ends in one line, ``mtp: error: ...``, and exit status 2; never a trac
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
+import inspect
 import json
 import os
 import shlex
 import sys
 import tempfile
+import types
+import typing
 from pathlib import Path
 
-from mtp.config import AnalyzeConfig
+from mtp.config import AnalyzeConfig, TrainConfig
 from mtp.errors import UserError
 
 
@@ -98,7 +103,85 @@ def bench_analyze(model: str, data: str, context: int, positions: int, positions
     return 0
 
 
+def train(cfg: TrainConfig, progress: bool = True, command: str = "") -> int:
+    """Train MTP heads on a backbone; the result is cfg.out/heads (config.json + model.safetensors)."""
+    from mtp.train import train as run_train
+
+    summary = run_train(cfg, progress=progress, command=command)
+    if summary.get("heads"):
+        print(f"heads: {summary['heads']}  (log: {cfg.out}/metrics.jsonl, {summary['steps']} steps)")
+    return 0
+
+
+def evaluate(model: str, heads: str, data: str, context: int, max_positions: int, positions_per_window: int,
+             marginal: bool, max_candidates: int, seed: int, device: str, dtype: str, json_path: str | None = None,
+             progress: bool = True, command: str = "") -> int:
+    """Per-head top-1 / top-5 on held-out text beside the backbone's own marginalization."""
+    from mtp.analysis.run import load_corpora
+    from mtp.backbones import load_backbone, resolve_backbone
+    from mtp.evaluate import eval_table, evaluate_heads
+    from mtp.model.mtp import MTPModel, resolve_heads
+
+    _check_writable_file(json_path, "--json")
+    resolve_backbone(model)
+    folder = resolve_heads(heads, model)
+    corpus = next(iter(load_corpora([data]).values()))
+    backbone, tokenizer = load_backbone(model, dtype=dtype, device=device)
+    mtp_model = MTPModel.from_pretrained(folder, backbone=backbone)
+    result = evaluate_heads(mtp_model, tokenizer, corpus, context=context, max_positions=max_positions,
+                            per_window=positions_per_window, seed=seed, marginal=marginal,
+                            max_candidates=max_candidates, progress=progress)
+    result.update({"model": model, "heads_dir": str(folder), "command": command})
+    print(eval_table(result))
+    if json_path:
+        write_json(json_path, result)
+    return 0
+
+
 # ----------------------------------------------------------------------------- argument parsing
+
+
+def _field_docs(cls) -> dict[str, str]:
+    """The docstring under each dataclass field (litgpt-style help text), read from the source."""
+    docs, tree = {}, ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+    """One flag per field of a typed config dataclass: --field-name, typed, with its default and docstring."""
+    hints, docs = typing.get_type_hints(cls), _field_docs(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag, hint = "--" + f.name.replace("_", "-"), hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f"{docs.get(f.name, '')} (default: {default})".strip()
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+        if hint is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                                help=help_text)
+        elif origin is list:
+            parser.add_argument(flag, dest=f.name, type=args[0], action="append", default=None,
+                                help=help_text + "; repeatable")
+        else:  # int, float, str, or Optional[...] of one of them
+            base = next(a for a in args if a is not type(None)) if origin in (typing.Union, types.UnionType) else hint
+            parser.add_argument(flag, dest=f.name, type=base, default=default, help=help_text)
+
+
+def dataclass_from_args(cls, args: argparse.Namespace):
+    values = {}
+    for f in dataclasses.fields(cls):
+        if hasattr(args, f.name):
+            value = getattr(args, f.name)
+            if value is None and f.default is dataclasses.MISSING:  # list flags not given: the field's default
+                continue
+            values[f.name] = value
+    return cls(**values)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -146,6 +229,25 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", metavar="DIR", help="write PNG plots here")
     _add_common(a)
 
+    t = sub.add_parser("train", help="train MTP heads on a pretrained backbone (frozen, joint or LoRA)")
+    add_dataclass_arguments(t, TrainConfig)
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    e = sub.add_parser("eval", help="per-head accuracy on held-out text beside marginalization")
+    e.add_argument("--model", default="smollm2-135m", metavar="NAME|PATH")
+    e.add_argument("--heads", default="default", metavar="DIR|default",
+                   help="a heads folder (e.g. RUN/heads) or `default`: the heads shipped for the model")
+    e.add_argument("--data", default=None, metavar="CORPUS|FILE", help="held-out text: code, prose, translation "
+                                                                        "(their eval split) or a file")
+    e.add_argument("--text", default=None, metavar="FILE", help="a user text file (shorthand for --data FILE)")
+    e.add_argument("--context", type=int, default=256)
+    e.add_argument("--max-positions", type=int, default=500)
+    e.add_argument("--positions-per-window", type=int, default=16)
+    e.add_argument("--no-marginal", action="store_true", help="skip the marginalization baseline")
+    e.add_argument("--max-candidates", type=int, default=128)
+    e.add_argument("--json", dest="json_path", metavar="FILE")
+    _add_common(e)
+
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True,
                                                                        parser_class=_Parser)
     b = bench.add_parser("analyze", help="batched vs naive marginalization: time, ratio, largest difference")
@@ -175,6 +277,14 @@ def run(argv: list[str] | None = None) -> int:
                             positions_per_window=args.positions_per_window, chunk_tokens=args.chunk_tokens,
                             lens=not args.no_lens, seed=args.seed, device=args.device, dtype=args.dtype)
         return analyze(cfg, json_path=args.json_path, out_dir=args.out, progress=progress, command=command)
+    if args.command == "train":
+        return train(dataclass_from_args(TrainConfig, args), progress=progress, command=command)
+    if args.command == "eval":
+        if args.context < 1 or args.max_positions < 1 or args.positions_per_window < 1 or args.max_candidates < 1:
+            raise UserError("--context, --max-positions, --positions-per-window and --max-candidates must be >= 1")
+        return evaluate(args.model, args.heads, args.text or args.data or "code", args.context, args.max_positions,
+                        args.positions_per_window, not args.no_marginal, args.max_candidates, args.seed, args.device,
+                        args.dtype, json_path=args.json_path, progress=progress, command=command)
     if args.command == "bench" and args.bench == "analyze":
         return bench_analyze(args.model, args.data, args.context, args.positions, args.positions_per_window, args.k,
                              args.top_p, args.max_candidates, args.chunk_tokens, args.dtype, args.device, args.seed,

@@ -59,3 +59,92 @@ class AnalyzeConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+TRAIN_MODES = ("frozen", "joint", "lora")
+
+
+@dataclass
+class TrainConfig:
+    """Training MTP heads on a pretrained backbone (``mtp train``)."""
+
+    model: str = DEFAULT_MODEL
+    """Backbone: built-in name, Hugging Face folder or .gguf file."""
+    out: str = "runs/heads"
+    """Run folder: checkpoint/, heads/ (the result), metrics.jsonl."""
+    heads: int = 4
+    """MTP heads; head k predicts x_{t+1+k}."""
+    kind: str = "mlp"
+    """Head kind: mlp | transformer."""
+    tap: str = "last"
+    """Hidden state the heads read: last | layer:I | whs."""
+    mlp_layers: int = 1
+    init_from_last: bool = True
+    mode: str = "frozen"
+    """frozen (heads only) | joint (full fine-tuning) | lora (peft adapters on the backbone)."""
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                             "up_proj", "down_proj"])
+    data: list[str] = field(default_factory=lambda: ["code", "prose"])
+    """Training text: built-in corpora (their train split), .txt/.jsonl files, or distilled .jsonl files."""
+    seq_len: int = 512
+    batch_size: int = 8
+    """Sequences per optimizer step (across all processes, before accumulation)."""
+    grad_accum: int = 1
+    max_steps: int = 1000
+    lr: float = 1e-3
+    """Learning rate of the heads."""
+    backbone_lr: float = 2e-5
+    """Learning rate of the backbone (joint) or its adapters (lora)."""
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1
+    """Cosine schedule floor, as a fraction of the peak learning rate."""
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    """Gradient-norm clipping (0 = off)."""
+    ntp_weight: float = 1.0
+    """w_0, the next-token loss weight (it only trains anything when the backbone trains)."""
+    head_weights: str = "constant"
+    """w_k for k >= 1: constant | decay:G (w_k = G**k)."""
+    loss_chunk_tokens: int = 4096
+    """Tokens (B x chunk) per unembedding + cross-entropy chunk."""
+    autocast: str = "auto"
+    """bf16 autocast: auto (on where bf16 matmuls are fast) | on | off."""
+    cache_hidden: bool = False
+    """Frozen mode: compute the backbone's hidden states once (memmap) and reuse them every epoch."""
+    max_tokens: int | None = None
+    """Read at most this many training tokens (default: what max_steps needs)."""
+    save_every: int = 200
+    log_every: int = 10
+    resume: bool = False
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+    """Backbone weights' dtype."""
+
+    def __post_init__(self) -> None:
+        _require(self.heads >= 1, f"--heads must be at least 1, got {self.heads}")
+        _require(self.mode in TRAIN_MODES, f"unknown --mode {self.mode!r}: use one of {', '.join(TRAIN_MODES)}")
+        for name in ("max_steps", "batch_size", "grad_accum", "seq_len", "save_every", "log_every", "mlp_layers",
+                     "loss_chunk_tokens", "lora_r"):
+            value = getattr(self, name)
+            _require(value >= 1, f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        _require(self.seq_len >= 2 + self.heads, f"--seq-len must exceed the number of heads + 1, got {self.seq_len}")
+        for name in ("lr", "backbone_lr"):
+            value = getattr(self, name)
+            _require(value > 0, f"--{name.replace('_', '-')} must be positive, got {value}")
+        _require(self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        _require(0 <= self.min_lr_ratio <= 1, f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _require(self.clip >= 0 and self.weight_decay >= 0 and self.ntp_weight >= 0,
+                 "--clip, --weight-decay and --ntp-weight must be >= 0")
+        _require(0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        _require(self.autocast in ("auto", "on", "off"), f"--autocast must be auto, on or off, got {self.autocast!r}")
+        _require(self.dtype in DTYPES, f"unknown --dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
+        _require(not self.cache_hidden or (self.mode == "frozen" and self.tap != "whs"),
+                 "--cache-hidden needs --mode frozen and a single tapped layer (not --tap whs)")
+        _require(len(self.data) > 0, "give at least one --data")
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -328,3 +328,44 @@ def make_windows(corpus: Corpus, tokenizer, *, context: int, max_positions: int,
         raise UserError(f"{corpus.name}: no position has {context} tokens of left context and {horizon} tokens "
                         f"after it: give longer text or lower --context")
     return chosen
+
+
+# ----------------------------------------------------------------------------- training blocks
+
+
+def packed_blocks(sources: list[str], tokenizer, seq_len: int, *, split: str = "train", max_tokens: int | None = None,
+                  seed: int = 0) -> torch.Tensor:
+    """Training sequences (N, seq_len): documents of the ``train`` split (user files whole), each ended by EOS,
+    concatenated in a seeded order and cut into blocks. Cached in the user cache by content."""
+    from safetensors.torch import load_file, save_file
+
+    from mtp.backbones import cache_dir
+
+    corpora = [load_corpus(s, split=split) for s in sources]
+    docs = [d for c in corpora for d in c.documents]
+    if not docs:
+        raise UserError(f"no training documents in {', '.join(sources)}")
+    key = hashlib.sha1(json.dumps([tokenizer.name_or_path, len(tokenizer), seq_len, split, max_tokens, seed,
+                                   [(d.id, len(d.text), hashlib.sha1(d.text.encode()).hexdigest()) for d in docs]])
+                       .encode()).hexdigest()[:20]
+    path = cache_dir() / "tokens" / f"{key}.safetensors"
+    if path.is_file():
+        return load_file(path)["blocks"]
+    rng = random.Random(seed)
+    rng.shuffle(docs)
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    for doc in docs:
+        stream += tokenizer(doc.text, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+        if max_tokens is not None and len(stream) >= max_tokens:
+            break
+    n = len(stream) // seq_len
+    if n == 0:
+        raise UserError(f"{', '.join(sources)}: {len(stream)} tokens, fewer than one sequence of {seq_len}: "
+                        "give more text or lower --seq-len")
+    blocks = torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)  # (N, T)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    save_file({"blocks": blocks}, tmp)
+    os.replace(tmp, path)
+    return blocks

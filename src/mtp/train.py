@@ -5,14 +5,31 @@ once; its outputs are detached into leaves; then for each head in turn its forwa
 backward into those leaves (the gradients accumulate there) -- the head's logits are freed before the next
 head starts, and ``chunked_head_loss`` never holds a (B, T, V) tensor; finally one backward carries the
 accumulated gradients through the backbone (none when it is frozen).
+
+The loop adds warmup + cosine learning rates (separate for heads and backbone), gradient accumulation and
+clipping, bf16 autocast, atomic checkpoints with exact resume, a JSONL log, and data parallelism over
+``torch.distributed`` (run it under ``torchrun --nproc_per_node=N``).
 """
 
 from __future__ import annotations
 
-import torch
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
-from mtp.losses import chunked_head_loss, cross_entropy_sum, head_targets
-from mtp.model.mtp import MTPModel
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from mtp.config import TrainConfig
+from mtp.errors import UserError
+from mtp.losses import chunked_head_loss, cross_entropy_sum, head_targets, head_weights
+from mtp.model.mtp import HeadsConfig, MTPModel
 
 
 def mtp_step(model: MTPModel, input_ids: torch.Tensor, weights: list[float], *, train_backbone: bool,
@@ -39,9 +56,11 @@ def mtp_step(model: MTPModel, input_ids: torch.Tensor, weights: list[float], *, 
         final_leaf = final.detach().requires_grad_(train_backbone and weights[0] > 0)
         losses.append(chunked_head_loss(lambda h: model.logits(h, normed=True), final_leaf, targets,
                                         weights[0] * grad_scale, chunk_tokens, backward=final_leaf.requires_grad))
-    else:  # cached hidden states of the last layer: the next-token loss for the log only
+    elif model.tapped == [model.backbone.config.num_hidden_layers]:  # cached last layer: NTP loss, for the log
         with torch.no_grad():
             losses.append(chunked_head_loss(model.logits, leaves[-1], targets, 0.0, chunk_tokens, backward=False))
+    else:
+        losses.append(torch.tensor(float("nan")))
     for k in range(1, model.n_heads + 1):
         z = model.head_hidden(k, leaves, position_ids)  # (B, T, H)
         losses.append(chunked_head_loss(model.logits, z, head_targets(input_ids, k, loss_mask),
@@ -73,3 +92,254 @@ def naive_step(model: MTPModel, input_ids: torch.Tensor, weights: list[float],
         losses.append(float(loss.detach()))
     total.backward()
     return losses
+
+
+# Settings a resumed run must share with its checkpoint (max_steps may grow; logging may change).
+RESUME_MUST_MATCH = ("model", "heads", "kind", "tap", "mlp_layers", "init_from_last", "mode", "lora_r",
+                     "lora_alpha", "lora_targets", "data", "seq_len", "batch_size", "grad_accum", "lr",
+                     "backbone_lr", "warmup_steps", "min_lr_ratio", "weight_decay", "head_weights", "ntp_weight",
+                     "seed", "dtype")
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup, then cosine decay to ``min_ratio`` of the peak at the last step."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> tuple[Distributed, str]:
+    """Under torchrun (WORLD_SIZE > 1): join the process group (gloo on CPU, nccl on GPUs)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Distributed(), device
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    return Distributed(dist.get_rank(), dist.get_world_size()), device
+
+
+def average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
+    """Data parallelism: all-reduce the summed gradients into their mean over processes, in one flat buffer."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if world <= 1 or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset: offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+class BatchOrder:
+    """Which sequences form micro-batch m of step s: seeded permutations epoch after epoch, so a resumed run
+    sees exactly the batches an uninterrupted one would. Each process takes its slice of the global batch."""
+
+    def __init__(self, n: int, cfg: TrainConfig, ddp: Distributed):
+        if cfg.batch_size % ddp.world:
+            raise UserError(f"--batch-size {cfg.batch_size} must be divisible by the {ddp.world} processes")
+        self.n, self.cfg, self.ddp, self._perms = n, cfg, ddp, {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            self._perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.cfg.seed * 7919
+                                                                                                  + epoch))}
+        return self._perms[epoch]
+
+    def indices(self, step: int, micro: int) -> list[int]:
+        b = self.cfg.batch_size
+        per_rank = b // self.ddp.world
+        start = (step * self.cfg.grad_accum + micro) * b + self.ddp.rank * per_rank
+        return [int(self._perm(i // self.n)[i % self.n]) for i in range(start, start + per_rank)]
+
+
+class HiddenCache:
+    """The frozen backbone's tapped hidden state for every training sequence, in a memmap on disk."""
+
+    def __init__(self, path: Path, model: MTPModel, blocks: torch.Tensor, batch: int, progress: bool):
+        hidden, dtype = model.backbone.config.hidden_size, model.backbone.get_output_embeddings().weight.dtype
+        self.torch_dtype = dtype
+        np_dtype = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16,
+                    torch.float64: np.float64}[dtype]  # bf16 kept as its 16 raw bits
+        shape = (blocks.shape[0], blocks.shape[1], hidden)
+        meta_path = path.with_suffix(".json")
+        key = {"shape": list(shape), "dtype": str(dtype), "tap": model.tapped, "tokens": int(blocks.sum())}
+        fresh = not (path.exists() and meta_path.exists() and json.loads(meta_path.read_text()) == key)
+        self.array = np.memmap(path, dtype=np_dtype, mode="w+" if fresh else "r", shape=shape)
+        if fresh:
+            with torch.inference_mode():
+                for a in tqdm(range(0, shape[0], batch), desc="caching hidden states", disable=not progress,
+                              file=sys.stderr):
+                    _, states = model.trunk(blocks[a:a + batch].to(model.backbone.device))
+                    self.array[a:a + batch] = self._to_numpy(states[0])
+            self.array.flush()
+            meta_path.write_text(json.dumps(key))
+            self.array = np.memmap(path, dtype=np_dtype, mode="r", shape=shape)
+
+    def _to_numpy(self, t: torch.Tensor) -> np.ndarray:
+        t = t.detach().cpu()
+        return (t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy())
+
+    def get(self, idx: list[int], device) -> list[torch.Tensor]:
+        x = torch.from_numpy(np.ascontiguousarray(self.array[idx]))
+        if self.torch_dtype == torch.bfloat16:
+            x = x.view(torch.int16).view(torch.bfloat16)
+        return [x.to(device)]
+
+
+def autocast_enabled(setting: str, device: torch.device) -> bool:
+    if setting != "auto":
+        return setting == "on"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(getattr(torch.backends.mkldnn, "is_available", lambda: False)()) and _cpu_has_fast_bf16()
+
+
+def _cpu_has_fast_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+        return "amx_bf16" in flags or "avx512_bf16" in flags
+    except OSError:
+        return False
+
+
+def build_model(cfg: TrainConfig, device: str, command: str = ""):
+    """Backbone (+ LoRA adapters) + fresh heads, with requires_grad set for the mode."""
+    from mtp.backbones import load_backbone
+
+    backbone, tokenizer = load_backbone(cfg.model, dtype=cfg.dtype, device=device)
+    lora = {}
+    if cfg.mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        names = {n.rsplit(".", 1)[-1] for n, _ in backbone.named_modules()}
+        targets = [t for t in cfg.lora_targets if t in names]
+        if not targets:
+            raise UserError(f"none of the LoRA targets {cfg.lora_targets} exist in {cfg.model}")
+        lora = {"r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
+                "target_modules": targets}
+        backbone = get_peft_model(backbone, LoraConfig(**lora))  # freezes everything but the adapters
+    else:
+        backbone.requires_grad_(cfg.mode == "joint")
+    heads_cfg = HeadsConfig(backbone=cfg.model, n_heads=cfg.heads, kind=cfg.kind, tap=cfg.tap,
+                            mlp_layers=cfg.mlp_layers, init_from_last=cfg.init_from_last, dtype=cfg.dtype,
+                            trained_backbone={"frozen": "none", "joint": "full", "lora": "lora"}[cfg.mode],
+                            lora=lora, recipe={"command": command, **cfg.to_dict()})
+    return MTPModel(backbone, heads_cfg), tokenizer
+
+
+def train(cfg: TrainConfig, progress: bool = True, command: str = "") -> dict:
+    """Train heads per ``cfg``; returns a summary. Writes cfg.out/{checkpoint/, heads/, metrics.jsonl}."""
+    from mtp.checkpoint import load_checkpoint, save_checkpoint
+    from mtp.data import packed_blocks
+
+    ddp, device = init_distributed(cfg.device)
+    out = Path(cfg.out)
+    ckpt = out / "checkpoint"
+    if cfg.resume and not (ckpt / "trainer.json").exists():
+        raise UserError(f"--resume: there is no checkpoint in {ckpt}")
+    if not cfg.resume and ckpt.exists():
+        raise UserError(f"{ckpt} already exists: pass --resume to continue that run, or choose another --out")
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = build_model(cfg, device, command)
+    need = cfg.max_steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len
+    blocks = packed_blocks(cfg.data, tokenizer, cfg.seq_len, max_tokens=cfg.max_tokens or need, seed=cfg.seed)
+    order = BatchOrder(len(blocks), cfg, ddp)
+    head_params = model.head_parameters()
+    backbone_params = [p for p in model.backbone.parameters() if p.requires_grad]
+    trainable = head_params + backbone_params
+    groups = [{"params": head_params, "lr": cfg.lr, "base_lr": cfg.lr}]
+    if backbone_params:
+        groups.append({"params": backbone_params, "lr": cfg.backbone_lr, "base_lr": cfg.backbone_lr})
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    step = 0
+    if cfg.resume:
+        step = load_checkpoint(ckpt, model, optimizer, cfg.to_dict(), RESUME_MUST_MATCH)
+        if step >= cfg.max_steps:
+            raise UserError(f"the checkpoint is at step {step}, already >= --max-steps {cfg.max_steps}")
+    cache = None
+    if cfg.cache_hidden:
+        out.mkdir(parents=True, exist_ok=True)
+        cache = HiddenCache(out / f"hidden-rank{ddp.rank}.bin", model, blocks, cfg.batch_size, progress and ddp.main)
+    weights = head_weights(cfg.heads, cfg.ntp_weight, cfg.head_weights)
+    dev = torch.device(device)
+    use_autocast = autocast_enabled(cfg.autocast, dev)
+    log_path = out / "metrics.jsonl"
+    if ddp.main:
+        out.mkdir(parents=True, exist_ok=True)
+        _truncate_log(log_path, step)
+    model.train()
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", disable=not (progress and ddp.main),
+               file=sys.stderr)
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+    t_last, losses = time.perf_counter(), []
+    while step < cfg.max_steps:
+        factor = lr_factor(step, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+        step_losses = torch.zeros(cfg.heads + 1, dtype=torch.float64)
+        for micro in range(cfg.grad_accum):
+            idx = order.indices(step, micro)
+            ids = blocks[idx].to(dev)
+            hidden = cache.get(idx, dev) if cache is not None else None
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_autocast):
+                ls = mtp_step(model, ids, weights, train_backbone=cfg.mode != "frozen",
+                              chunk_tokens=cfg.loss_chunk_tokens, grad_scale=1.0 / cfg.grad_accum, hidden=hidden)
+            step_losses += torch.tensor(ls, dtype=torch.float64) / cfg.grad_accum
+        average_gradients(trainable, ddp.world)
+        if cfg.clip > 0:
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        if ddp.world > 1:
+            dist.all_reduce(step_losses)
+            step_losses /= ddp.world
+        losses.append(step_losses)
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            now = time.perf_counter()
+            mean = torch.stack(losses).mean(0)
+            record = {"step": step, "loss": float(sum(w * l for w, l in zip(weights, mean))),
+                      "losses": [round(float(x), 5) for x in mean], "lr": cfg.lr * factor,
+                      "tokens": step * tokens_per_step,
+                      "tokens_per_s": len(losses) * tokens_per_step / (now - t_last)}
+            bar.set_postfix({f"l{k}": f"{x:.3f}" for k, x in enumerate(mean.tolist())}
+                            | {"tok/s": f"{record['tokens_per_s']:.0f}"})
+            if ddp.main:
+                with log_path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+            t_last, losses = now, []
+        if ddp.main and (step % cfg.save_every == 0 or step == cfg.max_steps):
+            save_checkpoint(ckpt, model, optimizer, step, cfg.to_dict())
+    bar.close()
+    summary = {"out": str(out), "steps": step, "heads": str(out / "heads")}
+    if ddp.main:
+        model.save_pretrained(out / "heads")
+    if ddp.world > 1:
+        dist.barrier()
+    return summary
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """On resume, drop log lines of steps after the checkpoint (they will be logged again)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))

@@ -79,9 +79,11 @@ def _fingerprint_matches(a: dict, b: dict) -> bool:
 class MTPModel(nn.Module):
     """Backbone + heads. The backbone stays an ordinary transformers model (optionally peft-wrapped)."""
 
-    def __init__(self, backbone, config: HeadsConfig):
+    def __init__(self, backbone, config: HeadsConfig, base_fingerprint: dict | None = None):
         super().__init__()
         self.backbone, self.config = backbone, config
+        # The base backbone the heads belong to (joint training changes the unembedding; the base stays).
+        self.base_fingerprint = base_fingerprint or unembedding_fingerprint(backbone)
         n_layers = backbone.config.num_hidden_layers
         self.tap_kind, tap_layer = parse_tap(config.tap, n_layers)
         self.tapped = {"last": [n_layers], "layer": [tap_layer], "whs": list(range(n_layers + 1))}[self.tap_kind]
@@ -157,7 +159,7 @@ class MTPModel(nn.Module):
                 state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
             save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
             meta = {"mtp_format": FORMAT_VERSION, **asdict(self.config),
-                    "backbone_fingerprint": unembedding_fingerprint(self.backbone),
+                    "backbone_fingerprint": self.base_fingerprint,
                     "backbone_config": {k: getattr(self.backbone.config, k, None)
                                         for k in ("model_type", "hidden_size", "vocab_size", "num_hidden_layers")}}
             (tmp / "config.json").write_text(json.dumps(meta, indent=1) + "\n")
@@ -187,16 +189,33 @@ class MTPModel(nn.Module):
             state = load_file(folder / "model.safetensors", device=str(backbone.device))
         except (SafetensorError, OSError, ValueError) as e:
             raise UserError(f"{folder}/model.safetensors is truncated or corrupt ({e}): retrain or restore it") from None
-        if config.trained_backbone == "lora":
-            from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+        if config.trained_backbone == "lora":  # adapters are loaded into the given backbone, wrapped if needed
+            from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 
-            backbone = get_peft_model(backbone, LoraConfig(**config.lora))
+            if not isinstance(backbone, PeftModel):
+                backbone = get_peft_model(backbone, LoraConfig(**config.lora))
             set_peft_model_state_dict(backbone, {k[5:]: v for k, v in state.items() if k.startswith("lora.")})
         elif config.trained_backbone == "full":
             _load_exact(backbone, {k[9:]: v for k, v in state.items() if k.startswith("backbone.")}, folder, strict=False)
-        model = cls(backbone, config)
+        model = cls(backbone, config, base_fingerprint=meta["backbone_fingerprint"])
         _load_exact(model.heads, {k[6:]: v for k, v in state.items() if k.startswith("heads.")}, folder)
         return model
+
+
+DEFAULT_HEADS_DIR = Path(__file__).resolve().parent.parent / "default_heads"
+
+
+def resolve_heads(spec: str, model_name: str) -> Path:
+    """A heads folder, or ``default``: the head set shipped in the package for a built-in model."""
+    if spec == "default":
+        folder = DEFAULT_HEADS_DIR / model_name
+        if not (folder / "config.json").is_file():
+            raise UserError(f"no default heads ship for {model_name!r}: train some with `mtp train --model "
+                            f"{model_name}` and pass --heads RUN/heads")
+        return folder
+    folder = Path(spec).expanduser()
+    read_heads_config(folder)
+    return folder
 
 
 def read_heads_config(folder: Path) -> dict:

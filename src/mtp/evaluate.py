@@ -1,0 +1,81 @@
+"""``mtp eval``: per-head accuracy on held-out text beside the backbone's own k-step marginalization.
+
+Head k predicts x_{t+1+k}; marginalization with d = k + 1 steps predicts the same token from the same
+position, so the two stand side by side on identical positions (Mehra et al., arXiv 2502.09419, §4).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from tqdm import tqdm
+
+from mtp.analysis.marginal import CachedEvaluator, marginalize
+from mtp.data import Corpus, make_windows
+from mtp.model.mtp import MTPModel
+
+MAX_MARGINAL_STEPS = 3
+
+
+@torch.inference_mode()
+def head_predictions(model: MTPModel, input_ids: torch.Tensor, positions: torch.Tensor, top: int = 5) -> torch.Tensor:
+    """Top-``top`` tokens of every head (k = 0 .. n) at ``positions``: (K, P, top)."""
+    ids = input_ids.to(model.backbone.device)[None]
+    final, states = model.trunk(ids)
+    pos = positions.to(ids.device)
+    rows = [model.logits(final[0, pos], normed=True)]
+    for k in range(1, model.n_heads + 1):
+        rows.append(model.logits(model.head_hidden(k, states)[0, pos]))
+    return torch.stack(rows).topk(top, dim=-1).indices  # (K, P, top)
+
+
+def evaluate_heads(model: MTPModel, tokenizer, corpus: Corpus, *, context: int = 256, max_positions: int = 500,
+                   per_window: int = 16, seed: int = 0, marginal: bool = True, top_p: float = 0.99,
+                   max_candidates: int = 128, chunk_tokens: int = 256, progress: bool = True) -> dict:
+    n = model.n_heads
+    windows = make_windows(corpus, tokenizer, context=context, max_positions=max_positions, per_window=per_window,
+                           horizon=n + 1, seed=seed)
+    steps = min(n + 1, MAX_MARGINAL_STEPS) if marginal else 1
+    evaluator = CachedEvaluator(model.backbone, chunk_tokens)
+    hits = torch.zeros(2, n + 1)  # (top-1 / top-5, head)
+    mhits = torch.zeros(2, n + 1)
+    total = 0
+    was_training = model.training
+    model.eval()
+    for w in tqdm(windows, desc=f"eval {corpus.name}", unit="win", disable=not progress, file=sys.stderr):
+        ids = w.input_ids.to(model.backbone.device)
+        pos = w.positions.to(ids.device)
+        top = head_predictions(model, ids, pos)  # (K, P, 5)
+        targets = torch.stack([ids[pos + 1 + k] for k in range(n + 1)])  # (K, P)
+        hits[0] += (top[..., 0] == targets).sum(-1).cpu()
+        hits[1] += (top == targets[..., None]).any(-1).sum(-1).cpu()
+        if steps > 1:
+            res = marginalize(evaluator, ids, pos, steps, [top_p], max_candidates)
+            for d in range(2, steps + 1):
+                mtop = res.marginals[d - 1][0].topk(5, dim=-1).indices  # (P, 5)
+                mhits[0, d - 1] += (mtop[:, 0] == targets[d - 1]).sum().cpu()
+                mhits[1, d - 1] += (mtop == targets[d - 1][:, None]).any(-1).sum().cpu()
+        total += len(pos)
+    model.train(was_training)
+    rows = []
+    for k in range(n + 1):
+        row = {"head": k, "predicts": f"x_(t+{k + 1})", "top1": float(hits[0, k] / total),
+               "top5": float(hits[1, k] / total)}
+        if 1 <= k < steps:
+            row.update({"marginal_top1": float(mhits[0, k] / total), "marginal_top5": float(mhits[1, k] / total)})
+        rows.append(row)
+    return {"data": corpus.name, "positions": total, "windows": len(windows), "context": context,
+            "marginal": {"top_p": top_p, "max_candidates": max_candidates, "max_steps": steps}, "heads": rows}
+
+
+def eval_table(result: dict) -> str:
+    lines = [f"Heads vs marginalization on {result['data']} ({result['positions']} positions, "
+             f"context >= {result['context']})", "",
+             "| head | predicts | top-1 | top-5 | marginalization top-1 | marginalization top-5 |",
+             "|---:|---|---:|---:|---:|---:|"]
+    for r in result["heads"]:
+        m1 = f"{r['marginal_top1']:.3f}" if "marginal_top1" in r else ("(NTP)" if r["head"] == 0 else "–")
+        m5 = f"{r['marginal_top5']:.3f}" if "marginal_top5" in r else ("(NTP)" if r["head"] == 0 else "–")
+        lines.append(f"| {r['head']} | {r['predicts']} | {r['top1']:.3f} | {r['top5']:.3f} | {m1} | {m5} |")
+    return "\n".join(lines)

@@ -1,0 +1,150 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mtp.cli import main
+from mtp.config import TrainConfig
+from mtp.errors import UserError
+from mtp.model.mtp import MTPModel
+from mtp.train import train
+from tests.conftest import SAMPLE_TEXT
+
+
+@pytest.fixture
+def corpus_file(tmp_path):
+    path = tmp_path / "train.txt"
+    path.write_text(SAMPLE_TEXT * 30)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MTP_CACHE", str(tmp_path / "cache"))
+
+
+def config(tiny_folder, corpus_file, out, **kw):
+    base = dict(model=str(tiny_folder), out=str(out), heads=2, data=[str(corpus_file)], seq_len=24, batch_size=4,
+                max_steps=6, lr=1e-2, backbone_lr=1e-3, warmup_steps=2, save_every=3, log_every=1, autocast="off",
+                lora_r=4)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def heads_state(folder):
+    from safetensors.torch import load_file
+    return load_file(folder / "model.safetensors")
+
+
+def test_training_lowers_every_head_loss(tiny_folder, corpus_file, tmp_path):
+    train(config(tiny_folder, corpus_file, tmp_path / "run", max_steps=25, lr=3e-2), progress=False)
+    logs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(logs) == 25 and logs[-1]["step"] == 25
+    first, last = logs[0]["losses"], logs[-1]["losses"]
+    assert all(b < a for a, b in zip(first[1:], last[1:]))  # every MTP head improves
+    assert logs[-1]["tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("mode", ["frozen", "lora", "joint"])
+def test_resume_after_crash_equals_uninterrupted(tiny_folder, corpus_file, tmp_path, monkeypatch, mode):
+    train(config(tiny_folder, corpus_file, tmp_path / "full", mode=mode), progress=False)
+
+    real_step, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def crashing_step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("simulated crash")
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", crashing_step)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(config(tiny_folder, corpus_file, tmp_path / "crash", mode=mode), progress=False)
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    meta = json.loads((tmp_path / "crash" / "checkpoint" / "trainer.json").read_text())
+    assert meta["step"] == 3  # the checkpoint before the crash is intact
+    train(config(tiny_folder, corpus_file, tmp_path / "crash", mode=mode, resume=True), progress=False)
+    a, b = heads_state(tmp_path / "full" / "heads"), heads_state(tmp_path / "crash" / "heads")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    logs = [json.loads(line)["step"] for line in (tmp_path / "crash" / "metrics.jsonl").read_text().splitlines()]
+    assert logs == [1, 2, 3, 4, 5, 6]
+
+
+def test_lora_heads_round_trip(tiny_folder, corpus_file, tmp_path):
+    train(config(tiny_folder, corpus_file, tmp_path / "run", mode="lora", max_steps=3), progress=False)
+    cfg = json.loads((tmp_path / "run" / "heads" / "config.json").read_text())
+    assert cfg["trained_backbone"] == "lora" and cfg["lora"]["r"] == 4
+    model = MTPModel.from_pretrained(tmp_path / "run" / "heads")
+    again = MTPModel.from_pretrained(tmp_path / "run" / "heads")
+    ids = torch.randint(4, 100, (1, 10))
+    assert torch.equal(model(ids), again(ids))
+    state = heads_state(tmp_path / "run" / "heads")
+    assert any(k.startswith("lora.") for k in state) and not any(k.startswith("backbone.") for k in state)
+
+
+def test_hidden_cache_matches_live_backbone(tiny_folder, corpus_file, tmp_path):
+    train(config(tiny_folder, corpus_file, tmp_path / "live"), progress=False)
+    train(config(tiny_folder, corpus_file, tmp_path / "cached", cache_hidden=True), progress=False)
+    a, b = heads_state(tmp_path / "live" / "heads"), heads_state(tmp_path / "cached" / "heads")
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+
+
+def test_two_process_gloo_equals_single_process(tiny_folder, corpus_file, tmp_path):
+    args = ["train", "--model", str(tiny_folder), "--data", str(corpus_file), "--heads", "2", "--seq-len", "24",
+            "--batch-size", "4", "--max-steps", "4", "--lr", "0.01", "--warmup-steps", "1", "--autocast", "off",
+            "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, "-m", "mtp", *args, "--out", str(tmp_path / "one")], env=env,
+                            capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr
+    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                            "--master_port=29517", "-m", "mtp", *args, "--out", str(tmp_path / "two")], env=env,
+                           capture_output=True, text=True)
+    assert multi.returncode == 0, multi.stderr[-2000:]
+    a, b = heads_state(tmp_path / "one" / "heads"), heads_state(tmp_path / "two" / "heads")
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5), key
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(heads=0), "--heads must be at least 1"),
+    (dict(max_steps=0), "--max-steps must be at least 1"),
+    (dict(lr=-1.0), "--lr must be positive"),
+    (dict(backbone_lr=0.0), "--backbone-lr must be positive"),
+    (dict(kind="lstm"), "unknown head kind"),
+    (dict(mode="half"), "unknown --mode"),
+    (dict(cache_hidden=True, mode="lora"), "--cache-hidden needs --mode frozen"),
+])
+def test_bad_training_configs(tiny_folder, corpus_file, tmp_path, overrides, message):
+    with pytest.raises(UserError, match=message):
+        train(config(tiny_folder, corpus_file, tmp_path / "run", **overrides), progress=False)
+
+
+def test_bad_runs(tiny_folder, corpus_file, tmp_path, capsys):
+    with pytest.raises(UserError, match="no checkpoint"):
+        train(config(tiny_folder, corpus_file, tmp_path / "run", resume=True), progress=False)
+    with pytest.raises(UserError, match="unknown tap"):
+        train(config(tiny_folder, corpus_file, tmp_path / "run0", tap="middle"), progress=False)
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("only a few words")
+    with pytest.raises(UserError, match="fewer than one sequence"):
+        train(config(tiny_folder, tiny, tmp_path / "run1"), progress=False)
+    train(config(tiny_folder, corpus_file, tmp_path / "run2", max_steps=3), progress=False)
+    before = heads_state(tmp_path / "run2" / "checkpoint" / "heads")
+    with pytest.raises(UserError, match="already exists"):
+        train(config(tiny_folder, corpus_file, tmp_path / "run2", max_steps=3, lr=0.5), progress=False)
+    with pytest.raises(UserError, match="seq_len"):
+        train(config(tiny_folder, corpus_file, tmp_path / "run2", max_steps=6, seq_len=20, resume=True),
+              progress=False)
+    after = heads_state(tmp_path / "run2" / "checkpoint" / "heads")
+    assert all(torch.equal(before[k], after[k]) for k in before)  # never overwritten by a failed run
+    capsys.readouterr()
+    code = main(["train", "--model", str(tiny_folder), "--data", str(corpus_file), "--heads", "-1", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip().startswith("mtp: error:") and err.strip().count("\n") == 0
