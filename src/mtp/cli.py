@@ -233,6 +233,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_arguments(t, TrainConfig)
     t.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    g = sub.add_parser("distill", help="self-distillation data: the backbone's own responses to a prompt set")
+    g.add_argument("--model", default="smollm2-135m", metavar="NAME|PATH")
+    g.add_argument("--prompts", action="append", metavar="SET|FILE",
+                   help="chat, code, translation (their train split) or a .jsonl with a prompt field; repeatable")
+    g.add_argument("--out", required=True, metavar="FILE.jsonl")
+    g.add_argument("--limit", type=int, default=None, help="prompts per set (default: all)")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    _add_common(g)
+
     e = sub.add_parser("eval", help="per-head accuracy on held-out text beside marginalization")
     e.add_argument("--model", default="smollm2-135m", metavar="NAME|PATH")
     e.add_argument("--heads", default="default", metavar="DIR|default",
@@ -279,6 +290,16 @@ def run(argv: list[str] | None = None) -> int:
         return analyze(cfg, json_path=args.json_path, out_dir=args.out, progress=progress, command=command)
     if args.command == "train":
         return train(dataclass_from_args(TrainConfig, args), progress=progress, command=command)
+    if args.command == "distill":
+        from mtp.distill import distill
+
+        summary = distill(args.model, args.prompts or ["chat", "code"], args.out, limit=args.limit,
+                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                          temperature=args.temperature, seed=args.seed, device=args.device, dtype=args.dtype,
+                          progress=progress)
+        print(f"distilled {summary['prompts']} prompts into {summary['out']} "
+              f"({summary['finished_share']:.0%} ended with EOS)")
+        return 0
     if args.command == "eval":
         if args.context < 1 or args.max_positions < 1 or args.positions_per_window < 1 or args.max_candidates < 1:
             raise UserError("--context, --max-positions, --positions-per-window and --max-candidates must be >= 1")

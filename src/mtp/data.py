@@ -218,8 +218,12 @@ def _file_documents(path: str | Path) -> list[Document]:
             raise UserError(f"{path} line {n}: not valid JSON ({e.msg})") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise UserError(f"{path} line {n}: expected an object with a string field \"text\"")
+        start = obj.get("response_start")  # distilled data: only the response is scored / trained on
+        if start is not None and (not isinstance(start, int) or not 0 <= start <= len(obj["text"])):
+            raise UserError(f"{path} line {n}: \"response_start\" must be a character offset into \"text\"")
         if obj["text"].strip():
-            docs.append(Document(f"{Path(path).name}:{n}", obj["text"]))
+            spans = [(start, len(obj["text"]))] if start is not None else None
+            docs.append(Document(f"{Path(path).name}:{n}", obj["text"], spans))
     if not docs:
         raise UserError(f"{path} has no non-empty \"text\" field")
     return docs
@@ -334,9 +338,14 @@ def make_windows(corpus: Corpus, tokenizer, *, context: int, max_positions: int,
 
 
 def packed_blocks(sources: list[str], tokenizer, seq_len: int, *, split: str = "train", max_tokens: int | None = None,
-                  seed: int = 0) -> torch.Tensor:
-    """Training sequences (N, seq_len): documents of the ``train`` split (user files whole), each ended by EOS,
-    concatenated in a seeded order and cut into blocks. Cached in the user cache by content."""
+                  seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training sequences and their loss masks, both (N, seq_len).
+
+    Documents of the ``train`` split (user files whole) in a seeded order, each ended by EOS (documents
+    with scored spans, such as distilled responses, end with their own), concatenated and cut into blocks.
+    The mask is False on tokens that must never be targets (the prompts of distilled data). Cached in the
+    user cache by content.
+    """
     from safetensors.torch import load_file, save_file
 
     from mtp.backbones import cache_dir
@@ -346,26 +355,36 @@ def packed_blocks(sources: list[str], tokenizer, seq_len: int, *, split: str = "
     if not docs:
         raise UserError(f"no training documents in {', '.join(sources)}")
     key = hashlib.sha1(json.dumps([tokenizer.name_or_path, len(tokenizer), seq_len, split, max_tokens, seed,
-                                   [(d.id, len(d.text), hashlib.sha1(d.text.encode()).hexdigest()) for d in docs]])
+                                   [(d.id, d.spans, hashlib.sha1(d.text.encode()).hexdigest()) for d in docs]])
                        .encode()).hexdigest()[:20]
     path = cache_dir() / "tokens" / f"{key}.safetensors"
     if path.is_file():
-        return load_file(path)["blocks"]
+        saved = load_file(path)
+        return saved["blocks"], saved["mask"].bool()
     rng = random.Random(seed)
     rng.shuffle(docs)
     eos = tokenizer.eos_token_id
-    stream: list[int] = []
+    ids: list[int] = []
+    mask: list[bool] = []
     for doc in docs:
-        stream += tokenizer(doc.text, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
-        if max_tokens is not None and len(stream) >= max_tokens:
+        doc_ids, span_of = tokenize_document(doc, tokenizer)
+        ids += doc_ids
+        mask += [s >= 0 for s in span_of]
+        if doc.spans is None and eos is not None:
+            ids.append(eos)
+            mask.append(True)
+        if max_tokens is not None and len(ids) >= max_tokens:
             break
-    n = len(stream) // seq_len
+    n = len(ids) // seq_len
     if n == 0:
-        raise UserError(f"{', '.join(sources)}: {len(stream)} tokens, fewer than one sequence of {seq_len}: "
+        raise UserError(f"{', '.join(sources)}: {len(ids)} tokens, fewer than one sequence of {seq_len}: "
                         "give more text or lower --seq-len")
-    blocks = torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)  # (N, T)
+    blocks = torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)  # (N, T)
+    masks = torch.tensor(mask[: n * seq_len], dtype=torch.bool).view(n, seq_len)  # (N, T)
+    if not masks.any():
+        raise UserError(f"{', '.join(sources)}: no token can be a training target")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    save_file({"blocks": blocks}, tmp)
+    save_file({"blocks": blocks, "mask": masks.to(torch.uint8)}, tmp)
     os.replace(tmp, path)
-    return blocks
+    return blocks, masks

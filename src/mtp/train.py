@@ -259,7 +259,8 @@ def train(cfg: TrainConfig, progress: bool = True, command: str = "") -> dict:
     torch.manual_seed(cfg.seed)
     model, tokenizer = build_model(cfg, device, command)
     need = cfg.max_steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len
-    blocks = packed_blocks(cfg.data, tokenizer, cfg.seq_len, max_tokens=cfg.max_tokens or need, seed=cfg.seed)
+    blocks, masks = packed_blocks(cfg.data, tokenizer, cfg.seq_len, max_tokens=cfg.max_tokens or need, seed=cfg.seed)
+    masks = None if masks.all() else masks  # only distilled data restricts the targets
     order = BatchOrder(len(blocks), cfg, ddp)
     head_params = model.head_parameters()
     backbone_params = [p for p in model.backbone.parameters() if p.requires_grad]
@@ -300,7 +301,8 @@ def train(cfg: TrainConfig, progress: bool = True, command: str = "") -> dict:
             hidden = cache.get(idx, dev) if cache is not None else None
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_autocast):
                 ls = mtp_step(model, ids, weights, train_backbone=cfg.mode != "frozen",
-                              chunk_tokens=cfg.loss_chunk_tokens, grad_scale=1.0 / cfg.grad_accum, hidden=hidden)
+                              chunk_tokens=cfg.loss_chunk_tokens, grad_scale=1.0 / cfg.grad_accum, hidden=hidden,
+                              loss_mask=masks[idx].to(dev) if masks is not None else None)
             step_losses += torch.tensor(ls, dtype=torch.float64) / cfg.grad_accum
         average_gradients(trainable, ddp.world)
         if cfg.clip > 0:

@@ -208,8 +208,10 @@ DEFAULT_HEADS_DIR = Path(__file__).resolve().parent.parent / "default_heads"
 def resolve_heads(spec: str, model_name: str) -> Path:
     """A heads folder, or ``default``: the head set shipped in the package for a built-in model."""
     if spec == "default":
-        folder = DEFAULT_HEADS_DIR / model_name
-        if not (folder / "config.json").is_file():
+        from mtp.backbones import BUILTIN_MODELS
+
+        folder = DEFAULT_HEADS_DIR / model_name if model_name in BUILTIN_MODELS else None
+        if folder is None or not (folder / "config.json").is_file():
             raise UserError(f"no default heads ship for {model_name!r}: train some with `mtp train --model "
                             f"{model_name}` and pass --heads RUN/heads")
         return folder

@@ -1,0 +1,117 @@
+"""Prompt sets, offline: built from the same documents and splits as the corpora in ``data.py``.
+
+- ``code``: "Write a Python function `name(args)` that ..." from standard-library functions with docstrings;
+- ``chat``: explanations of Python topics (``pydoc_data.topics``) and summaries of Shakespeare passages;
+- ``translation``: "Translate into English: ..." from the Ding example sentences.
+
+The ``train`` split feeds self-distillation; the ``eval`` split is kept for decoding benchmarks, so a
+prompt used to train heads is never used to measure them. A user file is a .jsonl with a ``prompt`` field.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import json
+import random
+from pathlib import Path
+
+from mtp.data import CorpusUnavailable, load_corpus, read_text_file, split_of, translation_pairs
+from mtp.errors import UserError
+
+PROMPT_SETS = ("chat", "code", "translation")
+
+
+def _first_sentence(doc: str) -> str:
+    text = " ".join(doc.strip().split("\n\n")[0].split())
+    end = text.find(". ")
+    return (text[: end + 1] if end > 0 else text).rstrip()
+
+
+def _code_prompts(split: str) -> list[str]:
+    prompts = []
+    for doc in load_corpus("code", split).documents:
+        try:
+            tree = ast.parse(doc.text)
+        except SyntaxError:
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
+                docstring = ast.get_docstring(node)
+                if docstring and 20 <= len(_first_sentence(docstring)) <= 200:
+                    args = ast.unparse(node.args)
+                    prompts.append(f"Write a Python function `{node.name}({args})`: {_first_sentence(docstring)}")
+    return prompts
+
+
+def _chat_prompts(split: str) -> list[str]:
+    from pydoc_data.topics import topics
+
+    prompts = [f"Explain Python's {name.replace('-', ' ')} with a short example." for name in sorted(topics)
+               if split_of("prose", f"pydoc/{name}") == split]
+    try:
+        plays = [d for d in load_corpus("prose", split).documents if d.id.startswith("shakespeare/")]
+    except CorpusUnavailable:
+        plays = []
+    for play in plays:
+        lines = [line for line in play.text.splitlines() if line.strip()]
+        for i in range(200, len(lines) - 12, 400):  # a passage every few hundred lines
+            passage = "\n".join(lines[i:i + 12])
+            prompts.append(f"Summarize this passage from Shakespeare in plain modern English:\n\n{passage}")
+    return prompts
+
+
+def _translation_prompts(split: str) -> list[str]:
+    return [f"Translate into English: {de}" for de, _ in translation_pairs() if split_of("translation", de) == split]
+
+
+@functools.lru_cache(maxsize=None)
+def _built(name: str, split: str) -> tuple[str, ...]:
+    builders = {"chat": _chat_prompts, "code": _code_prompts, "translation": _translation_prompts}
+    return tuple(builders[name](split))
+
+
+def builtin_prompts(name: str, split: str) -> list[str]:
+    """The prompts of a built-in set; the eval split drops any prompt that also occurs in the train split
+    (the standard library repeats some functions across files)."""
+    prompts = list(_built(name, split))
+    if split == "eval":
+        seen = set(_built(name, "train"))
+        prompts = [p for p in prompts if p not in seen]
+    if not prompts:
+        raise UserError(f"prompt set {name!r} is empty on this machine")
+    return prompts
+
+
+def load_prompts(source: str, split: str = "train", limit: int | None = None, seed: int = 0) -> list[str]:
+    """Prompts of a built-in set (its split), or from a .jsonl file with a "prompt" field; a seeded sample."""
+    if source in PROMPT_SETS:
+        prompts = builtin_prompts(source, split)
+    else:
+        path = Path(source)
+        if path.suffix.lower() != ".jsonl" and not path.exists():
+            raise UserError(f"unknown prompt set {source!r}: use {', '.join(PROMPT_SETS)} or a .jsonl file")
+        prompts = []
+        for n, line in enumerate(read_text_file(path).splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{source} line {n}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
+                raise UserError(f"{source} line {n}: expected an object with a non-empty string field \"prompt\"")
+            prompts.append(obj["prompt"])
+        if not prompts:
+            raise UserError(f"{source} has no prompts")
+    rng = random.Random(seed)
+    rng.shuffle(prompts)
+    return prompts[:limit] if limit else prompts
+
+
+def chat_format(tokenizer, prompt: str) -> str:
+    """The prompt as the model sees it: its chat template with the assistant turn opened, if it has one."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             tokenize=False)
+    return prompt

@@ -1,0 +1,87 @@
+import json
+
+import pytest
+import torch
+
+from mtp.cli import main
+from mtp.config import TrainConfig
+from mtp.data import load_corpus, packed_blocks
+from mtp.distill import distill
+from mtp.errors import UserError
+from mtp.prompts import load_prompts
+from mtp.train import train
+from tests.conftest import SAMPLE_TEXT, char_tokenizer
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MTP_CACHE", str(tmp_path / "cache"))
+
+
+def test_builtin_prompt_sets_keep_splits_apart():
+    train_code, eval_code = load_prompts("code", "train"), load_prompts("code", "eval")
+    assert len(train_code) > 100 and len(eval_code) > 10
+    assert not set(train_code) & set(eval_code)
+    assert all(p.startswith("Write a Python function `") for p in train_code[:20])
+    chat = load_prompts("chat", "train", limit=10, seed=1)
+    assert len(chat) == 10 and chat == load_prompts("chat", "train", limit=10, seed=1)
+
+
+def test_prompt_file_errors(tmp_path):
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"prompt": "hi"}\n{"text": "no prompt"}\n')
+    with pytest.raises(UserError, match="line 2"):
+        load_prompts(str(bad))
+    with pytest.raises(UserError, match="unknown prompt set"):
+        load_prompts("poems")
+
+
+def test_distill_then_train_on_responses_only(tiny_folder, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say {w} please."}) + "\n" for w in ["one", "two", "three"]))
+    out = tmp_path / "distilled.jsonl"
+    summary = distill(str(tiny_folder), [str(prompts)], out, max_new_tokens=12, batch_size=2, progress=False)
+    assert summary["prompts"] == 3
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 3
+    for row in rows:
+        assert row["text"][: row["response_start"]].endswith(row["prompt"])  # no chat template: the prompt as is
+        assert row["text"][row["response_start"]:] == row["response"]
+    with pytest.raises(UserError, match="already exists"):
+        distill(str(tiny_folder), [str(prompts)], out, progress=False)
+    # Only response tokens are targets.
+    tok = char_tokenizer()
+    blocks, mask = packed_blocks([str(out)], tok, 8)
+    doc = load_corpus(str(out)).documents[0]
+    assert doc.spans == [(rows[0]["response_start"], len(rows[0]["text"]))]
+    assert 0 < mask.float().mean() < 1
+    train(TrainConfig(model=str(tiny_folder), out=str(tmp_path / "run"), heads=1, data=[str(out)], seq_len=8,
+                      batch_size=2, max_steps=2, autocast="off"), progress=False)
+    assert (tmp_path / "run" / "heads" / "model.safetensors").is_file()
+
+
+def test_eval_command(tiny_folder, tmp_path, capsys):
+    text = tmp_path / "heldout.txt"
+    text.write_text(SAMPLE_TEXT * 5)
+    train(TrainConfig(model=str(tiny_folder), out=str(tmp_path / "run"), heads=3, data=[str(text)], seq_len=24,
+                      batch_size=2, max_steps=2, autocast="off"), progress=False)
+    js = tmp_path / "eval.json"
+    code = main(["eval", "--model", str(tiny_folder), "--heads", str(tmp_path / "run" / "heads"), "--text",
+                 str(text), "--context", "16", "--max-positions", "10", "--max-candidates", "4", "--json", str(js),
+                 "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 0 and "| 1 | x_(t+2) |" in out
+    result = json.loads(js.read_text())
+    rows = result["heads"]
+    assert [r["head"] for r in rows] == [0, 1, 2, 3] and result["positions"] == 10
+    assert "marginal_top1" in rows[1] and "marginal_top1" in rows[2] and "marginal_top1" not in rows[3]
+    assert all(0 <= r["top1"] <= r["top5"] <= 1 for r in rows)
+
+
+def test_eval_bad_heads(tiny_folder, tmp_path, capsys):
+    code = main(["eval", "--model", str(tiny_folder), "--heads", str(tmp_path / "none"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "does not exist" in err
+    code = main(["eval", "--model", str(tiny_folder), "--heads", "default", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no default heads" in err
