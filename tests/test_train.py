@@ -95,10 +95,11 @@ def test_hidden_cache_matches_live_backbone(tiny_folder, corpus_file, tmp_path):
         assert torch.allclose(a[key], b[key], atol=1e-6), key
 
 
-def test_two_process_gloo_equals_single_process(tiny_folder, corpus_file, tmp_path):
+@pytest.mark.parametrize("mode", ["frozen", "lora", "joint"])  # joint shards the backbone with FSDP
+def test_two_process_gloo_equals_single_process(tiny_folder, corpus_file, tmp_path, mode):
     args = ["train", "--model", str(tiny_folder), "--data", str(corpus_file), "--heads", "2", "--seq-len", "24",
             "--batch-size", "4", "--max-steps", "4", "--lr", "0.01", "--warmup-steps", "1", "--autocast", "off",
-            "--quiet"]
+            "--mode", mode, "--lora-r", "4", "--save-every", "2", "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = subprocess.run([sys.executable, "-m", "mtp", *args, "--out", str(tmp_path / "one")], env=env,
                             capture_output=True, text=True)
@@ -108,8 +109,14 @@ def test_two_process_gloo_equals_single_process(tiny_folder, corpus_file, tmp_pa
                            capture_output=True, text=True)
     assert multi.returncode == 0, multi.stderr[-2000:]
     a, b = heads_state(tmp_path / "one" / "heads"), heads_state(tmp_path / "two" / "heads")
+    assert a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-5), key
+    # The checkpoint of the 2-process run resumes in one process (same optimizer layout).
+    resumed = subprocess.run([sys.executable, "-m", "mtp", *args, "--out", str(tmp_path / "two"), "--resume",
+                              "--max-steps", "5"], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads((tmp_path / "two" / "checkpoint" / "trainer.json").read_text())["step"] == 5
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -148,3 +155,13 @@ def test_bad_runs(tiny_folder, corpus_file, tmp_path, capsys):
     code = main(["train", "--model", str(tiny_folder), "--data", str(corpus_file), "--heads", "-1", "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and err.strip().startswith("mtp: error:") and err.strip().count("\n") == 0
+
+
+def test_bench_train_memory_runs_both_orders(tiny_folder, tmp_path, capsys):
+    js = tmp_path / "mem.json"
+    code = main(["bench", "train-memory", "--model", str(tiny_folder), "--heads", "2", "--batch-size", "2",
+                 "--seq-len", "16", "--repeats", "1", "--json", str(js), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    r = json.loads(js.read_text())
+    assert r["efficient"]["peak_bytes"] >= 0 and r["naive"]["median_step_seconds"] > 0
+    assert "memory ratio" in capsys.readouterr().out

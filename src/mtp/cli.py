@@ -273,6 +273,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--chunk-tokens", type=int, default=128)
     b.add_argument("--json", dest="json_path", metavar="FILE")
     _add_common(b)
+
+    m = bench.add_parser("train-memory", help="peak memory and time of one training step: memory-efficient head "
+                                              "order vs naive")
+    m.add_argument("--model", default="smollm2-135m", metavar="NAME|PATH")
+    m.add_argument("--heads", type=int, default=4)
+    m.add_argument("--kind", default="mlp")
+    m.add_argument("--mode", default="frozen", help="frozen | joint | lora")
+    m.add_argument("--batch-size", type=int, default=8)
+    m.add_argument("--seq-len", type=int, default=512)
+    m.add_argument("--chunk-tokens", type=int, default=4096, help="tokens per unembedding + loss chunk")
+    m.add_argument("--repeats", type=int, default=3, help="timed steps after the measured one (median)")
+    m.add_argument("--json", dest="json_path", metavar="FILE")
+    _add_common(m)
     return parser
 
 
@@ -310,6 +323,19 @@ def run(argv: list[str] | None = None) -> int:
         return bench_analyze(args.model, args.data, args.context, args.positions, args.positions_per_window, args.k,
                              args.top_p, args.max_candidates, args.chunk_tokens, args.dtype, args.device, args.seed,
                              json_path=args.json_path, progress=progress, command=command)
+    if args.command == "bench" and args.bench == "train-memory":
+        from mtp.bench import bench_train_memory, format_bench_train_memory
+
+        _check_writable_file(args.json_path, "--json")
+        if min(args.heads, args.batch_size, args.seq_len, args.chunk_tokens, args.repeats) < 1:
+            raise UserError("--heads, --batch-size, --seq-len, --chunk-tokens and --repeats must be >= 1")
+        result = bench_train_memory(args.model, args.heads, args.kind, args.mode, args.batch_size, args.seq_len,
+                                    args.chunk_tokens, args.repeats, args.device, args.dtype)
+        result["command"] = command
+        print(format_bench_train_memory(result))
+        if args.json_path:
+            write_json(args.json_path, result)
+        return 0
     raise AssertionError(args)
 
 

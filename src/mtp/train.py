@@ -132,9 +132,27 @@ def init_distributed(device: str) -> tuple[Distributed, str]:
     return Distributed(dist.get_rank(), dist.get_world_size()), device
 
 
+def _is_sharded(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def shard_backbone(model: MTPModel) -> None:
+    """FSDP (joint training under torchrun): shard every decoder layer's parameters across processes.
+
+    Embeddings, final norm and unembedding stay replicated: the heads call them outside the trunk's
+    forward, one chunk at a time, and they are a small share of the weights."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.backbone.get_decoder().layers:
+        fully_shard(layer)
+
+
 def average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
-    """Data parallelism: all-reduce the summed gradients into their mean over processes, in one flat buffer."""
-    grads = [p.grad for p in params if p.grad is not None]
+    """Data parallelism: all-reduce the summed gradients into their mean over processes, in one flat buffer.
+    Sharded (FSDP) gradients arrive averaged already, by FSDP's reduce-scatter."""
+    grads = [p.grad for p in params if p.grad is not None and not _is_sharded(p.grad)]
     if world <= 1 or not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
@@ -202,6 +220,21 @@ class HiddenCache:
         return [x.to(device)]
 
 
+def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> None:
+    """Clip the global gradient norm; with FSDP-sharded gradients the norm sums shards over processes."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not any(_is_sharded(g) for g in grads):
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return
+    sharded = sum((g.to_local().float().pow(2).sum() for g in grads if _is_sharded(g)), torch.zeros(()))
+    dist.all_reduce(sharded)
+    replicated = sum((g.float().pow(2).sum() for g in grads if not _is_sharded(g)), torch.zeros(()))
+    coef = max_norm / (float(sharded + replicated) ** 0.5 + 1e-6)
+    if coef < 1:
+        for g in grads:
+            g.mul_(coef)
+
+
 def autocast_enabled(setting: str, device: torch.device) -> bool:
     if setting != "auto":
         return setting == "on"
@@ -246,7 +279,7 @@ def build_model(cfg: TrainConfig, device: str, command: str = ""):
 
 def train(cfg: TrainConfig, progress: bool = True, command: str = "") -> dict:
     """Train heads per ``cfg``; returns a summary. Writes cfg.out/{checkpoint/, heads/, metrics.jsonl}."""
-    from mtp.checkpoint import load_checkpoint, save_checkpoint
+    from mtp.checkpoint import gather_states, load_optimizer, load_weights, read_checkpoint, write_checkpoint
     from mtp.data import packed_blocks
 
     ddp, device = init_distributed(cfg.device)
@@ -256,24 +289,33 @@ def train(cfg: TrainConfig, progress: bool = True, command: str = "") -> dict:
         raise UserError(f"--resume: there is no checkpoint in {ckpt}")
     if not cfg.resume and ckpt.exists():
         raise UserError(f"{ckpt} already exists: pass --resume to continue that run, or choose another --out")
+    meta = read_checkpoint(ckpt, cfg.to_dict(), RESUME_MUST_MATCH) if cfg.resume else None
+    if meta is not None and meta["step"] >= cfg.max_steps:
+        raise UserError(f"the checkpoint is at step {meta['step']}, already >= --max-steps {cfg.max_steps}")
     torch.manual_seed(cfg.seed)
     model, tokenizer = build_model(cfg, device, command)
     need = cfg.max_steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len
     blocks, masks = packed_blocks(cfg.data, tokenizer, cfg.seq_len, max_tokens=cfg.max_tokens or need, seed=cfg.seed)
     masks = None if masks.all() else masks  # only distilled data restricts the targets
     order = BatchOrder(len(blocks), cfg, ddp)
+    if meta is not None:
+        load_weights(ckpt, model)
+    sharded = ddp.world > 1 and cfg.mode == "joint"
+    if sharded:
+        shard_backbone(model)
     head_params = model.head_parameters()
     backbone_params = [p for p in model.backbone.parameters() if p.requires_grad]
     trainable = head_params + backbone_params
     groups = [{"params": head_params, "lr": cfg.lr, "base_lr": cfg.lr}]
-    if backbone_params:
-        groups.append({"params": backbone_params, "lr": cfg.backbone_lr, "base_lr": cfg.backbone_lr})
+    for part in (True, False):  # sharded and plain tensors in separate groups: foreach kernels need one kind
+        params = [p for p in backbone_params if _is_sharded(p) == part]
+        if params:
+            groups.append({"params": params, "lr": cfg.backbone_lr, "base_lr": cfg.backbone_lr})
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     step = 0
-    if cfg.resume:
-        step = load_checkpoint(ckpt, model, optimizer, cfg.to_dict(), RESUME_MUST_MATCH)
-        if step >= cfg.max_steps:
-            raise UserError(f"the checkpoint is at step {step}, already >= --max-steps {cfg.max_steps}")
+    if meta is not None:
+        load_optimizer(ckpt, meta, model, optimizer)
+        step = int(meta["step"])
     cache = None
     if cfg.cache_hidden:
         out.mkdir(parents=True, exist_ok=True)
@@ -306,7 +348,7 @@ def train(cfg: TrainConfig, progress: bool = True, command: str = "") -> dict:
             step_losses += torch.tensor(ls, dtype=torch.float64) / cfg.grad_accum
         average_gradients(trainable, ddp.world)
         if cfg.clip > 0:
-            torch.nn.utils.clip_grad_norm_(trainable, cfg.clip)
+            clip_gradients(trainable, cfg.clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -328,15 +370,16 @@ def train(cfg: TrainConfig, progress: bool = True, command: str = "") -> dict:
                 with log_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
             t_last, losses = now, []
-        if ddp.main and (step % cfg.save_every == 0 or step == cfg.max_steps):
-            save_checkpoint(ckpt, model, optimizer, step, cfg.to_dict())
+        if step % cfg.save_every == 0 or step == cfg.max_steps:
+            backbone_state, optim_state = gather_states(model, optimizer, sharded)  # collective under FSDP
+            if ddp.main:
+                write_checkpoint(ckpt, model, backbone_state, optim_state, step, cfg.to_dict())
     bar.close()
-    summary = {"out": str(out), "steps": step, "heads": str(out / "heads")}
     if ddp.main:
-        model.save_pretrained(out / "heads")
+        model.save_pretrained(out / "heads", backbone_state=backbone_state)
     if ddp.world > 1:
         dist.barrier()
-    return summary
+    return {"out": str(out), "steps": step, "heads": str(out / "heads")}
 
 
 def _truncate_log(path: Path, step: int) -> None:

@@ -132,10 +132,11 @@ class MTPModel(nn.Module):
     def head_parameters(self) -> list[nn.Parameter]:
         return list(self.heads.parameters())
 
-    def _trained_state(self) -> dict[str, torch.Tensor]:
+    def _trained_state(self, backbone_state: dict | None = None) -> dict[str, torch.Tensor]:
         state = {f"heads.{k}": v for k, v in self.heads.state_dict().items()}
         if self.config.trained_backbone == "full":
-            state.update({f"backbone.{k}": v for k, v in self.backbone.state_dict().items()})
+            full = backbone_state if backbone_state is not None else self.backbone.state_dict()
+            state.update({f"backbone.{k}": v for k, v in full.items()})
         elif self.config.trained_backbone == "lora":
             from peft import get_peft_model_state_dict
 
@@ -145,8 +146,11 @@ class MTPModel(nn.Module):
 
     # ------------------------------------------------------------------ save / load
 
-    def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None) -> Path:
-        """Write config.json + model.safetensors atomically: a complete new folder replaces the old one."""
+    def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None,
+                        backbone_state: dict | None = None) -> Path:
+        """Write config.json + model.safetensors atomically: a complete new folder replaces the old one.
+
+        ``backbone_state``: the full backbone state when the live one is sharded (FSDP)."""
         from safetensors.torch import save_file
 
         out = Path(directory)
@@ -154,7 +158,7 @@ class MTPModel(nn.Module):
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
-            state = self._trained_state()
+            state = self._trained_state(backbone_state)
             if dtype is not None:
                 state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
             save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
