@@ -48,8 +48,8 @@ def test_analyze_end_to_end(capsys, tiny_folder, text_file, tmp_path):
 def test_bench_analyze_agrees(capsys, tiny_folder, text_file, tmp_path):
     js = tmp_path / "bench.json"
     code, out, err = run_cli(capsys, "bench", "analyze", "--model", str(tiny_folder), "--data", str(text_file),
-                             "--context", "24", "--positions", "4", "--k", "3", "--max-candidates", "5",
-                             "--json", str(js), "--quiet")
+                             "--context", "24", "--positions", "4", "--positions-per-window", "2", "--k", "3",
+                             "--max-candidates", "5", "--repeats", "1", "--json", str(js), "--quiet")
     assert code == 0, err
     r = json.loads(js.read_text())
     assert r["max_abs_diff"] < 1e-5 and r["naive_seconds"] > 0 and r["batched_seconds"] > 0

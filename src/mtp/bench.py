@@ -30,40 +30,51 @@ def _timed(fn):
     return out, time.perf_counter() - start
 
 
-def bench_analyze(model_name: str, data: str, *, context: int = 256, positions: int = 8,
-                  positions_per_window: int = 4, k: int = 2, top_p: float = 0.99, max_candidates: int = 64,
-                  chunk_tokens: int = 128, dtype: str = "float32", device: str = "cpu", seed: int = 0,
-                  progress: bool = True) -> dict:
-    """Time batched vs naive marginalization on the same positions; report both, the ratio and the max diff."""
-    if not 1 <= k <= 3 or not 0 < top_p <= 1 or positions < 1 or max_candidates < 1 or context < 1:
+def bench_analyze(model_name: str, data: str, *, context: int = 256, positions: int = 32,
+                  positions_per_window: int = 16, k: int = 2, top_p: float = 0.99, max_candidates: int = 128,
+                  chunk_tokens: int = 256, repeats: int = 3, dtype: str = "float32", device: str = "cpu",
+                  seed: int = 0, progress: bool = True) -> dict:
+    """Time batched vs naive marginalization on the same positions; report both, the ratio and the max diff.
+
+    The defaults are those of ``mtp analyze`` (16 positions share a window's prefix). Per window, the two
+    methods run side by side ``repeats`` times each; the figures are sums over windows of per-window medians.
+    """
+    if (not 1 <= k <= 3 or not 0 < top_p <= 1 or positions < 1 or max_candidates < 1 or context < 1
+            or positions_per_window < 1 or repeats < 1):
         raise UserError("bench analyze needs 1 <= --k <= 3, 0 < --top-p <= 1, and positive --positions, "
-                        "--max-candidates and --context")
+                        "--positions-per-window, --max-candidates, --context and --repeats")
     resolve_backbone(model_name)
     corpus = next(iter(load_corpora([data]).values()))
     model, tokenizer = load_backbone(model_name, dtype=dtype, device=device)
     windows = make_windows(corpus, tokenizer, context=context, max_positions=positions,
                            per_window=positions_per_window, horizon=k, seed=seed)
     batched, naive = CachedEvaluator(model, chunk_tokens), NaiveEvaluator(model)
-    marginalize(batched, windows[0].input_ids, windows[0].positions[:1], k, [top_p], max_candidates)  # warm-up
-    t_batched, t_naive, ratios, max_diff, n_paths = [], [], [], 0.0, 0
+    for w in windows:  # warm-up: first-call costs of every shape out of the timings
+        marginalize(batched, w.input_ids, w.positions, k, [top_p], max_candidates)
+    per_window, max_diff, n_paths = [], 0.0, 0
     for w in tqdm(windows, desc="bench analyze", unit="win", disable=not progress, file=sys.stderr):
         args = (w.input_ids, w.positions, k, [top_p], max_candidates)
-        a, ta = _timed(lambda: marginalize(batched, *args))
-        b, tb = _timed(lambda: marginalize(naive, *args))
-        t_batched.append(ta)
-        t_naive.append(tb)
-        ratios.append(tb / ta)
+        ta, tb = [], []
+        for _ in range(repeats):
+            a, t = _timed(lambda: marginalize(batched, *args))
+            ta.append(t)
+            b, t = _timed(lambda: marginalize(naive, *args))
+            tb.append(t)
         n_paths += sum(int(c.sum()) for c in a.candidates)
         for ma, mb in zip(a.marginals, b.marginals):
             max_diff = max(max_diff, (ma - mb).abs().max().item())
-    n = sum(len(w.positions) for w in windows)
+        per_window.append({"positions": len(w.positions), "batched_seconds": statistics.median(ta),
+                           "naive_seconds": statistics.median(tb), "batched_all": ta, "naive_all": tb})
+    t_batched = sum(x["batched_seconds"] for x in per_window)
+    t_naive = sum(x["naive_seconds"] for x in per_window)
     return {
-        "model": model_name, "data": corpus.name, "positions": n, "windows": len(windows), "k": k,
-        "top_p": top_p, "max_candidates": max_candidates, "context": context, "dtype": dtype,
-        "candidate_paths": n_paths,
-        "batched_seconds": sum(t_batched), "naive_seconds": sum(t_naive),
-        "speedup": sum(t_naive) / sum(t_batched), "median_window_speedup": statistics.median(ratios),
-        "max_abs_diff": max_diff, "machine": machine_info(device), "torch_threads": torch.get_num_threads(),
+        "model": model_name, "data": corpus.name, "positions": sum(len(w.positions) for w in windows),
+        "windows": len(windows), "k": k, "top_p": top_p, "max_candidates": max_candidates, "context": context,
+        "dtype": dtype, "repeats": repeats, "candidate_paths": n_paths,
+        "batched_seconds": t_batched, "naive_seconds": t_naive, "speedup": t_naive / t_batched,
+        "median_window_speedup": statistics.median(x["naive_seconds"] / x["batched_seconds"] for x in per_window),
+        "max_abs_diff": max_diff, "per_window": per_window, "machine": machine_info(device),
+        "torch_threads": torch.get_num_threads(),
     }
 
 
@@ -71,7 +82,7 @@ def format_bench_analyze(r: dict) -> str:
     return "\n".join([
         f"bench analyze: {r['model']} on {r['data']}, {r['positions']} positions in {r['windows']} windows, "
         f"k={r['k']}, top-p {r['top_p']:g}, cap {r['max_candidates']}, context >= {r['context']}, {r['dtype']}",
-        f"  candidate paths evaluated: {r['candidate_paths']}",
+        f"  candidate paths evaluated: {r['candidate_paths']}; per window, the median of {r['repeats']} runs",
         f"  batched (cached prefix + tree mask): {r['batched_seconds']:.2f} s",
         f"  naive (one full forward per path):   {r['naive_seconds']:.2f} s",
         f"  speedup: {r['speedup']:.1f}x (median per window {r['median_window_speedup']:.1f}x)",

@@ -56,6 +56,9 @@ def write_json(path: str | Path, obj) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=1)
             f.write("\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are meant to be shared
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -87,15 +90,15 @@ def analyze(cfg: AnalyzeConfig, json_path: str | None = None, out_dir: str | Non
 
 
 def bench_analyze(model: str, data: str, context: int, positions: int, positions_per_window: int, k: int,
-                  top_p: float, max_candidates: int, chunk_tokens: int, dtype: str, device: str, seed: int,
-                  json_path: str | None = None, progress: bool = True, command: str = "") -> int:
+                  top_p: float, max_candidates: int, chunk_tokens: int, repeats: int, dtype: str, device: str,
+                  seed: int, json_path: str | None = None, progress: bool = True, command: str = "") -> int:
     """Batched vs naive marginalization on the same positions: both times, the ratio, the largest difference."""
     from mtp.bench import bench_analyze as run_bench, format_bench_analyze
 
     _check_writable_file(json_path, "--json")
     result = run_bench(model, data, context=context, positions=positions, positions_per_window=positions_per_window,
-                       k=k, top_p=top_p, max_candidates=max_candidates, chunk_tokens=chunk_tokens, dtype=dtype,
-                       device=device, seed=seed, progress=progress)
+                       k=k, top_p=top_p, max_candidates=max_candidates, chunk_tokens=chunk_tokens, repeats=repeats,
+                       dtype=dtype, device=device, seed=seed, progress=progress)
     result["command"] = command
     print(format_bench_analyze(result))
     if json_path:
@@ -265,12 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", default="smollm2-135m", metavar="NAME|PATH")
     b.add_argument("--data", default="code", metavar="CORPUS|FILE")
     b.add_argument("--context", type=int, default=256)
-    b.add_argument("--positions", type=int, default=8, help="scored positions (default %(default)s)")
-    b.add_argument("--positions-per-window", type=int, default=4)
+    b.add_argument("--positions", type=int, default=32, help="scored positions (default %(default)s)")
+    b.add_argument("--positions-per-window", type=int, default=16)
     b.add_argument("--k", type=int, default=2)
     b.add_argument("--top-p", type=float, default=0.99)
-    b.add_argument("--max-candidates", type=int, default=64)
-    b.add_argument("--chunk-tokens", type=int, default=128)
+    b.add_argument("--max-candidates", type=int, default=128)
+    b.add_argument("--chunk-tokens", type=int, default=256)
+    b.add_argument("--repeats", type=int, default=3, help="runs of each method per window (median)")
     b.add_argument("--json", dest="json_path", metavar="FILE")
     _add_common(b)
 
@@ -321,8 +325,8 @@ def run(argv: list[str] | None = None) -> int:
                         args.dtype, json_path=args.json_path, progress=progress, command=command)
     if args.command == "bench" and args.bench == "analyze":
         return bench_analyze(args.model, args.data, args.context, args.positions, args.positions_per_window, args.k,
-                             args.top_p, args.max_candidates, args.chunk_tokens, args.dtype, args.device, args.seed,
-                             json_path=args.json_path, progress=progress, command=command)
+                             args.top_p, args.max_candidates, args.chunk_tokens, args.repeats, args.dtype,
+                             args.device, args.seed, json_path=args.json_path, progress=progress, command=command)
     if args.command == "bench" and args.bench == "train-memory":
         from mtp.bench import bench_train_memory, format_bench_train_memory
 
