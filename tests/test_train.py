@@ -165,3 +165,16 @@ def test_bench_train_memory_runs_both_orders(tiny_folder, tmp_path, capsys):
     r = json.loads(js.read_text())
     assert r["efficient"]["peak_bytes"] >= 0 and r["naive"]["median_step_seconds"] > 0
     assert "memory ratio" in capsys.readouterr().out
+
+
+def test_bf16_backbone_trains_float32_heads(tiny_folder, corpus_file, tmp_path):
+    """Heads on a bf16 backbone keep float32 master weights (bf16 weights would drop small updates) and
+    reload onto a bf16 backbone for inference."""
+    train(config(tiny_folder, corpus_file, tmp_path / "run", dtype="bfloat16", max_steps=4, lr=1e-4,
+                 autocast="on"), progress=False)
+    state = heads_state(tmp_path / "run" / "heads")
+    assert all(v.dtype == torch.float32 for v in state.values())
+    assert any(v.abs().max() > 0 for k, v in state.items() if k.endswith("weight"))  # zero init moved
+    model = MTPModel.from_pretrained(tmp_path / "run" / "heads", dtype="bfloat16")
+    logits = model(torch.tensor([[1, 2, 3, 4]]))
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()

@@ -64,20 +64,21 @@ def chunked_head_loss(to_logits: Callable[[torch.Tensor], torch.Tensor], hidden:
     """Mean cross-entropy of one head, with its backward, a sequence chunk at a time.
 
     hidden: (B, T, H) the head's output; to_logits: shared norm + unembedding, (B, c, H) -> (B, c, V).
-    With ``backward``, d(scale * loss)/d(hidden) is computed chunk by chunk into a detached copy, then
-    sent through ``hidden``'s graph in one call: at most one chunk's (B, c, V) logits exist at a time.
+    Only tokens with a target get logits (prompt tokens of distilled data and each head's last positions
+    cost nothing), ``chunk_tokens`` of them at a time. With ``backward``, d(scale * loss)/d(hidden) is
+    computed chunk by chunk into a detached copy, then sent through ``hidden``'s graph in one call: at most
+    one chunk's (c, V) logits exist at a time.
     Returns the detached mean loss (NaN-free: 0 when no target is valid).
     """
-    n_valid = max(1, int((targets != IGNORE).sum()))  # a Python int: scale / n_valid keeps full precision
+    valid = (targets != IGNORE).reshape(-1).nonzero().squeeze(1)  # only scored tokens get logits
+    n_valid = max(1, valid.numel())  # a Python int: scale / n_valid keeps full precision
     grad_needed = backward and torch.is_grad_enabled()
     leaf = hidden.detach().requires_grad_(grad_needed)
-    step = max(1, chunk_tokens // max(1, hidden.shape[0]))  # chunk_tokens counts B * c
+    flat, flat_targets = leaf.reshape(-1, leaf.shape[-1]), targets.reshape(-1)
     total = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
-    for a in range(0, hidden.shape[1], step):
-        sl = slice(a, a + step)
-        if not (targets[:, sl] != IGNORE).any():
-            continue
-        loss = cross_entropy_sum(to_logits(leaf[:, sl]), targets[:, sl])  # logits (B, c, V) freed after this
+    for a in range(0, valid.numel(), max(1, chunk_tokens)):
+        rows = valid[a:a + chunk_tokens]
+        loss = cross_entropy_sum(to_logits(flat[rows][None]), flat_targets[rows][None])  # (1, c, V) freed after
         if grad_needed:
             (loss * (scale / n_valid)).backward()
         total += loss.detach()

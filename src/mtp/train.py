@@ -274,7 +274,9 @@ def build_model(cfg: TrainConfig, device: str, command: str = ""):
                             mlp_layers=cfg.mlp_layers, init_from_last=cfg.init_from_last, dtype=cfg.dtype,
                             trained_backbone={"frozen": "none", "joint": "full", "lora": "lora"}[cfg.mode],
                             lora=lora, recipe={"command": command, **cfg.to_dict()})
-    return MTPModel(backbone, heads_cfg), tokenizer
+    low = backbone.get_output_embeddings().weight.dtype in (torch.bfloat16, torch.float16)
+    # trainable heads keep float32 master weights on a bf16 / fp16 backbone: bf16 weights lose updates below 2^-8
+    return MTPModel(backbone, heads_cfg, head_dtype=torch.float32 if low else None), tokenizer
 
 
 def train(cfg: TrainConfig, progress: bool = True, command: str = "") -> dict:

@@ -196,4 +196,12 @@ class TappedHead(nn.Module):
         else:
             w = torch.softmax(self.whs.float(), -1).to(states[0].dtype)  # (L+1,)
             h = sum(w[i] * s for i, s in enumerate(states))  # (B, T, H), no stacked copy
-        return self.body(h, position_ids, cache)
+        own = self.body_dtype
+        if own == h.dtype:
+            return self.body(h, position_ids, cache)
+        # full-precision heads on a low-precision backbone (training): cast in, and back for the unembedding
+        return self.body(h.to(own), position_ids, cache).to(h.dtype)
+
+    @property
+    def body_dtype(self) -> torch.dtype:
+        return next(self.body.parameters()).dtype

@@ -79,7 +79,10 @@ def _fingerprint_matches(a: dict, b: dict) -> bool:
 class MTPModel(nn.Module):
     """Backbone + heads. The backbone stays an ordinary transformers model (optionally peft-wrapped)."""
 
-    def __init__(self, backbone, config: HeadsConfig, base_fingerprint: dict | None = None):
+    def __init__(self, backbone, config: HeadsConfig, base_fingerprint: dict | None = None,
+                 head_dtype: torch.dtype | None = None):
+        """``head_dtype`` defaults to the backbone's; training passes float32 for a bf16 / fp16 backbone so the
+        optimizer updates full-precision head weights (the heads cast at their boundary)."""
         super().__init__()
         self.backbone, self.config = backbone, config
         # The base backbone the heads belong to (joint training changes the unembedding; the base stays).
@@ -88,7 +91,7 @@ class MTPModel(nn.Module):
         self.tap_kind, tap_layer = parse_tap(config.tap, n_layers)
         self.tapped = {"last": [n_layers], "layer": [tap_layer], "whs": list(range(n_layers + 1))}[self.tap_kind]
         head_cls = HEAD_KINDS[config.kind]
-        dtype = backbone.get_output_embeddings().weight.dtype
+        dtype = head_dtype or backbone.get_output_embeddings().weight.dtype
         whs = n_layers + 1 if self.tap_kind == "whs" else None
         self.heads = nn.ModuleList(
             TappedHead(head_cls(backbone, layers=config.mlp_layers, init_from_last=config.init_from_last), whs)
