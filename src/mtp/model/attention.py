@@ -50,10 +50,13 @@ def attention_masks(config, allowed: torch.Tensor, q_pos: torch.Tensor, k_pos: t
 
 
 def truncate_cache(cache, length: int) -> None:
-    """Drop cache entries beyond ``length`` (transformers >= 5: ``crop`` takes minus the count removed)."""
-    extra = cache.get_seq_length() - length
-    if extra > 0:
-        cache.crop(-extra)
+    """Drop entries beyond ``length`` in every layer of a DynamicCache (layers already shorter stay as they
+    are: a forward through the first layers only grows those)."""
+    for layer in cache.layers:
+        keys = getattr(layer, "keys", None)
+        if keys is not None and keys.dim() == 4 and keys.shape[-2] > length:
+            layer.keys = keys[..., :length, :]
+            layer.values = layer.values[..., :length, :]
 
 
 def select_cache(cache, index: torch.Tensor) -> None:

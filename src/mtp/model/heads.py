@@ -41,8 +41,9 @@ def register_head(name: str):
 class Head(nn.Module):
     kind = ""
 
-    def forward(self, h: torch.Tensor, position_ids: torch.Tensor, cache=None) -> torch.Tensor:
-        """(B, T, H) -> (B, T, H); ``cache``: the head's own KV cache (transformer heads, decoding)."""
+    def forward(self, h: torch.Tensor, position_ids: torch.Tensor, cache=None, attn=None) -> torch.Tensor:
+        """(B, T, H) -> (B, T, H); ``cache``: the head's own KV cache (transformer heads, decoding);
+        ``attn``: (allowed (B, T, past+T) bool, q_pos (B, T), k_pos (B, past+T)) for per-row masks."""
         raise NotImplementedError
 
 
@@ -56,7 +57,7 @@ class MLPHead(Head):
             nn.init.zeros_(block.weight)
             nn.init.zeros_(block.bias)
 
-    def forward(self, h, position_ids, cache=None):
+    def forward(self, h, position_ids, cache=None, attn=None):
         for block in self.blocks:
             h = h + nn.functional.silu(block(h))  # (B, T, H)
         return h
@@ -115,12 +116,15 @@ class TransformerHead(Head):
             return rotary(h, position_ids, self.layer_type)
         return rotary(h, position_ids)
 
-    def forward(self, h, position_ids, cache=None):
+    def forward(self, h, position_ids, cache=None, attn=None):
         past = cache.get_seq_length() if cache is not None else 0
         t = h.shape[1]
         mask = None
         window = getattr(self.config, "sliding_window", None)
-        if past or (self.layer_type == "sliding_attention" and window is not None and t > window):
+        if attn is not None:  # per-row masks from the decoding engine (holes, left padding)
+            allowed, q_pos, k_pos = attn
+            mask = layer_mask(self.config, self.layer_type, allowed, q_pos, k_pos, h.dtype)
+        elif past or (self.layer_type == "sliding_attention" and window is not None and t > window):
             # Explicit causal mask against the cache; otherwise the attention kernel's own causal path.
             q_pos = position_ids[0]
             k_pos = torch.cat([torch.arange(past, device=h.device), q_pos]) if past else q_pos
@@ -190,7 +194,7 @@ class TappedHead(nn.Module):
         self.body = body
         self.whs = nn.Parameter(whs_init(whs_states)) if whs_states else None
 
-    def forward(self, states: list[torch.Tensor], position_ids: torch.Tensor, cache=None) -> torch.Tensor:
+    def forward(self, states: list[torch.Tensor], position_ids: torch.Tensor, cache=None, attn=None) -> torch.Tensor:
         if self.whs is None:
             h = states[0]
         else:
@@ -198,9 +202,9 @@ class TappedHead(nn.Module):
             h = sum(w[i] * s for i, s in enumerate(states))  # (B, T, H), no stacked copy
         own = self.body_dtype
         if own == h.dtype:
-            return self.body(h, position_ids, cache)
+            return self.body(h, position_ids, cache, attn)
         # full-precision heads on a low-precision backbone (training): cast in, and back for the unembedding
-        return self.body(h.to(own), position_ids, cache).to(h.dtype)
+        return self.body(h.to(own), position_ids, cache, attn).to(h.dtype)
 
     @property
     def body_dtype(self) -> torch.dtype:

@@ -1,0 +1,168 @@
+"""Acceptance rules: which drafted nodes the backbone itself would have produced.
+
+Every rule sees the verify forward's logits at ``[root] + nodes`` (B, 1+N, V) and the draft, and returns
+per row the accepted path (query indices, root first) and the next root token.
+
+- ``greedy``: a node is right when it equals the backbone's argmax at its parent and its parent is right;
+  the deepest right node wins. Token for token what plain greedy decoding says.
+- ``sample``: recursive rejection sampling over the tree with deterministic drafts (SpecInfer, arXiv
+  2305.09781, with the draft distribution a point mass on each candidate; Leviathan et al. arXiv 2211.17192
+  and Chen et al. arXiv 2302.01318 for one chain). At the current node draw x from the backbone's processed
+  distribution p; if a child carries x, accept it and continue there, else x is the next root. Every
+  emitted token is distributed exactly as plain sampling from p would be: the output distribution is the
+  backbone's.
+- ``typical`` (Medusa, arXiv 2401.10774 §2.3.1): accept a node when p_parent(token) exceeds
+  min(epsilon, delta * exp(-H(p_parent))). Faster on creative sampling, but **lossy**: the output
+  distribution is no longer the backbone's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mtp.decode.tree import Draft
+from mtp.errors import UserError
+
+
+@dataclass
+class Sampling:
+    """Plain decoding's token choice: greedy at temperature 0, else temperature / top-k / top-p sampling."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise UserError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise UserError(f"top-k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"top-p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """(..., V) logits -> the distribution that sampling draws from (float32)."""
+        logits = logits.float() / self.temperature
+        if self.top_k and self.top_k < logits.shape[-1]:
+            kth = logits.topk(self.top_k, dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.top_p < 1:
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            cum = sorted_logits.softmax(-1).cumsum(-1)
+            drop = cum - sorted_logits.softmax(-1) >= self.top_p  # keep the smallest set reaching top_p
+            logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        return logits.softmax(-1)
+
+    def choose(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One token per row of (B, V) logits."""
+        if self.greedy:
+            return logits.argmax(-1)
+        return torch.multinomial(self.probs(logits), 1, generator=generator)[:, 0]
+
+
+@dataclass
+class Accepted:
+    """path: (B, D+1) query indices of the accepted nodes, root (0) first, padded with -1;
+    length: (B,) accepted nodes including the root; next_root: (B,) the token after the path."""
+
+    path: torch.Tensor
+    length: torch.Tensor
+    next_root: torch.Tensor
+
+
+def _path_to(draft: Draft, best: torch.Tensor, depth: torch.Tensor) -> Accepted:
+    """Query-index paths from the root to node ``best`` (query index, 0 = root) per row."""
+    b = best.shape[0]
+    dev = best.device
+    max_len = int(depth.max()) + 1 if depth.numel() else 1
+    path = torch.full((b, max_len), -1, dtype=torch.long, device=dev)
+    parents_q = torch.cat([torch.full((b, 1), -1, device=dev, dtype=torch.long), draft.parents + 1], 1)
+    depth_q = torch.cat([torch.zeros(b, 1, dtype=torch.long, device=dev), draft.depth()], 1) \
+        if draft.size else torch.zeros(b, 1, dtype=torch.long, device=dev)
+    length = depth_q.gather(1, best[:, None])[:, 0] + 1
+    node = best.clone()
+    rows = torch.arange(b, device=dev)
+    for _ in range(max_len):
+        live = node >= 0
+        d = depth_q[rows, node.clamp(min=0)]
+        path[rows[live], d[live]] = node[live]
+        node = torch.where(live, parents_q[rows, node.clamp(min=0)], node)
+    return Accepted(path, length, torch.zeros(b, dtype=torch.long, device=dev))
+
+
+def accept_greedy(logits: torch.Tensor, draft: Draft) -> Accepted:
+    """The deepest node whose every ancestor (and itself) equals the backbone's argmax at its parent."""
+    target = logits.argmax(-1)  # (B, 1+N)
+    b, n = draft.tokens.shape
+    dev = logits.device
+    right = torch.zeros(b, n + 1, dtype=torch.bool, device=dev)
+    right[:, 0] = True
+    for i in range(n):
+        p = draft.parents[:, i] + 1
+        rows = torch.arange(b, device=dev)
+        right[:, i + 1] = draft.valid[:, i] & right[rows, p] & (draft.tokens[:, i] == target[rows, p])
+    depth_q = torch.cat([torch.zeros(b, 1, dtype=torch.long, device=dev), draft.depth()], 1) if n else \
+        torch.zeros(b, 1, dtype=torch.long, device=dev)
+    score = torch.where(right, depth_q, -1)
+    best = score.argmax(1)  # first of the deepest: the higher-ranked branch on ties
+    acc = _path_to(draft, best, depth_q[:, 1:])
+    acc.next_root = target.gather(1, best[:, None])[:, 0]
+    return acc
+
+
+def accept_sample(logits: torch.Tensor, draft: Draft, sampling: Sampling,
+                  generator: torch.Generator | None = None) -> Accepted:
+    """Recursive rejection sampling with deterministic drafts: the output distribution is the backbone's."""
+    b, n = draft.tokens.shape
+    dev = logits.device
+    probs = sampling.probs(logits)  # (B, 1+N, V)
+    parents_q = draft.parents + 1
+    rows = torch.arange(b, device=dev)
+    cur = torch.zeros(b, dtype=torch.long, device=dev)
+    live = torch.ones(b, dtype=torch.bool, device=dev)
+    next_root = torch.zeros(b, dtype=torch.long, device=dev)
+    max_depth = int(draft.depth().max()) if n else 0
+    for _ in range(max_depth + 1):
+        x = torch.multinomial(probs[rows, cur], 1, generator=generator)[:, 0]
+        child = (parents_q == cur[:, None]) & draft.valid & (draft.tokens == x[:, None])  # (B, N)
+        has = child.any(1) & live
+        next_root = torch.where(live & ~has, x, next_root)
+        live = has
+        cur = torch.where(has, child.int().argmax(1) + 1, cur)
+        if not live.any():
+            break
+    acc = _path_to(draft, cur, draft.depth() if n else draft.parents)
+    acc.next_root = next_root
+    return acc
+
+
+def accept_typical(logits: torch.Tensor, draft: Draft, sampling: Sampling, epsilon: float = 0.09,
+                   delta: float | None = None, generator: torch.Generator | None = None) -> Accepted:
+    """Medusa's typical acceptance (lossy): p_parent(token) > min(epsilon, delta * exp(-entropy))."""
+    delta = epsilon ** 0.5 if delta is None else delta
+    b, n = draft.tokens.shape
+    dev = logits.device
+    temp = sampling.temperature or 1.0
+    probs = (logits.float() / temp).softmax(-1)  # (B, 1+N, V)
+    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)  # (B, 1+N)
+    threshold = torch.minimum(torch.full_like(entropy, epsilon), delta * torch.exp(-entropy))
+    right = torch.zeros(b, n + 1, dtype=torch.bool, device=dev)
+    right[:, 0] = True
+    rows = torch.arange(b, device=dev)
+    for i in range(n):
+        p = draft.parents[:, i] + 1
+        tok_p = probs[rows, p, draft.tokens[:, i]]
+        right[:, i + 1] = draft.valid[:, i] & right[rows, p] & (tok_p > threshold[rows, p])
+    depth_q = torch.cat([torch.zeros(b, 1, dtype=torch.long, device=dev), draft.depth()], 1) if n else \
+        torch.zeros(b, 1, dtype=torch.long, device=dev)
+    best = torch.where(right, depth_q, -1).argmax(1)
+    acc = _path_to(draft, best, depth_q[:, 1:])
+    last = logits[rows, best]
+    acc.next_root = sampling.choose(last, generator)
+    return acc

@@ -1,0 +1,320 @@
+"""The self-speculative decoding loop: prefill, then propose -> verify -> accept -> commit.
+
+- propose: a :class:`~mtp.decode.proposers.Proposer` drafts a tree below the step's root (the token that
+  is already certain);
+- verify: one backbone forward over ``[root] + nodes`` against the KV cache, with a tree attention mask
+  and position ids ``pos(root) + depth`` (:mod:`mtp.model.attention`);
+- accept: the longest path the backbone itself would have produced (:mod:`mtp.decode.accept`), plus the
+  token after it, which becomes the next root;
+- commit: the accepted nodes' cache entries are moved into place and the rest dropped; the heads read the
+  hidden state of the last accepted node (transformer heads first append every accepted position to their
+  own KV cache, which shares the backbone cache's slot layout).
+
+Rows of a batch accept different numbers of tokens: each row owns its cache slots, and slots that a row
+does not use (left padding, a shorter accepted path than another row's) are holes that its attention
+mask hides, so every row computes exactly what it would compute alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from mtp.decode.accept import Sampling, accept_greedy, accept_sample, accept_typical
+from mtp.decode.proposers import PlainProposer, Proposer
+from mtp.decode.tree import Draft
+from mtp.errors import UserError
+from mtp.model.attention import attention_masks, truncate_cache
+from mtp.model.heads import capture_hidden
+
+
+@dataclass
+class RowResult:
+    tokens: list[int] = field(default_factory=list)
+    finish: str = "length"  # length | eos | stop
+    steps: int = 0  # backbone forwards for this row, the prefill included
+    accepted: list[int] = field(default_factory=list)  # tokens emitted per verify step
+
+    @property
+    def tau(self) -> float:
+        """Tokens per backbone forward (plain decoding: 1)."""
+        return len(self.tokens) / max(1, self.steps)
+
+
+@dataclass
+class GenerateOutput:
+    rows: list[RowResult]
+    seconds: float
+    forwards: int
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(len(r.tokens) for r in self.rows)
+
+
+class Decoder:
+    """Decoding with a backbone, optional MTP heads, a proposer and an acceptance rule.
+
+    ``acceptance``: ``exact`` (greedy at temperature 0, else speculative sampling; lossless) or
+    ``typical`` (Medusa's, lossy).
+    """
+
+    def __init__(self, backbone, tokenizer, heads=None, proposer: Proposer | None = None,
+                 sampling: Sampling | None = None, acceptance: str = "exact", seed: int = 0,
+                 typical_epsilon: float = 0.09):
+        self.backbone, self.tokenizer, self.heads = backbone, tokenizer, heads
+        self.proposer = proposer or PlainProposer()
+        self.sampling = sampling or Sampling()
+        if acceptance not in ("exact", "typical"):
+            raise UserError(f"unknown acceptance {acceptance!r}: use exact or typical")
+        if self.proposer.needs_heads and heads is None:
+            raise UserError(f"method {self.proposer.name!r} drafts with MTP heads: pass --heads DIR or default")
+        self.acceptance, self.seed, self.typical_epsilon = acceptance, seed, typical_epsilon
+        self.device = backbone.device
+        self.generator = torch.Generator(device=self.device)
+        self.n_layers = backbone.config.num_hidden_layers
+        self.max_context = getattr(backbone.config, "max_position_embeddings", None)
+        self.transformer_heads = heads is not None and heads.config.kind == "transformer"
+
+    # ------------------------------------------------------------------ forward pieces
+
+    def _forward(self, ids, q_pos, allowed_new, logits_to_keep=0):
+        """Backbone forward of (B, Q) new tokens against the cache; appends their slots. Returns logits and,
+        with heads, the tapped states of the new tokens."""
+        b, q = ids.shape
+        allowed = torch.cat([self.slot_valid[:, None, :].expand(b, q, -1), allowed_new], -1)
+        k_pos = torch.cat([self.slot_pos, q_pos], 1)
+        mask = attention_masks(self.backbone.config, allowed, q_pos, k_pos, self._mask_dtype)
+        ctx = capture_hidden(self.backbone, self.heads.tapped) if self.heads is not None else \
+            contextlib.nullcontext({})
+        with ctx as store:
+            out = self.backbone(input_ids=ids, position_ids=q_pos, attention_mask=mask, past_key_values=self.cache,
+                                use_cache=True, logits_to_keep=logits_to_keep)
+        states = [store[i] for i in self.heads.tapped] if self.heads is not None else None
+        self.forwards += 1
+        return out.logits, states
+
+    def _append_slots(self, valid, pos):
+        self.slot_valid = torch.cat([self.slot_valid, valid], 1)
+        self.slot_pos = torch.cat([self.slot_pos, pos], 1)
+
+    def _heads_step(self, states, keep_idx, keep_valid, q_pos):
+        """Heads on the committed new positions (B, m): head_logits (B, n_heads, V) at the last one."""
+        b, m = keep_idx.shape
+        sel = [s.gather(1, keep_idx[..., None].expand(-1, -1, s.shape[-1])) for s in states]  # (B, m, H)
+        pos = q_pos.gather(1, keep_idx)
+        last = (keep_valid.long().cumsum(1) * keep_valid).argmax(1)  # index of the last valid kept slot
+        rows = torch.arange(b, device=self.device)
+        outs = []
+        for k, head in enumerate(self.heads.heads):
+            if self.transformer_heads:
+                cache = self.head_caches[k]
+                s_prev = self.head_valid.shape[1]
+                allowed_new = torch.ones(m, m, dtype=torch.bool, device=self.device).tril()[None] & \
+                    keep_valid[:, None, :]
+                allowed_new |= torch.eye(m, dtype=torch.bool, device=self.device)[None]
+                allowed = torch.cat([self.head_valid[:, None, :].expand(b, m, s_prev), allowed_new], -1)
+                k_pos = torch.cat([self.head_pos, pos], 1)
+                h = head(sel, pos, cache, attn=(allowed, pos, k_pos))
+            else:
+                h = head([s[rows, last][:, None] for s in sel], pos[rows, last][:, None])
+                outs.append(h[:, 0])
+                continue
+            outs.append(h[rows, last])
+        if self.transformer_heads:
+            self.head_valid = torch.cat([self.head_valid, keep_valid], 1)
+            self.head_pos = torch.cat([self.head_pos, pos], 1)
+        hidden = torch.stack(outs, 1)  # (B, n_heads, H)
+        self.head_logits = self.heads.logits(hidden)
+
+    # ------------------------------------------------------------------ state for proposers
+
+    @property
+    def batch(self) -> int:
+        return len(self.prompts)
+
+    def sequences(self) -> list[list[int]]:
+        """Each row's tokens so far, prompt + emitted (the root last)."""
+        return [p + r.tokens for p, r in zip(self.prompts, self.results)]
+
+    def shallow_chain(self, layers: int, length: int) -> torch.Tensor:
+        """Greedy chain of ``length`` tokens after the root from the first ``layers`` layers; the cache is
+        restored afterwards (only those layers' entries grew)."""
+        decoder = self.backbone.get_decoder()
+        full_layers, n = decoder.layers, self.backbone.config.num_hidden_layers
+        s = self.slot_valid.shape[1]
+        valid, pos = self.slot_valid, self.slot_pos
+        tok, p = self.root, self.next_pos
+        out = []
+        types = getattr(self.backbone.config, "layer_types", None)
+        decoder.layers = nn.ModuleList(list(full_layers)[:layers])
+        self.backbone.config.num_hidden_layers = layers
+        if types:
+            self.backbone.config.layer_types = types[:layers]
+        heads, self.heads = self.heads, None
+        try:
+            for i in range(length):
+                eye = torch.ones(self.batch, 1, 1, dtype=torch.bool, device=self.device)
+                logits, _ = self._forward(tok[:, None], p[:, None], eye)
+                self._append_slots(torch.ones(self.batch, 1, dtype=torch.bool, device=self.device), p[:, None])
+                tok = logits[:, -1].argmax(-1)
+                out.append(tok)
+                p = p + 1
+        finally:
+            decoder.layers = full_layers
+            self.backbone.config.num_hidden_layers = n
+            if types:
+                self.backbone.config.layer_types = types
+            self.heads = heads
+            truncate_cache(self.cache, s)
+            self.slot_valid, self.slot_pos = valid, pos
+        return torch.stack(out, 1)
+
+    # ------------------------------------------------------------------ the loop
+
+    def _accept(self, logits, draft: Draft):
+        if self.acceptance == "typical":
+            return accept_typical(logits, draft, self.sampling, self.typical_epsilon, generator=self.generator)
+        if self.sampling.greedy:
+            return accept_greedy(logits, draft)
+        return accept_sample(logits, draft, self.sampling, self.generator)
+
+    def _emit(self, row: int, tokens: list[int]) -> list[int]:
+        """Append tokens to a row until a stop condition; returns what was appended."""
+        res = self.results[row]
+        added = []
+        for t in tokens:
+            res.tokens.append(t)
+            added.append(t)
+            if t in self.eos:
+                res.finish = "eos"
+                break
+            if len(res.tokens) >= self.max_new_tokens:
+                res.finish = "length"
+                break
+            if self.stop_strings and self._hits_stop(res.tokens):
+                res.finish = "stop"
+                break
+        if res.finish in ("eos", "stop") or len(res.tokens) >= self.max_new_tokens:
+            self.done[row] = True
+        return added
+
+    def _hits_stop(self, tokens: list[int]) -> bool:
+        tail = self.tokenizer.decode(tokens[-self._stop_window:], skip_special_tokens=False)
+        return any(s in tail for s in self.stop_strings)
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int = 128, eos_token_ids=None,
+                 stop_strings=(), callback: Callable[[int, list[int]], None] | None = None) -> GenerateOutput:
+        """Decode a batch of token-id prompts. ``callback(row, new_tokens)`` streams each step's tokens."""
+        if max_new_tokens < 1:
+            raise UserError(f"max new tokens must be >= 1, got {max_new_tokens}")
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise UserError("empty prompt: give at least one token of text")
+        longest = max(len(p) for p in prompts)
+        if self.max_context and longest + max_new_tokens > self.max_context:
+            raise UserError(f"prompt of {longest} tokens + {max_new_tokens} new tokens is longer than the model's "
+                            f"context ({self.max_context} tokens)")
+        from transformers import DynamicCache
+
+        start = time.perf_counter()
+        self.generator.manual_seed(self.seed)
+        dev, b = self.device, len(prompts)
+        self.prompts = [list(p) for p in prompts]
+        self.results = [RowResult() for _ in prompts]
+        self.done = [False] * b
+        self.max_new_tokens = max_new_tokens
+        eos = eos_token_ids if eos_token_ids is not None else self.tokenizer.eos_token_id
+        self.eos = set([eos] if isinstance(eos, int) else (eos or []))
+        self.stop_strings = [s for s in stop_strings if s]
+        self._stop_window = max((len(s) for s in self.stop_strings), default=0) + 8
+        self._mask_dtype = self.backbone.dtype
+        self.forwards = 0
+        self.cache = DynamicCache()  # full layers: sliding windows come from our masks
+        self.slot_valid = torch.zeros(b, 0, dtype=torch.bool, device=dev)
+        self.slot_pos = torch.zeros(b, 0, dtype=torch.long, device=dev)
+
+        # prefill, left-padded
+        ids = torch.zeros(b, longest, dtype=torch.long, device=dev)
+        valid = torch.zeros(b, longest, dtype=torch.bool, device=dev)
+        for i, p in enumerate(prompts):
+            ids[i, longest - len(p):] = torch.tensor(p, device=dev)
+            valid[i, longest - len(p):] = True
+        pos = (valid.long().cumsum(1) - 1).clamp(min=0)
+        causal = torch.ones(longest, longest, dtype=torch.bool, device=dev).tril()
+        allowed = (causal[None] & valid[:, None, :]) | torch.eye(longest, dtype=torch.bool, device=dev)[None]
+        logits, states = self._forward(ids, pos, allowed, logits_to_keep=1)
+        self._append_slots(valid, pos)
+        self.next_pos = pos[:, -1] + 1
+        self.root = self.sampling.choose(logits[:, -1], self.generator)
+        if self.heads is not None:
+            if self.transformer_heads:
+                self.head_caches = [DynamicCache() for _ in self.heads.heads]
+                self.head_valid = torch.zeros(b, 0, dtype=torch.bool, device=dev)
+                self.head_pos = torch.zeros(b, 0, dtype=torch.long, device=dev)
+                idx = torch.arange(longest, device=dev).expand(b, -1)
+                self._heads_step(states, idx, valid, pos)
+            else:
+                last = torch.full((b, 1), longest - 1, dtype=torch.long, device=dev)
+                self._heads_step(states, last, torch.ones(b, 1, dtype=torch.bool, device=dev), pos)
+        for i in range(b):
+            self.results[i].steps = 1
+            added = self._emit(i, [int(self.root[i])])
+            if callback:
+                callback(i, added)
+
+        while not all(self.done):
+            draft = self.proposer.propose(self)
+            n = draft.size
+            q_tokens = torch.cat([self.root[:, None], draft.tokens], 1)  # (B, 1+N)
+            depth = torch.cat([torch.zeros(b, 1, dtype=torch.long, device=dev), draft.depth()], 1) if n else \
+                torch.zeros(b, 1, dtype=torch.long, device=dev)
+            q_pos = self.next_pos[:, None] + depth
+            allowed_new = draft.ancestor_mask()
+            if n:  # padding nodes see only themselves
+                node_valid = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=dev), draft.valid], 1)
+                allowed_new &= node_valid[:, :, None] & node_valid[:, None, :]
+                allowed_new |= torch.eye(n + 1, dtype=torch.bool, device=dev)[None]
+            s = self.slot_valid.shape[1]
+            logits, states = self._forward(q_tokens, q_pos, allowed_new)
+            acc = self._accept(logits, draft)
+
+            # commit: move each row's accepted slots to s .. s+m-1, drop the rest
+            m = int(acc.length.max())
+            keep_idx = acc.path[:, :m]
+            keep_valid = keep_idx >= 0
+            done_now = torch.tensor(self.done, device=dev)
+            keep_valid &= ~done_now[:, None]
+            keep_idx = keep_idx.clamp(min=0)
+            for layer in self.cache.layers:
+                for name in ("keys", "values"):
+                    t = getattr(layer, name)
+                    tail = t[:, :, s:]
+                    moved = tail.gather(2, keep_idx[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]))
+                    t[:, :, s:s + m] = moved
+                    setattr(layer, name, t[:, :, : s + m])
+            self._append_slots(keep_valid, q_pos.gather(1, keep_idx))
+            self.next_pos = self.next_pos + torch.where(done_now, 0, acc.length)
+            if self.heads is not None:
+                self._heads_step(states, keep_idx, keep_valid, q_pos)
+            path_tokens = q_tokens.gather(1, keep_idx)
+            for i in range(b):
+                if self.done[i]:
+                    continue
+                length = int(acc.length[i])
+                new = path_tokens[i, 1:length].tolist() + [int(acc.next_root[i])]
+                res = self.results[i]
+                res.steps += 1
+                added = self._emit(i, new)
+                res.accepted.append(len(added))
+                if callback:
+                    callback(i, added)
+            self.root = acc.next_root
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return GenerateOutput(self.results, time.perf_counter() - start, self.forwards)

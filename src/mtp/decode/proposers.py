@@ -1,0 +1,149 @@
+"""Proposers: where a step's draft comes from. One interface, as transformers' candidate generators.
+
+``propose(state)`` returns a :class:`~mtp.decode.tree.Draft` below the step's root. Head proposers read
+``state.head_logits`` (B, n_heads, V): the heads' predictions at the last committed position, where head
+d predicts the token d places after the root. Training-free proposers need no heads:
+
+- ``blockwise``: one chain of every head's top-1 token (Stern et al. 2018; Gloeckle et al. §3.2);
+- ``tree``: a static tree of head ranks (Medusa), compiled once (:mod:`mtp.decode.tree`);
+- ``dynamic``: per row and step, the ``nodes`` paths with the largest product of head probabilities
+  (EAGLE-2's confidence-ranked tree, arXiv 2406.16858, with the heads as the draft model);
+- ``lookup``: prompt lookup decoding, the continuation of the latest earlier occurrence of the context's
+  last n-gram (Saxena 2023; transformers' ``PromptLookupCandidateGenerator``);
+- ``early-exit``: the first L layers of the backbone read through its own final norm and unembedding
+  (the logit lens of Mehra et al. Fig. 2), drafting a chain autoregressively against the shared cache.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+import torch
+
+from mtp.decode.tree import CompiledTree, Draft, chain_tree
+from mtp.errors import UserError
+
+
+class Proposer:
+    needs_heads = False
+    name = ""
+
+    def propose(self, state) -> Draft:
+        raise NotImplementedError
+
+
+class PlainProposer(Proposer):
+    """No draft: every step is one ordinary decoding step (our own plain loop)."""
+
+    name = "plain"
+
+    def propose(self, state) -> Draft:
+        return Draft.empty(state.batch, state.device)
+
+
+class TreeProposer(Proposer):
+    """A static tree filled from each row's top tokens per head; ``blockwise`` is the one-path tree."""
+
+    needs_heads = True
+
+    def __init__(self, tree: CompiledTree, name: str = "tree"):
+        self.tree, self.name = tree, name
+
+    def propose(self, state) -> Draft:
+        head_logits = state.head_logits[:, : self.tree.max_depth]
+        if head_logits.shape[1] < self.tree.max_depth:
+            raise UserError(f"the tree is {self.tree.max_depth} deep but the heads predict only "
+                            f"{head_logits.shape[1]} tokens ahead")
+        top = head_logits.topk(self.tree.max_rank, dim=-1).indices  # (B, D, R)
+        return self.tree.draft(top)
+
+
+def blockwise(depth: int) -> TreeProposer:
+    return TreeProposer(chain_tree(depth), "blockwise")
+
+
+class DynamicTreeProposer(Proposer):
+    """Best-first tree per row: a node's score is the product of its path's head probabilities."""
+
+    needs_heads = True
+    name = "dynamic"
+
+    def __init__(self, nodes: int, top_k: int = 8, depth: int | None = None):
+        if nodes < 1 or top_k < 1:
+            raise UserError("a dynamic tree needs at least one node and top-k >= 1")
+        self.nodes, self.top_k, self.depth = nodes, top_k, depth
+
+    def propose(self, state) -> Draft:
+        logp = state.head_logits.float().log_softmax(-1)
+        if self.depth:
+            logp = logp[:, : self.depth]
+        vals, toks = logp.topk(self.top_k, dim=-1)  # (B, D, k)
+        vals, toks = vals.cpu().tolist(), toks.cpu().tolist()
+        b, n = len(vals), self.nodes
+        tokens = torch.zeros(b, n, dtype=torch.long)
+        parents = torch.full((b, n), -1, dtype=torch.long)
+        valid = torch.zeros(b, n, dtype=torch.bool)
+        for row in range(b):
+            v, t = vals[row], toks[row]
+            heap = [(-v[0][r], r, -1, 0) for r in range(len(v[0]))]  # (-score, rank, parent node, depth index)
+            heapq.heapify(heap)
+            count = 0
+            while heap and count < n:
+                neg, r, parent, d = heapq.heappop(heap)
+                tokens[row, count], parents[row, count], valid[row, count] = t[d][r], parent, True
+                if d + 1 < len(v):
+                    for r2 in range(len(v[d + 1])):
+                        heapq.heappush(heap, (neg - v[d + 1][r2], r2, count, d + 1))
+                count += 1
+        dev = state.device
+        return Draft(tokens.to(dev), parents.to(dev), valid.to(dev))
+
+
+class LookupProposer(Proposer):
+    """Prompt lookup: match the last n-gram (n = max_ngram .. 1) earlier in the row's tokens, copy what followed."""
+
+    name = "lookup"
+
+    def __init__(self, draft_len: int = 8, max_ngram: int = 3):
+        if draft_len < 1 or max_ngram < 1:
+            raise UserError("lookup needs a draft length and an n-gram size >= 1")
+        self.draft_len, self.max_ngram = draft_len, max_ngram
+
+    def _continuation(self, seq: list[int]) -> list[int]:
+        for n in range(min(self.max_ngram, len(seq) - 1), 0, -1):
+            tail = seq[-n:]
+            for start in range(len(seq) - n - 1, -1, -1):  # latest earlier occurrence first
+                if seq[start:start + n] == tail:
+                    return seq[start + n: start + n + self.draft_len]
+        return []
+
+    def propose(self, state) -> Draft:
+        conts = [self._continuation(seq) for seq in state.sequences()]
+        width = max((len(c) for c in conts), default=0)
+        if width == 0:
+            return Draft.empty(state.batch, state.device)
+        tokens = torch.zeros(state.batch, width, dtype=torch.long)
+        valid = torch.zeros(state.batch, width, dtype=torch.bool)
+        for i, c in enumerate(conts):
+            tokens[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+            valid[i, : len(c)] = True
+        return Draft.chain(tokens.to(state.device), valid.to(state.device))
+
+
+class EarlyExitProposer(Proposer):
+    """Draft a chain with the backbone's first ``layers`` layers (logit lens), sharing the committed cache."""
+
+    name = "early-exit"
+
+    def __init__(self, layers: int, draft_len: int = 3):
+        if layers < 1 or draft_len < 1:
+            raise UserError("early exit needs at least one layer and a draft length >= 1")
+        self.layers, self.draft_len = layers, draft_len
+
+    def propose(self, state) -> Draft:
+        n_layers = state.backbone.config.num_hidden_layers
+        if self.layers >= n_layers:
+            raise UserError(f"early exit at layer {self.layers} of a {n_layers}-layer model drafts nothing: "
+                            f"use fewer layers")
+        tokens = state.shallow_chain(self.layers, self.draft_len)
+        return Draft.chain(tokens)

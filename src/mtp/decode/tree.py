@@ -1,0 +1,170 @@
+"""Draft trees: the candidate tokens of one decoding step and how they hang together.
+
+A draft is a forest below the *root*, the one token of the step that is already certain (the backbone's
+own choice at the last committed position). Every node has a parent: -1 for the root, else an earlier
+node, so nodes are in topological order. The verify forward feeds ``[root] + nodes`` and each query sees
+the committed cache, its ancestors and itself (tree attention, Medusa arXiv 2401.10774 §2.1.2).
+
+A static tree is a list of paths of ranks, Medusa's notation: ``(0, 1)`` is the node that takes the top-1
+token of head 1 and, below it, the second-best token of head 2. ``compile_tree`` checks a spec (no gaps,
+no duplicates) and turns it into the buffers a step needs; it is plain tensor code, testable without a
+model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mtp.errors import UserError
+
+
+@dataclass
+class Draft:
+    """Per-row candidate nodes below the root: tokens, parents (-1 = root), valid (padding is False).
+
+    All (B, N). ``depth`` of a node is its distance from the root (children of the root have depth 1).
+    """
+
+    tokens: torch.Tensor
+    parents: torch.Tensor
+    valid: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return self.tokens.shape[1]
+
+    def depth(self) -> torch.Tensor:
+        """(B, N) depth of each node (1 for children of the root)."""
+        depth = torch.zeros_like(self.parents)
+        for i in range(self.size):  # parents come first: one pass
+            p = self.parents[:, i]
+            depth[:, i] = torch.where(p < 0, 1, depth.gather(1, p.clamp(min=0)[:, None])[:, 0] + 1)
+        return depth
+
+    def ancestor_mask(self) -> torch.Tensor:
+        """(B, 1+N, 1+N) bool: query i may see key j iff j is the root, i itself or an ancestor of i."""
+        b, n = self.tokens.shape
+        allowed = torch.zeros(b, n + 1, n + 1, dtype=torch.bool, device=self.tokens.device)
+        allowed[:, :, 0] = True
+        allowed[:, 0, 0] = True
+        for i in range(n):
+            p = self.parents[:, i] + 1  # index in [root] + nodes
+            row = allowed[torch.arange(b), p].clone()  # the parent's ancestors
+            row[:, i + 1] = True
+            allowed[:, i + 1] = row
+        return allowed
+
+    @staticmethod
+    def empty(batch: int, device) -> "Draft":
+        z = torch.zeros(batch, 0, dtype=torch.long, device=device)
+        return Draft(z, z.clone(), z.bool())
+
+    @staticmethod
+    def chain(tokens: torch.Tensor, valid: torch.Tensor | None = None) -> "Draft":
+        """A single path per row: node i's parent is node i - 1."""
+        b, n = tokens.shape
+        parents = (torch.arange(n, device=tokens.device) - 1).expand(b, n).clone()
+        if valid is None:
+            valid = torch.ones_like(tokens, dtype=torch.bool)
+        else:  # a chain stops at its first invalid node
+            valid = valid.long().cumprod(1).bool()
+        return Draft(tokens, parents, valid)
+
+
+@dataclass(frozen=True)
+class CompiledTree:
+    """A static tree's buffers: per node its parent (-1 = root), depth (= the head it reads) and rank."""
+
+    paths: tuple[tuple[int, ...], ...]
+    parents: torch.Tensor  # (N,)
+    depth: torch.Tensor  # (N,) 1-based: node at depth d takes a token of head d
+    rank: torch.Tensor  # (N,) which of head d's top tokens
+    max_rank: int
+    max_depth: int
+
+    @property
+    def size(self) -> int:
+        return len(self.paths)
+
+    def draft(self, head_top: torch.Tensor) -> Draft:
+        """Fill the tree from each row's top tokens per head: head_top (B, D, R) -> Draft (B, N)."""
+        b = head_top.shape[0]
+        d = self.depth.to(head_top.device) - 1
+        r = self.rank.to(head_top.device)
+        tokens = head_top[:, d, r]  # (B, N)
+        parents = self.parents.to(head_top.device).expand(b, -1).clone()
+        return Draft(tokens, parents, torch.ones_like(tokens, dtype=torch.bool))
+
+
+def parse_tree(spec: str | list) -> list[tuple[int, ...]]:
+    """A tree spec from the command line or a file: JSON-like ``[[0], [0, 0], [1]]`` or a list already."""
+    import json
+
+    if isinstance(spec, str):
+        try:
+            spec = json.loads(spec)
+        except json.JSONDecodeError as e:
+            raise UserError(f"tree spec is not a JSON list of paths ({e.msg}), e.g. [[0], [0, 0], [1]]") from None
+    if not isinstance(spec, list) or not all(isinstance(p, (list, tuple)) for p in spec):
+        raise UserError("tree spec must be a list of paths, each a list of ranks, e.g. [[0], [0, 0], [1]]")
+    return [tuple(p) for p in spec]
+
+
+def compile_tree(paths, max_depth: int | None = None) -> CompiledTree:
+    """Check a list of paths (no gaps, no duplicates, non-negative integer ranks) and compile it.
+
+    Nodes are ordered by depth, then lexicographically, so parents always precede their children.
+    """
+    paths = parse_tree(paths) if not isinstance(paths, (list, tuple)) or isinstance(paths, str) else \
+        [tuple(p) for p in paths]
+    if not paths:
+        raise UserError("tree spec has no paths")
+    for p in paths:
+        if not p or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in p):
+            raise UserError(f"tree path {list(p)} must be a non-empty list of non-negative integer ranks")
+    seen = set()
+    for p in paths:
+        if p in seen:
+            raise UserError(f"tree spec lists the path {list(p)} twice")
+        seen.add(p)
+    for p in paths:
+        if len(p) > 1 and p[:-1] not in seen:
+            raise UserError(f"tree spec has a gap: path {list(p)} is there but its parent {list(p[:-1])} is not")
+    depth = max(len(p) for p in paths)
+    if max_depth is not None and depth > max_depth:
+        raise UserError(f"tree spec is {depth} deep but there are only {max_depth} heads")
+    order = sorted(paths, key=lambda p: (len(p), p))
+    index = {p: i for i, p in enumerate(order)}
+    parents = torch.tensor([index[p[:-1]] if len(p) > 1 else -1 for p in order])
+    return CompiledTree(tuple(order), parents, torch.tensor([len(p) for p in order]),
+                        torch.tensor([p[-1] for p in order]), max(p[-1] for p in order) + 1, depth)
+
+
+def chain_tree(depth: int) -> CompiledTree:
+    """Blockwise parallel decoding (Stern et al. 2018): one path of every head's top-1 token."""
+    return compile_tree([(0,) * d for d in range(1, depth + 1)])
+
+
+def tree_from_accuracy(acc: list[list[float]], nodes: int) -> CompiledTree:
+    """The ``nodes`` paths with the highest expected acceptance, from per-head rank accuracies.
+
+    acc[d][r]: how often rank r of head d+1 is the right token (measured on held-out text, e.g. by
+    ``mtp eval``). A path's expected acceptance is the product along it (Medusa §2.1.2, "optimized tree");
+    products shrink along a path, so the best set is closed under prefixes (ties broken towards shallow).
+    """
+    import heapq
+
+    if nodes < 1:
+        raise UserError("a tree needs at least one node")
+    heap = [(-acc[0][r], (r,)) for r in range(len(acc[0]))]
+    heapq.heapify(heap)
+    chosen: list[tuple[int, ...]] = []
+    while heap and len(chosen) < nodes:
+        score, path = heapq.heappop(heap)
+        chosen.append(path)
+        if len(path) < len(acc):
+            for r in range(len(acc[len(path)])):
+                heapq.heappush(heap, (score * acc[len(path)][r], path + (r,)))
+    return compile_tree(chosen)

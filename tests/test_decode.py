@@ -1,0 +1,244 @@
+"""Self-speculative decoding on tiny random float64 models: every method says what plain greedy says."""
+
+import pytest
+import torch
+
+from mtp.decode.accept import Sampling, accept_greedy, accept_sample
+from mtp.decode.engine import Decoder
+from mtp.decode.proposers import (DynamicTreeProposer, EarlyExitProposer, LookupProposer, PlainProposer, Proposer,
+                                  TreeProposer, blockwise)
+from mtp.decode.tree import Draft, chain_tree, compile_tree, tree_from_accuracy
+from mtp.errors import UserError
+from mtp.model.mtp import HeadsConfig, MTPModel
+from tests.conftest import char_tokenizer, tiny_model
+
+PROMPTS = [[1, 5, 9, 13, 5, 9], [1, 7, 7, 7, 20, 21, 22, 7, 7, 7, 20], [1, 30]]
+
+
+class Tok:
+    """Just what the decoder asks of a tokenizer."""
+
+    eos_token_id = 2
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(chr(65 + i % 26) for i in ids)
+
+
+def reference_greedy(model, prompt, n, eos=None):
+    """Plain greedy with a full forward per token: obviously right."""
+    seq, out = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            t = int(model(torch.tensor([seq])).logits[0, -1].argmax())
+            out.append(t)
+            seq.append(t)
+            if eos is not None and t == eos:
+                break
+    return out
+
+
+def with_heads(model, kind="mlp", n=3, seed=1):
+    heads = MTPModel(model, HeadsConfig(backbone="tiny", n_heads=n, kind=kind))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in heads.heads.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.05)
+    return heads.eval()
+
+
+def methods(heads):
+    return {
+        "plain": PlainProposer(),
+        "blockwise": blockwise(3),
+        "tree": TreeProposer(compile_tree([(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)])),
+        "dynamic": DynamicTreeProposer(nodes=10, top_k=3),
+        "lookup": LookupProposer(draft_len=4),
+        "early-exit": EarlyExitProposer(layers=1, draft_len=2),
+    }
+
+
+@pytest.mark.parametrize("kind", ["mlp", "transformer"])
+def test_every_method_reproduces_plain_greedy_in_a_batch(arch, kind):
+    model = tiny_model(arch, vocab=64)
+    heads = with_heads(model, kind)
+    refs = [reference_greedy(model, p, 24) for p in PROMPTS]
+    for name, proposer in methods(heads).items():
+        dec = Decoder(model, Tok(), heads=heads, proposer=proposer)
+        out = dec.generate(PROMPTS, max_new_tokens=24, eos_token_ids=[])
+        for row, ref in zip(out.rows, refs):
+            assert row.tokens == ref, (arch, kind, name)
+        # one row alone gives the same as in the batch
+        alone = dec.generate(PROMPTS[1:2], max_new_tokens=24, eos_token_ids=[])
+        assert alone.rows[0].tokens == refs[1]
+
+
+def test_stops_at_eos_per_row():
+    model = tiny_model("llama", vocab=64)
+    heads = with_heads(model)
+    refs = [reference_greedy(model, p, 24) for p in PROMPTS]
+    eos = refs[0][5]  # a token the first row emits: it must stop there, the others when they emit it
+    for proposer in (PlainProposer(), blockwise(3), DynamicTreeProposer(nodes=8, top_k=3)):
+        out = Decoder(model, Tok(), heads=heads, proposer=proposer).generate(PROMPTS, 24, eos_token_ids=[eos])
+        for row, prompt in zip(out.rows, PROMPTS):
+            expect = reference_greedy(model, prompt, 24, eos=eos)
+            assert row.tokens == expect
+            assert row.finish == ("eos" if expect[-1] == eos else "length")
+
+
+def test_stop_strings_and_streaming():
+    model = tiny_model("llama", vocab=64)
+    ref = reference_greedy(model, PROMPTS[0], 20)
+    stop = Tok().decode(ref[6:8])
+    streamed = []
+    out = Decoder(model, Tok(), heads=with_heads(model), proposer=blockwise(3)).generate(
+        PROMPTS[:1], 20, eos_token_ids=[], stop_strings=[stop], callback=lambda row, toks: streamed.extend(toks))
+    row = out.rows[0]
+    assert row.finish == "stop" and stop in Tok().decode(row.tokens)
+    assert row.tokens == ref[: len(row.tokens)] and len(row.tokens) <= 8
+    assert streamed == row.tokens
+
+
+class Oracle(Proposer):
+    """Drafts the true continuation (always accepted), a wrong one (never) or a half-right one."""
+
+    def __init__(self, ref, mode, depth=4):
+        self.ref, self.mode, self.depth = ref, mode, depth
+
+    def propose(self, state):
+        seq = state.sequences()[0]
+        done = len(seq) - len(state.prompts[0])
+        nxt = self.ref[done: done + self.depth] + [0] * self.depth
+        nxt = nxt[: self.depth]
+        if self.mode == "never":
+            nxt = [(t + 1) % 64 for t in nxt]
+        elif self.mode == "partial":
+            nxt = nxt[:2] + [(t + 1) % 64 for t in nxt[2:]]
+        return Draft.chain(torch.tensor([nxt]))
+
+
+@pytest.mark.parametrize("mode,tau_range", [("always", (4.0, 5.01)), ("never", (1.0, 1.0)), ("partial", (2.5, 3.01))])
+def test_stub_acceptance(mode, tau_range):
+    model = tiny_model("llama", vocab=64)
+    ref = reference_greedy(model, PROMPTS[0], 60)
+    out = Decoder(model, Tok(), proposer=Oracle(ref, mode)).generate(PROMPTS[:1], 40, eos_token_ids=[])
+    row = out.rows[0]
+    assert row.tokens == ref[:40]
+    per_step = row.accepted[:-1]  # the last step may be cut by max new tokens
+    expect = {"always": 5, "never": 1, "partial": 3}[mode]
+    assert all(a == expect for a in per_step)
+    assert tau_range[0] <= row.tau <= tau_range[1] or mode == "never" and row.tau == 1.0
+
+
+def test_cache_after_commit_equals_recomputed_cache():
+    model = tiny_model("qwen2", vocab=64)
+    heads = with_heads(model)
+    dec = Decoder(model, Tok(), heads=heads, proposer=DynamicTreeProposer(nodes=8, top_k=3))
+    out = dec.generate(PROMPTS, 16, eos_token_ids=[])
+    for i, (prompt, row) in enumerate(zip(PROMPTS, out.rows)):
+        committed = prompt + row.tokens[:-1]  # the last root is not in the cache yet
+        from transformers import DynamicCache
+        fresh = DynamicCache()
+        with torch.no_grad():
+            model(torch.tensor([committed]), past_key_values=fresh, use_cache=True)
+        slots = dec.slot_valid[i].nonzero()[:, 0]
+        assert len(slots) == len(committed)
+        assert dec.slot_pos[i, slots].tolist() == list(range(len(committed)))
+        for mine, ref in zip(dec.cache.layers, fresh.layers):
+            assert torch.allclose(mine.keys[i][:, slots], ref.keys[0], atol=1e-10)
+            assert torch.allclose(mine.values[i][:, slots], ref.values[0], atol=1e-10)
+
+
+def test_tree_buffers_golden():
+    tree = compile_tree([[0], [1], [0, 0], [0, 1]])
+    assert tree.parents.tolist() == [-1, -1, 0, 0]
+    assert tree.depth.tolist() == [1, 1, 2, 2]
+    assert tree.rank.tolist() == [0, 1, 0, 1]
+    top = torch.tensor([[[10, 11], [20, 21]]])  # (B=1, heads=2, ranks=2)
+    draft = tree.draft(top)
+    assert draft.tokens.tolist() == [[10, 11, 20, 21]]
+    assert draft.depth().tolist() == [[1, 1, 2, 2]]
+    mask = draft.ancestor_mask()[0].int().tolist()
+    assert mask == [[1, 0, 0, 0, 0],   # root
+                    [1, 1, 0, 0, 0],   # (0)
+                    [1, 0, 1, 0, 0],   # (1)
+                    [1, 1, 0, 1, 0],   # (0, 0)
+                    [1, 1, 0, 0, 1]]   # (0, 1)
+    assert chain_tree(3).paths == ((0,), (0, 0), (0, 0, 0))
+
+
+@pytest.mark.parametrize("spec,message", [
+    ([[0], [0, 0, 1]], "gap"), ([[0], [0]], "twice"), ([], "no paths"), ([[0], [-1]], "non-negative"),
+    ("[[0], oops", "JSON"), ([[0], [0, 0], [0, 0, 0]], "only 2 heads")])
+def test_bad_tree_specs(spec, message):
+    with pytest.raises(UserError, match=message):
+        compile_tree(spec, max_depth=2)
+
+
+def test_tree_from_accuracy_is_prefix_closed_and_greedy():
+    tree = tree_from_accuracy([[0.6, 0.2, 0.1], [0.5, 0.2], [0.4]], nodes=5)
+    assert tree.paths == ((0,), (1,), (0, 0), (0, 1), (0, 0, 0))
+
+
+def test_greedy_acceptance_picks_deepest_right_path():
+    v = 8
+    draft = Draft(torch.tensor([[3, 4, 5, 6]]), torch.tensor([[-1, -1, 0, 1]]), torch.ones(1, 4, dtype=torch.bool))
+    logits = torch.zeros(1, 5, v)
+    logits[0, 0, 4] = 5  # root -> 4: node 1 right
+    logits[0, 2, 6] = 5  # node 1 (token 4) -> 6: node 3 right
+    logits[0, 4, 1] = 5  # after node 3 -> 1
+    acc = accept_greedy(logits, draft)
+    assert acc.path[0].tolist() == [0, 2, 4] and int(acc.length[0]) == 3 and int(acc.next_root[0]) == 1
+
+
+def test_speculative_sampling_matches_target_distribution():
+    """Chi-square: the first two emitted tokens follow the backbone's own sampling distribution."""
+    torch.manual_seed(0)
+    v = 6
+    logits = torch.randn(1, 4, v) * 1.5
+    # root with children tokens 0 and 1 (nodes 1, 2); node 1 has child token 2 (node 3)
+    draft = Draft(torch.tensor([[0, 1, 2]]), torch.tensor([[-1, -1, 0]]), torch.ones(1, 3, dtype=torch.bool))
+    sampling = Sampling(temperature=1.0)
+    p = sampling.probs(logits[0])
+    g = torch.Generator().manual_seed(123)
+    n = 20000
+    first, pair = torch.zeros(v), torch.zeros(v)
+    lg = logits.expand(n, -1, -1)
+    dr = Draft(draft.tokens.expand(n, -1), draft.parents.expand(n, -1), draft.valid.expand(n, -1))
+    acc = accept_sample(lg, dr, sampling, g)
+    tokens = dr.tokens
+    for i in range(n):
+        length = int(acc.length[i])
+        emitted = [int(tokens[i, q - 1]) for q in acc.path[i, 1:length].tolist()] + [int(acc.next_root[i])]
+        first[emitted[0]] += 1
+        if emitted[0] == 0:
+            pair[emitted[1]] += 1
+    # chi-square statistics against the 0.999 quantile of chi2 with v - 1 = 5 degrees of freedom (20.52)
+    def chi2(observed, expected):
+        return float(((observed - expected) ** 2 / expected).sum())
+    assert chi2(first, p[0] * n) < 20.52
+    # given the first token is 0 (node 1), the second follows p at node 1
+    assert chi2(pair, p[1] * pair.sum()) < 20.52
+
+
+def test_sampling_is_reproducible_and_plain_equivalent_under_fixed_seed():
+    model = tiny_model("llama", vocab=64)
+    heads = with_heads(model)
+    s = Sampling(temperature=0.8, top_k=20, top_p=0.95)
+    a = Decoder(model, Tok(), heads=heads, proposer=blockwise(3), sampling=s, seed=5).generate(PROMPTS, 16, [])
+    b = Decoder(model, Tok(), heads=heads, proposer=blockwise(3), sampling=s, seed=5).generate(PROMPTS, 16, [])
+    assert [r.tokens for r in a.rows] == [r.tokens for r in b.rows]
+
+
+def test_bad_generation_input():
+    model = tiny_model("llama", vocab=64)
+    dec = Decoder(model, Tok())
+    with pytest.raises(UserError, match="empty prompt"):
+        dec.generate([[]], 4)
+    with pytest.raises(UserError, match=">= 1"):
+        dec.generate(PROMPTS, 0)
+    with pytest.raises(UserError, match="context"):
+        dec.generate([[1] * 510], 8)
+    with pytest.raises(UserError, match="temperature"):
+        Sampling(temperature=-1)
+    with pytest.raises(UserError, match="heads"):
+        Decoder(model, Tok(), proposer=blockwise(2))
