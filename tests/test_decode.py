@@ -242,3 +242,96 @@ def test_bad_generation_input():
         Sampling(temperature=-1)
     with pytest.raises(UserError, match="heads"):
         Decoder(model, Tok(), proposer=blockwise(2))
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+@pytest.fixture
+def tiny_heads(tiny_folder, tmp_path):
+    from mtp.backbones import load_backbone
+    backbone, _ = load_backbone(str(tiny_folder))
+    folder = tmp_path / "heads"
+    with_heads(backbone, n=2).save_pretrained(folder)
+    return folder
+
+
+def run_cli(args, capsys):
+    from mtp.cli import main
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_generate_cli_methods(tiny_folder, tiny_heads, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("MTP_CACHE", str(tmp_path / "cache"))
+    base = ["generate", "--model", str(tiny_folder), "--max-new-tokens", "12", "the quick brown"]
+    code, out, err = run_cli(base + ["--method", "lookup"], capsys)
+    assert code == 0 and "tokens/s" in err and "identical output" in err
+    for method in ("blockwise", "tree", "dynamic"):
+        code, out, err = run_cli(base + ["--heads", str(tiny_heads), "--method", method], capsys)
+        assert code == 0 and "identical output" in err, err
+    code, out, err = run_cli(base + ["--heads", str(tiny_heads), "--tree", "[[0], [1], [0, 0]]"], capsys)
+    assert code == 0 and "nodes 3" in err
+    code, out, err = run_cli(base + ["--method", "early-exit", "--exit-layer", "1", "--temperature", "0.7",
+                                     "--top-p", "0.9"], capsys)
+    assert code == 0 and "tokens/s" in err
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--max-new-tokens", "0"], "max-new-tokens"),
+    (["--temperature", "-1"], "temperature"),
+    (["--method", "tree"], "heads"),
+    (["--method", "warp"], "unknown method"),
+    (["--heads", "HEADS", "--tree", "[[0], [0, 0, 0]]"], "gap"),
+    (["--heads", "HEADS", "--tree", "[[0], [0], [1]]"], "twice"),
+])
+def test_generate_cli_bad_input(tiny_folder, tiny_heads, capsys, extra, message):
+    extra = [str(tiny_heads) if a == "HEADS" else a for a in extra]
+    code, out, err = run_cli(["generate", "--model", str(tiny_folder), "abc"] + extra, capsys)
+    assert code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_generate_cli_empty_and_too_long_prompt_and_foreign_heads(tiny_folder, tiny_heads, capsys, tmp_path):
+    code, _, err = run_cli(["generate", "--model", str(tiny_folder), "   "], capsys)
+    assert code == 2 and "empty prompt" in err
+    code, _, err = run_cli(["generate", "--model", str(tiny_folder), "x" * 600], capsys)
+    assert code == 2 and "context" in err
+    other = tmp_path / "other"
+    tiny_model("llama", vocab=128, seed=7, dtype=torch.float32).save_pretrained(other)
+    char_tokenizer().save_pretrained(other)
+    code, _, err = run_cli(["generate", "--model", str(other), "--heads", str(tiny_heads), "--method", "tree",
+                            "abc"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_bench_decode_cli(tiny_folder, tiny_heads, capsys, tmp_path):
+    import json
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "the quick brown fox"}\n{"prompt": "def mean(values):"}\n'
+                       '{"prompt": "hello there"}\n')
+    out_json, plot = tmp_path / "r.json", tmp_path / "r.png"
+    code, out, err = run_cli(["bench", "decode", "--model", str(tiny_folder), "--heads", str(tiny_heads),
+                              "--prompts", str(prompts), "--methods", "blockwise,tree,lookup", "--batch-size", "2",
+                              "--max-new-tokens", "10", "--nodes", "4", "--json", str(out_json), "--plot", str(plot),
+                              "--quiet"], capsys)
+    assert code == 0, err
+    r = json.loads(out_json.read_text())
+    assert set(r["methods"]) == {"transformers", "plain", "blockwise", "tree", "lookup"}
+    for m in r["methods"].values():
+        assert m["identical_share"] == 1.0 and m["tau"] >= 1.0 and m["speedup"] > 0
+    assert plot.stat().st_size > 0
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"prompt": 3}\n')
+    code, _, err = run_cli(["bench", "decode", "--model", str(tiny_folder), "--heads", str(tiny_heads),
+                            "--prompts", str(bad), "--quiet"], capsys)
+    assert code == 2 and "line 2" in err
+
+
+def test_bench_verify_cli(tiny_folder, capsys, tmp_path):
+    import json
+    code, out, err = run_cli(["bench", "verify", "--model", str(tiny_folder), "--context", "16", "--repeats", "1",
+                              "--json", str(tmp_path / "v.json")], capsys)
+    assert code == 0, err
+    r = json.loads((tmp_path / "v.json").read_text())
+    assert set(r["curves"]) == {"float32", "bfloat16"} and r["curves"]["float32"]["ratio"]["1"] == 1.0

@@ -141,6 +141,47 @@ def evaluate(model: str, heads: str, data: str, context: int, max_positions: int
     return 0
 
 
+def generate(model: str, prompt: str, heads: str | None, method: str | None, sampling_args: dict,
+             max_new_tokens: int, stop: list[str], chat: bool, compare: bool, tree: str | None, nodes: int | None,
+             draft_len: int | None, exit_layer: int | None, acceptance: str, seed: int, device: str,
+             dtype: str) -> int:
+    """Stream the model's answer, then tokens/s, tokens per step and the speedup over plain decoding."""
+    from mtp.decode.accept import Sampling
+    from mtp.decode.methods import HEAD_METHODS
+    from mtp.decode.run import (Streamer, build_decoder, default_heads_available, encode_prompt, eos_ids,
+                                load_for_decoding)
+
+    sampling = Sampling(**sampling_args)
+    if heads is None and (method is None or method in HEAD_METHODS) and default_heads_available(model):
+        heads = "default"
+    method = method or ("tree" if heads else "lookup")
+    backbone, tokenizer, mtp_model, folder = load_for_decoding(model, heads if method in HEAD_METHODS else None,
+                                                              dtype, device)
+    ids = encode_prompt(tokenizer, prompt, chat)
+    eos = eos_ids(backbone, tokenizer)
+    decoder, info = build_decoder(backbone, tokenizer, mtp_model, folder, model, method, sampling=sampling,
+                                  acceptance=acceptance, tree=tree, nodes=nodes, draft_len=draft_len,
+                                  exit_layer=exit_layer, seed=seed)
+    decoder.generate([ids], 4, eos)  # warm-up, so the figures below are not first-call costs
+    streamer = Streamer(tokenizer)
+    out = decoder.generate([ids], max_new_tokens, eos, stop_strings=stop, callback=streamer)
+    sys.stdout.write("\n")
+    row = out.rows[0]
+    tps = len(row.tokens) / out.seconds
+    sizes = ", ".join(f"{k} {v}" for k, v in info.items() if k not in ("method", "tree"))
+    line = (f"[{method}{' (' + sizes + ')' if sizes else ''}] {len(row.tokens)} tokens in {out.seconds:.2f} s: "
+            f"{tps:.1f} tokens/s, {row.tau:.2f} tokens per backbone forward")
+    if compare and method != "plain":
+        plain, _ = build_decoder(backbone, tokenizer, None, None, model, "plain", sampling=sampling, seed=seed)
+        ref = plain.generate([ids], max_new_tokens, eos, stop_strings=stop)
+        ptps = len(ref.rows[0].tokens) / ref.seconds
+        same = "identical output" if ref.rows[0].tokens == row.tokens else (
+            "output differs (sampling)" if not sampling.greedy else "OUTPUT DIFFERS")
+        line += f"; plain decoding {ptps:.1f} tokens/s: speedup {tps / ptps:.2f}x, {same}"
+    print(line, file=sys.stderr)
+    return 0
+
+
 # ----------------------------------------------------------------------------- argument parsing
 
 
@@ -262,6 +303,29 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", dest="json_path", metavar="FILE")
     _add_common(e)
 
+    r = sub.add_parser("generate", help="decode faster with the model's own MTP heads (lossless)")
+    r.add_argument("prompt")
+    r.add_argument("--model", default="smollm2-135m", metavar="NAME|PATH")
+    r.add_argument("--heads", default=None, metavar="DIR|default",
+                   help="MTP heads (default: the heads shipped for a built-in model, if any)")
+    r.add_argument("--method", default=None, help="plain | blockwise | tree | dynamic | lookup | early-exit "
+                                                 "(default: tree with heads, lookup without)")
+    r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    r.add_argument("--top-k", type=int, default=0)
+    r.add_argument("--top-p", type=float, default=1.0)
+    r.add_argument("--acceptance", default="exact", help="exact (lossless; default) | typical (Medusa, lossy)")
+    r.add_argument("--max-new-tokens", type=int, default=256)
+    r.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string; repeatable")
+    r.add_argument("--tree", default=None, metavar="JSON|FILE", help="static tree paths, e.g. [[0],[0,0],[1]]")
+    r.add_argument("--nodes", type=int, default=None, help="tree nodes (default: from the measured verify cost)")
+    r.add_argument("--draft-len", type=int, default=None, help="blockwise / lookup / early-exit draft length")
+    r.add_argument("--exit-layer", type=int, default=None, help="early-exit: layers that draft (default half)")
+    r.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    r.add_argument("--no-compare", action="store_true", help="skip the plain-decoding run that measures the speedup")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    r.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or float64 (default float32)")
+
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True,
                                                                        parser_class=_Parser)
     b = bench.add_parser("analyze", help="batched vs naive marginalization: time, ratio, largest difference")
@@ -277,6 +341,32 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=3, help="runs of each method per window (median)")
     b.add_argument("--json", dest="json_path", metavar="FILE")
     _add_common(b)
+
+    v = bench.add_parser("verify", help="verify-cost curve: time of one forward over k tokens, t(k)/t(1)")
+    v.add_argument("--model", default="smollm2-135m", metavar="NAME|PATH")
+    v.add_argument("--dtype", action="append", dest="dtypes", help="repeatable (default float32 and bfloat16)")
+    v.add_argument("--context", type=int, default=256, help="cached prefix length (default %(default)s)")
+    v.add_argument("--repeats", type=int, default=7)
+    v.add_argument("--device", default="cpu")
+    v.add_argument("--json", dest="json_path", metavar="FILE")
+    v.add_argument("--quiet", action="store_true")
+
+    dd = bench.add_parser("decode", help="self-speculative decoding vs plain baselines: tokens/s, tau, speedup")
+    dd.add_argument("--model", default="smollm2-135m", metavar="NAME|PATH")
+    dd.add_argument("--heads", default="default", metavar="DIR|default")
+    dd.add_argument("--prompts", default="chat", metavar="SET|FILE.jsonl",
+                    help="chat, code, translation (their eval split) or a .jsonl with a prompt field")
+    dd.add_argument("--methods", default="blockwise,tree,dynamic,lookup",
+                    help="comma-separated: plain, blockwise, tree, dynamic, lookup, early-exit")
+    dd.add_argument("--batch-size", type=int, default=1)
+    dd.add_argument("--max-new-tokens", type=int, default=128)
+    dd.add_argument("--limit", type=int, default=20, help="prompts (default %(default)s)")
+    dd.add_argument("--temperature", type=float, default=0.0)
+    dd.add_argument("--nodes", type=int, default=None, help="tree nodes (default: from the measured verify cost)")
+    dd.add_argument("--no-chat", action="store_true")
+    dd.add_argument("--json", dest="json_path", metavar="FILE")
+    dd.add_argument("--plot", metavar="FILE.png")
+    _add_common(dd)
 
     m = bench.add_parser("train-memory", help="peak memory and time of one training step: memory-efficient head "
                                               "order vs naive")
@@ -296,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    progress, command = not args.quiet, "mtp " + shlex.join(argv)
+    progress, command = not getattr(args, "quiet", False), "mtp " + shlex.join(argv)
     if args.command == "analyze":
         data = (args.data or []) + (args.text or [])
         cfg = AnalyzeConfig(models=args.models or ["smollm2-135m"], data=data or ["code"], k=args.k,
@@ -327,6 +417,40 @@ def run(argv: list[str] | None = None) -> int:
         return bench_analyze(args.model, args.data, args.context, args.positions, args.positions_per_window, args.k,
                              args.top_p, args.max_candidates, args.chunk_tokens, args.repeats, args.dtype,
                              args.device, args.seed, json_path=args.json_path, progress=progress, command=command)
+    if args.command == "generate":
+        if args.max_new_tokens < 1:
+            raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        return generate(args.model, args.prompt, args.heads, args.method,
+                        {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p},
+                        args.max_new_tokens, args.stop, not args.no_chat, not args.no_compare, args.tree, args.nodes,
+                        args.draft_len, args.exit_layer, args.acceptance, args.seed, args.device, args.dtype)
+    if args.command == "bench" and args.bench == "verify":
+        from mtp.bench import bench_verify, format_bench_verify
+
+        _check_writable_file(args.json_path, "--json")
+        result = bench_verify(args.model, args.dtypes or ["float32", "bfloat16"], args.context, args.repeats,
+                              args.device)
+        result["command"] = command
+        print(format_bench_verify(result))
+        if args.json_path:
+            write_json(args.json_path, result)
+        return 0
+    if args.command == "bench" and args.bench == "decode":
+        from mtp.bench import bench_decode, format_bench_decode, plot_bench_decode
+
+        _check_writable_file(args.json_path, "--json")
+        _check_writable_file(args.plot, "--plot")
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        result = bench_decode(args.model, args.prompts, methods, args.heads, args.batch_size, args.max_new_tokens,
+                              args.limit, args.dtype, args.device, args.seed, args.temperature, not args.no_chat,
+                              args.nodes, progress)
+        result["command"] = command
+        print(format_bench_decode(result))
+        if args.json_path:
+            write_json(args.json_path, result)
+        if args.plot:
+            plot_bench_decode(result, args.plot)
+        return 0
     if args.command == "bench" and args.bench == "train-memory":
         from mtp.bench import bench_train_memory, format_bench_train_memory
 

@@ -127,7 +127,11 @@ def accept_sample(logits: torch.Tensor, draft: Draft, sampling: Sampling,
     cur = torch.zeros(b, dtype=torch.long, device=dev)
     live = torch.ones(b, dtype=torch.bool, device=dev)
     next_root = torch.zeros(b, dtype=torch.long, device=dev)
-    max_depth = int(draft.depth().max()) if n else 0
+    if n == 0:  # plain sampling
+        next_root = torch.multinomial(probs[:, 0], 1, generator=generator)[:, 0]
+        return Accepted(torch.zeros(b, 1, dtype=torch.long, device=dev), torch.ones(b, dtype=torch.long, device=dev),
+                        next_root)
+    max_depth = int(draft.depth().max())
     for _ in range(max_depth + 1):
         x = torch.multinomial(probs[rows, cur], 1, generator=generator)[:, 0]
         child = (parents_q == cur[:, None]) & draft.valid & (draft.tokens == x[:, None])  # (B, N)
@@ -137,7 +141,7 @@ def accept_sample(logits: torch.Tensor, draft: Draft, sampling: Sampling,
         cur = torch.where(has, child.int().argmax(1) + 1, cur)
         if not live.any():
             break
-    acc = _path_to(draft, cur, draft.depth() if n else draft.parents)
+    acc = _path_to(draft, cur, draft.depth())
     acc.next_root = next_root
     return acc
 

@@ -1,0 +1,177 @@
+"""Decoding methods by name, with draft sizes chosen from the device's measured verify cost.
+
+A verify forward over k tokens costs t(k); a step that emits tau tokens on average is worth
+tau * t(1) / t(k) against plain decoding. On a CPU, bf16 forwards over up to ~8 tokens cost about what
+one costs, float32 ones grow sooner; a GPU differs again. So the node budget of a tree is not a constant:
+``verify_cost`` measures t(k) once per (model, dtype, device, threads) and caches it, and ``choose_tree``
+takes the prefix of the accuracy-ranked tree that maximizes the expected speedup
+(1 + sum of the nodes' acceptance probabilities) * t(1) / t(1 + nodes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from mtp.decode.proposers import (DynamicTreeProposer, EarlyExitProposer, LookupProposer, PlainProposer, Proposer,
+                                  TreeProposer, blockwise)
+from mtp.decode.tree import compile_tree, tree_from_accuracy
+from mtp.errors import UserError
+
+METHODS = ("plain", "blockwise", "tree", "dynamic", "lookup", "early-exit")
+HEAD_METHODS = ("blockwise", "tree", "dynamic")
+COST_POINTS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+
+
+@torch.inference_mode()
+def verify_cost(backbone, context: int = 256, points=COST_POINTS, repeats: int = 7, warmup: int = 2) -> dict:
+    """Median seconds of one forward over k new tokens (a chain) against a cached ``context``-token prefix."""
+    from transformers import DynamicCache
+
+    from mtp.model.attention import attention_masks, truncate_cache
+
+    dev = backbone.device
+    g = torch.Generator().manual_seed(0)
+    vocab = backbone.config.vocab_size
+    prefix = torch.randint(3, vocab, (1, context), generator=g).to(dev)
+    cache = DynamicCache()
+    backbone(input_ids=prefix, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = {}
+    for k in points:
+        ids = torch.randint(3, vocab, (1, k), generator=g).to(dev)
+        q_pos = torch.arange(context, context + k, device=dev)[None]
+        allowed = torch.ones(1, k, context + k, dtype=torch.bool, device=dev)
+        allowed[:, :, context:] = torch.ones(k, k, dtype=torch.bool, device=dev).tril()
+        k_pos = torch.arange(context + k, device=dev)[None]
+        mask = attention_masks(backbone.config, allowed, q_pos, k_pos, backbone.dtype)
+        times = []
+        for i in range(warmup + repeats):
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            backbone(input_ids=ids, position_ids=q_pos, attention_mask=mask, past_key_values=cache, use_cache=True)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+            truncate_cache(cache, context)
+        out[k] = statistics.median(times)
+    return out
+
+
+def cost_key(model_name: str, backbone) -> str:
+    dev = backbone.device
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    raw = json.dumps([model_name, str(backbone.dtype), name, torch.get_num_threads(), torch.__version__])
+    return hashlib.sha1(raw.encode()).hexdigest()[:16]
+
+
+def cached_verify_cost(model_name: str, backbone, context: int = 256) -> dict:
+    """``verify_cost`` measured once per model, dtype, device and thread count; kept in the user cache."""
+    from mtp.backbones import cache_dir
+
+    path = cache_dir() / "verify" / f"{cost_key(model_name, backbone)}.json"
+    try:
+        return {int(k): float(v) for k, v in json.loads(path.read_text()).items()}
+    except (OSError, ValueError, AttributeError):
+        pass
+    cost = verify_cost(backbone, context)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(cost))
+        tmp.replace(path)
+    except OSError:
+        pass
+    return cost
+
+
+def interpolate(cost: dict, k: int) -> float:
+    """t(k) from the measured points (linear in between, linear extrapolation beyond the last)."""
+    ks = sorted(cost)
+    if k in cost:
+        return cost[k]
+    if k > ks[-1]:
+        a, b = ks[-2], ks[-1]
+        return cost[b] + (cost[b] - cost[a]) / (b - a) * (k - b)
+    lo = max(x for x in ks if x < k)
+    hi = min(x for x in ks if x > k)
+    return cost[lo] + (cost[hi] - cost[lo]) * (k - lo) / (hi - lo)
+
+
+def rank_accuracy(heads_dir: Path | None, n_heads: int) -> list[list[float]]:
+    """Per head, how often each of its top ranks is right (``accuracy.json`` beside the heads, written by
+    ``mtp eval``); without it a conservative prior (rank 1 of head d right 0.6 / d, each next rank a third)."""
+    if heads_dir is not None and (heads_dir / "accuracy.json").is_file():
+        try:
+            acc = json.loads((heads_dir / "accuracy.json").read_text())["rank_accuracy"]
+            if len(acc) >= 1 and all(isinstance(r, list) and r for r in acc):
+                return [[float(x) for x in r] for r in acc[:n_heads]]
+        except (ValueError, KeyError, TypeError):
+            pass
+    return [[0.6 / d * (1 / 3) ** r for r in range(8)] for d in range(1, n_heads + 1)]
+
+
+def choose_tree(acc: list[list[float]], cost: dict, max_nodes: int = 64) -> tuple[int, float]:
+    """Node budget maximizing expected tokens per step * t(1) / t(1 + nodes); returns (nodes, expected speedup)."""
+    tree = tree_from_accuracy(acc, max_nodes)
+    best, best_gain, total = 1, 0.0, 1.0
+    for n, path in enumerate(tree.paths, 1):
+        p = 1.0
+        for d, r in enumerate(path):
+            p *= acc[d][r] if r < len(acc[d]) else 0.0
+        total += p
+        gain = total * cost[1] / interpolate(cost, n + 1)
+        if gain > best_gain:
+            best, best_gain = n, gain
+    return best, best_gain
+
+
+def make_proposer(method: str, *, n_heads: int = 0, heads_dir: Path | None = None, cost: dict | None = None,
+                  tree: str | None = None, nodes: int | None = None, draft_len: int | None = None,
+                  exit_layer: int | None = None, n_layers: int = 0) -> tuple[Proposer, dict]:
+    """A proposer by name and a description of the sizes chosen (and why)."""
+    if method not in METHODS:
+        raise UserError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+    if method in HEAD_METHODS and n_heads < 1:
+        raise UserError(f"method {method!r} drafts with MTP heads: pass --heads DIR or default")
+    info: dict = {"method": method}
+    if method == "plain":
+        return PlainProposer(), info
+    if method == "blockwise":
+        depth = min(draft_len or n_heads, n_heads)
+        info["draft_len"] = depth
+        return blockwise(depth), info
+    if method in ("tree", "dynamic"):
+        acc = rank_accuracy(heads_dir, n_heads)
+        if tree and method == "tree":
+            spec = Path(tree).read_text() if Path(tree).is_file() else tree
+            compiled = compile_tree(spec, max_depth=n_heads)
+            info.update(nodes=compiled.size, tree="given")
+            return TreeProposer(compiled), info
+        if nodes is None:
+            if cost is None:
+                nodes = 16
+                info["nodes_from"] = "fixed default (no verify-cost curve)"
+            else:
+                nodes, gain = choose_tree(acc, cost)
+                info.update(nodes_from="verify cost x head accuracy", expected_speedup=round(gain, 3))
+        if nodes < 1:
+            raise UserError(f"--nodes must be >= 1, got {nodes}")
+        info["nodes"] = nodes
+        if method == "tree":
+            compiled = tree_from_accuracy(acc, nodes)
+            info["tree"] = [list(p) for p in compiled.paths]
+            return TreeProposer(compiled), info
+        return DynamicTreeProposer(nodes=nodes, top_k=min(8, nodes)), info
+    if method == "lookup":
+        info["draft_len"] = draft_len or 8
+        return LookupProposer(draft_len=draft_len or 8), info
+    layer = exit_layer or max(1, n_layers // 2)
+    info.update(exit_layer=layer, draft_len=draft_len or 3)
+    return EarlyExitProposer(layers=layer, draft_len=draft_len or 3), info

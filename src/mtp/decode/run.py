@@ -1,0 +1,130 @@
+"""What ``mtp generate`` and ``mtp bench decode`` share: loading, prompt encoding, streaming, baselines."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from mtp.decode.accept import Sampling
+from mtp.decode.engine import Decoder, GenerateOutput
+from mtp.decode.methods import HEAD_METHODS, cached_verify_cost, make_proposer
+from mtp.errors import UserError
+
+
+def default_heads_available(model_name: str) -> bool:
+    from mtp.model.mtp import resolve_heads
+
+    try:
+        resolve_heads("default", model_name)
+        return True
+    except UserError:
+        return False
+
+
+def load_for_decoding(model_name: str, heads: str | None, dtype: str, device: str):
+    """Backbone, tokenizer, MTPModel (or None) and the heads folder; heads are checked against the backbone."""
+    from mtp.backbones import load_backbone, resolve_backbone
+    from mtp.model.mtp import MTPModel, resolve_heads
+
+    resolve_backbone(model_name)
+    folder = resolve_heads(heads, model_name) if heads else None
+    backbone, tokenizer = load_backbone(model_name, dtype=dtype, device=device)
+    backbone.eval()
+    mtp_model = MTPModel.from_pretrained(folder, backbone=backbone).eval() if folder else None
+    return backbone, tokenizer, mtp_model, folder
+
+
+def eos_ids(backbone, tokenizer) -> list[int]:
+    ids = getattr(backbone.generation_config, "eos_token_id", None)
+    if ids is None:
+        ids = tokenizer.eos_token_id
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool = True) -> list[int]:
+    """Token ids of a prompt, with the chat template (assistant turn opened) for chat models."""
+    from mtp.prompts import chat_format
+
+    if not prompt.strip():
+        raise UserError("empty prompt: give some text")
+    templated = chat and bool(getattr(tokenizer, "chat_template", None))
+    text = chat_format(tokenizer, prompt) if templated else prompt
+    return tokenizer(text, add_special_tokens=not templated)["input_ids"]
+
+
+def build_decoder(backbone, tokenizer, mtp_model, folder: Path | None, model_name: str, method: str, *,
+                  sampling: Sampling, acceptance: str = "exact", tree: str | None = None, nodes: int | None = None,
+                  draft_len: int | None = None, exit_layer: int | None = None, seed: int = 0,
+                  calibrate: bool = True) -> tuple[Decoder, dict]:
+    if method in HEAD_METHODS and mtp_model is None:
+        raise UserError(f"method {method!r} drafts with MTP heads: pass --heads DIR or default "
+                        f"(or use lookup / early-exit, which need none)")
+    cost = cached_verify_cost(model_name, backbone) if calibrate and method in ("tree", "dynamic") and \
+        nodes is None and tree is None else None
+    proposer, info = make_proposer(method, n_heads=mtp_model.n_heads if mtp_model is not None else 0,
+                                   heads_dir=folder, cost=cost, tree=tree, nodes=nodes, draft_len=draft_len,
+                                   exit_layer=exit_layer, n_layers=backbone.config.num_hidden_layers)
+    heads = mtp_model if method in HEAD_METHODS else None
+    return Decoder(backbone, tokenizer, heads=heads, proposer=proposer, sampling=sampling, acceptance=acceptance,
+                   seed=seed), info
+
+
+class Streamer:
+    """Prints a row's text as tokens arrive (whole characters only: a split UTF-8 sequence waits)."""
+
+    def __init__(self, tokenizer, out=sys.stdout):
+        self.tokenizer, self.out, self.tokens, self.printed = tokenizer, out, [], 0
+
+    def __call__(self, row: int, new: list[int]) -> None:
+        if row != 0:
+            return
+        self.tokens.extend(new)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return
+        self.out.write(text[self.printed:])
+        self.out.flush()
+        self.printed = len(text)
+
+
+@torch.inference_mode()
+def hf_generate(backbone, tokenizer, prompts: list[list[int]], max_new_tokens: int, eos: list[int],
+                sampling: Sampling | None = None) -> GenerateOutput:
+    """transformers' own ``generate`` (with its KV cache) as the plain baseline, left-padded."""
+    from mtp.decode.engine import RowResult
+
+    dev = backbone.device
+    longest = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+    ids = torch.full((len(prompts), longest), pad, dtype=torch.long, device=dev)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, longest - len(p):] = torch.tensor(p, device=dev)
+        mask[i, longest - len(p):] = 1
+    sampling = sampling or Sampling()
+    kw = dict(do_sample=False, temperature=None, top_p=None, top_k=None) if sampling.greedy else \
+        dict(do_sample=True, temperature=sampling.temperature, top_k=sampling.top_k or None, top_p=sampling.top_p)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = backbone.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, min_new_tokens=0,
+                            eos_token_id=eos or None, pad_token_id=pad, **kw)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    rows = []
+    for i in range(len(prompts)):
+        new = out[i, longest:].tolist()
+        finish = "length"
+        for j, t in enumerate(new):
+            if t in eos:
+                new, finish = new[: j + 1], "eos"
+                break
+        rows.append(RowResult(tokens=new, finish=finish, steps=len(new)))
+    return GenerateOutput(rows, seconds, max(len(r.tokens) for r in rows))
