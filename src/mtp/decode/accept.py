@@ -76,42 +76,42 @@ class Accepted:
     next_root: torch.Tensor
 
 
-def _path_to(draft: Draft, best: torch.Tensor, depth: torch.Tensor) -> Accepted:
+def _path_to(draft: Draft, best: torch.Tensor) -> Accepted:
     """Query-index paths from the root to node ``best`` (query index, 0 = root) per row."""
     b = best.shape[0]
     dev = best.device
-    max_len = int(depth.max()) + 1 if depth.numel() else 1
-    path = torch.full((b, max_len), -1, dtype=torch.long, device=dev)
-    parents_q = torch.cat([torch.full((b, 1), -1, device=dev, dtype=torch.long), draft.parents + 1], 1)
-    depth_q = torch.cat([torch.zeros(b, 1, dtype=torch.long, device=dev), draft.depth()], 1) \
-        if draft.size else torch.zeros(b, 1, dtype=torch.long, device=dev)
-    length = depth_q.gather(1, best[:, None])[:, 0] + 1
-    node = best.clone()
     rows = torch.arange(b, device=dev)
-    for _ in range(max_len):
-        live = node >= 0
-        d = depth_q[rows, node.clamp(min=0)]
-        path[rows[live], d[live]] = node[live]
-        node = torch.where(live, parents_q[rows, node.clamp(min=0)], node)
-    return Accepted(path, length, torch.zeros(b, dtype=torch.long, device=dev))
+    if draft.size == 0:
+        return Accepted(torch.zeros(b, 1, dtype=torch.long, device=dev), torch.ones(b, dtype=torch.long, device=dev),
+                        torch.zeros(b, dtype=torch.long, device=dev))
+    depth_q = draft.depth_q()
+    on_path = draft.ancestor_mask()[rows, best]  # (B, 1+N): the root, best and the nodes between
+    length = depth_q[rows, best] + 1
+    width = int(length.max())
+    slot = torch.where(on_path, depth_q, width)  # each path node goes to its depth; others to a spill column
+    path = torch.full((b, width + 1), -1, dtype=torch.long, device=dev)
+    path.scatter_(1, slot, torch.arange(draft.size + 1, device=dev).expand(b, -1))
+    return Accepted(path[:, :width], length, torch.zeros(b, dtype=torch.long, device=dev))
+
+
+def _right_nodes(draft: Draft, ok: torch.Tensor) -> torch.Tensor:
+    """(B, 1+N): nodes whose own test and every ancestor's passed (the root always)."""
+    b = ok.shape[0]
+    ok_q = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=ok.device), ok & draft.valid], 1)
+    return ~(draft.ancestor_mask() & ~ok_q[:, None, :]).any(-1)
 
 
 def accept_greedy(logits: torch.Tensor, draft: Draft) -> Accepted:
     """The deepest node whose every ancestor (and itself) equals the backbone's argmax at its parent."""
     target = logits.argmax(-1)  # (B, 1+N)
-    b, n = draft.tokens.shape
-    dev = logits.device
-    right = torch.zeros(b, n + 1, dtype=torch.bool, device=dev)
-    right[:, 0] = True
-    for i in range(n):
-        p = draft.parents[:, i] + 1
-        rows = torch.arange(b, device=dev)
-        right[:, i + 1] = draft.valid[:, i] & right[rows, p] & (draft.tokens[:, i] == target[rows, p])
-    depth_q = torch.cat([torch.zeros(b, 1, dtype=torch.long, device=dev), draft.depth()], 1) if n else \
-        torch.zeros(b, 1, dtype=torch.long, device=dev)
-    score = torch.where(right, depth_q, -1)
-    best = score.argmax(1)  # first of the deepest: the higher-ranked branch on ties
-    acc = _path_to(draft, best, depth_q[:, 1:])
+    if draft.size == 0:
+        acc = _path_to(draft, target[:, 0])
+        acc.next_root = target[:, 0]
+        return acc
+    ok = draft.tokens == target.gather(1, draft.parents + 1)
+    right = _right_nodes(draft, ok)
+    best = torch.where(right, draft.depth_q(), -1).argmax(1)  # first of the deepest: higher-ranked branch on ties
+    acc = _path_to(draft, best)
     acc.next_root = target.gather(1, best[:, None])[:, 0]
     return acc
 
@@ -141,7 +141,7 @@ def accept_sample(logits: torch.Tensor, draft: Draft, sampling: Sampling,
         cur = torch.where(has, child.int().argmax(1) + 1, cur)
         if not live.any():
             break
-    acc = _path_to(draft, cur, draft.depth())
+    acc = _path_to(draft, cur)
     acc.next_root = next_root
     return acc
 
@@ -156,17 +156,14 @@ def accept_typical(logits: torch.Tensor, draft: Draft, sampling: Sampling, epsil
     probs = (logits.float() / temp).softmax(-1)  # (B, 1+N, V)
     entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)  # (B, 1+N)
     threshold = torch.minimum(torch.full_like(entropy, epsilon), delta * torch.exp(-entropy))
-    right = torch.zeros(b, n + 1, dtype=torch.bool, device=dev)
-    right[:, 0] = True
     rows = torch.arange(b, device=dev)
-    for i in range(n):
-        p = draft.parents[:, i] + 1
-        tok_p = probs[rows, p, draft.tokens[:, i]]
-        right[:, i + 1] = draft.valid[:, i] & right[rows, p] & (tok_p > threshold[rows, p])
-    depth_q = torch.cat([torch.zeros(b, 1, dtype=torch.long, device=dev), draft.depth()], 1) if n else \
-        torch.zeros(b, 1, dtype=torch.long, device=dev)
-    best = torch.where(right, depth_q, -1).argmax(1)
-    acc = _path_to(draft, best, depth_q[:, 1:])
+    if n == 0:
+        best = torch.zeros(b, dtype=torch.long, device=dev)
+    else:
+        tok_p = probs[rows[:, None], draft.parents + 1, draft.tokens]  # (B, N): p_parent(token)
+        ok = tok_p > threshold.gather(1, draft.parents + 1)
+        best = torch.where(_right_nodes(draft, ok), draft.depth_q(), -1).argmax(1)
+    acc = _path_to(draft, best)
     last = logits[rows, best]
     acc.next_root = sampling.choose(last, generator)
     return acc

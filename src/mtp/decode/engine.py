@@ -272,14 +272,12 @@ class Decoder:
             draft = self.proposer.propose(self)
             n = draft.size
             q_tokens = torch.cat([self.root[:, None], draft.tokens], 1)  # (B, 1+N)
-            depth = torch.cat([torch.zeros(b, 1, dtype=torch.long, device=dev), draft.depth()], 1) if n else \
-                torch.zeros(b, 1, dtype=torch.long, device=dev)
-            q_pos = self.next_pos[:, None] + depth
+            q_pos = self.next_pos[:, None] + draft.depth_q()
             allowed_new = draft.ancestor_mask()
-            if n:  # padding nodes see only themselves
+            if n and not bool(draft.valid.all()):  # padding nodes see only themselves
                 node_valid = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=dev), draft.valid], 1)
-                allowed_new &= node_valid[:, :, None] & node_valid[:, None, :]
-                allowed_new |= torch.eye(n + 1, dtype=torch.bool, device=dev)[None]
+                allowed_new = (allowed_new & node_valid[:, :, None] & node_valid[:, None, :]) | \
+                    torch.eye(n + 1, dtype=torch.bool, device=dev)[None]
             s = self.slot_valid.shape[1]
             logits, states = self._forward(q_tokens, q_pos, allowed_new)
             acc = self._accept(logits, draft)

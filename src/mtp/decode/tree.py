@@ -25,36 +25,49 @@ class Draft:
     """Per-row candidate nodes below the root: tokens, parents (-1 = root), valid (padding is False).
 
     All (B, N). ``depth`` of a node is its distance from the root (children of the root have depth 1).
+    Depths and the ancestor mask are computed once per draft (static trees pass them precomputed).
     """
 
     tokens: torch.Tensor
     parents: torch.Tensor
     valid: torch.Tensor
+    _depth_q: torch.Tensor | None = None  # (B, 1+N), root first
+    _anc: torch.Tensor | None = None  # (B, 1+N, 1+N)
 
     @property
     def size(self) -> int:
         return self.tokens.shape[1]
 
+    def _build(self) -> None:
+        b, n = self.tokens.shape
+        dev = self.tokens.device
+        parent_q = torch.cat([torch.zeros(b, 1, dtype=torch.long, device=dev), self.parents + 1], 1)  # root -> root
+        node = torch.arange(n + 1, device=dev).expand(b, -1)
+        anc = torch.eye(n + 1, dtype=torch.bool, device=dev).repeat(b, 1, 1)
+        for _ in range(n):  # pointer jumping up the tree, one level per pass
+            node = parent_q.gather(1, node)
+            anc.scatter_(2, node[..., None], True)
+            if not bool((node > 0).any()):
+                break
+        self._anc = anc
+        self._depth_q = anc.sum(-1) - 1
+
+    def depth_q(self) -> torch.Tensor:
+        """(B, 1+N) depth in query order: the root 0, its children 1, ..."""
+        if self._depth_q is None:
+            self._build()
+        return self._depth_q
+
     def depth(self) -> torch.Tensor:
         """(B, N) depth of each node (1 for children of the root)."""
-        depth = torch.zeros_like(self.parents)
-        for i in range(self.size):  # parents come first: one pass
-            p = self.parents[:, i]
-            depth[:, i] = torch.where(p < 0, 1, depth.gather(1, p.clamp(min=0)[:, None])[:, 0] + 1)
-        return depth
+        return self.depth_q()[:, 1:]
 
     def ancestor_mask(self) -> torch.Tensor:
-        """(B, 1+N, 1+N) bool: query i may see key j iff j is the root, i itself or an ancestor of i."""
-        b, n = self.tokens.shape
-        allowed = torch.zeros(b, n + 1, n + 1, dtype=torch.bool, device=self.tokens.device)
-        allowed[:, :, 0] = True
-        allowed[:, 0, 0] = True
-        for i in range(n):
-            p = self.parents[:, i] + 1  # index in [root] + nodes
-            row = allowed[torch.arange(b), p].clone()  # the parent's ancestors
-            row[:, i + 1] = True
-            allowed[:, i + 1] = row
-        return allowed
+        """(B, 1+N, 1+N) bool: query i may see key j iff j is the root, i itself or an ancestor of i.
+        Shared by steps of a static tree: do not modify in place."""
+        if self._anc is None:
+            self._build()
+        return self._anc
 
     @staticmethod
     def empty(batch: int, device) -> "Draft":
@@ -83,6 +96,7 @@ class CompiledTree:
     rank: torch.Tensor  # (N,) which of head d's top tokens
     max_rank: int
     max_depth: int
+    _buffers: tuple | None = None  # parents, depths and ancestor mask on the device, built on first use
 
     @property
     def size(self) -> int:
@@ -94,8 +108,13 @@ class CompiledTree:
         d = self.depth.to(head_top.device) - 1
         r = self.rank.to(head_top.device)
         tokens = head_top[:, d, r]  # (B, N)
-        parents = self.parents.to(head_top.device).expand(b, -1).clone()
-        return Draft(tokens, parents, torch.ones_like(tokens, dtype=torch.bool))
+        dev = head_top.device
+        if self._buffers is None or self._buffers[0].device != dev:
+            proto = Draft(tokens[:1], self.parents.to(dev)[None], torch.ones_like(tokens[:1], dtype=torch.bool))
+            object.__setattr__(self, "_buffers", (proto.parents, proto.depth_q(), proto.ancestor_mask()))
+        parents, depth_q, anc = self._buffers
+        return Draft(tokens, parents.expand(b, -1), torch.ones_like(tokens, dtype=torch.bool),
+                     depth_q.expand(b, -1), anc.expand(b, -1, -1))
 
 
 def parse_tree(spec: str | list) -> list[tuple[int, ...]]:
