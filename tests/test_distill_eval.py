@@ -68,7 +68,7 @@ def test_eval_command(tiny_folder, tmp_path, capsys):
     js = tmp_path / "eval.json"
     code = main(["eval", "--model", str(tiny_folder), "--heads", str(tmp_path / "run" / "heads"), "--text",
                  str(text), "--context", "16", "--max-positions", "10", "--max-candidates", "4", "--json", str(js),
-                 "--quiet"])
+                 "--write-accuracy", "--quiet"])
     out = capsys.readouterr().out
     assert code == 0 and "| 1 | x_(t+2) |" in out
     result = json.loads(js.read_text())
@@ -76,6 +76,9 @@ def test_eval_command(tiny_folder, tmp_path, capsys):
     assert [r["head"] for r in rows] == [0, 1, 2, 3] and result["positions"] == 10
     assert "marginal_top1" in rows[1] and "marginal_top1" in rows[2] and "marginal_top1" not in rows[3]
     assert all(0 <= r["top1"] <= r["top5"] <= 1 for r in rows)
+    acc = json.loads((tmp_path / "run" / "heads" / "accuracy.json").read_text())["rank_accuracy"]
+    assert len(acc) == 3 and all(len(a) == 10 for a in acc)
+    assert [round(a[0], 5) for a in acc] == [round(r["top1"], 5) for r in rows[1:]]
 
 
 def test_eval_bad_heads(tiny_folder, tmp_path, capsys):

@@ -118,7 +118,7 @@ def train(cfg: TrainConfig, progress: bool = True, command: str = "") -> int:
 
 def evaluate(model: str, heads: str, data: str, context: int, max_positions: int, positions_per_window: int,
              marginal: bool, max_candidates: int, seed: int, device: str, dtype: str, json_path: str | None = None,
-             progress: bool = True, command: str = "") -> int:
+             progress: bool = True, command: str = "", write_accuracy: bool = False) -> int:
     """Per-head top-1 / top-5 on held-out text beside the backbone's own marginalization."""
     from mtp.analysis.run import load_corpora
     from mtp.backbones import load_backbone, resolve_backbone
@@ -138,6 +138,10 @@ def evaluate(model: str, heads: str, data: str, context: int, max_positions: int
     print(eval_table(result))
     if json_path:
         write_json(json_path, result)
+    if write_accuracy:  # what `mtp generate` sizes its trees from
+        write_json(folder / "accuracy.json", {"rank_accuracy": result["rank_accuracy"], "data": result["data"],
+                                              "positions": result["positions"], "command": command})
+        print(f"per-rank accuracies written to {folder / 'accuracy.json'}")
     return 0
 
 
@@ -301,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-marginal", action="store_true", help="skip the marginalization baseline")
     e.add_argument("--max-candidates", type=int, default=128)
     e.add_argument("--json", dest="json_path", metavar="FILE")
+    e.add_argument("--write-accuracy", action="store_true",
+                   help="store per-rank head accuracies as accuracy.json beside the heads (sizes decoding trees)")
     _add_common(e)
 
     r = sub.add_parser("generate", help="decode faster with the model's own MTP heads (lossless)")
@@ -412,7 +418,8 @@ def run(argv: list[str] | None = None) -> int:
             raise UserError("--context, --max-positions, --positions-per-window and --max-candidates must be >= 1")
         return evaluate(args.model, args.heads, args.text or args.data or "code", args.context, args.max_positions,
                         args.positions_per_window, not args.no_marginal, args.max_candidates, args.seed, args.device,
-                        args.dtype, json_path=args.json_path, progress=progress, command=command)
+                        args.dtype, json_path=args.json_path, progress=progress, command=command,
+                        write_accuracy=args.write_accuracy)
     if args.command == "bench" and args.bench == "analyze":
         return bench_analyze(args.model, args.data, args.context, args.positions, args.positions_per_window, args.k,
                              args.top_p, args.max_candidates, args.chunk_tokens, args.repeats, args.dtype,

@@ -16,10 +16,11 @@ from mtp.data import Corpus, make_windows
 from mtp.model.mtp import MTPModel
 
 MAX_MARGINAL_STEPS = 3
+RANKS = 10  # per-rank accuracies of each head's top tokens, for sizing decoding trees
 
 
 @torch.inference_mode()
-def head_predictions(model: MTPModel, input_ids: torch.Tensor, positions: torch.Tensor, top: int = 5) -> torch.Tensor:
+def head_predictions(model: MTPModel, input_ids: torch.Tensor, positions: torch.Tensor, top: int = 10) -> torch.Tensor:
     """Top-``top`` tokens of every head (k = 0 .. n) at ``positions``: (K, P, top)."""
     ids = input_ids.to(model.backbone.device)[None]
     final, states = model.trunk(ids)
@@ -39,6 +40,7 @@ def evaluate_heads(model: MTPModel, tokenizer, corpus: Corpus, *, context: int =
     steps = min(n + 1, MAX_MARGINAL_STEPS) if marginal else 1
     evaluator = CachedEvaluator(model.backbone, chunk_tokens)
     hits = torch.zeros(2, n + 1)  # (top-1 / top-5, head)
+    rank_hits = torch.zeros(n + 1, RANKS)  # how often rank r of head k is the true token
     mhits = torch.zeros(2, n + 1)
     total = 0
     was_training = model.training
@@ -46,10 +48,12 @@ def evaluate_heads(model: MTPModel, tokenizer, corpus: Corpus, *, context: int =
     for w in tqdm(windows, desc=f"eval {corpus.name}", unit="win", disable=not progress, file=sys.stderr):
         ids = w.input_ids.to(model.backbone.device)
         pos = w.positions.to(ids.device)
-        top = head_predictions(model, ids, pos)  # (K, P, 5)
+        top = head_predictions(model, ids, pos, RANKS)  # (K, P, RANKS)
         targets = torch.stack([ids[pos + 1 + k] for k in range(n + 1)])  # (K, P)
-        hits[0] += (top[..., 0] == targets).sum(-1).cpu()
-        hits[1] += (top == targets[..., None]).any(-1).sum(-1).cpu()
+        eq = top == targets[..., None]
+        hits[0] += eq[..., 0].sum(-1).cpu()
+        hits[1] += eq[..., :5].any(-1).sum(-1).cpu()
+        rank_hits += eq.sum(1).cpu()
         if steps > 1:
             res = marginalize(evaluator, ids, pos, steps, [top_p], max_candidates)
             for d in range(2, steps + 1):
@@ -66,7 +70,8 @@ def evaluate_heads(model: MTPModel, tokenizer, corpus: Corpus, *, context: int =
             row.update({"marginal_top1": float(mhits[0, k] / total), "marginal_top5": float(mhits[1, k] / total)})
         rows.append(row)
     return {"data": corpus.name, "positions": total, "windows": len(windows), "context": context,
-            "marginal": {"top_p": top_p, "max_candidates": max_candidates, "max_steps": steps}, "heads": rows}
+            "marginal": {"top_p": top_p, "max_candidates": max_candidates, "max_steps": steps}, "heads": rows,
+            "rank_accuracy": [[round(float(x / total), 5) for x in rank_hits[k]] for k in range(1, n + 1)]}
 
 
 def eval_table(result: dict) -> str:
