@@ -144,7 +144,14 @@ def make_proposer(method: str, *, n_heads: int = 0, heads_dir: Path | None = Non
     if method == "plain":
         return PlainProposer(), info
     if method == "blockwise":
+        if draft_len is None and cost is not None:
+            acc = rank_accuracy(heads_dir, n_heads)
+            chain = [[a[0]] for a in acc]  # rank 0 of every head: the chain's acceptance probabilities
+            draft_len, gain = choose_tree(chain, cost, max_nodes=n_heads)
+            info.update(draft_len_from="verify cost x head accuracy", expected_speedup=round(gain, 3))
         depth = min(draft_len or n_heads, n_heads)
+        if depth < 1:
+            raise UserError(f"--draft-len must be >= 1, got {depth}")
         info["draft_len"] = depth
         return blockwise(depth), info
     if method in ("tree", "dynamic"):
