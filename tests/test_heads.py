@@ -132,8 +132,8 @@ def test_bad_checkpoints(tmp_path):
 def test_bad_head_configs():
     with pytest.raises(UserError, match="unknown head kind"):
         HeadsConfig(backbone="x", kind="lstm")
-    with pytest.raises(UserError, match="at least 1"):
-        HeadsConfig(backbone="x", n_heads=0)
+    with pytest.raises(UserError, match=">= 0"):
+        HeadsConfig(backbone="x", n_heads=-1)
     with pytest.raises(UserError, match="unknown tap"):
         make(tap="middle")
     with pytest.raises(UserError, match="0..2"):

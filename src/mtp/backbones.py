@@ -266,10 +266,12 @@ def check_device(device: str) -> torch.device:
     return dev
 
 
-def load_backbone(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", device: str = "cpu"):
+def load_backbone(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", device: str = "cpu",
+                  require_tokenizer: bool = True):
     """Return ``(model, tokenizer)`` for a built-in name, a Hugging Face folder or a ``.gguf`` file.
 
-    The model is in eval mode on ``device`` with weights in ``dtype``.
+    The model is in eval mode on ``device`` with weights in ``dtype``. A folder without tokenizer files
+    gives ``tokenizer=None`` when ``require_tokenizer`` is False, else a clear error.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -278,11 +280,16 @@ def load_backbone(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = 
     if not any(folder.glob("*.safetensors")):
         raise UserError(f"{folder} has no .safetensors weights; mtp never unpickles .bin checkpoints: "
                         "re-save the model with save_pretrained(safe_serialization=True)")
+    has_tokenizer = any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+    if require_tokenizer and not has_tokenizer:
+        raise UserError(f"{folder} has no tokenizer files (tokenizer.json / tokenizer_config.json): add them, e.g. "
+                        "with mtp convert --tokenizer DIR")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        # a weights-only folder (e.g. a converted checkpoint without --tokenizer) still loads: tokenizer None
+        tokenizer = AutoTokenizer.from_pretrained(folder) if has_tokenizer else None
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dt, use_safetensors=True)
     except Exception as e:  # corrupt or unsupported folders raise many types; all are bad input here
         raise UserError(f"could not load model from {folder}: {_first_line(e)}") from e
-    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+    if tokenizer is not None and tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(dev).eval(), tokenizer

@@ -202,7 +202,7 @@ def bench_verify(model_name: str, dtypes: list[str], context: int = 256, repeats
         raise UserError("--context and --repeats must be >= 1")
     curves = {}
     for dtype in dtypes:
-        model, _ = load_backbone(model_name, dtype=dtype, device=device)
+        model, _ = load_backbone(model_name, dtype=dtype, device=device, require_tokenizer=False)
         cost = verify_cost(model.eval(), context, points or COST_POINTS, repeats)
         curves[dtype] = {"seconds": {str(k): v for k, v in cost.items()},
                          "ratio": {str(k): v / cost[1] for k, v in cost.items()}}

@@ -332,6 +332,31 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     r.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or float64 (default float32)")
 
+    pt = sub.add_parser("pretrain", help="pretrain a multi-token model from scratch (trunk + n transformer heads)")
+    pt.add_argument("--preset", default="tiny", help="tiny | small | base | large (default tiny)")
+    pt.add_argument("--heads", type=int, default=4, help="n: tokens predicted per position; 1 = next-token only")
+    pt.add_argument("--tokenizer", default="bytes", help="bytes | bpe (trained on the corpus) | a tokenizer folder")
+    pt.add_argument("--data", action="append", metavar="CORPUS|FILE", help="repeatable (default code)")
+    pt.add_argument("--out", default="runs/pretrain", metavar="DIR")
+    pt.add_argument("--max-steps", type=int, default=None, help="default: the preset's")
+    pt.add_argument("--seq-len", type=int, default=None)
+    pt.add_argument("--batch-size", type=int, default=None)
+    pt.add_argument("--lr", type=float, default=None)
+    pt.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary (default: the preset's)")
+    pt.add_argument("--eval-tokens", type=int, default=65536, help="held-out tokens for the final evaluation")
+    pt.add_argument("--save-every", type=int, default=200)
+    pt.add_argument("--log-every", type=int, default=10)
+    pt.add_argument("--resume", action="store_true")
+    pt.add_argument("--autocast", default="auto", help="bf16 autocast: auto | on | off")
+    _add_common(pt)
+
+    cv = sub.add_parser("convert", help="Meta's multi-token checkpoint layout (params.json + consolidated.pth, "
+                                        "extra_heads) into an mtp heads folder")
+    cv.add_argument("checkpoint", metavar="DIR")
+    cv.add_argument("--out", required=True, metavar="DIR", help="gets backbone/ (HF Llama) and heads/")
+    cv.add_argument("--tokenizer", default=None, metavar="DIR", help="a Hugging Face tokenizer folder to ship with it")
+    cv.add_argument("--dtype", default="float32")
+
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True,
                                                                        parser_class=_Parser)
     b = bench.add_parser("analyze", help="batched vs naive marginalization: time, ratio, largest difference")
@@ -424,6 +449,37 @@ def run(argv: list[str] | None = None) -> int:
         return bench_analyze(args.model, args.data, args.context, args.positions, args.positions_per_window, args.k,
                              args.top_p, args.max_candidates, args.chunk_tokens, args.repeats, args.dtype,
                              args.device, args.seed, json_path=args.json_path, progress=progress, command=command)
+    if args.command == "pretrain":
+        from mtp.pretrain import PretrainConfig, pretrain
+
+        for name in ("max_steps", "seq_len", "batch_size", "vocab_size"):
+            value = getattr(args, name)
+            if value is not None and value < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if args.lr is not None and args.lr <= 0:
+            raise UserError(f"--lr must be positive, got {args.lr}")
+        cfg = PretrainConfig(preset=args.preset, heads=args.heads, tokenizer=args.tokenizer,
+                             data=tuple(args.data or ["code"]), out=args.out, max_steps=args.max_steps,
+                             seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, vocab_size=args.vocab_size,
+                             eval_tokens=args.eval_tokens, save_every=args.save_every, log_every=args.log_every,
+                             resume=args.resume, seed=args.seed, device=args.device, dtype=args.dtype,
+                             autocast=args.autocast)
+        result = pretrain(cfg, progress=progress, command=command)
+        if "heads" not in result:  # not rank 0 under torchrun
+            return 0
+        print(f"held-out ({result['eval_tokens']} tokens): next-token loss {result['ntp_loss']:.4f} nats, "
+              f"{result['ntp_bits_per_byte']:.3f} bits/byte")
+        print("| head | predicts | loss | top-1 |\n|---:|---|---:|---:|")
+        for h in result["heads"]:
+            print(f"| {h['head']} | {h['predicts']} | {h['loss']:.4f} | {h['top1']:.3f} |")
+        print(f"model: {cfg.out}/heads (backbone {cfg.out}/init + trained weights); log: {cfg.out}/metrics.jsonl")
+        return 0
+    if args.command == "convert":
+        from mtp.convert import convert_meta
+
+        heads_dir = convert_meta(args.checkpoint, args.out, args.tokenizer, args.dtype)
+        print(f"heads: {heads_dir}  (backbone: {Path(args.out).expanduser().resolve() / 'backbone'})")
+        return 0
     if args.command == "generate":
         if args.max_new_tokens < 1:
             raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")

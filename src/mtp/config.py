@@ -125,7 +125,8 @@ class TrainConfig:
     """Backbone weights' dtype."""
 
     def __post_init__(self) -> None:
-        _require(self.heads >= 1, f"--heads must be at least 1, got {self.heads}")
+        _require(self.heads >= 1 or (self.heads == 0 and self.mode == "joint"),
+                 f"--heads must be at least 1, got {self.heads}")  # 0 heads: plain fine-tuning / NTP pretraining
         _require(self.mode in TRAIN_MODES, f"unknown --mode {self.mode!r}: use one of {', '.join(TRAIN_MODES)}")
         for name in ("max_steps", "batch_size", "grad_accum", "seq_len", "save_every", "log_every", "mlp_layers",
                      "loss_chunk_tokens", "lora_r"):

@@ -308,7 +308,7 @@ def train(cfg: TrainConfig, progress: bool = True, command: str = "") -> dict:
     head_params = model.head_parameters()
     backbone_params = [p for p in model.backbone.parameters() if p.requires_grad]
     trainable = head_params + backbone_params
-    groups = [{"params": head_params, "lr": cfg.lr, "base_lr": cfg.lr}]
+    groups = [{"params": head_params, "lr": cfg.lr, "base_lr": cfg.lr}] if head_params else []
     for part in (True, False):  # sharded and plain tensors in separate groups: foreach kernels need one kind
         params = [p for p in backbone_params if _is_sharded(p) == part]
         if params:

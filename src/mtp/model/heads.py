@@ -106,6 +106,8 @@ class TransformerHead(Head):
         self.layer = type(last)(config, 0)
         if init_from_last:
             self.layer.load_state_dict(last.state_dict())
+        elif hasattr(backbone, "_init_weights"):  # from scratch: the backbone's own initialization scheme
+            self.layer.apply(backbone._init_weights)
         self.layer.to(dtype=next(last.parameters()).dtype)
         # The rotary embedding has no trainable weights: borrow the backbone's, never copy it.
         self._rotary = [decoder.rotary_emb]

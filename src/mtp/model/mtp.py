@@ -51,8 +51,8 @@ class HeadsConfig:
     def __post_init__(self):
         if self.kind not in HEAD_KINDS:
             raise UserError(f"unknown head kind {self.kind!r}: use one of {', '.join(HEAD_KINDS)}")
-        if self.n_heads < 1:
-            raise UserError(f"the number of heads must be at least 1, got {self.n_heads}")
+        if self.n_heads < 0:  # 0: a next-token-only model (NTP pretraining, a converted n = 1 checkpoint)
+            raise UserError(f"the number of heads must be >= 0, got {self.n_heads}")
         if self.mlp_layers < 1:
             raise UserError(f"--mlp-layers must be at least 1, got {self.mlp_layers}")
         if self.trained_backbone not in ("none", "full", "lora"):
@@ -190,7 +190,8 @@ class MTPModel(nn.Module):
         if backbone is None:
             from mtp.backbones import load_backbone
 
-            backbone, _ = load_backbone(config.backbone, dtype=dtype or config.dtype, device=device)
+            backbone, _ = load_backbone(config.backbone, dtype=dtype or config.dtype, device=device,
+                                        require_tokenizer=False)
         check_compatible(meta, backbone, folder)
         try:
             state = load_file(folder / "model.safetensors", device=str(backbone.device))

@@ -1,0 +1,250 @@
+"""``mtp convert``: Meta's multi-token checkpoints (Gloeckle et al.'s 7B release layout) into ``MTPModel``.
+
+Meta's layout is Llama's consolidated state dict plus ``params.json`` with ``n_future_tokens``: the
+``layers`` (trunk + the next-token layer, ``layers[-1]``) and ``extra_heads`` (n - 1 more layers), every
+head reading the trunk output (the hidden state before ``layers[-1]``), all through ``norm`` and
+``output``. That is exactly a Hugging Face Llama with ``len(layers)`` layers plus ``transformer`` heads on
+the tap ``layer:len(layers)-1``, so the conversion is a renaming, plus the q/k row permutation between
+Meta's interleaved rotary embedding and Hugging Face's half-split one (as transformers' own Llama
+conversion script does).
+
+Weights load with ``torch.load(weights_only=True)`` (no arbitrary unpickling) or from safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from mtp.errors import UserError
+
+_LAYER_MAP = {
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+
+
+def permute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta's interleaved rotary rows -> Hugging Face's rotate-half rows, per head."""
+    out_dim, in_dim = w.shape
+    return w.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def unpermute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of :func:`permute_rotary` (Hugging Face -> Meta)."""
+    out_dim, in_dim = w.shape
+    return w.view(n_heads, 2, out_dim // n_heads // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def read_meta_checkpoint(folder: Path) -> tuple[dict, dict]:
+    """params.json and the state dict (consolidated*.pth via the safe loader, or *.safetensors)."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"{folder} is not a folder with a Meta checkpoint (params.json + consolidated.pth)")
+    try:
+        params = json.loads((folder / "params.json").read_text())
+    except FileNotFoundError:
+        raise UserError(f"{folder} has no params.json") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{folder}/params.json is not valid JSON ({e})") from None
+    shards = sorted(folder.glob("consolidated*.safetensors")) or sorted(folder.glob("consolidated*.pth"))
+    if not shards:
+        raise UserError(f"{folder} has no consolidated*.pth or consolidated*.safetensors")
+    if len(shards) > 1:
+        raise UserError(f"{folder} holds {len(shards)} model-parallel shards: merge them first (one consolidated "
+                        "file is supported)")
+    path = shards[0]
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input problem
+        raise UserError(f"cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path} is not a state dict of tensors")
+    return params, state
+
+
+def _layer_states(state: dict, prefix: str) -> dict[int, dict[str, torch.Tensor]]:
+    layers: dict[int, dict[str, torch.Tensor]] = {}
+    pattern = re.compile(rf"^{prefix}\.(\d+)\.(.+)$")
+    for key, value in state.items():
+        m = pattern.match(key)
+        if m:
+            layers.setdefault(int(m.group(1)), {})[m.group(2)] = value
+    if layers and sorted(layers) != list(range(len(layers))):
+        raise UserError(f"{prefix}: layer indices {sorted(layers)} have gaps")
+    return layers
+
+
+def _hf_layer(meta: dict[str, torch.Tensor], n_heads: int, n_kv: int, where: str) -> dict[str, torch.Tensor]:
+    missing = [k for k in _LAYER_MAP if k not in meta]
+    if missing:
+        raise UserError(f"{where} lacks {', '.join(missing)}")
+    out = {}
+    for k, name in _LAYER_MAP.items():
+        w = meta[k]
+        if k == "attention.wq.weight":
+            w = permute_rotary(w, n_heads)
+        elif k == "attention.wk.weight":
+            w = permute_rotary(w, n_kv)
+        out[name] = w
+    return out
+
+
+def convert_meta(folder: str | Path, out: str | Path, tokenizer: str | None = None, dtype: str = "float32") -> Path:
+    """Write ``out/backbone`` (a Hugging Face Llama folder) and ``out/heads`` (the extra heads); return the
+    heads folder, which ``MTPModel.from_pretrained`` and ``mtp generate --heads`` take."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mtp.backbones import DTYPES
+    from mtp.model.mtp import HeadsConfig, MTPModel
+
+    out = Path(out).expanduser().resolve()
+    if (out / "heads").exists() or (out / "backbone").exists():
+        raise UserError(f"{out} already holds a conversion: choose another --out")
+    params, state = read_meta_checkpoint(Path(folder))
+    n_future = int(params.get("n_future_tokens", 1))
+    try:
+        dim, n_heads = int(params["dim"]), int(params["n_heads"])
+    except (KeyError, TypeError, ValueError):
+        raise UserError("params.json needs integer dim and n_heads") from None
+    n_kv = int(params.get("n_kv_heads") or n_heads)
+    layers, extra = _layer_states(state, "layers"), _layer_states(state, "extra_heads")
+    if not layers:
+        raise UserError("the checkpoint has no layers.* weights: not a Llama consolidated state dict")
+    if n_future > 1 and not extra:
+        raise UserError(f"params.json says n_future_tokens = {n_future} but the checkpoint has no extra_heads")
+    if len(extra) != n_future - 1:
+        raise UserError(f"params.json says n_future_tokens = {n_future} but there are {len(extra)} extra_heads "
+                        f"(expected {n_future - 1})")
+    if "n_layers" in params and int(params["n_layers"]) not in (len(layers), len(layers) + len(extra)):
+        raise UserError(f"params.json says n_layers = {params['n_layers']} but the checkpoint has {len(layers)} "
+                        f"layers and {len(extra)} extra heads")
+    for key in ("tok_embeddings.weight", "norm.weight", "output.weight"):
+        if key not in state:
+            raise UserError(f"the checkpoint lacks {key}")
+    vocab = state["tok_embeddings.weight"].shape[0]
+    head_dim = dim // n_heads
+    w1 = layers[0].get("feed_forward.w1.weight")
+    if w1 is None:
+        raise UserError("layers.0 lacks feed_forward.w1.weight")
+    inter = w1.shape[0]
+    expect = {"attention.wq.weight": (n_heads * head_dim, dim), "attention.wk.weight": (n_kv * head_dim, dim),
+              "attention.wv.weight": (n_kv * head_dim, dim), "attention.wo.weight": (dim, n_heads * head_dim),
+              "feed_forward.w1.weight": (inter, dim), "feed_forward.w3.weight": (inter, dim),
+              "feed_forward.w2.weight": (dim, inter), "attention_norm.weight": (dim,), "ffn_norm.weight": (dim,)}
+    for prefix, group in (("layers", layers), ("extra_heads", extra)):
+        for i, meta in group.items():
+            for k, shape in expect.items():
+                if k in meta and tuple(meta[k].shape) != shape:
+                    raise UserError(f"{prefix}.{i}.{k} has shape {tuple(meta[k].shape)}, expected {shape} "
+                                    f"(dim {dim}, {n_heads} heads, {n_kv} kv heads)")
+    if tuple(state["output.weight"].shape) != (vocab, dim) or tuple(state["norm.weight"].shape) != (dim,):
+        raise UserError(f"output / norm shapes do not match dim {dim} and vocabulary {vocab}")
+    if dtype not in DTYPES:
+        raise UserError(f"unknown --dtype {dtype!r}")
+    config = LlamaConfig(vocab_size=vocab, hidden_size=dim, intermediate_size=inter, num_hidden_layers=len(layers),
+                         num_attention_heads=n_heads, num_key_value_heads=n_kv,
+                         rms_norm_eps=float(params.get("norm_eps", 1e-5)),
+                         rope_theta=float(params.get("rope_theta", 10000.0)),
+                         max_position_embeddings=int(params.get("max_seq_len", 4096)), tie_word_embeddings=False)
+    hf = {"model.embed_tokens.weight": state["tok_embeddings.weight"], "model.norm.weight": state["norm.weight"],
+          "lm_head.weight": state["output.weight"]}
+    for i, meta in layers.items():
+        for name, w in _hf_layer(meta, n_heads, n_kv, f"layers.{i}").items():
+            hf[f"model.layers.{i}.{name}"] = w
+    torch_dtype = DTYPES[dtype]
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model.load_state_dict({k: v.to(torch_dtype) for k, v in hf.items()}, strict=True, assign=True)
+    model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "backbone.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    if tokenizer:
+        from transformers import AutoTokenizer
+
+        try:
+            AutoTokenizer.from_pretrained(tokenizer).save_pretrained(tmp)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot load the tokenizer {tokenizer} ({e})") from None
+    tmp.rename(out / "backbone")
+    heads_cfg = HeadsConfig(backbone=str(out / "backbone"), n_heads=max(0, n_future - 1), kind="transformer",
+                            tap=f"layer:{len(layers) - 1}", init_from_last=False, dtype=dtype,
+                            trained_backbone="none",
+                            recipe={"converted_from": str(Path(folder).expanduser().resolve()),
+                                    "format": "meta-consolidated", "params": params})
+    mtp_model = MTPModel(model, heads_cfg)
+    head_state = {}
+    for j, meta in extra.items():
+        for name, w in _hf_layer(meta, n_heads, n_kv, f"extra_heads.{j}").items():
+            head_state[f"{j}.body.layer.{name}"] = w.to(torch_dtype)
+    missing, unexpected = mtp_model.heads.load_state_dict(head_state, strict=False)
+    missing = [k for k in missing if "rotary" not in k]
+    if missing or unexpected:
+        raise UserError(f"extra_heads do not map onto Llama layers (missing {missing[:3]}, unexpected "
+                        f"{unexpected[:3]})")
+    mtp_model.save_pretrained(out / "heads")
+    return out / "heads"
+
+
+def export_meta(model, folder: str | Path) -> Path:
+    """Write an ``MTPModel`` whose heads follow Meta's layout (Llama backbone, transformer heads on the tap
+    ``layer:L-1``) as params.json + consolidated.00.pth: the inverse of :func:`convert_meta`."""
+    cfg = model.backbone.config
+    n_layers = cfg.num_hidden_layers
+    if model.config.kind != "transformer" and model.n_heads > 0 or (
+            model.n_heads > 0 and model.config.tap != f"layer:{n_layers - 1}") or cfg.model_type != "llama":
+        raise UserError("only Llama models with transformer heads on the trunk output (tap layer:L-1) have "
+                        "Meta's layout")
+    inverse = {v: k for k, v in _LAYER_MAP.items()}
+    n_heads, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+
+    def meta_layer(hf: dict, prefix: str) -> dict:
+        out = {}
+        for name, w in hf.items():
+            if name not in inverse:
+                continue
+            key = inverse[name]
+            if key == "attention.wq.weight":
+                w = unpermute_rotary(w, n_heads)
+            elif key == "attention.wk.weight":
+                w = unpermute_rotary(w, n_kv)
+            out[f"{prefix}.{key}"] = w.detach().clone().contiguous()
+        return out
+
+    sd = model.backbone.state_dict()
+    state = {"tok_embeddings.weight": sd["model.embed_tokens.weight"].clone(), "norm.weight": sd["model.norm.weight"],
+             "output.weight": sd["lm_head.weight"].clone()}
+    for i in range(n_layers):
+        state.update(meta_layer({k[len(f"model.layers.{i}."):]: v for k, v in sd.items()
+                                 if k.startswith(f"model.layers.{i}.")}, f"layers.{i}"))
+    for j, head in enumerate(model.heads):
+        state.update(meta_layer(dict(head.body.layer.state_dict()), f"extra_heads.{j}"))
+    params = {"dim": cfg.hidden_size, "n_layers": n_layers + model.n_heads, "n_heads": n_heads, "n_kv_heads": n_kv,
+              "vocab_size": cfg.vocab_size, "norm_eps": cfg.rms_norm_eps,
+              "rope_theta": float(getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"]),
+              "max_seq_len": cfg.max_position_embeddings, "n_future_tokens": model.n_heads + 1}
+    folder = Path(folder).expanduser()
+    if folder.exists() and any(folder.iterdir()):
+        raise UserError(f"{folder} is not empty: choose another folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "params.json").write_text(json.dumps(params, indent=1) + "\n")
+    torch.save(state, folder / "consolidated.00.pth")
+    return folder
