@@ -178,3 +178,14 @@ def test_bf16_backbone_trains_float32_heads(tiny_folder, corpus_file, tmp_path):
     model = MTPModel.from_pretrained(tmp_path / "run" / "heads", dtype="bfloat16")
     logits = model(torch.tensor([[1, 2, 3, 4]]))
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+
+
+def test_save_dtype_halves_the_heads_file(tiny_folder, corpus_file, tmp_path, capsys):
+    code = main(["train", "--model", str(tiny_folder), "--data", str(corpus_file), "--heads", "2", "--seq-len", "24",
+                 "--batch-size", "4", "--max-steps", "2", "--save-dtype", "bfloat16", "--autocast", "off",
+                 "--out", str(tmp_path / "run"), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    state = heads_state(tmp_path / "run" / "heads")
+    assert all(v.dtype == torch.bfloat16 for v in state.values())
+    model = MTPModel.from_pretrained(tmp_path / "run" / "heads")  # loads onto the float32 backbone
+    assert next(model.heads.parameters()).dtype == torch.float32

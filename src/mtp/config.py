@@ -123,8 +123,12 @@ class TrainConfig:
     device: str = "cpu"
     dtype: str = "float32"
     """Backbone weights' dtype."""
+    save_dtype: str | None = None
+    """dtype of the saved heads (default: as trained; bfloat16 halves the file)."""
 
     def __post_init__(self) -> None:
+        _require(self.save_dtype is None or self.save_dtype in DTYPES,
+                 f"unknown --save-dtype {self.save_dtype!r}: use one of {', '.join(DTYPES)}")
         _require(self.heads >= 1 or (self.heads == 0 and self.mode == "joint"),
                  f"--heads must be at least 1, got {self.heads}")  # 0 heads: plain fine-tuning / NTP pretraining
         _require(self.mode in TRAIN_MODES, f"unknown --mode {self.mode!r}: use one of {', '.join(TRAIN_MODES)}")

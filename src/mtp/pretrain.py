@@ -212,7 +212,7 @@ def _train_config(cfg: PretrainConfig, preset: Preset, init: Path, trunk_layers:
 
     lr = cfg.lr or preset.lr
     steps = cfg.max_steps or preset.max_steps
-    return TrainConfig(model=str(init), out=cfg.out, heads=cfg.heads - 1, kind="transformer",
+    return TrainConfig(model=str(init.resolve()), out=cfg.out, heads=cfg.heads - 1, kind="transformer",
                        tap=f"layer:{trunk_layers - 1}", init_from_last=False, mode="joint",
                        data=list(cfg.data), seq_len=cfg.seq_len or preset.seq_len,
                        batch_size=cfg.batch_size or preset.batch_size, max_steps=steps, lr=lr, backbone_lr=lr,

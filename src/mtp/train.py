@@ -378,7 +378,10 @@ def train(cfg: TrainConfig, progress: bool = True, command: str = "") -> dict:
                 write_checkpoint(ckpt, model, backbone_state, optim_state, step, cfg.to_dict())
     bar.close()
     if ddp.main:
-        model.save_pretrained(out / "heads", backbone_state=backbone_state)
+        from mtp.backbones import DTYPES
+
+        model.save_pretrained(out / "heads", backbone_state=backbone_state,
+                              dtype=DTYPES[cfg.save_dtype] if cfg.save_dtype else None)
     if ddp.world > 1:
         dist.barrier()
     return {"out": str(out), "steps": step, "heads": str(out / "heads")}
