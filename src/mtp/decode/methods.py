@@ -25,7 +25,7 @@ from mtp.errors import UserError
 
 METHODS = ("plain", "blockwise", "tree", "dynamic", "lookup", "early-exit")
 HEAD_METHODS = ("blockwise", "tree", "dynamic")
-COST_POINTS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+COST_POINTS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64)
 
 
 @torch.inference_mode()
@@ -91,19 +91,6 @@ def cached_verify_cost(model_name: str, backbone, context: int = 256) -> dict:
     return cost
 
 
-def interpolate(cost: dict, k: int) -> float:
-    """t(k) from the measured points (linear in between, linear extrapolation beyond the last)."""
-    ks = sorted(cost)
-    if k in cost:
-        return cost[k]
-    if k > ks[-1]:
-        a, b = ks[-2], ks[-1]
-        return cost[b] + (cost[b] - cost[a]) / (b - a) * (k - b)
-    lo = max(x for x in ks if x < k)
-    hi = min(x for x in ks if x > k)
-    return cost[lo] + (cost[hi] - cost[lo]) * (k - lo) / (hi - lo)
-
-
 def rank_accuracy(heads_dir: Path | None, n_heads: int) -> list[list[float]]:
     """Per head, how often each of its top ranks is right (``accuracy.json`` beside the heads, written by
     ``mtp eval``); without it a conservative prior (rank 1 of head d right 0.6 / d, each next rank a third)."""
@@ -126,7 +113,9 @@ def choose_tree(acc: list[list[float]], cost: dict, max_nodes: int = 64) -> tupl
         for d, r in enumerate(path):
             p *= acc[d][r] if r < len(acc[d]) else 0.0
         total += p
-        gain = total * cost[1] / interpolate(cost, n + 1)
+        if n + 1 not in cost:  # only measured sizes: the curve is not smooth (kernel choices per shape)
+            continue
+        gain = total * cost[1] / cost[n + 1]
         if gain > best_gain:
             best, best_gain = n, gain
     return best, best_gain
