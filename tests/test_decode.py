@@ -335,3 +335,14 @@ def test_bench_verify_cli(tiny_folder, capsys, tmp_path):
     assert code == 0, err
     r = json.loads((tmp_path / "v.json").read_text())
     assert set(r["curves"]) == {"float32", "bfloat16"} and r["curves"]["float32"]["ratio"]["1"] == 1.0
+
+
+def test_tree_size_follows_the_verify_cost_curve():
+    from mtp.decode.methods import choose_tree
+    acc = [[0.7, 0.2, 0.05], [0.5, 0.2], [0.4, 0.1], [0.3]]
+    flat_then_steep = {1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0, 5: 1.0, 6: 1.0, 8: 1.0, 10: 3.0, 12: 3.5, 16: 4.0}
+    nodes, gain = choose_tree(acc, flat_then_steep)
+    assert nodes == 7 and gain > 2  # the largest tree that still verifies at the cost of one token
+    steep = {k: float(k) for k in flat_then_steep}
+    nodes, gain = choose_tree(acc, steep)
+    assert nodes == 1  # every extra token costs a full forward: one node
