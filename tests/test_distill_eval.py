@@ -88,3 +88,21 @@ def test_eval_bad_heads(tiny_folder, tmp_path, capsys):
     code = main(["eval", "--model", str(tiny_folder), "--heads", "default", "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and "no default heads" in err
+
+
+def test_compare_eval_results(tmp_path, capsys):
+    def result(acc, marginal=False):
+        heads = [{"head": k, "predicts": f"x_(t+{k + 1})", "top1": a, "top5": min(1, a + 0.2)} for k, a in
+                 enumerate(acc)]
+        if marginal:
+            heads[1].update(marginal_top1=0.4, marginal_top5=0.6)
+        return {"data": "code", "positions": 10, "heads": heads}
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(result([0.6, 0.3, 0.2], marginal=True)))
+    b.write_text(json.dumps(result([0.6, 0.35, 0.25])))
+    code = main(["compare", f"mlp={a}", f"transformer={b}", "--plot", str(tmp_path / "p.png")])
+    out = capsys.readouterr().out
+    assert code == 0 and "| mlp | 0.600 / 0.800" in out and "marginalization" in out
+    assert (tmp_path / "p.png").stat().st_size > 0
+    code = main(["compare", f"x={tmp_path / 'missing.json'}"])
+    assert code == 2 and "not an `mtp eval` JSON" in capsys.readouterr().err

@@ -357,6 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--tokenizer", default=None, metavar="DIR", help="a Hugging Face tokenizer folder to ship with it")
     cv.add_argument("--dtype", default="float32")
 
+    rp = sub.add_parser("compare", help="several `mtp eval` results on the same text: one table and a plot")
+    rp.add_argument("results", nargs="+", metavar="NAME=FILE.json")
+    rp.add_argument("--plot", metavar="FILE.png", help="accuracy vs head index per variant")
+
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True,
                                                                        parser_class=_Parser)
     b = bench.add_parser("analyze", help="batched vs naive marginalization: time, ratio, largest difference")
@@ -473,6 +477,24 @@ def run(argv: list[str] | None = None) -> int:
         for h in result["heads"]:
             print(f"| {h['head']} | {h['predicts']} | {h['loss']:.4f} | {h['top1']:.3f} |")
         print(f"model: {cfg.out}/heads (backbone {cfg.out}/init + trained weights); log: {cfg.out}/metrics.jsonl")
+        return 0
+    if args.command == "compare":
+        from mtp.evaluate import compare_table, plot_accuracy_vs_head
+
+        named = {}
+        for item in args.results:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise UserError(f"{item!r}: give NAME=FILE.json")
+            try:
+                named[name] = json.loads(Path(path).expanduser().read_text())
+                named[name]["heads"][0]["top1"]
+            except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+                raise UserError(f"{path} is not an `mtp eval` JSON result ({type(e).__name__})") from None
+        print(compare_table(named))
+        if args.plot:
+            _check_writable_file(args.plot, "--plot")
+            plot_accuracy_vs_head(named, args.plot)
         return 0
     if args.command == "convert":
         from mtp.convert import convert_meta

@@ -84,3 +84,52 @@ def eval_table(result: dict) -> str:
         m5 = f"{r['marginal_top5']:.3f}" if "marginal_top5" in r else ("(NTP)" if r["head"] == 0 else "–")
         lines.append(f"| {r['head']} | {r['predicts']} | {r['top1']:.3f} | {r['top5']:.3f} | {m1} | {m5} |")
     return "\n".join(lines)
+
+
+def compare_table(named: dict[str, dict]) -> str:
+    """Several ``mtp eval`` results (same text) side by side: top-1 / top-5 per head and variant."""
+    first = next(iter(named.values()))
+    n = max(len(r["heads"]) for r in named.values())
+    lines = [f"Per-head accuracy on {first['data']} ({first['positions']} positions); top-1 / top-5", "",
+             "| variant | " + " | ".join(f"head {k} (x_(t+{k + 1}))" for k in range(n)) + " |",
+             "|---|" + "---:|" * n]
+    for name, r in named.items():
+        cells = [f"{h['top1']:.3f} / {h['top5']:.3f}" for h in r["heads"]]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    marg = next((r for r in named.values() if any("marginal_top1" in h for h in r["heads"])), None)
+    if marg is not None:
+        cells = [f"{h['marginal_top1']:.3f} / {h['marginal_top5']:.3f}" if "marginal_top1" in h else
+                 ("(NTP)" if h["head"] == 0 else "–") for h in marg["heads"]]
+        lines.append("| marginalization (backbone alone) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_accuracy_vs_head(named: dict[str, dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, key in zip(axes, ("top1", "top5")):
+        for name, r in named.items():
+            ks = [h["head"] for h in r["heads"]]
+            ax.plot(ks, [h[key] for h in r["heads"]], marker="o", label=name)
+        marg = next((r for r in named.values() if any(f"marginal_{key}" in h for h in r["heads"])), None)
+        if marg is not None:
+            pts = [(h["head"], h[f"marginal_{key}"]) for h in marg["heads"] if f"marginal_{key}" in h]
+            pts = [(0, marg["heads"][0][key])] + pts
+            ax.plot(*zip(*pts), "k--", marker="s", label="marginalization")
+        ax.set_xlabel("head k (predicts x_(t+1+k))")
+        ax.set_title(key.replace("top", "top-"))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy")
+    axes[1].legend(fontsize=8)
+    first = next(iter(named.values()))
+    fig.suptitle(f"{first.get('model', '')} heads on {first['data']}")
+    fig.tight_layout()
+    from pathlib import Path
+
+    Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

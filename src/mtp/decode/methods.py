@@ -80,6 +80,9 @@ def cached_verify_cost(model_name: str, backbone, context: int = 256) -> dict:
         return {int(k): float(v) for k, v in json.loads(path.read_text()).items()}
     except (OSError, ValueError, AttributeError):
         pass
+    import sys
+
+    print("mtp: measuring this device's verify cost t(k) once (cached in the user cache) ...", file=sys.stderr)
     cost = verify_cost(backbone, context)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
