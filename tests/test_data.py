@@ -136,3 +136,21 @@ def test_text_shorter_than_context():
     with pytest.raises(UserError, match="lower --context"):
         make_windows(Corpus("x", [Document("d", "short text")]), tok, context=64, max_positions=10, per_window=4,
                      horizon=2, seed=0)
+
+
+def test_windows_with_left_context_see_the_document_start():
+    """left=N: same scored positions, but each window reaches back (short documents: to their start)."""
+    tok = char_tokenizer()
+    docs = [Document(f"d{i}", SAMPLE_TEXT * 2) for i in range(3)]
+    plain = make_windows(Corpus("x", docs), tok, context=10, max_positions=60, per_window=5, horizon=2, seed=0)
+    full = make_windows(Corpus("x", docs), tok, context=10, max_positions=60, per_window=5, horizon=2, seed=0,
+                        left=10_000)
+
+    for w in full:
+        doc = next(d for d in docs if d.id == w.doc_id)
+        assert doc.text.startswith(tok.decode(w.input_ids[1:]))  # every window starts at its document's start
+    assert sum(len(w.positions) for w in full) == 60
+    # the scored tokens are the same ones, only with more text before them
+    scored = lambda ws: sorted((w.doc_id, tok.decode(w.input_ids[1:p + 2])[-12:]) for w in ws
+                               for p in w.positions.tolist())
+    assert len(scored(plain)) == len(scored(full))

@@ -275,8 +275,15 @@ def tokenize_document(doc: Document, tokenizer) -> tuple[list[int], list[int]]:
     return enc["input_ids"], span_of
 
 
-def _document_windows(ids, span_of, prefix, doc_id, context, per_window, horizon) -> list[Window]:
-    """Non-overlapping windows over one document, each scoring up to ``per_window`` positions."""
+def _document_windows(ids, span_of, prefix, doc_id, context, per_window, horizon,
+                      left: int | None = None) -> list[Window]:
+    """Windows over one document, each scoring up to ``per_window`` positions; scored positions never repeat.
+
+    By default the windows do not overlap (each position has at least ``context`` tokens before it in its
+    window). With ``left``, every window also reaches back up to ``left`` tokens before its first scored
+    position (to the document's start for short documents), so predictions see the text that really came
+    before them, as in decoding (chat prompts of distilled data included).
+    """
     n, lead = len(ids), len(prefix)
     # Target j (the first predicted token x_{t+1}, t = j-1) is scored when its whole horizon lies in one span.
     ok = [j for j in range(n - horizon + 1) if span_of[j] >= 0 and span_of[j + horizon - 1] == span_of[j]]
@@ -288,14 +295,15 @@ def _document_windows(ids, span_of, prefix, doc_id, context, per_window, horizon
         if not targets:
             return windows
         e = targets[-1] + horizon
-        window_ids = torch.tensor(prefix + ids[s:e], dtype=torch.long)
-        positions = torch.tensor([j - s + lead - 1 for j in targets], dtype=torch.long)
+        w0 = s if left is None else max(0, min(s, targets[0] - left))
+        window_ids = torch.tensor(prefix + ids[w0:e], dtype=torch.long)
+        positions = torch.tensor([j - w0 + lead - 1 for j in targets], dtype=torch.long)
         windows.append(Window(window_ids, positions, doc_id))
         s = e
 
 
 def make_windows(corpus: Corpus, tokenizer, *, context: int, max_positions: int, per_window: int,
-                 horizon: int, seed: int) -> list[Window]:
+                 horizon: int, seed: int, left: int | None = None) -> list[Window]:
     """Windows from the corpus with ``max_positions`` scored positions in all, spread over documents.
 
     Documents are visited in a seeded random order, taking one window from each in turn (round robin),
@@ -319,7 +327,7 @@ def make_windows(corpus: Corpus, tokenizer, *, context: int, max_positions: int,
 
     for doc in docs:  # round 0, tokenizing lazily
         ids, span_of = tokenize_document(doc, tokenizer)
-        pool = _document_windows(ids, span_of, prefix, doc.id, context, per_window, horizon)
+        pool = _document_windows(ids, span_of, prefix, doc.id, context, per_window, horizon, left)
         rng.shuffle(pool)
         if pool and take(pool.pop()):
             return chosen

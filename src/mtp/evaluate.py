@@ -35,8 +35,10 @@ def evaluate_heads(model: MTPModel, tokenizer, corpus: Corpus, *, context: int =
                    per_window: int = 16, seed: int = 0, marginal: bool = True, top_p: float = 0.99,
                    max_candidates: int = 128, chunk_tokens: int = 256, progress: bool = True) -> dict:
     n = model.n_heads
+    # windows reach back to the document start (up to 1024 tokens): a distilled response is judged with its
+    # prompt in view, as in decoding
     windows = make_windows(corpus, tokenizer, context=context, max_positions=max_positions, per_window=per_window,
-                           horizon=n + 1, seed=seed)
+                           horizon=n + 1, seed=seed, left=max(context, 1024))
     steps = min(n + 1, MAX_MARGINAL_STEPS) if marginal else 1
     evaluator = CachedEvaluator(model.backbone, chunk_tokens)
     hits = torch.zeros(2, n + 1)  # (top-1 / top-5, head)
