@@ -40,3 +40,25 @@ def test_batched_equals_naive_on_real_model(smollm2):
     a = marginalize(CachedEvaluator(model, chunk_tokens=5), w.input_ids, w.positions, 2, [0.99], 8)
     b = marginalize(NaiveEvaluator(model), w.input_ids, w.positions, 2, [0.99], 8)
     assert (a.marginals[1] - b.marginals[1]).abs().max() < 1e-5
+
+
+def test_shipped_heads_decode_like_plain_greedy(smollm2):
+    """The default heads load onto the real model and every head method says what plain greedy says."""
+    from mtp.decode.accept import Sampling
+    from mtp.decode.run import build_decoder, encode_prompt, eos_ids
+    from mtp.model.mtp import MTPModel, resolve_heads
+
+    model, tok = smollm2
+    folder = resolve_heads("default", "smollm2-135m")
+    heads = MTPModel.from_pretrained(folder, backbone=model).eval()
+    prompts = [encode_prompt(tok, "Write a Python function that adds two numbers."),
+               encode_prompt(tok, "What is a list comprehension?")]
+    eos = eos_ids(model, tok)
+    outs = {}
+    for method in ("plain", "blockwise", "tree", "dynamic"):
+        dec, _ = build_decoder(model, tok, heads, folder, "smollm2-135m", method, sampling=Sampling(), nodes=8,
+                               draft_len=3)
+        outs[method] = dec.generate(prompts, 40, eos)
+    for method in ("blockwise", "tree", "dynamic"):
+        assert [r.tokens for r in outs[method].rows] == [r.tokens for r in outs["plain"].rows]
+        assert sum(r.tau for r in outs[method].rows) / 2 > 1.2  # the heads do accept tokens
