@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml Makefile
 
 # The main job: how much multi-token prediction the default model already has, on a small
 # built-in sample of each corpus, then one answer decoded with the shipped MTP heads and its speedup
-# over plain decoding (a few minutes on two CPU cores).
+# over plain decoding (tens of minutes on two CPU cores; see README).
 demo: setup
 	$(VENV)/bin/mtp analyze --model smollm2-135m --data code --data prose --data translation \
 		--max-positions 96 --k 3 --dtype bfloat16 --out runs/demo --json runs/demo/analysis.json
