@@ -346,3 +346,15 @@ def test_tree_size_follows_the_verify_cost_curve():
     steep = {k: float(k) for k in flat_then_steep}
     nodes, gain = choose_tree(acc, steep)
     assert nodes == 1  # every extra token costs a full forward: one node
+
+
+def test_typical_acceptance_runs_and_accepts_confident_drafts():
+    """Medusa's typical acceptance (lossy): an always-right draft is accepted; output length is respected."""
+    model = tiny_model("llama", vocab=64)
+    ref = reference_greedy(model, PROMPTS[0], 40)
+    out = Decoder(model, Tok(), proposer=Oracle(ref, "always"), sampling=Sampling(temperature=0.7),
+                  acceptance="typical", seed=3).generate(PROMPTS[:1], 30, eos_token_ids=[])
+    row = out.rows[0]
+    assert len(row.tokens) == 30 and row.tau >= 1.0
+    with pytest.raises(UserError, match="acceptance"):
+        Decoder(model, Tok(), acceptance="fast")
