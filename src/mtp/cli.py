@@ -556,6 +556,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import transformers
 
+    import warnings
+
+    # library deprecation notices (e.g. transformers' about peft's calls) are not the user's to act on
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)(\.|$)")
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()  # our own bars and messages say what is happening
     try:
