@@ -76,3 +76,17 @@ def text_file(tmp_path):
     path = tmp_path / "sample.txt"
     path.write_text(SAMPLE_TEXT * 4)
     return path
+
+
+def crash_optimizer_at(monkeypatch, n: int):
+    """Make the n-th AdamW step raise "simulated crash"; returns a function that restores the real step."""
+    real_step, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def crashing_step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise RuntimeError("simulated crash")
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", crashing_step)
+    return lambda: monkeypatch.setattr(torch.optim.AdamW, "step", real_step)

@@ -13,7 +13,7 @@ from mtp.convert import convert_meta, unpermute_rotary
 from mtp.errors import UserError
 from mtp.model.mtp import MTPModel
 from mtp.pretrain import PRESETS, Preset, PretrainConfig, byte_tokenizer, pretrain, train_bpe, trunk_config
-from tests.conftest import SAMPLE_TEXT
+from tests.conftest import SAMPLE_TEXT, crash_optimizer_at
 
 MICRO = Preset(hidden=32, layers=5, attention_heads=4, kv_heads=2, intermediate=64, seq_len=32, batch_size=4,
                lr=3e-3, max_steps=30, warmup_steps=3, bpe_vocab=300, context=256)
@@ -92,18 +92,10 @@ def test_tiny_pretraining_lowers_every_head_loss(corpus, tmp_path):
 
 def test_pretrain_resume_equals_uninterrupted(corpus, tmp_path, monkeypatch):
     pretrain(cfg(corpus, tmp_path / "full", max_steps=12, save_every=6), progress=False)
-    real_step, calls = torch.optim.AdamW.step, {"n": 0}
-
-    def crashing_step(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 9:
-            raise RuntimeError("simulated crash")
-        return real_step(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", crashing_step)
+    restore = crash_optimizer_at(monkeypatch, 9)
     with pytest.raises(RuntimeError):
         pretrain(cfg(corpus, tmp_path / "crash", max_steps=12, save_every=6), progress=False)
-    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    restore()
     pretrain(cfg(corpus, tmp_path / "crash", max_steps=12, save_every=6, resume=True), progress=False)
     from safetensors.torch import load_file
     a = load_file(tmp_path / "full" / "heads" / "model.safetensors")

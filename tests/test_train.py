@@ -11,7 +11,7 @@ from mtp.config import TrainConfig
 from mtp.errors import UserError
 from mtp.model.mtp import MTPModel
 from mtp.train import train
-from tests.conftest import SAMPLE_TEXT
+from tests.conftest import SAMPLE_TEXT, crash_optimizer_at
 
 
 @pytest.fixture
@@ -52,18 +52,10 @@ def test_training_lowers_every_head_loss(tiny_folder, corpus_file, tmp_path):
 def test_resume_after_crash_equals_uninterrupted(tiny_folder, corpus_file, tmp_path, monkeypatch, mode):
     train(config(tiny_folder, corpus_file, tmp_path / "full", mode=mode), progress=False)
 
-    real_step, calls = torch.optim.AdamW.step, {"n": 0}
-
-    def crashing_step(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise RuntimeError("simulated crash")
-        return real_step(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", crashing_step)
+    restore = crash_optimizer_at(monkeypatch, 5)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(config(tiny_folder, corpus_file, tmp_path / "crash", mode=mode), progress=False)
-    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    restore()
     meta = json.loads((tmp_path / "crash" / "checkpoint" / "trainer.json").read_text())
     assert meta["step"] == 3  # the checkpoint before the crash is intact
     train(config(tiny_folder, corpus_file, tmp_path / "crash", mode=mode, resume=True), progress=False)

@@ -42,6 +42,13 @@ DTYPES = {
 _PROBE_TEXT = "def mean(xs):\n    return sum(xs) / len(xs)\n\nThe quick brown fox jumps over the lazy dog."
 
 
+def make_shareable(path: str | Path) -> None:
+    """Give a file we wrote the permissions the umask allows (mkstemp and safetensors create 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def cache_dir() -> Path:
     """Root of mtp's user cache: ``$MTP_CACHE``, else ``$XDG_CACHE_HOME/mtp``, else ``~/.cache/mtp``."""
     if os.environ.get("MTP_CACHE"):

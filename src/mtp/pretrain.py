@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -327,7 +327,3 @@ def evaluate_pretrained(heads_dir: Path, data: list[str], seq_len: int, eval_tok
     bpb = float(loss_sum[0] / math.log(2) / max(1, n_bytes) * blocks.numel() / max(1.0, float(count[0])))
     return {"eval_tokens": int(blocks.numel()), "eval_bytes": n_bytes, "heads": heads, "ntp_loss": heads[0]["loss"],
             "ntp_bits_per_byte": bpb}
-
-
-def with_overrides(cfg: PretrainConfig, **kw) -> PretrainConfig:
-    return replace(cfg, **{k: v for k, v in kw.items() if v is not None})

@@ -165,9 +165,9 @@ class MTPModel(nn.Module):
             if dtype is not None:
                 state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
             save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp / "model.safetensors", 0o666 & ~umask)  # safetensors writes 0600; heads are for sharing
+            from mtp.backbones import make_shareable
+
+            make_shareable(tmp / "model.safetensors")  # heads are for sharing
             meta = {"mtp_format": FORMAT_VERSION, **asdict(self.config),
                     "backbone_fingerprint": self.base_fingerprint,
                     "backbone_config": {k: getattr(self.backbone.config, k, None)
