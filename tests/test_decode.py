@@ -6,7 +6,7 @@ import torch
 from mtp.decode.accept import Sampling, accept_greedy, accept_sample
 from mtp.decode.engine import Decoder
 from mtp.decode.proposers import (DynamicTreeProposer, EarlyExitProposer, LookupProposer, PlainProposer, Proposer,
-                                  TreeProposer, blockwise)
+                                  TreeProposer, UnionProposer, blockwise)
 from mtp.decode.tree import Draft, chain_tree, compile_tree, tree_from_accuracy
 from mtp.errors import UserError
 from mtp.model.mtp import HeadsConfig, MTPModel
@@ -53,6 +53,7 @@ def methods(heads):
         "tree": TreeProposer(compile_tree([(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)])),
         "dynamic": DynamicTreeProposer(nodes=10, top_k=3),
         "lookup": LookupProposer(draft_len=4),
+        "hybrid": UnionProposer([TreeProposer(compile_tree([(0,), (1,), (0, 0)])), LookupProposer(draft_len=3)]),
         "early-exit": EarlyExitProposer(layers=1, draft_len=2),
     }
 
@@ -346,6 +347,8 @@ def test_tree_size_follows_the_verify_cost_curve():
     steep = {k: float(k) for k in flat_then_steep}
     nodes, gain = choose_tree(acc, steep)
     assert nodes == 1  # every extra token costs a full forward: one node
+    nodes, gain = choose_tree(acc, flat_then_steep, extra=4)
+    assert nodes == 3  # a hybrid's lookup chain takes 4 of the 8 cheap slots: 1 + 3 + 4 = 8
 
 
 def test_typical_acceptance_runs_and_accepts_confident_drafts():
@@ -358,3 +361,20 @@ def test_typical_acceptance_runs_and_accepts_confident_drafts():
     assert len(row.tokens) == 30 and row.tau >= 1.0
     with pytest.raises(UserError, match="acceptance"):
         Decoder(model, Tok(), acceptance="fast")
+
+
+def test_union_merges_shared_prefixes_and_keeps_parents_first():
+    from mtp.decode.tree import union
+
+    tree = Draft(torch.tensor([[5, 6, 7, 0], [1, 2, 3, 0]]), torch.tensor([[-1, -1, 0, -1], [-1, 0, 1, -1]]),
+                 torch.tensor([[True, True, True, False], [True, True, True, False]]))
+    chain = Draft.chain(torch.tensor([[5, 7, 9], [4, 4, 4]]), torch.tensor([[True, True, True], [True, False, True]]))
+    u = union([tree, chain])
+    # row 0: 5, 6, 5>7 from the tree; the chain 5>7>9 shares 5>7 and adds 9 below it
+    assert u.tokens[0].tolist() == [5, 6, 7, 9] and u.parents[0].tolist() == [-1, -1, 0, 2]
+    assert u.valid[0].all()
+    # row 1: the chain stops at its first invalid node, so only 4 is new
+    assert u.tokens[1, :4].tolist() == [1, 2, 3, 4] and u.parents[1, :4].tolist() == [-1, 0, 1, -1]
+    assert u.depth()[0].tolist() == [1, 1, 2, 3]
+    empty = Draft.empty(2, "cpu")
+    assert union([empty, empty]).size == 0 and union([empty, chain]) is chain

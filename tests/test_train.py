@@ -181,3 +181,17 @@ def test_save_dtype_halves_the_heads_file(tiny_folder, corpus_file, tmp_path, ca
     assert all(v.dtype == torch.bfloat16 for v in state.values())
     model = MTPModel.from_pretrained(tmp_path / "run" / "heads")  # loads onto the float32 backbone
     assert next(model.heads.parameters()).dtype == torch.float32
+
+
+def test_whs_weighting_has_its_own_learning_rate(tiny_folder, corpus_file, tmp_path):
+    """The WHS softmax logits train at --whs-lr: a large one moves the weighting, a tiny one leaves it."""
+    from mtp.model.heads import whs_init
+
+    moved = {}
+    for name, whs_lr in (("slow", 1e-6), ("fast", 0.1)):
+        train(config(tiny_folder, corpus_file, tmp_path / name, tap="whs", whs_lr=whs_lr), progress=False)
+        state = heads_state(tmp_path / name / "heads")
+        whs = [v for k, v in state.items() if k.endswith(".whs")]
+        assert whs
+        moved[name] = max(float((w - whs_init(w.numel())).abs().max()) for w in whs)
+    assert moved["slow"] < 1e-4 < 0.05 < moved["fast"]

@@ -98,6 +98,9 @@ class TrainConfig:
     """Learning rate of the heads."""
     backbone_lr: float = 2e-5
     """Learning rate of the backbone (joint) or its adapters (lora)."""
+    whs_lr: float = 0.05
+    """Learning rate of the WHS layer weightings (--tap whs). They are a handful of softmax logits: at the
+    heads' lr, Adam moves them by at most lr per step, too little to leave their 90 %-last-layer start."""
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1
     """Cosine schedule floor, as a fraction of the peak learning rate."""
@@ -137,7 +140,7 @@ class TrainConfig:
             value = getattr(self, name)
             _require(value >= 1, f"--{name.replace('_', '-')} must be at least 1, got {value}")
         _require(self.seq_len >= 2 + self.heads, f"--seq-len must exceed the number of heads + 1, got {self.seq_len}")
-        for name in ("lr", "backbone_lr"):
+        for name in ("lr", "backbone_lr", "whs_lr"):
             value = getattr(self, name)
             _require(value > 0, f"--{name.replace('_', '-')} must be positive, got {value}")
         _require(self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}")

@@ -97,7 +97,7 @@ def naive_step(model: MTPModel, input_ids: torch.Tensor, weights: list[float],
 # Settings a resumed run must share with its checkpoint (max_steps may grow; logging may change).
 RESUME_MUST_MATCH = ("model", "heads", "kind", "tap", "mlp_layers", "init_from_last", "mode", "lora_r",
                      "lora_alpha", "lora_targets", "data", "seq_len", "batch_size", "grad_accum", "lr",
-                     "backbone_lr", "warmup_steps", "min_lr_ratio", "weight_decay", "head_weights", "ntp_weight",
+                     "backbone_lr", "whs_lr", "warmup_steps", "min_lr_ratio", "weight_decay", "head_weights", "ntp_weight",
                      "seed", "dtype")
 
 
@@ -307,8 +307,12 @@ def train(cfg: TrainConfig, progress: bool = True, command: str = "") -> dict:
         shard_backbone(model)
     head_params = model.head_parameters()
     backbone_params = [p for p in model.backbone.parameters() if p.requires_grad]
-    trainable = head_params + backbone_params
+    trainable = head_params + backbone_params  # WHS weightings included (a group of their own below)
+    whs_params = [h.whs for h in model.heads if h.whs is not None]
+    head_params = [p for p in head_params if all(p is not w for w in whs_params)]
     groups = [{"params": head_params, "lr": cfg.lr, "base_lr": cfg.lr}] if head_params else []
+    if whs_params:  # no weight decay: it would pull the weighting towards uniform
+        groups.append({"params": whs_params, "lr": cfg.whs_lr, "base_lr": cfg.whs_lr, "weight_decay": 0.0})
     for part in (True, False):  # sharded and plain tensors in separate groups: foreach kernels need one kind
         params = [p for p in backbone_params if _is_sharded(p) == part]
         if params:

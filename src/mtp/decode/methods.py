@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 
 from mtp.decode.proposers import (DynamicTreeProposer, EarlyExitProposer, LookupProposer, PlainProposer, Proposer,
-                                  TreeProposer, blockwise)
+                                  TreeProposer, UnionProposer, blockwise)
 from mtp.decode.tree import compile_tree, tree_from_accuracy
 from mtp.errors import UserError
 
-METHODS = ("plain", "blockwise", "tree", "dynamic", "lookup", "early-exit")
-HEAD_METHODS = ("blockwise", "tree", "dynamic")
+METHODS = ("plain", "blockwise", "tree", "dynamic", "hybrid", "lookup", "early-exit")
+HEAD_METHODS = ("blockwise", "tree", "dynamic", "hybrid")
 COST_POINTS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64)
 
 
@@ -107,8 +107,9 @@ def rank_accuracy(heads_dir: Path | None, n_heads: int) -> list[list[float]]:
     return [[0.6 / d * (1 / 3) ** r for r in range(8)] for d in range(1, n_heads + 1)]
 
 
-def choose_tree(acc: list[list[float]], cost: dict, max_nodes: int = 64) -> tuple[int, float]:
-    """Node budget maximizing expected tokens per step * t(1) / t(1 + nodes); returns (nodes, expected speedup)."""
+def choose_tree(acc: list[list[float]], cost: dict, max_nodes: int = 64, extra: int = 0) -> tuple[int, float]:
+    """Node budget maximizing expected tokens per step * t(1) / t(1 + nodes + extra); returns (nodes, expected
+    speedup). ``extra``: nodes that other proposers add to every verify forward (hybrid's lookup chain)."""
     tree = tree_from_accuracy(acc, max_nodes)
     best, best_gain, total = 1, 0.0, 1.0
     for n, path in enumerate(tree.paths, 1):
@@ -116,9 +117,9 @@ def choose_tree(acc: list[list[float]], cost: dict, max_nodes: int = 64) -> tupl
         for d, r in enumerate(path):
             p *= acc[d][r] if r < len(acc[d]) else 0.0
         total += p
-        if n + 1 not in cost:  # only measured sizes: the curve is not smooth (kernel choices per shape)
+        if n + 1 + extra not in cost:  # only measured sizes: the curve is not smooth (kernel choices per shape)
             continue
-        gain = total * cost[1] / cost[n + 1]
+        gain = total * cost[1] / cost[n + 1 + extra]
         if gain > best_gain:
             best, best_gain = n, gain
     return best, best_gain
@@ -146,6 +147,19 @@ def make_proposer(method: str, *, n_heads: int = 0, heads_dir: Path | None = Non
             raise UserError(f"--draft-len must be >= 1, got {depth}")
         info["draft_len"] = depth
         return blockwise(depth), info
+    if method == "hybrid":  # the heads' tree, sized for a forward that also carries the prompt-lookup chain
+        look_len = draft_len or 4
+        chosen = {}
+        if nodes is None and tree is None and cost is not None:
+            nodes, gain = choose_tree(rank_accuracy(heads_dir, n_heads), cost, extra=look_len)
+            if nodes + 1 + look_len not in cost:  # nothing measured fits: the smallest tree
+                nodes = 1
+            chosen = dict(nodes_from="verify cost x head accuracy, lookup chain included",
+                          expected_speedup_of_tree=round(gain, 3))
+        tree_proposer, info = make_proposer("tree", n_heads=n_heads, heads_dir=heads_dir, cost=cost, tree=tree,
+                                            nodes=nodes)
+        info.update(method="hybrid", lookup_draft_len=look_len, **chosen)
+        return UnionProposer([tree_proposer, LookupProposer(draft_len=look_len)]), info
     if method in ("tree", "dynamic"):
         acc = rank_accuracy(heads_dir, n_heads)
         if tree and method == "tree":

@@ -10,6 +10,8 @@ d predicts the token d places after the root. Training-free proposers need no he
   (EAGLE-2's confidence-ranked tree, arXiv 2406.16858, with the heads as the draft model);
 - ``lookup``: prompt lookup decoding, the continuation of the latest earlier occurrence of the context's
   last n-gram (Saxena 2023; transformers' ``PromptLookupCandidateGenerator``);
+- ``hybrid``: the heads' tree and the prompt-lookup chain in one draft (:func:`~mtp.decode.tree.union`):
+  the heads cover free text, lookup the spans a reply copies from its context (code, edits, quotes);
 - ``early-exit``: the first L layers of the backbone read through its own final norm and unembedding
   (the logit lens of Mehra et al. Fig. 2), drafting a chain autoregressively against the shared cache.
 """
@@ -20,7 +22,7 @@ import heapq
 
 import torch
 
-from mtp.decode.tree import CompiledTree, Draft, chain_tree
+from mtp.decode.tree import CompiledTree, Draft, chain_tree, union
 from mtp.errors import UserError
 
 
@@ -147,3 +149,16 @@ class EarlyExitProposer(Proposer):
                             f"use fewer layers")
         tokens = state.shallow_chain(self.layers, self.draft_len)
         return Draft.chain(tokens)
+
+
+class UnionProposer(Proposer):
+    """Several proposers' drafts verified together: the union of their paths, shared prefixes merged."""
+
+    def __init__(self, proposers: list[Proposer], name: str = "hybrid"):
+        if not proposers:
+            raise UserError("a union of proposers needs at least one")
+        self.proposers, self.name = proposers, name
+        self.needs_heads = any(p.needs_heads for p in proposers)
+
+    def propose(self, state) -> Draft:
+        return union([p.propose(state) for p in self.proposers])

@@ -86,6 +86,47 @@ class Draft:
         return Draft(tokens, parents, valid)
 
 
+def union(drafts: list[Draft]) -> Draft:
+    """One draft holding every path of ``drafts`` (per row, shared prefixes merged, duplicates dropped).
+
+    Nodes keep their first draft's order, so parents still precede children; rows are padded to the
+    largest union. Lets a step verify, in one forward, what several proposers suggest.
+    """
+    nonempty = [d for d in drafts if d.size]
+    if len(nonempty) <= 1:
+        return nonempty[0] if nonempty else drafts[0]
+    drafts = nonempty
+    b, dev = drafts[0].tokens.shape[0], drafts[0].tokens.device
+    rows = []
+    for row in range(b):
+        index: dict[tuple[int, ...], int] = {}
+        toks, pars = [], []
+        for d in drafts:
+            t, p, v = d.tokens[row].tolist(), d.parents[row].tolist(), d.valid[row].tolist()
+            paths: list[tuple[int, ...] | None] = []
+            for i in range(len(t)):
+                parent = () if p[i] < 0 else paths[p[i]]
+                if not v[i] or parent is None:
+                    paths.append(None)
+                    continue
+                path = parent + (t[i],)
+                paths.append(path)
+                if path not in index:
+                    index[path] = len(toks)
+                    toks.append(t[i])
+                    pars.append(index[parent] if parent else -1)
+        rows.append((toks, pars))
+    n = max(len(t) for t, _ in rows)
+    tokens = torch.zeros(b, n, dtype=torch.long)
+    parents = torch.full((b, n), -1, dtype=torch.long)
+    valid = torch.zeros(b, n, dtype=torch.bool)
+    for row, (t, p) in enumerate(rows):
+        tokens[row, : len(t)] = torch.tensor(t, dtype=torch.long)
+        parents[row, : len(p)] = torch.tensor(p, dtype=torch.long)
+        valid[row, : len(t)] = True
+    return Draft(tokens.to(dev), parents.to(dev), valid.to(dev))
+
+
 @dataclass(frozen=True)
 class CompiledTree:
     """A static tree's buffers: per node its parent (-1 = root), depth (= the head it reads) and rank."""
