@@ -115,6 +115,12 @@ def expand(parents: Level, cand: Candidates, max_candidates: int, n_roots: int) 
 # ----------------------------------------------------------------------------- evaluators
 
 
+BUCKET = 16
+"""Candidate chunks are padded to a multiple of this many queries. Every new (queries, keys) shape costs a
+one-time kernel setup in bfloat16 on CPUs (oneDNN builds a primitive per shape), which dominated short
+runs; padding leaves a handful of query shapes, at the price of at most BUCKET - 1 wasted rows per chunk."""
+
+
 class CachedEvaluator:
     """Batched candidate forwards against one cached prefix, with tree attention masks.
 
@@ -159,22 +165,27 @@ class CachedEvaluator:
         for a in range(0, n, self.chunk):
             b = min(a + self.chunk, n)
             q, base = b - a, self.cache.get_seq_length()
-            root, rows = level.root[a:b], torch.arange(b - a, device=dev)
-            allowed = torch.zeros(q, base + q, dtype=torch.bool, device=dev)  # (Q, KV)
-            allowed[:, : len(self.ids)] = self.allowed_prefix[root]
+            qp = min(-(-q // BUCKET) * BUCKET, max(q, self.chunk))  # padded: few distinct shapes (see BUCKET)
+            root, rows, all_rows = level.root[a:b], torch.arange(q, device=dev), torch.arange(qp, device=dev)
+            allowed = torch.zeros(qp, base + qp, dtype=torch.bool, device=dev)  # (Q, KV)
+            allowed[:q, : len(self.ids)] = self.allowed_prefix[root]
             allowed[rows[:, None], anc[a:b]] = True
-            allowed[rows, base + rows] = True
+            allowed[all_rows, base + all_rows] = True  # padding queries see only themselves
             q_pos = self.t[root] + depth
+            q_pos = torch.cat([q_pos, q_pos[-1:].expand(qp - q)])
+            ids = torch.cat([level.path[a:b, -1], level.path[b - 1:b, -1].expand(qp - q)])
             k_pos = torch.cat([self.key_pos, q_pos])
             mask = attention_masks(self.model.config, allowed, q_pos, k_pos, self.model.dtype)
-            out = self.model(input_ids=level.path[a:b, -1][None], position_ids=q_pos[None], attention_mask=mask,
+            out = self.model(input_ids=ids[None], position_ids=q_pos[None], attention_mask=mask,
                              past_key_values=self.cache, use_cache=True)
             if keep:
-                self.key_pos = k_pos
+                if qp > q:
+                    truncate_cache(self.cache, base + q)
+                self.key_pos = k_pos[: base + q]
                 own.append(base + rows)
             else:
                 truncate_cache(self.cache, base)
-            yield slice(a, b), out.logits[0]
+            yield slice(a, b), out.logits[0, :q]
         if keep:
             self.kept.append(torch.cat([anc, torch.cat(own).unsqueeze(1)], 1))
 
