@@ -313,14 +313,17 @@ def test_bench_decode_cli(tiny_folder, tiny_heads, capsys, tmp_path):
                        '{"prompt": "hello there"}\n')
     out_json, plot = tmp_path / "r.json", tmp_path / "r.png"
     code, out, err = run_cli(["bench", "decode", "--model", str(tiny_folder), "--heads", str(tiny_heads),
-                              "--prompts", str(prompts), "--methods", "blockwise,tree,lookup", "--batch-size", "2",
+                              "--prompts", str(prompts), "--methods", "blockwise,tree,hybrid,lookup", "--batch-size", "2",
                               "--max-new-tokens", "10", "--nodes", "4", "--json", str(out_json), "--plot", str(plot),
                               "--quiet"], capsys)
     assert code == 0, err
     r = json.loads(out_json.read_text())
-    assert set(r["methods"]) == {"transformers", "plain", "blockwise", "tree", "lookup"}
+    assert set(r["methods"]) == {"transformers", "plain", "blockwise", "tree", "hybrid", "lookup"}
     for m in r["methods"].values():
         assert m["identical_share"] == 1.0 and m["tau"] >= 1.0 and m["speedup"] > 0
+    width = {name: m["verify_tokens_per_forward"] for name, m in r["methods"].items()}
+    assert width["plain"] == 1.0 and width["tree"] == 5.0  # the root and the 4 nodes, every step
+    assert 5.0 <= width["hybrid"] <= 5.0 + 8  # the tree plus, when it adds new paths, the lookup chain
     assert plot.stat().st_size > 0
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"prompt": 3}\n')

@@ -255,7 +255,8 @@ def bench_decode(model_name: str, prompts: str, methods: list[str], heads: str |
         decoders[m], infos[m] = build_decoder(backbone, tokenizer, mtp_model, folder, model_name, m,
                                               sampling=sampling, nodes=nodes, seed=seed)
     names = ["transformers"] + list(decoders)
-    stats = {n: {"seconds": 0.0, "tokens": 0, "row_steps": 0, "hist": {}, "outputs": [], "batch_tps": []}
+    stats = {n: {"seconds": 0.0, "tokens": 0, "row_steps": 0, "hist": {}, "outputs": [], "batch_tps": [],
+                 "verify_forwards": 0, "verify_tokens": 0}
              for n in names}
     batches = [encoded[i:i + batch_size] for i in range(0, len(encoded), batch_size)]
     hf_generate(backbone, tokenizer, batches[0], 8, eos, sampling)  # warm-up: first-call costs out of the timings
@@ -270,6 +271,8 @@ def bench_decode(model_name: str, prompts: str, methods: list[str], heads: str |
             st["seconds"] += out.seconds
             st["tokens"] += out.new_tokens
             st["batch_tps"].append(out.new_tokens / out.seconds)
+            st["verify_forwards"] += max(0, out.forwards - 1)  # the prefill is not a verify step
+            st["verify_tokens"] += getattr(out, "verify_tokens", 0)
             for row in out.rows:
                 st["outputs"].append(row.tokens)
                 st["row_steps"] += row.steps
@@ -288,6 +291,8 @@ def bench_decode(model_name: str, prompts: str, methods: list[str], heads: str |
             "tau": st["tokens"] / max(1, st["row_steps"]) if name != "transformers" else 1.0,
             "speedup": tps / baseline_tps, "median_batch_speedup": statistics.median(per_batch),
             "acceptance_histogram": {str(k): v for k, v in sorted(st["hist"].items())},
+            "verify_tokens_per_forward": (st["verify_tokens"] / st["verify_forwards"]
+                                          if name != "transformers" and st["verify_forwards"] else 1.0),
             "identical_share": sum(a == b for a, b in zip(st["outputs"], reference)) / len(reference),
             **({"config": infos[name]} if name in infos else {}),
         }
@@ -302,11 +307,13 @@ def bench_decode(model_name: str, prompts: str, methods: list[str], heads: str |
 def format_bench_decode(r: dict) -> str:
     lines = [f"bench decode: {r['model']} ({r['dtype']}), {r['n_prompts']} {r['prompts']} prompts, batch "
              f"{r['batch_size']}, {r['max_new_tokens']} new tokens, temperature {r['temperature']:g}", "",
-             "| method | tokens/s | tau | speedup | median batch speedup | identical to greedy |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| method | tokens/s | tau | tokens per verify forward | speedup | median batch speedup "
+             "| identical to greedy |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for name, m in r["methods"].items():
         ident = f"{m['identical_share']:.0%}" if r["temperature"] == 0 else "n/a (sampling)"
-        lines.append(f"| {name} | {m['tokens_per_s']:.1f} | {m['tau']:.2f} | {m['speedup']:.2f}x | "
+        lines.append(f"| {name} | {m['tokens_per_s']:.1f} | {m['tau']:.2f} | "
+                     f"{m.get('verify_tokens_per_forward', 1.0):.1f} | {m['speedup']:.2f}x | "
                      f"{m['median_batch_speedup']:.2f}x | {ident} |")
     lines.append(f"\nspeedup: against the fastest plain baseline ({r['baseline_tokens_per_s']:.1f} tokens/s); "
                  f"machine: {r['machine']['cpu']}, {r['torch_threads']} torch threads, device {r['machine']['device']}")

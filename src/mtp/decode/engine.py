@@ -51,6 +51,7 @@ class GenerateOutput:
     rows: list[RowResult]
     seconds: float
     forwards: int
+    verify_tokens: int = 0  # query tokens over all verify forwards (root + draft nodes, padding included)
 
     @property
     def new_tokens(self) -> int:
@@ -234,7 +235,7 @@ class Decoder:
         self.stop_strings = [s for s in stop_strings if s]
         self._stop_window = max((len(s) for s in self.stop_strings), default=0) + 8
         self._mask_dtype = self.backbone.dtype
-        self.forwards = 0
+        self.forwards = self.verify_tokens = 0
         self.cache = DynamicCache()  # full layers: sliding windows come from our masks
         self.slot_valid = torch.zeros(b, 0, dtype=torch.bool, device=dev)
         self.slot_pos = torch.zeros(b, 0, dtype=torch.long, device=dev)
@@ -279,6 +280,7 @@ class Decoder:
                 allowed_new = (allowed_new & node_valid[:, :, None] & node_valid[:, None, :]) | \
                     torch.eye(n + 1, dtype=torch.bool, device=dev)[None]
             s = self.slot_valid.shape[1]
+            self.verify_tokens += n + 1
             logits, states = self._forward(q_tokens, q_pos, allowed_new)
             acc = self._accept(logits, draft)
 
@@ -315,4 +317,4 @@ class Decoder:
             self.root = acc.next_root
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        return GenerateOutput(self.results, time.perf_counter() - start, self.forwards)
+        return GenerateOutput(self.results, time.perf_counter() - start, self.forwards, self.verify_tokens)
