@@ -381,3 +381,17 @@ def test_union_merges_shared_prefixes_and_keeps_parents_first():
     assert u.depth()[0].tolist() == [1, 1, 2, 3]
     empty = Draft.empty(2, "cpu")
     assert union([empty, empty]).size == 0 and union([empty, chain]) is chain
+
+
+def test_hybrid_is_sized_from_the_verify_cost(monkeypatch):
+    """hybrid's tree is sized like tree's, with the lookup chain's tokens counted in every forward."""
+    import mtp.decode.run as run
+    from mtp.decode.accept import Sampling
+
+    flat_then_steep = {1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0, 5: 1.0, 6: 1.0, 8: 1.0, 10: 3.0, 12: 3.5, 16: 4.0}
+    asked = []
+    monkeypatch.setattr(run, "cached_verify_cost", lambda name, backbone: asked.append(name) or flat_then_steep)
+    model = tiny_model("llama", vocab=64)
+    dec, info = run.build_decoder(model, Tok(), with_heads(model, n=4), None, "tiny", "hybrid", sampling=Sampling())
+    assert asked == ["tiny"] and info["nodes"] + 1 + info["lookup_draft_len"] <= 8
+    assert "lookup chain included" in info["nodes_from"]

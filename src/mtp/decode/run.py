@@ -65,7 +65,7 @@ def build_decoder(backbone, tokenizer, mtp_model, folder: Path | None, model_nam
     if method in HEAD_METHODS and mtp_model is None:
         raise UserError(f"method {method!r} drafts with MTP heads: pass --heads DIR or default "
                         f"(or use lookup / early-exit, which need none)")
-    sized = (method in ("tree", "dynamic") and nodes is None and tree is None) or \
+    sized = (method in ("tree", "dynamic", "hybrid") and nodes is None and tree is None) or \
         (method == "blockwise" and draft_len is None)
     cost = cached_verify_cost(model_name, backbone) if calibrate and sized else None
     proposer, info = make_proposer(method, n_heads=mtp_model.n_heads if mtp_model is not None else 0,
