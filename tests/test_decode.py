@@ -323,6 +323,7 @@ def test_bench_decode_cli(tiny_folder, tiny_heads, capsys, tmp_path):
         assert m["identical_share"] == 1.0 and m["tau"] >= 1.0 and m["speedup"] > 0
     width = {name: m["verify_tokens_per_forward"] for name, m in r["methods"].items()}
     assert width["plain"] == 1.0 and width["tree"] == 5.0  # the root and the 4 nodes, every step
+    assert all(m["identical_to_plain_loop_share"] == 1.0 for m in r["methods"].values())
     assert 5.0 <= width["hybrid"] <= 5.0 + 8  # the tree plus, when it adds new paths, the lookup chain
     assert plot.stat().st_size > 0
     bad = tmp_path / "bad.jsonl"

@@ -294,6 +294,8 @@ def bench_decode(model_name: str, prompts: str, methods: list[str], heads: str |
             "verify_tokens_per_forward": (st["verify_tokens"] / st["verify_forwards"]
                                           if name != "transformers" and st["verify_forwards"] else 1.0),
             "identical_share": sum(a == b for a, b in zip(st["outputs"], reference)) / len(reference),
+            "identical_to_plain_loop_share": sum(a == b for a, b in zip(st["outputs"], stats["plain"]["outputs"]))
+            / len(reference),
             **({"config": infos[name]} if name in infos else {}),
         }
     return {"model": model_name, "heads": str(folder) if folder else None, "prompts": prompts,
