@@ -271,7 +271,7 @@ def bench_decode(model_name: str, prompts: str, methods: list[str], heads: str |
             st["seconds"] += out.seconds
             st["tokens"] += out.new_tokens
             st["batch_tps"].append(out.new_tokens / out.seconds)
-            st["verify_forwards"] += max(0, out.forwards - 1)  # the prefill is not a verify step
+            st["verify_forwards"] += getattr(out, "verify_forwards", 0)
             st["verify_tokens"] += getattr(out, "verify_tokens", 0)
             for row in out.rows:
                 st["outputs"].append(row.tokens)

@@ -52,6 +52,7 @@ class GenerateOutput:
     seconds: float
     forwards: int
     verify_tokens: int = 0  # query tokens over all verify forwards (root + draft nodes, padding included)
+    verify_forwards: int = 0  # verify steps (drafting forwards, e.g. early exit's, and the prefill not counted)
 
     @property
     def new_tokens(self) -> int:
@@ -235,7 +236,7 @@ class Decoder:
         self.stop_strings = [s for s in stop_strings if s]
         self._stop_window = max((len(s) for s in self.stop_strings), default=0) + 8
         self._mask_dtype = self.backbone.dtype
-        self.forwards = self.verify_tokens = 0
+        self.forwards = self.verify_tokens = self.verify_forwards = 0
         self.cache = DynamicCache()  # full layers: sliding windows come from our masks
         self.slot_valid = torch.zeros(b, 0, dtype=torch.bool, device=dev)
         self.slot_pos = torch.zeros(b, 0, dtype=torch.long, device=dev)
@@ -281,6 +282,7 @@ class Decoder:
                     torch.eye(n + 1, dtype=torch.bool, device=dev)[None]
             s = self.slot_valid.shape[1]
             self.verify_tokens += n + 1
+            self.verify_forwards += 1
             logits, states = self._forward(q_tokens, q_pos, allowed_new)
             acc = self._accept(logits, draft)
 
@@ -317,4 +319,5 @@ class Decoder:
             self.root = acc.next_root
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        return GenerateOutput(self.results, time.perf_counter() - start, self.forwards, self.verify_tokens)
+        return GenerateOutput(self.results, time.perf_counter() - start, self.forwards, self.verify_tokens,
+                              self.verify_forwards)
