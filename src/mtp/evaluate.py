@@ -111,6 +111,7 @@ def plot_accuracy_vs_head(named: dict[str, dict], path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, key in zip(axes, ("top1", "top5")):
@@ -123,6 +124,7 @@ def plot_accuracy_vs_head(named: dict[str, dict], path: str) -> None:
             pts = [(0, marg["heads"][0][key])] + pts
             ax.plot(*zip(*pts), "k--", marker="s", label="marginalization")
         ax.set_xlabel("head k (predicts x_(t+1+k))")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(key.replace("top", "top-"))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy")
