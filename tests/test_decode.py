@@ -313,7 +313,8 @@ def test_bench_decode_cli(tiny_folder, tiny_heads, capsys, tmp_path):
                        '{"prompt": "hello there"}\n')
     out_json, plot = tmp_path / "r.json", tmp_path / "r.png"
     code, out, err = run_cli(["bench", "decode", "--model", str(tiny_folder), "--heads", str(tiny_heads),
-                              "--prompts", str(prompts), "--methods", "blockwise,tree,hybrid,lookup", "--batch-size", "2",
+                              "--prompts", str(prompts), "--methods", "blockwise,tree,hybrid,lookup",
+                              "--batch-size", "2",
                               "--max-new-tokens", "10", "--nodes", "4", "--json", str(out_json), "--plot", str(plot),
                               "--quiet"], capsys)
     assert code == 0, err

@@ -271,8 +271,8 @@ def bench_decode(model_name: str, prompts: str, methods: list[str], heads: str |
             st["seconds"] += out.seconds
             st["tokens"] += out.new_tokens
             st["batch_tps"].append(out.new_tokens / out.seconds)
-            st["verify_forwards"] += getattr(out, "verify_forwards", 0)
-            st["verify_tokens"] += getattr(out, "verify_tokens", 0)
+            st["verify_forwards"] += out.verify_forwards
+            st["verify_tokens"] += out.verify_tokens
             for row in out.rows:
                 st["outputs"].append(row.tokens)
                 st["row_steps"] += row.steps

@@ -321,8 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", default="smollm2-135m", metavar="NAME|PATH")
     r.add_argument("--heads", default=None, metavar="DIR|default",
                    help="MTP heads (default: the heads shipped for a built-in model, if any)")
-    r.add_argument("--method", default=None, help="plain | blockwise | tree | dynamic | hybrid (tree + lookup) | lookup | early-exit "
-                                                 "(default: tree with heads, lookup without)")
+    r.add_argument("--method", default=None,
+                   help="plain | blockwise | tree | dynamic | hybrid (tree + lookup) | lookup | early-exit "
+                        "(default: tree with heads, lookup without)")
     r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     r.add_argument("--top-k", type=int, default=0)
     r.add_argument("--top-p", type=float, default=1.0)
@@ -331,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string; repeatable")
     r.add_argument("--tree", default=None, metavar="JSON|FILE", help="static tree paths, e.g. [[0],[0,0],[1]]")
     r.add_argument("--nodes", type=int, default=None, help="tree nodes (default: from the measured verify cost)")
-    r.add_argument("--draft-len", type=int, default=None, help="blockwise / lookup / hybrid's lookup / early-exit draft length")
+    r.add_argument("--draft-len", type=int, default=None,
+                   help="blockwise / lookup / hybrid's lookup / early-exit draft length")
     r.add_argument("--exit-layer", type=int, default=None, help="early-exit: layers that draft (default half)")
     r.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     r.add_argument("--no-compare", action="store_true", help="skip the plain-decoding run that measures the speedup")

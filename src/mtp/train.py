@@ -97,8 +97,8 @@ def naive_step(model: MTPModel, input_ids: torch.Tensor, weights: list[float],
 # Settings a resumed run must share with its checkpoint (max_steps may grow; logging may change).
 RESUME_MUST_MATCH = ("model", "heads", "kind", "tap", "mlp_layers", "init_from_last", "mode", "lora_r",
                      "lora_alpha", "lora_targets", "data", "seq_len", "batch_size", "grad_accum", "lr",
-                     "backbone_lr", "whs_lr", "warmup_steps", "min_lr_ratio", "weight_decay", "head_weights", "ntp_weight",
-                     "seed", "dtype")
+                     "backbone_lr", "whs_lr", "warmup_steps", "min_lr_ratio", "weight_decay", "head_weights",
+                     "ntp_weight", "seed", "dtype")
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:

@@ -151,9 +151,7 @@ def make_proposer(method: str, *, n_heads: int = 0, heads_dir: Path | None = Non
         look_len = draft_len or 4
         chosen = {}
         if nodes is None and tree is None and cost is not None:
-            nodes, gain = choose_tree(rank_accuracy(heads_dir, n_heads), cost, extra=look_len)
-            if nodes + 1 + look_len not in cost:  # nothing measured fits: the smallest tree
-                nodes = 1
+            nodes, gain = choose_tree(rank_accuracy(heads_dir, n_heads), cost, extra=look_len)  # 1 if none fits
             chosen = dict(nodes_from="verify cost x head accuracy, lookup chain included",
                           expected_speedup_of_tree=round(gain, 3))
         tree_proposer, info = make_proposer("tree", n_heads=n_heads, heads_dir=heads_dir, cost=cost, tree=tree,
