@@ -195,3 +195,21 @@ def test_whs_weighting_has_its_own_learning_rate(tiny_folder, corpus_file, tmp_p
         assert whs
         moved[name] = max(float((w - whs_init(w.numel())).abs().max()) for w in whs)
     assert moved["slow"] < 1e-4 < 0.05 < moved["fast"]
+
+
+def test_resume_accepts_a_checkpoint_from_before_whs_lr(tiny_folder, corpus_file, tmp_path):
+    """Checkpoints written before --whs-lr existed resume, unless the run reads WHS (where it matters)."""
+    for tap in ("last", "whs"):
+        out = tmp_path / tap
+        train(config(tiny_folder, corpus_file, out, tap=tap, max_steps=3), progress=False)
+        meta_path = out / "checkpoint" / "trainer.json"
+        meta = json.loads(meta_path.read_text())
+        del meta["config"]["whs_lr"]
+        meta_path.write_text(json.dumps(meta))
+        resumed = config(tiny_folder, corpus_file, out, tap=tap, max_steps=6, resume=True)
+        if tap == "last":
+            train(resumed, progress=False)
+            assert json.loads(meta_path.read_text())["step"] == 6
+        else:
+            with pytest.raises(UserError, match="whs_lr"):
+                train(resumed, progress=False)

@@ -291,7 +291,9 @@ def train(cfg: TrainConfig, progress: bool = True, command: str = "") -> dict:
         raise UserError(f"--resume: there is no checkpoint in {ckpt}")
     if not cfg.resume and ckpt.exists():
         raise UserError(f"{ckpt} already exists: pass --resume to continue that run, or choose another --out")
-    meta = read_checkpoint(ckpt, cfg.to_dict(), RESUME_MUST_MATCH) if cfg.resume else None
+    # whs_lr only matters with a WHS tap (and checkpoints from before it existed do not record it)
+    must_match = tuple(k for k in RESUME_MUST_MATCH if k != "whs_lr" or cfg.tap == "whs")
+    meta = read_checkpoint(ckpt, cfg.to_dict(), must_match) if cfg.resume else None
     if meta is not None and meta["step"] >= cfg.max_steps:
         raise UserError(f"the checkpoint is at step {meta['step']}, already >= --max-steps {cfg.max_steps}")
     torch.manual_seed(cfg.seed)
