@@ -314,7 +314,7 @@ def test_bench_decode_cli(tiny_folder, tiny_heads, capsys, tmp_path):
     out_json, plot = tmp_path / "r.json", tmp_path / "r.png"
     code, out, err = run_cli(["bench", "decode", "--model", str(tiny_folder), "--heads", str(tiny_heads),
                               "--prompts", str(prompts), "--methods", "blockwise,tree,hybrid,lookup",
-                              "--batch-size", "2",
+                              "--batch-size", "2", "--draft-len", "3",
                               "--max-new-tokens", "10", "--nodes", "4", "--json", str(out_json), "--plot", str(plot),
                               "--quiet"], capsys)
     assert code == 0, err
@@ -326,6 +326,8 @@ def test_bench_decode_cli(tiny_folder, tiny_heads, capsys, tmp_path):
     assert width["plain"] == 1.0 and width["tree"] == 5.0  # the root and the 4 nodes, every step
     assert all(m["identical_to_plain_loop_share"] == 1.0 for m in r["methods"].values())
     assert 5.0 <= width["hybrid"] <= 5.0 + 8  # the tree plus, when it adds new paths, the lookup chain
+    assert r["methods"]["hybrid"]["config"]["lookup_draft_len"] == 3  # --draft-len reaches every method
+    assert r["methods"]["blockwise"]["config"]["draft_len"] == 2  # capped at the heads (2 here)
     assert plot.stat().st_size > 0
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"prompt": 3}\n')

@@ -229,7 +229,7 @@ def format_bench_verify(r: dict) -> str:
 def bench_decode(model_name: str, prompts: str, methods: list[str], heads: str | None = "default",
                  batch_size: int = 1, max_new_tokens: int = 128, limit: int | None = 20, dtype: str = "float32",
                  device: str = "cpu", seed: int = 0, temperature: float = 0.0, chat: bool = True,
-                 nodes: int | None = None, progress: bool = True) -> dict:
+                 nodes: int | None = None, progress: bool = True, draft_len: int | None = None) -> dict:
     """Every method and two plain baselines (transformers' generate, our own loop) on the same prompts,
     side by side per batch: tokens/s, tau, speedup against the fastest plain baseline, acceptance lengths
     and the share of prompts whose output equals plain greedy decoding."""
@@ -253,7 +253,7 @@ def bench_decode(model_name: str, prompts: str, methods: list[str], heads: str |
     decoders, infos = {}, {}
     for m in ["plain"] + [m for m in methods if m != "plain"]:
         decoders[m], infos[m] = build_decoder(backbone, tokenizer, mtp_model, folder, model_name, m,
-                                              sampling=sampling, nodes=nodes, seed=seed)
+                                              sampling=sampling, nodes=nodes, draft_len=draft_len, seed=seed)
     names = ["transformers"] + list(decoders)
     stats = {n: {"seconds": 0.0, "tokens": 0, "row_steps": 0, "hist": {}, "outputs": [], "batch_tps": [],
                  "verify_forwards": 0, "verify_tokens": 0}

@@ -407,6 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     dd.add_argument("--limit", type=int, default=20, help="prompts (default %(default)s)")
     dd.add_argument("--temperature", type=float, default=0.0)
     dd.add_argument("--nodes", type=int, default=None, help="tree nodes (default: from the measured verify cost)")
+    dd.add_argument("--draft-len", type=int, default=None,
+                    help="blockwise / lookup / hybrid's lookup / early-exit draft length (default: per method)")
     dd.add_argument("--no-chat", action="store_true")
     dd.add_argument("--json", dest="json_path", metavar="FILE")
     dd.add_argument("--plot", metavar="FILE.png")
@@ -537,7 +539,7 @@ def run(argv: list[str] | None = None) -> int:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         result = bench_decode(args.model, args.prompts, methods, args.heads, args.batch_size, args.max_new_tokens,
                               args.limit, args.dtype, args.device, args.seed, args.temperature, not args.no_chat,
-                              args.nodes, progress)
+                              args.nodes, progress, args.draft_len)
         result["command"] = command
         print(format_bench_decode(result))
         if args.json_path:
