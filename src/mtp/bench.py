@@ -315,7 +315,7 @@ def format_bench_decode(r: dict) -> str:
     for name, m in r["methods"].items():
         ident = f"{m['identical_share']:.0%}" if r["temperature"] == 0 else "n/a (sampling)"
         lines.append(f"| {name} | {m['tokens_per_s']:.1f} | {m['tau']:.2f} | "
-                     f"{m.get('verify_tokens_per_forward', 1.0):.1f} | {m['speedup']:.2f}x | "
+                     f"{m['verify_tokens_per_forward']:.1f} | {m['speedup']:.2f}x | "
                      f"{m['median_batch_speedup']:.2f}x | {ident} |")
     lines.append(f"\nspeedup: against the fastest plain baseline ({r['baseline_tokens_per_s']:.1f} tokens/s); "
                  f"machine: {r['machine']['cpu']}, {r['torch_threads']} torch threads, device {r['machine']['device']}")

@@ -88,6 +88,11 @@ def eval_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _with_marginals(named: dict[str, dict], key: str) -> dict | None:
+    """The first result that carries the backbone's marginalization accuracies (``marginal_<key>``)."""
+    return next((r for r in named.values() if any(f"marginal_{key}" in h for h in r["heads"])), None)
+
+
 def compare_table(named: dict[str, dict]) -> str:
     """Several ``mtp eval`` results (same text) side by side: top-1 / top-5 per head and variant."""
     first = next(iter(named.values()))
@@ -98,7 +103,7 @@ def compare_table(named: dict[str, dict]) -> str:
     for name, r in named.items():
         cells = [f"{h['top1']:.3f} / {h['top5']:.3f}" for h in r["heads"]]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    marg = next((r for r in named.values() if any("marginal_top1" in h for h in r["heads"])), None)
+    marg = _with_marginals(named, "top1")
     if marg is not None:
         cells = [f"{h['marginal_top1']:.3f} / {h['marginal_top5']:.3f}" if "marginal_top1" in h else
                  ("(NTP)" if h["head"] == 0 else "–") for h in marg["heads"]]
@@ -118,7 +123,7 @@ def plot_accuracy_vs_head(named: dict[str, dict], path: str) -> None:
         for name, r in named.items():
             ks = [h["head"] for h in r["heads"]]
             ax.plot(ks, [h[key] for h in r["heads"]], marker="o", label=name)
-        marg = next((r for r in named.values() if any(f"marginal_{key}" in h for h in r["heads"])), None)
+        marg = _with_marginals(named, key)
         if marg is not None:
             pts = [(h["head"], h[f"marginal_{key}"]) for h in marg["heads"] if f"marginal_{key}" in h]
             pts = [(0, marg["heads"][0][key])] + pts
