@@ -286,6 +286,9 @@ def test_generate_cli_methods(tiny_folder, tiny_heads, capsys, monkeypatch, tmp_
     (["--method", "warp"], "unknown method"),
     (["--heads", "HEADS", "--tree", "[[0], [0, 0, 0]]"], "gap"),
     (["--heads", "HEADS", "--tree", "[[0], [0], [1]]"], "twice"),
+    (["--method", "lookup", "--draft-len", "0"], "--draft-len must be >= 1"),
+    (["--heads", "HEADS", "--method", "hybrid", "--draft-len", "0"], "--draft-len must be >= 1"),
+    (["--heads", "HEADS", "--method", "blockwise", "--draft-len", "-2"], "--draft-len must be >= 1"),
 ])
 def test_generate_cli_bad_input(tiny_folder, tiny_heads, capsys, extra, message):
     extra = [str(tiny_heads) if a == "HEADS" else a for a in extra]

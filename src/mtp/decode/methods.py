@@ -125,6 +125,12 @@ def choose_tree(acc: list[list[float]], cost: dict, max_nodes: int = 64, extra: 
     return best, best_gain
 
 
+def check_draft_len(draft_len: int | None) -> None:
+    """Before any sizing work: a 0 would otherwise read as "not given" (``draft_len or default``)."""
+    if draft_len is not None and draft_len < 1:
+        raise UserError(f"--draft-len must be >= 1, got {draft_len}")
+
+
 def make_proposer(method: str, *, n_heads: int = 0, heads_dir: Path | None = None, cost: dict | None = None,
                   tree: str | None = None, nodes: int | None = None, draft_len: int | None = None,
                   exit_layer: int | None = None, n_layers: int = 0) -> tuple[Proposer, dict]:
@@ -133,6 +139,7 @@ def make_proposer(method: str, *, n_heads: int = 0, heads_dir: Path | None = Non
         raise UserError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
     if method in HEAD_METHODS and n_heads < 1:
         raise UserError(f"method {method!r} drafts with MTP heads: pass --heads DIR or default")
+    check_draft_len(draft_len)
     info: dict = {"method": method}
     if method == "plain":
         return PlainProposer(), info
@@ -143,8 +150,6 @@ def make_proposer(method: str, *, n_heads: int = 0, heads_dir: Path | None = Non
             draft_len, gain = choose_tree(chain, cost, max_nodes=n_heads)
             info.update(draft_len_from="verify cost x head accuracy", expected_speedup=round(gain, 3))
         depth = min(draft_len or n_heads, n_heads)
-        if depth < 1:
-            raise UserError(f"--draft-len must be >= 1, got {depth}")
         info["draft_len"] = depth
         return blockwise(depth), info
     if method == "hybrid":  # the heads' tree, sized for a forward that also carries the prompt-lookup chain

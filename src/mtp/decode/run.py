@@ -10,7 +10,7 @@ import torch
 
 from mtp.decode.accept import Sampling
 from mtp.decode.engine import Decoder, GenerateOutput
-from mtp.decode.methods import HEAD_METHODS, cached_verify_cost, make_proposer
+from mtp.decode.methods import HEAD_METHODS, cached_verify_cost, check_draft_len, make_proposer
 from mtp.errors import UserError
 
 
@@ -65,6 +65,7 @@ def build_decoder(backbone, tokenizer, mtp_model, folder: Path | None, model_nam
     if method in HEAD_METHODS and mtp_model is None:
         raise UserError(f"method {method!r} drafts with MTP heads: pass --heads DIR or default "
                         f"(or use lookup / early-exit, which need none)")
+    check_draft_len(draft_len)  # before measuring the verify cost, which takes a while on a real model
     sized = (method in ("tree", "dynamic", "hybrid") and nodes is None and tree is None) or \
         (method == "blockwise" and draft_len is None)
     cost = cached_verify_cost(model_name, backbone) if calibrate and sized else None
