@@ -27,6 +27,14 @@ def test_builtin_prompt_sets_keep_splits_apart():
     assert len(chat) == 10 and chat == load_prompts("chat", "train", limit=10, seed=1)
 
 
+def test_code_prefix_prompts_are_raw_code_from_held_out_files():
+    train, held_out = load_prompts("code-prefix", "train"), load_prompts("code-prefix", "eval")
+    assert len(held_out) > 50 and not set(train) & set(held_out)
+    for p in held_out[:30]:
+        assert p.startswith(("def ", "class ")) and p.endswith("\n") and len(p) >= 200
+        assert len(p) <= 400 or p.count("\n") == 1  # a first line longer than the budget is kept whole
+
+
 def test_prompt_file_errors(tmp_path):
     bad = tmp_path / "p.jsonl"
     bad.write_text('{"prompt": "hi"}\n{"text": "no prompt"}\n')

@@ -78,6 +78,10 @@ def test_tiny_pretraining_lowers_every_head_loss(corpus, tmp_path):
     assert len(first) == 3 and all(b < a - 0.3 for a, b in zip(first, last))
     assert [h["head"] for h in result["heads"]] == [0, 1, 2]
     assert result["heads"][0]["loss"] < 4.0  # far below ln(259) = 5.56 of a uniform guess
+    # per-rank accuracies of the extra heads beside them: decoding sizes its drafts from them
+    acc = json.loads((tmp_path / "run" / "heads" / "accuracy.json").read_text())["rank_accuracy"]
+    assert len(acc) == 2 and all(len(r) == 10 for r in acc)
+    assert [r[0] for r in acc] == pytest.approx([h["top1"] for h in result["heads"][1:]], abs=1e-4)
     # the trained model decodes with its own heads, identically to plain greedy
     from mtp.decode.engine import Decoder
     from mtp.decode.proposers import PlainProposer, blockwise
@@ -300,3 +304,28 @@ def test_meta_layout_bad_input(tmp_path, capsys):
     assert code == 0
     code = main(["convert", str(tmp_path / "ok"), "--out", str(tmp_path / "o5")])  # never overwrites
     assert code == 2 and "already" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- training cost benchmark
+
+
+def test_bench_pretrain_step_compares_n_with_next_token_training(tmp_path, capsys):
+    out = tmp_path / "step.json"
+    code = main(["bench", "pretrain-step", "--preset", "micro", "--heads", "3", "--batch-size", "1", "--seq-len", "16",
+                 "--repeats", "1", "--rounds", "1", "--json", str(out), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    r = json.loads(out.read_text())
+    v = r["variants"]
+    assert (v["n"]["layers"], v["n1_matched"]["layers"], v["n1_same_trunk"]["layers"]) == (5, 5, 3)
+    assert v["n_naive"]["order"] == "naive" and v["n"]["order"] == "efficient"
+    for key in ("time_ratio_same_trunk", "time_ratio_matched", "memory_ratio_naive"):
+        assert r[key] > 0
+    assert "parameter-matched" in capsys.readouterr().out
+
+
+def test_bench_pretrain_step_bad_input(capsys):
+    for args in (["--heads", "1"], ["--heads", "5"], ["--preset", "huge"], ["--seq-len", "100000"], ["--vocab", "10"]):
+        code = main(["bench", "pretrain-step", "--preset", "micro", *args, "--quiet"] if "--preset" not in args
+                    else ["bench", "pretrain-step", *args, "--quiet"])
+        e = capsys.readouterr().err
+        assert code == 2 and e.count("\n") == 1 and "Traceback" not in e, (args, e)

@@ -291,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("distill", help="self-distillation data: the backbone's own responses to a prompt set")
     g.add_argument("--model", default="smollm2-135m", metavar="NAME|PATH")
     g.add_argument("--prompts", action="append", metavar="SET|FILE",
-                   help="chat, code, translation (their train split) or a .jsonl with a prompt field; repeatable")
+                   help="chat, code, translation, code-prefix (their train split) or a .jsonl with a prompt field; repeatable")
     g.add_argument("--out", required=True, metavar="FILE.jsonl")
     g.add_argument("--limit", type=int, default=None, help="prompts per set (default: all)")
     g.add_argument("--max-new-tokens", type=int, default=256)
@@ -342,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or float64 (default float32)")
 
     pt = sub.add_parser("pretrain", help="pretrain a multi-token model from scratch (trunk + n transformer heads)")
-    pt.add_argument("--preset", default="tiny", help="tiny | small | base | large (default tiny)")
+    pt.add_argument("--preset", default="tiny", help="tiny | mini | small | base | large (default tiny)")
     pt.add_argument("--heads", type=int, default=4, help="n: tokens predicted per position; 1 = next-token only")
     pt.add_argument("--tokenizer", default="bytes", help="bytes | bpe (trained on the corpus) | a tokenizer folder")
     pt.add_argument("--data", action="append", metavar="CORPUS|FILE", help="repeatable (default code)")
@@ -399,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     dd.add_argument("--model", default="smollm2-135m", metavar="NAME|PATH")
     dd.add_argument("--heads", default="default", metavar="DIR|default")
     dd.add_argument("--prompts", default="chat", metavar="SET|FILE.jsonl",
-                    help="chat, code, translation (their eval split) or a .jsonl with a prompt field")
+                    help="chat, code, translation, code-prefix (their eval split) or a .jsonl with a prompt field")
     dd.add_argument("--methods", default="blockwise,tree,dynamic,lookup",
                     help="comma-separated: plain, blockwise, tree, dynamic, hybrid, lookup, early-exit")
     dd.add_argument("--batch-size", type=int, default=1)
@@ -413,6 +413,19 @@ def build_parser() -> argparse.ArgumentParser:
     dd.add_argument("--json", dest="json_path", metavar="FILE")
     dd.add_argument("--plot", metavar="FILE.png")
     _add_common(dd)
+
+    ps = bench.add_parser("pretrain-step", help="training cost of n-token pretraining: step time vs next-token "
+                                                "training (same trunk and parameter-matched), memory vs naive")
+    ps.add_argument("--preset", default="mini", help="tiny | mini | small | base | large (default mini)")
+    ps.add_argument("--heads", type=int, default=4, help="n (default 4)")
+    ps.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: bytes, 259)")
+    ps.add_argument("--batch-size", type=int, default=None, help="default: the preset's")
+    ps.add_argument("--seq-len", type=int, default=None, help="default: the preset's")
+    ps.add_argument("--chunk-tokens", type=int, default=4096, help="tokens per unembedding + loss chunk")
+    ps.add_argument("--repeats", type=int, default=5, help="timed steps per probe after the measured one")
+    ps.add_argument("--rounds", type=int, default=2, help="times each probe runs, alternating (default 2)")
+    ps.add_argument("--json", dest="json_path", metavar="FILE")
+    _add_common(ps)
 
     m = bench.add_parser("train-memory", help="peak memory and time of one training step: memory-efficient head "
                                               "order vs naive")
@@ -546,6 +559,22 @@ def run(argv: list[str] | None = None) -> int:
             write_json(args.json_path, result)
         if args.plot:
             plot_bench_decode(result, args.plot)
+        return 0
+    if args.command == "bench" and args.bench == "pretrain-step":
+        from mtp.bench import bench_pretrain_step, format_bench_pretrain_step
+
+        _check_writable_file(args.json_path, "--json")
+        for flag, value in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len)):
+            if value is not None and value < 1:
+                raise UserError(f"{flag} must be >= 1, got {value}")
+        if min(args.chunk_tokens, args.repeats, args.rounds) < 1:
+            raise UserError("--chunk-tokens, --repeats and --rounds must be >= 1")
+        result = bench_pretrain_step(args.preset, args.heads, args.vocab, args.batch_size, args.seq_len,
+                                     args.chunk_tokens, args.repeats, args.rounds, args.device, args.dtype)
+        result["command"] = command
+        print(format_bench_pretrain_step(result))
+        if args.json_path:
+            write_json(args.json_path, result)
         return 0
     if args.command == "bench" and args.bench == "train-memory":
         from mtp.bench import bench_train_memory, format_bench_train_memory

@@ -2,7 +2,10 @@
 
 - ``code``: "Write a Python function `name(args)` that ..." from standard-library functions with docstrings;
 - ``chat``: explanations of Python topics (``pydoc_data.topics``) and summaries of Shakespeare passages;
-- ``translation``: "Translate into English: ..." from the Ding example sentences.
+- ``translation``: "Translate into English: ..." from the Ding example sentences;
+- ``code-prefix``: raw Python to be continued (no instruction, no chat template): the lines that open a
+  top-level ``def`` / ``class`` in a standard-library file, about 400 characters, for models pretrained
+  on code (``mtp pretrain``); use ``--no-chat`` with them.
 
 The ``train`` split feeds self-distillation; the ``eval`` split is kept for decoding benchmarks, so a
 prompt used to train heads is never used to measure them. A user file is a .jsonl with a ``prompt`` field.
@@ -19,7 +22,7 @@ from pathlib import Path
 from mtp.data import CorpusUnavailable, load_corpus, read_text_file, split_of, translation_pairs
 from mtp.errors import UserError
 
-PROMPT_SETS = ("chat", "code", "translation")
+PROMPT_SETS = ("chat", "code", "translation", "code-prefix")
 
 
 def _first_sentence(doc: str) -> str:
@@ -65,9 +68,26 @@ def _translation_prompts(split: str) -> list[str]:
     return [f"Translate into English: {de}" for de, _ in translation_pairs() if split_of("translation", de) == split]
 
 
+def _code_prefix_prompts(split: str, chars: int = 400, per_file: int = 3) -> list[str]:
+    prompts = []
+    for doc in load_corpus("code", split).documents:
+        lines = doc.text.splitlines(keepends=True)
+        starts = [i for i, line in enumerate(lines) if line.startswith(("def ", "class "))]
+        for i in starts[:: max(1, len(starts) // per_file)][:per_file]:
+            text = ""
+            for line in lines[i:]:
+                if text and len(text) + len(line) > chars:
+                    break
+                text += line
+            if len(text) >= chars // 2:
+                prompts.append(text)
+    return prompts
+
+
 @functools.lru_cache(maxsize=None)
 def _built(name: str, split: str) -> tuple[str, ...]:
-    builders = {"chat": _chat_prompts, "code": _code_prompts, "translation": _translation_prompts}
+    builders = {"chat": _chat_prompts, "code": _code_prompts, "translation": _translation_prompts,
+                "code-prefix": _code_prefix_prompts}
     return tuple(builders[name](split))
 
 
