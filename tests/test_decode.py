@@ -402,3 +402,65 @@ def test_hybrid_is_sized_from_the_verify_cost(monkeypatch):
     dec, info = run.build_decoder(model, Tok(), with_heads(model, n=4), None, "tiny", "hybrid", sampling=Sampling())
     assert asked == ["tiny"] and info["nodes"] + 1 + info["lookup_draft_len"] <= 8
     assert "lookup chain included" in info["nodes_from"]
+
+
+class _State:
+    def __init__(self, head_logits):
+        self.head_logits = head_logits
+
+
+def test_adaptive_tree_learns_conditional_acceptance_and_resizes():
+    """Observed acceptance moves the estimates off the prior, and the tree is rebuilt every `every` steps."""
+    from mtp.decode.methods import choose_tree
+    from mtp.decode.proposers import AdaptiveTreeProposer
+    from mtp.decode.tree import tree_from_accuracy
+
+    cost = {k: 1.0 for k in (1, 2, 3, 4, 5, 6, 8, 10, 12, 16)}
+    cost.update({k: 1.0 + 0.5 * k for k in (20, 24, 32, 40, 48, 64)})
+
+    def size(acc):
+        return tree_from_accuracy(acc, choose_tree(acc, cost)[0])
+
+    prior = [[0.05] * 10, [0.02] * 10, [0.01] * 10]  # pessimistic: a small tree
+    p = AdaptiveTreeProposer(prior, size, every=4, prior_weight=4)
+    first = p.tree.size
+    vocab = 20
+    logits = torch.zeros(2, 3, vocab)
+    for d in range(3):
+        logits[:, d, 5 + d] = 3.0  # every head's top-1: token 5 + d
+    for _ in range(8):
+        draft = p.propose(_State(logits))
+        assert draft.tokens.shape == (2, p.tree.size)
+        p.observe([[5, 6, 7, 9], None])  # row 0: all three heads right at rank 0; row 1 finished
+    est = p.estimates()
+    assert est[0][0] == pytest.approx((8 + 4 * 0.05) / (8 + 4)) and est[0][1] == pytest.approx(4 * 0.05 / 12)
+    assert est[2][0] > 0.6 and p.seen.tolist() == [8, 8, 8]
+    assert len(p.sizes) == 3 and p.tree.max_depth == 3  # re-sized twice; now reaches the deepest head
+    assert first < p.tree.size or p.tree.paths != size(prior).paths
+    # a row that stops short (EOS after one token) is observed only as deep as it got
+    p.propose(_State(logits))
+    p.observe([[5], [9, 9]])
+    assert p.seen.tolist() == [10, 9, 8]
+
+
+def test_adaptive_methods_reproduce_plain_greedy(monkeypatch):
+    """Sizes chosen from the verify cost adapt while decoding, and every output stays plain greedy's."""
+    import mtp.decode.run as run
+    from mtp.decode.accept import Sampling
+    from mtp.decode.proposers import AdaptiveTreeProposer
+
+    flat = {k: 1.0 for k in (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32)}
+    monkeypatch.setattr(run, "cached_verify_cost", lambda name, backbone: flat)
+    model = tiny_model("llama", vocab=64)
+    heads = with_heads(model, n=3)
+    refs = [reference_greedy(model, p, 40) for p in PROMPTS]
+    for method in ("blockwise", "tree", "hybrid"):
+        dec, info = run.build_decoder(model, Tok(), heads, None, "tiny", method, sampling=Sampling())
+        assert "adaptive" in info
+        out = dec.generate(PROMPTS, max_new_tokens=40, eos_token_ids=[])
+        assert [r.tokens for r in out.rows] == refs, method
+        sizes = run.adaptive_sizes(dec)
+        assert sizes["resizings"] >= 1 and sizes["observed_steps"] > 0
+        static, info = run.build_decoder(model, Tok(), heads, None, "tiny", method, sampling=Sampling(), adapt=False)
+        assert "adaptive" not in info and run.adaptive_sizes(static) is None
+        assert not isinstance(static.proposer, AdaptiveTreeProposer)

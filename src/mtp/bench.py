@@ -329,13 +329,14 @@ def format_bench_verify(r: dict) -> str:
 def bench_decode(model_name: str, prompts: str, methods: list[str], heads: str | None = "default",
                  batch_size: int = 1, max_new_tokens: int = 128, limit: int | None = 20, dtype: str = "float32",
                  device: str = "cpu", seed: int = 0, temperature: float = 0.0, chat: bool = True,
-                 nodes: int | None = None, progress: bool = True, draft_len: int | None = None) -> dict:
+                 nodes: int | None = None, progress: bool = True, draft_len: int | None = None,
+                 adapt: bool = True, compare_static: bool = False) -> dict:
     """Every method and two plain baselines (transformers' generate, our own loop) on the same prompts,
     side by side per batch: tokens/s, tau, speedup against the fastest plain baseline, acceptance lengths
     and the share of prompts whose output equals plain greedy decoding."""
     from mtp.decode.accept import Sampling
     from mtp.decode.methods import HEAD_METHODS, METHODS
-    from mtp.decode.run import build_decoder, encode_prompt, eos_ids, hf_generate, load_for_decoding
+    from mtp.decode.run import adaptive_sizes, build_decoder, encode_prompt, eos_ids, hf_generate, load_for_decoding
     from mtp.prompts import load_prompts
 
     for m in methods:
@@ -353,7 +354,12 @@ def bench_decode(model_name: str, prompts: str, methods: list[str], heads: str |
     decoders, infos = {}, {}
     for m in ["plain"] + [m for m in methods if m != "plain"]:
         decoders[m], infos[m] = build_decoder(backbone, tokenizer, mtp_model, folder, model_name, m,
-                                              sampling=sampling, nodes=nodes, draft_len=draft_len, seed=seed)
+                                              sampling=sampling, nodes=nodes, draft_len=draft_len, seed=seed,
+                                              adapt=adapt)
+        if compare_static and adapt and "adaptive" in infos[m]:  # the same method with its sizes frozen
+            decoders[f"{m}-static"], infos[f"{m}-static"] = build_decoder(
+                backbone, tokenizer, mtp_model, folder, model_name, m, sampling=sampling, nodes=nodes,
+                draft_len=draft_len, seed=seed, adapt=False)
     names = ["transformers"] + list(decoders)
     stats = {n: {"seconds": 0.0, "tokens": 0, "row_steps": 0, "hist": {}, "outputs": [], "batch_tps": [],
                  "verify_forwards": 0, "verify_tokens": 0}
@@ -397,6 +403,7 @@ def bench_decode(model_name: str, prompts: str, methods: list[str], heads: str |
             "identical_to_plain_loop_share": sum(a == b for a, b in zip(st["outputs"], stats["plain"]["outputs"]))
             / len(reference),
             **({"config": infos[name]} if name in infos else {}),
+            **({"adaptive_sizes": sizes} if name in decoders and (sizes := adaptive_sizes(decoders[name])) else {}),
         }
     return {"model": model_name, "heads": str(folder) if folder else None, "prompts": prompts,
             "n_prompts": len(texts), "batch_size": batch_size, "max_new_tokens": max_new_tokens, "dtype": dtype,

@@ -148,12 +148,12 @@ def evaluate(model: str, heads: str, data: str, context: int, max_positions: int
 def generate(model: str, prompt: str, heads: str | None, method: str | None, sampling_args: dict,
              max_new_tokens: int, stop: list[str], chat: bool, compare: bool, tree: str | None, nodes: int | None,
              draft_len: int | None, exit_layer: int | None, acceptance: str, seed: int, device: str,
-             dtype: str) -> int:
+             dtype: str, adapt: bool = True) -> int:
     """Stream the model's answer, then tokens/s, tokens per step and the speedup over plain decoding."""
     from mtp.decode.accept import Sampling
     from mtp.decode.methods import HEAD_METHODS
-    from mtp.decode.run import (Streamer, build_decoder, default_heads_available, encode_prompt, eos_ids,
-                                load_for_decoding)
+    from mtp.decode.run import (Streamer, adaptive_sizes, build_decoder, default_heads_available, encode_prompt,
+                                eos_ids, load_for_decoding)
 
     sampling = Sampling(**sampling_args)
     if heads is None and (method is None or method in HEAD_METHODS) and default_heads_available(model):
@@ -165,14 +165,17 @@ def generate(model: str, prompt: str, heads: str | None, method: str | None, sam
     eos = eos_ids(backbone, tokenizer)
     decoder, info = build_decoder(backbone, tokenizer, mtp_model, folder, model, method, sampling=sampling,
                                   acceptance=acceptance, tree=tree, nodes=nodes, draft_len=draft_len,
-                                  exit_layer=exit_layer, seed=seed)
+                                  exit_layer=exit_layer, seed=seed, adapt=adapt)
     decoder.generate([ids], 4, eos)  # warm-up, so the figures below are not first-call costs
     streamer = Streamer(tokenizer)
     out = decoder.generate([ids], max_new_tokens, eos, stop_strings=stop, callback=streamer)
     sys.stdout.write("\n")
     row = out.rows[0]
     tps = len(row.tokens) / out.seconds
-    sizes = ", ".join(f"{k} {v}" for k, v in info.items() if k not in ("method", "tree"))
+    sizes = ", ".join(f"{k} {v}" for k, v in info.items() if k not in ("method", "tree", "adaptive"))
+    if (adapted := adaptive_sizes(decoder)) is not None:
+        unit = "draft length" if method == "blockwise" else "nodes"
+        sizes += f", re-sized while decoding: {unit} {adapted['min']}-{adapted['max']}, last {adapted['final']}"
     line = (f"[{method}{' (' + sizes + ')' if sizes else ''}] {len(row.tokens)} tokens in {out.seconds:.2f} s: "
             f"{tps:.1f} tokens/s, {row.tau:.2f} tokens per backbone forward")
     if compare and method != "plain":
@@ -335,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--draft-len", type=int, default=None,
                    help="blockwise / lookup / hybrid's lookup / early-exit draft length")
     r.add_argument("--exit-layer", type=int, default=None, help="early-exit: layers that draft (default half)")
+    r.add_argument("--no-adapt", action="store_true",
+                   help="keep tree / draft sizes chosen at the start (default: re-sized from the acceptance seen)")
     r.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     r.add_argument("--no-compare", action="store_true", help="skip the plain-decoding run that measures the speedup")
     r.add_argument("--seed", type=int, default=0)
@@ -409,6 +414,10 @@ def build_parser() -> argparse.ArgumentParser:
     dd.add_argument("--nodes", type=int, default=None, help="tree nodes (default: from the measured verify cost)")
     dd.add_argument("--draft-len", type=int, default=None,
                     help="blockwise / lookup / hybrid's lookup / early-exit draft length (default: per method)")
+    dd.add_argument("--no-adapt", action="store_true",
+                    help="keep tree / draft sizes chosen at the start (default: re-sized from the acceptance seen)")
+    dd.add_argument("--compare-static", action="store_true",
+                    help="also run each adaptive method with its sizes frozen (rows '<method>-static')")
     dd.add_argument("--no-chat", action="store_true")
     dd.add_argument("--json", dest="json_path", metavar="FILE")
     dd.add_argument("--plot", metavar="FILE.png")
@@ -532,7 +541,8 @@ def run(argv: list[str] | None = None) -> int:
         return generate(args.model, args.prompt, args.heads, args.method,
                         {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p},
                         args.max_new_tokens, args.stop, not args.no_chat, not args.no_compare, args.tree, args.nodes,
-                        args.draft_len, args.exit_layer, args.acceptance, args.seed, args.device, args.dtype)
+                        args.draft_len, args.exit_layer, args.acceptance, args.seed, args.device, args.dtype,
+                        adapt=not args.no_adapt)
     if args.command == "bench" and args.bench == "verify":
         from mtp.bench import bench_verify, format_bench_verify
 
@@ -552,7 +562,8 @@ def run(argv: list[str] | None = None) -> int:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         result = bench_decode(args.model, args.prompts, methods, args.heads, args.batch_size, args.max_new_tokens,
                               args.limit, args.dtype, args.device, args.seed, args.temperature, not args.no_chat,
-                              args.nodes, progress, args.draft_len)
+                              args.nodes, progress, args.draft_len, adapt=not args.no_adapt,
+                              compare_static=args.compare_static)
         result["command"] = command
         print(format_bench_decode(result))
         if args.json_path:

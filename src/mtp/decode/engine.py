@@ -305,6 +305,7 @@ class Decoder:
             if self.heads is not None:
                 self._heads_step(states, keep_idx, keep_valid, q_pos)
             path_tokens = q_tokens.gather(1, keep_idx)
+            emitted: list[list[int] | None] = [None] * b
             for i in range(b):
                 if self.done[i]:
                     continue
@@ -313,9 +314,11 @@ class Decoder:
                 res = self.results[i]
                 res.steps += 1
                 added = self._emit(i, new)
+                emitted[i] = new
                 res.accepted.append(len(added))
                 if callback:
                     callback(i, added)
+            self.proposer.observe(emitted)
             self.root = acc.next_root
         if self.device.type == "cuda":
             torch.cuda.synchronize()

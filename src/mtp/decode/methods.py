@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from mtp.decode.proposers import (DynamicTreeProposer, EarlyExitProposer, LookupProposer, PlainProposer, Proposer,
-                                  TreeProposer, UnionProposer, blockwise)
-from mtp.decode.tree import compile_tree, tree_from_accuracy
+from mtp.decode.proposers import (AdaptiveTreeProposer, DynamicTreeProposer, EarlyExitProposer, LookupProposer,
+                                  PlainProposer, Proposer, TreeProposer, UnionProposer, blockwise)
+from mtp.decode.tree import chain_tree, compile_tree, tree_from_accuracy
 from mtp.errors import UserError
 
 METHODS = ("plain", "blockwise", "tree", "dynamic", "hybrid", "lookup", "early-exit")
@@ -131,10 +131,18 @@ def check_draft_len(draft_len: int | None) -> None:
         raise UserError(f"--draft-len must be >= 1, got {draft_len}")
 
 
+ADAPT_EVERY = 8
+
+
 def make_proposer(method: str, *, n_heads: int = 0, heads_dir: Path | None = None, cost: dict | None = None,
                   tree: str | None = None, nodes: int | None = None, draft_len: int | None = None,
-                  exit_layer: int | None = None, n_layers: int = 0) -> tuple[Proposer, dict]:
-    """A proposer by name and a description of the sizes chosen (and why)."""
+                  exit_layer: int | None = None, n_layers: int = 0, adapt: bool = True) -> tuple[Proposer, dict]:
+    """A proposer by name and a description of the sizes chosen (and why).
+
+    Sizes chosen from the verify-cost curve (no --nodes / --draft-len / --tree) start from the held-out
+    accuracies and, with ``adapt``, are re-chosen every ``ADAPT_EVERY`` steps from the acceptance seen while
+    decoding (:class:`~mtp.decode.proposers.AdaptiveTreeProposer`).
+    """
     if method not in METHODS:
         raise UserError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
     if method in HEAD_METHODS and n_heads < 1:
@@ -146,9 +154,15 @@ def make_proposer(method: str, *, n_heads: int = 0, heads_dir: Path | None = Non
     if method == "blockwise":
         if draft_len is None and cost is not None:
             acc = rank_accuracy(heads_dir, n_heads)
-            chain = [[a[0]] for a in acc]  # rank 0 of every head: the chain's acceptance probabilities
-            draft_len, gain = choose_tree(chain, cost, max_nodes=n_heads)
+
+            def size_chain(a):  # rank 0 of every head: the chain's acceptance probabilities
+                return chain_tree(choose_tree([[r[0]] for r in a], cost, max_nodes=n_heads)[0])
+
+            draft_len, gain = choose_tree([[a[0]] for a in acc], cost, max_nodes=n_heads)
             info.update(draft_len_from="verify cost x head accuracy", expected_speedup=round(gain, 3))
+            if adapt:
+                info.update(draft_len=draft_len, adaptive=f"re-sized every {ADAPT_EVERY} steps from the acceptance seen")
+                return AdaptiveTreeProposer(acc, size_chain, every=ADAPT_EVERY, name="blockwise"), info
         depth = min(draft_len or n_heads, n_heads)
         info["draft_len"] = depth
         return blockwise(depth), info
@@ -156,11 +170,20 @@ def make_proposer(method: str, *, n_heads: int = 0, heads_dir: Path | None = Non
         look_len = draft_len or 4
         chosen = {}
         if nodes is None and tree is None and cost is not None:
-            nodes, gain = choose_tree(rank_accuracy(heads_dir, n_heads), cost, extra=look_len)  # 1 if none fits
+            acc = rank_accuracy(heads_dir, n_heads)
+            nodes, gain = choose_tree(acc, cost, extra=look_len)  # 1 if none fits
             chosen = dict(nodes_from="verify cost x head accuracy, lookup chain included",
                           expected_speedup_of_tree=round(gain, 3))
+            if adapt:
+                def size_tree(a):
+                    return tree_from_accuracy(a, choose_tree(a, cost, extra=look_len)[0])
+
+                tree_proposer = AdaptiveTreeProposer(acc, size_tree, every=ADAPT_EVERY)
+                info.update(nodes=nodes, tree=[list(p) for p in tree_proposer.tree.paths], lookup_draft_len=look_len,
+                            adaptive=f"re-sized every {ADAPT_EVERY} steps from the acceptance seen", **chosen)
+                return UnionProposer([tree_proposer, LookupProposer(draft_len=look_len)]), info
         tree_proposer, info = make_proposer("tree", n_heads=n_heads, heads_dir=heads_dir, cost=cost, tree=tree,
-                                            nodes=nodes)
+                                            nodes=nodes, adapt=False)
         info.update(method="hybrid", lookup_draft_len=look_len, **chosen)
         return UnionProposer([tree_proposer, LookupProposer(draft_len=look_len)]), info
     if method in ("tree", "dynamic"):
@@ -177,6 +200,14 @@ def make_proposer(method: str, *, n_heads: int = 0, heads_dir: Path | None = Non
             else:
                 nodes, gain = choose_tree(acc, cost)
                 info.update(nodes_from="verify cost x head accuracy", expected_speedup=round(gain, 3))
+                if adapt and method == "tree":
+                    def size_tree(a):
+                        return tree_from_accuracy(a, choose_tree(a, cost)[0])
+
+                    proposer = AdaptiveTreeProposer(acc, size_tree, every=ADAPT_EVERY)
+                    info.update(nodes=nodes, tree=[list(p) for p in proposer.tree.paths],
+                                adaptive=f"re-sized every {ADAPT_EVERY} steps from the acceptance seen")
+                    return proposer, info
         if nodes < 1:
             raise UserError(f"--nodes must be >= 1, got {nodes}")
         info["nodes"] = nodes

@@ -33,6 +33,9 @@ class Proposer:
     def propose(self, state) -> Draft:
         raise NotImplementedError
 
+    def observe(self, emitted: list[list[int] | None]) -> None:
+        """After a step: per row the tokens it emitted below the root (the true continuation), None if done."""
+
 
 class PlainProposer(Proposer):
     """No draft: every step is one ordinary decoding step (our own plain loop)."""
@@ -62,6 +65,72 @@ class TreeProposer(Proposer):
 
 def blockwise(depth: int) -> TreeProposer:
     return TreeProposer(chain_tree(depth), "blockwise")
+
+
+class AdaptiveTreeProposer(TreeProposer):
+    """A static tree re-chosen, while decoding, from the acceptance this text actually gives.
+
+    After each step the engine reports what every row emitted below the root: the true continuation up to
+    one token past the accepted path. Head d's rank of the true token at depth d is counted wherever the
+    step reached depth d, which estimates P(rank r of head d is right | the draft was right up to depth
+    d - 1): the factor a path's expected acceptance is made of. The held-out marginal accuracies of
+    ``accuracy.json`` are the prior (``prior_weight`` pseudo-observations per depth); they underestimate
+    deep nodes (a context that is easy for head 1 tends to be easy for head 2) and miss domain shift (heads
+    distilled on chat answers, used on raw code). Every ``every`` steps ``resize(estimates)`` builds the
+    tree anew (``methods.make_proposer``: node budget from the verify-cost curve). Estimates persist across
+    ``generate`` calls of one decoder: it keeps learning the user's text. Lossless either way: only which
+    candidates are verified changes, never which are accepted.
+    """
+
+    def __init__(self, prior: list[list[float]], resize, every: int = 8, prior_weight: float = 16.0,
+                 ranks: int = 10, name: str = "tree"):
+        if every < 1 or prior_weight <= 0 or ranks < 1:
+            raise UserError("adaptive tree: every >= 1, prior_weight > 0 and ranks >= 1")
+        self.depth, self.ranks = len(prior), ranks
+        self.prior = torch.tensor([[float(x) for x in row[:ranks]] + [0.0] * max(0, ranks - len(row))
+                                   for row in prior])
+        self.hits = torch.zeros(self.depth, ranks)
+        self.seen = torch.zeros(self.depth)
+        self.resize, self.every, self.prior_weight = resize, every, prior_weight
+        self.steps, self._top = 0, None
+        self._trees: dict = {}
+        super().__init__(self._sized(self.prior.tolist()), name)
+        self.sizes = [self.tree.size]  # tree size after every re-sizing, for reports
+
+    def _sized(self, acc: list[list[float]]) -> CompiledTree:
+        tree = self.resize(acc)
+        return self._trees.setdefault(tree.paths, tree)  # compiled buffers are reused when a shape comes back
+
+    def estimates(self) -> list[list[float]]:
+        w = self.prior_weight
+        return ((self.hits + w * self.prior) / (self.seen[:, None] + w)).tolist()
+
+    def propose(self, state) -> Draft:
+        head_logits = state.head_logits[:, : self.depth]
+        if head_logits.shape[1] < self.tree.max_depth:
+            raise UserError(f"the tree is {self.tree.max_depth} deep but the heads predict only "
+                            f"{head_logits.shape[1]} tokens ahead")
+        top = head_logits.topk(min(self.ranks, head_logits.shape[-1]), dim=-1).indices  # (B, D, R)
+        self._top = top
+        return self.tree.draft(top[..., : self.tree.max_rank])
+
+    def observe(self, emitted: list[list[int] | None]) -> None:
+        if self._top is None:
+            return
+        top = self._top.cpu()
+        for row, tokens in enumerate(emitted):
+            if not tokens:
+                continue
+            reach = min(len(tokens), self.depth)
+            truth = torch.tensor(tokens[:reach])
+            match = top[row, :reach] == truth[:, None]  # (reach, R): at most one True per depth
+            self.seen[:reach] += 1
+            self.hits[:reach, : match.shape[1]] += match.float()
+        self._top = None
+        self.steps += 1
+        if self.steps % self.every == 0:
+            self.tree = self._sized(self.estimates())
+            self.sizes.append(self.tree.size)
 
 
 class DynamicTreeProposer(Proposer):
@@ -162,3 +231,7 @@ class UnionProposer(Proposer):
 
     def propose(self, state) -> Draft:
         return union([p.propose(state) for p in self.proposers])
+
+    def observe(self, emitted: list[list[int] | None]) -> None:
+        for p in self.proposers:
+            p.observe(emitted)

@@ -61,7 +61,7 @@ def encode_prompt(tokenizer, prompt: str, chat: bool = True) -> list[int]:
 def build_decoder(backbone, tokenizer, mtp_model, folder: Path | None, model_name: str, method: str, *,
                   sampling: Sampling, acceptance: str = "exact", tree: str | None = None, nodes: int | None = None,
                   draft_len: int | None = None, exit_layer: int | None = None, seed: int = 0,
-                  calibrate: bool = True) -> tuple[Decoder, dict]:
+                  calibrate: bool = True, adapt: bool = True) -> tuple[Decoder, dict]:
     if method in HEAD_METHODS and mtp_model is None:
         raise UserError(f"method {method!r} drafts with MTP heads: pass --heads DIR or default "
                         f"(or use lookup / early-exit, which need none)")
@@ -71,10 +71,26 @@ def build_decoder(backbone, tokenizer, mtp_model, folder: Path | None, model_nam
     cost = cached_verify_cost(model_name, backbone) if calibrate and sized else None
     proposer, info = make_proposer(method, n_heads=mtp_model.n_heads if mtp_model is not None else 0,
                                    heads_dir=folder, cost=cost, tree=tree, nodes=nodes, draft_len=draft_len,
-                                   exit_layer=exit_layer, n_layers=backbone.config.num_hidden_layers)
+                                   exit_layer=exit_layer, n_layers=backbone.config.num_hidden_layers, adapt=adapt)
     heads = mtp_model if method in HEAD_METHODS else None
     return Decoder(backbone, tokenizer, heads=heads, proposer=proposer, sampling=sampling, acceptance=acceptance,
                    seed=seed), info
+
+
+def adaptive_sizes(decoder: Decoder) -> dict | None:
+    """What an adaptive tree / draft was re-sized to while decoding (None for fixed sizes)."""
+    from mtp.decode.proposers import AdaptiveTreeProposer, UnionProposer
+
+    p = decoder.proposer
+    found = [q for q in (p.proposers if isinstance(p, UnionProposer) else [p]) if isinstance(q, AdaptiveTreeProposer)]
+    if not found:
+        return None
+    a = found[0]
+    sizes = sorted(a.sizes)
+    return {"initial": a.sizes[0], "final": a.sizes[-1], "median": sizes[len(sizes) // 2], "min": sizes[0],
+            "max": sizes[-1], "resizings": len(a.sizes) - 1, "final_tree": [list(q) for q in a.tree.paths],
+            "observed_steps": int(a.seen[0]), "estimated_rank_accuracy": [[round(x, 4) for x in row[:4]]
+                                                                          for row in a.estimates()]}
 
 
 class Streamer:
