@@ -455,12 +455,12 @@ def test_adaptive_methods_reproduce_plain_greedy(monkeypatch):
     heads = with_heads(model, n=3)
     refs = [reference_greedy(model, p, 40) for p in PROMPTS]
     for method in ("blockwise", "tree", "hybrid"):
-        dec, info = run.build_decoder(model, Tok(), heads, None, "tiny", method, sampling=Sampling())
+        dec, info = run.build_decoder(model, Tok(), heads, None, "tiny", method, sampling=Sampling(), adapt=True)
         assert "adaptive" in info
         out = dec.generate(PROMPTS, max_new_tokens=40, eos_token_ids=[])
         assert [r.tokens for r in out.rows] == refs, method
         sizes = run.adaptive_sizes(dec)
         assert sizes["resizings"] >= 1 and sizes["observed_steps"] > 0
-        static, info = run.build_decoder(model, Tok(), heads, None, "tiny", method, sampling=Sampling(), adapt=False)
+        static, info = run.build_decoder(model, Tok(), heads, None, "tiny", method, sampling=Sampling())
         assert "adaptive" not in info and run.adaptive_sizes(static) is None
         assert not isinstance(static.proposer, AdaptiveTreeProposer)

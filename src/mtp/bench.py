@@ -276,7 +276,8 @@ def format_bench_pretrain_step(r: dict) -> str:
     lines = [f"bench pretrain-step: preset {r['preset']}, vocab {r['vocab']}, batch x length = "
              f"{r['batch_size']} x {r['seq_len']}, {r['dtype']}, joint training step (median of "
              f"{r['rounds']} x {r['repeats']})",
-             "| model | layers (trunk + heads) | step (s) | tokens/s | peak memory (MiB) |", "|---|---:|---:|---:|---:|"]
+             "| model | layers (trunk + heads) | step (s) | tokens/s | peak memory (MiB) |",
+             "|---|---:|---:|---:|---:|"]
     for key in ("n1_matched", "n1_same_trunk", "n", "n_naive"):
         v = r["variants"][key]
         lines.append(f"| {names[key]} | {v['layers']} | {v['median_step_seconds']:.3f} | {v['tokens_per_s']:.0f} | "
@@ -330,7 +331,7 @@ def bench_decode(model_name: str, prompts: str, methods: list[str], heads: str |
                  batch_size: int = 1, max_new_tokens: int = 128, limit: int | None = 20, dtype: str = "float32",
                  device: str = "cpu", seed: int = 0, temperature: float = 0.0, chat: bool = True,
                  nodes: int | None = None, progress: bool = True, draft_len: int | None = None,
-                 adapt: bool = True, compare_static: bool = False) -> dict:
+                 adapt: bool = False, compare_adaptive: bool = False) -> dict:
     """Every method and two plain baselines (transformers' generate, our own loop) on the same prompts,
     side by side per batch: tokens/s, tau, speedup against the fastest plain baseline, acceptance lengths
     and the share of prompts whose output equals plain greedy decoding."""
@@ -356,10 +357,11 @@ def bench_decode(model_name: str, prompts: str, methods: list[str], heads: str |
         decoders[m], infos[m] = build_decoder(backbone, tokenizer, mtp_model, folder, model_name, m,
                                               sampling=sampling, nodes=nodes, draft_len=draft_len, seed=seed,
                                               adapt=adapt)
-        if compare_static and adapt and "adaptive" in infos[m]:  # the same method with its sizes frozen
-            decoders[f"{m}-static"], infos[f"{m}-static"] = build_decoder(
-                backbone, tokenizer, mtp_model, folder, model_name, m, sampling=sampling, nodes=nodes,
-                draft_len=draft_len, seed=seed, adapt=False)
+        if compare_adaptive and not adapt and m in ("blockwise", "tree", "hybrid"):  # sizes re-chosen online
+            dec, info = build_decoder(backbone, tokenizer, mtp_model, folder, model_name, m, sampling=sampling,
+                                      nodes=nodes, draft_len=draft_len, seed=seed, adapt=True)
+            if "adaptive" in info:
+                decoders[f"{m}-adaptive"], infos[f"{m}-adaptive"] = dec, info
     names = ["transformers"] + list(decoders)
     stats = {n: {"seconds": 0.0, "tokens": 0, "row_steps": 0, "hist": {}, "outputs": [], "batch_tps": [],
                  "verify_forwards": 0, "verify_tokens": 0}

@@ -148,7 +148,7 @@ def evaluate(model: str, heads: str, data: str, context: int, max_positions: int
 def generate(model: str, prompt: str, heads: str | None, method: str | None, sampling_args: dict,
              max_new_tokens: int, stop: list[str], chat: bool, compare: bool, tree: str | None, nodes: int | None,
              draft_len: int | None, exit_layer: int | None, acceptance: str, seed: int, device: str,
-             dtype: str, adapt: bool = True) -> int:
+             dtype: str, adapt: bool = False) -> int:
     """Stream the model's answer, then tokens/s, tokens per step and the speedup over plain decoding."""
     from mtp.decode.accept import Sampling
     from mtp.decode.methods import HEAD_METHODS
@@ -294,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("distill", help="self-distillation data: the backbone's own responses to a prompt set")
     g.add_argument("--model", default="smollm2-135m", metavar="NAME|PATH")
     g.add_argument("--prompts", action="append", metavar="SET|FILE",
-                   help="chat, code, translation, code-prefix (their train split) or a .jsonl with a prompt field; repeatable")
+                   help="chat, code, translation, code-prefix (their train split) or a .jsonl with a prompt "
+                        "field; repeatable")
     g.add_argument("--out", required=True, metavar="FILE.jsonl")
     g.add_argument("--limit", type=int, default=None, help="prompts per set (default: all)")
     g.add_argument("--max-new-tokens", type=int, default=256)
@@ -338,8 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--draft-len", type=int, default=None,
                    help="blockwise / lookup / hybrid's lookup / early-exit draft length")
     r.add_argument("--exit-layer", type=int, default=None, help="early-exit: layers that draft (default half)")
-    r.add_argument("--no-adapt", action="store_true",
-                   help="keep tree / draft sizes chosen at the start (default: re-sized from the acceptance seen)")
+    r.add_argument("--adapt", action="store_true",
+                   help="re-size the tree / draft every 8 steps from the acceptance seen while decoding")
     r.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     r.add_argument("--no-compare", action="store_true", help="skip the plain-decoding run that measures the speedup")
     r.add_argument("--seed", type=int, default=0)
@@ -414,10 +415,10 @@ def build_parser() -> argparse.ArgumentParser:
     dd.add_argument("--nodes", type=int, default=None, help="tree nodes (default: from the measured verify cost)")
     dd.add_argument("--draft-len", type=int, default=None,
                     help="blockwise / lookup / hybrid's lookup / early-exit draft length (default: per method)")
-    dd.add_argument("--no-adapt", action="store_true",
-                    help="keep tree / draft sizes chosen at the start (default: re-sized from the acceptance seen)")
-    dd.add_argument("--compare-static", action="store_true",
-                    help="also run each adaptive method with its sizes frozen (rows '<method>-static')")
+    dd.add_argument("--adapt", action="store_true",
+                    help="re-size trees / drafts every 8 steps from the acceptance seen while decoding")
+    dd.add_argument("--compare-adaptive", action="store_true",
+                    help="also run blockwise / tree / hybrid with --adapt (rows '<method>-adaptive')")
     dd.add_argument("--no-chat", action="store_true")
     dd.add_argument("--json", dest="json_path", metavar="FILE")
     dd.add_argument("--plot", metavar="FILE.png")
@@ -542,7 +543,7 @@ def run(argv: list[str] | None = None) -> int:
                         {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p},
                         args.max_new_tokens, args.stop, not args.no_chat, not args.no_compare, args.tree, args.nodes,
                         args.draft_len, args.exit_layer, args.acceptance, args.seed, args.device, args.dtype,
-                        adapt=not args.no_adapt)
+                        adapt=args.adapt)
     if args.command == "bench" and args.bench == "verify":
         from mtp.bench import bench_verify, format_bench_verify
 
@@ -562,8 +563,8 @@ def run(argv: list[str] | None = None) -> int:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         result = bench_decode(args.model, args.prompts, methods, args.heads, args.batch_size, args.max_new_tokens,
                               args.limit, args.dtype, args.device, args.seed, args.temperature, not args.no_chat,
-                              args.nodes, progress, args.draft_len, adapt=not args.no_adapt,
-                              compare_static=args.compare_static)
+                              args.nodes, progress, args.draft_len, adapt=args.adapt,
+                              compare_adaptive=args.compare_adaptive)
         result["command"] = command
         print(format_bench_decode(result))
         if args.json_path:

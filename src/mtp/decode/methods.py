@@ -136,7 +136,7 @@ ADAPT_EVERY = 8
 
 def make_proposer(method: str, *, n_heads: int = 0, heads_dir: Path | None = None, cost: dict | None = None,
                   tree: str | None = None, nodes: int | None = None, draft_len: int | None = None,
-                  exit_layer: int | None = None, n_layers: int = 0, adapt: bool = True) -> tuple[Proposer, dict]:
+                  exit_layer: int | None = None, n_layers: int = 0, adapt: bool = False) -> tuple[Proposer, dict]:
     """A proposer by name and a description of the sizes chosen (and why).
 
     Sizes chosen from the verify-cost curve (no --nodes / --draft-len / --tree) start from the held-out
@@ -161,7 +161,8 @@ def make_proposer(method: str, *, n_heads: int = 0, heads_dir: Path | None = Non
             draft_len, gain = choose_tree([[a[0]] for a in acc], cost, max_nodes=n_heads)
             info.update(draft_len_from="verify cost x head accuracy", expected_speedup=round(gain, 3))
             if adapt:
-                info.update(draft_len=draft_len, adaptive=f"re-sized every {ADAPT_EVERY} steps from the acceptance seen")
+                info.update(draft_len=draft_len,
+                            adaptive=f"re-sized every {ADAPT_EVERY} steps from the acceptance seen")
                 return AdaptiveTreeProposer(acc, size_chain, every=ADAPT_EVERY, name="blockwise"), info
         depth = min(draft_len or n_heads, n_heads)
         info["draft_len"] = depth

@@ -61,7 +61,7 @@ def encode_prompt(tokenizer, prompt: str, chat: bool = True) -> list[int]:
 def build_decoder(backbone, tokenizer, mtp_model, folder: Path | None, model_name: str, method: str, *,
                   sampling: Sampling, acceptance: str = "exact", tree: str | None = None, nodes: int | None = None,
                   draft_len: int | None = None, exit_layer: int | None = None, seed: int = 0,
-                  calibrate: bool = True, adapt: bool = True) -> tuple[Decoder, dict]:
+                  calibrate: bool = True, adapt: bool = False) -> tuple[Decoder, dict]:
     if method in HEAD_METHODS and mtp_model is None:
         raise UserError(f"method {method!r} drafts with MTP heads: pass --heads DIR or default "
                         f"(or use lookup / early-exit, which need none)")
