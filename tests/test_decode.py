@@ -464,3 +464,19 @@ def test_adaptive_methods_reproduce_plain_greedy(monkeypatch):
         static, info = run.build_decoder(model, Tok(), heads, None, "tiny", method, sampling=Sampling())
         assert "adaptive" not in info and run.adaptive_sizes(static) is None
         assert not isinstance(static.proposer, AdaptiveTreeProposer)
+
+
+def test_only_the_heads_a_draft_reads_run():
+    """A transformer head costs a layer per committed token: heads deeper than the draft are skipped."""
+    model = tiny_model("llama", vocab=64)
+    heads = with_heads(model, "transformer", n=3)
+    refs = [reference_greedy(model, p, 20) for p in PROMPTS]
+    for proposer, runs in ((blockwise(2), 2), (TreeProposer(compile_tree([(0,), (1,)])), 1),
+                           (UnionProposer([blockwise(1), LookupProposer(3)]), 1), (LookupProposer(3), 0),
+                           (DynamicTreeProposer(nodes=6, top_k=2), 3)):
+        dec = Decoder(model, Tok(), heads=heads, proposer=proposer)
+        assert dec.n_run == runs
+        out = dec.generate(PROMPTS, max_new_tokens=20, eos_token_ids=[])
+        assert [r.tokens for r in out.rows] == refs
+        if runs:
+            assert dec.head_logits.shape[1] == runs and len(dec.head_caches) == runs

@@ -82,6 +82,9 @@ class Decoder:
         self.n_layers = backbone.config.num_hidden_layers
         self.max_context = getattr(backbone.config, "max_position_embeddings", None)
         self.transformer_heads = heads is not None and heads.config.kind == "transformer"
+        # only the heads the drafts read run (a transformer head costs a layer per committed token)
+        needed = self.proposer.heads_needed() if heads is not None else 0
+        self.n_run = 0 if heads is None else heads.n_heads if needed is None else min(needed, heads.n_heads)
 
     # ------------------------------------------------------------------ forward pieces
 
@@ -92,12 +95,12 @@ class Decoder:
         allowed = torch.cat([self.slot_valid[:, None, :].expand(b, q, -1), allowed_new], -1)
         k_pos = torch.cat([self.slot_pos, q_pos], 1)
         mask = attention_masks(self.backbone.config, allowed, q_pos, k_pos, self._mask_dtype)
-        ctx = capture_hidden(self.backbone, self.heads.tapped) if self.heads is not None else \
+        ctx = capture_hidden(self.backbone, self.heads.tapped) if self.n_run else \
             contextlib.nullcontext({})
         with ctx as store:
             out = self.backbone(input_ids=ids, position_ids=q_pos, attention_mask=mask, past_key_values=self.cache,
                                 use_cache=True, logits_to_keep=logits_to_keep)
-        states = [store[i] for i in self.heads.tapped] if self.heads is not None else None
+        states = [store[i] for i in self.heads.tapped] if self.n_run else None
         self.forwards += 1
         return out.logits, states
 
@@ -113,7 +116,7 @@ class Decoder:
         last = (keep_valid.long().cumsum(1) * keep_valid).argmax(1)  # index of the last valid kept slot
         rows = torch.arange(b, device=self.device)
         outs = []
-        for k, head in enumerate(self.heads.heads):
+        for k, head in enumerate(self.heads.heads[: self.n_run]):
             if self.transformer_heads:
                 cache = self.head_caches[k]
                 s_prev = self.head_valid.shape[1]
@@ -254,9 +257,9 @@ class Decoder:
         self._append_slots(valid, pos)
         self.next_pos = pos[:, -1] + 1
         self.root = self.sampling.choose(logits[:, -1], self.generator)
-        if self.heads is not None:
+        if self.n_run:
             if self.transformer_heads:
-                self.head_caches = [DynamicCache() for _ in self.heads.heads]
+                self.head_caches = [DynamicCache() for _ in range(self.n_run)]
                 self.head_valid = torch.zeros(b, 0, dtype=torch.bool, device=dev)
                 self.head_pos = torch.zeros(b, 0, dtype=torch.long, device=dev)
                 idx = torch.arange(longest, device=dev).expand(b, -1)
@@ -302,7 +305,7 @@ class Decoder:
                     setattr(layer, name, t[:, :, : s + m])
             self._append_slots(keep_valid, q_pos.gather(1, keep_idx))
             self.next_pos = self.next_pos + torch.where(done_now, 0, acc.length)
-            if self.heads is not None:
+            if self.n_run:
                 self._heads_step(states, keep_idx, keep_valid, q_pos)
             path_tokens = q_tokens.gather(1, keep_idx)
             emitted: list[list[int] | None] = [None] * b

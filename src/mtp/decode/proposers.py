@@ -36,6 +36,10 @@ class Proposer:
     def observe(self, emitted: list[list[int] | None]) -> None:
         """After a step: per row the tokens it emitted below the root (the true continuation), None if done."""
 
+    def heads_needed(self) -> int | None:
+        """How many heads (1..d) the drafts read: the decoder runs no others. None = all of them."""
+        return None if self.needs_heads else 0
+
 
 class PlainProposer(Proposer):
     """No draft: every step is one ordinary decoding step (our own plain loop)."""
@@ -53,6 +57,9 @@ class TreeProposer(Proposer):
 
     def __init__(self, tree: CompiledTree, name: str = "tree"):
         self.tree, self.name = tree, name
+
+    def heads_needed(self) -> int | None:
+        return self.tree.max_depth
 
     def propose(self, state) -> Draft:
         head_logits = state.head_logits[:, : self.tree.max_depth]
@@ -96,6 +103,9 @@ class AdaptiveTreeProposer(TreeProposer):
         self._trees: dict = {}
         super().__init__(self._sized(self.prior.tolist()), name)
         self.sizes = [self.tree.size]  # tree size after every re-sizing, for reports
+
+    def heads_needed(self) -> int | None:
+        return self.depth  # a re-sized tree may reach any head of the prior
 
     def _sized(self, acc: list[list[float]]) -> CompiledTree:
         tree = self.resize(acc)
@@ -143,6 +153,9 @@ class DynamicTreeProposer(Proposer):
         if nodes < 1 or top_k < 1:
             raise UserError("a dynamic tree needs at least one node and top-k >= 1")
         self.nodes, self.top_k, self.depth = nodes, top_k, depth
+
+    def heads_needed(self) -> int | None:
+        return self.depth
 
     def propose(self, state) -> Draft:
         logp = state.head_logits.float().log_softmax(-1)
@@ -235,3 +248,7 @@ class UnionProposer(Proposer):
     def observe(self, emitted: list[list[int] | None]) -> None:
         for p in self.proposers:
             p.observe(emitted)
+
+    def heads_needed(self) -> int | None:
+        needed = [p.heads_needed() for p in self.proposers]
+        return None if None in needed else max(needed)
