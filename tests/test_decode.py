@@ -58,7 +58,7 @@ def methods(heads):
     }
 
 
-@pytest.mark.parametrize("kind", ["mlp", "transformer"])
+@pytest.mark.parametrize("kind", ["mlp", "transformer", "hydra"])
 def test_every_method_reproduces_plain_greedy_in_a_batch(arch, kind):
     model = tiny_model(arch, vocab=64)
     heads = with_heads(model, kind)
@@ -480,3 +480,59 @@ def test_only_the_heads_a_draft_reads_run():
         assert [r.tokens for r in out.rows] == refs
         if runs:
             assert dec.head_logits.shape[1] == runs and len(dec.head_caches) == runs
+
+
+def test_sequential_tree_draft_reads_each_nodes_path():
+    """With sequential heads a node's token is rank r of head d given the root and its ancestors' tokens."""
+    tree = compile_tree([(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)])
+    calls = []
+
+    def head_top(d, prev, r):  # token = 10 * d + sum of the path + rank (a function of the path, per rank)
+        calls.append((d, prev.shape[1], r))
+        return 10 * d + prev.sum(-1, keepdim=True) + torch.arange(r)
+
+    root = torch.tensor([1, 2])
+    draft = tree.draft_sequential(root, head_top)
+    assert calls == [(1, 1, 2), (2, 2, 2), (3, 1, 1)]  # one call per depth, over the distinct parents
+    for row, r0 in enumerate(root.tolist()):
+        tok = {}
+        for path in tree.paths:
+            prefix = [r0] + [tok[path[:i]] for i in range(1, len(path))]
+            tok[path] = 10 * len(path) + sum(prefix) + path[-1]
+        assert draft.tokens[row].tolist() == [tok[p] for p in tree.paths]
+    assert draft.parents[0].tolist() == tree.parents.tolist()
+
+
+def test_sequential_dynamic_tree_is_prefix_closed_and_best_first():
+    class S:
+        batch, device, root, sequential_heads = 2, torch.device("cpu"), torch.tensor([3, 4]), True
+
+        class heads:
+            n_heads = 3
+
+        @staticmethod
+        def head_logprobs(d, prev):  # a path-dependent distribution over 12 tokens
+            g = torch.Generator().manual_seed(int(prev.sum()) + d)
+            return torch.randn(*prev.shape[:2], 12, generator=g).log_softmax(-1)
+
+    draft = DynamicTreeProposer(nodes=9, top_k=3).propose(S())
+    assert draft.tokens.shape == (2, 9)
+    for row in range(2):
+        parents = draft.parents[row].tolist()
+        assert all(p < i for i, p in enumerate(parents))  # parents first, every parent inside the draft
+        assert parents.count(-1) >= 1
+
+
+@pytest.mark.parametrize("method", ["blockwise", "tree", "dynamic", "hybrid"])
+def test_sequential_heads_through_build_decoder(method, monkeypatch):
+    import mtp.decode.run as run
+    from mtp.decode.accept import Sampling
+
+    monkeypatch.setattr(run, "cached_verify_cost", lambda name, backbone: {k: 1.0 for k in (1, 2, 4, 8, 16)})
+    model = tiny_model("llama", vocab=64)
+    heads = with_heads(model, "hydra", n=3)
+    refs = [reference_greedy(model, p, 20) for p in PROMPTS]
+    dec, _ = run.build_decoder(model, Tok(), heads, None, "tiny", method, sampling=Sampling())
+    assert [r.tokens for r in dec.generate(PROMPTS, 20, []).rows] == refs
+    with pytest.raises(UserError, match="sequential"):
+        run.build_decoder(model, Tok(), heads, None, "tiny", method, sampling=Sampling(), adapt=True)

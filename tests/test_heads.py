@@ -62,7 +62,7 @@ def test_whs_weights_are_normalized_and_favor_last_layer():
 
 
 @pytest.mark.parametrize("kind,tap", [("mlp", "last"), ("mlp", "whs"), ("transformer", "last"),
-                                      ("transformer", "layer:1")])
+                                      ("transformer", "layer:1"), ("hydra", "last"), ("hydra", "whs")])
 @pytest.mark.parametrize("train_backbone", [False, True])
 def test_sequential_equals_naive_gradients(kind, tap, train_backbone):
     torch.manual_seed(0)
@@ -94,7 +94,7 @@ def test_frozen_backbone_gets_no_gradient():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.head_parameters())
 
 
-@pytest.mark.parametrize("kind,tap", [("mlp", "whs"), ("transformer", "last")])
+@pytest.mark.parametrize("kind,tap", [("mlp", "whs"), ("transformer", "last"), ("hydra", "last")])
 def test_save_load_bit_exact(tmp_path, kind, tap):
     model = make(kind=kind, tap=tap, n_heads=2)
     randomize_heads(model)
@@ -138,3 +138,24 @@ def test_bad_head_configs():
         make(tap="middle")
     with pytest.raises(UserError, match="0..2"):
         make(tap="layer:7")
+
+
+def test_hydra_head_reads_the_tokens_before_its_target():
+    """Head k at position t sees x_{t+1} .. x_{t+k}: changing x_{t+j} (j <= k) moves it, later tokens do not."""
+    from mtp.model.mtp import shifted_tokens
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    assert shifted_tokens(ids, 2)[0].tolist() == [[6, 7], [7, 8], [8, 9], [9, 10], [10, 10], [10, 10]]
+    model = make(kind="hydra", n_heads=2)
+    randomize_heads(model)
+    assert model.heads[1].body.mix.in_features == 2 * model.backbone.config.hidden_size
+    _, states = model.trunk(ids)
+    base = model.head_hidden(2, states, tokens=ids)
+    # prev_ids given per position equal the teacher-forced ones
+    assert torch.equal(base, model.head_hidden(2, states, prev_ids=shifted_tokens(ids, 2)))
+    other = shifted_tokens(ids, 2).clone()
+    other[0, 1, 1] = 20  # position 1, token x_{t+2}
+    moved = model.head_hidden(2, states, prev_ids=other)
+    assert not torch.allclose(moved[0, 1], base[0, 1]) and torch.equal(moved[0, 0], base[0, 0])
+    fresh = make(kind="hydra", n_heads=1)  # zero-initialized: starts as the identity, like mlp
+    _, states = fresh.trunk(ids)
+    assert torch.equal(fresh.head_hidden(1, states, tokens=ids), states[0])

@@ -75,7 +75,7 @@ class TrainConfig:
     heads: int = 4
     """MTP heads; head k predicts x_{t+1+k}."""
     kind: str = "mlp"
-    """Head kind: mlp | transformer."""
+    """Head kind: mlp | transformer | hydra (sequential: also reads the tokens before its target)."""
     tap: str = "last"
     """Hidden state the heads read: last | layer:I | whs."""
     mlp_layers: int = 1

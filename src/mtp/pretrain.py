@@ -325,7 +325,7 @@ def evaluate_pretrained(heads_dir: Path, data: list[str], seq_len: int, eval_tok
         ids = blocks[i:i + 4].to(dev)
         final, states = model.trunk(ids)
         for k in range(n):
-            h = final if k == 0 else model.head_hidden(k, states)
+            h = final if k == 0 else model.head_hidden(k, states, tokens=ids)
             logits = model.logits(h, normed=k == 0).float()
             targets = head_targets(ids, k, None)
             valid = targets != IGNORE

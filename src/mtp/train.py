@@ -62,7 +62,7 @@ def mtp_step(model: MTPModel, input_ids: torch.Tensor, weights: list[float], *, 
     else:
         losses.append(torch.tensor(float("nan")))
     for k in range(1, model.n_heads + 1):
-        z = model.head_hidden(k, leaves, position_ids)  # (B, T, H)
+        z = model.head_hidden(k, leaves, position_ids, tokens=input_ids)  # (B, T, H)
         losses.append(chunked_head_loss(model.logits, z, head_targets(input_ids, k, loss_mask),
                                         weights[k] * grad_scale, chunk_tokens, backward=weights[k] > 0))
         del z

@@ -115,6 +115,9 @@ class Decoder:
         pos = q_pos.gather(1, keep_idx)
         last = (keep_valid.long().cumsum(1) * keep_valid).argmax(1)  # index of the last valid kept slot
         rows = torch.arange(b, device=self.device)
+        if self.heads.sequential:  # drafted depth by depth by the proposer (head_top), from this state
+            self.seq_states = [s[rows, last] for s in sel]  # (B, H) per tap
+            return
         outs = []
         for k, head in enumerate(self.heads.heads[: self.n_run]):
             if self.transformer_heads:
@@ -138,6 +141,24 @@ class Decoder:
         self.head_logits = self.heads.logits(hidden)
 
     # ------------------------------------------------------------------ state for proposers
+
+    @property
+    def sequential_heads(self) -> bool:
+        return self.heads is not None and self.heads.sequential
+
+    def head_top(self, k: int, prev_ids: torch.Tensor, r: int) -> torch.Tensor:
+        """Sequential heads: top-``r`` tokens (B, M, r) of head k for M draft nodes, given per node the k
+        tokens before its target (B, M, k): the step's root token, then the node's path."""
+        m = prev_ids.shape[1]
+        states = [s[:, None].expand(-1, m, -1) for s in self.seq_states]
+        h = self.heads.head_hidden(k, states, prev_ids=prev_ids)
+        return self.heads.logits(h).topk(min(r, self.heads.backbone.config.vocab_size), dim=-1).indices
+
+    def head_logprobs(self, k: int, prev_ids: torch.Tensor) -> torch.Tensor:
+        """Sequential heads: log-probabilities (B, M, V) of head k for M draft nodes (see ``head_top``)."""
+        m = prev_ids.shape[1]
+        states = [s[:, None].expand(-1, m, -1) for s in self.seq_states]
+        return self.heads.logits(self.heads.head_hidden(k, states, prev_ids=prev_ids)).float().log_softmax(-1)
 
     @property
     def batch(self) -> int:

@@ -62,6 +62,11 @@ class TreeProposer(Proposer):
         return self.tree.max_depth
 
     def propose(self, state) -> Draft:
+        if getattr(state, "sequential_heads", False):
+            if state.heads.n_heads < self.tree.max_depth:
+                raise UserError(f"the tree is {self.tree.max_depth} deep but there are only "
+                                f"{state.heads.n_heads} heads")
+            return self.tree.draft_sequential(state.root, state.head_top)
         head_logits = state.head_logits[:, : self.tree.max_depth]
         if head_logits.shape[1] < self.tree.max_depth:
             raise UserError(f"the tree is {self.tree.max_depth} deep but the heads predict only "
@@ -158,6 +163,8 @@ class DynamicTreeProposer(Proposer):
         return self.depth
 
     def propose(self, state) -> Draft:
+        if getattr(state, "sequential_heads", False):
+            return self._propose_sequential(state)
         logp = state.head_logits.float().log_softmax(-1)
         if self.depth:
             logp = logp[:, : self.depth]
@@ -181,6 +188,49 @@ class DynamicTreeProposer(Proposer):
                 count += 1
         dev = state.device
         return Draft(tokens.to(dev), parents.to(dev), valid.to(dev))
+
+
+    def _propose_sequential(self, state) -> Draft:
+        """EAGLE-2's expand-and-rerank (arXiv 2406.16858) with sequential heads: per depth, the ``top_k``
+        best nodes of the previous depth are expanded by their ``top_k`` children (a node's score: the sum of
+        the heads' log-probabilities along its path, each head given the path before it); the draft is the
+        ``nodes`` best of every node expanded. A child never outscores its parent, so the draft is closed
+        under prefixes."""
+        b, dev, k = state.batch, state.device, self.top_k
+        depth = min(self.depth or state.heads.n_heads, state.heads.n_heads)
+        root = state.root
+        paths = torch.zeros(b, 1, 0, dtype=torch.long, device=dev)  # the frontier's token paths (B, F, d - 1)
+        front_score = torch.zeros(b, 1, device=dev)
+        front_idx = torch.full((b, 1), -1, dtype=torch.long, device=dev)  # their indices in the pool
+        toks, pars, scores, depths, offset = [], [], [], [], 0
+        for d in range(1, depth + 1):
+            f = paths.shape[1]
+            prev = torch.cat([root[:, None, None].expand(-1, f, 1), paths], 2)  # (B, F, d)
+            logp = state.head_logprobs(d, prev)  # (B, F, V)
+            val, tok = logp.topk(min(k, logp.shape[-1]), dim=-1)  # (B, F, k')
+            kk = tok.shape[-1]
+            score = (front_score[..., None] + val).reshape(b, -1)  # (B, F * k')
+            tok = tok.reshape(b, -1)
+            toks.append(tok)
+            scores.append(score)
+            pars.append(front_idx[..., None].expand(-1, -1, kk).reshape(b, -1))
+            depths.append(torch.full_like(tok, d))
+            if d < depth:
+                top_s, top_i = score.topk(min(k, score.shape[1]), dim=-1)  # the next frontier
+                parent_slot = top_i // kk
+                paths = torch.cat([paths.gather(1, parent_slot[..., None].expand(-1, -1, d - 1)),
+                                   tok.gather(1, top_i)[..., None]], 2)
+                front_idx, front_score = offset + top_i, top_s
+            offset += tok.shape[1]
+        tok_all, par_all = torch.cat(toks, 1), torch.cat(pars, 1)
+        key = torch.cat(scores, 1) - torch.cat(depths, 1).float() * 1e-6  # ties: the shallower node first
+        n = min(self.nodes, tok_all.shape[1])
+        chosen = key.topk(n, dim=-1).indices.sort(-1).values  # pool order: parents before children
+        remap = torch.full_like(tok_all, -1)
+        remap.scatter_(1, chosen, torch.arange(n, device=dev).expand(b, -1))
+        par = par_all.gather(1, chosen)
+        parents = torch.where(par < 0, par, remap.gather(1, par.clamp(min=0)))
+        return Draft(tok_all.gather(1, chosen), parents, torch.ones(b, n, dtype=torch.bool, device=dev))
 
 
 class LookupProposer(Proposer):

@@ -66,6 +66,9 @@ def build_decoder(backbone, tokenizer, mtp_model, folder: Path | None, model_nam
         raise UserError(f"method {method!r} drafts with MTP heads: pass --heads DIR or default "
                         f"(or use lookup / early-exit, which need none)")
     check_draft_len(draft_len)  # before measuring the verify cost, which takes a while on a real model
+    if adapt and mtp_model is not None and mtp_model.sequential and method in HEAD_METHODS:
+        raise UserError(f"--adapt re-sizes drafts of independent heads; {mtp_model.config.kind} heads are "
+                        f"sequential (drop --adapt)")
     sized = (method in ("tree", "dynamic", "hybrid") and nodes is None and tree is None) or \
         (method == "blockwise" and draft_len is None)
     cost = cached_verify_cost(model_name, backbone) if calibrate and sized else None

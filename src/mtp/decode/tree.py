@@ -145,11 +145,50 @@ class CompiledTree:
 
     def draft(self, head_top: torch.Tensor) -> Draft:
         """Fill the tree from each row's top tokens per head: head_top (B, D, R) -> Draft (B, N)."""
-        b = head_top.shape[0]
         d = self.depth.to(head_top.device) - 1
         r = self.rank.to(head_top.device)
-        tokens = head_top[:, d, r]  # (B, N)
-        dev = head_top.device
+        return self._draft_of(head_top[:, d, r])  # (B, N)
+
+    def draft_sequential(self, root: torch.Tensor, head_top) -> Draft:
+        """Fill the tree depth by depth with sequential heads: a node's token is rank r of head d given the
+        tokens on its path (the root, then its ancestors'). ``head_top(d, prev_ids (B, U, d), r)`` returns
+        (B, U, r) for the U distinct parents at depth d - 1."""
+        b, dev = root.shape[0], root.device
+        tokens = torch.zeros(b, self.size, dtype=torch.long, device=dev)
+        for d, (anc, nodes, slots, ranks, r) in enumerate(self._sequential_plan(), 1):
+            prev = torch.cat([root[:, None, None].expand(-1, anc.shape[0], 1), tokens[:, anc.to(dev)]], 2)
+            top = head_top(d, prev, r)  # (B, U, r)
+            tokens[:, nodes.to(dev)] = top[:, slots.to(dev), ranks.to(dev)]
+        return self._draft_of(tokens)
+
+    def _sequential_plan(self) -> list:
+        """Per depth: the distinct parents' ancestor paths (U, d - 1) as node indices, and for each node of
+        the depth its index, its parent's slot among the U and its rank; the largest rank + 1."""
+        plan = self.__dict__.get("_plan")
+        if plan is not None:
+            return plan
+        parents = self.parents.tolist()
+
+        def path(i):  # node indices from depth 1 down to node i
+            out = []
+            while i >= 0:
+                out.append(i)
+                i = parents[i]
+            return out[::-1]
+
+        plan = []
+        for d in range(1, self.max_depth + 1):
+            nodes = [i for i in range(self.size) if int(self.depth[i]) == d]
+            uniq = sorted({parents[i] for i in nodes})
+            anc = torch.tensor([path(u) for u in uniq], dtype=torch.long).reshape(len(uniq), d - 1)
+            slots = torch.tensor([uniq.index(parents[i]) for i in nodes])
+            ranks = self.rank[nodes]
+            plan.append((anc, torch.tensor(nodes), slots, ranks, int(ranks.max()) + 1))
+        object.__setattr__(self, "_plan", plan)
+        return plan
+
+    def _draft_of(self, tokens: torch.Tensor) -> Draft:
+        b, dev = tokens.shape[0], tokens.device
         if self._buffers is None or self._buffers[0].device != dev:
             proto = Draft(tokens[:1], self.parents.to(dev)[None], torch.ones_like(tokens[:1], dtype=torch.bool))
             object.__setattr__(self, "_buffers", (proto.parents, proto.depth_q(), proto.ancestor_mask()))

@@ -8,7 +8,11 @@ Head kinds live in a registry: adding one is a class plus one ``@register_head``
 - ``mlp`` (Medusa, arXiv 2401.10774): residual blocks h + SiLU(W h + b), zero-initialized, so a new head
   starts as the identity and reproduces the next-token distribution;
 - ``transformer`` (Gloeckle et al., arXiv 2404.19737): one decoder layer of the backbone's own class,
-  built from its config (never a forked modeling file), optionally a copy of the backbone's last layer.
+  built from its config (never a forked modeling file), optionally a copy of the backbone's last layer;
+- ``hydra`` (sequentially dependent heads, Ankner et al., arXiv 2402.05109): an ``mlp`` head that also
+  reads the embeddings of the k tokens between its position and its target (x_{t+1} .. x_{t+k}). While
+  decoding these are the step's certain root token and the draft's own tokens on the path, so head k
+  predicts knowing what precedes its token instead of guessing across every path (``sequential``).
 
 Taps say which hidden state a head reads: ``last`` (the last layer's output, before the final norm),
 ``layer:i`` (the output of layer i; 0 is the embeddings) or ``whs`` (a softmax-normalized weighting of
@@ -40,6 +44,8 @@ def register_head(name: str):
 
 class Head(nn.Module):
     kind = ""
+    sequential = False
+    """True: forward also takes ``prev``, the embeddings of the tokens between the position and the target."""
 
     def forward(self, h: torch.Tensor, position_ids: torch.Tensor, cache=None, attn=None) -> torch.Tensor:
         """(B, T, H) -> (B, T, H); ``cache``: the head's own KV cache (transformer heads, decoding);
@@ -60,6 +66,33 @@ class MLPHead(Head):
     def forward(self, h, position_ids, cache=None, attn=None):
         for block in self.blocks:
             h = h + nn.functional.silu(block(h))  # (B, T, H)
+        return h
+
+
+@register_head("hydra")
+class SequentialMLPHead(Head):
+    """Head k: h + W [e(x_{t+1}); ...; e(x_{t+k})], then the ``mlp`` head's residual blocks. ``W`` and the
+    blocks start at zero, so a new head is the identity, like ``mlp``; the token embeddings are the
+    backbone's own (RMS-normalized, not trained here)."""
+
+    sequential = True
+
+    def __init__(self, backbone, layers: int = 1, index: int = 1, **_):
+        super().__init__()
+        size = backbone.config.hidden_size
+        self.index = index
+        self.mix = nn.Linear(index * size, size)
+        self.blocks = nn.ModuleList(nn.Linear(size, size) for _ in range(layers))
+        for lin in [self.mix, *self.blocks]:
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, h, position_ids, cache=None, attn=None, prev=None):
+        if prev is None:
+            raise ValueError("a hydra head needs prev: the embeddings of the tokens before its target")
+        h = h + self.mix(prev)  # prev: (B, T, k * H)
+        for block in self.blocks:
+            h = h + nn.functional.silu(block(h))
         return h
 
 
@@ -196,17 +229,19 @@ class TappedHead(nn.Module):
         self.body = body
         self.whs = nn.Parameter(whs_init(whs_states)) if whs_states else None
 
-    def forward(self, states: list[torch.Tensor], position_ids: torch.Tensor, cache=None, attn=None) -> torch.Tensor:
+    def forward(self, states: list[torch.Tensor], position_ids: torch.Tensor, cache=None, attn=None,
+                prev: torch.Tensor | None = None) -> torch.Tensor:
         if self.whs is None:
             h = states[0]
         else:
             w = torch.softmax(self.whs.float(), -1).to(states[0].dtype)  # (L+1,)
             h = sum(w[i] * s for i, s in enumerate(states))  # (B, T, H), no stacked copy
         own = self.body_dtype
+        extra = {} if prev is None else {"prev": prev.to(own)}
         if own == h.dtype:
-            return self.body(h, position_ids, cache, attn)
+            return self.body(h, position_ids, cache, attn, **extra)
         # full-precision heads on a low-precision backbone (training): cast in, and back for the unembedding
-        return self.body(h.to(own), position_ids, cache, attn).to(h.dtype)
+        return self.body(h.to(own), position_ids, cache, attn, **extra).to(h.dtype)
 
     @property
     def body_dtype(self) -> torch.dtype:

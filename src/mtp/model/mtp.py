@@ -76,6 +76,14 @@ def _fingerprint_matches(a: dict, b: dict) -> bool:
     return bool(torch.allclose(x, y, rtol=2e-2, atol=2e-3))  # bf16 / fp16 copies of one backbone agree
 
 
+def shifted_tokens(tokens: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, T) -> (B, T, k): at position t the tokens x_{t+1} .. x_{t+k} (past the end: the last token, whose
+    targets are ignored anyway)."""
+    t = tokens.shape[1]
+    idx = (torch.arange(t, device=tokens.device)[:, None] + torch.arange(1, k + 1, device=tokens.device))
+    return tokens[:, idx.clamp(max=t - 1)]
+
+
 class MTPModel(nn.Module):
     """Backbone + heads. The backbone stays an ordinary transformers model (optionally peft-wrapped)."""
 
@@ -94,8 +102,10 @@ class MTPModel(nn.Module):
         dtype = head_dtype or backbone.get_output_embeddings().weight.dtype
         whs = n_layers + 1 if self.tap_kind == "whs" else None
         self.heads = nn.ModuleList(
-            TappedHead(head_cls(backbone, layers=config.mlp_layers, init_from_last=config.init_from_last), whs)
-            for _ in range(config.n_heads)).to(device=backbone.device, dtype=dtype)
+            TappedHead(head_cls(backbone, layers=config.mlp_layers, init_from_last=config.init_from_last, index=k),
+                       whs)
+            for k in range(1, config.n_heads + 1)).to(device=backbone.device, dtype=dtype)
+        self.sequential = head_cls.sequential
         for head in self.heads:  # WHS logits stay float32 (softmax over a handful of values)
             if head.whs is not None:
                 head.whs.data = head.whs.data.float()
@@ -113,11 +123,30 @@ class MTPModel(nn.Module):
                                               past_key_values=cache, use_cache=cache is not None)
         return out.last_hidden_state, [store[i] for i in self.tapped]
 
-    def head_hidden(self, k: int, states: list[torch.Tensor], position_ids=None, cache=None) -> torch.Tensor:
-        """Head k >= 1 on the tapped states -> (B, T, H), before the shared final norm."""
+    def head_hidden(self, k: int, states: list[torch.Tensor], position_ids=None, cache=None,
+                    tokens: torch.Tensor | None = None, prev_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Head k >= 1 on the tapped states -> (B, T, H), before the shared final norm.
+
+        Sequential (``hydra``) heads also read the tokens before their target: ``tokens`` (B, T), the
+        sequence itself (teacher forcing: position t gets x_{t+1} .. x_{t+k}), or ``prev_ids`` (B, T, k)
+        given per position (decoding: the root token and the draft's path).
+        """
         if position_ids is None:
             position_ids = torch.arange(states[0].shape[1], device=states[0].device)[None]
-        return self.heads[k - 1](states, position_ids, cache)
+        if not self.sequential:
+            return self.heads[k - 1](states, position_ids, cache)
+        if prev_ids is None:
+            if tokens is None:
+                raise ValueError(f"{self.config.kind} heads read the tokens before their target: pass tokens")
+            prev_ids = shifted_tokens(tokens, k)
+        return self.heads[k - 1](states, position_ids, cache, prev=self.embed_tokens(prev_ids))
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """(..., k) token ids -> (..., k * H): the backbone's input embeddings, RMS-normalized, concatenated."""
+        with torch.no_grad():
+            e = self.backbone.get_input_embeddings()(ids)
+            e = nn.functional.rms_norm(e.float(), (e.shape[-1],)).to(e.dtype)
+        return e.flatten(-2)
 
     def logits(self, hidden: torch.Tensor, normed: bool = False) -> torch.Tensor:
         """Shared final norm (unless already applied) + unembedding + soft-capping: (..., H) -> (..., V)."""
@@ -126,7 +155,7 @@ class MTPModel(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits of every head, (K, B, T, V) with K = n_heads + 1; row k predicts x_{t+1+k}."""
         final, states = self.trunk(input_ids)
-        rows = [self.logits(final, normed=True)] + [self.logits(self.head_hidden(k, states))
+        rows = [self.logits(final, normed=True)] + [self.logits(self.head_hidden(k, states, tokens=input_ids))
                                                     for k in range(1, self.n_heads + 1)]
         return torch.stack(rows)  # (K, B, T, V)
 
