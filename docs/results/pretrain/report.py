@@ -28,8 +28,9 @@ def load(tok, n):
     ev = json.loads((run / "eval.json").read_text())
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     metrics = [m for m in metrics if "losses" in m]
-    dec = HERE / f"decode_{tok}_n{n}.json"
-    return {"eval": ev, "metrics": metrics, "decode": json.loads(dec.read_text()) if dec.is_file() else None}
+    dec, chain = HERE / f"decode_{tok}_n{n}.json", HERE / f"decode_chain_{tok}_n{n}.json"
+    return {"eval": ev, "metrics": metrics, "decode": json.loads(dec.read_text()) if dec.is_file() else None,
+            "chain": json.loads(chain.read_text()) if chain.is_file() else None}
 
 
 runs = {(t, n): r for t in TOKS for n in NS if (r := load(t, n))}
@@ -51,18 +52,20 @@ print("\n### Self-speculative decoding (greedy, code-prefix prompts)\n")
 print("| tokenizer | n | method | tau | tokens/s | speedup vs plain | identical to greedy | ")
 print("|---|---:|---|---:|---:|---:|---:|")
 for (t, n), r in runs.items():
-    d = r["decode"]
-    if not d:
-        continue
-    for name, m in d["methods"].items():
-        if name in ("transformers", "plain"):
+    for d, tag in ((r["decode"], ""), (r["chain"], " (all heads)")):
+        if not d:
             continue
-        nodes = m.get("config", {}).get("nodes")
-        label = f"{name} ({nodes} nodes)" if name == "tree" and nodes else name
-        print(f"| {t} | {n} | {label} | {m['tau']:.2f} | {m['tokens_per_s']:.1f} | {m['speedup']:.2f}x | "
-              f"{m['identical_share']:.0%} |")
-    print(f"| {t} | {n} | plain (our loop) | 1.00 | {d['methods']['plain']['tokens_per_s']:.1f} | "
-          f"{d['methods']['plain']['speedup']:.2f}x | – |")
+        for name, m in d["methods"].items():
+            if name in ("transformers", "plain"):
+                continue
+            cfg = m.get("config", {})
+            size = cfg.get("nodes") if name in ("tree", "hybrid") else cfg.get("draft_len")
+            label = f"{name}{tag}" + (f" ({size} {'nodes' if name in ('tree', 'hybrid') else 'deep'})" if size else "")
+            print(f"| {t} | {n} | {label} | {m['tau']:.2f} | {m['tokens_per_s']:.1f} | {m['speedup']:.2f}x | "
+                  f"{m['identical_share']:.0%} |")
+    if r["decode"]:
+        p = r["decode"]["methods"]["plain"]
+        print(f"| {t} | {n} | plain (our loop) | 1.00 | {p['tokens_per_s']:.1f} | {p['speedup']:.2f}x | – |")
 
 fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=False)
 for ax, t in zip(axes, TOKS):
@@ -87,4 +90,18 @@ for ax, t in zip(axes, TOKS):
     ax.legend()
 fig.tight_layout()
 fig.savefig(HERE / "accuracy_per_head.png", dpi=110)
-print(f"\nplots: {HERE / 'loss_curves.png'}, {HERE / 'accuracy_per_head.png'}")
+fig, ax = plt.subplots(figsize=(6, 4))
+for t in TOKS:
+    for key, style, label in (("chain", "-o", "blockwise, all heads"), ("decode", "--s", "tree (sized)")):
+        pts = [(n, runs[(t, n)][key]["methods"]["blockwise" if key == "chain" else "tree"]["tau"])
+               for n in NS if (t, n) in runs and runs[(t, n)][key]
+               and ("blockwise" if key == "chain" else "tree") in runs[(t, n)][key]["methods"]]
+        if pts:
+            ax.plot(*zip(*pts), style, label=f"{t}: {label}")
+ax.set(xlabel="n (tokens predicted per position)", ylabel="tau (tokens per backbone forward)",
+       title="self-speculative decoding, code-prefix prompts")
+ax.set_xticks(NS)
+ax.legend()
+fig.tight_layout()
+fig.savefig(HERE / "tau_vs_n.png", dpi=110)
+print(f"\nplots: {HERE / 'loss_curves.png'}, {HERE / 'accuracy_per_head.png'}, {HERE / 'tau_vs_n.png'}")
