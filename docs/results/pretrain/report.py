@@ -72,7 +72,7 @@ for ax, t in zip(axes, TOKS):
     for n in NS:
         if (t, n) in runs:
             ms = runs[(t, n)]["metrics"]
-            ax.plot([m["step"] for m in ms], [m["losses"][0] for m in ms], label=f"n = {n}")
+            ax.plot([m["step"] for m in ms], [m["losses"][0] for m in ms], label=f"n = {n}", color=f"C{NS.index(n)}")
     ax.set(title=f"{t}: next-token training loss", xlabel="step", ylabel="nats / token")
     ax.set_ylim(top=min(ax.get_ylim()[1], 3.5 if t == "bytes" else 7))
     ax.legend()
@@ -84,7 +84,8 @@ for ax, t in zip(axes, TOKS):
     for n in NS:
         if (t, n) in runs:
             heads = runs[(t, n)]["eval"]["heads"]
-            ax.plot([h["head"] + 1 for h in heads], [h["top1"] for h in heads], marker="o", label=f"n = {n}")
+            ax.plot([h["head"] + 1 for h in heads], [h["top1"] for h in heads], marker="o", label=f"n = {n}",
+                    color=f"C{NS.index(n)}")
     ax.set(title=f"{t}: held-out top-1 per head", xlabel="predicts x(t+k), k", ylabel="top-1 accuracy")
     ax.set_xticks(range(1, 9))
     ax.legend()
