@@ -147,6 +147,17 @@ def train_step_probe(model_name: str, order: str, heads: int, kind: str, mode: s
     return {"order": order, "peak_bytes": peak, "median_step_seconds": statistics.median(times), "times": times}
 
 
+def _probe(model: str, order: str, heads: int, kind: str, mode: str, batch_size: int, seq_len: int,
+           chunk_tokens: int, repeats: int, device: str, dtype: str, tap: str, what: str) -> dict:
+    args = [sys.executable, "-m", "mtp.bench", "train-step", model, order, str(heads), kind, mode, str(batch_size),
+            str(seq_len), str(chunk_tokens), str(repeats), device, dtype, tap]
+    proc = subprocess.run(args, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"bench: the {what} step failed ({tail})")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def bench_train_memory(model_name: str = "smollm2-135m", heads: int = 4, kind: str = "mlp", mode: str = "frozen",
                        batch_size: int = 8, seq_len: int = 512, chunk_tokens: int = 4096, repeats: int = 3,
                        device: str = "cpu", dtype: str = "float32") -> dict:
@@ -158,15 +169,8 @@ def bench_train_memory(model_name: str = "smollm2-135m", heads: int = 4, kind: s
     from mtp.backbones import resolve_backbone
 
     resolve_backbone(model_name)
-    results = {}
-    for order in ("efficient", "naive"):
-        args = [sys.executable, "-m", "mtp.bench", "train-step", model_name, order, str(heads), kind, mode,
-                str(batch_size), str(seq_len), str(chunk_tokens), str(repeats), device, dtype]
-        proc = subprocess.run(args, capture_output=True, text=True)
-        if proc.returncode != 0:
-            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            raise UserError(f"bench train-memory: the {order} step failed ({tail})")
-        results[order] = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = {order: _probe(model_name, order, heads, kind, mode, batch_size, seq_len, chunk_tokens, repeats,
+                             device, dtype, "last", order) for order in ("efficient", "naive")}
     eff, naive = results["efficient"], results["naive"]
     return {"model": model_name, "heads": heads, "kind": kind, "mode": mode, "batch_size": batch_size,
             "seq_len": seq_len, "chunk_tokens": chunk_tokens, "dtype": dtype, "efficient": eff, "naive": naive,
@@ -187,17 +191,6 @@ def format_bench_train_memory(r: dict) -> str:
         f"  memory ratio {r['memory_ratio']:.2f}x, time ratio {r['time_ratio']:.2f}x",
         f"  machine: {r['machine']['cpu']}, device {r['machine']['device']}",
     ])
-
-
-def _probe(model: str, order: str, heads: int, kind: str, mode: str, batch_size: int, seq_len: int,
-           chunk_tokens: int, repeats: int, device: str, dtype: str, tap: str, what: str) -> dict:
-    args = [sys.executable, "-m", "mtp.bench", "train-step", model, order, str(heads), kind, mode, str(batch_size),
-            str(seq_len), str(chunk_tokens), str(repeats), device, dtype, tap]
-    proc = subprocess.run(args, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise UserError(f"bench: the {what} step failed ({tail})")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def bench_pretrain_step(preset_name: str = "mini", n: int = 4, vocab: int | None = None, batch_size: int | None = None,

@@ -146,19 +146,21 @@ class Decoder:
     def sequential_heads(self) -> bool:
         return self.heads is not None and self.heads.sequential
 
-    def head_top(self, k: int, prev_ids: torch.Tensor, r: int) -> torch.Tensor:
-        """Sequential heads: top-``r`` tokens (B, M, r) of head k for M draft nodes, given per node the k
-        tokens before its target (B, M, k): the step's root token, then the node's path."""
+    def _sequential_logits(self, k: int, prev_ids: torch.Tensor) -> torch.Tensor:
+        """Sequential heads: logits (B, M, V) of head k for M draft nodes, given per node the k tokens before
+        its target (B, M, k): the step's root token, then the node's path."""
         m = prev_ids.shape[1]
         states = [s[:, None].expand(-1, m, -1) for s in self.seq_states]
-        h = self.heads.head_hidden(k, states, prev_ids=prev_ids)
-        return self.heads.logits(h).topk(min(r, self.heads.backbone.config.vocab_size), dim=-1).indices
+        return self.heads.logits(self.heads.head_hidden(k, states, prev_ids=prev_ids))
+
+    def head_top(self, k: int, prev_ids: torch.Tensor, r: int) -> torch.Tensor:
+        """Top-``r`` tokens (B, M, r) of sequential head k (see ``_sequential_logits``)."""
+        logits = self._sequential_logits(k, prev_ids)
+        return logits.topk(min(r, logits.shape[-1]), dim=-1).indices
 
     def head_logprobs(self, k: int, prev_ids: torch.Tensor) -> torch.Tensor:
-        """Sequential heads: log-probabilities (B, M, V) of head k for M draft nodes (see ``head_top``)."""
-        m = prev_ids.shape[1]
-        states = [s[:, None].expand(-1, m, -1) for s in self.seq_states]
-        return self.heads.logits(self.heads.head_hidden(k, states, prev_ids=prev_ids)).float().log_softmax(-1)
+        """Log-probabilities (B, M, V) of sequential head k (see ``_sequential_logits``)."""
+        return self._sequential_logits(k, prev_ids).float().log_softmax(-1)
 
     @property
     def batch(self) -> int:
