@@ -139,8 +139,10 @@ def evaluate(model: str, heads: str, data: str, context: int, max_positions: int
     if json_path:
         write_json(json_path, result)
     if write_accuracy:  # what `mtp generate` sizes its trees from
-        write_json(folder / "accuracy.json", {"rank_accuracy": result["rank_accuracy"], "data": result["data"],
-                                              "positions": result["positions"], "command": command})
+        from mtp.decode.methods import accuracy_record
+
+        write_json(folder / "accuracy.json", accuracy_record(result["rank_accuracy"], result["data"],
+                                                             result["positions"], command))
         print(f"per-rank accuracies written to {folder / 'accuracy.json'}")
     return 0
 

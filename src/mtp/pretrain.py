@@ -286,13 +286,12 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, command: str = "") -> d
                    "command": command})
     (out / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
     if cfg.heads > 1:  # `mtp generate` / `mtp bench decode` size drafts and trees from it
-        (out / "heads" / "accuracy.json").write_text(json.dumps(
-            {"rank_accuracy": result["rank_accuracy"], "data": f"{', '.join(cfg.data)} (eval split)",
-             "positions": result["eval_tokens"], "command": command}, indent=1) + "\n")
+        from mtp.decode.methods import accuracy_record
+
+        record = accuracy_record(result["rank_accuracy"], f"{', '.join(cfg.data)} (eval split)",
+                                 result["eval_tokens"], command)
+        (out / "heads" / "accuracy.json").write_text(json.dumps(record, indent=1) + "\n")
     return result
-
-
-RANKS = 10
 
 
 @torch.inference_mode()
@@ -301,6 +300,7 @@ def evaluate_pretrained(heads_dir: Path, data: list[str], seq_len: int, eval_tok
     """Held-out loss (nats per token) and top-1 accuracy of every head on the eval split of ``data``."""
     from mtp.backbones import load_backbone
     from mtp.data import packed_blocks
+    from mtp.evaluate import RANKS
     from mtp.losses import IGNORE, head_targets
     from mtp.model.mtp import MTPModel
 
@@ -318,8 +318,8 @@ def evaluate_pretrained(heads_dir: Path, data: list[str], seq_len: int, eval_tok
     blocks, _ = packed_blocks(data, tokenizer, seq_len, split="eval", max_tokens=eval_tokens)
     n = model.n_heads + 1
     n_bytes = sum(len(tokenizer.decode(b.tolist()).encode()) for b in blocks)
-    loss_sum, hits, count = torch.zeros(n, dtype=torch.float64), torch.zeros(n), torch.zeros(n)
-    rank_hits = torch.zeros(n, RANKS)
+    loss_sum, count = torch.zeros(n, dtype=torch.float64), torch.zeros(n)
+    rank_hits = torch.zeros(n, RANKS)  # rank 0: top-1
     dev = model.backbone.device
     for i in range(0, len(blocks), 4):
         ids = blocks[i:i + 4].to(dev)
@@ -332,11 +332,10 @@ def evaluate_pretrained(heads_dir: Path, data: list[str], seq_len: int, eval_tok
             loss_sum[k] += torch.nn.functional.cross_entropy(logits[valid], targets[valid], reduction="sum").double()
             top = logits[valid].topk(min(RANKS, logits.shape[-1]), dim=-1).indices
             right = top == targets[valid][:, None]
-            hits[k] += right[:, 0].sum()
             rank_hits[k, :right.shape[1]] += right.sum(0).float()
             count[k] += valid.sum()
     heads = [{"head": k, "predicts": f"x_(t+{k + 1})", "loss": float(loss_sum[k] / count[k]),
-              "top1": float(hits[k] / count[k])} for k in range(n)]
+              "top1": float(rank_hits[k, 0] / count[k])} for k in range(n)]
     # bits per byte of text make byte-level and BPE models comparable (next-token head)
     bpb = float(loss_sum[0] / math.log(2) / max(1, n_bytes) * blocks.numel() / max(1.0, float(count[0])))
     # how often rank r of head k is right: what decoding sizes its drafts and trees from (accuracy.json)

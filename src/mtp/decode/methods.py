@@ -94,9 +94,15 @@ def cached_verify_cost(model_name: str, backbone, context: int = 256) -> dict:
     return cost
 
 
+def accuracy_record(rank_accuracy: list[list[float]], data: str, positions: int, command: str) -> dict:
+    """The contents of ``accuracy.json`` (read by :func:`rank_accuracy`): per head, per rank, how often it
+    is right, and where that was measured. Written by ``mtp eval --write-accuracy`` and ``mtp pretrain``."""
+    return {"rank_accuracy": rank_accuracy, "data": data, "positions": positions, "command": command}
+
+
 def rank_accuracy(heads_dir: Path | None, n_heads: int) -> list[list[float]]:
     """Per head, how often each of its top ranks is right (``accuracy.json`` beside the heads, written by
-    ``mtp eval``); without it a conservative prior (rank 1 of head d right 0.6 / d, each next rank a third)."""
+    ``mtp eval`` or ``mtp pretrain``); without it a conservative prior (rank 1 of head d right 0.6 / d, each next rank a third)."""
     if heads_dir is not None and (heads_dir / "accuracy.json").is_file():
         try:
             acc = json.loads((heads_dir / "accuracy.json").read_text())["rank_accuracy"]
@@ -132,6 +138,7 @@ def check_draft_len(draft_len: int | None) -> None:
 
 
 ADAPT_EVERY = 8
+ADAPTIVE_NOTE = f"re-sized every {ADAPT_EVERY} steps from the acceptance seen"
 
 
 def make_proposer(method: str, *, n_heads: int = 0, heads_dir: Path | None = None, cost: dict | None = None,
@@ -162,7 +169,7 @@ def make_proposer(method: str, *, n_heads: int = 0, heads_dir: Path | None = Non
             info.update(draft_len_from="verify cost x head accuracy", expected_speedup=round(gain, 3))
             if adapt:
                 info.update(draft_len=draft_len,
-                            adaptive=f"re-sized every {ADAPT_EVERY} steps from the acceptance seen")
+                            adaptive=ADAPTIVE_NOTE)
                 return AdaptiveTreeProposer(acc, size_chain, every=ADAPT_EVERY, name="blockwise"), info
         depth = min(draft_len or n_heads, n_heads)
         info["draft_len"] = depth
@@ -181,7 +188,7 @@ def make_proposer(method: str, *, n_heads: int = 0, heads_dir: Path | None = Non
 
                 tree_proposer = AdaptiveTreeProposer(acc, size_tree, every=ADAPT_EVERY)
                 info.update(nodes=nodes, tree=[list(p) for p in tree_proposer.tree.paths], lookup_draft_len=look_len,
-                            adaptive=f"re-sized every {ADAPT_EVERY} steps from the acceptance seen", **chosen)
+                            adaptive=ADAPTIVE_NOTE, **chosen)
                 return UnionProposer([tree_proposer, LookupProposer(draft_len=look_len)]), info
         tree_proposer, info = make_proposer("tree", n_heads=n_heads, heads_dir=heads_dir, cost=cost, tree=tree,
                                             nodes=nodes, adapt=False)
@@ -207,7 +214,7 @@ def make_proposer(method: str, *, n_heads: int = 0, heads_dir: Path | None = Non
 
                     proposer = AdaptiveTreeProposer(acc, size_tree, every=ADAPT_EVERY)
                     info.update(nodes=nodes, tree=[list(p) for p in proposer.tree.paths],
-                                adaptive=f"re-sized every {ADAPT_EVERY} steps from the acceptance seen")
+                                adaptive=ADAPTIVE_NOTE)
                     return proposer, info
         if nodes < 1:
             raise UserError(f"--nodes must be >= 1, got {nodes}")

@@ -189,7 +189,6 @@ class DynamicTreeProposer(Proposer):
         dev = state.device
         return Draft(tokens.to(dev), parents.to(dev), valid.to(dev))
 
-
     def _propose_sequential(self, state) -> Draft:
         """EAGLE-2's expand-and-rerank (arXiv 2406.16858) with sequential heads: per depth, the ``top_k``
         best nodes of the previous depth are expanded by their ``top_k`` children (a node's score: the sum of
