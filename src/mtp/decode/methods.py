@@ -41,26 +41,30 @@ def verify_cost(backbone, context: int = 256, points=COST_POINTS, repeats: int =
     prefix = torch.randint(3, vocab, (1, context), generator=g).to(dev)
     cache = DynamicCache()
     backbone(input_ids=prefix, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    out = {}
+    inputs = {}
     for k in points:
         ids = torch.randint(3, vocab, (1, k), generator=g).to(dev)
         q_pos = torch.arange(context, context + k, device=dev)[None]
         allowed = torch.ones(1, k, context + k, dtype=torch.bool, device=dev)
         allowed[:, :, context:] = torch.ones(k, k, dtype=torch.bool, device=dev).tril()
         k_pos = torch.arange(context + k, device=dev)[None]
-        mask = attention_masks(backbone.config, allowed, q_pos, k_pos, backbone.dtype)
-        times = []
-        for i in range(warmup + repeats):
+        inputs[k] = (ids, q_pos, attention_masks(backbone.config, allowed, q_pos, k_pos, backbone.dtype))
+    # Rounds over every k, alternating direction, rather than k after k: a drift while measuring (a GPU's
+    # clocks ramping up from idle, a neighbour's load) then shifts all of t(k) alike instead of the ratios.
+    times: dict[int, list[float]] = {k: [] for k in points}
+    for r in range(warmup + repeats):
+        for k in (points if r % 2 == 0 else points[::-1]):
+            ids, q_pos, mask = inputs[k]
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
             backbone(input_ids=ids, position_ids=q_pos, attention_mask=mask, past_key_values=cache, use_cache=True)
             if dev.type == "cuda":
                 torch.cuda.synchronize()
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
+            if r >= warmup:
+                times[k].append(time.perf_counter() - start)
             truncate_cache(cache, context)
-        out[k] = statistics.median(times)
+    out = {k: statistics.median(ts) for k, ts in times.items()}
     return out
 
 
