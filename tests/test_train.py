@@ -178,9 +178,12 @@ def test_save_dtype_halves_the_heads_file(tiny_folder, corpus_file, tmp_path, ca
                  "--out", str(tmp_path / "run"), "--quiet"])
     assert code == 0, capsys.readouterr().err
     state = heads_state(tmp_path / "run" / "heads")
+    counts = state.pop("token_counts")  # how often each token was a target: integers, kept exact
     assert all(v.dtype == torch.bfloat16 for v in state.values())
+    assert counts.dtype == torch.int64 and counts.sum() > 0
     model = MTPModel.from_pretrained(tmp_path / "run" / "heads")  # loads onto the float32 backbone
     assert next(model.heads.parameters()).dtype == torch.float32
+    assert torch.equal(model.token_counts, counts)
 
 
 def test_whs_weighting_has_its_own_learning_rate(tiny_folder, corpus_file, tmp_path):

@@ -324,7 +324,7 @@ def bench_decode(model_name: str, prompts: str, methods: list[str], heads: str |
                  batch_size: int = 1, max_new_tokens: int = 128, limit: int | None = 20, dtype: str = "float32",
                  device: str = "cpu", seed: int = 0, temperature: float = 0.0, chat: bool = True,
                  nodes: int | None = None, progress: bool = True, draft_len: int | None = None,
-                 adapt: bool = False, compare_adaptive: bool = False) -> dict:
+                 adapt: bool = False, compare_adaptive: bool = False, draft_vocab: int | None = None) -> dict:
     """Every method and two plain baselines (transformers' generate, our own loop) on the same prompts,
     side by side per batch: tokens/s, tau, speedup against the fastest plain baseline, acceptance lengths
     and the share of prompts whose output equals plain greedy decoding."""
@@ -349,10 +349,11 @@ def bench_decode(model_name: str, prompts: str, methods: list[str], heads: str |
     for m in ["plain"] + [m for m in methods if m != "plain"]:
         decoders[m], infos[m] = build_decoder(backbone, tokenizer, mtp_model, folder, model_name, m,
                                               sampling=sampling, nodes=nodes, draft_len=draft_len, seed=seed,
-                                              adapt=adapt)
+                                              adapt=adapt, draft_vocab=draft_vocab)
         if compare_adaptive and not adapt and m in ("blockwise", "tree", "hybrid"):  # sizes re-chosen online
             dec, info = build_decoder(backbone, tokenizer, mtp_model, folder, model_name, m, sampling=sampling,
-                                      nodes=nodes, draft_len=draft_len, seed=seed, adapt=True)
+                                      nodes=nodes, draft_len=draft_len, seed=seed, adapt=True,
+                                      draft_vocab=draft_vocab)
             if "adaptive" in info:
                 decoders[f"{m}-adaptive"], infos[f"{m}-adaptive"] = dec, info
     names = ["transformers"] + list(decoders)

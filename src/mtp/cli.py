@@ -150,7 +150,7 @@ def evaluate(model: str, heads: str, data: str, context: int, max_positions: int
 def generate(model: str, prompt: str, heads: str | None, method: str | None, sampling_args: dict,
              max_new_tokens: int, stop: list[str], chat: bool, compare: bool, tree: str | None, nodes: int | None,
              draft_len: int | None, exit_layer: int | None, acceptance: str, seed: int, device: str,
-             dtype: str, adapt: bool = False) -> int:
+             dtype: str, adapt: bool = False, draft_vocab: int | None = None) -> int:
     """Stream the model's answer, then tokens/s, tokens per step and the speedup over plain decoding."""
     from mtp.decode.accept import Sampling
     from mtp.decode.methods import HEAD_METHODS
@@ -167,7 +167,7 @@ def generate(model: str, prompt: str, heads: str | None, method: str | None, sam
     eos = eos_ids(backbone, tokenizer)
     decoder, info = build_decoder(backbone, tokenizer, mtp_model, folder, model, method, sampling=sampling,
                                   acceptance=acceptance, tree=tree, nodes=nodes, draft_len=draft_len,
-                                  exit_layer=exit_layer, seed=seed, adapt=adapt)
+                                  exit_layer=exit_layer, seed=seed, adapt=adapt, draft_vocab=draft_vocab)
     decoder.generate([ids], 4, eos)  # warm-up, so the figures below are not first-call costs
     streamer = Streamer(tokenizer)
     out = decoder.generate([ids], max_new_tokens, eos, stop_strings=stop, callback=streamer)
@@ -341,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--draft-len", type=int, default=None,
                    help="blockwise / lookup / hybrid's lookup / early-exit draft length")
     r.add_argument("--exit-layer", type=int, default=None, help="early-exit: layers that draft (default half)")
+    r.add_argument("--draft-vocab", type=int, default=None, metavar="N",
+                   help="heads draft only the N most frequent tokens of their training data (FR-Spec; lossless, the "
+                        "verify forward decides); 0 = the whole vocabulary (default: from the heads)")
     r.add_argument("--adapt", action="store_true",
                    help="re-size the tree / draft every 8 steps from the acceptance seen while decoding")
     r.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
@@ -417,6 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
     dd.add_argument("--nodes", type=int, default=None, help="tree nodes (default: from the measured verify cost)")
     dd.add_argument("--draft-len", type=int, default=None,
                     help="blockwise / lookup / hybrid's lookup / early-exit draft length (default: per method)")
+    dd.add_argument("--draft-vocab", type=int, default=None, metavar="N",
+                    help="heads draft only the N most frequent tokens of their training data (FR-Spec; lossless, the "
+                        "verify forward decides); 0 = the whole vocabulary (default: from the heads)")
     dd.add_argument("--adapt", action="store_true",
                     help="re-size trees / drafts every 8 steps from the acceptance seen while decoding")
     dd.add_argument("--compare-adaptive", action="store_true",
@@ -545,7 +551,7 @@ def run(argv: list[str] | None = None) -> int:
                         {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p},
                         args.max_new_tokens, args.stop, not args.no_chat, not args.no_compare, args.tree, args.nodes,
                         args.draft_len, args.exit_layer, args.acceptance, args.seed, args.device, args.dtype,
-                        adapt=args.adapt)
+                        adapt=args.adapt, draft_vocab=args.draft_vocab)
     if args.command == "bench" and args.bench == "verify":
         from mtp.bench import bench_verify, format_bench_verify
 
@@ -566,7 +572,7 @@ def run(argv: list[str] | None = None) -> int:
         result = bench_decode(args.model, args.prompts, methods, args.heads, args.batch_size, args.max_new_tokens,
                               args.limit, args.dtype, args.device, args.seed, args.temperature, not args.no_chat,
                               args.nodes, progress, args.draft_len, adapt=args.adapt,
-                              compare_adaptive=args.compare_adaptive)
+                              compare_adaptive=args.compare_adaptive, draft_vocab=args.draft_vocab)
         result["command"] = command
         print(format_bench_decode(result))
         if args.json_path:

@@ -301,6 +301,8 @@ def train(cfg: TrainConfig, progress: bool = True, command: str = "") -> dict:
     need = cfg.max_steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len
     blocks, masks = packed_blocks(cfg.data, tokenizer, cfg.seq_len, max_tokens=cfg.max_tokens or need, seed=cfg.seed)
     masks = None if masks.all() else masks  # only distilled data restricts the targets
+    vocab = model.backbone.get_output_embeddings().weight.shape[0]
+    model.token_counts = torch.bincount((blocks if masks is None else blocks[masks]).flatten(), minlength=vocab)
     order = BatchOrder(len(blocks), cfg, ddp)
     if meta is not None:
         load_weights(ckpt, model)

@@ -62,7 +62,7 @@ class Sampling:
     def choose(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """One token per row of (B, V) logits."""
         if self.greedy:
-            return logits.argmax(-1)
+            return greedy_tokens(logits)
         return torch.multinomial(self.probs(logits), 1, generator=generator)[:, 0]
 
 
@@ -101,9 +101,15 @@ def _right_nodes(draft: Draft, ok: torch.Tensor) -> torch.Tensor:
     return ~(draft.ancestor_mask() & ~ok_q[:, None, :]).any(-1)
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """argmax over the last dimension. ``max(-1).indices`` gives the same index (the first maximum on ties)
+    and on CPU takes a third to a fifth of ``argmax``'s time over a 49 k vocabulary (bf16 and float32)."""
+    return logits.max(-1).indices
+
+
 def accept_greedy(logits: torch.Tensor, draft: Draft) -> Accepted:
     """The deepest node whose every ancestor (and itself) equals the backbone's argmax at its parent."""
-    target = logits.argmax(-1)  # (B, 1+N)
+    target = greedy_tokens(logits)  # (B, 1+N)
     if draft.size == 0:
         acc = _path_to(draft, target[:, 0])
         acc.next_root = target[:, 0]

@@ -25,12 +25,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from mtp.decode.accept import Sampling, accept_greedy, accept_sample, accept_typical
+from mtp.decode.accept import Sampling, accept_greedy, accept_sample, accept_typical, greedy_tokens
 from mtp.decode.proposers import PlainProposer, Proposer
 from mtp.decode.tree import Draft
 from mtp.errors import UserError
 from mtp.model.attention import attention_masks, truncate_cache
-from mtp.model.heads import capture_hidden
+from mtp.model.heads import capture_hidden, final_norm
 
 
 @dataclass
@@ -68,7 +68,7 @@ class Decoder:
 
     def __init__(self, backbone, tokenizer, heads=None, proposer: Proposer | None = None,
                  sampling: Sampling | None = None, acceptance: str = "exact", seed: int = 0,
-                 typical_epsilon: float = 0.09):
+                 typical_epsilon: float = 0.09, draft_vocab: torch.Tensor | None = None):
         self.backbone, self.tokenizer, self.heads = backbone, tokenizer, heads
         self.proposer = proposer or PlainProposer()
         self.sampling = sampling or Sampling()
@@ -85,6 +85,16 @@ class Decoder:
         # only the heads the drafts read run (a transformer head costs a layer per committed token)
         needed = self.proposer.heads_needed() if heads is not None else 0
         self.n_run = 0 if heads is None else heads.n_heads if needed is None else min(needed, heads.n_heads)
+        # The heads' drafts may be restricted to a shortlist of the vocabulary (FR-Spec): their unembedding
+        # then reads |shortlist| rows instead of V. Tokens outside it get -inf; the verify forward still
+        # decides, so the output is unchanged, only drafts of rare tokens are lost.
+        self.draft_vocab = None
+        if draft_vocab is not None and heads is not None:
+            lm_head = backbone.get_output_embeddings()
+            self.draft_vocab = draft_vocab.to(self.device)
+            self._draft_weight = lm_head.weight.detach()[self.draft_vocab]
+            bias = getattr(lm_head, "bias", None)
+            self._draft_bias = bias.detach()[self.draft_vocab] if bias is not None else None
 
     # ------------------------------------------------------------------ forward pieces
 
@@ -138,7 +148,7 @@ class Decoder:
             self.head_valid = torch.cat([self.head_valid, keep_valid], 1)
             self.head_pos = torch.cat([self.head_pos, pos], 1)
         hidden = torch.stack(outs, 1)  # (B, n_heads, H)
-        self.head_logits = self.heads.logits(hidden)
+        self.head_logits = self._head_logits(hidden)
 
     # ------------------------------------------------------------------ state for proposers
 
@@ -146,17 +156,34 @@ class Decoder:
     def sequential_heads(self) -> bool:
         return self.heads is not None and self.heads.sequential
 
-    def _sequential_logits(self, k: int, prev_ids: torch.Tensor) -> torch.Tensor:
+    def _sequential_logits(self, k: int, prev_ids: torch.Tensor, full: bool = True) -> torch.Tensor:
         """Sequential heads: logits (B, M, V) of head k for M draft nodes, given per node the k tokens before
-        its target (B, M, k): the step's root token, then the node's path."""
+        its target (B, M, k): the step's root token, then the node's path. ``full=False``: over the draft
+        shortlist only, (B, M, |shortlist|), when there is one."""
         m = prev_ids.shape[1]
         states = [s[:, None].expand(-1, m, -1) for s in self.seq_states]
-        return self.heads.logits(self.heads.head_hidden(k, states, prev_ids=prev_ids))
+        return self._head_logits(self.heads.head_hidden(k, states, prev_ids=prev_ids), full)
+
+    def _head_logits(self, hidden: torch.Tensor, full: bool = True) -> torch.Tensor:
+        """The heads' logits (..., V) through the shared final norm and unembedding, or through the draft
+        shortlist's rows only: -inf elsewhere, or (``full=False``) just the shortlist's columns."""
+        if self.draft_vocab is None:
+            return self.heads.logits(hidden)
+        small = nn.functional.linear(final_norm(self.backbone)(hidden), self._draft_weight, self._draft_bias)
+        cap = getattr(self.backbone.config, "final_logit_softcapping", None)
+        if cap:
+            small = torch.tanh(small / cap) * cap
+        if not full:
+            return small
+        vocab = self.backbone.get_output_embeddings().weight.shape[0]
+        out = small.new_full((*small.shape[:-1], vocab), float("-inf"))
+        return out.index_copy_(-1, self.draft_vocab, small)
 
     def head_top(self, k: int, prev_ids: torch.Tensor, r: int) -> torch.Tensor:
         """Top-``r`` tokens (B, M, r) of sequential head k (see ``_sequential_logits``)."""
-        logits = self._sequential_logits(k, prev_ids)
-        return logits.topk(min(r, logits.shape[-1]), dim=-1).indices
+        logits = self._sequential_logits(k, prev_ids, full=False)
+        top = logits.topk(min(r, logits.shape[-1]), dim=-1).indices
+        return top if self.draft_vocab is None else self.draft_vocab[top]
 
     def head_logprobs(self, k: int, prev_ids: torch.Tensor) -> torch.Tensor:
         """Log-probabilities (B, M, V) of sequential head k (see ``_sequential_logits``)."""
@@ -190,7 +217,7 @@ class Decoder:
                 eye = torch.ones(self.batch, 1, 1, dtype=torch.bool, device=self.device)
                 logits, _ = self._forward(tok[:, None], p[:, None], eye)
                 self._append_slots(torch.ones(self.batch, 1, dtype=torch.bool, device=self.device), p[:, None])
-                tok = logits[:, -1].argmax(-1)
+                tok = greedy_tokens(logits[:, -1])
                 out.append(tok)
                 p = p + 1
         finally:

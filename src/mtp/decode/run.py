@@ -61,11 +61,16 @@ def encode_prompt(tokenizer, prompt: str, chat: bool = True) -> list[int]:
 def build_decoder(backbone, tokenizer, mtp_model, folder: Path | None, model_name: str, method: str, *,
                   sampling: Sampling, acceptance: str = "exact", tree: str | None = None, nodes: int | None = None,
                   draft_len: int | None = None, exit_layer: int | None = None, seed: int = 0,
-                  calibrate: bool = True, adapt: bool = False) -> tuple[Decoder, dict]:
+                  calibrate: bool = True, adapt: bool = False,
+                  draft_vocab: int | None = None) -> tuple[Decoder, dict]:
     if method in HEAD_METHODS and mtp_model is None:
         raise UserError(f"method {method!r} drafts with MTP heads: pass --heads DIR or default "
                         f"(or use lookup / early-exit, which need none)")
     check_draft_len(draft_len)  # before measuring the verify cost, which takes a while on a real model
+    if draft_vocab is not None and draft_vocab < 0:
+        raise UserError(f"--draft-vocab must be >= 0 (0 = the whole vocabulary), got {draft_vocab}")
+    heads = mtp_model if method in HEAD_METHODS else None
+    shortlist = draft_shortlist(heads, draft_vocab) if heads is not None else None
     if adapt and mtp_model is not None and mtp_model.sequential and method in HEAD_METHODS:
         raise UserError(f"--adapt re-sizes drafts of independent heads; {mtp_model.config.kind} heads are "
                         f"sequential (drop --adapt)")
@@ -75,9 +80,37 @@ def build_decoder(backbone, tokenizer, mtp_model, folder: Path | None, model_nam
     proposer, info = make_proposer(method, n_heads=mtp_model.n_heads if mtp_model is not None else 0,
                                    heads_dir=folder, cost=cost, tree=tree, nodes=nodes, draft_len=draft_len,
                                    exit_layer=exit_layer, n_layers=backbone.config.num_hidden_layers, adapt=adapt)
-    heads = mtp_model if method in HEAD_METHODS else None
+    if shortlist is not None:
+        info["draft_vocab"] = len(shortlist)
     return Decoder(backbone, tokenizer, heads=heads, proposer=proposer, sampling=sampling, acceptance=acceptance,
-                   seed=seed), info
+                   seed=seed, draft_vocab=shortlist), info
+
+
+MIN_DRAFT_VOCAB = 4096
+
+
+def draft_shortlist(mtp_model, size: int | None) -> torch.Tensor | None:
+    """The token ids (sorted) the heads may draft (FR-Spec), or None for the whole vocabulary.
+
+    ``size`` tokens by how often they were the heads' training targets, ties (unseen tokens) by id, which
+    in BPE vocabularies follows merge order, roughly frequency. ``size`` None: every token the heads were
+    trained to predict, at least ``MIN_DRAFT_VOCAB``, rounded up to a multiple of 64 -- heads rarely rank a
+    token they never saw as a target first, so the shortlist costs them little; the whole vocabulary for
+    heads saved without counts. ``size`` 0: the whole vocabulary."""
+    counts = mtp_model.token_counts
+    vocab = mtp_model.backbone.get_output_embeddings().weight.shape[0]
+    if size is None:
+        seen = int((counts > 0).sum()) if counts is not None else vocab
+        size = -(-max(seen, MIN_DRAFT_VOCAB) // 64) * 64
+    if size == 0 or size >= vocab:
+        return None
+    if counts is None:
+        raise UserError("--draft-vocab needs the token counts that `mtp train` saves with heads; these heads "
+                        "have none (retrain them, or pass --draft-vocab 0)")
+    if size < 64:
+        raise UserError(f"--draft-vocab {size} is too small to draft from: use 64 or more (0 = whole vocabulary)")
+    order = torch.sort(counts, descending=True, stable=True).indices
+    return order[:size].sort().values
 
 
 def adaptive_sizes(decoder: Decoder) -> dict | None:

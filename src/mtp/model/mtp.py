@@ -106,6 +106,9 @@ class MTPModel(nn.Module):
                        whs)
             for k in range(1, config.n_heads + 1)).to(device=backbone.device, dtype=dtype)
         self.sequential = head_cls.sequential
+        # How often each token was a training target (V,), saved with the heads: decoding can restrict the
+        # heads' drafts to the most frequent ones (``--draft-vocab``). None for heads saved without it.
+        self.token_counts: torch.Tensor | None = None
         for head in self.heads:  # WHS logits stay float32 (softmax over a handful of values)
             if head.whs is not None:
                 head.whs.data = head.whs.data.float()
@@ -166,6 +169,8 @@ class MTPModel(nn.Module):
 
     def _trained_state(self, backbone_state: dict | None = None) -> dict[str, torch.Tensor]:
         state = {f"heads.{k}": v for k, v in self.heads.state_dict().items()}
+        if self.token_counts is not None:
+            state["token_counts"] = self.token_counts.cpu()
         if self.config.trained_backbone == "full":
             full = backbone_state if backbone_state is not None else self.backbone.state_dict()
             state.update({f"backbone.{k}": v for k, v in full.items()})
@@ -239,6 +244,9 @@ class MTPModel(nn.Module):
             _load_exact(backbone, {k[9:]: v for k, v in state.items() if k.startswith("backbone.")}, folder, strict=False)
         model = cls(backbone, config, base_fingerprint=meta["backbone_fingerprint"])
         _load_exact(model.heads, {k[6:]: v for k, v in state.items() if k.startswith("heads.")}, folder)
+        counts = state.get("token_counts")
+        if counts is not None and counts.shape == (backbone.get_output_embeddings().weight.shape[0],):
+            model.token_counts = counts.long().cpu()
         return model
 
 
