@@ -536,3 +536,14 @@ def test_sequential_heads_through_build_decoder(method, monkeypatch):
     assert [r.tokens for r in dec.generate(PROMPTS, 20, []).rows] == refs
     with pytest.raises(UserError, match="sequential"):
         run.build_decoder(model, Tok(), heads, None, "tiny", method, sampling=Sampling(), adapt=True)
+
+
+def test_hybrid_chain_is_longer_on_a_flat_verify_curve():
+    from mtp.decode.methods import hybrid_chain_len, make_proposer
+    flat = {k: 1.0 + 0.01 * k for k in (1, 2, 4, 8, 16, 32)}
+    steep = {k: float(k) for k in (1, 2, 4, 8, 16, 32)}
+    assert hybrid_chain_len(flat) == 8 and hybrid_chain_len(steep) == 4 and hybrid_chain_len(None) == 4
+    _, info = make_proposer("hybrid", n_heads=2, cost=flat, nodes=3)
+    assert info["lookup_draft_len"] == 8
+    _, info = make_proposer("hybrid", n_heads=2, cost=flat, nodes=3, draft_len=5)  # asked for: kept
+    assert info["lookup_draft_len"] == 5

@@ -141,6 +141,19 @@ def check_draft_len(draft_len: int | None) -> None:
         raise UserError(f"--draft-len must be >= 1, got {draft_len}")
 
 
+FLAT_CURVE = 1.3  # t(16) / t(1) at most this: a verify forward over 16 tokens costs about what one costs
+
+
+def hybrid_chain_len(cost: dict | None) -> int:
+    """hybrid's prompt-lookup chain: 8 tokens where the verify curve is flat (bf16 on AMX CPUs, GPUs), else 4.
+
+    Lookup's acceptance depends on the text (long when the answer copies, none otherwise), so it is not
+    sized like the heads' tree; a chain token is nearly free on a flat curve and costs on a steep one."""
+    if cost is None or 16 not in cost:
+        return 4
+    return 8 if cost[16] / cost[1] <= FLAT_CURVE else 4
+
+
 ADAPT_EVERY = 8
 ADAPTIVE_NOTE = f"re-sized every {ADAPT_EVERY} steps from the acceptance seen"
 
@@ -179,7 +192,7 @@ def make_proposer(method: str, *, n_heads: int = 0, heads_dir: Path | None = Non
         info["draft_len"] = depth
         return blockwise(depth), info
     if method == "hybrid":  # the heads' tree, sized for a forward that also carries the prompt-lookup chain
-        look_len = draft_len or 4
+        look_len = draft_len or hybrid_chain_len(cost)
         chosen = {}
         if nodes is None and tree is None and cost is not None:
             acc = rank_accuracy(heads_dir, n_heads)
