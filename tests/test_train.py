@@ -165,6 +165,7 @@ def test_bf16_backbone_trains_float32_heads(tiny_folder, corpus_file, tmp_path):
     train(config(tiny_folder, corpus_file, tmp_path / "run", dtype="bfloat16", max_steps=4, lr=1e-4,
                  autocast="on"), progress=False)
     state = heads_state(tmp_path / "run" / "heads")
+    assert state.pop("token_counts").dtype == torch.int64
     assert all(v.dtype == torch.float32 for v in state.values())
     assert any(v.abs().max() > 0 for k, v in state.items() if k.endswith("weight"))  # zero init moved
     model = MTPModel.from_pretrained(tmp_path / "run" / "heads", dtype="bfloat16")
