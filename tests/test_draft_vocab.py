@@ -90,3 +90,11 @@ def test_default_shortlist_is_the_seen_targets_rounded_up(monkeypatch):
     assert set(range(0, 400, 2)) <= set(got.tolist())
     monkeypatch.setattr(run, "MIN_DRAFT_VOCAB", 320)
     assert len(draft_shortlist(heads, None)) == 320
+
+
+def test_target_counts_skip_tokens_that_are_never_targets():
+    from mtp.data import target_counts
+    blocks = torch.tensor([[1, 2, 2, 3], [3, 3, 0, 1]])
+    masks = torch.tensor([[0, 1, 1, 1], [1, 1, 0, 1]], dtype=torch.bool)  # False: a distilled prompt's tokens
+    assert target_counts(blocks, masks, 5).tolist() == [0, 1, 2, 3, 0]
+    assert target_counts(blocks, None, 5).tolist() == [1, 2, 2, 3, 0]

@@ -345,6 +345,11 @@ def make_windows(corpus: Corpus, tokenizer, *, context: int, max_positions: int,
 # ----------------------------------------------------------------------------- training blocks
 
 
+def target_counts(blocks: torch.Tensor, masks: torch.Tensor | None, vocab: int) -> torch.Tensor:
+    """How often each token id is a training target in ``packed_blocks``' output, (vocab,) int64."""
+    return torch.bincount((blocks if masks is None else blocks[masks]).flatten(), minlength=vocab)
+
+
 def packed_blocks(sources: list[str], tokenizer, seq_len: int, *, split: str = "train", max_tokens: int | None = None,
                   seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Training sequences and their loss masks, both (N, seq_len).

@@ -282,7 +282,7 @@ def build_model(cfg: TrainConfig, device: str, command: str = ""):
 def train(cfg: TrainConfig, progress: bool = True, command: str = "") -> dict:
     """Train heads per ``cfg``; returns a summary. Writes cfg.out/{checkpoint/, heads/, metrics.jsonl}."""
     from mtp.checkpoint import gather_states, load_optimizer, load_weights, read_checkpoint, write_checkpoint
-    from mtp.data import packed_blocks
+    from mtp.data import packed_blocks, target_counts
 
     ddp, device = init_distributed(cfg.device)
     out = Path(cfg.out)
@@ -301,8 +301,7 @@ def train(cfg: TrainConfig, progress: bool = True, command: str = "") -> dict:
     need = cfg.max_steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len
     blocks, masks = packed_blocks(cfg.data, tokenizer, cfg.seq_len, max_tokens=cfg.max_tokens or need, seed=cfg.seed)
     masks = None if masks.all() else masks  # only distilled data restricts the targets
-    vocab = model.backbone.get_output_embeddings().weight.shape[0]
-    model.token_counts = torch.bincount((blocks if masks is None else blocks[masks]).flatten(), minlength=vocab)
+    model.token_counts = target_counts(blocks, masks, model.backbone.get_output_embeddings().weight.shape[0])
     order = BatchOrder(len(blocks), cfg, ddp)
     if meta is not None:
         load_weights(ckpt, model)

@@ -12,10 +12,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 from mtp.backbones import DTYPES
-from mtp.data import packed_blocks
+from mtp.data import packed_blocks, target_counts
 from mtp.model.mtp import MTPModel
 
 
@@ -27,7 +25,7 @@ def main(folder: Path, data: list[str]) -> None:
     _, tokenizer = load_backbone(meta["backbone"])
     blocks, masks = packed_blocks(data, tokenizer, meta["recipe"]["seq_len"])
     vocab = model.backbone.get_output_embeddings().weight.shape[0]
-    model.token_counts = torch.bincount((blocks if masks.all() else blocks[masks]).flatten(), minlength=vocab)
+    model.token_counts = target_counts(blocks, None if masks.all() else masks, vocab)
     with tempfile.TemporaryDirectory() as keep:
         extra = [p for p in folder.iterdir() if p.name not in ("config.json", "model.safetensors")]
         for p in extra:
