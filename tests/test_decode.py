@@ -547,3 +547,14 @@ def test_hybrid_chain_is_longer_on_a_flat_verify_curve():
     assert info["lookup_draft_len"] == 8
     _, info = make_proposer("hybrid", n_heads=2, cost=flat, nodes=3, draft_len=5)  # asked for: kept
     assert info["lookup_draft_len"] == 5
+
+
+def test_compare_adaptive_refuses_sequential_heads(tiny_folder, capsys, tmp_path):
+    from mtp.backbones import load_backbone
+    backbone, _ = load_backbone(str(tiny_folder))
+    with_heads(backbone, kind="hydra", n=2).save_pretrained(tmp_path / "hydra")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "the quick brown fox"}\n')
+    code, _, err = run_cli(["bench", "decode", "--model", str(tiny_folder), "--heads", str(tmp_path / "hydra"),
+                            "--prompts", str(prompts), "--methods", "tree", "--compare-adaptive", "--quiet"], capsys)
+    assert code == 2 and "sequential" in err and err.count("\n") == 1
