@@ -343,9 +343,6 @@ def bench_decode(model_name: str, prompts: str, methods: list[str], heads: str |
     need_heads = any(m in HEAD_METHODS for m in methods)
     backbone, tokenizer, mtp_model, folder = load_for_decoding(model_name, heads if need_heads else None, dtype,
                                                               device)
-    if (adapt or compare_adaptive) and mtp_model is not None and mtp_model.sequential:
-        raise UserError(f"--adapt / --compare-adaptive re-size drafts of independent heads; "
-                        f"{mtp_model.config.kind} heads are sequential")
     eos = eos_ids(backbone, tokenizer)
     encoded = [encode_prompt(tokenizer, t, chat) for t in texts]
     decoders, infos = {}, {}

@@ -91,6 +91,7 @@ class Decoder:
         self.draft_vocab = None
         if draft_vocab is not None and heads is not None:
             lm_head = backbone.get_output_embeddings()
+            self._vocab = lm_head.weight.shape[0]
             self.draft_vocab = draft_vocab.to(self.device)
             self._draft_weight = lm_head.weight.detach()[self.draft_vocab]
             bias = getattr(lm_head, "bias", None)
@@ -175,8 +176,7 @@ class Decoder:
             small = torch.tanh(small / cap) * cap
         if not full:
             return small
-        vocab = self.backbone.get_output_embeddings().weight.shape[0]
-        out = small.new_full((*small.shape[:-1], vocab), float("-inf"))
+        out = small.new_full((*small.shape[:-1], self._vocab), float("-inf"))
         return out.index_copy_(-1, self.draft_vocab, small)
 
     def head_top(self, k: int, prev_ids: torch.Tensor, r: int) -> torch.Tensor:

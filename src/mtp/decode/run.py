@@ -72,8 +72,8 @@ def build_decoder(backbone, tokenizer, mtp_model, folder: Path | None, model_nam
     heads = mtp_model if method in HEAD_METHODS else None
     shortlist = draft_shortlist(heads, draft_vocab) if heads is not None else None
     if adapt and mtp_model is not None and mtp_model.sequential and method in HEAD_METHODS:
-        raise UserError(f"--adapt re-sizes drafts of independent heads; {mtp_model.config.kind} heads are "
-                        f"sequential (drop --adapt)")
+        raise UserError(f"--adapt / --compare-adaptive re-size drafts of independent heads; "
+                        f"{mtp_model.config.kind} heads are sequential")
     sized = (method in ("tree", "dynamic", "hybrid") and nodes is None and tree is None) or \
         (method == "blockwise" and draft_len is None)
     cost = cached_verify_cost(model_name, backbone) if calibrate and sized else None
