@@ -58,7 +58,7 @@ def methods(heads):
     }
 
 
-@pytest.mark.parametrize("kind", ["mlp", "transformer", "hydra"])
+@pytest.mark.parametrize("kind", ["mlp", "transformer", "hydra", "eagle3"])
 def test_every_method_reproduces_plain_greedy_in_a_batch(arch, kind):
     model = tiny_model(arch, vocab=64)
     heads = with_heads(model, kind)

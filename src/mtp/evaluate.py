@@ -26,8 +26,7 @@ def head_predictions(model: MTPModel, input_ids: torch.Tensor, positions: torch.
     final, states = model.trunk(ids)
     pos = positions.to(ids.device)
     rows = [model.logits(final[0, pos], normed=True)]
-    for k in range(1, model.n_heads + 1):
-        rows.append(model.logits(model.head_hidden(k, states, tokens=ids)[0, pos]))
+    rows += [to_logits(h[0, pos]) for h, to_logits in model.head_outputs(states, ids)]
     return torch.stack(rows).topk(top, dim=-1).indices  # (K, P, top)
 
 

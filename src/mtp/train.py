@@ -61,7 +61,9 @@ def mtp_step(model: MTPModel, input_ids: torch.Tensor, weights: list[float], *, 
             losses.append(chunked_head_loss(model.logits, leaves[-1], targets, 0.0, chunk_tokens, backward=False))
     else:
         losses.append(torch.tensor(float("nan")))
-    for k in range(1, model.n_heads + 1):
+    if model.autoregressive:
+        losses += _eagle_losses(model, leaves, input_ids, weights, grad_scale, chunk_tokens, loss_mask)
+    for k in range(1, model.n_heads + 1 if not model.autoregressive else 1):
         z = model.head_hidden(k, leaves, position_ids, tokens=input_ids)  # (B, T, H)
         losses.append(chunked_head_loss(model.logits, z, head_targets(input_ids, k, loss_mask),
                                         weights[k] * grad_scale, chunk_tokens, backward=weights[k] > 0))
@@ -80,6 +82,26 @@ def mtp_step(model: MTPModel, input_ids: torch.Tensor, weights: list[float], *, 
     return [float(x) for x in losses]
 
 
+def _eagle_losses(model: MTPModel, states, input_ids, weights, grad_scale, chunk_tokens, loss_mask) -> list:
+    """eagle3's training-time test: the unrolled draft steps' outputs (B, T, H) stay alive (the steps feed
+    each other); each step's loss over the draft vocabulary is computed and differentiated a chunk at a time
+    into a detached copy, then one backward carries every step's gradient through the unroll."""
+    head = model.eagle
+    outs = head.unroll(model.embed, states, input_ids, model.n_heads)
+    losses, roots, grads = [], [], []
+    for k, a in enumerate(outs, 1):
+        targets = head.to_draft(head_targets(input_ids, k, loss_mask))  # outside the draft vocabulary: ignored
+        leaf = a.detach().requires_grad_(weights[k] > 0 and torch.is_grad_enabled())
+        losses.append(chunked_head_loss(head.draft_logits, leaf, targets, weights[k] * grad_scale, chunk_tokens,
+                                        backward=leaf.requires_grad))
+        if leaf.grad is not None:
+            roots.append(a)
+            grads.append(leaf.grad)
+    if roots:
+        torch.autograd.backward(roots, grads)
+    return losses
+
+
 def naive_step(model: MTPModel, input_ids: torch.Tensor, weights: list[float],
                loss_mask: torch.Tensor | None = None) -> list[float]:
     """Reference order: all heads' logits (K, B, T, V) alive at once, one backward. For tests and benchmarks."""
@@ -87,6 +109,8 @@ def naive_step(model: MTPModel, input_ids: torch.Tensor, weights: list[float],
     total, losses = 0.0, []
     for k in range(logits.shape[0]):
         targets = head_targets(input_ids, k, loss_mask)
+        if k and model.autoregressive:  # eagle3 scores only targets in its draft vocabulary
+            targets = torch.where(model.eagle.to_draft(targets) >= 0, targets, -100)
         loss = cross_entropy_sum(logits[k], targets) / (targets != -100).sum().clamp_min(1)
         total = total + weights[k] * loss
         losses.append(float(loss.detach()))

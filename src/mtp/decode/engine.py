@@ -89,7 +89,11 @@ class Decoder:
         # then reads |shortlist| rows instead of V. Tokens outside it get -inf; the verify forward still
         # decides, so the output is unchanged, only drafts of rare tokens are lost.
         self.draft_vocab = None
-        if draft_vocab is not None and heads is not None:
+        self.eagle = heads is not None and heads.autoregressive  # an EAGLE-3 drafter with its own KV cache
+        if self.eagle:  # its lm_head covers its own draft vocabulary (d2t): that is the shortlist
+            self._vocab = backbone.get_output_embeddings().weight.shape[0]
+            self.draft_vocab = heads.eagle.draft_ids.to(self.device)
+        elif draft_vocab is not None and heads is not None:
             lm_head = backbone.get_output_embeddings()
             self._vocab = lm_head.weight.shape[0]
             self.draft_vocab = draft_vocab.to(self.device)
@@ -119,13 +123,20 @@ class Decoder:
         self.slot_valid = torch.cat([self.slot_valid, valid], 1)
         self.slot_pos = torch.cat([self.slot_pos, pos], 1)
 
-    def _heads_step(self, states, keep_idx, keep_valid, q_pos):
-        """Heads on the committed new positions (B, m): head_logits (B, n_heads, V) at the last one."""
+    def _heads_step(self, states, keep_idx, keep_valid, q_pos, next_tokens=None):
+        """Heads on the committed new positions (B, m): head_logits (B, n_heads, V) at the last one.
+        ``next_tokens`` (B, m): the committed tokens (eagle3 reads each position with the token after it;
+        ``self.root_next`` follows the last)."""
         b, m = keep_idx.shape
         sel = [s.gather(1, keep_idx[..., None].expand(-1, -1, s.shape[-1])) for s in states]  # (B, m, H)
         pos = q_pos.gather(1, keep_idx)
         last = (keep_valid.long().cumsum(1) * keep_valid).argmax(1)  # index of the last valid kept slot
         rows = torch.arange(b, device=self.device)
+        if self.eagle:  # the drafter reads position p's state with the token after it (the next root last)
+            tokens = torch.cat([next_tokens[:, 1:], next_tokens[:, :1]], 1)
+            tokens[rows, last] = self.root_next
+            self.eagle_state.commit(sel, tokens, q_pos.gather(1, keep_idx), keep_valid)
+            return
         if self.heads.sequential:  # drafted depth by depth by the proposer (head_top), from this state
             self.seq_states = [s[rows, last] for s in sel]  # (B, H) per tap
             return
@@ -161,6 +172,12 @@ class Decoder:
         """Sequential heads: logits (B, M, V) of head k for M draft nodes, given per node the k tokens before
         its target (B, M, k): the step's root token, then the node's path. ``full=False``: over the draft
         shortlist only, (B, M, |shortlist|), when there is one."""
+        if self.eagle:
+            small = self.eagle_state.draft_logits(prev_ids)  # (B, M, Vd)
+            if not full:
+                return small
+            out = small.new_full((*small.shape[:-1], self._vocab), float("-inf"))
+            return out.index_copy_(-1, self.draft_vocab, small)
         m = prev_ids.shape[1]
         states = [s[:, None].expand(-1, m, -1) for s in self.seq_states]
         return self._head_logits(self.heads.head_hidden(k, states, prev_ids=prev_ids), full)
@@ -308,7 +325,13 @@ class Decoder:
         self.next_pos = pos[:, -1] + 1
         self.root = self.sampling.choose(logits[:, -1], self.generator)
         if self.n_run:
-            if self.transformer_heads:
+            if self.eagle:
+                from mtp.decode.eagle import EagleDraftState
+
+                self.eagle_state = EagleDraftState(self.heads, b, dev)
+                self.root_next = self.root
+                self._heads_step(states, torch.arange(longest, device=dev).expand(b, -1), valid, pos, ids)
+            elif self.transformer_heads:
                 self.head_caches = [DynamicCache() for _ in range(self.n_run)]
                 self.head_valid = torch.zeros(b, 0, dtype=torch.bool, device=dev)
                 self.head_pos = torch.zeros(b, 0, dtype=torch.long, device=dev)
@@ -355,9 +378,10 @@ class Decoder:
                     setattr(layer, name, t[:, :, : s + m])
             self._append_slots(keep_valid, q_pos.gather(1, keep_idx))
             self.next_pos = self.next_pos + torch.where(done_now, 0, acc.length)
-            if self.n_run:
-                self._heads_step(states, keep_idx, keep_valid, q_pos)
             path_tokens = q_tokens.gather(1, keep_idx)
+            if self.n_run:
+                self.root_next = acc.next_root
+                self._heads_step(states, keep_idx, keep_valid, q_pos, path_tokens)
             emitted: list[list[int] | None] = [None] * b
             for i in range(b):
                 if self.done[i]:

@@ -246,3 +246,6 @@ class TappedHead(nn.Module):
     @property
     def body_dtype(self) -> torch.dtype:
         return next(self.body.parameters()).dtype
+
+
+from mtp.model import eagle3 as _eagle3  # noqa: E402,F401  (registers the ``eagle3`` kind; it builds on Head)

@@ -45,6 +45,10 @@ class HeadsConfig:
     trained_backbone: str = "none"
     """none (frozen) | full | lora: which backbone weights are stored with the heads."""
     lora: dict = field(default_factory=dict)
+    eagle_layers: list[int] = field(default_factory=list)
+    """eagle3: the three target layers whose inputs the head fuses (0 = embeddings); empty = (2, L//2, L-3)."""
+    draft_vocab: int = 0
+    """eagle3: size of the head's draft vocabulary (its lm_head rows; d2t maps them to target ids)."""
     recipe: dict = field(default_factory=dict)
     """How the heads were trained (the command, data, steps, ...)."""
 
@@ -57,6 +61,8 @@ class HeadsConfig:
             raise UserError(f"--mlp-layers must be at least 1, got {self.mlp_layers}")
         if self.trained_backbone not in ("none", "full", "lora"):
             raise UserError(f"trained_backbone must be none, full or lora, got {self.trained_backbone!r}")
+        if self.kind == "eagle3" and self.trained_backbone != "none":
+            raise UserError("eagle3 heads draft for an unchanged target: train them with --mode frozen")
 
 
 def unembedding_fingerprint(backbone) -> dict:
@@ -96,21 +102,33 @@ class MTPModel(nn.Module):
         # The base backbone the heads belong to (joint training changes the unembedding; the base stays).
         self.base_fingerprint = base_fingerprint or unembedding_fingerprint(backbone)
         n_layers = backbone.config.num_hidden_layers
-        self.tap_kind, tap_layer = parse_tap(config.tap, n_layers)
-        self.tapped = {"last": [n_layers], "layer": [tap_layer], "whs": list(range(n_layers + 1))}[self.tap_kind]
         head_cls = HEAD_KINDS[config.kind]
         dtype = head_dtype or backbone.get_output_embeddings().weight.dtype
-        whs = n_layers + 1 if self.tap_kind == "whs" else None
-        self.heads = nn.ModuleList(
-            TappedHead(head_cls(backbone, layers=config.mlp_layers, init_from_last=config.init_from_last, index=k),
-                       whs)
-            for k in range(1, config.n_heads + 1)).to(device=backbone.device, dtype=dtype)
         self.sequential = head_cls.sequential
+        self.autoregressive = getattr(head_cls, "autoregressive", False)
+        if self.autoregressive:  # eagle3: one drafter over three tapped layers, n_heads = steps it drafts
+            from mtp.model.eagle3 import default_layers, parse_layers
+
+            layers = parse_layers(config.eagle_layers or default_layers(n_layers), n_layers)
+            config.eagle_layers = list(layers)
+            self.tap_kind, self.tapped = "eagle", list(layers)
+            draft_ids = torch.arange(config.draft_vocab) if config.draft_vocab else None
+            self.heads = nn.ModuleList([head_cls(backbone, layers=layers, draft_ids=draft_ids)]).to(
+                device=backbone.device, dtype=dtype)
+            config.draft_vocab = int(self.heads[0].d2t.numel())
+        else:
+            self.tap_kind, tap_layer = parse_tap(config.tap, n_layers)
+            self.tapped = {"last": [n_layers], "layer": [tap_layer], "whs": list(range(n_layers + 1))}[self.tap_kind]
+            whs = n_layers + 1 if self.tap_kind == "whs" else None
+            self.heads = nn.ModuleList(
+                TappedHead(head_cls(backbone, layers=config.mlp_layers, init_from_last=config.init_from_last,
+                                    index=k), whs)
+                for k in range(1, config.n_heads + 1)).to(device=backbone.device, dtype=dtype)
         # How often each token was a training target (V,), saved with the heads: decoding can restrict the
         # heads' drafts to the most frequent ones (``--draft-vocab``). None for heads saved without it.
         self.token_counts: torch.Tensor | None = None
         for head in self.heads:  # WHS logits stay float32 (softmax over a handful of values)
-            if head.whs is not None:
+            if getattr(head, "whs", None) is not None:
                 head.whs.data = head.whs.data.float()
 
     # ------------------------------------------------------------------ forward pieces
@@ -155,11 +173,34 @@ class MTPModel(nn.Module):
         """Shared final norm (unless already applied) + unembedding + soft-capping: (..., H) -> (..., V)."""
         return unembed(self.backbone, hidden, normed)
 
+    @property
+    def eagle(self):
+        """The eagle3 drafter, or None for per-position heads."""
+        return self.heads[0] if self.autoregressive else None
+
+    def set_draft_vocab(self, draft_ids: torch.Tensor) -> None:
+        """eagle3: the target token ids its lm_head covers (training picks the most frequent targets)."""
+        self.eagle.set_draft_vocab(self.backbone, draft_ids)
+        self.config.draft_vocab = int(self.eagle.d2t.numel())
+
+    def head_outputs(self, states: list[torch.Tensor], tokens: torch.Tensor):
+        """Per head k = 1 .. n: (hidden (B, T, H), its to-logits function), teacher-forced on ``tokens``.
+        eagle3: the training-time-test unroll, draft step k - 1 (own earlier outputs, true tokens)."""
+        if self.autoregressive:
+            outs = self.eagle.unroll(self.embed, states, tokens, self.n_heads)
+            return [(a, self.eagle.full_logits) for a in outs]
+        return [(self.head_hidden(k, states, tokens=tokens), self.logits) for k in range(1, self.n_heads + 1)]
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """The backbone's input embeddings of ``ids`` (frozen here): what eagle3 drafters read."""
+        with torch.no_grad():
+            return self.backbone.get_input_embeddings()(ids)
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits of every head, (K, B, T, V) with K = n_heads + 1; row k predicts x_{t+1+k}."""
         final, states = self.trunk(input_ids)
-        rows = [self.logits(final, normed=True)] + [self.logits(self.head_hidden(k, states, tokens=input_ids))
-                                                    for k in range(1, self.n_heads + 1)]
+        rows = [self.logits(final, normed=True)] + [to_logits(h) for h, to_logits in
+                                                    self.head_outputs(states, input_ids)]
         return torch.stack(rows)  # (K, B, T, V)
 
     # ------------------------------------------------------------------ parameters
