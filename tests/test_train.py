@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import subprocess
 import sys
@@ -65,6 +66,31 @@ def test_resume_after_crash_equals_uninterrupted(tiny_folder, corpus_file, tmp_p
         assert torch.equal(a[key], b[key]), key
     logs = [json.loads(line)["step"] for line in (tmp_path / "crash" / "metrics.jsonl").read_text().splitlines()]
     assert logs == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("extra", [dict(heads=3, cache_hidden=True, eagle_layers="auto"), dict(heads=2, draft_vocab=64)])
+def test_eagle3_resume_after_crash_equals_uninterrupted(tiny_folder, corpus_file, tmp_path, monkeypatch, extra):
+    train(config(tiny_folder, corpus_file, tmp_path / "full", kind="eagle3", **extra), progress=False)
+    restore = crash_optimizer_at(monkeypatch, 5)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(config(tiny_folder, corpus_file, tmp_path / "crash", kind="eagle3", **extra), progress=False)
+    restore()
+    train(config(tiny_folder, corpus_file, tmp_path / "crash", kind="eagle3", resume=True, **extra), progress=False)
+    a, b = heads_state(tmp_path / "full" / "heads"), heads_state(tmp_path / "crash" / "heads")
+    assert a.keys() == b.keys() and "heads.0.d2t" in a
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    meta = json.loads((tmp_path / "full" / "heads" / "config.json").read_text())
+    assert meta["kind"] == "eagle3" and len(meta["eagle_layers"]) == 3
+    assert meta["draft_vocab"] == a["heads.0.lm_head.weight"].shape[0] == extra.get("draft_vocab", 128)
+    logs = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) for r in logs)  # no NaN in the log when head 0 is not computed
+
+
+def test_eagle3_training_refuses_joint_modes(tiny_folder, corpus_file, tmp_path):
+    for mode in ("joint", "lora"):
+        with pytest.raises(UserError, match="frozen"):
+            config(tiny_folder, corpus_file, tmp_path / "x", kind="eagle3", mode=mode)
 
 
 def test_lora_heads_round_trip(tiny_folder, corpus_file, tmp_path):

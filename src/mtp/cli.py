@@ -18,7 +18,7 @@ import types
 import typing
 from pathlib import Path
 
-from mtp.config import AnalyzeConfig, TrainConfig
+from mtp.config import AnalyzeConfig, ExportConfig, TrainConfig
 from mtp.errors import UserError
 
 
@@ -377,6 +377,16 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--tokenizer", default=None, metavar="DIR", help="a Hugging Face tokenizer folder to ship with it")
     cv.add_argument("--dtype", default="float32")
 
+    x = sub.add_parser("export", help="heads into a serving engine's format: eagle3 (vLLM, SGLang), gguf "
+                                      "(llama.cpp), medusa (vLLM); prints the command that serves them")
+    add_dataclass_arguments(x, ExportConfig)
+
+    en = sub.add_parser("engines", help="real serving engines, set up by mtp: llama.cpp (built from the sources "
+                                        "vendored in llama-cpp-python) and vLLM (its own virtual environment)")
+    en.add_argument("action", choices=["setup", "status"])
+    en.add_argument("engine", nargs="?", choices=["llama.cpp", "vllm"], help="which engine to set up")
+    en.add_argument("--jobs", type=int, default=None, help="llama.cpp: parallel compile jobs (default: all cores)")
+
     rp = sub.add_parser("compare", help="several `mtp eval` results on the same text: one table and a plot")
     rp.add_argument("results", nargs="+", metavar="NAME=FILE.json")
     rp.add_argument("--plot", metavar="FILE.png", help="accuracy vs head index per variant")
@@ -520,6 +530,18 @@ def run(argv: list[str] | None = None) -> int:
             print(f"| {h['head']} | {h['predicts']} | {h['loss']:.4f} | {h['top1']:.3f} |")
         print(f"model: {cfg.out}/heads (backbone {cfg.out}/init + trained weights); log: {cfg.out}/metrics.jsonl")
         return 0
+    if args.command == "export":
+        from mtp.export.run import export
+
+        result = export(**dataclasses.asdict(dataclass_from_args(ExportConfig, args)))
+        print(f"exported {result['heads']} as {result['format']} into {result['out']}")
+        for engine, line in result["serve"].items():
+            print(f"serve with {engine}:\n  {line}")
+        return 0
+    if args.command == "engines":
+        from mtp.engines.setup import engines_command
+
+        return engines_command(args.action, args.engine, args.jobs)
     if args.command == "compare":
         from mtp.evaluate import compare_table, plot_accuracy_vs_head
 

@@ -75,7 +75,14 @@ class TrainConfig:
     heads: int = 4
     """MTP heads; head k predicts x_{t+1+k}."""
     kind: str = "mlp"
-    """Head kind: mlp | transformer | hydra (sequential: also reads the tokens before its target)."""
+    """Head kind: mlp | transformer | hydra (sequential: also reads the tokens before its target) | eagle3 (one
+    drafter over three tapped layers, trained with training-time test over --heads draft steps; exportable to
+    vLLM, SGLang and llama.cpp with `mtp export`)."""
+    eagle_layers: str = "default"
+    """eagle3: the three target layers whose inputs the head fuses: default (2, L//2, L-3, vLLM's and
+    llama.cpp's), auto (from the logit lens on the training text: see docs/results/engines.md) or I,J,K."""
+    draft_vocab: int = 0
+    """eagle3: draft vocabulary size (its lm_head rows): 0 = every token seen as a target, at least 16384."""
     tap: str = "last"
     """Hidden state the heads read: last | layer:I | whs."""
     mlp_layers: int = 1
@@ -150,9 +157,39 @@ class TrainConfig:
         _require(0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         _require(self.autocast in ("auto", "on", "off"), f"--autocast must be auto, on or off, got {self.autocast!r}")
         _require(self.dtype in DTYPES, f"unknown --dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
-        _require(not self.cache_hidden or (self.mode == "frozen" and self.tap != "whs"),
+        _require(not self.cache_hidden or (self.mode == "frozen" and (self.tap != "whs" or self.kind == "eagle3")),
                  "--cache-hidden needs --mode frozen and a single tapped layer (not --tap whs)")
+        _require(self.kind != "eagle3" or self.mode == "frozen",
+                 "eagle3 heads draft for an unchanged target: train them with --mode frozen")
+        _require(self.draft_vocab == 0 or self.draft_vocab >= 64,
+                 f"--draft-vocab must be 0 (automatic) or at least 64, got {self.draft_vocab}")
         _require(len(self.data) > 0, "give at least one --data")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class ExportConfig:
+    """Heads into a serving engine's format (``mtp export``)."""
+
+    heads: str = "default"
+    """A heads folder (e.g. RUN/heads) or `default`: the heads shipped for --model."""
+    format: str = "eagle3"
+    """eagle3 (HF folder for vLLM / SGLang) | gguf (llama.cpp's draft-eagle3) | medusa (vLLM)."""
+    out: str = ""
+    """Output folder (must not exist or be empty, unless --overwrite)."""
+    model: str | None = None
+    """The target the heads are for (default: the one their config.json names); foreign heads are refused."""
+    dtype: str | None = None
+    """dtype of the exported weights (default: as stored)."""
+    gguf_type: str = "f16"
+    """gguf: f32 | f16 | bf16 | q8_0."""
+    overwrite: bool = False
+    """Replace an existing --out (the old one is removed only once the new one is complete)."""
+
+    def __post_init__(self) -> None:
+        from mtp.export import FORMATS
+
+        _require(self.format in FORMATS, f"unknown --format {self.format!r}: use one of {', '.join(FORMATS)}")
+        _require(bool(self.out), "give --out DIR")

@@ -350,6 +350,13 @@ def target_counts(blocks: torch.Tensor, masks: torch.Tensor | None, vocab: int) 
     return torch.bincount((blocks if masks is None else blocks[masks]).flatten(), minlength=vocab)
 
 
+def top_tokens(counts: torch.Tensor, size: int) -> torch.Tensor:
+    """The ``size`` most frequent token ids by ``counts`` (ties, e.g. unseen tokens, by id: in BPE vocabularies
+    merge order, roughly frequency), sorted by id: a draft vocabulary (FR-Spec, arXiv 2502.14856)."""
+    order = torch.sort(counts, descending=True, stable=True).indices
+    return order[:size].sort().values
+
+
 def packed_blocks(sources: list[str], tokenizer, seq_len: int, *, split: str = "train", max_tokens: int | None = None,
                   seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Training sequences and their loss masks, both (N, seq_len).

@@ -118,8 +118,10 @@ def naive_step(model: MTPModel, input_ids: torch.Tensor, weights: list[float],
     return losses
 
 
+EAGLE_MIN_DRAFT_VOCAB = 16384  # tokens unseen in training keep the target's own unembedding rows: cheap coverage
+
 # Settings a resumed run must share with its checkpoint (max_steps may grow; logging may change).
-RESUME_MUST_MATCH = ("model", "heads", "kind", "tap", "mlp_layers", "init_from_last", "mode", "lora_r",
+RESUME_MUST_MATCH = ("model", "heads", "kind", "eagle_layers", "draft_vocab", "tap", "mlp_layers", "init_from_last", "mode", "lora_r",
                      "lora_alpha", "lora_targets", "data", "seq_len", "batch_size", "grad_accum", "lr",
                      "backbone_lr", "whs_lr", "warmup_steps", "min_lr_ratio", "weight_decay", "head_weights",
                      "ntp_weight", "seed", "dtype")
@@ -214,8 +216,9 @@ class HiddenCache:
     """The frozen backbone's tapped hidden state for every training sequence, in a memmap on disk."""
 
     def __init__(self, path: Path, model: MTPModel, blocks: torch.Tensor, batch: int, progress: bool):
-        hidden, dtype = model.backbone.config.hidden_size, model.backbone.get_output_embeddings().weight.dtype
-        self.torch_dtype = dtype
+        dtype = model.backbone.get_output_embeddings().weight.dtype
+        self.torch_dtype, self.parts = dtype, len(model.tapped)  # eagle3 taps three layers: stored side by side
+        hidden = model.backbone.config.hidden_size * self.parts
         np_dtype = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16,
                     torch.float64: np.float64}[dtype]  # bf16 kept as its 16 raw bits
         shape = (blocks.shape[0], blocks.shape[1], hidden)
@@ -228,7 +231,7 @@ class HiddenCache:
                 for a in tqdm(range(0, shape[0], batch), desc="caching hidden states", disable=not progress,
                               file=sys.stderr):
                     _, states = model.trunk(blocks[a:a + batch].to(model.backbone.device))
-                    self.array[a:a + batch] = self._to_numpy(states[0])
+                    self.array[a:a + batch] = self._to_numpy(torch.cat(states, -1))
             self.array.flush()
             meta_path.write_text(json.dumps(key))
             self.array = np.memmap(path, dtype=np_dtype, mode="r", shape=shape)
@@ -241,7 +244,7 @@ class HiddenCache:
         x = torch.from_numpy(np.ascontiguousarray(self.array[idx]))
         if self.torch_dtype == torch.bfloat16:
             x = x.view(torch.int16).view(torch.bfloat16)
-        return [x.to(device)]
+        return list(x.to(device).chunk(self.parts, -1))
 
 
 def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> None:
@@ -276,11 +279,13 @@ def _cpu_has_fast_bf16() -> bool:
         return False
 
 
-def build_model(cfg: TrainConfig, device: str, command: str = ""):
-    """Backbone (+ LoRA adapters) + fresh heads, with requires_grad set for the mode."""
+def build_model(cfg: TrainConfig, device: str, command: str = "", auto_layers: list[int] | None = None,
+                backbone_and_tokenizer=None):
+    """Backbone (+ LoRA adapters) + fresh heads, with requires_grad set for the mode. ``auto_layers``: what
+    ``--eagle-layers auto`` resolved to."""
     from mtp.backbones import load_backbone
 
-    backbone, tokenizer = load_backbone(cfg.model, dtype=cfg.dtype, device=device)
+    backbone, tokenizer = backbone_and_tokenizer or load_backbone(cfg.model, dtype=cfg.dtype, device=device)
     lora = {}
     if cfg.mode == "lora":
         from peft import LoraConfig, get_peft_model
@@ -294,7 +299,15 @@ def build_model(cfg: TrainConfig, device: str, command: str = ""):
         backbone = get_peft_model(backbone, LoraConfig(**lora))  # freezes everything but the adapters
     else:
         backbone.requires_grad_(cfg.mode == "joint")
+    eagle_layers = []
+    if cfg.kind == "eagle3":
+        from mtp.model.eagle3 import parse_layers
+
+        eagle_layers = parse_layers(cfg.eagle_layers, backbone.config.num_hidden_layers)
+        if eagle_layers == "auto":
+            eagle_layers = auto_layers or parse_layers("default", backbone.config.num_hidden_layers)
     heads_cfg = HeadsConfig(backbone=cfg.model, n_heads=cfg.heads, kind=cfg.kind, tap=cfg.tap,
+                            eagle_layers=list(eagle_layers),
                             mlp_layers=cfg.mlp_layers, init_from_last=cfg.init_from_last, dtype=cfg.dtype,
                             trained_backbone={"frozen": "none", "joint": "full", "lora": "lora"}[cfg.mode],
                             lora=lora, recipe={"command": command, **cfg.to_dict()})
@@ -316,16 +329,42 @@ def train(cfg: TrainConfig, progress: bool = True, command: str = "") -> dict:
     if not cfg.resume and ckpt.exists():
         raise UserError(f"{ckpt} already exists: pass --resume to continue that run, or choose another --out")
     # whs_lr only matters with a WHS tap (and checkpoints from before it existed do not record it)
-    must_match = tuple(k for k in RESUME_MUST_MATCH if k != "whs_lr" or cfg.tap == "whs")
+    # eagle_layers / draft_vocab only for eagle3 heads (older checkpoints do not record them either)
+    must_match = tuple(k for k in RESUME_MUST_MATCH if (k != "whs_lr" or cfg.tap == "whs") and
+                       (k not in ("eagle_layers", "draft_vocab") or cfg.kind == "eagle3"))
     meta = read_checkpoint(ckpt, cfg.to_dict(), must_match) if cfg.resume else None
     if meta is not None and meta["step"] >= cfg.max_steps:
         raise UserError(f"the checkpoint is at step {meta['step']}, already >= --max-steps {cfg.max_steps}")
     torch.manual_seed(cfg.seed)
-    model, tokenizer = build_model(cfg, device, command)
+    from mtp.backbones import load_backbone
+
+    backbone, tokenizer = load_backbone(cfg.model, dtype=cfg.dtype, device=device)
     need = cfg.max_steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len
     blocks, masks = packed_blocks(cfg.data, tokenizer, cfg.seq_len, max_tokens=cfg.max_tokens or need, seed=cfg.seed)
     masks = None if masks.all() else masks  # only distilled data restricts the targets
-    model.token_counts = target_counts(blocks, masks, model.backbone.get_output_embeddings().weight.shape[0])
+    counts = target_counts(blocks, masks, backbone.get_output_embeddings().weight.shape[0])
+    auto = None
+    if cfg.kind == "eagle3" and cfg.eagle_layers == "auto":
+        from mtp.model.eagle3 import auto_layers
+
+        if meta is not None:  # a resumed run keeps the layers it started with
+            from mtp.model.mtp import read_heads_config
+
+            auto = read_heads_config(ckpt / "heads")["eagle_layers"]
+        else:
+            auto, lens_kl = auto_layers(backbone, blocks)
+            if progress and ddp.main:
+                print(f"mtp: --eagle-layers auto -> {auto} (logit-lens KL per layer "
+                      f"{[round(x, 2) for x in lens_kl]})", file=sys.stderr)
+    torch.manual_seed(cfg.seed)
+    model, _ = build_model(cfg, device, command, auto_layers=auto, backbone_and_tokenizer=(backbone, tokenizer))
+    model.token_counts = counts
+    if model.autoregressive:  # the draft vocabulary: the most frequent targets (FR-Spec), lm_head rows from the target
+        from mtp.data import top_tokens
+
+        vocab = counts.numel()
+        size = cfg.draft_vocab or -(-max(int((counts > 0).sum()), EAGLE_MIN_DRAFT_VOCAB) // 64) * 64
+        model.set_draft_vocab(top_tokens(counts, min(size, vocab)))
     order = BatchOrder(len(blocks), cfg, ddp)
     if meta is not None:
         load_weights(ckpt, model)
@@ -335,7 +374,7 @@ def train(cfg: TrainConfig, progress: bool = True, command: str = "") -> dict:
     head_params = model.head_parameters()
     backbone_params = [p for p in model.backbone.parameters() if p.requires_grad]
     trainable = head_params + backbone_params  # WHS weightings included (a group of their own below)
-    whs_params = [h.whs for h in model.heads if h.whs is not None]
+    whs_params = [h.whs for h in model.heads if getattr(h, "whs", None) is not None]
     head_params = [p for p in head_params if all(p is not w for w in whs_params)]
     groups = [{"params": head_params, "lr": cfg.lr, "base_lr": cfg.lr}] if head_params else []
     if whs_params:  # no weight decay: it would pull the weighting towards uniform
@@ -393,8 +432,9 @@ def train(cfg: TrainConfig, progress: bool = True, command: str = "") -> dict:
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             now = time.perf_counter()
             mean = torch.stack(losses).mean(0)
-            record = {"step": step, "loss": float(sum(w * l for w, l in zip(weights, mean))),
-                      "losses": [round(float(x), 5) for x in mean], "lr": cfg.lr * factor,
+            known = [(w, float(x)) for w, x in zip(weights, mean) if math.isfinite(x)]  # head 0: not computed
+            record = {"step": step, "loss": sum(w * x for w, x in known),  # from cached states
+                      "losses": [round(float(x), 5) if math.isfinite(x) else None for x in mean], "lr": cfg.lr * factor,
                       "tokens": step * tokens_per_step,
                       "tokens_per_s": len(losses) * tokens_per_step / (now - t_last)}
             bar.set_postfix({f"l{k}": f"{x:.3f}" for k, x in enumerate(mean.tolist())}

@@ -109,8 +109,9 @@ def draft_shortlist(mtp_model, size: int | None) -> torch.Tensor | None:
                         "have none (retrain them, or pass --draft-vocab 0)")
     if size < 64:
         raise UserError(f"--draft-vocab {size} is too small to draft from: use 64 or more (0 = whole vocabulary)")
-    order = torch.sort(counts, descending=True, stable=True).indices
-    return order[:size].sort().values
+    from mtp.data import top_tokens
+
+    return top_tokens(counts, size)
 
 
 def adaptive_sizes(decoder: Decoder) -> dict | None:

@@ -1,0 +1,193 @@
+"""llama.cpp, built from the sources vendored in PyPI's ``llama-cpp-python`` sdist, run as ``llama-server``.
+
+``setup()`` downloads the sdist once with pip (no wheel, no compiler flags of its own), extracts its
+``vendor/llama.cpp`` tree into the user cache and builds ``llama-server`` there with cmake + ninja (Release,
+native CPU, no network features). The same tree holds ``convert_hf_to_gguf.py`` and its ``gguf-py``, which
+``mtp export --format gguf`` runs. Everything lives under ``$MTP_CACHE/engines/llama.cpp-<version>``;
+``MTP_LLAMA_CPP_DIR`` points at another built tree.
+
+The server is a real process: started on a free loopback port, waited for with a time-out, talked to over
+HTTP (``/completion`` reports its own timings and draft statistics), and stopped (terminate, then kill).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from mtp.errors import UserError
+
+VERSION = "0.3.36"  # llama-cpp-python, whose sdist vendors a llama.cpp with EAGLE-3 (src/models/eagle3.cpp)
+SDIST = f"llama-cpp-python=={VERSION}"
+TARGETS = ("llama-server",)
+BUILD_HINT = "build it once with `mtp engines setup llama.cpp` (about 15 min of CPU on 2 cores)"
+
+
+def root() -> Path:
+    from mtp.backbones import cache_dir
+
+    env = os.environ.get("MTP_LLAMA_CPP_DIR")
+    return Path(env).expanduser() if env else cache_dir() / "engines" / f"llama.cpp-{VERSION}"
+
+
+def source_dir() -> Path:
+    return root() / "src"
+
+
+def binary(name: str = "llama-server") -> Path:
+    return root() / "build" / "bin" / name
+
+
+def converter() -> Path:
+    """llama.cpp's own HF -> GGUF converter (with its gguf-py beside it)."""
+    path = source_dir() / "convert_hf_to_gguf.py"
+    if not path.is_file():
+        raise UserError(f"llama.cpp's converter is not in {source_dir()}: {BUILD_HINT}")
+    return path
+
+
+def require_server() -> Path:
+    path = binary()
+    if not path.is_file():
+        raise UserError(f"llama.cpp's llama-server is not built ({path}): {BUILD_HINT}")
+    return path
+
+
+def _run(cmd: list[str], what: str, cwd: Path | None = None, env: dict | None = None, quiet: bool = False) -> None:
+    print(f"mtp: {what}: {' '.join(cmd)}", file=sys.stderr)
+    try:
+        subprocess.run(cmd, cwd=cwd, env=env, check=True,
+                       stdout=subprocess.DEVNULL if quiet else None)
+    except FileNotFoundError:
+        raise UserError(f"{what}: {cmd[0]} is not installed") from None
+    except subprocess.CalledProcessError as e:
+        raise UserError(f"{what} failed (exit status {e.returncode}): see the output above") from None
+
+
+def setup(jobs: int | None = None) -> dict:
+    """Fetch the vendored sources (pip) and build llama-server; returns what was done and how long it took."""
+    from mtp.io import atomic_dir
+
+    start = time.time()
+    src, build = source_dir(), root() / "build"
+    if not (src / "CMakeLists.txt").is_file():
+        with tempfile.TemporaryDirectory() as tmp:
+            _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--disable-pip-version-check",
+                  "-d", tmp, SDIST], "downloading llama.cpp's sources (the llama-cpp-python sdist)")
+            archive = next(Path(tmp).glob("llama_cpp_python-*.tar.gz"), None)
+            if archive is None:
+                raise UserError(f"pip did not download the {SDIST} source archive")
+            with atomic_dir(src) as out:
+                prefix = f"{archive.name.removesuffix('.tar.gz')}/vendor/llama.cpp/"
+                with tarfile.open(archive) as tar:
+                    members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
+                    for m in members:
+                        m.name = m.name[len(prefix):]
+                    tar.extractall(out, members=[m for m in members if m.name], filter="data")
+    fetched = time.time() - start
+    generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+    _run(["cmake", "-S", str(src), "-B", str(build), *generator, "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
+          "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+          "-DLLAMA_BUILD_EXAMPLES=OFF", "-DBUILD_SHARED_LIBS=OFF"], "configuring llama.cpp", quiet=True)
+    _run(["cmake", "--build", str(build), "--target", *TARGETS, "-j", str(jobs or os.cpu_count() or 2)],
+         "building llama.cpp", quiet=True)
+    require_server()
+    return {"root": str(root()), "server": str(binary()), "fetch_seconds": round(fetched, 1),
+            "total_seconds": round(time.time() - start, 1)}
+
+
+def serve_command(target_gguf: str | Path, draft_gguf: str | Path | None = None, draft_max: int = 8,
+                  threads: int | None = None, port: int = 8080, extra: list[str] | None = None) -> list[str]:
+    """The llama-server command line a user runs to serve ``target_gguf`` with the exported EAGLE-3 draft."""
+    cmd = [str(binary()), "-m", str(target_gguf), "--host", "127.0.0.1", "--port", str(port), "-c", "4096"]
+    if threads:
+        cmd += ["-t", str(threads)]
+    if draft_gguf is not None:
+        cmd += ["--spec-type", "draft-eagle3", "-md", str(draft_gguf), "--spec-draft-n-max", str(draft_max)]
+    return cmd + list(extra or [])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A running llama-server; a context manager that always stops it. Every wait has a time-out."""
+
+    def __init__(self, cmd: list[str], port: int, log: Path, start_timeout: float = 300.0):
+        self.port, self.log = port, log
+        self.url = f"http://127.0.0.1:{port}"
+        self._log_file = log.open("w")
+        try:
+            self.proc = subprocess.Popen(cmd, stdout=self._log_file, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        except OSError as e:
+            self._log_file.close()
+            raise UserError(f"llama-server did not start ({e})") from None
+        self._wait_ready(start_timeout)
+
+    def _tail(self) -> str:
+        try:
+            lines = self.log.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return lines[-1] if lines else ""
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                self.stop()
+                raise UserError(f"llama-server exited with status {self.proc.returncode} while starting: "
+                                f"{self._tail()} (log: {self.log})")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, OSError, ValueError):
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise UserError(f"llama-server did not become ready within {timeout:.0f} s (log: {self.log})")
+
+    def complete(self, prompt: str | list[int], n_predict: int, timeout: float = 600.0, **params) -> dict:
+        """POST /completion (greedy unless params say otherwise); the server's JSON answer."""
+        body = {"prompt": prompt, "n_predict": n_predict, "temperature": 0.0, "top_k": 1, "cache_prompt": False,
+                "stream": False, "seed": 0, **params}
+        req = urllib.request.Request(self.url + "/completion", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return json.loads(r.read())
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            alive = self.proc.poll() is None
+            raise UserError(f"llama-server {'failed' if alive else 'crashed'} on a request ({e}): "
+                            f"{self._tail()} (log: {self.log})") from None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=20)
+        self._log_file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()

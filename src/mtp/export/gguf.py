@@ -1,0 +1,51 @@
+"""The EAGLE-3 draft as a GGUF file for llama.cpp's ``--spec-type draft-eagle3``, written by llama.cpp's own
+converter (``convert_hf_to_gguf.py`` with ``--target-model-dir``, from the tree ``mtp engines setup
+llama.cpp`` fetched): it detects the draft by ``draft_vocab_size`` and one layer, renames ``midlayer.*``,
+permutes q/k for its RoPE layout, stores ``d2t`` as absolute target ids and copies the target's tokenizer.
+Writing the format ourselves would be a second, untested copy of that code.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from mtp.errors import UserError
+
+OUT_TYPES = ("f32", "f16", "bf16", "q8_0")
+
+
+def _convert(args: list, what: str, timeout: float) -> None:
+    """Run llama.cpp's converter (its own gguf-py first on the path), offline, with a time-out."""
+    from mtp.engines import llamacpp
+
+    script = llamacpp.converter()
+    src = script.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(src / "gguf-py"), str(src)]), HF_HUB_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1")
+    try:
+        proc = subprocess.run([sys.executable, str(script), *map(str, args)], env=env, capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise UserError(f"llama.cpp's converter took longer than {timeout:.0f} s on {what}: stopped") from None
+    if proc.returncode != 0:
+        last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise UserError(f"llama.cpp's converter failed on {what} (exit status {proc.returncode}): {last[0]}")
+
+
+def write_gguf(eagle3_dir: Path, target_dir: Path, out_file: Path, outtype: str = "f16",
+               timeout: float = 900.0) -> Path:
+    """The EAGLE-3 folder ``eagle3_dir`` (see :mod:`mtp.export.eagle3`) of the target in ``target_dir``."""
+    if outtype not in OUT_TYPES:
+        raise UserError(f"unknown GGUF type {outtype!r}: use one of {', '.join(OUT_TYPES)}")
+    _convert([eagle3_dir, "--target-model-dir", target_dir, "--outfile", out_file, "--outtype", outtype],
+             "the EAGLE-3 draft", timeout)
+    return out_file
+
+
+def convert_target(target_dir: Path, out_file: Path, outtype: str = "f16", timeout: float = 1800.0) -> Path:
+    """A plain model folder to GGUF with the same converter: the 16-bit target of the benchmarks."""
+    _convert([target_dir, "--outfile", out_file, "--outtype", outtype], str(target_dir), timeout)
+    return out_file

@@ -1,0 +1,97 @@
+"""``mtp export``: a heads folder into a serving engine's format, and the command that serves it."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import tempfile
+from pathlib import Path
+
+from mtp.errors import UserError
+from mtp.export import check_exportable
+
+GGUF_NAME = "eagle3-draft.gguf"
+
+
+def serve_commands(fmt: str, out: Path, model: str, draft_len: int = 4) -> dict[str, str]:
+    """The commands a user runs to serve the exported heads beside their target model."""
+    from mtp.backbones import local_model_folder
+
+    out = out.resolve()
+    if fmt == "gguf":
+        from mtp.engines import llamacpp
+
+        target = _target_gguf_hint(model)
+        return {"llama.cpp": shlex.join(llamacpp.serve_command(target, out / GGUF_NAME, draft_max=draft_len))}
+    target = str(local_model_folder(model))
+    if fmt == "medusa":
+        spec = {"method": "medusa", "model": str(out), "num_speculative_tokens": draft_len}
+        return {"vLLM": shlex.join(["python", "-m", "vllm.entrypoints.openai.api_server", "--model", target,
+                                    "--speculative-config", json.dumps(spec)])}
+    spec = {"method": "eagle3", "model": str(out), "num_speculative_tokens": draft_len}
+    return {"vLLM": shlex.join(["python", "-m", "vllm.entrypoints.openai.api_server", "--model", target,
+                                "--speculative-config", json.dumps(spec)]),
+            "SGLang": shlex.join(["python", "-m", "sglang.launch_server", "--model-path", target,
+                                  "--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path", str(out),
+                                  "--speculative-num-steps", str(draft_len), "--speculative-eagle-topk", "4",
+                                  "--speculative-num-draft-tokens", "16"])}
+
+
+def _target_gguf_hint(model: str) -> str:
+    """The target GGUF llama-server loads: a built-in model's packaged file, or the user's .gguf."""
+    from mtp.backbones import BUILTIN_MODELS
+
+    if model in BUILTIN_MODELS:
+        from mtp.engines.targets import packaged_gguf
+
+        try:
+            return str(packaged_gguf(model))
+        except UserError:
+            return f"<{model}.gguf>"
+    return model if model.endswith(".gguf") else "<target.gguf>"
+
+
+def export(heads: str, fmt: str, out: str, model: str | None = None, dtype: str | None = None,
+           gguf_type: str = "f16", overwrite: bool = False) -> dict:
+    """Write ``heads`` (a folder or ``default``) as ``fmt`` into the folder ``out``; returns a summary."""
+    from mtp.backbones import DTYPES, local_model_folder, torch_dtype
+    from mtp.io import atomic_dir, check_new_output
+    from mtp.model.mtp import MTPModel, read_heads_config, resolve_heads
+
+    folder = resolve_heads(heads, model or "")
+    meta = read_heads_config(folder)
+    check_exportable(meta, fmt, folder)
+    if dtype is not None and dtype not in DTYPES:
+        raise UserError(f"unknown --dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    target = model or meta.get("backbone")
+    out_path = check_new_output(out, "--out", overwrite, inputs=(folder,))
+    if fmt == "gguf":
+        from mtp.engines import llamacpp
+
+        llamacpp.converter()  # before loading anything: the converter must be there
+    mtp_model = MTPModel.from_pretrained(folder, backbone=_load_target(target) if model else None)
+    with atomic_dir(out_path, replace=overwrite) as tmp:
+        if fmt == "medusa":
+            from mtp.export.medusa import write_medusa
+
+            write_medusa(mtp_model, tmp, torch_dtype(dtype) if dtype else None)
+        elif fmt == "eagle3":
+            from mtp.export.eagle3 import write_eagle3
+
+            write_eagle3(mtp_model, tmp, torch_dtype(dtype) if dtype else None)
+        else:
+            from mtp.export.eagle3 import write_eagle3
+            from mtp.export.gguf import write_gguf
+
+            with tempfile.TemporaryDirectory(dir=tmp.parent) as hf:
+                write_eagle3(mtp_model, Path(hf), torch_dtype("float32"))
+                write_gguf(Path(hf), local_model_folder(target), tmp / GGUF_NAME, gguf_type)
+    return {"out": str(out_path), "format": fmt, "heads": str(folder), "target": target,
+            "serve": serve_commands(fmt, out_path, target, max(1, int(meta.get("n_heads", 4))))}
+
+
+def _load_target(model: str):
+    from mtp.backbones import load_backbone
+
+    backbone, _ = load_backbone(model, require_tokenizer=False)
+    return backbone
