@@ -18,7 +18,7 @@ import types
 import typing
 from pathlib import Path
 
-from mtp.config import AnalyzeConfig, ExportConfig, TrainConfig
+from mtp.config import AnalyzeConfig, BenchEngineConfig, ExportConfig, TrainConfig
 from mtp.errors import UserError
 
 
@@ -303,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--engine", default="transformers",
+                   help="transformers (batched generate) | llama.cpp (llama-server on the model's GGUF, --batch-size "
+                        "parallel slots; `mtp engines setup llama.cpp` first)")
     _add_common(g)
 
     e = sub.add_parser("eval", help="per-head accuracy on held-out text beside marginalization")
@@ -442,6 +445,11 @@ def build_parser() -> argparse.ArgumentParser:
     dd.add_argument("--plot", metavar="FILE.png")
     _add_common(dd)
 
+    be = bench.add_parser("engine", help="a real engine (llama.cpp, vLLM): plain, its n-gram speculation and our "
+                                         "exported EAGLE-3 heads, on the same prompts; mtp's engine beside it")
+    add_dataclass_arguments(be, BenchEngineConfig)
+    be.add_argument("--quiet", action="store_true", help="no progress messages")
+
     ps = bench.add_parser("pretrain-step", help="training cost of n-token pretraining: step time vs next-token "
                                                 "training (same trunk and parameter-matched), memory vs naive")
     ps.add_argument("--preset", default="mini", help="tiny | mini | small | base | large (default mini)")
@@ -490,7 +498,7 @@ def run(argv: list[str] | None = None) -> int:
         summary = distill(args.model, args.prompts or ["chat", "code"], args.out, limit=args.limit,
                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                           temperature=args.temperature, seed=args.seed, device=args.device, dtype=args.dtype,
-                          progress=progress)
+                          progress=progress, engine=args.engine)
         print(f"distilled {summary['prompts']} prompts into {summary['out']} "
               f"({summary['finished_share']:.0%} ended with EOS)")
         return 0
@@ -533,7 +541,7 @@ def run(argv: list[str] | None = None) -> int:
     if args.command == "export":
         from mtp.export.run import export
 
-        result = export(**dataclasses.asdict(dataclass_from_args(ExportConfig, args)))
+        result = export(dataclass_from_args(ExportConfig, args))
         print(f"exported {result['heads']} as {result['format']} into {result['out']}")
         for engine, line in result["serve"].items():
             print(f"serve with {engine}:\n  {line}")
@@ -601,6 +609,20 @@ def run(argv: list[str] | None = None) -> int:
             write_json(args.json_path, result)
         if args.plot:
             plot_bench_decode(result, args.plot)
+        return 0
+    if args.command == "bench" and args.bench == "engine":
+        from mtp.engines.bench import bench_engine, format_bench_engine, plot_bench_engine
+
+        cfg = dataclass_from_args(BenchEngineConfig, args)
+        _check_writable_file(cfg.json, "--json")
+        _check_writable_file(cfg.plot, "--plot")
+        result = bench_engine(cfg)
+        result["command"] = command
+        print(format_bench_engine(result))
+        if cfg.json:
+            write_json(cfg.json, result)
+        if cfg.plot:
+            plot_bench_engine([result], cfg.plot)
         return 0
     if args.command == "bench" and args.bench == "pretrain-step":
         from mtp.bench import bench_pretrain_step, format_bench_pretrain_step

@@ -193,3 +193,72 @@ class ExportConfig:
 
         _require(self.format in FORMATS, f"unknown --format {self.format!r}: use one of {', '.join(FORMATS)}")
         _require(bool(self.out), "give --out DIR")
+
+
+@dataclass
+class BenchEngineConfig:
+    """A real serving engine three ways (plain, its own n-gram speculation, our exported EAGLE-3 heads) and
+    mtp's own engine beside it, on the same prompts (``mtp bench engine``)."""
+
+    engine: str = "llama.cpp"
+    """llama.cpp | vllm."""
+    heads: str = "default"
+    """eagle3 heads: a folder or `default` (the heads shipped for --model)."""
+    model: str = DEFAULT_MODEL
+    prompts: str = "chat"
+    """A built-in prompt set (its eval split: chat, code, general, translation) or a .jsonl with a prompt field."""
+    limit: int = 10
+    """Prompts."""
+    max_new_tokens: int = 128
+    draft_len: int = 4
+    """Tokens drafted per step (llama.cpp --spec-draft-n-max, vLLM num_speculative_tokens)."""
+    p_min: float = 0.0
+    """llama.cpp: stop drafting below this draft probability (its --spec-draft-p-min)."""
+    target: str = "packaged"
+    """llama.cpp's target GGUF: packaged (the quantized file users have) | f16 | bf16 | f32 (converted once)."""
+    ngram_modes: list[str] = field(default_factory=lambda: ["ngram-simple", "ngram-map-k", "ngram-mod"])
+    """llama.cpp's training-free speculation modes to run (vLLM runs its ngram)."""
+    threads: int = 2
+    """llama.cpp threads (its threads spin: nothing else should run beside it)."""
+    vllm_dtype: str = "bfloat16"
+    enforce_eager: bool = True
+    """vLLM without graph compilation (starts in ~40 s instead of ~200 s on a CPU; ~25 % slower per token)."""
+    mtp_methods: list[str] = field(default_factory=lambda: ["blockwise", "tree"])
+    """mtp's own engine with the same heads, beside the engine (comma-separated; "" skips it)."""
+    mtp_dtype: str = "bfloat16"
+    rounds: int = 1
+    """Runs of every configuration, alternating; per prompt the median is kept."""
+    timeout: float = 900.0
+    """Seconds any one wait on the engine may take (start-up, one request)."""
+    chat: bool = True
+    """Apply the model's chat template to the prompts."""
+    seed: int = 0
+    json: str | None = None
+    plot: str | None = None
+
+    def __post_init__(self) -> None:
+        # list flags also take comma-separated values; "" for none
+        self.ngram_modes = [m for item in self.ngram_modes for m in item.split(",") if m]
+        self.mtp_methods = [m for item in self.mtp_methods for m in item.split(",") if m]
+        _require(self.engine in ("llama.cpp", "vllm"), f"unknown --engine {self.engine!r}: use llama.cpp or vllm")
+        for name in ("limit", "max_new_tokens", "draft_len", "threads", "rounds"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and 1 <= value <= 100_000, f"--{name.replace('_', '-')} must be "
+                                                                      f"between 1 and 100000, got {value}")
+        _require(0.0 <= self.p_min < 1.0, f"--p-min must be in [0, 1), got {self.p_min}")
+        _require(self.timeout > 0 and self.timeout == self.timeout, f"--timeout must be positive, got {self.timeout}")
+        _require(self.vllm_dtype in ("bfloat16", "float32", "float16"),
+                 f"--vllm-dtype must be bfloat16, float32 or float16, got {self.vllm_dtype!r}")
+        _require(self.mtp_dtype in DTYPES, f"unknown --mtp-dtype {self.mtp_dtype!r}")
+        from mtp.engines.targets import GGUF_KINDS
+
+        _require(self.target in GGUF_KINDS, f"unknown --target {self.target!r}: use one of {', '.join(GGUF_KINDS)}")
+        from mtp.engines.bench import LLAMA_NGRAM_MODES
+
+        for mode in self.ngram_modes:
+            _require(mode in LLAMA_NGRAM_MODES + ("ngram-map-k4v", "ngram-cache"),
+                     f"unknown llama.cpp n-gram mode {mode!r}: use {', '.join(LLAMA_NGRAM_MODES)}")
+        from mtp.decode.methods import HEAD_METHODS
+
+        for m in self.mtp_methods:
+            _require(m in HEAD_METHODS, f"--mtp-methods: {m!r} is not one of {', '.join(HEAD_METHODS)}")

@@ -10,9 +10,11 @@ appended as they are made, so an interrupted run continues where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -46,14 +48,61 @@ def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int, te
     return results
 
 
+class LlamaCppGenerator:
+    """Responses from llama-server on the model's GGUF (the packaged quantized file: the model llama.cpp users
+    run), ``slots`` requests at a time (continuous batching). A context manager: the server always stops."""
+
+    def __init__(self, model_name: str, tokenizer, slots: int, threads: int | None = None):
+        from mtp.engines import llamacpp
+        from mtp.engines.targets import target_gguf
+
+        self.tokenizer, self.slots = tokenizer, slots
+        port = llamacpp.free_port()
+        cmd = [str(llamacpp.require_server()), "-m", str(target_gguf(model_name)), "--host", "127.0.0.1",
+               "--port", str(port), "-np", str(slots), "-c", str(4096 * slots), "--no-webui",
+               "-t", str(threads or os.cpu_count() or 2)]
+        self.log = Path(tempfile.mkstemp(prefix="mtp-distill-llama-", suffix=".log")[1])
+        self.server = llamacpp.Server(cmd, port, self.log)
+
+    def __call__(self, prompts: list[str], max_new_tokens: int, temperature: float = 0.0):
+        from concurrent.futures import ThreadPoolExecutor
+
+        texts = [chat_format(self.tokenizer, p) for p in prompts]
+        templated = bool(getattr(self.tokenizer, "chat_template", None))
+        ids = [self.tokenizer(t, add_special_tokens=not templated)["input_ids"] for t in texts]
+        params = {"return_tokens": True} if temperature == 0 else {"temperature": temperature, "top_k": 0}
+        with ThreadPoolExecutor(self.slots) as pool:
+            answers = list(pool.map(lambda p: self.server.complete(p, max_new_tokens, **params), ids))
+        eos = self.tokenizer.eos_token_id
+        results = []
+        for text, ans in zip(texts, answers):
+            new = list(ans.get("tokens", []))
+            finished = ans.get("stop_type") == "eos" or eos in new
+            if finished and eos not in new:
+                new.append(eos)  # keep the EOS: the heads must learn to stop
+            results.append((text, self.tokenizer.decode(new, skip_special_tokens=False), finished))
+        return results
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.server.stop()
+        self.log.unlink(missing_ok=True)
+
+
 def distill(model_name: str, prompt_sources: list[str], out: str | Path, *, limit: int | None = None,
             max_new_tokens: int = 256, batch_size: int = 8, temperature: float = 0.0, seed: int = 0,
-            device: str = "cpu", dtype: str = "float32", progress: bool = True) -> dict:
-    """Generate the backbone's responses for the train split of each prompt source into ``out`` (.jsonl)."""
+            device: str = "cpu", dtype: str = "float32", progress: bool = True, engine: str = "transformers") -> dict:
+    """Generate the backbone's responses for the train split of each prompt source into ``out`` (.jsonl).
+    ``engine``: ``transformers`` (batched ``generate``) or ``llama.cpp`` (llama-server on the model's GGUF,
+    ``batch_size`` parallel slots; several times faster on a CPU)."""
     from mtp.backbones import load_backbone, resolve_backbone
 
     if max_new_tokens < 1 or batch_size < 1 or temperature < 0 or (limit is not None and limit < 1):
         raise UserError("--max-new-tokens, --batch-size and --limit must be >= 1 and --temperature >= 0")
+    if engine not in ("transformers", "llama.cpp"):
+        raise UserError(f"unknown --engine {engine!r}: use transformers or llama.cpp")
     out = Path(out)
     if out.exists():
         raise UserError(f"{out} already exists: choose another --out (a finished distillation is never overwritten)")
@@ -64,17 +113,21 @@ def distill(model_name: str, prompt_sources: list[str], out: str | Path, *, limi
     if partial.exists():  # continue an interrupted run: its lines are complete records
         done = sum(1 for line in partial.read_text().splitlines() if line.strip())
     model, tokenizer = load_backbone(model_name, dtype=dtype, device=device)
+    if engine == "llama.cpp":
+        generate = LlamaCppGenerator(model_name, tokenizer, batch_size)
+        del model
+    else:
+        generate = contextlib.nullcontext(lambda batch, n, temp: generate_batch(model, tokenizer, batch, n, temp))
     torch.manual_seed(seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     todo = prompts[done:]
     bar = tqdm(total=len(prompts), initial=done, desc="distill", unit="prompt", disable=not progress,
                file=sys.stderr)
     finished = 0
-    with partial.open("a") as f:
+    with partial.open("a") as f, generate as gen:
         for a in range(0, len(todo), batch_size):
             batch = todo[a:a + batch_size]
-            for prompt, (text, response, ok) in zip(batch, generate_batch(model, tokenizer, batch, max_new_tokens,
-                                                                          temperature)):
+            for prompt, (text, response, ok) in zip(batch, gen(batch, max_new_tokens, temperature)):
                 f.write(json.dumps({"prompt": prompt, "response": response, "text": text + response,
                                     "response_start": len(text), "finished": ok}) + "\n")
                 finished += ok

@@ -3,6 +3,8 @@
 - ``code``: "Write a Python function `name(args)` that ..." from standard-library functions with docstrings;
 - ``chat``: explanations of Python topics (``pydoc_data.topics``) and summaries of Shakespeare passages;
 - ``translation``: "Translate into English: ..." from the Ding example sentences;
+- ``general``: everyday chat and code requests of many kinds (:mod:`mtp.general_prompts`), so that heads
+  distilled on it serve ordinary requests, not only the narrow sets above;
 - ``code-prefix``: raw Python to be continued (no instruction, no chat template): the lines that open a
   top-level ``def`` / ``class`` in a standard-library file, about 400 characters, for models pretrained
   on code (``mtp pretrain``); use ``--no-chat`` with them.
@@ -22,7 +24,7 @@ from pathlib import Path
 from mtp.data import CorpusUnavailable, load_corpus, read_text_file, split_of, translation_pairs
 from mtp.errors import UserError
 
-PROMPT_SETS = ("chat", "code", "translation", "code-prefix")
+PROMPT_SETS = ("chat", "code", "translation", "code-prefix", "general")
 
 
 def _first_sentence(doc: str) -> str:
@@ -84,10 +86,16 @@ def _code_prefix_prompts(split: str, chars: int = 400, per_file: int = 3) -> lis
     return prompts
 
 
+def _general(split: str) -> list[str]:
+    from mtp.general_prompts import general_prompts
+
+    return [p for p in general_prompts() if split_of("general", p) == split]
+
+
 @functools.lru_cache(maxsize=None)
 def _built(name: str, split: str) -> tuple[str, ...]:
     builders = {"chat": _chat_prompts, "code": _code_prompts, "translation": _translation_prompts,
-                "code-prefix": _code_prefix_prompts}
+                "code-prefix": _code_prefix_prompts, "general": _general}
     return tuple(builders[name](split))
 
 

@@ -65,7 +65,7 @@ def mtp_step(model: MTPModel, input_ids: torch.Tensor, weights: list[float], *, 
         losses += _eagle_losses(model, leaves, input_ids, weights, grad_scale, chunk_tokens, loss_mask)
     for k in range(1, model.n_heads + 1 if not model.autoregressive else 1):
         z = model.head_hidden(k, leaves, position_ids, tokens=input_ids)  # (B, T, H)
-        losses.append(chunked_head_loss(model.logits, z, head_targets(input_ids, k, loss_mask),
+        losses.append(chunked_head_loss(model.head_logits, z, head_targets(input_ids, k, loss_mask),
                                         weights[k] * grad_scale, chunk_tokens, backward=weights[k] > 0))
         del z
     if train_backbone:

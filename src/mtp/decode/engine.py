@@ -186,8 +186,9 @@ class Decoder:
         """The heads' logits (..., V) through the shared final norm and unembedding, or through the draft
         shortlist's rows only: -inf elsewhere, or (``full=False``) just the shortlist's columns."""
         if self.draft_vocab is None:
-            return self.heads.logits(hidden)
-        small = nn.functional.linear(final_norm(self.backbone)(hidden), self._draft_weight, self._draft_bias)
+            return self.heads.head_logits(hidden)
+        normed = hidden if self.heads.heads_normed else final_norm(self.backbone)(hidden)
+        small = nn.functional.linear(normed, self._draft_weight, self._draft_bias)
         cap = getattr(self.backbone.config, "final_logit_softcapping", None)
         if cap:
             small = torch.tanh(small / cap) * cap

@@ -51,14 +51,19 @@ def _target_gguf_hint(model: str) -> str:
     return model if model.endswith(".gguf") else "<target.gguf>"
 
 
-def export(heads: str, fmt: str, out: str, model: str | None = None, dtype: str | None = None,
-           gguf_type: str = "f16", overwrite: bool = False) -> dict:
-    """Write ``heads`` (a folder or ``default``) as ``fmt`` into the folder ``out``; returns a summary."""
+def export(cfg) -> dict:
+    """Write ``cfg.heads`` (a folder or ``default``) as ``cfg.format`` into the folder ``cfg.out``
+    (:class:`~mtp.config.ExportConfig`); returns a summary with the commands that serve the result."""
     from mtp.backbones import DTYPES, local_model_folder, torch_dtype
     from mtp.io import atomic_dir, check_new_output
     from mtp.model.mtp import MTPModel, read_heads_config, resolve_heads
 
-    folder = resolve_heads(heads, model or "")
+    heads, fmt, out, model, dtype = cfg.heads, cfg.format, cfg.out, cfg.model, cfg.dtype
+    gguf_type, overwrite = cfg.gguf_type, cfg.overwrite
+
+    from mtp.backbones import DEFAULT_MODEL
+
+    folder = resolve_heads(heads, model or DEFAULT_MODEL)
     meta = read_heads_config(folder)
     check_exportable(meta, fmt, folder)
     if dtype is not None and dtype not in DTYPES:

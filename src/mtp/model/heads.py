@@ -174,8 +174,10 @@ class TransformerHead(Head):
 
 
 def parse_tap(tap: str, n_layers: int) -> tuple[str, int | None]:
-    """``last`` | ``layer:i`` (0 = embeddings, n_layers = last) | ``whs``."""
-    if tap in ("last", "whs"):
+    """``last`` | ``final`` (the last layer's output after the final norm: Medusa's own graph, whose heads
+    then go to the unembedding without another norm; what vLLM's ``medusa`` runs) | ``layer:i`` (0 =
+    embeddings, n_layers = last) | ``whs``."""
+    if tap in ("last", "whs", "final"):
         return tap, None
     if tap.startswith("layer:"):
         try:
@@ -185,7 +187,7 @@ def parse_tap(tap: str, n_layers: int) -> tuple[str, int | None]:
         if 0 <= i <= n_layers:
             return "layer", i
         raise UserError(f"tap {tap!r}: the layer must be 0..{n_layers} (0 = embeddings)")
-    raise UserError(f"unknown tap {tap!r}: use last, layer:I or whs")
+    raise UserError(f"unknown tap {tap!r}: use last, final, layer:I or whs")
 
 
 @contextlib.contextmanager
@@ -224,14 +226,18 @@ def whs_init(n_states: int) -> torch.Tensor:
 class TappedHead(nn.Module):
     """A head body plus its tap: with WHS, its own softmax-normalized weight per hidden state."""
 
-    def __init__(self, body: Head, whs_states: int | None = None):
+    def __init__(self, body: Head, whs_states: int | None = None, norm: nn.Module | None = None):
         super().__init__()
         self.body = body
         self.whs = nn.Parameter(whs_init(whs_states)) if whs_states else None
+        # tap ``final``: the backbone's final norm first (borrowed, never a parameter of the head)
+        self._norm = [norm] if norm is not None else []
 
     def forward(self, states: list[torch.Tensor], position_ids: torch.Tensor, cache=None, attn=None,
                 prev: torch.Tensor | None = None) -> torch.Tensor:
-        if self.whs is None:
+        if self._norm:
+            h = self._norm[0](states[0])
+        elif self.whs is None:
             h = states[0]
         else:
             w = torch.softmax(self.whs.float(), -1).to(states[0].dtype)  # (L+1,)

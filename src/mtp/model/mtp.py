@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from mtp.errors import UserError
-from mtp.model.heads import HEAD_KINDS, TappedHead, capture_hidden, parse_tap, unembed
+from mtp.model.heads import HEAD_KINDS, TappedHead, capture_hidden, final_norm, parse_tap, unembed
 
 FORMAT_VERSION = 1
 _FINGERPRINT_POINTS = 64
@@ -118,11 +118,13 @@ class MTPModel(nn.Module):
             config.draft_vocab = int(self.heads[0].d2t.numel())
         else:
             self.tap_kind, tap_layer = parse_tap(config.tap, n_layers)
-            self.tapped = {"last": [n_layers], "layer": [tap_layer], "whs": list(range(n_layers + 1))}[self.tap_kind]
+            self.tapped = {"last": [n_layers], "final": [n_layers], "layer": [tap_layer],
+                           "whs": list(range(n_layers + 1))}[self.tap_kind]
             whs = n_layers + 1 if self.tap_kind == "whs" else None
+            norm = final_norm(backbone) if self.tap_kind == "final" else None
             self.heads = nn.ModuleList(
                 TappedHead(head_cls(backbone, layers=config.mlp_layers, init_from_last=config.init_from_last,
-                                    index=k), whs)
+                                    index=k), whs, norm)
                 for k in range(1, config.n_heads + 1)).to(device=backbone.device, dtype=dtype)
         # How often each token was a training target (V,), saved with the heads: decoding can restrict the
         # heads' drafts to the most frequent ones (``--draft-vocab``). None for heads saved without it.
@@ -174,6 +176,16 @@ class MTPModel(nn.Module):
         return unembed(self.backbone, hidden, normed)
 
     @property
+    def heads_normed(self) -> bool:
+        """The heads' outputs go to the unembedding without the final norm (tap ``final``: they read the
+        normed state already, as Medusa's heads do)."""
+        return self.tap_kind == "final"
+
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """A head's output (..., H) -> logits (..., V) through the shared output path."""
+        return unembed(self.backbone, hidden, self.heads_normed)
+
+    @property
     def eagle(self):
         """The eagle3 drafter, or None for per-position heads."""
         return self.heads[0] if self.autoregressive else None
@@ -189,7 +201,7 @@ class MTPModel(nn.Module):
         if self.autoregressive:
             outs = self.eagle.unroll(self.embed, states, tokens, self.n_heads)
             return [(a, self.eagle.full_logits) for a in outs]
-        return [(self.head_hidden(k, states, tokens=tokens), self.logits) for k in range(1, self.n_heads + 1)]
+        return [(self.head_hidden(k, states, tokens=tokens), self.head_logits) for k in range(1, self.n_heads + 1)]
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """The backbone's input embeddings of ``ids`` (frozen here): what eagle3 drafters read."""

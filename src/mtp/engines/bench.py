@@ -1,0 +1,278 @@
+"""``mtp bench engine``: a real engine on the same prompts three ways in one run -- its own plain greedy
+decoding, its own training-free speculation (llama.cpp's n-gram modes, vLLM's ngram) and our exported
+EAGLE-3 heads -- and, beside them, ``mtp``'s own engine with the same heads.
+
+Every configuration gets the same token ids (the chat template applied by the model's tokenizer) and
+decodes them one at a time (batch 1), greedily, after a warm-up request. Reported per configuration:
+``tokens_per_s`` (generated tokens over generation time, the engine's own clock: llama-server's
+``predicted_ms``; vLLM's request wall time), ``speedup`` (the median over prompts of the per-prompt rate
+ratio to the engine's own plain run, so a slow prompt does not dominate), ``acceptance_length`` (tokens per
+target forward: generated / (generated - accepted drafts)) and ``identical_share`` (outputs token-identical to
+the engine's own plain greedy output). Configurations run ``rounds`` times, alternating, and per prompt the
+median is kept: a drift in the machine's speed shifts all of them alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from mtp.errors import UserError
+
+LLAMA_NGRAM_MODES = ("ngram-simple", "ngram-map-k", "ngram-mod")
+
+
+def machine() -> dict:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
+
+
+def _prompt_ids(cfg, tokenizer) -> list[list[int]]:
+    from mtp.decode.run import encode_prompt
+    from mtp.prompts import load_prompts
+
+    prompts = load_prompts(cfg.prompts, "eval", cfg.limit, cfg.seed)
+    return [encode_prompt(tokenizer, p, chat=cfg.chat) for p in prompts]
+
+
+def _draft_folder(cfg, fmt: str) -> Path:
+    """The heads exported for the engine, cached by the heads' content (exported once)."""
+    from mtp.backbones import cache_dir
+    from mtp.config import ExportConfig
+    from mtp.export.run import GGUF_NAME, export
+    from mtp.model.mtp import resolve_heads
+
+    folder = resolve_heads(cfg.heads, cfg.model)
+    digest = hashlib.sha1((folder / "model.safetensors").read_bytes() + (folder / "config.json").read_bytes())
+    out = cache_dir() / "engines" / "drafts" / f"{fmt}-{digest.hexdigest()[:16]}"
+    done = out / GGUF_NAME if fmt == "gguf" else out / "config.json"
+    if not done.is_file():
+        export(ExportConfig(heads=str(folder), format=fmt, out=str(out), model=cfg.model, overwrite=True))
+    return out
+
+
+def _summarize(name: str, rows: list[dict], plain: list[dict] | None) -> dict:
+    """rows: per prompt {tokens, gen_seconds, accepted (or None)}."""
+    n = sum(len(r["tokens"]) for r in rows)
+    secs = sum(r["gen_seconds"] for r in rows)
+    out = {"name": name, "prompts": len(rows), "tokens": n, "gen_seconds": round(secs, 4),
+           "tokens_per_s": round(n / secs, 3) if secs else None}
+    accepted = [r["accepted"] for r in rows if r.get("accepted") is not None]
+    if accepted:
+        acc = sum(accepted)
+        out["accepted_drafts"] = acc
+        out["acceptance_length"] = round(n / max(1, n - acc), 3)
+    if plain is not None:
+        ratios = [(len(r["tokens"]) / r["gen_seconds"]) / (len(p["tokens"]) / p["gen_seconds"])
+                  for r, p in zip(rows, plain) if r["gen_seconds"] and p["gen_seconds"] and p["tokens"]]
+        out["speedup"] = round(statistics.median(ratios), 3) if ratios else None
+        out["speedup_of_totals"] = round(out["tokens_per_s"] / _rate(plain), 3) if secs else None
+        out["identical_share"] = round(sum(r["tokens"] == p["tokens"] for r, p in zip(rows, plain)) / len(rows), 3)
+    return out
+
+
+def _rate(rows):
+    return sum(len(r["tokens"]) for r in rows) / sum(r["gen_seconds"] for r in rows)
+
+
+def _median_rows(runs: list[list[dict]]) -> list[dict]:
+    """Per prompt, the round with the median generation time (outputs are the same every round)."""
+    out = []
+    for per_prompt in zip(*runs):
+        ranked = sorted(per_prompt, key=lambda r: r["gen_seconds"])
+        out.append(ranked[len(ranked) // 2])
+    return out
+
+
+# ----------------------------------------------------------------------------- llama.cpp
+
+
+def _llama_configs(cfg, draft: Path) -> list[tuple[str, list[str]]]:
+    configs = [("plain", [])]
+    for mode in cfg.ngram_modes:
+        configs.append((mode, ["--spec-type", mode, "--spec-draft-n-max", str(cfg.draft_len)]))
+    configs.append(("eagle3", ["--spec-type", "draft-eagle3", "-md", str(draft / "eagle3-draft.gguf"),
+                               "--spec-draft-n-max", str(cfg.draft_len), "--spec-draft-p-min", str(cfg.p_min)]))
+    return configs
+
+
+def run_llamacpp(cfg, prompts: list[list[int]], workdir: Path) -> tuple[dict, list]:
+    from mtp.engines import llamacpp
+    from mtp.engines.targets import target_gguf
+
+    server = llamacpp.require_server()
+    draft = _draft_folder(cfg, "gguf")
+    target = target_gguf(cfg.model, cfg.target)
+    runs: dict[str, list[list[dict]]] = {}
+    configs = _llama_configs(cfg, draft)
+    commands = {}
+    for r in range(cfg.rounds):
+        for name, extra in (configs if r % 2 == 0 else configs[::-1]):
+            port = llamacpp.free_port()
+            cmd = [str(server), "-m", str(target), "--host", "127.0.0.1", "--port", str(port), "-c", "4096",
+                   "-t", str(cfg.threads), "-np", "1", "--no-webui", *extra]
+            commands[name] = cmd
+            print(f"mtp: llama.cpp {name} (round {r + 1}/{cfg.rounds}) ...", file=sys.stderr)
+            with llamacpp.Server(cmd, port, workdir / f"llama-{name}.log", cfg.timeout) as srv:
+                srv.complete(prompts[0], 8, timeout=cfg.timeout)  # warm-up
+                rows = []
+                for p in prompts:
+                    res = srv.complete(p, cfg.max_new_tokens, timeout=cfg.timeout, return_tokens=True)
+                    t = res.get("timings", {})
+                    rows.append({"tokens": list(res.get("tokens", [])), "gen_seconds": t.get("predicted_ms", 0) / 1e3,
+                                 "accepted": t.get("draft_n_accepted", 0 if extra else None),
+                                 "drafted": t.get("draft_n", 0 if extra else None)})
+            runs.setdefault(name, []).append(rows)
+    rows = {name: _median_rows(rs) for name, rs in runs.items()}
+    results = [_summarize(name, rows[name], rows["plain"] if name != "plain" else None) for name, _ in configs]
+    info = {"target_gguf": str(target), "draft_gguf": str(draft / "eagle3-draft.gguf"),
+            "commands": {k: " ".join(v) for k, v in commands.items()}}
+    return info, results
+
+
+# ----------------------------------------------------------------------------- vLLM
+
+
+def run_vllm(cfg, prompts: list[list[int]], workdir: Path) -> tuple[dict, list]:
+    from mtp.backbones import local_model_folder
+    from mtp.engines import vllm
+
+    vllm.require()
+    draft = _draft_folder(cfg, "eagle3")
+    target = str(local_model_folder(cfg.model))
+    configs = [("plain", None),
+               ("ngram", {"method": "ngram", "num_speculative_tokens": cfg.draft_len, "prompt_lookup_max": 3,
+                          "prompt_lookup_min": 1}),
+               ("eagle3", {"method": "eagle3", "model": str(draft), "num_speculative_tokens": cfg.draft_len})]
+    runs: dict[str, list[list[dict]]] = {}
+    meta = {}
+    for r in range(cfg.rounds):
+        for name, spec in (configs if r % 2 == 0 else configs[::-1]):
+            print(f"mtp: vLLM {name} (round {r + 1}/{cfg.rounds}) ...", file=sys.stderr)
+            job = {"name": name, "target": target, "prompts": prompts, "max_tokens": cfg.max_new_tokens,
+                   "dtype": cfg.vllm_dtype, "enforce_eager": cfg.enforce_eager, "speculative": spec,
+                   "max_model_len": 4096}
+            out = vllm.run_offline(job, cfg.timeout, workdir / f"vllm-{name}.log")
+            counters = out["spec_counters"]
+            accepted = counters.get("vllm:spec_decode_num_accepted_tokens")
+            rows = [{"tokens": row["tokens"], "gen_seconds": row["seconds"], "accepted": None}
+                    for row in out["rows"]]
+            if accepted is not None and rows:  # the counters cover the whole run: spread over its tokens
+                total = sum(len(x["tokens"]) for x in rows)
+                for x in rows:
+                    x["accepted"] = accepted * len(x["tokens"]) / max(1, total)
+            runs.setdefault(name, []).append(rows)
+            meta[name] = {"load_seconds": round(out["load_seconds"], 1), "spec_counters": counters,
+                          "vllm": out.get("vllm")}
+    rows = {name: _median_rows(rs) for name, rs in runs.items()}
+    results = [_summarize(name, rows[name], rows["plain"] if name != "plain" else None) for name, _ in configs]
+    return {"target": target, "draft": str(draft), "dtype": cfg.vllm_dtype, "runs": meta}, results
+
+
+# ----------------------------------------------------------------------------- mtp's own engine
+
+
+def run_mtp(cfg, prompts: list[list[int]]) -> list:
+    """mtp's engine on the same token ids: its plain loop and the heads' methods, one prompt at a time."""
+    from mtp.decode.accept import Sampling
+    from mtp.decode.run import build_decoder, eos_ids, load_for_decoding
+
+    backbone, tokenizer, heads, folder = load_for_decoding(cfg.model, cfg.heads, cfg.mtp_dtype, "cpu")
+    eos = eos_ids(backbone, tokenizer)
+    results, plain = [], None
+    for method in ["plain", *cfg.mtp_methods]:
+        dec, _ = build_decoder(backbone, tokenizer, heads, folder, cfg.model, method, sampling=Sampling())
+        dec.generate(prompts[:1], max_new_tokens=8, eos_token_ids=eos)  # warm-up
+        rows = []
+        for p in prompts:
+            t0 = time.perf_counter()
+            out = dec.generate([p], max_new_tokens=cfg.max_new_tokens, eos_token_ids=eos)
+            row = out.rows[0]
+            tokens = row.tokens
+            rows.append({"tokens": tokens, "gen_seconds": time.perf_counter() - t0,
+                         "accepted": len(tokens) - row.steps if method != "plain" else None})
+        if method == "plain":
+            plain = rows
+        results.append(_summarize(f"mtp {method}", rows, plain if method != "plain" else None))
+    return results
+
+
+def bench_engine(cfg) -> dict:
+    from mtp.backbones import load_backbone
+    from mtp.model.mtp import resolve_heads
+
+    resolve_heads(cfg.heads, cfg.model)
+    _, tokenizer = load_backbone(cfg.model)
+    prompts = _prompt_ids(cfg, tokenizer)
+    workdir = Path(cfg.json).expanduser().resolve().parent if cfg.json else Path.cwd()
+    workdir = workdir / ".mtp-bench-engine-logs"
+    workdir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    if cfg.engine == "llama.cpp":
+        info, results = run_llamacpp(cfg, prompts, workdir)
+    else:
+        info, results = run_vllm(cfg, prompts, workdir)
+    mtp_results = run_mtp(cfg, prompts) if cfg.mtp_methods else []
+    return {"engine": cfg.engine, "config": asdict(cfg), "machine": machine(), "engine_info": info,
+            "results": results, "mtp": mtp_results, "seconds": round(time.time() - started, 1)}
+
+
+def format_bench_engine(result: dict) -> str:
+    lines = [f"{result['engine']} on {result['config']['prompts']} ({result['results'][0]['prompts']} prompts, "
+             f"{result['config']['max_new_tokens']} new tokens, greedy, batch 1; {result['machine']['cpu']})",
+             "| configuration | tokens/s | speedup vs own plain | acceptance length | identical to own plain |",
+             "|---|---:|---:|---:|---:|"]
+    for r in result["results"] + result.get("mtp", []):
+        def fmt(key, pattern):
+            return pattern.format(r[key]) if r.get(key) is not None else "-"
+        lines.append(f"| {r['name']} | {fmt('tokens_per_s', '{:.1f}')} | {fmt('speedup', '{:.2f}x')} | "
+                     f"{fmt('acceptance_length', '{:.2f}')} | {fmt('identical_share', '{:.0%}')} |")
+    return "\n".join(lines)
+
+
+def plot_bench_engine(results: list[dict], path: str) -> None:
+    """Tokens/s per engine x configuration, from one or more bench results."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    labels, values, colors = [], [], []
+    for i, res in enumerate(results):
+        for r in res["results"] + res.get("mtp", []):
+            engine = "mtp" if r["name"].startswith("mtp ") else res["engine"]
+            labels.append(f"{engine}\n{r['name'].removeprefix('mtp ')}")
+            values.append(r["tokens_per_s"] or 0)
+            colors.append(f"C{i if engine != 'mtp' else len(results)}")
+    ax.bar(range(len(values)), values, color=colors)
+    ax.set_xticks(range(len(values)), labels, fontsize=7)
+    ax.set_ylabel("tokens/s (batch 1, greedy)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def load_results(paths: list[str]) -> list[dict]:
+    out = []
+    for p in paths:
+        try:
+            out.append(json.loads(Path(p).read_text()))
+        except (OSError, ValueError) as e:
+            raise UserError(f"{p} is not a `mtp bench engine` JSON result ({e})") from None
+    return out
