@@ -125,8 +125,10 @@ def distill(model_name: str, prompt_sources: list[str], out: str | Path, *, limi
                file=sys.stderr)
     finished = 0
     with partial.open("a") as f, generate as gen:
-        for a in range(0, len(todo), batch_size):
-            batch = todo[a:a + batch_size]
+        # llama.cpp keeps its slots busy across a chunk of 8 x slots prompts (continuous batching)
+        chunk = batch_size * (8 if engine == "llama.cpp" else 1)
+        for a in range(0, len(todo), chunk):
+            batch = todo[a:a + chunk]
             for prompt, (text, response, ok) in zip(batch, gen(batch, max_new_tokens, temperature)):
                 f.write(json.dumps({"prompt": prompt, "response": response, "text": text + response,
                                     "response_start": len(text), "finished": ok}) + "\n")

@@ -216,6 +216,14 @@ def bench_engine(cfg) -> dict:
     from mtp.backbones import load_backbone
     from mtp.model.mtp import resolve_heads
 
+    if cfg.engine == "llama.cpp":  # a missing engine, before any model is loaded
+        from mtp.engines import llamacpp
+
+        llamacpp.require_server()
+    else:
+        from mtp.engines import vllm
+
+        vllm.require()
     resolve_heads(cfg.heads, cfg.model)
     _, tokenizer = load_backbone(cfg.model)
     prompts = _prompt_ids(cfg, tokenizer)

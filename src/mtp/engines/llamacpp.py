@@ -30,6 +30,7 @@ from mtp.errors import UserError
 VERSION = "0.3.36"  # llama-cpp-python, whose sdist vendors a llama.cpp with EAGLE-3 (src/models/eagle3.cpp)
 SDIST = f"llama-cpp-python=={VERSION}"
 TARGETS = ("llama-server",)
+CONVERTER_NEEDS = ("sentencepiece>=0.1.98,<0.3.0", "protobuf>=4.21.0,<5.0.0")
 BUILD_HINT = "build it once with `mtp engines setup llama.cpp` (about 15 min of CPU on 2 cores)"
 
 
@@ -95,6 +96,9 @@ def setup(jobs: int | None = None) -> dict:
                         m.name = m.name[len(prefix):]
                     tar.extractall(out, members=[m for m in members if m.name], filter="data")
     fetched = time.time() - start
+    # the converter's Python needs (besides torch, numpy, transformers, which mtp has): its tokenizer readers
+    _run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", *CONVERTER_NEEDS],
+         "installing what llama.cpp's converter imports", quiet=True)
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
     _run(["cmake", "-S", str(src), "-B", str(build), *generator, "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
           "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_TESTS=OFF",

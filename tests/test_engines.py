@@ -1,0 +1,155 @@
+"""Serving engines run by mtp: process handling (time-outs, crashes), the benchmark's arithmetic, missing
+engines; and, where llama.cpp is built and the real model is here, the exported heads inside llama-server."""
+
+import json
+import sys
+import textwrap
+
+import pytest
+
+from mtp.cli import main
+from mtp.engines import llamacpp
+from mtp.engines.bench import _median_rows, _summarize
+from mtp.errors import UserError
+
+
+def rows(lengths, seconds, accepted=None):
+    return [{"tokens": list(range(n)), "gen_seconds": s, "accepted": a}
+            for n, s, a in zip(lengths, seconds, accepted or [None] * len(lengths))]
+
+
+def test_summary_figures_are_consistent():
+    plain = rows([100, 50, 80], [2.0, 1.0, 2.0])
+    fast = rows([100, 50, 80], [1.0, 0.25, 1.6], accepted=[50, 30, 16])
+    fast[2]["tokens"] = list(range(1, 81))  # one output differs from plain
+    s = _summarize("eagle3", fast, plain)
+    p = _summarize("plain", plain, None)
+    assert s["tokens"] == 230 and p["tokens_per_s"] == pytest.approx(230 / 5.0, rel=1e-3)
+    assert s["tokens_per_s"] == pytest.approx(230 / 2.85, rel=1e-3)
+    # speedup: the median of per-prompt rate ratios (2.0, 4.0, 1.25); the ratio of totals beside it
+    assert s["speedup"] == pytest.approx(2.0) and s["speedup_of_totals"] == pytest.approx((230 / 2.85) / 46, rel=1e-3)
+    # tokens per target forward: generated / (generated - accepted drafts)
+    assert s["acceptance_length"] == pytest.approx(230 / (230 - 96), rel=1e-3)
+    assert s["identical_share"] == pytest.approx(2 / 3, abs=1e-3)
+    assert "speedup" not in p and "acceptance_length" not in p
+
+
+def test_median_rows_keeps_each_prompts_median_round():
+    runs = [rows([10, 10], [1.0, 5.0]), rows([10, 10], [3.0, 1.0]), rows([10, 10], [2.0, 2.0])]
+    assert [r["gen_seconds"] for r in _median_rows(runs)] == [2.0, 2.0]
+
+
+def fake_server(tmp_path, body: str):
+    script = tmp_path / "fake_server.py"
+    script.write_text(textwrap.dedent(body))
+    return [sys.executable, str(script)]
+
+
+def test_server_that_exits_while_starting_is_reported(tmp_path):
+    cmd = fake_server(tmp_path, "import sys\nprint('error: cannot load model')\nsys.exit(3)\n")
+    with pytest.raises(UserError, match="exited with status 3.*cannot load model"):
+        llamacpp.Server(cmd, llamacpp.free_port(), tmp_path / "log.txt", start_timeout=30)
+
+
+def test_server_that_never_becomes_ready_times_out(tmp_path):
+    cmd = fake_server(tmp_path, "import time\ntime.sleep(600)\n")
+    server_log = tmp_path / "log.txt"
+    with pytest.raises(UserError, match="did not become ready within 2 s"):
+        llamacpp.Server(cmd, llamacpp.free_port(), server_log, start_timeout=2)
+
+
+def test_server_that_crashes_mid_run_is_reported(tmp_path):
+    port = llamacpp.free_port()
+    cmd = fake_server(tmp_path, f"""
+        import http.server, os
+        class H(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200); self.end_headers(); self.wfile.write(b"ok")
+            def do_POST(self):
+                print("segfault in decode", flush=True); os._exit(139)
+            def log_message(self, *a):
+                pass
+        http.server.HTTPServer(("127.0.0.1", {port}), H).serve_forever()
+    """)
+    with llamacpp.Server(cmd, port, tmp_path / "log.txt", start_timeout=30) as srv:
+        with pytest.raises(UserError, match="crashed.*segfault in decode"):
+            srv.complete([1, 2, 3], 4, timeout=10)
+    assert srv.proc.poll() is not None  # stopped, nothing left running
+
+
+@pytest.mark.parametrize("engine, env, hint", [
+    ("llama.cpp", "MTP_LLAMA_CPP_DIR", "mtp engines setup llama.cpp"),
+    ("vllm", "MTP_VLLM_PYTHON", "mtp engines setup vllm"),
+])
+def test_missing_engine_names_the_command_that_builds_it(tiny_folder, tmp_path, capsys, monkeypatch, engine, env,
+                                                         hint):
+    from mtp.backbones import load_backbone
+    from mtp.model.mtp import HeadsConfig, MTPModel
+
+    backbone, _ = load_backbone(str(tiny_folder))
+    MTPModel(backbone, HeadsConfig(backbone=str(tiny_folder), n_heads=2, kind="eagle3")).save_pretrained(tmp_path / "h")
+    monkeypatch.setenv(env, str(tmp_path / "nothing" / "python"))
+    capsys.readouterr()
+    code = main(["bench", "engine", "--engine", engine, "--model", str(tiny_folder), "--heads", str(tmp_path / "h"),
+                 "--prompts", str(write_prompts(tmp_path)), "--json", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and hint in err and "Traceback" not in err and err.count("\n") == 1
+    assert not (tmp_path / "r.json").exists()
+
+
+def write_prompts(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"prompt": "def add(a, b):"}) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--engine", "sglang"], "unknown --engine"),
+    (["--draft-len", "0"], "--draft-len must be"),
+    (["--limit", "-3"], "--limit must be"),
+    (["--p-min", "1.5"], "--p-min"),
+    (["--target", "q2"], "unknown --target"),
+    (["--ngram-modes", "magic"], "n-gram mode"),
+    (["--mtp-methods", "lookup"], "--mtp-methods"),
+    (["--timeout", "nan"], "--timeout"),
+])
+def test_bench_engine_bad_flags(capsys, flags, message):
+    code = main(["bench", "engine", *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- the real engine, when built
+
+
+needs_llama = pytest.mark.skipif(not llamacpp.binary().is_file(),
+                                 reason="llama.cpp is not built here (mtp engines setup llama.cpp)")
+
+
+@pytest.mark.real
+@needs_llama
+def test_llamacpp_loads_exported_eagle3_heads_and_keeps_its_output(tmp_path):
+    """smollm2-135m's packaged GGUF in llama-server with our eagle3 heads exported by llama.cpp's converter:
+    the draft loads, drafts, and the output is llama.cpp's own plain greedy output."""
+    from mtp.backbones import load_backbone
+    from mtp.config import ExportConfig
+    from mtp.decode.run import encode_prompt
+    from mtp.engines.targets import target_gguf
+    from mtp.export.run import export
+    from mtp.model.mtp import HeadsConfig, MTPModel
+
+    backbone, tokenizer = load_backbone("smollm2-135m")
+    MTPModel(backbone, HeadsConfig(backbone="smollm2-135m", n_heads=3, kind="eagle3")).save_pretrained(tmp_path / "h")
+    export(ExportConfig(heads=str(tmp_path / "h"), format="gguf", out=str(tmp_path / "g"), model="smollm2-135m"))
+    ids = encode_prompt(tokenizer, "Write a Python function that reverses a string.")
+    target = target_gguf("smollm2-135m")
+    outs = {}
+    for name, extra in (("plain", []), ("eagle3", ["--spec-type", "draft-eagle3", "-md",
+                                                     str(tmp_path / "g" / "eagle3-draft.gguf")])):
+        port = llamacpp.free_port()
+        cmd = [str(llamacpp.binary()), "-m", str(target), "--port", str(port), "-t", "2", "-np", "1", *extra]
+        with llamacpp.Server(cmd, port, tmp_path / f"{name}.log", start_timeout=300) as srv:
+            res = srv.complete(ids, 24, return_tokens=True)
+        outs[name] = res
+    assert outs["eagle3"]["tokens"] == outs["plain"]["tokens"]
+    assert outs["eagle3"]["timings"].get("draft_n", 0) > 0  # it drafted
