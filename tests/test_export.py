@@ -277,3 +277,11 @@ def test_medusa_export_cli_and_refusals(tiny_folder, tmp_path, capsys):
     code, _, err = run(["export", "--heads", str(tmp_path / "last"), "--format", "medusa",
                         "--out", str(tmp_path / "y")], capsys)
     assert code == 2 and "--tap final" in err
+
+
+def test_full_vocabulary_export_has_no_d2t(tmp_path):
+    """vLLM has no d2t parameter when the draft vocabulary is the target's: the export must omit it."""
+    model = tiny_model("llama", vocab=64)
+    write_eagle3(eagle_heads(model), tmp_path / "e3")
+    config, tensors = read_eagle3(tmp_path / "e3")
+    assert config["draft_vocab_size"] == 64 and "d2t" not in tensors and "t2d" not in tensors

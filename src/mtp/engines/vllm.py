@@ -104,13 +104,14 @@ def run_offline(job: dict, timeout: float, log: Path) -> dict:
     """Run ``vllm_runner.py`` on ``job`` (target, prompts, speculative config) in vLLM's environment."""
     py = require()
     runner = Path(__file__).with_name("vllm_runner.py")
+    # -I: the runner's own folder (which holds this module, vllm.py) must not shadow the vllm package
     job_file = log.with_suffix(".job.json")
     out_file = log.with_suffix(".out.json")
     job_file.write_text(json.dumps(job))
     out_file.unlink(missing_ok=True)
     with log.open("w") as f:
         try:
-            proc = subprocess.run([str(py), str(runner), str(job_file), str(out_file)], stdout=f,
+            proc = subprocess.run([str(py), "-I", str(runner), str(job_file), str(out_file)], stdout=f,
                                   stderr=subprocess.STDOUT, env=engine_env(), timeout=timeout)
         except subprocess.TimeoutExpired:
             raise UserError(f"vLLM took longer than {timeout:.0f} s ({job.get('name')}): stopped (log: {log})") \

@@ -38,7 +38,9 @@ def main(job_path: str, out_path: str) -> None:
     start = time.time()
     llm = LLM(model=job["target"], dtype=job.get("dtype", "bfloat16"), enforce_eager=job.get("enforce_eager", True),
               speculative_config=job.get("speculative"), max_model_len=job.get("max_model_len", 2048),
-              disable_log_stats=False, seed=0)
+              disable_log_stats=False, seed=0,
+              # on the CPU backend this is the share of host memory reserved for the KV cache
+              gpu_memory_utilization=job.get("memory_share", 0.3))
     load_seconds = time.time() - start
     params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"])
     prompts = [{"prompt_token_ids": p} for p in job["prompts"]]

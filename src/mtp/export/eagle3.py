@@ -7,7 +7,8 @@ llama.cpp's ``convert_hf_to_gguf.py`` (``conversion/llama.py``) reads it.
     model.safetensors   fc.weight [H, 3 Ht]; midlayer.self_attn.{q,k,v}_proj.weight [*, 2 H], o_proj;
                         midlayer.mlp.{gate,up,down}_proj.weight; midlayer.{input_layernorm, hidden_norm,
                         post_attention_layernorm}.weight; norm.weight; lm_head.weight [Vd, H];
-                        d2t int64 [Vd] (target id = draft id + d2t); t2d bool [V] (which target ids are drafted)
+                        d2t int64 [Vd] (target id = draft id + d2t); t2d bool [V] (which target ids are drafted);
+                        both only when Vd < V (vLLM refuses a d2t it has no parameter for)
 
 Embeddings are the target's (not stored): vLLM and llama.cpp share the target's when the draft has none.
 """
@@ -36,10 +37,11 @@ def eagle3_tensors(mtp_model, dtype: torch.dtype | None = None) -> dict[str, tor
     for name in TENSORS[:-2]:
         t = state[name]
         out[name] = (t.to(dtype) if dtype is not None else t).contiguous().clone()
-    out["d2t"] = state["d2t"].to(torch.int64).contiguous().clone()
-    t2d = torch.zeros(head.vocab_size, dtype=torch.bool)
-    t2d[head.draft_ids.cpu()] = True
-    out["t2d"] = t2d
+    if head.d2t.numel() < head.vocab_size:  # vLLM has no d2t parameter for a full draft vocabulary
+        out["d2t"] = state["d2t"].to(torch.int64).contiguous().clone()
+        t2d = torch.zeros(head.vocab_size, dtype=torch.bool)
+        t2d[head.draft_ids.cpu()] = True
+        out["t2d"] = t2d
     return out
 
 
@@ -69,7 +71,7 @@ def read_eagle3(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         tensors = load_file(folder / "model.safetensors")
     except (OSError, ValueError, SafetensorError) as e:
         raise UserError(f"{folder} is not a readable EAGLE-3 checkpoint ({type(e).__name__}: {e})") from None
-    missing = [n for n in TENSORS[:-1] if n not in tensors]
+    missing = [n for n in TENSORS[:-2] if n not in tensors]
     if not isinstance(config, dict) or missing or "draft_vocab_size" not in config:
         raise UserError(f"{folder} is not an EAGLE-3 checkpoint (missing {missing[:3] or 'draft_vocab_size'})")
     return config, tensors
