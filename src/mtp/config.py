@@ -173,8 +173,8 @@ class TrainConfig:
 class ExportConfig:
     """Heads into a serving engine's format (``mtp export``)."""
 
-    heads: str = "default"
-    """A heads folder (e.g. RUN/heads) or `default`: the heads shipped for --model."""
+    heads: str = "eagle3"
+    """A heads folder (e.g. RUN/heads) or `eagle3`: the EAGLE-3 heads shipped for --model."""
     format: str = "eagle3"
     """eagle3 (HF folder for vLLM / SGLang) | gguf (llama.cpp's draft-eagle3) | medusa (vLLM)."""
     out: str = ""
@@ -202,8 +202,8 @@ class BenchEngineConfig:
 
     engine: str = "llama.cpp"
     """llama.cpp | vllm."""
-    heads: str = "default"
-    """eagle3 heads: a folder or `default` (the heads shipped for --model)."""
+    heads: str = "eagle3"
+    """eagle3 heads: a folder or `eagle3` (the EAGLE-3 heads shipped for --model)."""
     model: str = DEFAULT_MODEL
     prompts: str = "chat"
     """A built-in prompt set (its eval split: chat, code, general, translation) or a .jsonl with a prompt field."""
@@ -225,7 +225,8 @@ class BenchEngineConfig:
     """vLLM without graph compilation (starts in ~40 s instead of ~200 s on a CPU; ~25 % slower per token)."""
     mtp_methods: list[str] = field(default_factory=lambda: ["blockwise", "tree"])
     """mtp's own engine with the same heads, beside the engine (comma-separated; "" skips it)."""
-    mtp_dtype: str = "bfloat16"
+    mtp_dtype: str = "float32"
+    """dtype of mtp's own engine (bfloat16 pays on CPUs with AMX, float32 elsewhere)."""
     rounds: int = 1
     """Runs of every configuration, alternating; per prompt the median is kept."""
     timeout: float = 900.0

@@ -37,9 +37,6 @@ class EagleDraftState:
         self.logits_memo: list[dict[tuple, torch.Tensor]] = [{} for _ in range(self.batch)]
         self.draft_slots = 0
 
-    def _mask(self, allowed: torch.Tensor) -> torch.Tensor:
-        return additive_mask(allowed, self.root_out.dtype if self.root_out is not None else self.dtype)
-
     @property
     def dtype(self):
         return self.head.lm_head.weight.dtype

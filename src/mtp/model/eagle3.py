@@ -62,6 +62,7 @@ def parse_layers(spec: str | list, n_layers: int) -> list[int] | str:
     return sorted(ids)
 
 
+INIT_LOGIT_SCALE = 0.3
 SPECIALIZED = 0.75  # the lens KL below this share of its mid-depth level: the layer reads as next-token output
 
 
@@ -172,13 +173,21 @@ class Eagle3Head(Head):
 
     @torch.no_grad()
     def _init_weights(self, backbone, draft_ids):
-        """Linear layers as Llama initializes them (normal, std = initializer_range); the final norm and the
-        lm_head start as the target's own (its final norm and its unembedding's rows for the draft
-        vocabulary), so the head begins in the target's output space."""
+        """The head starts as (a softened) target's reading of its highest tapped layer: ``fc`` passes that layer
+        through, the residual branches (``o_proj``, ``down_proj``) start at zero, and the final norm and the
+        lm_head are the target's (its final norm, its unembedding's rows for the draft vocabulary). Other
+        linear layers as Llama initializes them (normal, std = initializer_range). A fully random start
+        makes confident random predictions (cross-entropy ~25 on SmolLM2) that training first has to undo."""
         std = getattr(self.config, "initializer_range", 0.02)
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, std=std)
+        h = self.config.hidden_size
+        if self.fc.weight.shape[1] == 3 * h:
+            self.fc.weight.zero_()
+            self.fc.weight[:, 2 * h:] = torch.eye(h)
+        self.midlayer.self_attn.o_proj.weight.zero_()
+        self.midlayer.mlp.down_proj.weight.zero_()
         from mtp.model.heads import final_norm
 
         norm = final_norm(backbone)
@@ -186,6 +195,10 @@ class Eagle3Head(Head):
         # Gemma-style norms scale by (1 + w): only a plain RMSNorm weight carries over
         if w is not None and w.shape == self.norm.weight.shape and "gemma" not in type(norm).__name__.lower():
             self.norm.weight.copy_(w.float())
+        # ... scaled down: a fresh drafter's state read through the target's output path makes confident
+        # wrong predictions; at 0.3x the logits start soft (SmolLM2: step-0 loss 8 instead of 21, and 5.8
+        # instead of 8.0 after 14 steps in a side-by-side race; the weight is learned)
+        self.norm.weight.mul_(INIT_LOGIT_SCALE)
         self.lm_head.weight.copy_(backbone.get_output_embeddings().weight[draft_ids.to(
             backbone.get_output_embeddings().weight.device)].float())
 

@@ -306,14 +306,18 @@ class MTPModel(nn.Module):
 DEFAULT_HEADS_DIR = Path(__file__).resolve().parent.parent / "default_heads"
 
 
+SHIPPED = {"default": "", "eagle3": "-eagle3"}
+
+
 def resolve_heads(spec: str, model_name: str) -> Path:
-    """A heads folder, or ``default``: the head set shipped in the package for a built-in model."""
-    if spec == "default":
+    """A heads folder, or a head set shipped in the package for a built-in model: ``default`` (the best for
+    mtp's own engine) or ``eagle3`` (the EAGLE-3 heads that export to vLLM, SGLang and llama.cpp)."""
+    if spec in SHIPPED:
         from mtp.backbones import BUILTIN_MODELS
 
-        folder = DEFAULT_HEADS_DIR / model_name if model_name in BUILTIN_MODELS else None
+        folder = DEFAULT_HEADS_DIR / f"{model_name}{SHIPPED[spec]}" if model_name in BUILTIN_MODELS else None
         if folder is None or not (folder / "config.json").is_file():
-            raise UserError(f"no default heads ship for {model_name!r}: train some with `mtp train --model "
+            raise UserError(f"no {spec} heads ship for {model_name!r}: train some with `mtp train --model "
                             f"{model_name}` and pass --heads RUN/heads")
         return folder
     folder = Path(spec).expanduser()
