@@ -187,3 +187,13 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
 def test_eagle3_heads_refuse_joint_training():
     with pytest.raises(UserError, match="frozen"):
         HeadsConfig(backbone="x", kind="eagle3", trained_backbone="full")
+
+
+def test_float32_heads_train_on_a_bfloat16_backbone():
+    """mtp train keeps float32 master heads on a bf16 backbone: the unroll casts the target's states in."""
+    model = tiny_model("llama", vocab=64, dtype=torch.bfloat16)
+    heads = MTPModel(model, HeadsConfig(backbone="tiny", n_heads=2, kind="eagle3"), head_dtype=torch.float32)
+    ids = torch.randint(3, 64, (2, 10), generator=torch.Generator().manual_seed(0))
+    losses = mtp_step(heads, ids, [1.0, 1.0, 1.0], train_backbone=False)
+    assert all(torch.isfinite(torch.tensor(losses[1:])))
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in heads.head_parameters())

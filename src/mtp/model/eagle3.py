@@ -265,8 +265,8 @@ class Eagle3Head(Head):
 
         b, t = tokens.shape
         dev = tokens.device
-        hidden = self.fuse(states)
-        dtype = hidden.dtype
+        dtype = self.fc.weight.dtype  # float32 master weights on a bf16 backbone: cast the target's states in
+        hidden = self.fuse([s.to(dtype) for s in states])
         cache = DynamicCache()
         eye = torch.eye(t, dtype=torch.bool, device=dev)[None].expand(b, t, t)
         causal = torch.ones(t, t, dtype=torch.bool, device=dev).tril()[None].expand(b, t, t)
@@ -280,7 +280,7 @@ class Eagle3Head(Head):
             allowed = torch.cat([causal] + [eye] * j, -1)  # (B, T, (j + 1) T): target keys, then own keys
             mask = torch.zeros(b, 1, t, t * (j + 1), dtype=dtype, device=dev)
             mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
-            hidden = self.step(embed(ids), hidden, pos, mask, cache)
+            hidden = self.step(embed(ids).to(dtype), hidden, pos, mask, cache)
             outs.append(hidden)
         return outs
 
