@@ -122,8 +122,9 @@ def test_bench_engine_bad_flags(capsys, flags, message):
 # ----------------------------------------------------------------------------- the real engine, when built
 
 
-needs_llama = pytest.mark.skipif(not llamacpp.binary().is_file(),
-                                 reason="llama.cpp is not built here (mtp engines setup llama.cpp)")
+needs_llama = pytest.mark.skipif(not llamacpp.binary().is_file() or bool(llamacpp.converter_missing()),
+                                 reason="llama.cpp is not built here, or its converter's imports are missing "
+                                        "(mtp engines setup llama.cpp)")
 
 
 @pytest.mark.real

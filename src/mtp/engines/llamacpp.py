@@ -54,7 +54,25 @@ def converter() -> Path:
     path = source_dir() / "convert_hf_to_gguf.py"
     if not path.is_file():
         raise UserError(f"llama.cpp's converter is not in {source_dir()}: {BUILD_HINT}")
+    missing = converter_missing()
+    if missing:
+        raise UserError(f"llama.cpp's converter needs {', '.join(missing)} in this Python: "
+                        f"pip install {' '.join(repr(n) for n in CONVERTER_NEEDS)} (or pip install 'mtp[engines]')")
     return path
+
+
+def converter_missing() -> list[str]:
+    """The converter's imports that this Python lacks (it fails on them only mid-way otherwise)."""
+    import importlib.util
+
+    def absent(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is None
+        except ImportError:  # the parent package ("google") is missing
+            return True
+
+    return [name for name, module in (("sentencepiece", "sentencepiece"), ("protobuf", "google.protobuf"))
+            if absent(module)]
 
 
 def require_server() -> Path:
