@@ -260,17 +260,19 @@ def plot_bench_engine(results: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 3.5))
+    fig, ax = plt.subplots(figsize=(8, 4))
     labels, values, colors = [], [], []
     for i, res in enumerate(results):
         for r in res["results"] + res.get("mtp", []):
             engine = "mtp" if r["name"].startswith("mtp ") else res["engine"]
-            labels.append(f"{engine}\n{r['name'].removeprefix('mtp ')}")
+            labels.append(f"{engine}: {r['name'].removeprefix('mtp ')}")
             values.append(r["tokens_per_s"] or 0)
             colors.append(f"C{i if engine != 'mtp' else len(results)}")
     ax.bar(range(len(values)), values, color=colors)
-    ax.set_xticks(range(len(values)), labels, fontsize=7)
+    ax.set_xticks(range(len(values)), labels, fontsize=7, rotation=40, ha="right", rotation_mode="anchor")
     ax.set_ylabel("tokens/s (batch 1, greedy)")
+    cpu = results[0].get("machine", {}).get("cpu", "") if results else ""
+    ax.set_title(f"each engine's plain decoding, its own speculation and our EAGLE-3 heads ({cpu})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -31,7 +31,7 @@ VERSION = "0.3.36"  # llama-cpp-python, whose sdist vendors a llama.cpp with EAG
 SDIST = f"llama-cpp-python=={VERSION}"
 TARGETS = ("llama-server",)
 CONVERTER_NEEDS = ("sentencepiece>=0.1.98,<0.3.0", "protobuf>=4.21.0,<5.0.0")
-BUILD_HINT = "build it once with `mtp engines setup llama.cpp` (about 15 min of CPU on 2 cores)"
+BUILD_HINT = "build it once with `mtp engines setup llama.cpp` (8–12 min of CPU on 2 cores)"
 
 
 def root() -> Path:
