@@ -42,14 +42,16 @@ def test_batched_equals_naive_on_real_model(smollm2):
     assert (a.marginals[1] - b.marginals[1]).abs().max() < 1e-5
 
 
-def test_shipped_heads_decode_like_plain_greedy(smollm2):
-    """The default heads load onto the real model and every head method says what plain greedy says."""
+@pytest.mark.parametrize("which", ["default", "eagle3"])
+def test_shipped_heads_decode_like_plain_greedy(smollm2, which):
+    """The shipped heads (hydra default, eagle3) load onto the real model and every head method says what
+    plain greedy says (a batch of two prompts)."""
     from mtp.decode.accept import Sampling
     from mtp.decode.run import build_decoder, encode_prompt, eos_ids
     from mtp.model.mtp import MTPModel, resolve_heads
 
     model, tok = smollm2
-    folder = resolve_heads("default", "smollm2-135m")
+    folder = resolve_heads(which, "smollm2-135m")
     heads = MTPModel.from_pretrained(folder, backbone=model).eval()
     prompts = [encode_prompt(tok, "Write a Python function that adds two numbers."),
                encode_prompt(tok, "What is a list comprehension?")]
