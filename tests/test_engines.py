@@ -4,6 +4,7 @@ engines; and, where llama.cpp is built and the real model is here, the exported 
 import json
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -154,3 +155,12 @@ def test_llamacpp_loads_exported_eagle3_heads_and_keeps_its_output(tmp_path):
         outs[name] = res
     assert outs["eagle3"]["tokens"] == outs["plain"]["tokens"]
     assert outs["eagle3"]["timings"].get("draft_n", 0) > 0  # it drafted
+
+
+def test_converter_needs_match_the_engines_extra():
+    """setup installs CONVERTER_NEEDS; pip users get the `engines` extra: the two lists are one."""
+    import tomllib
+
+    extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert list(llamacpp.CONVERTER_NEEDS) == extras["engines"]
+    assert "mtp[engines]" in extras["test"]

@@ -30,7 +30,8 @@ from mtp.errors import UserError
 VERSION = "0.3.36"  # llama-cpp-python, whose sdist vendors a llama.cpp with EAGLE-3 (src/models/eagle3.cpp)
 SDIST = f"llama-cpp-python=={VERSION}"
 TARGETS = ("llama-server",)
-CONVERTER_NEEDS = ("sentencepiece>=0.1.98,<0.3.0", "protobuf>=4.21.0,<5.0.0")
+CONVERTER_NEEDS = (  # the `engines` extra of pyproject.toml: keep them equal
+    "sentencepiece>=0.1.98,<0.3.0", "protobuf>=4.21.0,<5.0.0")
 BUILD_HINT = "build it once with `mtp engines setup llama.cpp` (8–12 min of CPU on 2 cores)"
 
 
@@ -57,7 +58,7 @@ def converter() -> Path:
     missing = converter_missing()
     if missing:
         raise UserError(f"llama.cpp's converter needs {', '.join(missing)} in this Python: "
-                        f"pip install {' '.join(repr(n) for n in CONVERTER_NEEDS)} (or pip install 'mtp[engines]')")
+                        f"pip install {' '.join(repr(n) for n in CONVERTER_NEEDS)}")
     return path
 
 
