@@ -195,6 +195,10 @@ class Server:
             with urllib.request.urlopen(req, timeout=timeout) as r:
                 return json.loads(r.read())
         except (urllib.error.URLError, OSError, ValueError) as e:
+            try:  # a crash closes the socket a moment before the process is reaped
+                self.proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                pass
             alive = self.proc.poll() is None
             raise UserError(f"llama-server {'failed' if alive else 'crashed'} on a request ({e}): "
                             f"{self._tail()} (log: {self.log})") from None
