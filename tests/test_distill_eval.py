@@ -6,10 +6,10 @@ import torch
 from mtp.cli import main
 from mtp.config import TrainConfig
 from mtp.data import load_corpus, packed_blocks
-from mtp.distill import distill
+from mtp.training.distill import distill
 from mtp.errors import UserError
 from mtp.prompts import load_prompts
-from mtp.train import train
+from mtp.training.train import train
 from tests.conftest import SAMPLE_TEXT, char_tokenizer
 
 

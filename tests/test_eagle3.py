@@ -7,10 +7,10 @@ from mtp.decode.engine import Decoder
 from mtp.decode.proposers import DynamicTreeProposer, Proposer, TreeProposer, blockwise
 from mtp.decode.tree import compile_tree
 from mtp.errors import UserError
-from mtp.losses import head_targets
+from mtp.training.losses import head_targets
 from mtp.model.eagle3 import default_layers, parse_layers
 from mtp.model.mtp import HeadsConfig, MTPModel
-from mtp.train import mtp_step
+from mtp.training.train import mtp_step
 from tests.conftest import tiny_model
 from tests.test_decode import PROMPTS, Tok, reference_greedy
 

@@ -10,7 +10,7 @@ import pytest
 
 from mtp.cli import main
 from mtp.engines import llamacpp
-from mtp.engines.bench import _median_rows, _summarize
+from mtp.bench.engine import _median_rows, _summarize
 from mtp.errors import UserError
 
 

@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from mtp.errors import UserError
-from mtp.losses import IGNORE, head_targets, head_weights
+from mtp.training.losses import IGNORE, head_targets, head_weights
 from mtp.model.mtp import HeadsConfig, MTPModel
-from mtp.train import mtp_step, naive_step
+from mtp.training.train import mtp_step, naive_step
 from tests.conftest import tiny_model
 
 

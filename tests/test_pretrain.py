@@ -12,7 +12,7 @@ from mtp.cli import main
 from mtp.convert import convert_meta, unpermute_rotary
 from mtp.errors import UserError
 from mtp.model.mtp import MTPModel
-from mtp.pretrain import PRESETS, Preset, PretrainConfig, byte_tokenizer, pretrain, train_bpe, trunk_config
+from mtp.training.pretrain import PRESETS, Preset, PretrainConfig, byte_tokenizer, pretrain, train_bpe, trunk_config
 from tests.conftest import SAMPLE_TEXT, crash_optimizer_at
 
 MICRO = Preset(hidden=32, layers=5, attention_heads=4, kv_heads=2, intermediate=64, seq_len=32, batch_size=4,
@@ -112,7 +112,7 @@ def test_two_process_gloo_equals_single_process(corpus, tmp_path):
     script = tmp_path / "run.py"
     script.write_text(
         "import sys, torch\n"
-        "from mtp.pretrain import PRESETS, Preset, PretrainConfig, pretrain\n"
+        "from mtp.training.pretrain import PRESETS, Preset, PretrainConfig, pretrain\n"
         f"PRESETS['micro'] = Preset(**{MICRO.__dict__!r})\n"
         f"pretrain(PretrainConfig(preset='micro', heads=3, tokenizer='bytes', data=({str(corpus)!r},), out=sys.argv[1],"
         " max_steps=4, eval_tokens=256, save_every=4, log_every=1, autocast='off'), progress=False)\n")

@@ -11,7 +11,7 @@ from mtp.cli import main
 from mtp.config import TrainConfig
 from mtp.errors import UserError
 from mtp.model.mtp import MTPModel
-from mtp.train import train
+from mtp.training.train import train
 from tests.conftest import SAMPLE_TEXT, crash_optimizer_at
 
 

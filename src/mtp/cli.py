@@ -93,7 +93,7 @@ def bench_analyze(model: str, data: str, context: int, positions: int, positions
                   top_p: float, max_candidates: int, chunk_tokens: int, repeats: int, dtype: str, device: str,
                   seed: int, json_path: str | None = None, progress: bool = True, command: str = "") -> int:
     """Batched vs naive marginalization on the same positions: both times, the ratio, the largest difference."""
-    from mtp.bench import bench_analyze as run_bench, format_bench_analyze
+    from mtp.bench.analyze import bench_analyze as run_bench, format_bench_analyze
 
     _check_writable_file(json_path, "--json")
     result = run_bench(model, data, context=context, positions=positions, positions_per_window=positions_per_window,
@@ -108,7 +108,7 @@ def bench_analyze(model: str, data: str, context: int, positions: int, positions
 
 def train(cfg: TrainConfig, progress: bool = True, command: str = "") -> int:
     """Train MTP heads on a backbone; the result is cfg.out/heads (config.json + model.safetensors)."""
-    from mtp.train import train as run_train
+    from mtp.training.train import train as run_train
 
     summary = run_train(cfg, progress=progress, command=command)
     if summary.get("heads"):
@@ -122,7 +122,7 @@ def evaluate(model: str, heads: str, data: str, context: int, max_positions: int
     """Per-head top-1 / top-5 on held-out text beside the backbone's own marginalization."""
     from mtp.analysis.run import load_corpora
     from mtp.backbones import load_backbone, resolve_backbone
-    from mtp.evaluate import eval_table, evaluate_heads
+    from mtp.training.evaluate import eval_table, evaluate_heads
     from mtp.model.mtp import MTPModel, resolve_heads
 
     _check_writable_file(json_path, "--json")
@@ -493,7 +493,7 @@ def run(argv: list[str] | None = None) -> int:
     if args.command == "train":
         return train(dataclass_from_args(TrainConfig, args), progress=progress, command=command)
     if args.command == "distill":
-        from mtp.distill import distill
+        from mtp.training.distill import distill
 
         summary = distill(args.model, args.prompts or ["chat", "code"], args.out, limit=args.limit,
                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
@@ -514,7 +514,7 @@ def run(argv: list[str] | None = None) -> int:
                              args.top_p, args.max_candidates, args.chunk_tokens, args.repeats, args.dtype,
                              args.device, args.seed, json_path=args.json_path, progress=progress, command=command)
     if args.command == "pretrain":
-        from mtp.pretrain import PretrainConfig, pretrain
+        from mtp.training.pretrain import PretrainConfig, pretrain
 
         for name in ("max_steps", "seq_len", "batch_size", "vocab_size"):
             value = getattr(args, name)
@@ -551,7 +551,7 @@ def run(argv: list[str] | None = None) -> int:
 
         return engines_command(args.action, args.engine, args.jobs)
     if args.command == "compare":
-        from mtp.evaluate import compare_table, plot_accuracy_vs_head
+        from mtp.training.evaluate import compare_table, plot_accuracy_vs_head
 
         named = {}
         for item in args.results:
@@ -583,7 +583,7 @@ def run(argv: list[str] | None = None) -> int:
                         args.draft_len, args.exit_layer, args.acceptance, args.seed, args.device, args.dtype,
                         adapt=args.adapt, draft_vocab=args.draft_vocab)
     if args.command == "bench" and args.bench == "verify":
-        from mtp.bench import bench_verify, format_bench_verify
+        from mtp.bench.verify import bench_verify, format_bench_verify
 
         _check_writable_file(args.json_path, "--json")
         result = bench_verify(args.model, args.dtypes or ["float32", "bfloat16"], args.context, args.repeats,
@@ -594,7 +594,7 @@ def run(argv: list[str] | None = None) -> int:
             write_json(args.json_path, result)
         return 0
     if args.command == "bench" and args.bench == "decode":
-        from mtp.bench import bench_decode, format_bench_decode, plot_bench_decode
+        from mtp.bench.decode import bench_decode, format_bench_decode, plot_bench_decode
 
         _check_writable_file(args.json_path, "--json")
         _check_writable_file(args.plot, "--plot")
@@ -611,7 +611,7 @@ def run(argv: list[str] | None = None) -> int:
             plot_bench_decode(result, args.plot)
         return 0
     if args.command == "bench" and args.bench == "engine":
-        from mtp.engines.bench import bench_engine, format_bench_engine, plot_bench_engine
+        from mtp.bench.engine import bench_engine, format_bench_engine, plot_bench_engine
 
         cfg = dataclass_from_args(BenchEngineConfig, args)
         _check_writable_file(cfg.json, "--json")
@@ -625,7 +625,7 @@ def run(argv: list[str] | None = None) -> int:
             plot_bench_engine([result], cfg.plot)
         return 0
     if args.command == "bench" and args.bench == "pretrain-step":
-        from mtp.bench import bench_pretrain_step, format_bench_pretrain_step
+        from mtp.bench.pretrain_step import bench_pretrain_step, format_bench_pretrain_step
 
         _check_writable_file(args.json_path, "--json")
         for flag, value in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len)):
@@ -641,7 +641,7 @@ def run(argv: list[str] | None = None) -> int:
             write_json(args.json_path, result)
         return 0
     if args.command == "bench" and args.bench == "train-memory":
-        from mtp.bench import bench_train_memory, format_bench_train_memory
+        from mtp.bench.train_memory import bench_train_memory, format_bench_train_memory
 
         _check_writable_file(args.json_path, "--json")
         if min(args.heads, args.batch_size, args.seq_len, args.chunk_tokens, args.repeats) < 1:

@@ -254,7 +254,7 @@ class BenchEngineConfig:
         from mtp.engines.targets import GGUF_KINDS
 
         _require(self.target in GGUF_KINDS, f"unknown --target {self.target!r}: use one of {', '.join(GGUF_KINDS)}")
-        from mtp.engines.bench import LLAMA_NGRAM_MODES
+        from mtp.bench.engine import LLAMA_NGRAM_MODES
 
         for mode in self.ngram_modes:
             _require(mode in LLAMA_NGRAM_MODES + ("ngram-map-k4v", "ngram-cache"),

@@ -17,11 +17,11 @@ import torch
 
 from mtp.backbones import load_backbone
 from mtp.data import packed_blocks, target_counts, top_tokens
-from mtp.losses import head_weights
+from mtp.training.losses import head_weights
 from mtp.model.eagle3 import auto_layers, default_layers
 from mtp.model.heads import capture_hidden
 from mtp.model.mtp import HeadsConfig, MTPModel
-from mtp.train import lr_factor, mtp_step
+from mtp.training.train import lr_factor, mtp_step
 
 
 def main():

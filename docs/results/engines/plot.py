@@ -2,7 +2,7 @@
 
 import sys
 
-from mtp.engines.bench import load_results, plot_bench_engine
+from mtp.bench.engine import load_results, plot_bench_engine
 
 if __name__ == "__main__":
     plot_bench_engine(load_results(sys.argv[2:]), sys.argv[1])

@@ -226,8 +226,8 @@ def _train_config(cfg: PretrainConfig, preset: Preset, init: Path, trunk_layers:
 
 
 def pretrain(cfg: PretrainConfig, progress: bool = True, command: str = "") -> dict:
-    """Build (or reuse, on --resume) the initial model, train it with ``mtp.train.train``, evaluate per head."""
-    from mtp.train import init_distributed, train
+    """Build (or reuse, on --resume) the initial model, train it with ``mtp.training.train.train``, evaluate per head."""
+    from mtp.training.train import init_distributed, train
 
     preset = get_preset(cfg.preset)
     ddp, _ = init_distributed(cfg.device)  # under torchrun: rank 0 builds the initial model, the others wait
@@ -300,8 +300,8 @@ def evaluate_pretrained(heads_dir: Path, data: list[str], seq_len: int, eval_tok
     """Held-out loss (nats per token) and top-1 accuracy of every head on the eval split of ``data``."""
     from mtp.backbones import load_backbone
     from mtp.data import packed_blocks
-    from mtp.evaluate import RANKS
-    from mtp.losses import IGNORE, head_targets
+    from mtp.training.evaluate import RANKS
+    from mtp.training.losses import IGNORE, head_targets
     from mtp.model.mtp import MTPModel
 
     if model is None:

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from mtp.config import TrainConfig
 from mtp.errors import UserError
-from mtp.losses import chunked_head_loss, cross_entropy_sum, head_targets, head_weights
+from mtp.training.losses import chunked_head_loss, cross_entropy_sum, head_targets, head_weights
 from mtp.model.mtp import HeadsConfig, MTPModel
 
 
@@ -318,7 +318,7 @@ def build_model(cfg: TrainConfig, device: str, command: str = "", auto_layers: l
 
 def train(cfg: TrainConfig, progress: bool = True, command: str = "") -> dict:
     """Train heads per ``cfg``; returns a summary. Writes cfg.out/{checkpoint/, heads/, metrics.jsonl}."""
-    from mtp.checkpoint import gather_states, load_optimizer, load_weights, read_checkpoint, write_checkpoint
+    from mtp.training.checkpoint import gather_states, load_optimizer, load_weights, read_checkpoint, write_checkpoint
     from mtp.data import packed_blocks, target_counts
 
     ddp, device = init_distributed(cfg.device)

@@ -1,0 +1,151 @@
+"""``mtp bench decode``: self-speculative decoding against plain baselines, side by side in one run."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from mtp.analysis.run import machine_info
+from mtp.errors import UserError
+
+
+
+def bench_decode(model_name: str, prompts: str, methods: list[str], heads: str | None = "default",
+                 batch_size: int = 1, max_new_tokens: int = 128, limit: int | None = 20, dtype: str = "float32",
+                 device: str = "cpu", seed: int = 0, temperature: float = 0.0, chat: bool = True,
+                 nodes: int | None = None, progress: bool = True, draft_len: int | None = None,
+                 adapt: bool = False, compare_adaptive: bool = False, draft_vocab: int | None = None) -> dict:
+    """Every method and two plain baselines (transformers' generate, our own loop) on the same prompts,
+    side by side per batch: tokens/s, tau, speedup against the fastest plain baseline, acceptance lengths
+    and the share of prompts whose output equals plain greedy decoding."""
+    from mtp.decode.accept import Sampling
+    from mtp.decode.methods import HEAD_METHODS, METHODS
+    from mtp.decode.run import adaptive_sizes, build_decoder, encode_prompt, eos_ids, hf_generate, load_for_decoding
+    from mtp.prompts import load_prompts
+
+    for m in methods:
+        if m not in METHODS:
+            raise UserError(f"unknown method {m!r}: use {', '.join(METHODS)}")
+    if batch_size < 1 or max_new_tokens < 1 or (limit is not None and limit < 1):
+        raise UserError("--batch-size, --max-new-tokens and --limit must be >= 1")
+    sampling = Sampling(temperature=temperature)
+    texts = load_prompts(prompts, "eval", limit, seed)
+    need_heads = any(m in HEAD_METHODS for m in methods)
+    backbone, tokenizer, mtp_model, folder = load_for_decoding(model_name, heads if need_heads else None, dtype,
+                                                              device)
+    eos = eos_ids(backbone, tokenizer)
+    encoded = [encode_prompt(tokenizer, t, chat) for t in texts]
+    decoders, infos = {}, {}
+    for m in ["plain"] + [m for m in methods if m != "plain"]:
+        decoders[m], infos[m] = build_decoder(backbone, tokenizer, mtp_model, folder, model_name, m,
+                                              sampling=sampling, nodes=nodes, draft_len=draft_len, seed=seed,
+                                              adapt=adapt, draft_vocab=draft_vocab)
+        if compare_adaptive and not adapt and m in ("blockwise", "tree", "hybrid"):  # sizes re-chosen online
+            dec, info = build_decoder(backbone, tokenizer, mtp_model, folder, model_name, m, sampling=sampling,
+                                      nodes=nodes, draft_len=draft_len, seed=seed, adapt=True,
+                                      draft_vocab=draft_vocab)
+            if "adaptive" in info:
+                decoders[f"{m}-adaptive"], infos[f"{m}-adaptive"] = dec, info
+    names = ["transformers"] + list(decoders)
+    stats = {n: {"seconds": 0.0, "tokens": 0, "row_steps": 0, "hist": {}, "outputs": [], "batch_tps": [],
+                 "verify_forwards": 0, "verify_tokens": 0}
+             for n in names}
+    batches = [encoded[i:i + batch_size] for i in range(0, len(encoded), batch_size)]
+    hf_generate(backbone, tokenizer, batches[0], 8, eos, sampling)  # warm-up: first-call costs out of the timings
+    for dec in decoders.values():
+        dec.generate(batches[0], 8, eos)
+    for batch in tqdm(batches, desc="bench decode", unit="batch", disable=not progress, file=sys.stderr):
+        runs = {"transformers": hf_generate(backbone, tokenizer, batch, max_new_tokens, eos, sampling)}
+        for name, dec in decoders.items():
+            runs[name] = dec.generate(batch, max_new_tokens, eos)
+        for name, out in runs.items():
+            st = stats[name]
+            st["seconds"] += out.seconds
+            st["tokens"] += out.new_tokens
+            st["batch_tps"].append(out.new_tokens / out.seconds)
+            st["verify_forwards"] += out.verify_forwards
+            st["verify_tokens"] += out.verify_tokens
+            for row in out.rows:
+                st["outputs"].append(row.tokens)
+                st["row_steps"] += row.steps
+                for a in row.accepted:
+                    st["hist"][a] = st["hist"].get(a, 0) + 1
+    reference = stats["transformers"]["outputs"]
+    baseline_tps = max(stats[b]["tokens"] / stats[b]["seconds"] for b in ("transformers", "plain"))
+    results = {}
+    for name in names:
+        st = stats[name]
+        tps = st["tokens"] / st["seconds"]
+        per_batch = [a / max(b, c) for a, b, c in zip(st["batch_tps"], stats["transformers"]["batch_tps"],
+                                                       stats["plain"]["batch_tps"])]
+        results[name] = {
+            "tokens_per_s": tps, "new_tokens": st["tokens"], "seconds": st["seconds"],
+            "tau": st["tokens"] / max(1, st["row_steps"]) if name != "transformers" else 1.0,
+            "speedup": tps / baseline_tps, "median_batch_speedup": statistics.median(per_batch),
+            "acceptance_histogram": {str(k): v for k, v in sorted(st["hist"].items())},
+            "verify_tokens_per_forward": (st["verify_tokens"] / st["verify_forwards"]
+                                          if name != "transformers" and st["verify_forwards"] else 1.0),
+            "identical_share": sum(a == b for a, b in zip(st["outputs"], reference)) / len(reference),
+            "identical_to_plain_loop_share": sum(a == b for a, b in zip(st["outputs"], stats["plain"]["outputs"]))
+            / len(reference),
+            **({"config": infos[name]} if name in infos else {}),
+            **({"adaptive_sizes": sizes} if name in decoders and (sizes := adaptive_sizes(decoders[name])) else {}),
+        }
+    return {"model": model_name, "heads": str(folder) if folder else None, "prompts": prompts,
+            "n_prompts": len(texts), "batch_size": batch_size, "max_new_tokens": max_new_tokens, "dtype": dtype,
+            "temperature": temperature, "baseline": "fastest of transformers generate and our plain loop",
+            "baseline_tokens_per_s": baseline_tps, "methods": results, "machine": machine_info(device),
+            "torch_threads": torch.get_num_threads(),
+            "identical_reference": "transformers generate (greedy)" if sampling.greedy else None}
+
+
+def format_bench_decode(r: dict) -> str:
+    lines = [f"bench decode: {r['model']} ({r['dtype']}), {r['n_prompts']} {r['prompts']} prompts, batch "
+             f"{r['batch_size']}, {r['max_new_tokens']} new tokens, temperature {r['temperature']:g}", "",
+             "| method | tokens/s | tau | tokens per verify forward | speedup | median batch speedup "
+             "| identical to greedy |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, m in r["methods"].items():
+        ident = f"{m['identical_share']:.0%}" if r["temperature"] == 0 else "n/a (sampling)"
+        lines.append(f"| {name} | {m['tokens_per_s']:.1f} | {m['tau']:.2f} | "
+                     f"{m['verify_tokens_per_forward']:.1f} | {m['speedup']:.2f}x | "
+                     f"{m['median_batch_speedup']:.2f}x | {ident} |")
+    lines.append(f"\nspeedup: against the fastest plain baseline ({r['baseline_tokens_per_s']:.1f} tokens/s); "
+                 f"machine: {r['machine']['cpu']}, {r['torch_threads']} torch threads, device {r['machine']['device']}")
+    return "\n".join(lines)
+
+
+def plot_bench_decode(r: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(r["methods"])
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
+    speed = [r["methods"][n]["speedup"] for n in names]
+    bars = a.bar(names, speed, color=["#999"] * 2 + ["C0"] * (len(names) - 2))
+    for bar, n in zip(bars, names):
+        a.annotate(f"tau {r['methods'][n]['tau']:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                   ha="center", va="bottom", fontsize=8)
+    a.axhline(1.0, color="k", lw=0.8)
+    a.set_ylabel("speedup vs fastest plain baseline")
+    a.set_title(f"{r['model']} {r['dtype']}, {r['prompts']} prompts, batch {r['batch_size']}")
+    a.tick_params(axis="x", rotation=30)
+    for n in names[2:]:
+        hist = {int(k): v for k, v in r["methods"][n]["acceptance_histogram"].items()}
+        total = sum(hist.values()) or 1
+        xs = sorted(hist)
+        b.plot(xs, [hist[x] / total for x in xs], marker="o", label=n)
+    b.set_xlabel("tokens emitted per verify step")
+    b.set_ylabel("share of steps")
+    b.set_title("acceptance lengths")
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
