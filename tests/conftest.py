@@ -90,3 +90,28 @@ def crash_optimizer_at(monkeypatch, n: int):
 
     monkeypatch.setattr(torch.optim.AdamW, "step", crashing_step)
     return lambda: monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+
+
+# ----------------------------------------------------------------------------- strict warnings (make test-strict)
+# pyproject's filterwarnings hides deprecation notices in the normal run. With MTP_STRICT_WARNINGS=1 they become
+# errors instead, so a call of ours that a newer library deprecates (a transformers keyword, a torch function)
+# fails the run instead of warning every user (mtp.hf_compat holds the transformers-version-sensitive calls).
+# A warning is attributed to whichever frame the library names (for transformers' keyword deprecations: torch's
+# Module.__call__, not our line), so no filter by module can tell ours apart: everything is an error, except the
+# notices below, raised by a library about its own internals, which no call of ours can avoid.
+STRICT_IGNORED: tuple[str, ...] = (
+    # peft's get_peft_model reads transformers' deprecated model.is_gradient_checkpointing (peft 0.21, transformers 5.24)
+    "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning",
+)
+
+
+def pytest_configure(config):
+    import os
+
+    if os.environ.get("MTP_STRICT_WARNINGS") != "1":
+        return
+    # ini filters are applied in order, each taking precedence over the ones before (pyproject's "ignore")
+    for category in ("DeprecationWarning", "PendingDeprecationWarning", "FutureWarning"):
+        config.addinivalue_line("filterwarnings", f"error::{category}")
+    for spec in STRICT_IGNORED:
+        config.addinivalue_line("filterwarnings", spec)

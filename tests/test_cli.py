@@ -48,12 +48,26 @@ def test_analyze_end_to_end(capsys, tiny_folder, text_file, tmp_path):
 def test_bench_analyze_agrees(capsys, tiny_folder, text_file, tmp_path):
     js = tmp_path / "bench.json"
     code, out, err = run_cli(capsys, "bench", "analyze", "--model", str(tiny_folder), "--data", str(text_file),
-                             "--context", "24", "--positions", "4", "--positions-per-window", "2", "--k", "3",
-                             "--max-candidates", "5", "--repeats", "1", "--json", str(js), "--quiet")
+                             "--context", "24", "--positions", "6", "--positions-per-window", "2", "--k", "3",
+                             "--max-candidates", "5", "--repeats", "3", "--json", str(js), "--quiet")
     assert code == 0, err
     r = json.loads(js.read_text())
     assert r["max_abs_diff"] < 1e-5 and r["naive_seconds"] > 0 and r["batched_seconds"] > 0
     assert "speedup" in out
+    # the figures agree with one another: per window the medians of the listed times, the totals their sums,
+    # the speedups ratios of them
+    import statistics
+    w = r["per_window"]
+    assert len(w) == r["windows"] == 3 and sum(x["positions"] for x in w) == r["positions"]  # 3: a median is not a mean
+    for x in w:
+        assert len(x["batched_all"]) == len(x["naive_all"]) == r["repeats"]
+        assert x["batched_seconds"] == statistics.median(x["batched_all"])
+        assert x["naive_seconds"] == statistics.median(x["naive_all"])
+    assert r["batched_seconds"] == pytest.approx(sum(x["batched_seconds"] for x in w), rel=1e-12)
+    assert r["naive_seconds"] == pytest.approx(sum(x["naive_seconds"] for x in w), rel=1e-12)
+    assert r["speedup"] == pytest.approx(r["naive_seconds"] / r["batched_seconds"], rel=1e-12)
+    assert r["median_window_speedup"] == pytest.approx(
+        statistics.median(x["naive_seconds"] / x["batched_seconds"] for x in w), rel=1e-12)
 
 
 @pytest.mark.parametrize("args,fragments", [

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from mtp.config import DraftOptions
 from mtp.decode.accept import Sampling, accept_greedy, accept_sample
 from mtp.decode.engine import Decoder
 from mtp.decode.proposers import (DynamicTreeProposer, EarlyExitProposer, LookupProposer, PlainProposer, Proposer,
@@ -137,10 +138,10 @@ def test_cache_after_commit_equals_recomputed_cache():
     out = dec.generate(PROMPTS, 16, eos_token_ids=[])
     for i, (prompt, row) in enumerate(zip(PROMPTS, out.rows)):
         committed = prompt + row.tokens[:-1]  # the last root is not in the cache yet
-        from transformers import DynamicCache
-        fresh = DynamicCache()
+        from mtp.hf_compat import forward_with_cache, new_cache
+        fresh = new_cache()
         with torch.no_grad():
-            model(torch.tensor([committed]), past_key_values=fresh, use_cache=True)
+            forward_with_cache(model, fresh, torch.tensor([committed]), use_cache=True)
         slots = dec.slot_valid[i].nonzero()[:, 0]
         assert len(slots) == len(committed)
         assert dec.slot_pos[i, slots].tolist() == list(range(len(committed)))
@@ -221,13 +222,19 @@ def test_speculative_sampling_matches_target_distribution():
     assert chi2(pair, p[1] * pair.sum()) < 20.52
 
 
-def test_sampling_is_reproducible_and_plain_equivalent_under_fixed_seed():
+def test_sampling_is_reproducible_under_a_fixed_seed():
+    """The same seed gives the same tokens (twice from one decoder too); another seed other tokens. That the
+    samples follow the backbone's own distribution is tests/test_sampling_dist.py's chi-square test."""
     model = tiny_model("llama", vocab=64)
     heads = with_heads(model)
     s = Sampling(temperature=0.8, top_k=20, top_p=0.95)
-    a = Decoder(model, Tok(), heads=heads, proposer=blockwise(3), sampling=s, seed=5).generate(PROMPTS, 16, [])
+    dec = Decoder(model, Tok(), heads=heads, proposer=blockwise(3), sampling=s, seed=5)
+    a = dec.generate(PROMPTS, 16, [])
     b = Decoder(model, Tok(), heads=heads, proposer=blockwise(3), sampling=s, seed=5).generate(PROMPTS, 16, [])
-    assert [r.tokens for r in a.rows] == [r.tokens for r in b.rows]
+    again = dec.generate(PROMPTS, 16, [])
+    other = Decoder(model, Tok(), heads=heads, proposer=blockwise(3), sampling=s, seed=6).generate(PROMPTS, 16, [])
+    assert [r.tokens for r in a.rows] == [r.tokens for r in b.rows] == [r.tokens for r in again.rows]
+    assert [r.tokens for r in a.rows] != [r.tokens for r in other.rows]
 
 
 def test_bad_generation_input():
@@ -283,12 +290,12 @@ def test_generate_cli_methods(tiny_folder, tiny_heads, capsys, monkeypatch, tmp_
     (["--max-new-tokens", "0"], "max-new-tokens"),
     (["--temperature", "-1"], "temperature"),
     (["--method", "tree"], "heads"),
-    (["--method", "warp"], "unknown method"),
+    (["--method", "warp"], "unknown --method 'warp'"),
     (["--heads", "HEADS", "--tree", "[[0], [0, 0, 0]]"], "gap"),
     (["--heads", "HEADS", "--tree", "[[0], [0], [1]]"], "twice"),
-    (["--method", "lookup", "--draft-len", "0"], "--draft-len must be >= 1"),
-    (["--heads", "HEADS", "--method", "hybrid", "--draft-len", "0"], "--draft-len must be >= 1"),
-    (["--heads", "HEADS", "--method", "blockwise", "--draft-len", "-2"], "--draft-len must be >= 1"),
+    (["--method", "lookup", "--draft-len", "0"], "--draft-len must be"),
+    (["--heads", "HEADS", "--method", "hybrid", "--draft-len", "0"], "--draft-len must be"),
+    (["--heads", "HEADS", "--method", "blockwise", "--draft-len", "-2"], "--draft-len must be"),
 ])
 def test_generate_cli_bad_input(tiny_folder, tiny_heads, capsys, extra, message):
     extra = [str(tiny_heads) if a == "HEADS" else a for a in extra]
@@ -332,6 +339,22 @@ def test_bench_decode_cli(tiny_folder, tiny_heads, capsys, tmp_path):
     assert r["methods"]["hybrid"]["config"]["lookup_draft_len"] == 3  # --draft-len reaches every method
     assert r["methods"]["blockwise"]["config"]["draft_len"] == 2  # capped at the heads (2 here)
     assert plot.stat().st_size > 0
+    # the figures agree with one another: rates from tokens and seconds, speedups as ratios of the reported
+    # rates, the baseline the faster plain one, tau = tokens / backbone forwards (a row's prefill emits one
+    # token, then every verify step as many as the acceptance histogram says)
+    base = max(r["methods"][b]["tokens_per_s"] for b in ("transformers", "plain"))
+    assert r["baseline_tokens_per_s"] == pytest.approx(base, rel=1e-12)
+    rows = r["n_prompts"]
+    for name, m in r["methods"].items():
+        assert m["tokens_per_s"] == pytest.approx(m["new_tokens"] / m["seconds"], rel=1e-12), name
+        assert m["speedup"] == pytest.approx(m["tokens_per_s"] / r["baseline_tokens_per_s"], rel=1e-12), name
+        if name == "transformers":
+            continue
+        hist = {int(k): n for k, n in m["acceptance_histogram"].items()}
+        assert m["new_tokens"] == rows + sum(k * n for k, n in hist.items()), name
+        assert m["tau"] == pytest.approx(m["new_tokens"] / (rows + sum(hist.values())), rel=1e-12), name
+    assert r["methods"]["plain"]["tau"] == 1.0 and set(r["methods"]["plain"]["acceptance_histogram"]) == {"1"}
+    assert max(m["speedup"] for m in (r["methods"]["transformers"], r["methods"]["plain"])) == pytest.approx(1.0)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"prompt": 3}\n')
     code, _, err = run_cli(["bench", "decode", "--model", str(tiny_folder), "--heads", str(tiny_heads),
@@ -346,6 +369,10 @@ def test_bench_verify_cli(tiny_folder, capsys, tmp_path):
     assert code == 0, err
     r = json.loads((tmp_path / "v.json").read_text())
     assert set(r["curves"]) == {"float32", "bfloat16"} and r["curves"]["float32"]["ratio"]["1"] == 1.0
+    for curve in r["curves"].values():  # every ratio is t(k) / t(1) of the reported times
+        assert set(curve["ratio"]) == set(curve["seconds"]) and all(t > 0 for t in curve["seconds"].values())
+        for k, t in curve["seconds"].items():
+            assert curve["ratio"][k] == pytest.approx(t / curve["seconds"]["1"], rel=1e-12), k
 
 
 def test_tree_size_follows_the_verify_cost_curve():
@@ -362,15 +389,110 @@ def test_tree_size_follows_the_verify_cost_curve():
 
 
 def test_typical_acceptance_runs_and_accepts_confident_drafts():
-    """Medusa's typical acceptance (lossy): an always-right draft is accepted; output length is respected."""
+    """Medusa's typical acceptance (lossy) in the engine. The argmax always passes the rule (delta e^-H <=
+    0.3 max p < max p), so at temperature 0 drafts of the greedy continuation are accepted whole, every step,
+    and the output is plain greedy's. (Wrong drafts may pass too: the rule is lossy. The rule itself is tested
+    below on hand-made distributions.)"""
     model = tiny_model("llama", vocab=64)
-    ref = reference_greedy(model, PROMPTS[0], 40)
+    ref = reference_greedy(model, PROMPTS[0], 60)
+    out = Decoder(model, Tok(), proposer=Oracle(ref, "always"), acceptance="typical").generate(
+        PROMPTS[:1], 40, eos_token_ids=[])
+    row = out.rows[0]
+    assert row.tokens == ref[:40]
+    assert row.accepted[:-1] == [5] * (len(row.accepted) - 1)  # 4 drafted + the next root, every step
     out = Decoder(model, Tok(), proposer=Oracle(ref, "always"), sampling=Sampling(temperature=0.7),
                   acceptance="typical", seed=3).generate(PROMPTS[:1], 30, eos_token_ids=[])
     row = out.rows[0]
     assert len(row.tokens) == 30 and row.tau >= 1.0
     with pytest.raises(UserError, match="acceptance"):
         Decoder(model, Tok(), acceptance="fast")
+
+
+def _typical_threshold(probs, epsilon=0.09, delta=None):
+    """Medusa's typical-acceptance threshold (arXiv 2401.10774 §2.3.1), in plain Python:
+    min(epsilon, delta * exp(-H(p))), delta = sqrt(epsilon) by default (Medusa's 0.09 and 0.3)."""
+    import math
+    delta = math.sqrt(epsilon) if delta is None else delta
+    entropy = -sum(q * math.log(q) for q in probs if q > 0)
+    return min(epsilon, delta * math.exp(-entropy))
+
+
+# (distribution, temperature, epsilon, drafted token, accepted?) -- the answers worked out by hand
+TYPICAL_CASES = [
+    ([0.5, 0.3, 0.15, 0.05], 1.0, 0.09, 2, True),  # H = 1.14: threshold min(0.09, 0.3 e^-H = 0.096) = 0.09
+    ([0.5, 0.3, 0.15, 0.05], 1.0, 0.09, 3, False),  # 0.05 < 0.09
+    ([0.06] + [0.94 / 15] * 15, 1.0, 0.09, 0, True),  # flat, H = 2.77: threshold 0.3 e^-H = 0.019 < 0.06
+    ([0.01] + [0.99 / 15] * 15, 1.0, 0.09, 0, False),  # flat too: 0.01 < 0.019
+    ([0.88, 0.06, 0.06], 1.0, 0.09, 1, False),  # the same 0.06, but H = 0.45: threshold 0.09
+    ([0.85, 0.15], 1.0, 0.09, 1, True),  # H = 0.42: threshold min(0.09, 0.197) = 0.09 < 0.15
+    ([0.85, 0.15], 1.0, 0.2, 1, False),  # epsilon 0.2 (delta sqrt(0.2)): min(0.2, 0.293) = 0.2 > 0.15
+    ([0.6, 0.3, 0.1], 1.0, 0.09, 2, True),  # 0.1 > 0.09
+    ([0.6, 0.3, 0.1], 0.5, 0.09, 2, False),  # at T = 0.5 p becomes (0.78, 0.20, 0.022): 0.022 < 0.09
+    ([0.6, 0.3, 0.1], 2.0, 0.09, 2, True),  # at T = 2 p becomes (0.47, 0.33, 0.19)
+]
+
+
+@pytest.mark.parametrize("probs,temperature,epsilon,token,accepted", TYPICAL_CASES)
+def test_typical_acceptance_rule_on_hand_made_distributions(probs, temperature, epsilon, token, accepted):
+    """A node is accepted iff p_parent(token) > min(epsilon, delta exp(-H(p_parent))), p at the temperature."""
+    from mtp.decode.accept import accept_typical
+    logits = torch.log(torch.tensor(probs, dtype=torch.float64))
+    p = (logits / temperature).softmax(-1).tolist()
+    assert (p[token] > _typical_threshold(p, epsilon)) == accepted  # the hand-worked answer, checked
+    full = torch.stack([logits, torch.zeros_like(logits)])[None]  # (1, root + 1 node, V)
+    draft = Draft(torch.tensor([[token]]), torch.tensor([[-1]]), torch.ones(1, 1, dtype=torch.bool))
+    acc = accept_typical(full, draft, Sampling(temperature=temperature), epsilon=epsilon,
+                         generator=torch.Generator().manual_seed(0))
+    assert int(acc.length[0]) == (2 if accepted else 1)
+    assert acc.path[0].tolist() == ([0, 1] if accepted else [0])
+
+
+def test_typical_acceptance_rule_on_random_distributions():
+    """Every token of many random distributions (sharp and flat): accepted iff above its threshold."""
+    from mtp.decode.accept import accept_typical
+    g = torch.Generator().manual_seed(0)
+    v, rows = 12, 40
+    scale = torch.linspace(0.2, 4.0, rows, dtype=torch.float64)[:, None]  # from flat to sharp
+    base = torch.randn(rows, v, generator=g, dtype=torch.float64) * scale
+    for temperature in (1.0, 0.7):
+        for epsilon in (0.09, 0.3):
+            # row r, token t: a one-node draft carrying t below a root whose logits are base[r]
+            logits = torch.zeros(rows * v, 2, v, dtype=torch.float64)
+            logits[:, 0] = base.repeat_interleave(v, 0)
+            tokens = torch.arange(v).repeat(rows)[:, None]
+            draft = Draft(tokens, torch.full_like(tokens, -1), torch.ones_like(tokens, dtype=torch.bool))
+            acc = accept_typical(logits, draft, Sampling(temperature=temperature), epsilon=epsilon, generator=g)
+            expect = []
+            for r in range(rows):
+                p = (base[r] / temperature).softmax(-1).tolist()
+                thr = _typical_threshold(p, epsilon)
+                expect += [q > thr for q in p]
+            got = (acc.length == 2).tolist()
+            assert got == expect
+            assert 0 < sum(expect) < len(expect)  # both outcomes occur
+
+
+def test_typical_acceptance_stops_at_the_first_rejection_and_takes_the_deepest_accepted_path():
+    from mtp.decode.accept import accept_typical
+    sharp = torch.log(torch.tensor([0.9, 0.02, 0.02, 0.02, 0.02, 0.02]))  # threshold 0.09: only token 0 passes
+    logits = sharp.repeat(1, 8, 1).clone()  # (1, root + 7 nodes, V)
+    logits[0, 4] = torch.log(torch.tensor([0.02, 0.9, 0.02, 0.02, 0.02, 0.02]))  # at node 4 only token 1
+    # nodes: 1: 0 (root's child, passes)   2: 3 (root's child, fails)
+    #        3: 3 under 1 (fails)          4: 0 under 1 (passes)          5: 0 under 2 (passes, parent failed)
+    #        6: 0 under 5 (passes, grandparent failed)                    7: 1 under 4 (passes at node 4)
+    draft = Draft(torch.tensor([[0, 3, 3, 0, 0, 0, 1]]), torch.tensor([[-1, -1, 0, 0, 1, 4, 3]]),
+                  torch.ones(1, 7, dtype=torch.bool))
+    acc = accept_typical(logits, draft, Sampling(temperature=0.0))
+    assert acc.path[0].tolist() == [0, 1, 4, 7] and int(acc.length[0]) == 4
+    assert int(acc.next_root[0]) == 0  # temperature 0: the argmax at the last accepted node (7)
+    # the same with node 7's token rejected: the path stops at node 4 and the next root is node 4's argmax
+    draft.tokens[0, 6] = 2
+    acc = accept_typical(logits, Draft(draft.tokens, draft.parents, draft.valid), Sampling(temperature=0.0))
+    assert acc.path[0].tolist() == [0, 1, 4] and int(acc.length[0]) == 3 and int(acc.next_root[0]) == 1
+    # a chain whose first node fails accepts nothing, whatever follows
+    chain = Draft.chain(torch.tensor([[3, 0, 0]]))
+    acc = accept_typical(sharp.repeat(1, 4, 1), chain, Sampling(temperature=0.0))
+    assert int(acc.length[0]) == 1 and int(acc.next_root[0]) == 0
 
 
 def test_union_merges_shared_prefixes_and_keeps_parents_first():
@@ -399,7 +521,7 @@ def test_hybrid_is_sized_from_the_verify_cost(monkeypatch):
     asked = []
     monkeypatch.setattr(run, "cached_verify_cost", lambda name, backbone: asked.append(name) or flat_then_steep)
     model = tiny_model("llama", vocab=64)
-    dec, info = run.build_decoder(model, Tok(), with_heads(model, n=4), None, "tiny", "hybrid", sampling=Sampling())
+    dec, info = run.build_decoder(model, Tok(), with_heads(model, n=4), None, "tiny", "hybrid")
     assert asked == ["tiny"] and info["nodes"] + 1 + info["lookup_draft_len"] <= 8
     assert "lookup chain included" in info["nodes_from"]
 
@@ -455,13 +577,13 @@ def test_adaptive_methods_reproduce_plain_greedy(monkeypatch):
     heads = with_heads(model, n=3)
     refs = [reference_greedy(model, p, 40) for p in PROMPTS]
     for method in ("blockwise", "tree", "hybrid"):
-        dec, info = run.build_decoder(model, Tok(), heads, None, "tiny", method, sampling=Sampling(), adapt=True)
+        dec, info = run.build_decoder(model, Tok(), heads, None, "tiny", method, DraftOptions(adapt=True))
         assert "adaptive" in info
         out = dec.generate(PROMPTS, max_new_tokens=40, eos_token_ids=[])
         assert [r.tokens for r in out.rows] == refs, method
         sizes = run.adaptive_sizes(dec)
         assert sizes["resizings"] >= 1 and sizes["observed_steps"] > 0
-        static, info = run.build_decoder(model, Tok(), heads, None, "tiny", method, sampling=Sampling())
+        static, info = run.build_decoder(model, Tok(), heads, None, "tiny", method)
         assert "adaptive" not in info and run.adaptive_sizes(static) is None
         assert not isinstance(static.proposer, AdaptiveTreeProposer)
 
@@ -503,24 +625,82 @@ def test_sequential_tree_draft_reads_each_nodes_path():
     assert draft.parents[0].tolist() == tree.parents.tolist()
 
 
+def _path_logprobs(d, path, vocab=12):
+    """A path-dependent distribution of head d given the tokens before its target (root first)."""
+    seed = 1000 * d + sum(int(t) * 31 ** i for i, t in enumerate(path)) % 100003
+    return torch.randn(vocab, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).log_softmax(-1)
+
+
+def _draft_paths(draft, row):
+    """Each node's token path below the root, in node order."""
+    paths = []
+    for tok, par in zip(draft.tokens[row].tolist(), draft.parents[row].tolist()):
+        paths.append((paths[par] if par >= 0 else ()) + (tok,))
+    return paths
+
+
 def test_sequential_dynamic_tree_is_prefix_closed_and_best_first():
+    """EAGLE-2's expand-and-rerank, recomputed by brute force: per depth the top_k best nodes of the previous
+    depth are expanded by their top_k children; the draft is the `nodes` best-scoring nodes of the whole pool."""
+    top_k, n_nodes, depth = 3, 9, 3
+
     class S:
         batch, device, root, sequential_heads = 2, torch.device("cpu"), torch.tensor([3, 4]), True
 
         class heads:
-            n_heads = 3
+            n_heads = depth
 
         @staticmethod
-        def head_logprobs(d, prev):  # a path-dependent distribution over 12 tokens
-            g = torch.Generator().manual_seed(int(prev.sum()) + d)
-            return torch.randn(*prev.shape[:2], 12, generator=g).log_softmax(-1)
+        def head_logprobs(d, prev):  # (B, F, d) -> (B, F, 12), each path's own distribution
+            return torch.stack([torch.stack([_path_logprobs(d, p.tolist()) for p in row]) for row in prev])
 
-    draft = DynamicTreeProposer(nodes=9, top_k=3).propose(S())
-    assert draft.tokens.shape == (2, 9)
+    draft = DynamicTreeProposer(nodes=n_nodes, top_k=top_k).propose(S())
+    assert draft.tokens.shape == (2, n_nodes)
     for row in range(2):
         parents = draft.parents[row].tolist()
         assert all(p < i for i, p in enumerate(parents))  # parents first, every parent inside the draft
         assert parents.count(-1) >= 1
+        root = int(S.root[row])
+        pool, front = {}, [((), 0.0)]
+        for d in range(1, depth + 1):
+            cands = []
+            for path, score in front:
+                val, tok = _path_logprobs(d, (root,) + path).topk(top_k)
+                cands += [(path + (t,), score + v) for v, t in zip(val.tolist(), tok.tolist())]
+            pool.update(cands)
+            front = sorted(cands, key=lambda c: -c[1])[:top_k]
+        ranked = sorted(pool, key=lambda path: (-pool[path], len(path)))
+        paths = _draft_paths(draft, row)
+        assert set(paths) == set(ranked[:n_nodes])  # the best nodes of the pool, no others
+        assert min(pool[p] for p in paths) > pool[ranked[n_nodes]]
+        assert all(pool[p] <= pool[p[:-1]] for p in paths if len(p) > 1)  # a child never outscores its parent
+
+
+def test_dynamic_tree_is_best_first():
+    """Parallel heads: nodes come out in order of their path's log-probability (highest first), and they are the
+    `nodes` best paths over every head's top_k tokens (brute force)."""
+    import itertools
+
+    class S:
+        batch, device = 2, torch.device("cpu")
+        head_logits = torch.randn(2, 3, 10, generator=torch.Generator().manual_seed(0)) * 2
+
+    top_k, n_nodes = 3, 10
+    draft = DynamicTreeProposer(nodes=n_nodes, top_k=top_k).propose(S())
+    logp = S.head_logits.double().log_softmax(-1)
+    for row in range(2):
+        top = [logp[row, d].topk(top_k).indices.tolist() for d in range(3)]
+        every = [p for n in (1, 2, 3) for p in itertools.product(*top[:n])]
+
+        def score(path, row=row):
+            return sum(float(logp[row, d, t]) for d, t in enumerate(path))
+
+        paths = _draft_paths(draft, row)
+        scores = [score(p) for p in paths]
+        assert scores == sorted(scores, reverse=True)  # best first
+        best = sorted(every, key=lambda p: (-score(p), len(p)))[:n_nodes]
+        assert set(paths) == set(best)
+        assert all(p < i for i, p in enumerate(draft.parents[row].tolist()))
 
 
 @pytest.mark.parametrize("method", ["blockwise", "tree", "dynamic", "hybrid"])
@@ -532,10 +712,10 @@ def test_sequential_heads_through_build_decoder(method, monkeypatch):
     model = tiny_model("llama", vocab=64)
     heads = with_heads(model, "hydra", n=3)
     refs = [reference_greedy(model, p, 20) for p in PROMPTS]
-    dec, _ = run.build_decoder(model, Tok(), heads, None, "tiny", method, sampling=Sampling())
+    dec, _ = run.build_decoder(model, Tok(), heads, None, "tiny", method)
     assert [r.tokens for r in dec.generate(PROMPTS, 20, []).rows] == refs
     with pytest.raises(UserError, match="sequential"):
-        run.build_decoder(model, Tok(), heads, None, "tiny", method, sampling=Sampling(), adapt=True)
+        run.build_decoder(model, Tok(), heads, None, "tiny", method, DraftOptions(adapt=True))
 
 
 def test_hybrid_chain_is_longer_on_a_flat_verify_curve():
@@ -543,9 +723,9 @@ def test_hybrid_chain_is_longer_on_a_flat_verify_curve():
     flat = {k: 1.0 + 0.01 * k for k in (1, 2, 4, 8, 16, 32)}
     steep = {k: float(k) for k in (1, 2, 4, 8, 16, 32)}
     assert hybrid_chain_len(flat) == 8 and hybrid_chain_len(steep) == 4 and hybrid_chain_len(None) == 4
-    _, info = make_proposer("hybrid", n_heads=2, cost=flat, nodes=3)
+    _, info = make_proposer("hybrid", DraftOptions(nodes=3), n_heads=2, cost=flat)
     assert info["lookup_draft_len"] == 8
-    _, info = make_proposer("hybrid", n_heads=2, cost=flat, nodes=3, draft_len=5)  # asked for: kept
+    _, info = make_proposer("hybrid", DraftOptions(nodes=3, draft_len=5), n_heads=2, cost=flat)  # asked for: kept
     assert info["lookup_draft_len"] == 5
 
 

@@ -29,12 +29,12 @@ def eagle_heads(model, n=3, seed=1, scale=0.3, draft_ids=None):
 def chain_reference(heads, ids: torch.Tensor, start: int, steps: int) -> list[torch.Tensor]:
     """Draft a chain after position ``start`` as an engine does: the committed positions 0..start in one
     causal pass (token after each, target state), then one query per step with its own previous output."""
-    from transformers import DynamicCache
+    from mtp.hf_compat import new_cache
 
     head = heads.eagle
     _, states = heads.trunk(ids)
     g = head.fuse(states)
-    cache = DynamicCache()
+    cache = new_cache()
     a = head.step(heads.embed(ids[:, 1:start + 2]), g[:, :start + 1], torch.arange(start + 1)[None], None, cache)
     outs = [a[:, -1]]
     for j in range(1, steps):

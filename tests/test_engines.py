@@ -35,6 +35,55 @@ def test_summary_figures_are_consistent():
     assert "speedup" not in p and "acceptance_length" not in p
 
 
+def test_summary_of_totals_is_the_ratio_of_the_reported_rates():
+    plain = rows([100, 50, 80], [2.0, 1.0, 2.0])
+    fast = rows([30, 70, 80], [0.5, 1.0, 0.3], accepted=[10, 40, 0])
+    s, p = _summarize("x", fast, plain), _summarize("plain", plain, None)
+    assert s["speedup_of_totals"] == pytest.approx(s["tokens_per_s"] / p["tokens_per_s"], rel=1e-3)
+    assert s["tokens_per_s"] == pytest.approx(s["tokens"] / s["gen_seconds"], rel=1e-3)
+    assert s["speedup"] == pytest.approx(1.4)  # the median of 60/50, 70/50 and 266.7/40
+    assert s["acceptance_length"] == pytest.approx(180 / (180 - 50), rel=1e-3)
+
+
+def test_mtp_rows_in_the_engine_benchmark_are_lossless_and_consistent(tiny_folder, tmp_path, monkeypatch):
+    """mtp's own engine in ``bench engine``: every method's output is its plain loop's, token for token;
+    acceptance length = tokens / backbone forwards; the speedup of totals the ratio of the reported rates."""
+    from types import SimpleNamespace
+
+    import mtp.decode.run as run
+    from mtp.backbones import load_backbone
+    from mtp.bench.engine import run_mtp
+    from mtp.decode.engine import Decoder
+    from mtp.model.mtp import HeadsConfig, MTPModel
+
+    monkeypatch.setattr(run, "cached_verify_cost", lambda name, backbone: {k: 1.0 for k in (1, 2, 4, 8, 16)})
+    backbone, _ = load_backbone(str(tiny_folder))
+    MTPModel(backbone, HeadsConfig(backbone=str(tiny_folder), n_heads=2, kind="mlp")).save_pretrained(tmp_path / "h")
+    forwards = []
+    real_generate = Decoder.generate
+
+    def counting_generate(self, *a, **k):
+        out = real_generate(self, *a, **k)
+        forwards.append(out.rows[0].steps)
+        return out
+
+    monkeypatch.setattr(Decoder, "generate", counting_generate)
+    cfg = SimpleNamespace(model=str(tiny_folder), heads=str(tmp_path / "h"), mtp_dtype="float32",
+                          mtp_methods=["blockwise", "tree"], max_new_tokens=12)
+    prompts = [[1, 5, 9, 13, 5, 9], [1, 30, 31]]
+    results = run_mtp(cfg, prompts)
+    assert [r["name"] for r in results] == ["mtp plain", "mtp blockwise", "mtp tree"]
+    plain = results[0]
+    for i, r in enumerate(results):
+        steps = forwards[i * 3 + 1: i * 3 + 3]  # the warm-up run first, then one per prompt
+        assert r["tokens"] == plain["tokens"] and r["tokens_per_s"] == pytest.approx(r["tokens"] / r["gen_seconds"],
+                                                                                      rel=1e-3)
+        if i:
+            assert r["identical_share"] == 1.0
+            assert r["acceptance_length"] == pytest.approx(r["tokens"] / sum(steps), rel=1e-3)
+            assert r["speedup_of_totals"] == pytest.approx(r["tokens_per_s"] / plain["tokens_per_s"], rel=1e-2)
+
+
 def test_median_rows_keeps_each_prompts_median_round():
     runs = [rows([10, 10], [1.0, 5.0]), rows([10, 10], [3.0, 1.0]), rows([10, 10], [2.0, 2.0])]
     assert [r["gen_seconds"] for r in _median_rows(runs)] == [2.0, 2.0]

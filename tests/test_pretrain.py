@@ -312,14 +312,24 @@ def test_meta_layout_bad_input(tmp_path, capsys):
 def test_bench_pretrain_step_compares_n_with_next_token_training(tmp_path, capsys):
     out = tmp_path / "step.json"
     code = main(["bench", "pretrain-step", "--preset", "micro", "--heads", "3", "--batch-size", "1", "--seq-len", "16",
-                 "--repeats", "1", "--rounds", "1", "--json", str(out), "--quiet"])
+                 "--repeats", "3", "--rounds", "1", "--json", str(out), "--quiet"])
     assert code == 0, capsys.readouterr().err
     r = json.loads(out.read_text())
     v = r["variants"]
     assert (v["n"]["layers"], v["n1_matched"]["layers"], v["n1_same_trunk"]["layers"]) == (5, 5, 3)
     assert v["n_naive"]["order"] == "naive" and v["n"]["order"] == "efficient"
-    for key in ("time_ratio_same_trunk", "time_ratio_matched", "memory_ratio_naive"):
-        assert r[key] > 0
+    # the reported figures agree with one another: medians of the listed times, rates from them, ratios of them
+    import statistics
+    for name, x in v.items():
+        assert len(x["times"]) == 3 and all(t > 0 for t in x["times"]), name
+        assert x["median_step_seconds"] == statistics.median(x["times"]), name
+        assert x["tokens_per_s"] == pytest.approx(1 * 16 / x["median_step_seconds"], rel=1e-12), name
+        assert x["peak_bytes"] > 0, name
+    t = {name: x["median_step_seconds"] for name, x in v.items()}
+    assert r["time_ratio_same_trunk"] == pytest.approx(t["n"] / t["n1_same_trunk"], rel=1e-12)
+    assert r["time_ratio_matched"] == pytest.approx(t["n"] / t["n1_matched"], rel=1e-12)
+    assert r["time_ratio_naive"] == pytest.approx(t["n"] / t["n_naive"], rel=1e-12)
+    assert r["memory_ratio_naive"] == pytest.approx(v["n"]["peak_bytes"] / v["n_naive"]["peak_bytes"], rel=1e-12)
     assert "parameter-matched" in capsys.readouterr().out
 
 

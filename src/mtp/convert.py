@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import torch
 
 from mtp.errors import UserError
+from mtp.io import atomic_dir, write_json
 
 _LAYER_MAP = {
     "attention.wq.weight": "self_attn.q_proj.weight",
@@ -173,18 +173,15 @@ def convert_meta(folder: str | Path, out: str | Path, tokenizer: str | None = No
         model = LlamaForCausalLM(config)
     model.load_state_dict({k: v.to(torch_dtype) for k, v in hf.items()}, strict=True, assign=True)
     model.eval()
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "backbone.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    if tokenizer:
-        from transformers import AutoTokenizer
+    with atomic_dir(out / "backbone") as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer:
+            from transformers import AutoTokenizer
 
-        try:
-            AutoTokenizer.from_pretrained(tokenizer).save_pretrained(tmp)
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot load the tokenizer {tokenizer} ({e})") from None
-    tmp.rename(out / "backbone")
+            try:
+                AutoTokenizer.from_pretrained(tokenizer).save_pretrained(tmp)
+            except (OSError, ValueError) as e:
+                raise UserError(f"cannot load the tokenizer {tokenizer} ({e})") from None
     heads_cfg = HeadsConfig(backbone=str(out / "backbone"), n_heads=max(0, n_future - 1), kind="transformer",
                             tap=f"layer:{len(layers) - 1}", init_from_last=False, dtype=dtype,
                             trained_backbone="none",
@@ -244,7 +241,7 @@ def export_meta(model, folder: str | Path) -> Path:
     folder = Path(folder).expanduser()
     if folder.exists() and any(folder.iterdir()):
         raise UserError(f"{folder} is not empty: choose another folder")
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "params.json").write_text(json.dumps(params, indent=1) + "\n")
-    torch.save(state, folder / "consolidated.00.pth")
+    with atomic_dir(folder) as tmp:
+        write_json(tmp / "params.json", params)
+        torch.save(state, tmp / "consolidated.00.pth")
     return folder

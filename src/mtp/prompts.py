@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import ast
 import functools
-import json
 import random
 from pathlib import Path
 
-from mtp.data import CorpusUnavailable, load_corpus, read_text_file, split_of, translation_pairs
+from mtp.data import CorpusUnavailable, jsonl_records, load_corpus, read_text_file, split_of, translation_pairs
 from mtp.errors import UserError
 
 PROMPT_SETS = ("chat", "code", "translation", "code-prefix", "general")
@@ -120,13 +119,7 @@ def load_prompts(source: str, split: str = "train", limit: int | None = None, se
         if path.suffix.lower() != ".jsonl" and not path.exists():
             raise UserError(f"unknown prompt set {source!r}: use {', '.join(PROMPT_SETS)} or a .jsonl file")
         prompts = []
-        for n, line in enumerate(read_text_file(path).splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{source} line {n}: not valid JSON ({e.msg})") from None
+        for n, obj in jsonl_records(read_text_file(path), source):
             if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
                 raise UserError(f"{source} line {n}: expected an object with a non-empty string field \"prompt\"")
             prompts.append(obj["prompt"])

@@ -25,7 +25,8 @@ from typing import Iterator
 
 import torch
 
-from mtp.model.attention import attention_masks, select_cache, truncate_cache
+from mtp.hf_compat import cache_length, forward_with_cache, new_cache, select_cache, truncate_cache
+from mtp.model.attention import attention_masks
 
 
 def _float(x: torch.Tensor) -> torch.Tensor:
@@ -134,13 +135,11 @@ class CachedEvaluator:
     @torch.inference_mode()
     def start(self, input_ids: torch.Tensor, positions: torch.Tensor, hidden_states: bool = False):
         """Run the window (L,) once; return logits at ``positions`` (P, V) and, if asked, all hidden states."""
-        from transformers import DynamicCache
-
         dev = self.model.device
         self.ids, self.t = input_ids.to(dev), positions.to(dev)
-        self.cache = DynamicCache()  # full layers only: sliding windows are applied by our masks
-        out = self.model(input_ids=self.ids[None], past_key_values=self.cache, use_cache=True,
-                         logits_to_keep=self.t, output_hidden_states=hidden_states)
+        self.cache = new_cache()  # full layers only: sliding windows are applied by our masks
+        out = forward_with_cache(self.model, self.cache, input_ids=self.ids[None], use_cache=True,
+                                 logits_to_keep=self.t, output_hidden_states=hidden_states)
         L = len(self.ids)
         self.key_pos = torch.arange(L, device=dev)
         self.allowed_prefix = torch.arange(L, device=dev)[None, :] <= self.t[:, None]  # (P, L)
@@ -164,7 +163,7 @@ class CachedEvaluator:
         own = []
         for a in range(0, n, self.chunk):
             b = min(a + self.chunk, n)
-            q, base = b - a, self.cache.get_seq_length()
+            q, base = b - a, cache_length(self.cache)
             qp = min(-(-q // BUCKET) * BUCKET, max(q, self.chunk))  # padded: few distinct shapes (see BUCKET)
             root, rows, all_rows = level.root[a:b], torch.arange(q, device=dev), torch.arange(qp, device=dev)
             allowed = torch.zeros(qp, base + qp, dtype=torch.bool, device=dev)  # (Q, KV)
@@ -176,8 +175,8 @@ class CachedEvaluator:
             ids = torch.cat([level.path[a:b, -1], level.path[b - 1:b, -1].expand(qp - q)])
             k_pos = torch.cat([self.key_pos, q_pos])
             mask = attention_masks(self.model.config, allowed, q_pos, k_pos, self.model.dtype)
-            out = self.model(input_ids=ids[None], position_ids=q_pos[None], attention_mask=mask,
-                             past_key_values=self.cache, use_cache=True)
+            out = forward_with_cache(self.model, self.cache, input_ids=ids[None], position_ids=q_pos[None],
+                                     attention_mask=mask, use_cache=True)
             if keep:
                 if qp > q:
                     truncate_cache(self.cache, base + q)

@@ -10,6 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from mtp.io import save_figure  # noqa: E402
+
 _STYLES = ["-", "--", ":", "-."]
 
 
@@ -46,12 +48,16 @@ def plot_accuracy(report: dict, path: Path) -> None:
             ax.set_xlabel("k (predicting x_{t+k})")
             ax.set_xticks(range(1, report["config"]["k"] + 1))
             ax.grid(alpha=0.3)
-    axes[0, 0].set_ylabel("accuracy")
-    axes[1, 0].set_ylabel("accuracy")
+    _finish(fig, axes, ("accuracy", "accuracy"), path)
+
+
+def _finish(fig, axes, ylabels: tuple[str, str], path: Path) -> None:
+    """Row labels, the legend in the top-right panel, then the figure written (atomically)."""
+    for row, label in enumerate(ylabels):
+        axes[row, 0].set_ylabel(label)
     axes[0, -1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_lens(report: dict, path: Path) -> None:
@@ -74,12 +80,7 @@ def plot_lens(report: dict, path: Path) -> None:
         for ax in axes[:, j]:
             ax.set_xlabel("layer / number of layers (0 = embeddings)")
             ax.grid(alpha=0.3)
-    axes[0, 0].set_ylabel("KL (nats)")
-    axes[1, 0].set_ylabel("share of positions")
-    axes[0, -1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, axes, ("KL (nats)", "share of positions"), path)
 
 
 def plot_entropy(report: dict, path: Path) -> None:
@@ -98,8 +99,7 @@ def plot_entropy(report: dict, path: Path) -> None:
             ax.grid(alpha=0.3)
         axes[i, 0].set_ylabel("entropy (nats)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_candidates(report: dict, path: Path) -> None:
@@ -128,8 +128,7 @@ def plot_candidates(report: dict, path: Path) -> None:
         axes[i, 0].set_ylabel("positions")
     axes[0, -1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_plots(report: dict, out_dir: str | Path) -> list[Path]:

@@ -15,7 +15,7 @@ from mtp.analysis.marginal import CachedEvaluator, NaiveEvaluator, marginalize
 from mtp.analysis.run import load_corpora, machine_info
 from mtp.backbones import load_backbone, resolve_backbone
 from mtp.data import make_windows
-from mtp.errors import UserError
+from mtp.config import BenchAnalyzeConfig
 
 
 
@@ -26,19 +26,16 @@ def _timed(fn):
 
 
 
-def bench_analyze(model_name: str, data: str, *, context: int = 256, positions: int = 32,
-                  positions_per_window: int = 16, k: int = 2, top_p: float = 0.99, max_candidates: int = 128,
-                  chunk_tokens: int = 256, repeats: int = 3, dtype: str = "float32", device: str = "cpu",
-                  seed: int = 0, progress: bool = True) -> dict:
+def bench_analyze(cfg: BenchAnalyzeConfig, command: str = "") -> dict:
     """Time batched vs naive marginalization on the same positions; report both, the ratio and the max diff.
 
     The defaults are those of ``mtp analyze`` (16 positions share a window's prefix). Per window, the two
     methods run side by side ``repeats`` times each; the figures are sums over windows of per-window medians.
     """
-    if (not 1 <= k <= 3 or not 0 < top_p <= 1 or positions < 1 or max_candidates < 1 or context < 1
-            or positions_per_window < 1 or repeats < 1):
-        raise UserError("bench analyze needs 1 <= --k <= 3, 0 < --top-p <= 1, and positive --positions, "
-                        "--positions-per-window, --max-candidates, --context and --repeats")
+    model_name, data, context, positions, positions_per_window = (cfg.model, cfg.data, cfg.context, cfg.positions,
+                                                                  cfg.positions_per_window)
+    k, top_p, max_candidates, chunk_tokens, repeats = cfg.k, cfg.top_p, cfg.max_candidates, cfg.chunk_tokens, cfg.repeats
+    dtype, device, seed, progress = cfg.dtype, cfg.device, cfg.seed, not cfg.quiet
     resolve_backbone(model_name)
     corpus = next(iter(load_corpora([data]).values()))
     model, tokenizer = load_backbone(model_name, dtype=dtype, device=device)
@@ -70,7 +67,7 @@ def bench_analyze(model_name: str, data: str, *, context: int = 256, positions: 
         "batched_seconds": t_batched, "naive_seconds": t_naive, "speedup": t_naive / t_batched,
         "median_window_speedup": statistics.median(x["naive_seconds"] / x["batched_seconds"] for x in per_window),
         "max_abs_diff": max_diff, "per_window": per_window, "machine": machine_info(device),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": torch.get_num_threads(), "command": command,
     }
 
 

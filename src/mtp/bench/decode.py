@@ -2,37 +2,28 @@
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import sys
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from mtp.analysis.run import machine_info
-from mtp.errors import UserError
+from mtp.config import HEAD_METHODS, BenchDecodeConfig
 
 
 
-def bench_decode(model_name: str, prompts: str, methods: list[str], heads: str | None = "default",
-                 batch_size: int = 1, max_new_tokens: int = 128, limit: int | None = 20, dtype: str = "float32",
-                 device: str = "cpu", seed: int = 0, temperature: float = 0.0, chat: bool = True,
-                 nodes: int | None = None, progress: bool = True, draft_len: int | None = None,
-                 adapt: bool = False, compare_adaptive: bool = False, draft_vocab: int | None = None) -> dict:
+def bench_decode(cfg: BenchDecodeConfig, command: str = "") -> dict:
     """Every method and two plain baselines (transformers' generate, our own loop) on the same prompts,
     side by side per batch: tokens/s, tau, speedup against the fastest plain baseline, acceptance lengths
     and the share of prompts whose output equals plain greedy decoding."""
-    from mtp.decode.accept import Sampling
-    from mtp.decode.methods import HEAD_METHODS, METHODS
     from mtp.decode.run import adaptive_sizes, build_decoder, encode_prompt, eos_ids, hf_generate, load_for_decoding
     from mtp.prompts import load_prompts
 
-    for m in methods:
-        if m not in METHODS:
-            raise UserError(f"unknown method {m!r}: use {', '.join(METHODS)}")
-    if batch_size < 1 or max_new_tokens < 1 or (limit is not None and limit < 1):
-        raise UserError("--batch-size, --max-new-tokens and --limit must be >= 1")
-    sampling = Sampling(temperature=temperature)
+    model_name, prompts, methods, heads, batch_size = cfg.model, cfg.prompts, cfg.methods, cfg.heads, cfg.batch_size
+    max_new_tokens, limit, dtype, device, seed = cfg.max_new_tokens, cfg.limit, cfg.dtype, cfg.device, cfg.seed
+    chat, progress, sampling = cfg.chat, not cfg.quiet, cfg.sampling()
     texts = load_prompts(prompts, "eval", limit, seed)
     need_heads = any(m in HEAD_METHODS for m in methods)
     backbone, tokenizer, mtp_model, folder = load_for_decoding(model_name, heads if need_heads else None, dtype,
@@ -41,13 +32,10 @@ def bench_decode(model_name: str, prompts: str, methods: list[str], heads: str |
     encoded = [encode_prompt(tokenizer, t, chat) for t in texts]
     decoders, infos = {}, {}
     for m in ["plain"] + [m for m in methods if m != "plain"]:
-        decoders[m], infos[m] = build_decoder(backbone, tokenizer, mtp_model, folder, model_name, m,
-                                              sampling=sampling, nodes=nodes, draft_len=draft_len, seed=seed,
-                                              adapt=adapt, draft_vocab=draft_vocab)
-        if compare_adaptive and not adapt and m in ("blockwise", "tree", "hybrid"):  # sizes re-chosen online
-            dec, info = build_decoder(backbone, tokenizer, mtp_model, folder, model_name, m, sampling=sampling,
-                                      nodes=nodes, draft_len=draft_len, seed=seed, adapt=True,
-                                      draft_vocab=draft_vocab)
+        decoders[m], infos[m] = build_decoder(backbone, tokenizer, mtp_model, folder, model_name, m, cfg)
+        if cfg.compare_adaptive and not cfg.adapt and m in ("blockwise", "tree", "hybrid"):  # sizes re-chosen online
+            dec, info = build_decoder(backbone, tokenizer, mtp_model, folder, model_name, m,
+                                      dataclasses.replace(cfg, adapt=True))
             if "adaptive" in info:
                 decoders[f"{m}-adaptive"], infos[f"{m}-adaptive"] = dec, info
     names = ["transformers"] + list(decoders)
@@ -97,7 +85,7 @@ def bench_decode(model_name: str, prompts: str, methods: list[str], heads: str |
         }
     return {"model": model_name, "heads": str(folder) if folder else None, "prompts": prompts,
             "n_prompts": len(texts), "batch_size": batch_size, "max_new_tokens": max_new_tokens, "dtype": dtype,
-            "temperature": temperature, "baseline": "fastest of transformers generate and our plain loop",
+            "temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p, "command": command, "baseline": "fastest of transformers generate and our plain loop",
             "baseline_tokens_per_s": baseline_tps, "methods": results, "machine": machine_info(device),
             "torch_threads": torch.get_num_threads(),
             "identical_reference": "transformers generate (greedy)" if sampling.greedy else None}
@@ -125,6 +113,8 @@ def plot_bench_decode(r: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from mtp.io import save_figure
+
     names = list(r["methods"])
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
     speed = [r["methods"][n]["speedup"] for n in names]
@@ -146,6 +136,4 @@ def plot_bench_decode(r: dict, path: str) -> None:
     b.set_title("acceptance lengths")
     b.legend(fontsize=8)
     fig.tight_layout()
-    Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -52,14 +52,14 @@ def _prompt_ids(cfg, tokenizer) -> list[list[int]]:
 
 def _draft_folder(cfg, fmt: str) -> Path:
     """The heads exported for the engine, cached by the heads' content (exported once)."""
-    from mtp.backbones import cache_dir
     from mtp.config import ExportConfig
     from mtp.export.run import GGUF_NAME, export
-    from mtp.model.mtp import resolve_heads
+    from mtp.heads_format import CONFIG, WEIGHTS, resolve_heads
+    from mtp.io import cache_dir
 
     folder = resolve_heads(cfg.heads, cfg.model)
-    digest = hashlib.sha1((folder / "model.safetensors").read_bytes() + (folder / "config.json").read_bytes())
-    out = cache_dir() / "engines" / "drafts" / f"{fmt}-{digest.hexdigest()[:16]}"
+    digest = hashlib.sha1((folder / WEIGHTS).read_bytes() + (folder / CONFIG).read_bytes())
+    out = cache_dir("engines", "drafts", f"{fmt}-{digest.hexdigest()[:16]}")
     done = out / GGUF_NAME if fmt == "gguf" else out / "config.json"
     if not done.is_file():
         export(ExportConfig(heads=str(folder), format=fmt, out=str(out), model=cfg.model, overwrite=True))
@@ -189,14 +189,13 @@ def run_vllm(cfg, prompts: list[list[int]], workdir: Path) -> tuple[dict, list]:
 
 def run_mtp(cfg, prompts: list[list[int]]) -> list:
     """mtp's engine on the same token ids: its plain loop and the heads' methods, one prompt at a time."""
-    from mtp.decode.accept import Sampling
     from mtp.decode.run import build_decoder, eos_ids, load_for_decoding
 
     backbone, tokenizer, heads, folder = load_for_decoding(cfg.model, cfg.heads, cfg.mtp_dtype, "cpu")
     eos = eos_ids(backbone, tokenizer)
     results, plain = [], None
     for method in ["plain", *cfg.mtp_methods]:
-        dec, _ = build_decoder(backbone, tokenizer, heads, folder, cfg.model, method, sampling=Sampling())
+        dec, _ = build_decoder(backbone, tokenizer, heads, folder, cfg.model, method)
         dec.generate(prompts[:1], max_new_tokens=8, eos_token_ids=eos)  # warm-up
         rows = []
         for p in prompts:
@@ -212,9 +211,9 @@ def run_mtp(cfg, prompts: list[list[int]]) -> list:
     return results
 
 
-def bench_engine(cfg) -> dict:
+def bench_engine(cfg, command: str = "") -> dict:
     from mtp.backbones import load_backbone
-    from mtp.model.mtp import resolve_heads
+    from mtp.heads_format import resolve_heads
 
     if cfg.engine == "llama.cpp":  # a missing engine, before any model is loaded
         from mtp.engines import llamacpp
@@ -236,7 +235,7 @@ def bench_engine(cfg) -> dict:
     else:
         info, results = run_vllm(cfg, prompts, workdir)
     mtp_results = run_mtp(cfg, prompts) if cfg.mtp_methods else []
-    return {"engine": cfg.engine, "config": asdict(cfg), "machine": machine(), "engine_info": info,
+    return {"engine": cfg.engine, "config": asdict(cfg), "command": command, "machine": machine(), "engine_info": info,
             "results": results, "mtp": mtp_results, "seconds": round(time.time() - started, 1)}
 
 
@@ -253,12 +252,15 @@ def format_bench_engine(result: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_bench_engine(results: list[dict], path: str) -> None:
+def plot_bench_engine(results: list[dict] | dict, path: str) -> None:
     """Tokens/s per engine x configuration, from one or more bench results."""
+    results = [results] if isinstance(results, dict) else results
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from mtp.io import save_figure
 
     fig, ax = plt.subplots(figsize=(8, 4))
     labels, values, colors = [], [], []
@@ -274,8 +276,7 @@ def plot_bench_engine(results: list[dict], path: str) -> None:
     cpu = results[0].get("machine", {}).get("cpu", "") if results else ""
     ax.set_title(f"each engine's plain decoding, its own speculation and our EAGLE-3 heads ({cpu})", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def load_results(paths: list[str]) -> list[dict]:

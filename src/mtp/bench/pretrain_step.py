@@ -8,13 +8,12 @@ from pathlib import Path
 
 from mtp.analysis.run import machine_info
 from mtp.bench.train_memory import _probe
+from mtp.config import BenchPretrainStepConfig
 from mtp.errors import UserError
 
 
 
-def bench_pretrain_step(preset_name: str = "mini", n: int = 4, vocab: int | None = None, batch_size: int | None = None,
-                        seq_len: int | None = None, chunk_tokens: int = 4096, repeats: int = 5, rounds: int = 2,
-                        device: str = "cpu", dtype: str = "float32") -> dict:
+def bench_pretrain_step(cfg: BenchPretrainStepConfig, command: str = "") -> dict:
     """Training cost of n-token pretraining (Gloeckle et al. Table S5's question), side by side in one run.
 
     Random-weight models of the preset, one joint training step (trunk + heads) on random tokens:
@@ -26,6 +25,9 @@ def bench_pretrain_step(preset_name: str = "mini", n: int = 4, vocab: int | None
     shared machine hits all of them, and each time is the median over rounds x repeats steps.
     """
     import tempfile
+
+    preset_name, n, vocab, batch_size, seq_len = cfg.preset, cfg.heads, cfg.vocab, cfg.batch_size, cfg.seq_len
+    chunk_tokens, repeats, rounds, device, dtype = cfg.chunk_tokens, cfg.repeats, cfg.rounds, cfg.device, cfg.dtype
 
     from mtp.training.pretrain import byte_tokenizer, get_preset, trunk_config, write_initial_model
 
@@ -77,7 +79,7 @@ def bench_pretrain_step(preset_name: str = "mini", n: int = 4, vocab: int | None
             "time_ratio_same_trunk": t["n"] / t["n1_same_trunk"], "time_ratio_matched": t["n"] / t["n1_matched"],
             "time_ratio_naive": t["n"] / t["n_naive"],
             "memory_ratio_naive": out["n"]["peak_bytes"] / out["n_naive"]["peak_bytes"],
-            "machine": machine_info(device)}
+            "machine": machine_info(device), "command": command}
 
 
 def format_bench_pretrain_step(r: dict) -> str:

@@ -14,6 +14,7 @@ import torch
 
 from mtp.analysis.run import machine_info
 from mtp.backbones import resolve_backbone
+from mtp.config import BenchTrainMemoryConfig
 from mtp.errors import UserError
 
 
@@ -81,15 +82,16 @@ def _probe(model: str, order: str, heads: int, kind: str, mode: str, batch_size:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def bench_train_memory(model_name: str = "smollm2-135m", heads: int = 4, kind: str = "mlp", mode: str = "frozen",
-                       batch_size: int = 8, seq_len: int = 512, chunk_tokens: int = 4096, repeats: int = 3,
-                       device: str = "cpu", dtype: str = "float32") -> dict:
+def bench_train_memory(cfg: BenchTrainMemoryConfig, command: str = "") -> dict:
     """Memory-efficient head order vs naive (all heads' logits alive): peak memory and step time, side by side.
 
     On CPU each order runs in a fresh process (peak RSS cannot be reset within one); on a GPU the same
     per-process probe reads torch.cuda.max_memory_allocated.
     """
 
+    model_name, heads, kind, mode, batch_size, seq_len = (cfg.model, cfg.heads, cfg.kind, cfg.mode, cfg.batch_size,
+                                                          cfg.seq_len)
+    chunk_tokens, repeats, device, dtype = cfg.chunk_tokens, cfg.repeats, cfg.device, cfg.dtype
     resolve_backbone(model_name)
     results = {order: _probe(model_name, order, heads, kind, mode, batch_size, seq_len, chunk_tokens, repeats,
                              device, dtype, "last", order) for order in ("efficient", "naive")}
@@ -98,7 +100,7 @@ def bench_train_memory(model_name: str = "smollm2-135m", heads: int = 4, kind: s
             "seq_len": seq_len, "chunk_tokens": chunk_tokens, "dtype": dtype, "efficient": eff, "naive": naive,
             "memory_ratio": eff["peak_bytes"] / naive["peak_bytes"],
             "time_ratio": eff["median_step_seconds"] / naive["median_step_seconds"],
-            "machine": machine_info(device)}
+            "machine": machine_info(device), "command": command}
 
 
 def format_bench_train_memory(r: dict) -> str:

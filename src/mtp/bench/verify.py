@@ -7,18 +7,16 @@ import torch
 
 from mtp.analysis.run import machine_info
 from mtp.backbones import load_backbone, resolve_backbone
-from mtp.errors import UserError
+from mtp.config import BenchVerifyConfig
 
 
 
-def bench_verify(model_name: str, dtypes: list[str], context: int = 256, repeats: int = 7, device: str = "cpu",
-                 points=None) -> dict:
+def bench_verify(cfg: BenchVerifyConfig, command: str = "", points=None) -> dict:
     """The verify-cost curve t(k) / t(1): one forward over k new tokens against a cached prefix, per dtype."""
     from mtp.decode.methods import COST_POINTS, verify_cost
 
+    model_name, dtypes, context, repeats, device = cfg.model, cfg.dtypes, cfg.context, cfg.repeats, cfg.device
     resolve_backbone(model_name)
-    if context < 1 or repeats < 1:
-        raise UserError("--context and --repeats must be >= 1")
     curves = {}
     for dtype in dtypes:
         model, _ = load_backbone(model_name, dtype=dtype, device=device, require_tokenizer=False)
@@ -27,7 +25,8 @@ def bench_verify(model_name: str, dtypes: list[str], context: int = 256, repeats
                          "ratio": {str(k): v / cost[1] for k, v in cost.items()}}
         del model
     return {"model": model_name, "context": context, "repeats": repeats, "curves": curves,
-            "machine": machine_info(device), "torch_threads": torch.get_num_threads()}
+            "machine": machine_info(device), "torch_threads": torch.get_num_threads(),
+            "command": command}
 
 
 def format_bench_verify(r: dict) -> str:

@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import torch
 
+from mtp.hf_compat import new_cache, truncate_cache
 from mtp.model.attention import additive_mask
 
 
 class EagleDraftState:
     def __init__(self, mtp_model, batch: int, device):
-        from transformers import DynamicCache
-
         self.model, self.head = mtp_model, mtp_model.eagle
-        self.cache = DynamicCache()
+        self.cache = new_cache()
         self.valid = torch.zeros(batch, 0, dtype=torch.bool, device=device)  # committed slots
         self.pos = torch.zeros(batch, 0, dtype=torch.long, device=device)
         self.device, self.batch = device, batch
@@ -44,8 +43,6 @@ class EagleDraftState:
     def commit(self, states: list[torch.Tensor], tokens: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor):
         """Run the drafter over newly committed positions: target states [(B, m, Ht)] at positions ``pos``
         (B, m), each with the token after it (B, m); ``valid`` (B, m) False for holes. Drops draft keys."""
-        from mtp.model.attention import truncate_cache
-
         b, m = tokens.shape
         s = self.valid.shape[1]
         truncate_cache(self.cache, s)

@@ -29,7 +29,8 @@ from mtp.decode.accept import Sampling, accept_greedy, accept_sample, accept_typ
 from mtp.decode.proposers import PlainProposer, Proposer
 from mtp.decode.tree import Draft
 from mtp.errors import UserError
-from mtp.model.attention import attention_masks, truncate_cache
+from mtp.hf_compat import compact_cache, first_layers, forward_with_cache, new_cache, truncate_cache
+from mtp.model.attention import attention_masks
 from mtp.model.heads import capture_hidden, final_norm
 
 
@@ -113,8 +114,8 @@ class Decoder:
         ctx = capture_hidden(self.backbone, self.heads.tapped) if self.n_run else \
             contextlib.nullcontext({})
         with ctx as store:
-            out = self.backbone(input_ids=ids, position_ids=q_pos, attention_mask=mask, past_key_values=self.cache,
-                                use_cache=True, logits_to_keep=logits_to_keep)
+            out = forward_with_cache(self.backbone, self.cache, input_ids=ids, position_ids=q_pos, attention_mask=mask,
+                                     use_cache=True, logits_to_keep=logits_to_keep)
         states = [store[i] for i in self.heads.tapped] if self.n_run else None
         self.forwards += 1
         return out.logits, states
@@ -218,31 +219,21 @@ class Decoder:
     def shallow_chain(self, layers: int, length: int) -> torch.Tensor:
         """Greedy chain of ``length`` tokens after the root from the first ``layers`` layers; the cache is
         restored afterwards (only those layers' entries grew)."""
-        decoder = self.backbone.get_decoder()
-        full_layers, n = decoder.layers, self.backbone.config.num_hidden_layers
         s = self.slot_valid.shape[1]
         valid, pos = self.slot_valid, self.slot_pos
         tok, p = self.root, self.next_pos
         out = []
-        types = getattr(self.backbone.config, "layer_types", None)
-        decoder.layers = nn.ModuleList(list(full_layers)[:layers])
-        self.backbone.config.num_hidden_layers = layers
-        if types:
-            self.backbone.config.layer_types = types[:layers]
         heads, self.heads = self.heads, None
         try:
-            for i in range(length):
-                eye = torch.ones(self.batch, 1, 1, dtype=torch.bool, device=self.device)
-                logits, _ = self._forward(tok[:, None], p[:, None], eye)
-                self._append_slots(torch.ones(self.batch, 1, dtype=torch.bool, device=self.device), p[:, None])
-                tok = greedy_tokens(logits[:, -1])
-                out.append(tok)
-                p = p + 1
+            with first_layers(self.backbone, layers):
+                for i in range(length):
+                    eye = torch.ones(self.batch, 1, 1, dtype=torch.bool, device=self.device)
+                    logits, _ = self._forward(tok[:, None], p[:, None], eye)
+                    self._append_slots(torch.ones(self.batch, 1, dtype=torch.bool, device=self.device), p[:, None])
+                    tok = greedy_tokens(logits[:, -1])
+                    out.append(tok)
+                    p = p + 1
         finally:
-            decoder.layers = full_layers
-            self.backbone.config.num_hidden_layers = n
-            if types:
-                self.backbone.config.layer_types = types
             self.heads = heads
             truncate_cache(self.cache, s)
             self.slot_valid, self.slot_pos = valid, pos
@@ -293,8 +284,6 @@ class Decoder:
         if self.max_context and longest + max_new_tokens > self.max_context:
             raise UserError(f"prompt of {longest} tokens + {max_new_tokens} new tokens is longer than the model's "
                             f"context ({self.max_context} tokens)")
-        from transformers import DynamicCache
-
         start = time.perf_counter()
         self.generator.manual_seed(self.seed)
         dev, b = self.device, len(prompts)
@@ -308,7 +297,7 @@ class Decoder:
         self._stop_window = max((len(s) for s in self.stop_strings), default=0) + 8
         self._mask_dtype = self.backbone.dtype
         self.forwards = self.verify_tokens = self.verify_forwards = 0
-        self.cache = DynamicCache()  # full layers: sliding windows come from our masks
+        self.cache = new_cache()  # full layers: sliding windows come from our masks
         self.slot_valid = torch.zeros(b, 0, dtype=torch.bool, device=dev)
         self.slot_pos = torch.zeros(b, 0, dtype=torch.long, device=dev)
 
@@ -333,7 +322,7 @@ class Decoder:
                 self.root_next = self.root
                 self._heads_step(states, torch.arange(longest, device=dev).expand(b, -1), valid, pos, ids)
             elif self.transformer_heads:
-                self.head_caches = [DynamicCache() for _ in range(self.n_run)]
+                self.head_caches = [new_cache() for _ in range(self.n_run)]
                 self.head_valid = torch.zeros(b, 0, dtype=torch.bool, device=dev)
                 self.head_pos = torch.zeros(b, 0, dtype=torch.long, device=dev)
                 idx = torch.arange(longest, device=dev).expand(b, -1)
@@ -370,13 +359,7 @@ class Decoder:
             done_now = torch.tensor(self.done, device=dev)
             keep_valid &= ~done_now[:, None]
             keep_idx = keep_idx.clamp(min=0)
-            for layer in self.cache.layers:
-                for name in ("keys", "values"):
-                    t = getattr(layer, name)
-                    tail = t[:, :, s:]
-                    moved = tail.gather(2, keep_idx[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]))
-                    t[:, :, s:s + m] = moved
-                    setattr(layer, name, t[:, :, : s + m])
+            compact_cache(self.cache, s, keep_idx)
             self._append_slots(keep_valid, q_pos.gather(1, keep_idx))
             self.next_pos = self.next_pos + torch.where(done_now, 0, acc.length)
             path_tokens = q_tokens.gather(1, keep_idx)

@@ -10,6 +10,7 @@ takes the prefix of the accuracy-ranked tree that maximizes the expected speedup
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import statistics
@@ -18,29 +19,28 @@ from pathlib import Path
 
 import torch
 
+from mtp.config import HEAD_METHODS, METHODS, DraftOptions  # noqa: F401 (METHODS, HEAD_METHODS: re-exported)
 from mtp.decode.proposers import (AdaptiveTreeProposer, DynamicTreeProposer, EarlyExitProposer, LookupProposer,
                                   PlainProposer, Proposer, TreeProposer, UnionProposer, blockwise)
 from mtp.decode.tree import chain_tree, compile_tree, tree_from_accuracy
 from mtp.errors import UserError
+from mtp.heads_format import read_accuracy
 
-METHODS = ("plain", "blockwise", "tree", "dynamic", "hybrid", "lookup", "early-exit")
-HEAD_METHODS = ("blockwise", "tree", "dynamic", "hybrid")
 COST_POINTS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64)
 
 
 @torch.inference_mode()
 def verify_cost(backbone, context: int = 256, points=COST_POINTS, repeats: int = 7, warmup: int = 2) -> dict:
     """Median seconds of one forward over k new tokens (a chain) against a cached ``context``-token prefix."""
-    from transformers import DynamicCache
-
-    from mtp.model.attention import attention_masks, truncate_cache
+    from mtp.hf_compat import forward_with_cache, new_cache, truncate_cache
+    from mtp.model.attention import attention_masks
 
     dev = backbone.device
     g = torch.Generator().manual_seed(0)
     vocab = backbone.config.vocab_size
     prefix = torch.randint(3, vocab, (1, context), generator=g).to(dev)
-    cache = DynamicCache()
-    backbone(input_ids=prefix, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    cache = new_cache()
+    forward_with_cache(backbone, cache, input_ids=prefix, use_cache=True, logits_to_keep=1)
     inputs = {}
     for k in points:
         ids = torch.randint(3, vocab, (1, k), generator=g).to(dev)
@@ -58,7 +58,7 @@ def verify_cost(backbone, context: int = 256, points=COST_POINTS, repeats: int =
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            backbone(input_ids=ids, position_ids=q_pos, attention_mask=mask, past_key_values=cache, use_cache=True)
+            forward_with_cache(backbone, cache, input_ids=ids, position_ids=q_pos, attention_mask=mask, use_cache=True)
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             if r >= warmup:
@@ -77,9 +77,9 @@ def cost_key(model_name: str, backbone) -> str:
 
 def cached_verify_cost(model_name: str, backbone, context: int = 256) -> dict:
     """``verify_cost`` measured once per model, dtype, device and thread count; kept in the user cache."""
-    from mtp.backbones import cache_dir
+    from mtp.io import cache_dir, write_json
 
-    path = cache_dir() / "verify" / f"{cost_key(model_name, backbone)}.json"
+    path = cache_dir("verify", f"{cost_key(model_name, backbone)}.json")
     try:
         return {int(k): float(v) for k, v in json.loads(path.read_text()).items()}
     except (OSError, ValueError, AttributeError):
@@ -89,31 +89,18 @@ def cached_verify_cost(model_name: str, backbone, context: int = 256) -> dict:
     print("mtp: measuring this device's verify cost t(k) once (cached in the user cache) ...", file=sys.stderr)
     cost = verify_cost(backbone, context)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(cost))
-        tmp.replace(path)
+        write_json(path, cost, indent=None)
     except OSError:
         pass
     return cost
 
 
-def accuracy_record(rank_accuracy: list[list[float]], data: str, positions: int, command: str) -> dict:
-    """The contents of ``accuracy.json`` (read by :func:`rank_accuracy`): per head, per rank, how often it
-    is right, and where that was measured. Written by ``mtp eval --write-accuracy`` and ``mtp pretrain``."""
-    return {"rank_accuracy": rank_accuracy, "data": data, "positions": positions, "command": command}
-
-
 def rank_accuracy(heads_dir: Path | None, n_heads: int) -> list[list[float]]:
     """Per head, how often each of its top ranks is right (``accuracy.json`` beside the heads, written by
     ``mtp eval`` or ``mtp pretrain``); without it a conservative prior (rank 1 of head d right 0.6 / d, each next rank a third)."""
-    if heads_dir is not None and (heads_dir / "accuracy.json").is_file():
-        try:
-            acc = json.loads((heads_dir / "accuracy.json").read_text())["rank_accuracy"]
-            if len(acc) >= 1 and all(isinstance(r, list) and r for r in acc):
-                return [[float(x) for x in r] for r in acc[:n_heads]]
-        except (ValueError, KeyError, TypeError):
-            pass
+    acc = read_accuracy(heads_dir)
+    if acc is not None:
+        return acc[:n_heads]
     return [[0.6 / d * (1 / 3) ** r for r in range(8)] for d in range(1, n_heads + 1)]
 
 
@@ -158,15 +145,16 @@ ADAPT_EVERY = 8
 ADAPTIVE_NOTE = f"re-sized every {ADAPT_EVERY} steps from the acceptance seen"
 
 
-def make_proposer(method: str, *, n_heads: int = 0, heads_dir: Path | None = None, cost: dict | None = None,
-                  tree: str | None = None, nodes: int | None = None, draft_len: int | None = None,
-                  exit_layer: int | None = None, n_layers: int = 0, adapt: bool = False) -> tuple[Proposer, dict]:
+def make_proposer(method: str, opts: DraftOptions | None = None, *, n_heads: int = 0, heads_dir: Path | None = None,
+                  cost: dict | None = None, n_layers: int = 0) -> tuple[Proposer, dict]:
     """A proposer by name and a description of the sizes chosen (and why).
 
     Sizes chosen from the verify-cost curve (no --nodes / --draft-len / --tree) start from the held-out
     accuracies and, with ``adapt``, are re-chosen every ``ADAPT_EVERY`` steps from the acceptance seen while
     decoding (:class:`~mtp.decode.proposers.AdaptiveTreeProposer`).
     """
+    opts = opts or DraftOptions()
+    tree, nodes, draft_len, exit_layer, adapt = opts.tree, opts.nodes, opts.draft_len, opts.exit_layer, opts.adapt
     if method not in METHODS:
         raise UserError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
     if method in HEAD_METHODS and n_heads < 1:
@@ -207,8 +195,8 @@ def make_proposer(method: str, *, n_heads: int = 0, heads_dir: Path | None = Non
                 info.update(nodes=nodes, tree=[list(p) for p in tree_proposer.tree.paths], lookup_draft_len=look_len,
                             adaptive=ADAPTIVE_NOTE, **chosen)
                 return UnionProposer([tree_proposer, LookupProposer(draft_len=look_len)]), info
-        tree_proposer, info = make_proposer("tree", n_heads=n_heads, heads_dir=heads_dir, cost=cost, tree=tree,
-                                            nodes=nodes, adapt=False)
+        tree_proposer, info = make_proposer("tree", dataclasses.replace(opts, nodes=nodes, adapt=False),
+                                            n_heads=n_heads, heads_dir=heads_dir, cost=cost)
         info.update(method="hybrid", lookup_draft_len=look_len, **chosen)
         return UnionProposer([tree_proposer, LookupProposer(draft_len=look_len)]), info
     if method in ("tree", "dynamic"):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from mtp.config import DraftOptions
 from mtp.decode.accept import Sampling
 from mtp.decode.engine import Decoder, GenerateOutput
 from mtp.decode.methods import HEAD_METHODS, cached_verify_cost, check_draft_len, make_proposer
@@ -15,7 +16,7 @@ from mtp.errors import UserError
 
 
 def default_heads_available(model_name: str) -> bool:
-    from mtp.model.mtp import resolve_heads
+    from mtp.heads_format import resolve_heads
 
     try:
         resolve_heads("default", model_name)
@@ -27,7 +28,8 @@ def default_heads_available(model_name: str) -> bool:
 def load_for_decoding(model_name: str, heads: str | None, dtype: str, device: str):
     """Backbone, tokenizer, MTPModel (or None) and the heads folder; heads are checked against the backbone."""
     from mtp.backbones import load_backbone, resolve_backbone
-    from mtp.model.mtp import MTPModel, resolve_heads
+    from mtp.heads_format import resolve_heads
+    from mtp.model.mtp import MTPModel
 
     resolve_backbone(model_name)
     folder = resolve_heads(heads, model_name) if heads else None
@@ -58,32 +60,29 @@ def encode_prompt(tokenizer, prompt: str, chat: bool = True) -> list[int]:
     return tokenizer(text, add_special_tokens=not templated)["input_ids"]
 
 
-def build_decoder(backbone, tokenizer, mtp_model, folder: Path | None, model_name: str, method: str, *,
-                  sampling: Sampling, acceptance: str = "exact", tree: str | None = None, nodes: int | None = None,
-                  draft_len: int | None = None, exit_layer: int | None = None, seed: int = 0,
-                  calibrate: bool = True, adapt: bool = False,
-                  draft_vocab: int | None = None) -> tuple[Decoder, dict]:
+def build_decoder(backbone, tokenizer, mtp_model, folder: Path | None, model_name: str, method: str,
+                  opts: DraftOptions | None = None, calibrate: bool = True) -> tuple[Decoder, dict]:
+    """A decoder for ``method`` drafting and accepting as ``opts`` says; sizes left open are chosen from the
+    verify-cost curve measured for ``model_name`` (when ``calibrate``) and the heads' held-out accuracy."""
+    opts = opts or DraftOptions()
     if method in HEAD_METHODS and mtp_model is None:
         raise UserError(f"method {method!r} drafts with MTP heads: pass --heads DIR or default "
                         f"(or use lookup / early-exit, which need none)")
-    check_draft_len(draft_len)  # before measuring the verify cost, which takes a while on a real model
-    if draft_vocab is not None and draft_vocab < 0:
-        raise UserError(f"--draft-vocab must be >= 0 (0 = the whole vocabulary), got {draft_vocab}")
+    check_draft_len(opts.draft_len)  # before measuring the verify cost, which takes a while on a real model
     heads = mtp_model if method in HEAD_METHODS else None
-    shortlist = draft_shortlist(heads, draft_vocab) if heads is not None else None
-    if adapt and mtp_model is not None and mtp_model.sequential and method in HEAD_METHODS:
+    shortlist = draft_shortlist(heads, opts.draft_vocab) if heads is not None else None
+    if opts.adapt and mtp_model is not None and mtp_model.sequential and method in HEAD_METHODS:
         raise UserError(f"--adapt / --compare-adaptive re-size drafts of independent heads; "
                         f"{mtp_model.config.kind} heads are sequential")
-    sized = (method in ("tree", "dynamic", "hybrid") and nodes is None and tree is None) or \
-        (method == "blockwise" and draft_len is None)
+    sized = (method in ("tree", "dynamic", "hybrid") and opts.nodes is None and opts.tree is None) or \
+        (method == "blockwise" and opts.draft_len is None)
     cost = cached_verify_cost(model_name, backbone) if calibrate and sized else None
-    proposer, info = make_proposer(method, n_heads=mtp_model.n_heads if mtp_model is not None else 0,
-                                   heads_dir=folder, cost=cost, tree=tree, nodes=nodes, draft_len=draft_len,
-                                   exit_layer=exit_layer, n_layers=backbone.config.num_hidden_layers, adapt=adapt)
+    proposer, info = make_proposer(method, opts, n_heads=mtp_model.n_heads if mtp_model is not None else 0,
+                                   heads_dir=folder, cost=cost, n_layers=backbone.config.num_hidden_layers)
     if shortlist is not None:
         info["draft_vocab"] = len(shortlist)
-    return Decoder(backbone, tokenizer, heads=heads, proposer=proposer, sampling=sampling, acceptance=acceptance,
-                   seed=seed, draft_vocab=shortlist), info
+    return Decoder(backbone, tokenizer, heads=heads, proposer=proposer, sampling=opts.sampling(),
+                   acceptance=opts.acceptance, seed=opts.seed, draft_vocab=shortlist), info
 
 
 MIN_DRAFT_VOCAB = 4096

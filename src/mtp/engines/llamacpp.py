@@ -36,10 +36,10 @@ BUILD_HINT = "build it once with `mtp engines setup llama.cpp` (8–12 min of CP
 
 
 def root() -> Path:
-    from mtp.backbones import cache_dir
+    from mtp.io import cache_dir
 
     env = os.environ.get("MTP_LLAMA_CPP_DIR")
-    return Path(env).expanduser() if env else cache_dir() / "engines" / f"llama.cpp-{VERSION}"
+    return Path(env).expanduser() if env else cache_dir("engines", f"llama.cpp-{VERSION}")
 
 
 def source_dir() -> Path:

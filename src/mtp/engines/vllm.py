@@ -24,9 +24,9 @@ CPU_CONFLICTS = ("torchvision", "torchaudio", "torchcodec")
 
 
 def venv_dir() -> Path:
-    from mtp.backbones import cache_dir
+    from mtp.io import cache_dir
 
-    return cache_dir() / "engines" / "vllm-venv"
+    return cache_dir("engines", "vllm-venv")
 
 
 def python() -> Path:
@@ -78,9 +78,9 @@ def version_of() -> str:
 
 def engine_env(cache: Path | None = None) -> dict:
     """Offline, with every cache under a folder of ours."""
-    from mtp.backbones import cache_dir
+    from mtp.io import cache_dir
 
-    cache = cache or cache_dir() / "engines" / "vllm-cache"
+    cache = cache or cache_dir("engines", "vllm-cache")
     return dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_CACHE_ROOT=str(cache / "vllm"),
                 TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"), HF_HOME=str(cache / "hf"),
                 VLLM_USE_AOT_COMPILE="0", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1", PYTHONNOUSERSITE="1")
@@ -102,12 +102,14 @@ def serve_command(target_dir: str | Path, draft_dir: str | Path | None = None, k
 
 def run_offline(job: dict, timeout: float, log: Path) -> dict:
     """Run ``vllm_runner.py`` on ``job`` (target, prompts, speculative config) in vLLM's environment."""
+    from mtp.io import write_json
+
     py = require()
     runner = Path(__file__).with_name("vllm_runner.py")
     # -I: the runner's own folder (which holds this module, vllm.py) must not shadow the vllm package
     job_file = log.with_suffix(".job.json")
     out_file = log.with_suffix(".out.json")
-    job_file.write_text(json.dumps(job))
+    write_json(job_file, job, indent=None)
     out_file.unlink(missing_ok=True)
     with log.open("w") as f:
         try:

@@ -56,6 +56,8 @@ def main(job_path: str, out_path: str) -> None:
     spec = {k: after.get(k, 0) - before.get(k, 0) for k in after}
     import vllm
 
+    # runs in vLLM's environment without mtp (no mtp.io): the caller removes OUT first and reads it only after
+    # this process exits with status 0, so a plain write is complete whenever it is read
     json.dump({"name": job["name"], "rows": rows, "spec_counters": spec, "load_seconds": load_seconds,
                "vllm": vllm.__version__}, open(out_path, "w"))
 

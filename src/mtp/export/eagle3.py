@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from mtp.errors import UserError
+from mtp.io import write_json, write_safetensors
 
 TENSORS = ("fc.weight", "midlayer.self_attn.q_proj.weight", "midlayer.self_attn.k_proj.weight",
            "midlayer.self_attn.v_proj.weight", "midlayer.self_attn.o_proj.weight", "midlayer.mlp.gate_proj.weight",
@@ -47,17 +48,14 @@ def eagle3_tensors(mtp_model, dtype: torch.dtype | None = None) -> dict[str, tor
 
 def write_eagle3(mtp_model, out: Path, dtype: torch.dtype | None = None) -> Path:
     """Write the folder (config.json + model.safetensors) into ``out``, which the caller has checked."""
-    from safetensors.torch import save_file
-
     from mtp.model.eagle3 import export_config
 
     head = mtp_model.eagle
     tensors = eagle3_tensors(mtp_model, dtype)
     config = export_config(head, mtp_model.backbone.config, mtp_model.tapped)
     config["torch_dtype"] = str(tensors["fc.weight"].dtype).removeprefix("torch.")
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_safetensors(out / "model.safetensors", tensors, metadata={"format": "pt"})
+    write_json(out / "config.json", config, indent=2)
     return out
 
 

@@ -15,12 +15,12 @@ final norm after their blocks, which Medusa cannot express. Each lm_head is the 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from mtp.errors import UserError
+from mtp.io import write_json, write_safetensors
 
 
 def medusa_tensors(mtp_model, dtype: torch.dtype | None = None, token_map: torch.Tensor | None = None) -> dict:
@@ -38,8 +38,6 @@ def medusa_tensors(mtp_model, dtype: torch.dtype | None = None, token_map: torch
 
 
 def write_medusa(mtp_model, out: Path, dtype: torch.dtype | None = None) -> Path:
-    from safetensors.torch import save_file
-
     from mtp.decode.run import draft_shortlist
 
     cfg = mtp_model.config
@@ -57,7 +55,6 @@ def write_medusa(mtp_model, out: Path, dtype: torch.dtype | None = None) -> Path
               "original_lm_head": True,
               "truncated_vocab_size": int(token_map.numel()) if token_map is not None else vocab,
               "torch_dtype": str(tensors["lm_heads.0.weight"].dtype).removeprefix("torch.")}
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_safetensors(out / "model.safetensors", tensors, metadata={"format": "pt"})
+    write_json(out / "config.json", config, indent=2)
     return out

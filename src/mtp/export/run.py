@@ -51,12 +51,13 @@ def _target_gguf_hint(model: str) -> str:
     return model if model.endswith(".gguf") else "<target.gguf>"
 
 
-def export(cfg) -> dict:
+def export(cfg, command: str = "") -> dict:
     """Write ``cfg.heads`` (a folder or ``default``) as ``cfg.format`` into the folder ``cfg.out``
     (:class:`~mtp.config.ExportConfig`); returns a summary with the commands that serve the result."""
     from mtp.backbones import DTYPES, local_model_folder, torch_dtype
+    from mtp.heads_format import read_heads_config, resolve_heads
     from mtp.io import atomic_dir, check_new_output
-    from mtp.model.mtp import MTPModel, read_heads_config, resolve_heads
+    from mtp.model.mtp import MTPModel
 
     heads, fmt, out, model, dtype = cfg.heads, cfg.format, cfg.out, cfg.model, cfg.dtype
     gguf_type, overwrite = cfg.gguf_type, cfg.overwrite
@@ -93,6 +94,12 @@ def export(cfg) -> dict:
                 write_gguf(Path(hf), local_model_folder(target), tmp / GGUF_NAME, gguf_type)
     return {"out": str(out_path), "format": fmt, "heads": str(folder), "target": target,
             "serve": serve_commands(fmt, out_path, target, max(1, int(meta.get("n_heads", 4))))}
+
+
+def format_export(result: dict) -> str:
+    lines = [f"exported {result['heads']} as {result['format']} into {result['out']}"]
+    lines += [f"serve with {engine}:\n  {line}" for engine, line in result["serve"].items()]
+    return "\n".join(lines)
 
 
 def _load_target(model: str):

@@ -3,7 +3,8 @@
 Forwarding many candidate tokens against one cached prefix needs a 4-D attention mask: each new token
 sees part of the cache (its prefix and its ancestors) and itself, at an explicit position id. The models
 take an additive mask of shape (B, 1, Q, KV) as-is; hybrid models (Gemma 3, Qwen2) take a dict with one
-mask per layer type, so sliding-window layers get the window applied here, from the position ids.
+mask per layer type, so sliding-window layers get the window applied here, from the position ids. How
+transformers takes them (and the KV cache they attend to) lives in :mod:`mtp.hf_compat`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from mtp.errors import UserError
+from mtp.hf_compat import mask_argument
 
 
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -39,28 +41,4 @@ def attention_masks(config, allowed: torch.Tensor, q_pos: torch.Tensor, k_pos: t
     q_pos: (..., Q) and k_pos: (..., KV) position ids of queries and keys, used for sliding windows.
     Hybrid models (a ``layer_types`` list) get a dict with one mask per layer type.
     """
-    layer_types = getattr(config, "layer_types", None)
-    if not layer_types:
-        # Models without per-layer types apply a sliding window to every layer when they use one.
-        uses_window = getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window",
-                                                                                        True)
-        kind = "sliding_attention" if uses_window else "full_attention"
-        return layer_mask(config, kind, allowed, q_pos, k_pos, dtype)
-    return {kind: layer_mask(config, kind, allowed, q_pos, k_pos, dtype) for kind in set(layer_types)}
-
-
-def truncate_cache(cache, length: int) -> None:
-    """Drop entries beyond ``length`` in every layer of a DynamicCache (layers already shorter stay as they
-    are: a forward through the first layers only grows those)."""
-    for layer in cache.layers:
-        keys = getattr(layer, "keys", None)
-        if keys is not None and keys.dim() == 4 and keys.shape[-2] > length:
-            layer.keys = keys[..., :length, :]
-            layer.values = layer.values[..., :length, :]
-
-
-def select_cache(cache, index: torch.Tensor) -> None:
-    """Keep only the cache entries at ``index`` (in that order), in every layer of a DynamicCache."""
-    for layer in cache.layers:
-        layer.keys = layer.keys.index_select(-2, index)
-        layer.values = layer.values.index_select(-2, index)
+    return mask_argument(config, lambda kind: layer_mask(config, kind, allowed, q_pos, k_pos, dtype))

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from mtp.errors import UserError
+from mtp.hf_compat import forward_with_cache, new_cache
 from mtp.model.heads import Head, register_head
 
 
@@ -135,7 +136,9 @@ class Eagle3Layer(nn.Module):
 
     def forward(self, embeds, hidden, position_embeddings, mask=None, cache=None):
         x = torch.cat([self.input_layernorm(embeds), self.hidden_norm(hidden)], -1)  # (B, T, 2H)
-        r = hidden + self.self_attn(x, position_embeddings=position_embeddings, attention_mask=mask, cache=cache)[0]
+        attn = forward_with_cache(self.self_attn, cache, x, position_embeddings=position_embeddings,
+                                  attention_mask=mask)
+        r = hidden + attn[0]
         return r + self.mlp(self.post_attention_layernorm(r))  # (B, T, H): the pre-norm output
 
 
@@ -261,13 +264,11 @@ class Eagle3Head(Head):
         keys of steps 1..j at slot t. a_j at slot t predicts x_{t+2+j}. ``embed``: token ids -> (B, T, H);
         ``valid`` (B, T): False for padding slots. Gradients flow through every step.
         """
-        from transformers import DynamicCache
-
         b, t = tokens.shape
         dev = tokens.device
         dtype = self.fc.weight.dtype  # float32 master weights on a bf16 backbone: cast the target's states in
         hidden = self.fuse([s.to(dtype) for s in states])
-        cache = DynamicCache()
+        cache = new_cache()
         eye = torch.eye(t, dtype=torch.bool, device=dev)[None].expand(b, t, t)
         causal = torch.ones(t, t, dtype=torch.bool, device=dev).tril()[None].expand(b, t, t)
         if valid is not None:  # padding keys hidden; every query sees itself

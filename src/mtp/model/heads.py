@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 
 import torch
 from torch import nn
 
 from mtp.errors import UserError
+from mtp.hf_compat import cache_length, forward_with_cache, rotary_embeddings
 from mtp.model.attention import layer_mask
 
 HEAD_KINDS: dict[str, type["Head"]] = {}
@@ -146,13 +146,10 @@ class TransformerHead(Head):
         self._rotary = [decoder.rotary_emb]
 
     def _position_embeddings(self, h, position_ids):
-        rotary = self._rotary[0]
-        if "layer_type" in inspect.signature(rotary.forward).parameters:
-            return rotary(h, position_ids, self.layer_type)
-        return rotary(h, position_ids)
+        return rotary_embeddings(self._rotary[0], h, position_ids, self.layer_type)
 
     def forward(self, h, position_ids, cache=None, attn=None):
-        past = cache.get_seq_length() if cache is not None else 0
+        past = cache_length(cache)
         t = h.shape[1]
         mask = None
         window = getattr(self.config, "sliding_window", None)
@@ -165,8 +162,9 @@ class TransformerHead(Head):
             k_pos = torch.cat([torch.arange(past, device=h.device), q_pos]) if past else q_pos
             allowed = torch.ones(t, past + t, dtype=torch.bool, device=h.device).tril(past)
             mask = layer_mask(self.config, self.layer_type, allowed, q_pos, k_pos, h.dtype)
-        out = self.layer(h, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
-                         use_cache=cache is not None, position_embeddings=self._position_embeddings(h, position_ids))
+        out = forward_with_cache(self.layer, cache, h, attention_mask=mask, position_ids=position_ids,
+                                 use_cache=cache is not None,
+                                 position_embeddings=self._position_embeddings(h, position_ids))
         return out[0] if isinstance(out, tuple) else out
 
 

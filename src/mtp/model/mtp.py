@@ -3,16 +3,14 @@
     input_ids (B, T) -> backbone -> tapped hidden states -> head k -> final norm -> unembedding -> logits
     head 0 is the backbone's own next-token head; head k >= 1 predicts x_{t+1+k} at position t.
 
-``save_pretrained`` writes ``config.json`` (backbone reference and fingerprint, head kind, number of heads,
-tap, dtype, training recipe) and ``model.safetensors`` (the heads with their WHS weights, and backbone
-weights or LoRA adapters only when they were trained). ``from_pretrained`` refuses heads made for another backbone.
+``save_pretrained`` writes the heads folder (:mod:`mtp.heads_format`: ``config.json`` with the backbone reference
+and fingerprint, head kind, number of heads, tap, dtype, training recipe; ``model.safetensors`` with the heads, their
+WHS weights and token counts, and backbone weights or LoRA adapters only when they were trained).
+``from_pretrained`` refuses heads made for another backbone.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,9 +18,11 @@ import torch
 from torch import nn
 
 from mtp.errors import UserError
+from mtp.heads_format import (HeadsWeights,
+                              load_heads_weights, read_heads_config, write_heads_folder)
+from mtp.hf_compat import forward_with_cache
 from mtp.model.heads import HEAD_KINDS, TappedHead, capture_hidden, final_norm, parse_tap, unembed
 
-FORMAT_VERSION = 1
 _FINGERPRINT_POINTS = 64
 
 
@@ -142,8 +142,8 @@ class MTPModel(nn.Module):
     def trunk(self, input_ids, position_ids=None, cache=None):
         """Backbone forward: (final normed hidden state (B, T, H), tapped pre-norm states [(B, T, H)])."""
         with capture_hidden(self.backbone, self.tapped) as store:
-            out = self.backbone.get_decoder()(input_ids=input_ids, position_ids=position_ids,
-                                              past_key_values=cache, use_cache=cache is not None)
+            out = forward_with_cache(self.backbone.get_decoder(), cache, input_ids=input_ids,
+                                     position_ids=position_ids, use_cache=cache is not None)
         return out.last_hidden_state, [store[i] for i in self.tapped]
 
     def head_hidden(self, k: int, states: list[torch.Tensor], position_ids=None, cache=None,
@@ -220,59 +220,33 @@ class MTPModel(nn.Module):
     def head_parameters(self) -> list[nn.Parameter]:
         return list(self.heads.parameters())
 
-    def _trained_state(self, backbone_state: dict | None = None) -> dict[str, torch.Tensor]:
-        state = {f"heads.{k}": v for k, v in self.heads.state_dict().items()}
-        if self.token_counts is not None:
-            state["token_counts"] = self.token_counts.cpu()
+    def _trained_weights(self, backbone_state: dict | None = None) -> HeadsWeights:
+        weights = HeadsWeights(heads=self.heads.state_dict(), token_counts=self.token_counts)
         if self.config.trained_backbone == "full":
-            full = backbone_state if backbone_state is not None else self.backbone.state_dict()
-            state.update({f"backbone.{k}": v for k, v in full.items()})
+            weights.backbone = backbone_state if backbone_state is not None else self.backbone.state_dict()
         elif self.config.trained_backbone == "lora":
             from peft import get_peft_model_state_dict
 
-            state.update({f"lora.{k}": v for k, v in get_peft_model_state_dict(self.backbone).items()})
-        # safetensors refuses shared storage (tied embeddings): store contiguous copies
-        return {k: v.detach().contiguous().clone() for k, v in state.items()}
+            weights.lora = get_peft_model_state_dict(self.backbone)
+        return weights
 
     # ------------------------------------------------------------------ save / load
 
     def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None,
                         backbone_state: dict | None = None) -> Path:
-        """Write config.json + model.safetensors atomically: a complete new folder replaces the old one.
+        """Write the heads folder (config.json + model.safetensors) atomically: a complete new folder replaces
+        the old one (:func:`mtp.heads_format.write_heads_folder`).
 
         ``backbone_state``: the full backbone state when the live one is sharded (FSDP)."""
-        from safetensors.torch import save_file
-
-        out = Path(directory)
-        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
-            state = self._trained_state(backbone_state)
-            if dtype is not None:
-                state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-            save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
-            from mtp.backbones import make_shareable
-
-            make_shareable(tmp / "model.safetensors")  # heads are for sharing
-            meta = {"mtp_format": FORMAT_VERSION, **asdict(self.config),
-                    "backbone_fingerprint": self.base_fingerprint,
-                    "backbone_config": {k: getattr(self.backbone.config, k, None)
-                                        for k in ("model_type", "hidden_size", "vocab_size", "num_hidden_layers")}}
-            (tmp / "config.json").write_text(json.dumps(meta, indent=1) + "\n")
-            _replace_dir(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return out
+        meta = {**asdict(self.config), "backbone_fingerprint": self.base_fingerprint,
+                "backbone_config": {k: getattr(self.backbone.config, k, None)
+                                    for k in ("model_type", "hidden_size", "vocab_size", "num_hidden_layers")}}
+        return write_heads_folder(directory, meta, self._trained_weights(backbone_state), dtype=dtype)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, backbone=None, dtype: str | None = None,
                         device: str = "cpu") -> "MTPModel":
         """Load heads (and trained backbone weights); ``backbone`` defaults to the one named in config.json."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         folder = Path(directory)
         meta = read_heads_config(folder)
         fields = {k: meta[k] for k in HeadsConfig.__dataclass_fields__ if k in meta}
@@ -283,61 +257,21 @@ class MTPModel(nn.Module):
             backbone, _ = load_backbone(config.backbone, dtype=dtype or config.dtype, device=device,
                                         require_tokenizer=False)
         check_compatible(meta, backbone, folder)
-        try:
-            state = load_file(folder / "model.safetensors", device=str(backbone.device))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise UserError(f"{folder}/model.safetensors is truncated or corrupt ({e}): retrain or restore it") from None
+        weights = load_heads_weights(folder, device=backbone.device)
         if config.trained_backbone == "lora":  # adapters are loaded into the given backbone, wrapped if needed
             from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 
             if not isinstance(backbone, PeftModel):
                 backbone = get_peft_model(backbone, LoraConfig(**config.lora))
-            set_peft_model_state_dict(backbone, {k[5:]: v for k, v in state.items() if k.startswith("lora.")})
+            set_peft_model_state_dict(backbone, weights.lora)
         elif config.trained_backbone == "full":
-            _load_exact(backbone, {k[9:]: v for k, v in state.items() if k.startswith("backbone.")}, folder, strict=False)
+            _load_exact(backbone, weights.backbone, folder, strict=False)
         model = cls(backbone, config, base_fingerprint=meta["backbone_fingerprint"])
-        _load_exact(model.heads, {k[6:]: v for k, v in state.items() if k.startswith("heads.")}, folder)
-        counts = state.get("token_counts")
+        _load_exact(model.heads, weights.heads, folder)
+        counts = weights.token_counts
         if counts is not None and counts.shape == (backbone.get_output_embeddings().weight.shape[0],):
             model.token_counts = counts.long().cpu()
         return model
-
-
-DEFAULT_HEADS_DIR = Path(__file__).resolve().parent.parent / "default_heads"
-
-
-SHIPPED = {"default": "", "eagle3": "-eagle3"}
-
-
-def resolve_heads(spec: str, model_name: str) -> Path:
-    """A heads folder, or a head set shipped in the package for a built-in model: ``default`` (the best for
-    mtp's own engine) or ``eagle3`` (the EAGLE-3 heads that export to vLLM, SGLang and llama.cpp)."""
-    if spec in SHIPPED:
-        from mtp.backbones import BUILTIN_MODELS
-
-        folder = DEFAULT_HEADS_DIR / f"{model_name}{SHIPPED[spec]}" if model_name in BUILTIN_MODELS else None
-        if folder is None or not (folder / "config.json").is_file():
-            raise UserError(f"no {spec} heads ship for {model_name!r}: train some with `mtp train --model "
-                            f"{model_name}` and pass --heads RUN/heads")
-        return folder
-    folder = Path(spec).expanduser()
-    read_heads_config(folder)
-    return folder
-
-
-def read_heads_config(folder: Path) -> dict:
-    if not folder.is_dir():
-        raise UserError(f"heads folder {folder} does not exist")
-    for name in ("config.json", "model.safetensors"):
-        if not (folder / name).is_file():
-            raise UserError(f"{folder} is not an mtp heads checkpoint (no {name})")
-    try:
-        meta = json.loads((folder / "config.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{folder}/config.json is corrupt ({e})") from None
-    if not isinstance(meta, dict) or meta.get("mtp_format") != FORMAT_VERSION:
-        raise UserError(f"{folder}/config.json is not an mtp heads config (format {FORMAT_VERSION})")
-    return meta
 
 
 def check_compatible(meta: dict, backbone, folder: Path) -> None:
@@ -361,13 +295,3 @@ def _load_exact(module: nn.Module, state: dict, folder: Path, strict: bool = Tru
     if strict and (missing or unexpected):
         raise UserError(f"{folder}: weights do not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Put ``new`` at ``target``; an existing ``target`` is removed only after ``new`` is in place."""
-    if not target.exists():
-        os.replace(new, target)
-        return
-    old = target.parent / f".{target.name}.old-{os.getpid()}"
-    os.replace(target, old)
-    os.replace(new, target)
-    shutil.rmtree(old, ignore_errors=True)

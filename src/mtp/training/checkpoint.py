@@ -13,8 +13,6 @@ checkpoint resumes with one process or several, with or without FSDP sharding.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -23,7 +21,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 
 from mtp.errors import UserError
-from mtp.model.mtp import MTPModel, _replace_dir
+from mtp.io import atomic_dir, write_json, write_safetensors
+from mtp.model.mtp import MTPModel
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -59,21 +58,12 @@ def _unflatten(tensors: dict[str, torch.Tensor], layout: dict) -> dict:
 def write_checkpoint(directory: Path, model: MTPModel, backbone_state: dict | None, optim_state: dict, step: int,
                      config: dict) -> None:
     """Write the checkpoint atomically (call on the main process only, after ``gather_states``)."""
-    from safetensors.torch import save_file
-
-    tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(directory, replace=True) as tmp:
         model.save_pretrained(tmp / "heads", backbone_state=backbone_state)
         tensors, layout = _flatten(optim_state)
         tensors["rng.torch"] = torch.get_rng_state()
-        save_file(tensors, tmp / "trainer.safetensors")
-        (tmp / "trainer.json").write_text(json.dumps({"step": step, "config": config, "optimizer": layout}, indent=1))
-        _replace_dir(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_safetensors(tmp / "trainer.safetensors", tensors)
+        write_json(tmp / "trainer.json", {"step": step, "config": config, "optimizer": layout})
 
 
 def read_checkpoint(directory: Path, config: dict, must_match: tuple[str, ...]) -> dict:

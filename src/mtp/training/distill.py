@@ -124,6 +124,8 @@ def distill(model_name: str, prompt_sources: list[str], out: str | Path, *, limi
     bar = tqdm(total=len(prompts), initial=done, desc="distill", unit="prompt", disable=not progress,
                file=sys.stderr)
     finished = 0
+    # Not mtp.io.atomic_file: OUT.partial is a log that grows record by record (complete lines survive an
+    # interruption and are resumed from); it becomes OUT in one rename once every prompt is done.
     with partial.open("a") as f, generate as gen:
         # llama.cpp keeps its slots busy across a chunk of 8 x slots prompts (continuous batching)
         chunk = batch_size * (8 if engine == "llama.cpp" else 1)

@@ -117,6 +117,8 @@ def plot_accuracy_vs_head(named: dict[str, dict], path: str) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
+    from mtp.io import save_figure
+
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, key in zip(axes, ("top1", "top5")):
         for name, r in named.items():
@@ -136,8 +138,4 @@ def plot_accuracy_vs_head(named: dict[str, dict], path: str) -> None:
     first = next(iter(named.values()))
     fig.suptitle(f"{first.get('model', '')} heads on {first['data']}")
     fig.tight_layout()
-    from pathlib import Path
-
-    Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)

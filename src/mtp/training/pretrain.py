@@ -14,14 +14,15 @@ the tokenizer (bytes or BPE trained on the corpus), the initial model folder and
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from mtp.config import PretrainConfig  # noqa: F401 (re-exported: the config lives with the others)
 from mtp.errors import UserError
+from mtp.io import atomic_dir, write_json
 
 SPECIALS = ("<pad>", "<s>", "</s>")
 
@@ -175,39 +176,10 @@ def write_initial_model(out: Path, config, tokenizer, seed: int) -> Path:
     folder = out / "init"
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    tmp = out / "init.tmp"
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(folder)
+    with atomic_dir(folder) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return folder
-
-
-@dataclass
-class PretrainConfig:
-    preset: str = "tiny"
-    heads: int = 4
-    """n: tokens predicted per position (1 = next-token only); parameter-matched."""
-    tokenizer: str = "bytes"
-    """bytes | bpe | a tokenizer folder."""
-    data: tuple[str, ...] = ("code",)
-    out: str = "runs/pretrain"
-    max_steps: int | None = None
-    seq_len: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    vocab_size: int | None = None
-    eval_tokens: int = 65536
-    save_every: int = 200
-    log_every: int = 10
-    resume: bool = False
-    seed: int = 0
-    device: str = "cpu"
-    dtype: str = "float32"
-    autocast: str = "auto"
 
 
 def _train_config(cfg: PretrainConfig, preset: Preset, init: Path, trunk_layers: int):
@@ -256,8 +228,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, command: str = "") -> d
             tokenizer = make_tokenizer(cfg.tokenizer, list(cfg.data), cfg.vocab_size or preset.bpe_vocab)
             config = trunk_config(preset, cfg.heads, len(tokenizer), seq_len, tokenizer)
             write_initial_model(out, config, tokenizer, cfg.seed)
-            (out / "pretrain.json").write_text(json.dumps({"config": asdict(cfg), "preset": asdict(preset),
-                                                           "command": command}, indent=1) + "\n")
+            write_json(out / "pretrain.json", {"config": asdict(cfg), "preset": asdict(preset), "command": command})
         if ddp.world > 1:
             import torch.distributed as dist
 
@@ -284,13 +255,12 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, command: str = "") -> d
                                  cfg.dtype)
     result.update({"steps": summary["steps"], "preset": cfg.preset, "n": cfg.heads, "tokenizer": cfg.tokenizer,
                    "command": command})
-    (out / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_json(out / "eval.json", result)
     if cfg.heads > 1:  # `mtp generate` / `mtp bench decode` size drafts and trees from it
-        from mtp.decode.methods import accuracy_record
+        from mtp.heads_format import write_accuracy
 
-        record = accuracy_record(result["rank_accuracy"], f"{', '.join(cfg.data)} (eval split)",
-                                 result["eval_tokens"], command)
-        (out / "heads" / "accuracy.json").write_text(json.dumps(record, indent=1) + "\n")
+        write_accuracy(out / "heads", result["rank_accuracy"], f"{', '.join(cfg.data)} (eval split)",
+                       result["eval_tokens"], command)
     return result
 
 
@@ -302,10 +272,11 @@ def evaluate_pretrained(heads_dir: Path, data: list[str], seq_len: int, eval_tok
     from mtp.data import packed_blocks
     from mtp.training.evaluate import RANKS
     from mtp.training.losses import IGNORE, head_targets
+    from mtp.heads_format import read_heads_config
     from mtp.model.mtp import MTPModel
 
     if model is None:
-        meta = json.loads((Path(heads_dir) / "config.json").read_text())
+        meta = read_heads_config(heads_dir)
         backbone, tokenizer = load_backbone(meta["backbone"], dtype=dtype, device=device)
         model = MTPModel.from_pretrained(heads_dir, backbone=backbone)
     else:

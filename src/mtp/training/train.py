@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from mtp.config import TrainConfig
 from mtp.errors import UserError
+from mtp.io import append_line, write_json, write_text
 from mtp.training.losses import chunked_head_loss, cross_entropy_sum, head_targets, head_weights
 from mtp.model.mtp import HeadsConfig, MTPModel
 
@@ -225,6 +226,8 @@ class HiddenCache:
         meta_path = path.with_suffix(".json")
         key = {"shape": list(shape), "dtype": str(dtype), "tap": model.tapped, "tokens": int(blocks.sum())}
         fresh = not (path.exists() and meta_path.exists() and json.loads(meta_path.read_text()) == key)
+        if fresh:  # the states are written in place: the key, written last, says when they are complete
+            meta_path.unlink(missing_ok=True)
         self.array = np.memmap(path, dtype=np_dtype, mode="w+" if fresh else "r", shape=shape)
         if fresh:
             with torch.inference_mode():
@@ -233,7 +236,7 @@ class HiddenCache:
                     _, states = model.trunk(blocks[a:a + batch].to(model.backbone.device))
                     self.array[a:a + batch] = self._to_numpy(torch.cat(states, -1))
             self.array.flush()
-            meta_path.write_text(json.dumps(key))
+            write_json(meta_path, key, indent=None)
             self.array = np.memmap(path, dtype=np_dtype, mode="r", shape=shape)
 
     def _to_numpy(self, t: torch.Tensor) -> np.ndarray:
@@ -348,7 +351,7 @@ def train(cfg: TrainConfig, progress: bool = True, command: str = "") -> dict:
         from mtp.model.eagle3 import auto_layers
 
         if meta is not None:  # a resumed run keeps the layers it started with
-            from mtp.model.mtp import read_heads_config
+            from mtp.heads_format import read_heads_config
 
             auto = read_heads_config(ckpt / "heads")["eagle_layers"]
         else:
@@ -439,9 +442,8 @@ def train(cfg: TrainConfig, progress: bool = True, command: str = "") -> dict:
                       "tokens_per_s": len(losses) * tokens_per_step / (now - t_last)}
             bar.set_postfix({f"l{k}": f"{x:.3f}" for k, x in enumerate(mean.tolist())}
                             | {"tok/s": f"{record['tokens_per_s']:.0f}"})
-            if ddp.main:
-                with log_path.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
+            if ddp.main:  # a log: appended line by line (not atomic); a resume drops lines past its checkpoint
+                append_line(log_path, json.dumps(record))
             t_last, losses = now, []
         if step % cfg.save_every == 0 or step == cfg.max_steps:
             backbone_state, optim_state = gather_states(model, optimizer, sharded)  # collective under FSDP
@@ -463,4 +465,4 @@ def _truncate_log(path: Path, step: int) -> None:
     if not path.exists():
         return
     keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    write_text(path, "".join(line + "\n" for line in keep))

@@ -1,0 +1,183 @@
+"""The one place where mtp calls transformers in a way that depends on its version.
+
+Everything here changed, or is announced to change, between transformers releases that pyproject allows:
+
+- the keyword of a forward's KV cache: ``past_key_values`` in 5.0, ``cache`` in newer 5.x releases, where
+  the old name warns ("`past_key_values` is deprecated and will be removed in version 5.40.0 for
+  `LlamaModel.forward`. Use `cache` instead.") and is removed in 5.40. :func:`forward_with_cache` passes
+  the cache under whichever name the called module takes (:func:`cache_keyword`);
+- the cache object's internals: mtp keeps its own slot layout in a :class:`~transformers.DynamicCache`
+  (rows of a batch own their slots, holes are masked) and edits entries along the sequence axis, which no
+  public method of the cache does (``crop`` only drops a suffix of equal length in every layer):
+  :func:`new_cache`, :func:`cache_length`, :func:`truncate_cache`, :func:`select_cache`,
+  :func:`compact_cache`;
+- the ``attention_mask`` argument: hybrid models take a dict with one custom 4-D mask per layer type
+  (:func:`mask_argument`), rotary embeddings per layer type (:func:`rotary_embeddings`), and a forward
+  through the first layers only (:func:`first_layers`).
+
+``TESTED`` is the newest transformers release this module is tested against (tests/test_hf_compat.py and
+the strict-warnings run, ``make test-strict``); pyproject's upper bound is that version, and moves when
+this module has been checked against a newer release.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from typing import Callable
+
+import torch
+from torch import nn
+
+TESTED = "5.24.0"
+
+_CACHE_KEYWORDS = ("cache", "past_key_values")  # newest first
+
+
+# ----------------------------------------------------------------------------- the cache argument
+
+
+@functools.lru_cache(maxsize=1)
+def _installed_cache_keyword() -> str:
+    """The cache keyword of the installed transformers, read once from its reference decoder (Llama)."""
+    from transformers.models.llama.modeling_llama import LlamaModel
+
+    params = inspect.signature(LlamaModel.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+@functools.lru_cache(maxsize=None)
+def _keyword_of(forward) -> str:
+    try:
+        params = inspect.signature(forward).parameters  # follows the decorators' __wrapped__ chain
+    except (TypeError, ValueError):
+        params = {}
+    for name in _CACHE_KEYWORDS:
+        if name in params:
+            return name
+    # a wrapper that passes **kwargs on (peft's PeftModel, a compiled module): the installed library's name
+    return _installed_cache_keyword()
+
+
+def cache_keyword(module) -> str:
+    """The keyword under which ``module``'s forward takes its KV cache: ``cache`` or ``past_key_values``.
+
+    Read from the signature of its class's forward (a model, a decoder stack, one decoder layer or one
+    attention module), so a model that lags behind the library's renaming still gets its own name.
+    """
+    return _keyword_of(type(module).forward if isinstance(module, nn.Module) else module)
+
+
+def forward_with_cache(module, cache, *args, **kwargs):
+    """``module(*args, **kwargs)`` with the KV ``cache`` under the keyword this transformers takes (nothing
+    is passed for ``cache=None``). Pass ``use_cache`` yourself where the module takes it."""
+    if cache is not None:
+        kwargs[cache_keyword(module)] = cache
+    return module(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------- cache objects
+
+
+def new_cache():
+    """An empty dynamic KV cache of full layers. No config is passed on purpose: with one, sliding-window
+    layers would drop old keys themselves, while mtp applies windows through its own masks and relies on
+    every slot staying where it was written."""
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
+def cache_length(cache) -> int:
+    """Slots in the cache (its first layer; 0 for None or an empty cache)."""
+    return 0 if cache is None else int(cache.get_seq_length())
+
+
+def _kv_layers(cache):
+    """The cache's layers that hold (B, heads, slots, head_dim) keys and values."""
+    for layer in cache.layers:
+        keys = getattr(layer, "keys", None)
+        if isinstance(keys, torch.Tensor) and keys.dim() == 4:
+            yield layer
+
+
+def truncate_cache(cache, length: int) -> None:
+    """Drop entries beyond ``length`` in every layer (layers already shorter stay as they are: a forward
+    through the first layers only grows those)."""
+    for layer in _kv_layers(cache):
+        if layer.keys.shape[-2] > length:
+            layer.keys = layer.keys[..., :length, :]
+            layer.values = layer.values[..., :length, :]
+
+
+def select_cache(cache, index: torch.Tensor) -> None:
+    """Keep only the slots at ``index`` (1-D, in that order), in every layer, for every row."""
+    for layer in _kv_layers(cache):
+        layer.keys = layer.keys.index_select(-2, index)
+        layer.values = layer.values.index_select(-2, index)
+
+
+def compact_cache(cache, start: int, index: torch.Tensor) -> None:
+    """Per row, move the slots ``start + index[row]`` (index: (B, m)) to ``start .. start + m - 1`` and drop
+    every slot after them: the decoding engine's commit of each row's accepted path."""
+    m = index.shape[1]
+    for layer in _kv_layers(cache):
+        for name in ("keys", "values"):
+            t = getattr(layer, name)
+            tail = t[:, :, start:]
+            moved = tail.gather(2, index[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]))
+            t[:, :, start:start + m] = moved
+            setattr(layer, name, t[:, :, : start + m])
+
+
+# ----------------------------------------------------------------------------- masks and layers
+
+
+def layer_types(config) -> list[str] | None:
+    """The per-layer attention types of a hybrid model (Gemma 3, Qwen2), or None."""
+    return getattr(config, "layer_types", None) or None
+
+
+def uniform_layer_type(config) -> str:
+    """The attention type of every layer of a model without per-layer types."""
+    uses_window = getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
+    return "sliding_attention" if uses_window else "full_attention"
+
+
+def mask_argument(config, mask_for: Callable[[str], torch.Tensor]):
+    """The ``attention_mask`` argument carrying custom 4-D masks, ``mask_for(layer_type)`` building each:
+    hybrid models take a dict {layer type: mask}, which their forward uses as-is instead of building its
+    own; other models take the one mask, used as-is."""
+    types = layer_types(config)
+    if not types:
+        return mask_for(uniform_layer_type(config))
+    return {kind: mask_for(kind) for kind in set(types)}
+
+
+def rotary_embeddings(rotary: nn.Module, h: torch.Tensor, position_ids: torch.Tensor, layer_type: str):
+    """(cos, sin) of a decoder's rotary embedding; per layer type where it has one rope per type (Gemma 3)."""
+    if "layer_type" in inspect.signature(rotary.forward).parameters:
+        return rotary(h, position_ids, layer_type)
+    return rotary(h, position_ids)
+
+
+@contextlib.contextmanager
+def first_layers(backbone, n: int):
+    """Within the block, the backbone's forwards run its first ``n`` decoder layers only (then the final
+    norm and the unembedding: the logit lens). The decoder stack reads its layers and the config's
+    ``num_hidden_layers`` / ``layer_types``; all are restored afterwards."""
+    decoder = backbone.get_decoder()
+    config = backbone.config
+    full, count, types = decoder.layers, config.num_hidden_layers, getattr(config, "layer_types", None)
+    decoder.layers = nn.ModuleList(list(full)[:n])
+    config.num_hidden_layers = n
+    if types:
+        config.layer_types = types[:n]
+    try:
+        yield
+    finally:
+        decoder.layers = full
+        config.num_hidden_layers = count
+        if types:
+            config.layer_types = types

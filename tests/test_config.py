@@ -1,0 +1,144 @@
+"""The command line is generated from the typed configs: one source of flags and defaults, --config files,
+one-line errors before any model is loaded, and no torch import for --help."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mtp import config as C
+from mtp.cli import COMMANDS, _load, build_parser, main, make_config
+
+
+def parse(argv):
+    given = vars(build_parser().parse_args(argv))
+    cmd = COMMANDS[given.pop("_name")]
+    given.pop("_command", None), given.pop("_group", None)
+    return make_config(cmd.config, given, given.pop("config", None))
+
+
+def one_line_error(capsys, argv, *fragments):
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("mtp: error:"), err
+    for f in fragments:
+        assert f in err, err
+    return err
+
+
+REQUIRED = {"generate": ["hello"], "distill": ["--out", "x.jsonl"], "convert": ["ckpt", "--out", "o"],
+            "export": ["--out", "o"], "compare": ["a=b.json"]}
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_defaults_come_from_the_config(name):
+    """Parsing only the required arguments gives the dataclass's own defaults: no default is written twice."""
+    cmd = COMMANDS[name]
+    argv = name.split() + REQUIRED.get(name, [])
+    cfg = parse(argv)
+    assert isinstance(cfg, cmd.config)
+    for f in dataclasses.fields(cfg):
+        if f.name in ("prompt", "out", "checkpoint", "results"):
+            continue
+        expected = C.default_of(f)
+        if isinstance(expected, list) and f.name in ("methods", "ngram_modes", "mtp_methods"):
+            expected = C._split_commas(expected)
+        if f.name == "top_p" and isinstance(expected, list):
+            expected = sorted(set(expected), reverse=True)
+        assert getattr(cfg, f.name) == expected, (name, f.name)
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_every_field_has_help_and_the_table_resolves(name):
+    cmd = COMMANDS[name]
+    docs = C.field_docs(cmd.config)
+    undocumented = [f.name for f in dataclasses.fields(cmd.config) if f.name not in docs]
+    assert undocumented == []
+    for ref in (cmd.run, cmd.show, cmd.plot):
+        if ref:
+            assert callable(_load(ref)), ref
+    assert cmd.config.__doc__
+
+
+def test_config_file_fills_fields_and_flags_win(tmp_path):
+    f = tmp_path / "train.yaml"
+    f.write_text("max-steps: 7\nlr: 1\nheads: 2\ndata: [code]\nresume: true\n")
+    cfg = parse(["train", "--config", str(f)])
+    assert (cfg.max_steps, cfg.lr, cfg.heads, cfg.data, cfg.resume) == (7, 1.0, 2, ["code"], True)
+    assert isinstance(cfg.lr, float)
+    cfg = parse(["train", "--config", str(f), "--max-steps", "9", "--no-resume"])
+    assert (cfg.max_steps, cfg.resume) == (9, False)
+    j = tmp_path / "gen.json"
+    j.write_text(json.dumps({"prompt": "hi", "method": "tree", "stop": "END", "nodes": 12}))
+    cfg = parse(["generate", "--config", str(j)])
+    assert (cfg.prompt, cfg.method, cfg.stop, cfg.nodes) == ("hi", "tree", ["END"], 12)
+    analyze = tmp_path / "a.json"
+    analyze.write_text(json.dumps({"model": ["m1", "m2"], "top_p": [0.5, 0.9]}))  # by flag name or field name
+    cfg = parse(["analyze", "--config", str(analyze)])
+    assert cfg.models == ["m1", "m2"] and cfg.top_p == [0.9, 0.5]
+
+
+@pytest.mark.parametrize("content,fragments", [
+    ('{"max_stepz": 3}', ["unknown key 'max_stepz'"]),
+    ('{"max_steps": "ten"}', ["max_steps must be int", "'ten'"]),
+    ('{"max_steps": 2.5}', ["max_steps must be int"]),
+    ('{"resume": "yes"}', ["resume must be bool"]),
+    ('{"data": [1, 2]}', ["data must be str, got 1"]),
+    ('{"max_steps": 0}', ["--max-steps must be at least 1"]),
+    ('{"mode": "sideways"}', ["unknown --mode 'sideways'"]),
+    ('[1, 2]', ["expected a mapping"]),
+    ('{"max_steps": ', ["not valid JSON"]),
+])
+def test_bad_config_files(capsys, tmp_path, monkeypatch, content, fragments):
+    import mtp.backbones
+
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded before the config was checked")
+
+    monkeypatch.setattr(mtp.backbones, "load_backbone", refuse)
+    f = tmp_path / "c.json"
+    f.write_text(content)
+    one_line_error(capsys, ["train", "--config", str(f)], *fragments)
+
+
+def test_bad_flags_and_files(capsys, tmp_path):
+    one_line_error(capsys, ["train", "--config", str(tmp_path / "missing.yaml")], "cannot read it")
+    (tmp_path / "bad.yaml").write_text("a: [\n")
+    one_line_error(capsys, ["train", "--config", str(tmp_path / "bad.yaml")], "not valid YAML")
+    one_line_error(capsys, ["generate", "--method", "warp", "hi"], "unknown --method 'warp'")
+    one_line_error(capsys, ["engines", "setup"], "say which engine")
+    one_line_error(capsys, ["engines", "fly"], "unknown ACTION 'fly'")
+    one_line_error(capsys, ["bench", "decode", "--methods", "tree,warp"], "unknown method 'warp'")
+    one_line_error(capsys, ["train", "--max-steps", "x"], "invalid int value")
+    one_line_error(capsys, ["generate", "   "], "empty prompt")
+    one_line_error(capsys, ["compare", "nonsense"], "NAME=FILE.json")
+
+
+def test_help_imports_no_torch():
+    """`mtp --help` and a bad flag stay fast: the CLI, its configs and the package import no torch."""
+    code = ("import sys; from mtp.cli import main; import contextlib, io\n"
+            "with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+            "    main(['--help']); main(['train', '--help']); main(['generate', '--bogus'])\n"
+            "import mtp; mtp.__version__\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_help_names_auto_install_and_config(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "MTP_AUTO_INSTALL=0" in out and "--config" in out
+    assert main(["bench", "decode", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--compare-adaptive" in out and "--draft-vocab" in out and "(default: 128)" in out
+
+
+def test_lazy_public_api():
+    import mtp
+
+    assert mtp.AnalyzeConfig is C.AnalyzeConfig and callable(mtp.build_decoder)
+    with pytest.raises(AttributeError):
+        mtp.nothing_here
