@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+from mtp.config import DistillConfig
 from mtp.cli import main
 from mtp.config import TrainConfig
 from mtp.data import load_corpus, packed_blocks
@@ -48,7 +49,8 @@ def test_distill_then_train_on_responses_only(tiny_folder, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Say {w} please."}) + "\n" for w in ["one", "two", "three"]))
     out = tmp_path / "distilled.jsonl"
-    summary = distill(str(tiny_folder), [str(prompts)], out, max_new_tokens=12, batch_size=2, progress=False)
+    summary = distill(DistillConfig(model=str(tiny_folder), prompts=[str(prompts)], out=str(out), max_new_tokens=12,
+                                   batch_size=2, quiet=True))
     assert summary["prompts"] == 3
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 3
@@ -56,7 +58,7 @@ def test_distill_then_train_on_responses_only(tiny_folder, tmp_path):
         assert row["text"][: row["response_start"]].endswith(row["prompt"])  # no chat template: the prompt as is
         assert row["text"][row["response_start"]:] == row["response"]
     with pytest.raises(UserError, match="already exists"):
-        distill(str(tiny_folder), [str(prompts)], out, progress=False)
+        distill(DistillConfig(model=str(tiny_folder), prompts=[str(prompts)], out=str(out), quiet=True))
     # Only response tokens are targets.
     tok = char_tokenizer()
     blocks, mask = packed_blocks([str(out)], tok, 8)

@@ -36,7 +36,7 @@ class Command:
 COMMANDS = {
     "analyze": Command(C.AnalyzeConfig, "mtp.commands:analyze", "mtp.analysis.report:markdown"),
     "train": Command(C.TrainConfig, "mtp.commands:train", "mtp.commands:show_train"),
-    "distill": Command(C.DistillConfig, "mtp.commands:distill", "mtp.commands:show_distill"),
+    "distill": Command(C.DistillConfig, "mtp.training.distill:distill", "mtp.commands:show_distill"),
     "eval": Command(C.EvalConfig, "mtp.commands:evaluate", "mtp.training.evaluate:eval_table"),
     "generate": Command(C.GenerateConfig, "mtp.commands:generate", "mtp.commands:show_generate", stream="stderr"),
     "pretrain": Command(C.PretrainConfig, "mtp.commands:pretrain", "mtp.commands:show_pretrain"),

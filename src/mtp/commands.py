@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from mtp.config import (AnalyzeConfig, CompareConfig, ConvertConfig, DistillConfig, EvalConfig, GenerateConfig,
+from mtp.config import (AnalyzeConfig, CompareConfig, ConvertConfig, EvalConfig, GenerateConfig,
                         HEAD_METHODS, PretrainConfig, TrainConfig)
 from mtp.errors import UserError
 
@@ -38,14 +38,6 @@ def train(cfg: TrainConfig, command: str = "") -> dict:
 
 def show_train(summary: dict) -> str:
     return f"heads: {summary['heads']}  (log: {summary['log']}, {summary['steps']} steps)"
-
-
-def distill(cfg: DistillConfig, command: str = "") -> dict:
-    from mtp.training.distill import distill as run_distill
-
-    return run_distill(cfg.model, cfg.prompts, cfg.out, limit=cfg.limit, max_new_tokens=cfg.max_new_tokens,
-                       batch_size=cfg.batch_size, temperature=cfg.temperature, seed=cfg.seed, device=cfg.device,
-                       dtype=cfg.dtype, progress=not cfg.quiet, engine=cfg.engine)
 
 
 def show_distill(summary: dict) -> str:

@@ -181,3 +181,16 @@ def first_layers(backbone, n: int):
         config.num_hidden_layers = count
         if types:
             config.layer_types = types
+
+
+def add_lora(backbone, lora: dict):
+    """peft's LoRA wrapper around ``backbone`` (``lora``: LoraConfig's fields). peft 0.21 reads transformers'
+    deprecated ``is_gradient_checkpointing`` inside ``get_peft_model``: that notice is about peft's code, which
+    no call of ours can change, so it is silenced here rather than shown to every ``--mode lora`` user."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(backbone, LoraConfig(**lora))

@@ -259,10 +259,12 @@ class MTPModel(nn.Module):
         check_compatible(meta, backbone, folder)
         weights = load_heads_weights(folder, device=backbone.device)
         if config.trained_backbone == "lora":  # adapters are loaded into the given backbone, wrapped if needed
-            from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+            from peft import PeftModel, set_peft_model_state_dict
+
+            from mtp.hf_compat import add_lora
 
             if not isinstance(backbone, PeftModel):
-                backbone = get_peft_model(backbone, LoraConfig(**config.lora))
+                backbone = add_lora(backbone, config.lora)
             set_peft_model_state_dict(backbone, weights.lora)
         elif config.trained_backbone == "full":
             _load_exact(backbone, weights.backbone, folder, strict=False)

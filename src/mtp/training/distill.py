@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from mtp.config import DistillConfig
 from mtp.errors import UserError
 from mtp.prompts import chat_format, load_prompts
 
@@ -91,18 +92,16 @@ class LlamaCppGenerator:
         self.log.unlink(missing_ok=True)
 
 
-def distill(model_name: str, prompt_sources: list[str], out: str | Path, *, limit: int | None = None,
-            max_new_tokens: int = 256, batch_size: int = 8, temperature: float = 0.0, seed: int = 0,
-            device: str = "cpu", dtype: str = "float32", progress: bool = True, engine: str = "transformers") -> dict:
-    """Generate the backbone's responses for the train split of each prompt source into ``out`` (.jsonl).
-    ``engine``: ``transformers`` (batched ``generate``) or ``llama.cpp`` (llama-server on the model's GGUF,
+def distill(cfg: DistillConfig, command: str = "") -> dict:
+    """Generate the backbone's responses for the train split of each prompt source into ``cfg.out`` (.jsonl).
+    ``cfg.engine``: ``transformers`` (batched ``generate``) or ``llama.cpp`` (llama-server on the model's GGUF,
     ``batch_size`` parallel slots; several times faster on a CPU)."""
     from mtp.backbones import load_backbone, resolve_backbone
 
-    if max_new_tokens < 1 or batch_size < 1 or temperature < 0 or (limit is not None and limit < 1):
-        raise UserError("--max-new-tokens, --batch-size and --limit must be >= 1 and --temperature >= 0")
-    if engine not in ("transformers", "llama.cpp"):
-        raise UserError(f"unknown --engine {engine!r}: use transformers or llama.cpp")
+    model_name, prompt_sources, out, limit, seed = cfg.model, cfg.prompts, cfg.out, cfg.limit, cfg.seed
+    max_new_tokens, batch_size, temperature, engine = cfg.max_new_tokens, cfg.batch_size, cfg.temperature, cfg.engine
+    device, dtype, progress = cfg.device, cfg.dtype, not cfg.quiet
+
     out = Path(out)
     if out.exists():
         raise UserError(f"{out} already exists: choose another --out (a finished distillation is never overwritten)")

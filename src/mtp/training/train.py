@@ -291,7 +291,7 @@ def build_model(cfg: TrainConfig, device: str, command: str = "", auto_layers: l
     backbone, tokenizer = backbone_and_tokenizer or load_backbone(cfg.model, dtype=cfg.dtype, device=device)
     lora = {}
     if cfg.mode == "lora":
-        from peft import LoraConfig, get_peft_model
+        from mtp.hf_compat import add_lora
 
         names = {n.rsplit(".", 1)[-1] for n, _ in backbone.named_modules()}
         targets = [t for t in cfg.lora_targets if t in names]
@@ -299,7 +299,7 @@ def build_model(cfg: TrainConfig, device: str, command: str = "", auto_layers: l
             raise UserError(f"none of the LoRA targets {cfg.lora_targets} exist in {cfg.model}")
         lora = {"r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
                 "target_modules": targets}
-        backbone = get_peft_model(backbone, LoraConfig(**lora))  # freezes everything but the adapters
+        backbone = add_lora(backbone, lora)  # freezes everything but the adapters
     else:
         backbone.requires_grad_(cfg.mode == "joint")
     eagle_layers = []
