@@ -70,7 +70,7 @@ def _summarize(name: str, rows: list[dict], plain: list[dict] | None) -> dict:
     """rows: per prompt {tokens, gen_seconds, accepted (or None)}."""
     n = sum(len(r["tokens"]) for r in rows)
     secs = sum(r["gen_seconds"] for r in rows)
-    out = {"name": name, "prompts": len(rows), "tokens": n, "gen_seconds": round(secs, 4),
+    out = {"name": name, "prompts": len(rows), "tokens": n, "gen_seconds": round(secs, 6),
            "tokens_per_s": round(n / secs, 3) if secs else None}
     accepted = [r["accepted"] for r in rows if r.get("accepted") is not None]
     if accepted:

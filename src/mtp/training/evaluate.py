@@ -30,9 +30,11 @@ def head_predictions(model: MTPModel, input_ids: torch.Tensor, positions: torch.
     return torch.stack(rows).topk(top, dim=-1).indices  # (K, P, top)
 
 
-def evaluate_heads(model: MTPModel, tokenizer, corpus: Corpus, *, context: int = 256, max_positions: int = 500,
-                   per_window: int = 16, seed: int = 0, marginal: bool = True, top_p: float = 0.99,
-                   max_candidates: int = 128, chunk_tokens: int = 256, progress: bool = True) -> dict:
+def evaluate_heads(model: MTPModel, tokenizer, corpus: Corpus, *, context: int, max_positions: int, per_window: int,
+                   seed: int, marginal: bool, max_candidates: int, top_p: float = 0.99, chunk_tokens: int = 256,
+                   progress: bool = True) -> dict:
+    """Per-head top-1 / top-5 and per-rank accuracies on held-out windows of ``corpus``, beside the backbone's own
+    marginalization (``marginal``); the defaults of ``mtp eval`` live in :class:`~mtp.config.EvalConfig`."""
     n = model.n_heads
     # windows reach back to the document start (up to 1024 tokens): a distilled response is judged with its
     # prompt in view, as in decoding
