@@ -137,7 +137,10 @@ def test_makefile_installs_the_pinned_default_model():
 
 
 def test_auto_install_help_names_the_switch():
-    assert "MTP_AUTO_INSTALL=0" in backbones.AUTO_INSTALL_HELP and "\n" not in backbones.AUTO_INSTALL_HELP
+    from mtp.cli import EPILOG
+    from mtp.config import AUTO_INSTALL_HELP
+
+    assert "MTP_AUTO_INSTALL=0" in AUTO_INSTALL_HELP and "\n" not in AUTO_INSTALL_HELP and AUTO_INSTALL_HELP in EPILOG
 
 
 def test_auto_install_is_pinned_and_says_what_it_installs(tmp_path, monkeypatch, capsys, cache):

