@@ -69,7 +69,6 @@ def analyze_corpus(model, tokenizer, model_name: str, corpus: Corpus, cfg: Analy
     if limit is not None and longest > limit:
         raise UserError(f"windows of {longest} tokens exceed {model_name}'s context of {limit}: lower --context")
 
-    nq = len(cfg.top_p)
     hit1 = [[] for _ in range(cfg.k)]  # per k: (nq, P) chunks
     hit5 = [[] for _ in range(cfg.k)]
     mass, counts, capped = ([[] for _ in range(cfg.k)] for _ in range(3))
