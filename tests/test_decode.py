@@ -316,6 +316,34 @@ def test_generate_cli_empty_and_too_long_prompt_and_foreign_heads(tiny_folder, t
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
 
 
+def test_bench_context_cli(tiny_folder, tiny_heads, capsys, tmp_path):
+    """The context sweep: every method at every length, the same output length, figures consistent."""
+    import json
+    doc = tmp_path / "long.txt"
+    doc.write_text("def mean(values):\n    return sum(values) / len(values)\n" * 12)
+    out_json, plot = tmp_path / "c.json", tmp_path / "c.png"
+    code, out, err = run_cli(["bench", "context", "--model", str(tiny_folder), "--heads", str(tiny_heads),
+                              "--data", str(doc), "--contexts", "64", "--contexts", "16", "--methods",
+                              "transformers,plain,tree", "--nodes", "3", "--max-new-tokens", "6", "--rounds", "3",
+                              "--json", str(out_json), "--plot", str(plot), "--quiet"], capsys)
+    assert code == 0, err
+    r = json.loads(out_json.read_text())
+    assert r["contexts"] == [16, 64] and list(r["methods"]) == ["transformers", "plain", "tree"]
+    for name, m in r["methods"].items():
+        assert [row["context"] for row in m["rows"]] == [16, 64]
+        for row in m["rows"]:
+            assert row["new_tokens"] == 6 and len(row["all_seconds"]) == 3
+            assert row["seconds"] == sorted(row["all_seconds"])[1]  # the median round
+            assert row["ms_per_token"] == pytest.approx(1000 * row["seconds"] / row["new_tokens"])
+            assert row["tokens_per_s"] == pytest.approx(row["new_tokens"] / row["seconds"])
+            assert row["tau"] == pytest.approx(row["new_tokens"] / row["steps"]) and row["tau"] >= 1.0
+        assert m["growth"] == pytest.approx(m["rows"][1]["ms_per_token"] / m["rows"][0]["ms_per_token"])
+    assert "growth 64 / 16" in out and plot.stat().st_size > 0
+    code, _, err = run_cli(["bench", "context", "--model", str(tiny_folder), "--data", str(doc), "--contexts",
+                            "100000", "--methods", "plain"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "--contexts" in err
+
+
 def test_bench_decode_cli(tiny_folder, tiny_heads, capsys, tmp_path):
     import json
     prompts = tmp_path / "p.jsonl"

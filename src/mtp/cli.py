@@ -50,6 +50,8 @@ COMMANDS = {
     "bench verify": Command(C.BenchVerifyConfig, "mtp.bench.verify:bench_verify", "mtp.bench.verify:format_bench_verify"),
     "bench decode": Command(C.BenchDecodeConfig, "mtp.bench.decode:bench_decode", "mtp.bench.decode:format_bench_decode",
                             plot="mtp.bench.decode:plot_bench_decode"),
+    "bench context": Command(C.BenchContextConfig, "mtp.bench.context:bench_context",
+                             "mtp.bench.context:format_bench_context", plot="mtp.bench.context:plot_bench_context"),
     "bench engine": Command(C.BenchEngineConfig, "mtp.bench.engine:bench_engine", "mtp.bench.engine:format_bench_engine",
                             plot="mtp.bench.engine:plot_bench_engine"),
     "bench pretrain-step": Command(C.BenchPretrainStepConfig, "mtp.bench.pretrain_step:bench_pretrain_step",
@@ -94,6 +96,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
         if base is bool:
             parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, **kw)
         elif is_list:
+            kw["help"] += " (repeatable)"
             parser.add_argument(*names, dest=f.name, type=base, action="append", **kw)
         else:
             parser.add_argument(*names, dest=f.name, type=base, **kw)

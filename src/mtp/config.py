@@ -692,6 +692,42 @@ class BenchAnalyzeConfig(Runtime):
 
 
 @dataclass
+class BenchContextConfig(DraftOptions):
+    """Cost per generated token as the context grows (256 to 2048 tokens): plain and speculative, side by side."""
+
+    model: str = opt(DEFAULT_MODEL, metavar="NAME|PATH")
+    """Backbone: built-in name, Hugging Face folder or .gguf file."""
+    heads: str = opt("default", metavar="DIR|default|eagle3")
+    """MTP heads for the methods that draft with them."""
+    methods: list[str] = opt(factory=lambda: ["transformers", "plain", "tree", "hybrid"])
+    """transformers (its generate) and any of mtp's methods (comma-separated)."""
+    contexts: list[int] = opt(factory=lambda: [256, 512, 1024, 2048])
+    """Context lengths: the prompt is the first L tokens of one long held-out document."""
+    data: str = opt("code", metavar="CORPUS|FILE")
+    """Where the long document comes from: a built-in corpus (its eval split) or a file."""
+    max_new_tokens: int = 64
+    """Tokens generated after every prompt (no EOS stop: the same work at every length)."""
+    rounds: int = 2
+    """Runs of every method x length, alternating; the median round is kept."""
+    json: str | None = opt(None, metavar="FILE")
+    """Write the result as JSON."""
+    plot: str | None = opt(None, metavar="FILE.png")
+    """Write tokens/s against context length as a PNG."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.methods = _split_commas(self.methods)
+        _require(len(self.methods) > 0, "give at least one --methods")
+        for m in self.methods:
+            _require(m in METHODS + ("transformers",), f"unknown method {m!r}: use transformers, {', '.join(METHODS)}")
+        _require(len(self.contexts) > 0 and min(self.contexts) >= 1, "--contexts must be positive token counts")
+        self.contexts = sorted(set(self.contexts))
+        _at_least(self, ("max_new_tokens", "rounds"))
+        check_output_file(self.json, "--json")
+        check_output_file(self.plot, "--plot")
+
+
+@dataclass
 class BenchVerifyConfig(Config):
     """Verify-cost curve: time of one forward over k tokens, t(k)/t(1)."""
 

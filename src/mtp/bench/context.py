@@ -1,0 +1,115 @@
+"""``mtp bench context``: the cost per generated token as the context grows, plain and speculative, side by side.
+
+Each prompt is the first L tokens of one long held-out document (no chat template), for every L in the
+sweep; every method generates the same number of tokens after it. Methods alternate within each round and
+the median over rounds is kept, so load drift on a shared machine hits all of them. The figure a decoding
+engine is judged by is ``growth``: the time per token at the longest context over that at the shortest
+(an engine whose per-step work grows with the sequence shows it here).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from tqdm import tqdm
+
+from mtp.analysis.run import machine_info
+from mtp.config import HEAD_METHODS, BenchContextConfig
+from mtp.errors import UserError
+
+
+def context_prompts(tokenizer, data: str, lengths: list[int]) -> list[list[int]]:
+    """The first L tokens of the longest held-out document of ``data``, for each L."""
+    from mtp.analysis.run import load_corpora
+
+    corpus = next(iter(load_corpora([data]).values()))
+    longest = max(corpus.documents, key=lambda d: len(d.text))
+    ids = tokenizer(longest.text, add_special_tokens=True)["input_ids"]
+    if len(ids) < max(lengths):
+        raise UserError(f"the longest {data} document has {len(ids)} tokens, fewer than --contexts {max(lengths)}: "
+                        f"lower it or give a longer --data file")
+    return [ids[:n] for n in lengths]
+
+
+def bench_context(cfg: BenchContextConfig, command: str = "") -> dict:
+    from mtp.decode.run import build_decoder, hf_generate, load_for_decoding
+
+    need_heads = any(m in HEAD_METHODS for m in cfg.methods)
+    backbone, tokenizer, mtp_model, folder = load_for_decoding(cfg.model, cfg.heads if need_heads else None,
+                                                              cfg.dtype, cfg.device)
+    limit = getattr(backbone.config, "max_position_embeddings", None)
+    if limit and max(cfg.contexts) + cfg.max_new_tokens > limit:
+        raise UserError(f"--contexts {max(cfg.contexts)} + --max-new-tokens {cfg.max_new_tokens} exceed "
+                        f"{cfg.model}'s context of {limit}")
+    prompts = context_prompts(tokenizer, cfg.data, cfg.contexts)
+    decoders, configs = {}, {}
+    for m in cfg.methods:
+        if m != "transformers":
+            decoders[m], configs[m] = build_decoder(backbone, tokenizer, mtp_model, folder, cfg.model, m, cfg)
+    no_eos: list[int] = []  # every run generates exactly max_new_tokens: equal work per context
+
+    def run(name: str, prompt: list[int], n: int):
+        if name == "transformers":
+            return hf_generate(backbone, tokenizer, [prompt], n, no_eos, cfg.sampling())
+        return decoders[name].generate([prompt], n, no_eos)
+
+    for name in cfg.methods:  # warm-up: first-call costs out of the timings
+        run(name, prompts[0], 4)
+    runs = {(m, n): [] for m in cfg.methods for n in cfg.contexts}
+    for _ in tqdm(range(cfg.rounds), desc="bench context", unit="round", disable=cfg.quiet, file=sys.stderr):
+        for n, prompt in zip(cfg.contexts, prompts):
+            for m in cfg.methods:
+                out = run(m, prompt, cfg.max_new_tokens)
+                runs[(m, n)].append((out.seconds, out.new_tokens, out.rows[0].steps))
+    methods = {}
+    for m in cfg.methods:
+        rows = []
+        for n in cfg.contexts:
+            seconds, tokens, steps = sorted(runs[(m, n)])[len(runs[(m, n)]) // 2]  # the median round
+            rows.append({"context": n, "seconds": seconds, "new_tokens": tokens, "steps": steps,
+                         "ms_per_token": 1000 * seconds / tokens, "tokens_per_s": tokens / seconds,
+                         "tau": tokens / steps if m != "transformers" else 1.0,
+                         "all_seconds": [r[0] for r in runs[(m, n)]]})
+        methods[m] = {"rows": rows, "growth": rows[-1]["ms_per_token"] / rows[0]["ms_per_token"],
+                      **({"config": configs[m]} if m in configs else {})}
+    return {"model": cfg.model, "heads": str(folder) if folder else None, "data": cfg.data, "dtype": cfg.dtype,
+            "contexts": cfg.contexts, "max_new_tokens": cfg.max_new_tokens, "rounds": cfg.rounds,
+            "methods": methods, "command": command, "machine": machine_info(cfg.device),
+            "torch_threads": torch.get_num_threads()}
+
+
+def format_bench_context(r: dict) -> str:
+    ctx = r["contexts"]
+    lines = [f"bench context: {r['model']} ({r['dtype']}), prompts = the first L tokens of a held-out {r['data']} "
+             f"document, {r['max_new_tokens']} new tokens, median of {r['rounds']} round(s)", "",
+             "| method | " + " | ".join(f"ms/token at {n}" for n in ctx) + f" | growth {ctx[-1]} / {ctx[0]} |",
+             "|---|" + "---:|" * (len(ctx) + 1)]
+    for name, m in r["methods"].items():
+        cells = [f"{row['ms_per_token']:.1f} (tau {row['tau']:.2f})" if name != "transformers"
+                 else f"{row['ms_per_token']:.1f}" for row in m["rows"]]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {m['growth']:.2f}x |")
+    lines.append(f"\nmachine: {r['machine']['cpu']}, {r['torch_threads']} torch threads, device {r['machine']['device']}")
+    return "\n".join(lines)
+
+
+def plot_bench_context(r: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mtp.io import save_figure
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for name, m in r["methods"].items():
+        ax.plot([row["context"] for row in m["rows"]], [row["tokens_per_s"] for row in m["rows"]], marker="o",
+                label=f"{name} (growth {m['growth']:.2f}x)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context length (tokens before the first generated one)")
+    ax.set_ylabel("tokens/s")
+    ax.set_title(f"{r['model']} {r['dtype']}: speed vs context ({r['machine']['cpu']})", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
