@@ -337,7 +337,10 @@ def test_bench_context_cli(tiny_folder, tiny_heads, capsys, tmp_path):
             assert row["ms_per_token"] == pytest.approx(1000 * row["seconds"] / row["new_tokens"])
             assert row["tokens_per_s"] == pytest.approx(row["new_tokens"] / row["seconds"])
             assert row["tau"] == pytest.approx(row["new_tokens"] / row["steps"]) and row["tau"] >= 1.0
-        assert m["growth"] == pytest.approx(m["rows"][1]["ms_per_token"] / m["rows"][0]["ms_per_token"])
+            assert row["prefill_seconds"] == sorted(row["all_prefill_seconds"])[1]
+            assert row["decode_ms_per_token"] == pytest.approx(1000 * (row["seconds"] - row["prefill_seconds"]) / 5)
+        assert m["growth"] == pytest.approx(m["rows"][1]["decode_ms_per_token"] / m["rows"][0]["decode_ms_per_token"])
+        assert m["growth_with_prefill"] == pytest.approx(m["rows"][1]["ms_per_token"] / m["rows"][0]["ms_per_token"])
     assert "growth 64 / 16" in out and plot.stat().st_size > 0
     code, _, err = run_cli(["bench", "context", "--model", str(tiny_folder), "--data", str(doc), "--contexts",
                             "100000", "--methods", "plain"], capsys)

@@ -9,6 +9,7 @@ engine is judged by is ``growth``: the time per token at the longest context ove
 
 from __future__ import annotations
 
+import statistics
 import sys
 
 import torch
@@ -57,21 +58,18 @@ def bench_context(cfg: BenchContextConfig, command: str = "") -> dict:
     for name in cfg.methods:  # warm-up: first-call costs out of the timings
         run(name, prompts[0], 4)
     runs = {(m, n): [] for m in cfg.methods for n in cfg.contexts}
+    prefills = {(m, n): [] for m in cfg.methods for n in cfg.contexts}
     for _ in tqdm(range(cfg.rounds), desc="bench context", unit="round", disable=cfg.quiet, file=sys.stderr):
         for n, prompt in zip(cfg.contexts, prompts):
-            for m in cfg.methods:
+            for m in cfg.methods:  # the prompt's forward and its one token, then the whole answer
+                prefills[(m, n)].append(run(m, prompt, 1).seconds)
                 out = run(m, prompt, cfg.max_new_tokens)
                 runs[(m, n)].append((out.seconds, out.new_tokens, out.rows[0].steps))
     methods = {}
     for m in cfg.methods:
-        rows = []
-        for n in cfg.contexts:
-            seconds, tokens, steps = sorted(runs[(m, n)])[len(runs[(m, n)]) // 2]  # the median round
-            rows.append({"context": n, "seconds": seconds, "new_tokens": tokens, "steps": steps,
-                         "ms_per_token": 1000 * seconds / tokens, "tokens_per_s": tokens / seconds,
-                         "tau": tokens / steps if m != "transformers" else 1.0,
-                         "all_seconds": [r[0] for r in runs[(m, n)]]})
-        methods[m] = {"rows": rows, "growth": rows[-1]["ms_per_token"] / rows[0]["ms_per_token"],
+        rows = [_row(n, runs[(m, n)], prefills[(m, n)], m != "transformers") for n in cfg.contexts]
+        methods[m] = {"rows": rows, "growth": rows[-1]["decode_ms_per_token"] / rows[0]["decode_ms_per_token"],
+                      "growth_with_prefill": rows[-1]["ms_per_token"] / rows[0]["ms_per_token"],
                       **({"config": configs[m]} if m in configs else {})}
     return {"model": cfg.model, "heads": str(folder) if folder else None, "data": cfg.data, "dtype": cfg.dtype,
             "contexts": cfg.contexts, "max_new_tokens": cfg.max_new_tokens, "rounds": cfg.rounds,
@@ -79,16 +77,29 @@ def bench_context(cfg: BenchContextConfig, command: str = "") -> dict:
             "torch_threads": torch.get_num_threads()}
 
 
+def _row(context: int, runs: list[tuple[float, int, int]], prefills: list[float], own: bool) -> dict:
+    """One method at one length: the median round, and the time per token after the first (the prefill, timed
+    apart as a one-token answer, taken off)."""
+    seconds, tokens, steps = sorted(runs)[len(runs) // 2]
+    prefill = statistics.median(prefills)
+    return {"context": context, "seconds": seconds, "new_tokens": tokens, "steps": steps,
+            "ms_per_token": 1000 * seconds / tokens, "tokens_per_s": tokens / seconds,
+            "prefill_seconds": prefill, "decode_ms_per_token": 1000 * (seconds - prefill) / max(1, tokens - 1),
+            "tau": tokens / steps if own else 1.0, "all_seconds": [r[0] for r in runs], "all_prefill_seconds": prefills}
+
+
 def format_bench_context(r: dict) -> str:
     ctx = r["contexts"]
     lines = [f"bench context: {r['model']} ({r['dtype']}), prompts = the first L tokens of a held-out {r['data']} "
              f"document, {r['max_new_tokens']} new tokens, median of {r['rounds']} round(s)", "",
-             "| method | " + " | ".join(f"ms/token at {n}" for n in ctx) + f" | growth {ctx[-1]} / {ctx[0]} |",
-             "|---|" + "---:|" * (len(ctx) + 1)]
+             "ms per generated token after the first (prefill timed apart and taken off); in brackets: tau, and "
+             "the prefill's seconds", "",
+             "| method | " + " | ".join(f"at {n}" for n in ctx) + f" | growth {ctx[-1]} / {ctx[0]} |"
+             " | with prefill |", "|---|" + "---:|" * (len(ctx) + 2)]
     for name, m in r["methods"].items():
-        cells = [f"{row['ms_per_token']:.1f} (tau {row['tau']:.2f})" if name != "transformers"
-                 else f"{row['ms_per_token']:.1f}" for row in m["rows"]]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {m['growth']:.2f}x |")
+        tau = (lambda row: f"tau {row['tau']:.2f}, ") if name != "transformers" else (lambda row: "")
+        cells = [f"{row['decode_ms_per_token']:.1f} ({tau(row)}{row['prefill_seconds']:.2f} s)" for row in m["rows"]]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {m['growth']:.2f}x | {m['growth_with_prefill']:.2f}x |")
     lines.append(f"\nmachine: {r['machine']['cpu']}, {r['torch_threads']} torch threads, device {r['machine']['device']}")
     return "\n".join(lines)
 
@@ -103,11 +114,11 @@ def plot_bench_context(r: dict, path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for name, m in r["methods"].items():
-        ax.plot([row["context"] for row in m["rows"]], [row["tokens_per_s"] for row in m["rows"]], marker="o",
-                label=f"{name} (growth {m['growth']:.2f}x)")
+        ax.plot([row["context"] for row in m["rows"]], [1000 / row["decode_ms_per_token"] for row in m["rows"]],
+                marker="o", label=f"{name} (growth {m['growth']:.2f}x)")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context length (tokens before the first generated one)")
-    ax.set_ylabel("tokens/s")
+    ax.set_ylabel("tokens/s after the first token")
     ax.set_title(f"{r['model']} {r['dtype']}: speed vs context ({r['machine']['cpu']})", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
