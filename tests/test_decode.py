@@ -333,7 +333,7 @@ def test_bench_context_cli(tiny_folder, tiny_heads, capsys, tmp_path):
         assert [row["context"] for row in m["rows"]] == [16, 64]
         for row in m["rows"]:
             assert row["new_tokens"] == 6 and len(row["all_seconds"]) == 3
-            assert row["seconds"] == sorted(row["all_seconds"])[1]  # the median round
+            assert row["seconds"] == sorted(row["all_seconds"])[1]  # the median of the rounds
             assert row["ms_per_token"] == pytest.approx(1000 * row["seconds"] / row["new_tokens"])
             assert row["tokens_per_s"] == pytest.approx(row["new_tokens"] / row["seconds"])
             assert row["tau"] == pytest.approx(row["new_tokens"] / row["steps"]) and row["tau"] >= 1.0

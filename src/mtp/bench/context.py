@@ -78,9 +78,9 @@ def bench_context(cfg: BenchContextConfig, command: str = "") -> dict:
 
 
 def _row(context: int, runs: list[tuple[float, int, int]], prefills: list[float], own: bool) -> dict:
-    """One method at one length: the median round, and the time per token after the first (the prefill, timed
-    apart as a one-token answer, taken off)."""
-    seconds, tokens, steps = sorted(runs)[len(runs) // 2]
+    """One method at one length: median times over the rounds (greedy: the same tokens every round), and the time
+    per token after the first (the prefill, timed apart as a one-token answer, taken off)."""
+    seconds, (_, tokens, steps) = statistics.median(r[0] for r in runs), runs[0]
     prefill = statistics.median(prefills)
     return {"context": context, "seconds": seconds, "new_tokens": tokens, "steps": steps,
             "ms_per_token": 1000 * seconds / tokens, "tokens_per_s": tokens / seconds,
@@ -94,8 +94,8 @@ def format_bench_context(r: dict) -> str:
              f"document, {r['max_new_tokens']} new tokens, median of {r['rounds']} round(s)", "",
              "ms per generated token after the first (prefill timed apart and taken off); in brackets: tau, and "
              "the prefill's seconds", "",
-             "| method | " + " | ".join(f"at {n}" for n in ctx) + f" | growth {ctx[-1]} / {ctx[0]} |"
-             " | with prefill |", "|---|" + "---:|" * (len(ctx) + 2)]
+             "| method | " + " | ".join(f"at {n}" for n in ctx) + f" | growth {ctx[-1]} / {ctx[0]} | with prefill |",
+             "|---|" + "---:|" * (len(ctx) + 2)]
     for name, m in r["methods"].items():
         tau = (lambda row: f"tau {row['tau']:.2f}, ") if name != "transformers" else (lambda row: "")
         cells = [f"{row['decode_ms_per_token']:.1f} ({tau(row)}{row['prefill_seconds']:.2f} s)" for row in m["rows"]]
