@@ -771,3 +771,45 @@ def test_compare_adaptive_refuses_sequential_heads(tiny_folder, capsys, tmp_path
     # (transformers' own weight-loading bar comes first on stderr; then one error line)
     assert code == 2 and "Traceback" not in err and err.strip().splitlines()[-1].startswith("mtp: error:")
     assert "sequential" in err.strip().splitlines()[-1]
+
+
+def test_lookup_continuation_equals_a_plain_scan():
+    """The vectorized n-gram match gives what a scan for the latest earlier occurrence gives."""
+    import random
+
+    def scan(seq, max_ngram, draft_len):
+        for n in range(min(max_ngram, len(seq) - 1), 0, -1):
+            for start in range(len(seq) - n - 1, -1, -1):
+                if seq[start:start + n] == seq[-n:]:
+                    return seq[start + n: start + n + draft_len]
+        return []
+
+    rng = random.Random(0)
+    for trial in range(300):
+        seq = [rng.randrange(1 + trial % 7) for _ in range(rng.randrange(1, 40))]
+        for max_ngram, draft_len in ((3, 4), (1, 2), (5, 8)):
+            assert LookupProposer(draft_len, max_ngram)._continuation(seq) == scan(seq, max_ngram, draft_len), seq
+
+
+def test_streamer_prints_exactly_the_answer_in_any_chunking():
+    """Streamed pieces (decoded a line at a time, not the whole answer per step) join to the decoded answer."""
+    import io
+    import random
+
+    from mtp.decode.run import Streamer
+    from tests.conftest import char_tokenizer
+
+    tok = char_tokenizer(add_bos=False)
+    text = "def f(x):\n    return x\n\n  two spaces\n\tand a tab\nend"
+    ids = tok(text)["input_ids"]
+    rng = random.Random(0)
+    for _ in range(20):
+        out = io.StringIO()
+        streamer, i = Streamer(tok, out), 0
+        while i < len(ids):
+            n = rng.randrange(1, 5)
+            streamer(0, ids[i:i + n])
+            streamer(1, [5, 6])  # other rows are not printed
+            i += n
+        assert out.getvalue() == tok.decode(ids) == text
+        assert len(streamer.tokens) <= 1 + len(text.rsplit("\n", 1)[-1])  # only the open line is kept

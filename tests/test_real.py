@@ -66,3 +66,21 @@ def test_shipped_heads_decode_like_plain_greedy(smollm2, which):
     for method in ("blockwise", "tree", "dynamic"):
         assert [r.tokens for r in outs[method].rows] == [r.tokens for r in outs["plain"].rows]
         assert sum(r.tau for r in outs[method].rows) / 2 > 1.2  # the heads do accept tokens
+
+
+def test_streamer_with_the_real_tokenizer(smollm2):
+    """Byte-level BPE: streamed pieces, decoded a line at a time, join to the decoded answer (code, accents,
+    emoji split across tokens, indentation after newlines)."""
+    import io
+
+    from mtp.decode.run import Streamer
+
+    _, tok = smollm2
+    text = "def café(x):\n    return x  # naïve 🙂\n\n        deep\n\tdone — ok\n"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    for chunk in (1, 2, 3, 7):
+        out = io.StringIO()
+        streamer = Streamer(tok, out)
+        for i in range(0, len(ids), chunk):
+            streamer(0, ids[i:i + chunk])
+        assert out.getvalue() == tok.decode(ids) == text

@@ -157,9 +157,14 @@ def mask_argument(config, mask_for: Callable[[str], torch.Tensor]):
 
 def rotary_embeddings(rotary: nn.Module, h: torch.Tensor, position_ids: torch.Tensor, layer_type: str):
     """(cos, sin) of a decoder's rotary embedding; per layer type where it has one rope per type (Gemma 3)."""
-    if "layer_type" in inspect.signature(rotary.forward).parameters:
+    if _takes_layer_type(type(rotary).forward):
         return rotary(h, position_ids, layer_type)
     return rotary(h, position_ids)
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_layer_type(forward) -> bool:
+    return "layer_type" in inspect.signature(forward).parameters  # read once per class, not per decoding step
 
 
 @contextlib.contextmanager

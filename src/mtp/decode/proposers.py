@@ -243,11 +243,15 @@ class LookupProposer(Proposer):
         self.draft_len, self.max_ngram = draft_len, max_ngram
 
     def _continuation(self, seq: list[int]) -> list[int]:
+        """What followed the latest earlier occurrence of the longest matching tail n-gram (vectorized: one
+        comparison of every window per n, instead of a Python scan of the sequence)."""
+        ids = torch.tensor(seq, dtype=torch.long)
         for n in range(min(self.max_ngram, len(seq) - 1), 0, -1):
-            tail = seq[-n:]
-            for start in range(len(seq) - n - 1, -1, -1):  # latest earlier occurrence first
-                if seq[start:start + n] == tail:
-                    return seq[start + n: start + n + self.draft_len]
+            windows = ids[:-1].unfold(0, n, 1)  # (L - n, n): every n-gram that has a token after it
+            hits = (windows == ids[-n:]).all(1).nonzero()
+            if len(hits):
+                start = int(hits[-1])  # latest earlier occurrence first
+                return seq[start + n: start + n + self.draft_len]
         return []
 
     def propose(self, state) -> Draft:

@@ -142,9 +142,22 @@ class Streamer:
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
         if text.endswith("\ufffd"):
             return
-        self.out.write(text[self.printed:])
+        new_text = text[self.printed:]
+        self.out.write(new_text)
         self.out.flush()
         self.printed = len(text)
+        if "\n" in new_text:
+            self._trim(text)
+
+    def _trim(self, text: str) -> None:
+        """A line is complete: keep only the token that ends it and what follows (that token stays as context,
+        so a tokenizer that drops a leading space cannot), so each step decodes the open line, not the answer."""
+        for k in range(len(self.tokens) - 1, -1, -1):
+            if "\n" in self.tokenizer.decode(self.tokens[k:k + 1], skip_special_tokens=True):
+                tail = self.tokenizer.decode(self.tokens[k:], skip_special_tokens=True)
+                if text.endswith(tail):  # decodes on its own to the same characters
+                    self.tokens, self.printed = self.tokens[k:], len(tail)
+                return
 
 
 @torch.inference_mode()
