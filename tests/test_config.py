@@ -9,14 +9,12 @@ import sys
 import pytest
 
 from mtp import config as C
-from mtp.cli import COMMANDS, _load, build_parser, main, make_config
+from mtp.cli import COMMANDS, _load, main
+from mtp.cli import parse as parse_command
 
 
 def parse(argv):
-    given = vars(build_parser().parse_args(argv))
-    cmd = COMMANDS[given.pop("_name")]
-    given.pop("_command", None), given.pop("_group", None)
-    return make_config(cmd.config, given, given.pop("config", None))
+    return parse_command(argv)[1]
 
 
 def one_line_error(capsys, argv, *fragments):

@@ -546,7 +546,6 @@ def test_union_merges_shared_prefixes_and_keeps_parents_first():
 def test_hybrid_is_sized_from_the_verify_cost(monkeypatch):
     """hybrid's tree is sized like tree's, with the lookup chain's tokens counted in every forward."""
     import mtp.decode.run as run
-    from mtp.decode.accept import Sampling
 
     flat_then_steep = {1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0, 5: 1.0, 6: 1.0, 8: 1.0, 10: 3.0, 12: 3.5, 16: 4.0}
     asked = []
@@ -599,7 +598,6 @@ def test_adaptive_tree_learns_conditional_acceptance_and_resizes():
 def test_adaptive_methods_reproduce_plain_greedy(monkeypatch):
     """Sizes chosen from the verify cost adapt while decoding, and every output stays plain greedy's."""
     import mtp.decode.run as run
-    from mtp.decode.accept import Sampling
     from mtp.decode.proposers import AdaptiveTreeProposer
 
     flat = {k: 1.0 for k in (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32)}
@@ -737,7 +735,6 @@ def test_dynamic_tree_is_best_first():
 @pytest.mark.parametrize("method", ["blockwise", "tree", "dynamic", "hybrid"])
 def test_sequential_heads_through_build_decoder(method, monkeypatch):
     import mtp.decode.run as run
-    from mtp.decode.accept import Sampling
 
     monkeypatch.setattr(run, "cached_verify_cost", lambda name, backbone: {k: 1.0 for k in (1, 2, 4, 8, 16)})
     model = tiny_model("llama", vocab=64)

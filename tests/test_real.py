@@ -46,7 +46,6 @@ def test_batched_equals_naive_on_real_model(smollm2):
 def test_shipped_heads_decode_like_plain_greedy(smollm2, which):
     """The shipped heads (hydra default, eagle3) load onto the real model and every head method says what
     plain greedy says (a batch of two prompts)."""
-    from mtp.decode.accept import Sampling
     from mtp.config import DraftOptions
     from mtp.decode.run import build_decoder, encode_prompt, eos_ids
     from mtp.heads_format import resolve_heads

@@ -136,12 +136,18 @@ def make_config(cls, given: dict, path: str | None):
     return cls(**values)
 
 
-def run(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def parse(argv: list[str]) -> tuple[Command, object]:
+    """The command asked for and its validated config (flags over the --config file over the defaults)."""
     given = vars(build_parser().parse_args(argv))
     cmd = COMMANDS[given.pop("_name")]
-    given.pop("_command", None), given.pop("_group", None)
-    cfg = make_config(cmd.config, given, given.pop("config", None))
+    for routing in ("_command", "_group"):
+        given.pop(routing, None)
+    return cmd, make_config(cmd.config, given, given.pop("config", None))
+
+
+def run(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    cmd, cfg = parse(argv)
     _quiet_libraries()
     result = _load(cmd.run)(cfg, "mtp " + shlex.join(argv))
     if result is None:

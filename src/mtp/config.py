@@ -515,7 +515,7 @@ class DraftOptions(Runtime):
         _require(self.temperature >= 0, f"--temperature must be >= 0, got {self.temperature}")
         _require(self.top_k >= 0, f"--top-k must be >= 0, got {self.top_k}")
         _require(0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}")
-        _at_least(self, ("nodes", "draft_len", "exit_layer"))
+        _at_least(self, ("nodes", "draft_len", "exit_layer"))  # a 0 would read as "not given" (``x or default``)
         _require(self.draft_vocab is None or self.draft_vocab >= 0,
                  f"--draft-vocab must be >= 0 (0 = the whole vocabulary), got {self.draft_vocab}")
 

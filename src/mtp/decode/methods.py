@@ -122,12 +122,6 @@ def choose_tree(acc: list[list[float]], cost: dict, max_nodes: int = 64, extra: 
     return best, best_gain
 
 
-def check_draft_len(draft_len: int | None) -> None:
-    """Before any sizing work: a 0 would otherwise read as "not given" (``draft_len or default``)."""
-    if draft_len is not None and draft_len < 1:
-        raise UserError(f"--draft-len must be >= 1, got {draft_len}")
-
-
 FLAT_CURVE = 1.3  # t(16) / t(1) at most this: a verify forward over 16 tokens costs about what one costs
 
 
@@ -159,7 +153,6 @@ def make_proposer(method: str, opts: DraftOptions | None = None, *, n_heads: int
         raise UserError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
     if method in HEAD_METHODS and n_heads < 1:
         raise UserError(f"method {method!r} drafts with MTP heads: pass --heads DIR or default")
-    check_draft_len(draft_len)
     info: dict = {"method": method}
     if method == "plain":
         return PlainProposer(), info

@@ -11,7 +11,7 @@ import torch
 from mtp.config import DraftOptions
 from mtp.decode.accept import Sampling
 from mtp.decode.engine import Decoder, GenerateOutput
-from mtp.decode.methods import HEAD_METHODS, cached_verify_cost, check_draft_len, make_proposer
+from mtp.decode.methods import HEAD_METHODS, cached_verify_cost, make_proposer
 from mtp.errors import UserError
 
 
@@ -68,7 +68,6 @@ def build_decoder(backbone, tokenizer, mtp_model, folder: Path | None, model_nam
     if method in HEAD_METHODS and mtp_model is None:
         raise UserError(f"method {method!r} drafts with MTP heads: pass --heads DIR or default "
                         f"(or use lookup / early-exit, which need none)")
-    check_draft_len(opts.draft_len)  # before measuring the verify cost, which takes a while on a real model
     heads = mtp_model if method in HEAD_METHODS else None
     shortlist = draft_shortlist(heads, opts.draft_vocab) if heads is not None else None
     if opts.adapt and mtp_model is not None and mtp_model.sequential and method in HEAD_METHODS:

@@ -203,8 +203,6 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, command: str = "") -> d
 
     preset = get_preset(cfg.preset)
     ddp, _ = init_distributed(cfg.device)  # under torchrun: rank 0 builds the initial model, the others wait
-    if cfg.heads < 1:
-        raise UserError(f"--heads must be at least 1 (1 = next-token only), got {cfg.heads}")
     out = Path(cfg.out)
     init = out / "init"
     seq_len = cfg.seq_len or preset.seq_len
