@@ -120,7 +120,7 @@ def test_two_process_gloo_equals_single_process(corpus, tmp_path):
     single = subprocess.run([sys.executable, str(script), str(tmp_path / "one")], env=env, capture_output=True,
                             text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-2000:]
-    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                             str(script), str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=600)
     assert multi.returncode == 0, multi.stderr[-3000:]
     from safetensors.torch import load_file

@@ -123,7 +123,7 @@ def test_two_process_gloo_equals_single_process(tiny_folder, corpus_file, tmp_pa
                             capture_output=True, text=True)
     assert single.returncode == 0, single.stderr
     multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                            "--master_port=29517", "-m", "mtp", *args, "--out", str(tmp_path / "two")], env=env,
+                            "--standalone", "-m", "mtp", *args, "--out", str(tmp_path / "two")], env=env,
                            capture_output=True, text=True)
     assert multi.returncode == 0, multi.stderr[-2000:]
     a, b = heads_state(tmp_path / "one" / "heads"), heads_state(tmp_path / "two" / "heads")
