@@ -142,9 +142,9 @@ def test_cache_after_commit_equals_recomputed_cache():
         fresh = new_cache()
         with torch.no_grad():
             forward_with_cache(model, fresh, torch.tensor([committed]), use_cache=True)
-        slots = dec.slot_valid[i].nonzero()[:, 0]
+        slots = dec.slots.valid[i, :dec.slots.end].nonzero()[:, 0]
         assert len(slots) == len(committed)
-        assert dec.slot_pos[i, slots].tolist() == list(range(len(committed)))
+        assert dec.slots.pos[i, slots].tolist() == list(range(len(committed)))
         for mine, ref in zip(dec.cache.layers, fresh.layers):
             assert torch.allclose(mine.keys[i][:, slots], ref.keys[0], atol=1e-10)
             assert torch.allclose(mine.values[i][:, slots], ref.values[0], atol=1e-10)

@@ -10,7 +10,9 @@ Everything here changed, or is announced to change, between transformers release
   (rows of a batch own their slots, holes are masked) and edits entries along the sequence axis, which no
   public method of the cache does (``crop`` only drops a suffix of equal length in every layer):
   :func:`new_cache`, :func:`cache_length`, :func:`truncate_cache`, :func:`select_cache`,
-  :func:`compact_cache`;
+  :func:`compact_cache`; the decoding engine's preallocated cache, :class:`SlotLayer` (one of transformers'
+  cache layers, written in place like its ``StaticLayer``, but at the engine's slots and read over a
+  length bucket), :func:`slot_cache`;
 - the ``attention_mask`` argument: hybrid models take a dict with one custom 4-D mask per layer type
   (:func:`mask_argument`), rotary embeddings per layer type (:func:`rotary_embeddings`), and a forward
   through the first layers only (:func:`first_layers`).
@@ -129,6 +131,93 @@ def compact_cache(cache, start: int, index: torch.Tensor) -> None:
             moved = tail.gather(2, index[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]))
             t[:, :, start:start + m] = moved
             setattr(layer, name, t[:, :, : start + m])
+
+
+# ----------------------------------------------------------------------------- preallocated cache
+
+
+class SlotView:
+    """What every :class:`SlotLayer` of one slot layout reads before a forward: the first slot it writes
+    (``start``), how many slots the attention reads (``length``, the new ones and a bucket's padding
+    included), and how many the layers hold (``capacity``). Set by :class:`mtp.decode.slots.Slots`."""
+
+    def __init__(self, capacity: int):
+        self.start, self.length, self.capacity = 0, 0, capacity
+
+
+def _slot_layer_class():
+    from transformers.cache_utils import CacheLayerMixin
+
+    class SlotLayer(CacheLayerMixin):
+        """One layer's keys and values, preallocated (B, heads, capacity, D) and written in place at
+        ``view.start``; attention reads the first ``view.length`` slots (masked slots included). The layout
+        (which slot holds what, which are holes) is the engine's: nothing here moves on its own."""
+
+        def __init__(self, view: SlotView):
+            super().__init__()
+            self.view = view
+
+        def lazy_initialization(self, key_states, value_states):
+            b, h, _, d = key_states.shape
+            self.device = key_states.device
+            shape = (b, h, self.view.capacity)
+            self.keys = torch.zeros(*shape, d, dtype=key_states.dtype, device=self.device)
+            self.values = torch.zeros(*shape, value_states.shape[-1], dtype=value_states.dtype, device=self.device)
+            self.is_initialized = True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            s, q = self.view.start, key_states.shape[-2]
+            self.keys[:, :, s:s + q] = key_states
+            self.values[:, :, s:s + q] = value_states
+            n = self.view.length
+            return self.keys[:, :, :n], self.values[:, :, :n]
+
+        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+            return self.view.length, 0
+
+        def get_seq_length(self) -> int:
+            return self.view.start
+
+        def get_max_length(self) -> int:
+            return self.view.capacity
+
+        def grow(self, capacity: int) -> None:
+            """Reallocate to ``capacity`` slots, keeping what is written."""
+            if not self.is_initialized or self.keys.shape[2] >= capacity:
+                return
+            for name in ("keys", "values"):
+                old = getattr(self, name)
+                new = old.new_zeros(*old.shape[:2], capacity, old.shape[3])
+                new[:, :, :old.shape[2]] = old
+                setattr(self, name, new)
+
+        def compact(self, start: int, width: int, index: torch.Tensor) -> None:
+            """Per row, move slots ``start + index[row]`` (index (B, m), within ``width`` slots from ``start``)
+            to ``start .. start + m - 1``, in place."""
+            if not self.is_initialized:
+                return
+            m = index.shape[1]
+            for t in (self.keys, self.values):
+                idx = index[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3])
+                t[:, :, start:start + m] = t[:, :, start:start + width].gather(2, idx)
+
+    return SlotLayer
+
+
+_SLOT_LAYER = None
+
+
+def slot_cache(view: SlotView):
+    """A transformers :class:`~transformers.Cache` of :class:`SlotLayer` s sharing ``view`` (layers are
+    created as the model's layers first write, as in a dynamic cache)."""
+    global _SLOT_LAYER
+    from transformers.cache_utils import Cache
+
+    if _SLOT_LAYER is None:
+        _SLOT_LAYER = _slot_layer_class()
+    return Cache(layer_class_to_replicate=functools.partial(_SLOT_LAYER, view))
 
 
 # ----------------------------------------------------------------------------- masks and layers

@@ -16,16 +16,16 @@ from __future__ import annotations
 
 import torch
 
-from mtp.hf_compat import new_cache, truncate_cache
+from mtp.decode.slots import Slots
 from mtp.model.attention import additive_mask
 
 
 class EagleDraftState:
-    def __init__(self, mtp_model, batch: int, device):
+    def __init__(self, mtp_model, batch: int, device, capacity: int = 256, bucket: int = 256):
         self.model, self.head = mtp_model, mtp_model.eagle
-        self.cache = new_cache()
-        self.valid = torch.zeros(batch, 0, dtype=torch.bool, device=device)  # committed slots
-        self.pos = torch.zeros(batch, 0, dtype=torch.long, device=device)
+        self.slots = Slots(batch, device, capacity, bucket)  # committed slots, then the step's draft keys
+        self.cache = self.slots.cache()
+        self.committed = 0
         self.device, self.batch = device, batch
         self.root_out: torch.Tensor | None = None  # (B, H): output at the last committed position
         self.root_logits: torch.Tensor | None = None  # (B, Vd)
@@ -44,17 +44,16 @@ class EagleDraftState:
         """Run the drafter over newly committed positions: target states [(B, m, Ht)] at positions ``pos``
         (B, m), each with the token after it (B, m); ``valid`` (B, m) False for holes. Drops draft keys."""
         b, m = tokens.shape
-        s = self.valid.shape[1]
-        truncate_cache(self.cache, s)
+        self.slots.truncate(self.committed)
         self._reset_draft()
         causal = torch.ones(m, m, dtype=torch.bool, device=self.device).tril()[None] & valid[:, None, :]
-        allowed = torch.cat([self.valid[:, None, :].expand(b, m, s), causal], -1)
-        allowed[:, :, s:] |= torch.eye(m, dtype=torch.bool, device=self.device)[None]
+        causal |= torch.eye(m, dtype=torch.bool, device=self.device)[None]
+        allowed, _ = self.slots.begin(pos, causal)
         dtype = self.dtype
         g = self.head.fuse([x.to(dtype) for x in states])
         a = self.head.step(self.model.embed(tokens).to(dtype), g, pos, additive_mask(allowed, dtype), self.cache)
-        self.valid = torch.cat([self.valid, valid], 1)
-        self.pos = torch.cat([self.pos, pos], 1)
+        self.slots.keep_all(valid)
+        self.committed = self.slots.end
         rows = torch.arange(b, device=self.device)
         last = (valid.long().cumsum(1) * valid).argmax(1)  # the last valid slot of each row
         out = a[rows, last]  # (B, H)
@@ -62,7 +61,8 @@ class EagleDraftState:
             self.root_out = out
         else:  # rows without a valid slot (finished) keep their state
             self.root_out = torch.where(valid.any(1)[:, None], out, self.root_out)
-        self.root_pos = self.pos.gather(1, (self.valid.long().cumsum(1) * self.valid).argmax(1)[:, None])[:, 0]
+        used = self.slots.valid[:, :self.committed]
+        self.root_pos = self.slots.pos.gather(1, (used.long().cumsum(1) * used).argmax(1)[:, None])[:, 0]
         self.root_logits = self.head.draft_logits(self.root_out)
 
     def draft_logits(self, prev_ids: torch.Tensor) -> torch.Tensor:
@@ -93,7 +93,7 @@ class EagleDraftState:
         tokens = torch.zeros(b, w, dtype=torch.long)
         hidden = self.root_out.new_zeros(b, w, h)
         qvalid = torch.zeros(b, w, dtype=torch.bool)
-        s, n_draft = self.valid.shape[1], self.draft_slots
+        n_draft = self.draft_slots
         anc = torch.zeros(b, w, n_draft + w, dtype=torch.bool)
         for r, items in enumerate(per_row):
             for j, (_, key) in enumerate(items):
@@ -108,12 +108,12 @@ class EagleDraftState:
         tokens, qvalid, anc = tokens.to(dev), qvalid.to(dev), anc.to(dev)
         depth = len(todo[0][2])  # every node of one call is at the same depth
         q_pos = (self.root_pos + depth)[:, None].expand(b, w)
-        committed = self.valid[:, None, :].expand(b, w, s)
-        allowed = torch.cat([committed, anc], -1)
-        allowed[:, :, -w:] |= torch.eye(w, dtype=torch.bool, device=dev)[None]  # padding queries see themselves
+        anc[:, :, -w:] |= torch.eye(w, dtype=torch.bool, device=dev)[None]  # padding queries see themselves
+        allowed, _ = self.slots.begin(q_pos, anc, base=self.committed)
         dtype = self.dtype
         a = self.head.step(self.model.embed(tokens).to(dtype), hidden, q_pos, additive_mask(allowed, dtype),
                            self.cache)  # (B, W, H)
+        self.slots.keep_all(qvalid)
         logits = self.head.draft_logits(a)  # (B, W, Vd)
         for r, items in enumerate(per_row):
             for j, (i, key) in enumerate(items):

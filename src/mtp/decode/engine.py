@@ -8,7 +8,13 @@
   token after it, which becomes the next root;
 - commit: the accepted nodes' cache entries are moved into place and the rest dropped; the heads read the
   hidden state of the last accepted node (transformer heads first append every accepted position to their
-  own KV cache, which shares the backbone cache's slot layout).
+  own KV cache).
+
+Memory is preallocated (:mod:`mtp.decode.slots`): each forward writes its keys and values in place at the
+next free slots, the commit moves the accepted ones to the front with one gather over the step's slots, and
+attention reads the used slots rounded up to a bucket, so a step's cost follows the context instead of
+growing by concatenation. The hidden-state taps are registered once per ``generate`` call, and a verify
+step reads back to the host once (the accepted tokens, the lengths and the next roots, in one transfer).
 
 Rows of a batch accept different numbers of tokens: each row owns its cache slots, and slots that a row
 does not use (left padding, a shorter accepted path than another row's) are holes that its attention
@@ -29,7 +35,8 @@ from mtp.decode.accept import Sampling, accept_greedy, accept_sample, accept_typ
 from mtp.decode.proposers import PlainProposer, Proposer
 from mtp.decode.tree import Draft
 from mtp.errors import UserError
-from mtp.hf_compat import compact_cache, first_layers, forward_with_cache, new_cache, truncate_cache
+from mtp.decode.slots import Slots
+from mtp.hf_compat import first_layers, forward_with_cache
 from mtp.model.attention import attention_masks
 from mtp.model.heads import capture_hidden, final_norm
 
@@ -69,7 +76,7 @@ class Decoder:
 
     def __init__(self, backbone, tokenizer, heads=None, proposer: Proposer | None = None,
                  sampling: Sampling | None = None, acceptance: str = "exact", seed: int = 0,
-                 typical_epsilon: float = 0.09, draft_vocab: torch.Tensor | None = None):
+                 typical_epsilon: float = 0.09, draft_vocab: torch.Tensor | None = None, bucket: int = 256):
         self.backbone, self.tokenizer, self.heads = backbone, tokenizer, heads
         self.proposer = proposer or PlainProposer()
         self.sampling = sampling or Sampling()
@@ -78,6 +85,7 @@ class Decoder:
         if self.proposer.needs_heads and heads is None:
             raise UserError(f"method {self.proposer.name!r} drafts with MTP heads: pass --heads DIR or default")
         self.acceptance, self.seed, self.typical_epsilon = acceptance, seed, typical_epsilon
+        self.bucket = bucket  # attention reads the used cache slots rounded up to this many
         self.device = backbone.device
         self.generator = torch.Generator(device=self.device)
         self.n_layers = backbone.config.num_hidden_layers
@@ -105,24 +113,16 @@ class Decoder:
     # ------------------------------------------------------------------ forward pieces
 
     def _forward(self, ids, q_pos, allowed_new, logits_to_keep=0):
-        """Backbone forward of (B, Q) new tokens against the cache; appends their slots. Returns logits and,
-        with heads, the tapped states of the new tokens."""
-        b, q = ids.shape
-        allowed = torch.cat([self.slot_valid[:, None, :].expand(b, q, -1), allowed_new], -1)
-        k_pos = torch.cat([self.slot_pos, q_pos], 1)
+        """Backbone forward of (B, Q) new tokens against the cache, written at the next free slots (the
+        caller keeps or drops them). Returns logits and, with heads, the tapped states of the new tokens."""
+        allowed, k_pos = self.slots.begin(q_pos, allowed_new)
         mask = attention_masks(self.backbone.config, allowed, q_pos, k_pos, self._mask_dtype)
-        ctx = capture_hidden(self.backbone, self.heads.tapped) if self.n_run else \
-            contextlib.nullcontext({})
-        with ctx as store:
-            out = forward_with_cache(self.backbone, self.cache, input_ids=ids, position_ids=q_pos, attention_mask=mask,
-                                     use_cache=True, logits_to_keep=logits_to_keep)
-        states = [store[i] for i in self.heads.tapped] if self.n_run else None
+        self._taps.clear()
+        out = forward_with_cache(self.backbone, self.cache, input_ids=ids, position_ids=q_pos, attention_mask=mask,
+                                 use_cache=True, logits_to_keep=logits_to_keep)
+        states = [self._taps[i] for i in self.heads.tapped] if self.n_run else None
         self.forwards += 1
         return out.logits, states
-
-    def _append_slots(self, valid, pos):
-        self.slot_valid = torch.cat([self.slot_valid, valid], 1)
-        self.slot_pos = torch.cat([self.slot_pos, pos], 1)
 
     def _heads_step(self, states, keep_idx, keep_valid, q_pos, next_tokens=None):
         """Heads on the committed new positions (B, m): head_logits (B, n_heads, V) at the last one.
@@ -144,22 +144,19 @@ class Decoder:
         outs = []
         for k, head in enumerate(self.heads.heads[: self.n_run]):
             if self.transformer_heads:
-                cache = self.head_caches[k]
-                s_prev = self.head_valid.shape[1]
-                allowed_new = torch.ones(m, m, dtype=torch.bool, device=self.device).tril()[None] & \
-                    keep_valid[:, None, :]
-                allowed_new |= torch.eye(m, dtype=torch.bool, device=self.device)[None]
-                allowed = torch.cat([self.head_valid[:, None, :].expand(b, m, s_prev), allowed_new], -1)
-                k_pos = torch.cat([self.head_pos, pos], 1)
-                h = head(sel, pos, cache, attn=(allowed, pos, k_pos))
+                if k == 0:
+                    allowed_new = torch.ones(m, m, dtype=torch.bool, device=self.device).tril()[None] & \
+                        keep_valid[:, None, :]
+                    allowed_new |= torch.eye(m, dtype=torch.bool, device=self.device)[None]
+                    allowed, k_pos = self.head_slots.begin(pos, allowed_new)
+                h = head(sel, pos, self.head_caches[k], attn=(allowed, pos, k_pos))
             else:
                 h = head([s[rows, last][:, None] for s in sel], pos[rows, last][:, None])
                 outs.append(h[:, 0])
                 continue
             outs.append(h[rows, last])
         if self.transformer_heads:
-            self.head_valid = torch.cat([self.head_valid, keep_valid], 1)
-            self.head_pos = torch.cat([self.head_pos, pos], 1)
+            self.head_slots.keep_all(keep_valid)
         hidden = torch.stack(outs, 1)  # (B, n_heads, H)
         self.head_logits = self._head_logits(hidden)
 
@@ -219,24 +216,22 @@ class Decoder:
     def shallow_chain(self, layers: int, length: int) -> torch.Tensor:
         """Greedy chain of ``length`` tokens after the root from the first ``layers`` layers; the cache is
         restored afterwards (only those layers' entries grew)."""
-        s = self.slot_valid.shape[1]
-        valid, pos = self.slot_valid, self.slot_pos
+        s = self.slots.end
         tok, p = self.root, self.next_pos
         out = []
-        heads, self.heads = self.heads, None
+        n_run, self.n_run = self.n_run, 0
+        eye = torch.ones(self.batch, 1, 1, dtype=torch.bool, device=self.device)
         try:
             with first_layers(self.backbone, layers):
                 for i in range(length):
-                    eye = torch.ones(self.batch, 1, 1, dtype=torch.bool, device=self.device)
                     logits, _ = self._forward(tok[:, None], p[:, None], eye)
-                    self._append_slots(torch.ones(self.batch, 1, dtype=torch.bool, device=self.device), p[:, None])
+                    self.slots.keep_all(eye[:, 0])
                     tok = greedy_tokens(logits[:, -1])
                     out.append(tok)
                     p = p + 1
         finally:
-            self.heads = heads
-            truncate_cache(self.cache, s)
-            self.slot_valid, self.slot_pos = valid, pos
+            self.n_run = n_run
+            self.slots.truncate(s)
         return torch.stack(out, 1)
 
     # ------------------------------------------------------------------ the loop
@@ -297,10 +292,23 @@ class Decoder:
         self._stop_window = max((len(s) for s in self.stop_strings), default=0) + 8
         self._mask_dtype = self.backbone.dtype
         self.forwards = self.verify_tokens = self.verify_forwards = 0
-        self.cache = new_cache()  # full layers: sliding windows come from our masks
-        self.slot_valid = torch.zeros(b, 0, dtype=torch.bool, device=dev)
-        self.slot_pos = torch.zeros(b, 0, dtype=torch.long, device=dev)
+        # room for the prompt, the answer and one step's draft (grown if a draft is larger)
+        capacity = longest + max_new_tokens + 64
+        self.slots = Slots(b, dev, capacity, bucket=self.bucket)
+        self.cache = self.slots.cache()  # full layers: sliding windows come from our masks
+        self._taps: dict[int, torch.Tensor] = {}
+        with contextlib.ExitStack() as hooks:
+            if self.n_run:  # the tapped layers' hooks, registered once for the whole call
+                self._taps = hooks.enter_context(capture_hidden(self.backbone, self.heads.tapped))
+            self._decode(prompts, longest, capacity, callback)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self._taps = None  # the slots and caches stay until the next call: they show what was committed
+        return GenerateOutput(self.results, time.perf_counter() - start, self.forwards, self.verify_tokens,
+                              self.verify_forwards)
 
+    def _decode(self, prompts, longest, capacity, callback):
+        dev, b = self.device, len(prompts)
         # prefill, left-padded
         ids = torch.zeros(b, longest, dtype=torch.long, device=dev)
         valid = torch.zeros(b, longest, dtype=torch.bool, device=dev)
@@ -311,28 +319,27 @@ class Decoder:
         causal = torch.ones(longest, longest, dtype=torch.bool, device=dev).tril()
         allowed = (causal[None] & valid[:, None, :]) | torch.eye(longest, dtype=torch.bool, device=dev)[None]
         logits, states = self._forward(ids, pos, allowed, logits_to_keep=1)
-        self._append_slots(valid, pos)
+        self.slots.keep_all(valid)
         self.next_pos = pos[:, -1] + 1
         self.root = self.sampling.choose(logits[:, -1], self.generator)
         if self.n_run:
             if self.eagle:
                 from mtp.decode.eagle import EagleDraftState
 
-                self.eagle_state = EagleDraftState(self.heads, b, dev)
+                self.eagle_state = EagleDraftState(self.heads, b, dev, capacity, self.bucket)
                 self.root_next = self.root
                 self._heads_step(states, torch.arange(longest, device=dev).expand(b, -1), valid, pos, ids)
             elif self.transformer_heads:
-                self.head_caches = [new_cache() for _ in range(self.n_run)]
-                self.head_valid = torch.zeros(b, 0, dtype=torch.bool, device=dev)
-                self.head_pos = torch.zeros(b, 0, dtype=torch.long, device=dev)
+                self.head_slots = Slots(b, dev, capacity, bucket=self.bucket)
+                self.head_caches = [self.head_slots.cache() for _ in range(self.n_run)]
                 idx = torch.arange(longest, device=dev).expand(b, -1)
                 self._heads_step(states, idx, valid, pos)
             else:
                 last = torch.full((b, 1), longest - 1, dtype=torch.long, device=dev)
                 self._heads_step(states, last, torch.ones(b, 1, dtype=torch.bool, device=dev), pos)
-        for i in range(b):
+        for i, root in enumerate(self.root.tolist()):
             self.results[i].steps = 1
-            added = self._emit(i, [int(self.root[i])])
+            added = self._emit(i, [root])
             if callback:
                 callback(i, added)
 
@@ -346,32 +353,33 @@ class Decoder:
                 node_valid = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=dev), draft.valid], 1)
                 allowed_new = (allowed_new & node_valid[:, :, None] & node_valid[:, None, :]) | \
                     torch.eye(n + 1, dtype=torch.bool, device=dev)[None]
-            s = self.slot_valid.shape[1]
             self.verify_tokens += n + 1
             self.verify_forwards += 1
             logits, states = self._forward(q_tokens, q_pos, allowed_new)
             acc = self._accept(logits, draft)
 
-            # commit: move each row's accepted slots to s .. s+m-1, drop the rest
-            m = int(acc.length.max())
-            keep_idx = acc.path[:, :m]
-            keep_valid = keep_idx >= 0
-            done_now = torch.tensor(self.done, device=dev)
-            keep_valid &= ~done_now[:, None]
+            # the one read-back of the step: per row, its accepted length, next root and path tokens
+            path = acc.path
+            path_tokens = q_tokens.gather(1, path.clamp(min=0))
+            host = torch.cat([acc.length[:, None], acc.next_root[:, None], path_tokens], 1).tolist()
+            lengths = [0 if self.done[i] else row[0] for i, row in enumerate(host)]
+            m = max(lengths)
+
+            # commit: move each row's accepted slots to the front of the step's slots, drop the rest
+            keep_idx = path[:, :m]
+            keep_valid = (keep_idx >= 0) & (torch.arange(m, device=dev)[None] <
+                                            torch.tensor(lengths, device=dev)[:, None])
             keep_idx = keep_idx.clamp(min=0)
-            compact_cache(self.cache, s, keep_idx)
-            self._append_slots(keep_valid, q_pos.gather(1, keep_idx))
-            self.next_pos = self.next_pos + torch.where(done_now, 0, acc.length)
-            path_tokens = q_tokens.gather(1, keep_idx)
+            self.slots.keep(keep_idx, keep_valid)
+            self.next_pos = self.next_pos + torch.tensor(lengths, device=dev)
             if self.n_run:
                 self.root_next = acc.next_root
-                self._heads_step(states, keep_idx, keep_valid, q_pos, path_tokens)
+                self._heads_step(states, keep_idx, keep_valid, q_pos, path_tokens[:, :m])
             emitted: list[list[int] | None] = [None] * b
-            for i in range(b):
+            for i, row in enumerate(host):
                 if self.done[i]:
                     continue
-                length = int(acc.length[i])
-                new = path_tokens[i, 1:length].tolist() + [int(acc.next_root[i])]
+                new = row[2:2 + lengths[i]][1:] + [row[1]]
                 res = self.results[i]
                 res.steps += 1
                 added = self._emit(i, new)
@@ -381,7 +389,3 @@ class Decoder:
                     callback(i, added)
             self.proposer.observe(emitted)
             self.root = acc.next_root
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        return GenerateOutput(self.results, time.perf_counter() - start, self.forwards, self.verify_tokens,
-                              self.verify_forwards)

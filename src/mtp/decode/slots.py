@@ -1,0 +1,94 @@
+"""Per-row KV slots over preallocated caches: the decoding engine's memory layout.
+
+Every row of a batch owns the same slot indices; a slot holds one token's keys and values, its position id
+and whether the row uses it (``valid``: left padding and the tail of a shorter accepted path are holes). A
+forward of Q new tokens writes slots ``[end, end + Q)`` of every registered cache in place
+(:class:`mtp.hf_compat.SlotLayer`), then the caller keeps all of them (:meth:`Slots.keep_all`: prefill, a
+committed path), keeps a per-row selection moved to the front with one fixed-width gather
+(:meth:`Slots.keep`: the accepted path of a verify step) or drops them later (:meth:`Slots.truncate`: draft
+keys). Nothing is concatenated or reallocated per step: attention reads the first slots rounded up to a
+``bucket`` (masked where unused), so its cost follows the context, and the tensors grow (copied once) only
+when a step would not fit.
+
+Several caches may share one layout (the backbone's layers; transformer heads, one cache each, over the
+committed positions): they register with :meth:`Slots.cache` and are grown and compacted together.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mtp.hf_compat import SlotView, slot_cache
+
+
+class Slots:
+    def __init__(self, batch: int, device, capacity: int, bucket: int = 256):
+        self.batch, self.device, self.bucket = batch, device, max(1, bucket)
+        self.view = SlotView(max(1, capacity))
+        self.valid = torch.zeros(batch, self.view.capacity, dtype=torch.bool, device=device)
+        self.pos = torch.zeros(batch, self.view.capacity, dtype=torch.long, device=device)
+        self.end = 0  # slots in use
+        self._caches = []
+        self._open = 0  # slots written by the current step, from self.end
+
+    @property
+    def capacity(self) -> int:
+        return self.view.capacity
+
+    def cache(self):
+        """A new transformers cache over this layout."""
+        cache = slot_cache(self.view)
+        self._caches.append(cache)
+        return cache
+
+    def _grow(self, needed: int) -> None:
+        capacity = max(needed, self.capacity + self.capacity // 2)
+        for cache in self._caches:
+            for layer in cache.layers:
+                layer.grow(capacity)
+        for name in ("valid", "pos"):
+            old = getattr(self, name)
+            new = old.new_zeros(self.batch, capacity)
+            new[:, :old.shape[1]] = old
+            setattr(self, name, new)
+        self.view.capacity = capacity
+
+    def begin(self, q_pos: torch.Tensor, allowed_new: torch.Tensor, base: int | None = None):
+        """Open slots ``[end, end + Q)`` for a forward of Q tokens at positions ``q_pos`` (B, Q).
+
+        ``allowed_new`` (B, Q, end + Q - base): what each query sees of slots ``[base, end + Q)`` (default
+        ``base = end``: the new tokens only); slots before ``base`` are seen where valid. Returns ``allowed``
+        (B, Q, L) and the keys' positions (B, L) over the L slots the attention reads."""
+        b, q = q_pos.shape
+        s = self.end
+        base = s if base is None else base
+        if s + q > self.capacity:
+            self._grow(s + q)
+        length = min(self.capacity, -(-(s + q) // self.bucket) * self.bucket)
+        self.view.start, self.view.length, self._open = s, length, q
+        self.pos[:, s:s + q] = q_pos
+        allowed = torch.zeros(b, q, length, dtype=torch.bool, device=self.device)
+        allowed[:, :, :base] = self.valid[:, None, :base]
+        allowed[:, :, base:s + q] = allowed_new
+        return allowed, self.pos[:, :length]
+
+    def keep_all(self, valid: torch.Tensor) -> None:
+        """Keep the step's slots; ``valid`` (B, Q) marks the holes."""
+        s, q = self.end, self._open
+        self.valid[:, s:s + q] = valid
+        self.end = s + q
+
+    def keep(self, index: torch.Tensor, valid: torch.Tensor) -> None:
+        """Keep, per row, the step's slots ``end + index[row]`` (index (B, m), valid (B, m)), moved to
+        ``end .. end + m - 1``; drop the rest."""
+        s, q, m = self.end, self._open, index.shape[1]
+        for cache in self._caches:
+            for layer in cache.layers:
+                layer.compact(s, q, index)
+        self.pos[:, s:s + m] = self.pos[:, s:s + q].gather(1, index)
+        self.valid[:, s:s + m] = valid
+        self.end = s + m
+
+    def truncate(self, end: int) -> None:
+        """Forget every slot from ``end`` on."""
+        self.end = min(self.end, end)
