@@ -556,6 +556,36 @@ def test_hybrid_is_sized_from_the_verify_cost(monkeypatch):
     assert "lookup chain included" in info["nodes_from"]
 
 
+
+def test_batch_cost_reads_the_curve_at_batch_times_k_tokens():
+    from mtp.decode.methods import batch_cost
+    cost = {1: 1.0, 2: 1.0, 4: 1.5, 8: 2.5}
+    assert batch_cost(cost, 1) is cost
+    two = batch_cost(cost, 2)
+    assert two == {1: 1.0, 2: 1.5, 4: 2.5, 8: 4.5}  # 16 tokens: the last segment (0.25 per token) extended
+    assert batch_cost(cost, 3)[1] == pytest.approx(1.25)  # interpolated between 2 and 4
+
+
+def test_drafts_are_resized_for_the_batch_a_call_brings(monkeypatch):
+    """Sized from a flat-then-steep curve, a batch of 4 rows gets a smaller tree than one row (4 x its
+    tokens per forward), and the output is still plain greedy's for every row."""
+    import mtp.decode.run as run
+
+    flat_then_steep = {1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0, 5: 1.0, 6: 1.0, 8: 1.0, 10: 3.0, 12: 3.5, 16: 4.0}
+    monkeypatch.setattr(run, "cached_verify_cost", lambda name, backbone: flat_then_steep)
+    model = tiny_model("llama", vocab=64)
+    heads = with_heads(model, n=4)
+    dec, info = run.build_decoder(model, Tok(), heads, None, "tiny", "tree")
+    one = dec.proposer.tree.size
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[0]]
+    out = dec.generate(prompts, 12, eos_token_ids=[])
+    assert dec.proposer.tree.size < one == info["nodes"]
+    plain = Decoder(model, Tok()).generate(prompts, 12, eos_token_ids=[])
+    assert [r.tokens for r in out.rows] == [r.tokens for r in plain.rows]
+    dec.generate([PROMPTS[0]], 4, eos_token_ids=[])
+    assert dec.proposer.tree.size == one  # batch 1 again: its own size
+
+
 class _State:
     def __init__(self, head_logits):
         self.head_logits = head_logits

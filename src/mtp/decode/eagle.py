@@ -21,7 +21,7 @@ from mtp.model.attention import additive_mask
 
 
 class EagleDraftState:
-    def __init__(self, mtp_model, batch: int, device, capacity: int = 256, bucket: int = 256):
+    def __init__(self, mtp_model, batch: int, device, capacity: int = 256, bucket: int = 64):
         self.model, self.head = mtp_model, mtp_model.eagle
         self.slots = Slots(batch, device, capacity, bucket)  # committed slots, then the step's draft keys
         self.cache = self.slots.cache()

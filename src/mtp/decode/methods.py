@@ -95,6 +95,25 @@ def cached_verify_cost(model_name: str, backbone, context: int = 256) -> dict:
     return cost
 
 
+def batch_cost(cost: dict, batch: int) -> dict:
+    """The verify-cost curve for ``batch`` rows: a forward over k tokens per row costs about what one row's
+    forward over ``batch * k`` tokens costs (the weights are read once either way; the work scales with the
+    tokens), interpolated along the measured curve and extended along its last segment beyond it. Drafts
+    sized from it shrink as the batch grows, where a batch-1 size would make every verify compute-bound."""
+    if batch <= 1:
+        return cost
+    points = sorted(cost)
+
+    def at(k: float) -> float:
+        for a, b in zip(points, points[1:]):
+            if k <= b:
+                return cost[a] + (cost[b] - cost[a]) * (k - a) / (b - a)
+        a, b = points[-2], points[-1]
+        return cost[b] + (cost[b] - cost[a]) * (k - b) / (b - a)
+
+    return {k: at(batch * k) for k in points}
+
+
 def rank_accuracy(heads_dir: Path | None, n_heads: int) -> list[list[float]]:
     """Per head, how often each of its top ranks is right (``accuracy.json`` beside the heads, written by
     ``mtp eval`` or ``mtp pretrain``); without it a conservative prior (rank 1 of head d right 0.6 / d, each next rank a third)."""

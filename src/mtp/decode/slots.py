@@ -22,7 +22,7 @@ from mtp.hf_compat import SlotView, slot_cache
 
 
 class Slots:
-    def __init__(self, batch: int, device, capacity: int, bucket: int = 256):
+    def __init__(self, batch: int, device, capacity: int, bucket: int = 64):
         self.batch, self.device, self.bucket = batch, device, max(1, bucket)
         self.view = SlotView(max(1, capacity))
         self.valid = torch.zeros(batch, self.view.capacity, dtype=torch.bool, device=device)
