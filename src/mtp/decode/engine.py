@@ -119,7 +119,8 @@ class Decoder:
         """Backbone forward of (B, Q) new tokens against the cache, written at the next free slots (the
         caller keeps or drops them). Returns logits and, with heads, the tapped states of the new tokens."""
         allowed, k_pos = self.slots.begin(q_pos, allowed_new)
-        mask = attention_masks(self.backbone.config, allowed, q_pos, k_pos, self._mask_dtype)
+        mask = None if allowed is None else attention_masks(self.backbone.config, allowed, q_pos, k_pos,
+                                                            self._mask_dtype)
         self._taps.clear()
         out = forward_with_cache(self.backbone, self.cache, input_ids=ids, position_ids=q_pos, attention_mask=mask,
                                  use_cache=True, logits_to_keep=logits_to_keep)
@@ -323,8 +324,11 @@ class Decoder:
             ids[i, longest - len(p):] = torch.tensor(p, device=dev)
             valid[i, longest - len(p):] = True
         pos = (valid.long().cumsum(1) - 1).clamp(min=0)
-        causal = torch.ones(longest, longest, dtype=torch.bool, device=dev).tril()
-        allowed = (causal[None] & valid[:, None, :]) | torch.eye(longest, dtype=torch.bool, device=dev)[None]
+        if all(len(p) == longest for p in prompts):  # no padding: the model's own causal attention
+            allowed = None
+        else:
+            causal = torch.ones(longest, longest, dtype=torch.bool, device=dev).tril()
+            allowed = (causal[None] & valid[:, None, :]) | torch.eye(longest, dtype=torch.bool, device=dev)[None]
         logits, states = self._forward(ids, pos, allowed, logits_to_keep=1)
         self.slots.keep_all(valid)
         self.next_pos = pos[:, -1] + 1

@@ -58,7 +58,9 @@ class Slots:
 
         ``allowed_new`` (B, Q, end + Q - base): what each query sees of slots ``[base, end + Q)`` (default
         ``base = end``: the new tokens only); slots before ``base`` are seen where valid. Returns ``allowed``
-        (B, Q, L) and the keys' positions (B, L) over the L slots the attention reads."""
+        (B, Q, L) and the keys' positions (B, L) over the L slots the attention reads. ``allowed_new=None``
+        (only at ``end == 0``, rows without padding): plain causal attention over exactly Q slots, which the
+        model masks itself (its causal kernel path skips the masked half); returns (None, None)."""
         b, q = q_pos.shape
         s = self.end
         base = s if base is None else base
@@ -67,6 +69,9 @@ class Slots:
         length = min(self.capacity, -(-(s + q) // self.bucket) * self.bucket)
         self.view.start, self.view.length, self._open = s, length, q
         self.pos[:, s:s + q] = q_pos
+        if allowed_new is None:  # a causal prefill of an empty layout: the model's own mask, no bucket
+            self.view.length = q
+            return None, None
         allowed = torch.zeros(b, q, length, dtype=torch.bool, device=self.device)
         allowed[:, :, :base] = self.valid[:, None, :base]
         allowed[:, :, base:s + q] = allowed_new
