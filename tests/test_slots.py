@@ -114,3 +114,21 @@ def test_attention_reads_a_bucket_not_the_capacity():
     layer = cache.layers[0]
     assert layer.keys.shape[2] == 1000  # allocated once, read 16 at a time
     assert layer.get_seq_length() == 0 and layer.get_mask_sizes(5) == (16, 0)
+
+
+def test_a_batch_whose_cache_cannot_fit_is_refused_before_anything_is_allocated(monkeypatch):
+    import mtp.decode.engine as engine
+    from mtp.decode.engine import Decoder
+    from mtp.decode.slots import kv_bytes
+    from mtp.errors import UserError
+
+    model = tiny_model("llama")
+    per_slot = kv_bytes(model.config, model.dtype, 1, 1)
+    assert per_slot == 2 * model.config.num_hidden_layers * model.config.num_key_value_heads * \
+        (model.config.hidden_size // model.config.num_attention_heads) * 8  # float64
+    monkeypatch.setattr(engine, "free_memory", lambda device: 100 * per_slot)
+    tok = type("Tok", (), {"eos_token_id": 2, "decode": lambda self, ids, **kw: ""})()
+    with pytest.raises(UserError, match=r"GiB of KV cache.*fewer prompts"):
+        Decoder(model, tok).generate([[1, 2, 3]] * 2, 8)
+    out = Decoder(model, tok).generate([[1, 5, 3]], 8, eos_token_ids=[])  # 1 x (3 + 8 + 64) slots fit
+    assert len(out.rows[0].tokens) == 8

@@ -35,7 +35,7 @@ from mtp.decode.accept import Sampling, accept_greedy, accept_sample, accept_typ
 from mtp.decode.proposers import PlainProposer, Proposer
 from mtp.decode.tree import Draft
 from mtp.errors import UserError
-from mtp.decode.slots import Slots
+from mtp.decode.slots import Slots, free_memory, kv_bytes
 from mtp.hf_compat import first_layers, forward_with_cache
 from mtp.model.attention import attention_masks
 from mtp.model.heads import capture_hidden, final_norm
@@ -302,6 +302,11 @@ class Decoder:
         self.forwards = self.verify_tokens = self.verify_forwards = 0
         # room for the prompt, the answer and one step's draft (grown if a draft is larger)
         capacity = longest + max_new_tokens + 64
+        need, free = kv_bytes(self.backbone.config, self.backbone.dtype, b, capacity), free_memory(dev)
+        if free is not None and need > 0.8 * free:
+            raise UserError(f"{b} prompt(s) of up to {longest} tokens + {max_new_tokens} new tokens need "
+                            f"{need / 2**30:.1f} GiB of KV cache, {free / 2**30:.1f} GiB of {dev.type} memory is "
+                            f"free: decode fewer prompts at once or fewer new tokens")
         self.slots = Slots(b, dev, capacity, bucket=self.bucket)
         self.cache = self.slots.cache()  # full layers: sliding windows come from our masks
         self._taps: dict[int, torch.Tensor] = {}

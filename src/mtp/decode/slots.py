@@ -21,6 +21,31 @@ import torch
 from mtp.hf_compat import SlotView, slot_cache
 
 
+def free_memory(device) -> int | None:
+    """Bytes that can still be allocated on ``device`` (CUDA: the driver's free memory; CPU: the kernel's
+    MemAvailable), or None where unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def kv_bytes(config, dtype: torch.dtype, batch: int, slots: int) -> int:
+    """Bytes of a backbone's keys and values for ``batch`` rows of ``slots`` slots."""
+    heads = getattr(config, "num_attention_heads", 1)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    size = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * size * batch * slots
+
+
 class Slots:
     def __init__(self, batch: int, device, capacity: int, bucket: int = 64):
         self.batch, self.device, self.bucket = batch, device, max(1, bucket)
