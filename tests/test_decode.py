@@ -566,6 +566,20 @@ def test_batch_cost_reads_the_curve_at_batch_times_k_tokens():
     assert batch_cost(cost, 3)[1] == pytest.approx(1.25)  # interpolated between 2 and 4
 
 
+
+def test_context_cost_grows_draft_tokens_more_than_a_plain_step():
+    from mtp.decode.methods import choose_tree, context_bucket, context_cost
+    cost = {1: 1.0, 2: 1.0, 4: 1.0, 8: 1.0, 16: 1.2, 32: 2.0}
+    growth = {"context": 2048, "g1": 0.1, "g16": 1.0}
+    assert context_cost(cost, growth, 256) is cost
+    at = context_cost(cost, growth, 2048)
+    assert at[1] == pytest.approx(1.1) and at[16] == pytest.approx(2.4) and at[32] == pytest.approx(4.0)
+    assert context_cost(cost, growth, 1152)[1] == pytest.approx(1.05)  # half-way: half the growth
+    acc = [[0.7, 0.2, 0.05], [0.5, 0.2], [0.4, 0.1], [0.3]]
+    steep_with_context = context_cost(cost, {"context": 2048, "g1": 0.1, "g16": 5.0}, 2048)
+    assert choose_tree(acc, steep_with_context)[0] < choose_tree(acc, cost)[0]
+    assert [context_bucket(n) for n in (300, 767, 768, 1024, 1025, 2080)] == [0, 0, 1024, 1024, 1536, 2560]
+
 def test_drafts_are_resized_for_the_batch_a_call_brings(monkeypatch):
     """Sized from a flat-then-steep curve, a batch of 4 rows gets a smaller tree than one row (4 x its
     tokens per forward), and the output is still plain greedy's for every row."""
@@ -584,6 +598,10 @@ def test_drafts_are_resized_for_the_batch_a_call_brings(monkeypatch):
     assert [r.tokens for r in out.rows] == [r.tokens for r in plain.rows]
     dec.generate([PROMPTS[0]], 4, eos_token_ids=[])
     assert dec.proposer.tree.size == one  # batch 1 again: its own size
+    monkeypatch.setattr(run, "cached_context_growth", lambda name, backbone: {"context": 2048, "g1": 0.0, "g16": 5.0})
+    dec.max_context = None  # the tiny model's 512 positions are not a limit of its rotary embedding
+    dec.generate([list(range(3, 60)) * 16], 2, eos_token_ids=[])  # a 912-token prompt: sized for 1024
+    assert dec.proposer.tree.size < one
 
 
 class _State:

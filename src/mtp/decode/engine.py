@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from mtp.decode.accept import Sampling, accept_greedy, accept_sample, accept_typical, greedy_tokens
+from mtp.decode.methods import context_bucket
 from mtp.decode.proposers import PlainProposer, Proposer
 from mtp.decode.tree import Draft
 from mtp.errors import UserError
@@ -77,7 +78,7 @@ class Decoder:
     def __init__(self, backbone, tokenizer, heads=None, proposer: Proposer | None = None,
                  sampling: Sampling | None = None, acceptance: str = "exact", seed: int = 0,
                  typical_epsilon: float = 0.09, draft_vocab: torch.Tensor | None = None, bucket: int = 64,
-                 resize: Callable[[int], Proposer] | None = None):
+                 resize: Callable[[int, int], Proposer] | None = None):
         self.backbone, self.tokenizer, self.heads = backbone, tokenizer, heads
         self.proposer = proposer or PlainProposer()
         self.sampling = sampling or Sampling()
@@ -87,8 +88,9 @@ class Decoder:
             raise UserError(f"method {self.proposer.name!r} drafts with MTP heads: pass --heads DIR or default")
         self.acceptance, self.seed, self.typical_epsilon = acceptance, seed, typical_epsilon
         self.bucket = bucket  # attention reads the used cache slots rounded up to this many
-        # drafts sized for one row are re-sized for a call's batch (``resize(batch)``, kept per batch size)
-        self._resize, self._sized = resize, {1: self.proposer}
+        # drafts sized for one row and a short prompt are re-sized for a call's batch and prompt length
+        # (``resize(batch, context bucket)``, kept per key; see methods.batch_cost and context_cost)
+        self._resize, self._sized = resize, {(1, 0): self.proposer}
         self.device = backbone.device
         self.generator = torch.Generator(device=self.device)
         self.n_layers = backbone.config.num_hidden_layers
@@ -287,9 +289,10 @@ class Decoder:
         self.generator.manual_seed(self.seed)
         dev, b = self.device, len(prompts)
         if self._resize is not None:
-            if b not in self._sized:
-                self._sized[b] = self._resize(b)
-            self.proposer = self._sized[b]
+            key = (b, context_bucket(max(len(p) for p in prompts) + max_new_tokens // 2))
+            if key not in self._sized:
+                self._sized[key] = self._resize(*key)
+            self.proposer = self._sized[key]
         self.prompts = [list(p) for p in prompts]
         self.results = [RowResult() for _ in prompts]
         self.done = [False] * b

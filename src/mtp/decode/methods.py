@@ -95,6 +95,63 @@ def cached_verify_cost(model_name: str, backbone, context: int = 256) -> dict:
     return cost
 
 
+LONG_CONTEXT = 2048  # where the verify cost's growth with the context is measured (once, like the curve)
+SHORT_CONTEXT = 256  # where the curve itself is measured
+
+
+def context_growth(backbone, long: int = LONG_CONTEXT) -> dict:
+    """How much a forward over 1 and over 16 new tokens slows down from a 256-token prefix to a ``long`` one
+    (relative: t_long(k) / t_256(k) - 1), side by side. Attention over the prefix is what grows: one query
+    reads it at the cost of the weights', sixteen queries read it sixteen times."""
+    limit = getattr(backbone.config, "max_position_embeddings", None) or long + 64
+    long = max(SHORT_CONTEXT + 64, min(long, limit - 64))
+    short = verify_cost(backbone, SHORT_CONTEXT, points=(1, 16), repeats=5, warmup=1)
+    far = verify_cost(backbone, long, points=(1, 16), repeats=5, warmup=1)
+    return {"context": long, "g1": max(0.0, far[1] / short[1] - 1), "g16": max(0.0, far[16] / short[16] - 1)}
+
+
+def cached_context_growth(model_name: str, backbone) -> dict:
+    """``context_growth`` measured once per model, dtype, device and thread count (the user cache)."""
+    from mtp.io import cache_dir, write_json
+
+    path = cache_dir("verify", f"{cost_key(model_name, backbone)}.context.json")
+    try:
+        g = json.loads(path.read_text())
+        return {"context": int(g["context"]), "g1": float(g["g1"]), "g16": float(g["g16"])}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    import sys
+
+    print("mtp: measuring how this device's verify cost grows with the context, once (cached) ...", file=sys.stderr)
+    growth = context_growth(backbone)
+    try:
+        write_json(path, growth, indent=None)
+    except OSError:
+        pass
+    return growth
+
+
+def context_cost(cost: dict, growth: dict, context: int) -> dict:
+    """The verify-cost curve (measured at a 256-token prefix) at a ``context``-token prefix: each t(k) grows
+    by g(k) per ``growth``'s context span, g linear in k from 1 to 16 tokens and flat beyond (both attention
+    and the matrix products then scale with k), linear in the context. Trees sized from it shrink where a
+    long prefix makes every draft token's attention expensive."""
+    if context <= SHORT_CONTEXT:
+        return cost
+    f = (context - SHORT_CONTEXT) / (growth["context"] - SHORT_CONTEXT)
+
+    def g(k: int) -> float:
+        return growth["g1"] + (growth["g16"] - growth["g1"]) * min(k - 1, 15) / 15
+
+    return {k: v * (1 + f * g(k)) for k, v in cost.items()}
+
+
+def context_bucket(tokens: int) -> int:
+    """The context a call's drafts are sized for: 0 below 768 tokens (the curve as measured), else
+    ``tokens`` rounded up to a multiple of 512."""
+    return 0 if tokens < 768 else -(-tokens // 512) * 512
+
+
 def batch_cost(cost: dict, batch: int) -> dict:
     """The verify-cost curve for ``batch`` rows: a forward over k tokens per row costs about what one row's
     forward over ``batch * k`` tokens costs (the weights are read once either way; the work scales with the

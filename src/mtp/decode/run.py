@@ -11,7 +11,8 @@ import torch
 from mtp.config import DraftOptions
 from mtp.decode.accept import Sampling
 from mtp.decode.engine import Decoder, GenerateOutput
-from mtp.decode.methods import HEAD_METHODS, batch_cost, cached_verify_cost, make_proposer
+from mtp.decode.methods import (HEAD_METHODS, batch_cost, cached_context_growth, cached_verify_cost, context_cost,
+                                make_proposer)
 from mtp.errors import UserError
 
 
@@ -81,10 +82,11 @@ def build_decoder(backbone, tokenizer, mtp_model, folder: Path | None, model_nam
     if shortlist is not None:
         info["draft_vocab"] = len(shortlist)
     resize = None
-    if cost is not None:  # sized from the curve: re-sized for the batch a call brings (batch_cost)
-        def resize(batch: int):
+    if cost is not None:  # sized from the curve: re-sized for a call's batch and long prompts
+        def resize(batch: int, context: int):
+            curve = context_cost(cost, cached_context_growth(model_name, backbone), context) if context else cost
             return make_proposer(method, opts, n_heads=mtp_model.n_heads if mtp_model is not None else 0,
-                                 heads_dir=folder, cost=batch_cost(cost, batch),
+                                 heads_dir=folder, cost=batch_cost(curve, batch),
                                  n_layers=backbone.config.num_hidden_layers)[0]
     return Decoder(backbone, tokenizer, heads=heads, proposer=proposer, sampling=opts.sampling(),
                    acceptance=opts.acceptance, seed=opts.seed, draft_vocab=shortlist, resize=resize), info
