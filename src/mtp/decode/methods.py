@@ -32,38 +32,42 @@ COST_POINTS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64)
 @torch.inference_mode()
 def verify_cost(backbone, context: int = 256, points=COST_POINTS, repeats: int = 7, warmup: int = 2) -> dict:
     """Median seconds of one forward over k new tokens (a chain) against a cached ``context``-token prefix."""
-    from mtp.hf_compat import forward_with_cache, new_cache, truncate_cache
+    from mtp.decode.slots import Slots
+    from mtp.hf_compat import forward_with_cache
     from mtp.model.attention import attention_masks
 
     dev = backbone.device
     g = torch.Generator().manual_seed(0)
     vocab = backbone.config.vocab_size
     prefix = torch.randint(3, vocab, (1, context), generator=g).to(dev)
-    cache = new_cache()
+    slots = Slots(1, dev, context + max(points))  # the engine's own layout and attention buckets
+    cache = slots.cache()
+    slots.begin(torch.arange(context, device=dev)[None], None)
     forward_with_cache(backbone, cache, input_ids=prefix, use_cache=True, logits_to_keep=1)
+    slots.keep_all(torch.ones(1, context, dtype=torch.bool, device=dev))
     inputs = {}
     for k in points:
         ids = torch.randint(3, vocab, (1, k), generator=g).to(dev)
         q_pos = torch.arange(context, context + k, device=dev)[None]
-        allowed = torch.ones(1, k, context + k, dtype=torch.bool, device=dev)
-        allowed[:, :, context:] = torch.ones(k, k, dtype=torch.bool, device=dev).tril()
-        k_pos = torch.arange(context + k, device=dev)[None]
-        inputs[k] = (ids, q_pos, attention_masks(backbone.config, allowed, q_pos, k_pos, backbone.dtype))
+        tril = torch.ones(1, k, k, dtype=torch.bool, device=dev).tril()
+        allowed, k_pos = slots.begin(q_pos, tril)
+        inputs[k] = (ids, q_pos, tril, attention_masks(backbone.config, allowed, q_pos, k_pos, backbone.dtype))
     # Rounds over every k, alternating direction, rather than k after k: a drift while measuring (a GPU's
     # clocks ramping up from idle, a neighbour's load) then shifts all of t(k) alike instead of the ratios.
     times: dict[int, list[float]] = {k: [] for k in points}
     for r in range(warmup + repeats):
         for k in (points if r % 2 == 0 else points[::-1]):
-            ids, q_pos, mask = inputs[k]
+            ids, q_pos, tril, mask = inputs[k]
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
+            slots.begin(q_pos, tril)
             forward_with_cache(backbone, cache, input_ids=ids, position_ids=q_pos, attention_mask=mask, use_cache=True)
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             if r >= warmup:
                 times[k].append(time.perf_counter() - start)
-            truncate_cache(cache, context)
+            slots.truncate(context)
     out = {k: statistics.median(ts) for k, ts in times.items()}
     return out
 
