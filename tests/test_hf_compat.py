@@ -12,7 +12,7 @@ import transformers
 from packaging.version import Version
 
 from mtp import hf_compat
-from mtp.hf_compat import (cache_keyword, cache_length, compact_cache, first_layers, forward_with_cache,
+from mtp.hf_compat import (cache_keyword, cache_length, first_layers, forward_with_cache,
                            mask_argument, new_cache, select_cache, truncate_cache)
 from mtp.model.attention import attention_masks
 from tests.conftest import tiny_model
@@ -122,21 +122,34 @@ def test_select_keeps_slots_with_their_positions():
     assert torch.allclose(cache.layers[0].values, fresh.layers[0].values, atol=1e-10)
 
 
-def test_compact_moves_each_rows_slots():
+def test_slot_layer_compacts_each_rows_slots_in_place():
+    """The engine's commit: per row, slots start + index[row] move to start .. start + m - 1, in place."""
+    from mtp.decode.slots import Slots
+
     model = tiny_model("llama")
     ids = IDS.expand(2, -1)
-    with torch.no_grad():
-        cache = new_cache()
-        forward_with_cache(model, cache, input_ids=ids, use_cache=True)
+    slots = Slots(2, torch.device("cpu"), capacity=16, bucket=4)
+    cache = slots.cache()
+    start = 4
+    for a, b in ((0, start), (start, ids.shape[1])):
+        pos = torch.arange(a, b).expand(2, -1)
+        allowed, k_pos = slots.begin(pos, torch.ones(1, b - a, b - a, dtype=torch.bool).tril())
+        with torch.no_grad():
+            forward_with_cache(model, cache, input_ids=ids[:, a:b], position_ids=pos, use_cache=True,
+                               attention_mask=attention_masks(model.config, allowed, pos, k_pos, model.dtype))
+        if a == 0:
+            slots.keep_all(torch.ones(2, b, dtype=torch.bool))
     before = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
-    start, index = 4, torch.tensor([[0, 2, 5], [1, 1, 3]])
-    compact_cache(cache, start, index)
-    assert cache_length(cache) == start + 3
+    storage = [layer.keys.data_ptr() for layer in cache.layers]
+    index = torch.tensor([[0, 2, 5], [1, 1, 3]])
+    slots.keep(index, torch.ones(2, 3, dtype=torch.bool))
+    assert slots.end == start + 3
+    assert [layer.keys.data_ptr() for layer in cache.layers] == storage  # moved in place, not reallocated
     for layer, (k, v) in zip(cache.layers, before):
         assert torch.equal(layer.keys[:, :, :start], k[:, :, :start])
         for row in range(2):
-            assert torch.equal(layer.keys[row, :, start:], k[row, :, start + index[row]])
-            assert torch.equal(layer.values[row, :, start:], v[row, :, start + index[row]])
+            assert torch.equal(layer.keys[row, :, start:start + 3], k[row, :, start + index[row]])
+            assert torch.equal(layer.values[row, :, start:start + 3], v[row, :, start + index[row]])
 
 
 def test_mask_argument_per_layer_type():

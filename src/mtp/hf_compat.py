@@ -9,8 +9,7 @@ Everything here changed, or is announced to change, between transformers release
 - the cache object's internals: mtp keeps its own slot layout in a :class:`~transformers.DynamicCache`
   (rows of a batch own their slots, holes are masked) and edits entries along the sequence axis, which no
   public method of the cache does (``crop`` only drops a suffix of equal length in every layer):
-  :func:`new_cache`, :func:`cache_length`, :func:`truncate_cache`, :func:`select_cache`,
-  :func:`compact_cache`; the decoding engine's preallocated cache, :class:`SlotLayer` (one of transformers'
+  :func:`new_cache`, :func:`cache_length`, :func:`truncate_cache`, :func:`select_cache`; the decoding engine's preallocated cache, :class:`SlotLayer` (one of transformers'
   cache layers, written in place like its ``StaticLayer``, but at the engine's slots and read over a
   length bucket), :func:`slot_cache`;
 - the ``attention_mask`` argument: hybrid models take a dict with one custom 4-D mask per layer type
@@ -118,19 +117,6 @@ def select_cache(cache, index: torch.Tensor) -> None:
     for layer in _kv_layers(cache):
         layer.keys = layer.keys.index_select(-2, index)
         layer.values = layer.values.index_select(-2, index)
-
-
-def compact_cache(cache, start: int, index: torch.Tensor) -> None:
-    """Per row, move the slots ``start + index[row]`` (index: (B, m)) to ``start .. start + m - 1`` and drop
-    every slot after them: the decoding engine's commit of each row's accepted path."""
-    m = index.shape[1]
-    for layer in _kv_layers(cache):
-        for name in ("keys", "values"):
-            t = getattr(layer, name)
-            tail = t[:, :, start:]
-            moved = tail.gather(2, index[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]))
-            t[:, :, start:start + m] = moved
-            setattr(layer, name, t[:, :, : start + m])
 
 
 # ----------------------------------------------------------------------------- preallocated cache

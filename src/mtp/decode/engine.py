@@ -34,9 +34,9 @@ from torch import nn
 from mtp.decode.accept import Sampling, accept_greedy, accept_sample, accept_typical, greedy_tokens
 from mtp.decode.methods import context_bucket
 from mtp.decode.proposers import PlainProposer, Proposer
+from mtp.decode.slots import Slots, free_memory, kv_bytes
 from mtp.decode.tree import Draft
 from mtp.errors import UserError
-from mtp.decode.slots import Slots, free_memory, kv_bytes
 from mtp.hf_compat import first_layers, forward_with_cache
 from mtp.model.attention import attention_masks
 from mtp.model.heads import capture_hidden, final_norm
