@@ -858,3 +858,24 @@ def test_streamer_prints_exactly_the_answer_in_any_chunking():
             i += n
         assert out.getvalue() == tok.decode(ids) == text
         assert len(streamer.tokens) <= 1 + len(text.rsplit("\n", 1)[-1])  # only the open line is kept
+
+
+def test_measurements_are_cached_once_and_a_malformed_entry_is_measured_again(monkeypatch, tmp_path):
+    import mtp.decode.methods as methods
+
+    monkeypatch.setenv("MTP_CACHE", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(methods, "verify_cost", lambda backbone, context: calls.append(context) or {1: 1.0, 2: 1.5})
+    monkeypatch.setattr(methods, "context_growth", lambda backbone: calls.append("g") or
+                        {"context": 2048, "g1": 0.1, "g16": 0.5})
+    model = tiny_model("llama")
+    assert methods.cached_verify_cost("tiny", model) == {1: 1.0, 2: 1.5}
+    assert methods.cached_verify_cost("tiny", model) == {1: 1.0, 2: 1.5}
+    assert methods.cached_context_growth("tiny", model)["g16"] == 0.5
+    assert methods.cached_context_growth("tiny", model)["g16"] == 0.5
+    assert calls == [256, "g"]
+    for path in (tmp_path / "verify").iterdir():
+        path.write_text('{"context": "x"}' if "context" in path.name else '[1, 2]')
+    methods.cached_verify_cost("tiny", model)
+    methods.cached_context_growth("tiny", model)
+    assert calls == [256, "g", 256, "g"]

@@ -79,24 +79,32 @@ def cost_key(model_name: str, backbone) -> str:
     return hashlib.sha1(raw.encode()).hexdigest()[:16]
 
 
-def cached_verify_cost(model_name: str, backbone, context: int = 256) -> dict:
-    """``verify_cost`` measured once per model, dtype, device and thread count; kept in the user cache."""
-    from mtp.io import cache_dir, write_json
-
-    path = cache_dir("verify", f"{cost_key(model_name, backbone)}.json")
-    try:
-        return {int(k): float(v) for k, v in json.loads(path.read_text()).items()}
-    except (OSError, ValueError, AttributeError):
-        pass
+def _measured_once(name: str, parse, measure, what: str):
+    """``parse(json)`` of the user cache's ``verify/<name>``, or ``measure()`` announced on stderr and
+    kept there (an unreadable or malformed entry is measured again)."""
     import sys
 
-    print("mtp: measuring this device's verify cost t(k) once (cached in the user cache) ...", file=sys.stderr)
-    cost = verify_cost(backbone, context)
+    from mtp.io import cache_dir, write_json
+
+    path = cache_dir("verify", name)
     try:
-        write_json(path, cost, indent=None)
+        return parse(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    print(f"mtp: measuring {what} once (cached in the user cache) ...", file=sys.stderr)
+    value = measure()
+    try:
+        write_json(path, value, indent=None)
     except OSError:
         pass
-    return cost
+    return value
+
+
+def cached_verify_cost(model_name: str, backbone, context: int = 256) -> dict:
+    """``verify_cost`` measured once per model, dtype, device and thread count; kept in the user cache."""
+    return _measured_once(f"{cost_key(model_name, backbone)}.json",
+                          lambda raw: {int(k): float(v) for k, v in raw.items()},
+                          lambda: verify_cost(backbone, context), "this device's verify cost t(k)")
 
 
 LONG_CONTEXT = 2048  # where the verify cost's growth with the context is measured (once, like the curve)
@@ -116,23 +124,9 @@ def context_growth(backbone, long: int = LONG_CONTEXT) -> dict:
 
 def cached_context_growth(model_name: str, backbone) -> dict:
     """``context_growth`` measured once per model, dtype, device and thread count (the user cache)."""
-    from mtp.io import cache_dir, write_json
-
-    path = cache_dir("verify", f"{cost_key(model_name, backbone)}.context.json")
-    try:
-        g = json.loads(path.read_text())
-        return {"context": int(g["context"]), "g1": float(g["g1"]), "g16": float(g["g16"])}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        pass
-    import sys
-
-    print("mtp: measuring how this device's verify cost grows with the context, once (cached) ...", file=sys.stderr)
-    growth = context_growth(backbone)
-    try:
-        write_json(path, growth, indent=None)
-    except OSError:
-        pass
-    return growth
+    return _measured_once(f"{cost_key(model_name, backbone)}.context.json",
+                          lambda g: {"context": int(g["context"]), "g1": float(g["g1"]), "g16": float(g["g16"])},
+                          lambda: context_growth(backbone), "how this device's verify cost grows with the context")
 
 
 def context_cost(cost: dict, growth: dict, context: int) -> dict:
