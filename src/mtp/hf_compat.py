@@ -189,6 +189,25 @@ def _slot_layer_class():
                 idx = index[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3])
                 t[:, :, start:start + m] = t[:, :, start:start + width].gather(2, idx)
 
+        # rows joining and leaving a running batch (continuous batching)
+
+        def extend(self, other: "SlotLayer") -> None:
+            """Append ``other``'s rows (same capacity) after this layer's."""
+            self.keys = torch.cat([self.keys, other.keys])
+            self.values = torch.cat([self.values, other.values])
+
+        def select(self, rows: torch.Tensor) -> None:
+            """Keep only the rows ``rows`` (1-D), in that order."""
+            self.keys = self.keys.index_select(0, rows)
+            self.values = self.values.index_select(0, rows)
+
+        def gather_slots(self, order: torch.Tensor) -> None:
+            """Per row, slot ``order[row, j]`` moves to slot j (order (B, m): a row's kept slots, in order)."""
+            m = order.shape[1]
+            for t in (self.keys, self.values):
+                idx = order[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3])
+                t[:, :, :m] = t.gather(2, idx)
+
     return SlotLayer
 
 

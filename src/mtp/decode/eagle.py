@@ -36,6 +36,24 @@ class EagleDraftState:
         self.logits_memo: list[dict[tuple, torch.Tensor]] = [{} for _ in range(self.batch)]
         self.draft_slots = 0
 
+    def extend(self, other: "EagleDraftState") -> None:
+        """Append ``other``'s rows (new requests just prefilled) after this state's, between steps."""
+        self.slots.extend(other.slots)
+        self.committed = self.slots.end
+        for name in ("root_out", "root_pos", "root_logits"):
+            setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)]))
+        self.batch += other.batch
+        self._reset_draft()
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only the rows ``rows`` (1-D), between steps."""
+        self.slots.select(rows)
+        self.committed = self.slots.end
+        for name in ("root_out", "root_pos", "root_logits"):
+            setattr(self, name, getattr(self, name).index_select(0, rows))
+        self.batch = len(rows)
+        self._reset_draft()
+
     @property
     def dtype(self):
         return self.head.lm_head.weight.dtype

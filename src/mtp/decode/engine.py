@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from mtp.decode.accept import Sampling, accept_greedy, accept_sample, accept_typical, greedy_tokens
+from mtp.decode.accept import Accepted, Sampling, accept_greedy, accept_sample, accept_typical, greedy_tokens
 from mtp.decode.methods import context_bucket
 from mtp.decode.proposers import PlainProposer, Proposer
 from mtp.decode.slots import Slots, free_memory, kv_bytes
@@ -242,90 +242,239 @@ class Decoder:
 
     # ------------------------------------------------------------------ the loop
 
-    def _accept(self, logits, draft: Draft):
+    def _groups(self, requests: list["Request"]):
+        """Rows that draw alike: (row indices or None for all, sampling, generator). Greedy rows form one
+        group; sampling rows with their own generator (a request's seed) form one each."""
+        groups: dict = {}
+        for i, r in enumerate(requests):
+            sampling = r.sampling or self.sampling
+            key = "greedy" if sampling.greedy and self.acceptance == "exact" else \
+                (id(sampling), id(r.generator or self.generator))
+            groups.setdefault(key, (sampling, r.generator or self.generator, []))[2].append(i)
+        if len(groups) == 1:
+            sampling, gen, _ = next(iter(groups.values()))
+            return [(None, sampling, gen)]
+        return [(torch.tensor(rows, device=self.device), sampling, gen) for sampling, gen, rows in groups.values()]
+
+    def _accept_with(self, logits, draft: Draft, sampling: Sampling, generator):
         if self.acceptance == "typical":
-            return accept_typical(logits, draft, self.sampling, self.typical_epsilon, generator=self.generator)
-        if self.sampling.greedy:
+            return accept_typical(logits, draft, sampling, self.typical_epsilon, generator=generator)
+        if sampling.greedy:
             return accept_greedy(logits, draft)
-        return accept_sample(logits, draft, self.sampling, self.generator)
+        return accept_sample(logits, draft, sampling, generator)
+
+    def _accept(self, logits, draft: Draft):
+        groups = self._groups(self.requests)
+        if groups[0][0] is None:
+            return self._accept_with(logits, draft, groups[0][1], groups[0][2])
+        parts = [(rows, self._accept_with(logits[rows], draft.rows(rows), sampling, gen))
+                 for rows, sampling, gen in groups]
+        b, width = logits.shape[0], max(a.path.shape[1] for _, a in parts)
+        path = torch.full((b, width), -1, dtype=torch.long, device=self.device)
+        length = torch.zeros(b, dtype=torch.long, device=self.device)
+        next_root = torch.zeros(b, dtype=torch.long, device=self.device)
+        for rows, a in parts:
+            path[rows, :a.path.shape[1]] = a.path
+            length[rows], next_root[rows] = a.length, a.next_root
+        return Accepted(path, length, next_root)
+
+    def _choose(self, logits: torch.Tensor, requests: list["Request"]) -> torch.Tensor:
+        """Each row's first token from its (B, V) prefill logits, drawn as its request says."""
+        groups = self._groups(requests)
+        if groups[0][0] is None:
+            return groups[0][1].choose(logits, groups[0][2])
+        out = torch.zeros(logits.shape[0], dtype=torch.long, device=self.device)
+        for rows, sampling, gen in groups:
+            out[rows] = sampling.choose(logits[rows], gen)
+        return out
 
     def _emit(self, row: int, tokens: list[int]) -> list[int]:
         """Append tokens to a row until a stop condition; returns what was appended."""
-        res = self.results[row]
+        res, req = self.results[row], self.requests[row]
         added = []
         for t in tokens:
             res.tokens.append(t)
             added.append(t)
-            if t in self.eos:
+            if t in req.eos:
                 res.finish = "eos"
                 break
-            if len(res.tokens) >= self.max_new_tokens:
+            if len(res.tokens) >= req.max_new_tokens:
                 res.finish = "length"
                 break
-            if self.stop_strings and self._hits_stop(res.tokens):
+            if req.stop and self._hits_stop(res.tokens, req):
                 res.finish = "stop"
                 break
-        if res.finish in ("eos", "stop") or len(res.tokens) >= self.max_new_tokens:
+        if res.finish in ("eos", "stop") or len(res.tokens) >= req.max_new_tokens:
             self.done[row] = True
         return added
 
-    def _hits_stop(self, tokens: list[int]) -> bool:
-        tail = self.tokenizer.decode(tokens[-self._stop_window:], skip_special_tokens=False)
-        return any(s in tail for s in self.stop_strings)
+    def _hits_stop(self, tokens: list[int], req: "Request") -> bool:
+        window = max(len(s) for s in req.stop) + 8
+        tail = self.tokenizer.decode(tokens[-window:], skip_special_tokens=False)
+        return any(s in tail for s in req.stop)
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], max_new_tokens: int = 128, eos_token_ids=None,
                  stop_strings=(), callback: Callable[[int, list[int]], None] | None = None) -> GenerateOutput:
         """Decode a batch of token-id prompts. ``callback(row, new_tokens)`` streams each step's tokens."""
-        if max_new_tokens < 1:
-            raise UserError(f"max new tokens must be >= 1, got {max_new_tokens}")
-        if not prompts or any(len(p) == 0 for p in prompts):
+        if not prompts:
             raise UserError("empty prompt: give at least one token of text")
-        longest = max(len(p) for p in prompts)
-        if self.max_context and longest + max_new_tokens > self.max_context:
-            raise UserError(f"prompt of {longest} tokens + {max_new_tokens} new tokens is longer than the model's "
-                            f"context ({self.max_context} tokens)")
         start = time.perf_counter()
         self.generator.manual_seed(self.seed)
-        dev, b = self.device, len(prompts)
-        if self._resize is not None:
-            key = (b, context_bucket(max(len(p) for p in prompts) + max_new_tokens // 2))
-            if key not in self._sized:
-                self._sized[key] = self._resize(*key)
-            self.proposer = self._sized[key]
-        self.prompts = [list(p) for p in prompts]
-        self.results = [RowResult() for _ in prompts]
-        self.done = [False] * b
-        self.max_new_tokens = max_new_tokens
         eos = eos_token_ids if eos_token_ids is not None else self.tokenizer.eos_token_id
-        self.eos = set([eos] if isinstance(eos, int) else (eos or []))
-        self.stop_strings = [s for s in stop_strings if s]
-        self._stop_window = max((len(s) for s in self.stop_strings), default=0) + 8
-        self._mask_dtype = self.backbone.dtype
+        eos = frozenset([eos] if isinstance(eos, int) else (eos or []))
+        stop = tuple(s for s in stop_strings if s)
+        requests = [Request(list(p), max_new_tokens, eos, stop) for p in prompts]
+        self.reset()
         self.forwards = self.verify_tokens = self.verify_forwards = 0
-        # room for the prompt, the answer and one step's draft (grown if a draft is larger)
-        capacity = longest + max_new_tokens + 64
-        need, free = kv_bytes(self.backbone.config, self.backbone.dtype, b, capacity), free_memory(dev)
-        if free is not None and need > 0.8 * free:
-            raise UserError(f"{b} prompt(s) of up to {longest} tokens + {max_new_tokens} new tokens need "
-                            f"{need / 2**30:.1f} GiB of KV cache, {free / 2**30:.1f} GiB of {dev.type} memory is "
-                            f"free: decode fewer prompts at once or fewer new tokens")
-        self.slots = Slots(b, dev, capacity, bucket=self.bucket)
-        self.cache = self.slots.cache()  # full layers: sliding windows come from our masks
-        self._taps: dict[int, torch.Tensor] = {}
-        with contextlib.ExitStack() as hooks:
-            if self.n_run:  # the tapped layers' hooks, registered once for the whole call
-                self._taps = hooks.enter_context(capture_hidden(self.backbone, self.heads.tapped))
-            self._decode(prompts, longest, capacity, callback)
+        with self.session():
+            self.add(requests, callback)
+            while not all(self.done):
+                self.step(callback)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        self._taps = None  # the slots and caches stay until the next call: they show what was committed
+        # the slots and caches stay until the next call: they show what was committed
         return GenerateOutput(self.results, time.perf_counter() - start, self.forwards, self.verify_tokens,
                               self.verify_forwards)
 
-    def _decode(self, prompts, longest, capacity, callback):
-        dev, b = self.device, len(prompts)
-        # prefill, left-padded
+    # ------------------------------------------------------------------ a running batch (continuous batching)
+
+    # per-row state besides the slot layouts: tensors with the batch first (lists of them for seq_states)
+    _ROW_TENSORS = ("root", "next_pos", "head_logits", "root_next")
+
+    def reset(self) -> None:
+        """Forget the running batch (rows, slots, caches)."""
+        self.requests: list[Request] = []
+        self.prompts: list[list[int]] = []
+        self.results: list[RowResult] = []
+        self.done: list[bool] = []
+        for name in (*self._ROW_TENSORS, "slots", "cache", "seq_states", "eagle_state", "head_slots", "head_caches"):
+            setattr(self, name, None)
+
+    @contextlib.contextmanager
+    def session(self):
+        """Within the block the hidden-state taps the heads read are registered on the backbone (once, not per
+        step): :meth:`add`, :meth:`step` and :meth:`drop` run inside one."""
+        if not hasattr(self, "requests"):
+            self.reset()
+        if not hasattr(self, "forwards"):
+            self.forwards = self.verify_tokens = self.verify_forwards = 0
+        self._mask_dtype = self.backbone.dtype
+        with contextlib.ExitStack() as hooks:
+            self._taps = hooks.enter_context(capture_hidden(self.backbone, self.heads.tapped)) if self.n_run else {}
+            try:
+                yield self
+            finally:
+                self._taps = None
+
+    def _size_for_batch(self) -> None:
+        """Drafts sized for the running batch and its longest context (see methods.batch_cost, context_cost)."""
+        if self._resize is None or not self.requests:
+            return
+        key = (len(self.requests), context_bucket(max(len(r.prompt) + r.max_new_tokens // 2 for r in self.requests)))
+        if key not in self._sized:
+            self._sized[key] = self._resize(*key)
+        self.proposer = self._sized[key]
+
+    def check(self, request: "Request") -> None:
+        """Refuse, in one line, a request this decoder cannot serve."""
+        if request.max_new_tokens < 1:
+            raise UserError(f"max new tokens must be >= 1, got {request.max_new_tokens}")
+        if not request.prompt:
+            raise UserError("empty prompt: give at least one token of text")
+        if self.max_context and len(request.prompt) + request.max_new_tokens > self.max_context:
+            raise UserError(f"prompt of {len(request.prompt)} tokens + {request.max_new_tokens} new tokens is longer "
+                            f"than the model's context ({self.max_context} tokens)")
+
+    @torch.inference_mode()
+    def add(self, requests: list["Request"], callback: Callable[[int, list[int]], None] | None = None) -> list[int]:
+        """Prefill new rows and append them to the running batch (between steps); returns their row indices.
+        Each new row's first token is emitted (``callback(row, tokens)``)."""
+        if getattr(self, "_taps", None) is None:
+            raise RuntimeError("Decoder.add / step / drop run inside `with decoder.session():`")
+        for r in requests:
+            self.check(r)
+        b_old, b = len(self.requests), len(requests)
+        longest = max(len(r.prompt) for r in requests)
+        capacity = longest + max(r.max_new_tokens for r in requests) + 64
+        total = b_old + b
+        slots = max(capacity, self.slots.capacity if b_old else 0)
+        need, free = kv_bytes(self.backbone.config, self.backbone.dtype, total, slots), free_memory(self.device)
+        if free is not None and need > 0.8 * free:
+            raise UserError(f"{total} prompt(s) of up to {longest} tokens + {max(r.max_new_tokens for r in requests)} "
+                            f"new tokens need {need / 2**30:.1f} GiB of KV cache, {free / 2**30:.1f} GiB of "
+                            f"{self.device.type} memory is free: decode fewer prompts at once or fewer new tokens")
+        old = self._take_state() if b_old else None
+        self._prefill(requests, longest, capacity)
+        if old is not None:
+            self._join(old)
+        self.requests += requests
+        self.prompts += [list(r.prompt) for r in requests]
+        self.results += [RowResult() for _ in requests]
+        self.done += [False] * b
+        self._size_for_batch()
+        rows = list(range(b_old, total))
+        for i, root in zip(rows, self.root[b_old:].tolist()):
+            self.results[i].steps = 1
+            added = self._emit(i, [root])
+            if callback:
+                callback(i, added)
+        return rows
+
+    def _take_state(self) -> dict:
+        names = (*self._ROW_TENSORS, "slots", "cache", "seq_states", "eagle_state", "head_slots", "head_caches")
+        return {name: getattr(self, name, None) for name in names}
+
+    def _join(self, old: dict) -> None:
+        """The running batch's state ``old`` followed by the rows just prefilled (the decoder's state now)."""
+        for name in self._ROW_TENSORS:
+            mine = getattr(self, name)
+            if mine is not None:
+                setattr(self, name, torch.cat([old[name], mine]))
+        if self.seq_states is not None:
+            self.seq_states = [torch.cat([a, b]) for a, b in zip(old["seq_states"], self.seq_states)]
+        old["slots"].extend(self.slots)
+        self.slots, self.cache = old["slots"], old["cache"]
+        if self.head_slots is not None:
+            old["head_slots"].extend(self.head_slots)
+            self.head_slots, self.head_caches = old["head_slots"], old["head_caches"]
+        if self.eagle_state is not None:
+            old["eagle_state"].extend(self.eagle_state)
+            self.eagle_state = old["eagle_state"]
+
+    @torch.inference_mode()
+    def drop(self, rows: list[int]) -> None:
+        """Remove rows from the running batch (finished, or their client left) between steps; the others keep
+        their order. Their slots are freed and the holes compacted away."""
+        gone = set(rows)
+        keep = [i for i in range(len(self.requests)) if i not in gone]
+        if len(keep) == len(self.requests):
+            return
+        if not keep:
+            forwards = (self.forwards, self.verify_tokens, self.verify_forwards)
+            self.reset()
+            self.forwards, self.verify_tokens, self.verify_forwards = forwards
+            return
+        for name in ("requests", "prompts", "results", "done"):
+            setattr(self, name, [getattr(self, name)[i] for i in keep])
+        index = torch.tensor(keep, device=self.device)
+        for name in self._ROW_TENSORS:
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.index_select(0, index))
+        if self.seq_states is not None:
+            self.seq_states = [t.index_select(0, index) for t in self.seq_states]
+        self.slots.select(index)
+        if self.head_slots is not None:
+            self.head_slots.select(index)
+        if self.eagle_state is not None:
+            self.eagle_state.select(index)
+        self._size_for_batch()
+
+    def _prefill(self, requests: list["Request"], longest: int, capacity: int) -> None:
+        """Prompts of new rows, left-padded, through the backbone into fresh slots; the heads read them."""
+        dev, b = self.device, len(requests)
+        prompts = [r.prompt for r in requests]
         ids = torch.zeros(b, longest, dtype=torch.long, device=dev)
         valid = torch.zeros(b, longest, dtype=torch.bool, device=dev)
         for i, p in enumerate(prompts):
@@ -337,10 +486,14 @@ class Decoder:
         else:
             causal = torch.ones(longest, longest, dtype=torch.bool, device=dev).tril()
             allowed = (causal[None] & valid[:, None, :]) | torch.eye(longest, dtype=torch.bool, device=dev)[None]
+        self.slots = Slots(b, dev, capacity, bucket=self.bucket)
+        self.cache = self.slots.cache()  # full layers: sliding windows come from our masks
+        self.head_logits = self.seq_states = self.root_next = self.eagle_state = None
+        self.head_slots = self.head_caches = None
         logits, states = self._forward(ids, pos, allowed, logits_to_keep=1)
         self.slots.keep_all(valid)
         self.next_pos = pos[:, -1] + 1
-        self.root = self.sampling.choose(logits[:, -1], self.generator)
+        self.root = self._choose(logits[:, -1], requests)
         if self.n_run:
             if self.eagle:
                 from mtp.decode.eagle import EagleDraftState
@@ -356,55 +509,67 @@ class Decoder:
             else:
                 last = torch.full((b, 1), longest - 1, dtype=torch.long, device=dev)
                 self._heads_step(states, last, torch.ones(b, 1, dtype=torch.bool, device=dev), pos)
-        for i, root in enumerate(self.root.tolist()):
-            self.results[i].steps = 1
-            added = self._emit(i, [root])
+
+    @torch.inference_mode()
+    def step(self, callback: Callable[[int, list[int]], None] | None = None) -> list[list[int] | None]:
+        """One propose -> verify -> accept -> commit step over the running batch; returns, per row, the tokens
+        it emitted (None for rows already done)."""
+        dev, b = self.device, len(self.requests)
+        draft = self.proposer.propose(self)
+        n = draft.size
+        q_tokens = torch.cat([self.root[:, None], draft.tokens], 1)  # (B, 1+N)
+        q_pos = self.next_pos[:, None] + draft.depth_q()
+        allowed_new = draft.ancestor_mask()
+        if n and not bool(draft.valid.all()):  # padding nodes see only themselves
+            node_valid = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=dev), draft.valid], 1)
+            allowed_new = (allowed_new & node_valid[:, :, None] & node_valid[:, None, :]) | \
+                torch.eye(n + 1, dtype=torch.bool, device=dev)[None]
+        self.verify_tokens += n + 1
+        self.verify_forwards += 1
+        logits, states = self._forward(q_tokens, q_pos, allowed_new)
+        acc = self._accept(logits, draft)
+
+        # the one read-back of the step: per row, its accepted length, next root and path tokens
+        path = acc.path
+        path_tokens = q_tokens.gather(1, path.clamp(min=0))
+        host = torch.cat([acc.length[:, None], acc.next_root[:, None], path_tokens], 1).tolist()
+        lengths = [0 if self.done[i] else row[0] for i, row in enumerate(host)]
+        m = max(lengths)
+
+        # commit: move each row's accepted slots to the front of the step's slots, drop the rest
+        keep_idx = path[:, :m]
+        keep_valid = (keep_idx >= 0) & (torch.arange(m, device=dev)[None] <
+                                        torch.tensor(lengths, device=dev)[:, None])
+        keep_idx = keep_idx.clamp(min=0)
+        self.slots.keep(keep_idx, keep_valid)
+        self.next_pos = self.next_pos + torch.tensor(lengths, device=dev)
+        if self.n_run:
+            self.root_next = acc.next_root
+            self._heads_step(states, keep_idx, keep_valid, q_pos, path_tokens[:, :m])
+        emitted: list[list[int] | None] = [None] * b  # what each row emitted (cut at its stop)
+        verified: list[list[int] | None] = [None] * b  # what the step verified (what proposers learn from)
+        for i, row in enumerate(host):
+            if self.done[i]:
+                continue
+            verified[i] = row[2:2 + lengths[i]][1:] + [row[1]]
+            res = self.results[i]
+            res.steps += 1
+            emitted[i] = self._emit(i, verified[i])
+            res.accepted.append(len(emitted[i]))
             if callback:
-                callback(i, added)
+                callback(i, emitted[i])
+        self.proposer.observe(verified)
+        self.root = acc.next_root
+        return emitted
 
-        while not all(self.done):
-            draft = self.proposer.propose(self)
-            n = draft.size
-            q_tokens = torch.cat([self.root[:, None], draft.tokens], 1)  # (B, 1+N)
-            q_pos = self.next_pos[:, None] + draft.depth_q()
-            allowed_new = draft.ancestor_mask()
-            if n and not bool(draft.valid.all()):  # padding nodes see only themselves
-                node_valid = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=dev), draft.valid], 1)
-                allowed_new = (allowed_new & node_valid[:, :, None] & node_valid[:, None, :]) | \
-                    torch.eye(n + 1, dtype=torch.bool, device=dev)[None]
-            self.verify_tokens += n + 1
-            self.verify_forwards += 1
-            logits, states = self._forward(q_tokens, q_pos, allowed_new)
-            acc = self._accept(logits, draft)
 
-            # the one read-back of the step: per row, its accepted length, next root and path tokens
-            path = acc.path
-            path_tokens = q_tokens.gather(1, path.clamp(min=0))
-            host = torch.cat([acc.length[:, None], acc.next_root[:, None], path_tokens], 1).tolist()
-            lengths = [0 if self.done[i] else row[0] for i, row in enumerate(host)]
-            m = max(lengths)
+@dataclass
+class Request:
+    """One row's decoding: its prompt and when to stop; ``sampling`` / ``generator`` None: the decoder's."""
 
-            # commit: move each row's accepted slots to the front of the step's slots, drop the rest
-            keep_idx = path[:, :m]
-            keep_valid = (keep_idx >= 0) & (torch.arange(m, device=dev)[None] <
-                                            torch.tensor(lengths, device=dev)[:, None])
-            keep_idx = keep_idx.clamp(min=0)
-            self.slots.keep(keep_idx, keep_valid)
-            self.next_pos = self.next_pos + torch.tensor(lengths, device=dev)
-            if self.n_run:
-                self.root_next = acc.next_root
-                self._heads_step(states, keep_idx, keep_valid, q_pos, path_tokens[:, :m])
-            emitted: list[list[int] | None] = [None] * b
-            for i, row in enumerate(host):
-                if self.done[i]:
-                    continue
-                new = row[2:2 + lengths[i]][1:] + [row[1]]
-                res = self.results[i]
-                res.steps += 1
-                added = self._emit(i, new)
-                emitted[i] = new
-                res.accepted.append(len(added))
-                if callback:
-                    callback(i, added)
-            self.proposer.observe(emitted)
-            self.root = acc.next_root
+    prompt: list[int]
+    max_new_tokens: int = 128
+    eos: frozenset = frozenset()
+    stop: tuple = ()
+    sampling: Sampling | None = None
+    generator: torch.Generator | None = None

@@ -66,8 +66,16 @@ class Slots:
         self._caches.append(cache)
         return cache
 
+    def _layers(self):
+        for cache in self._caches:
+            yield from cache.layers
+
     def _grow(self, needed: int) -> None:
-        capacity = max(needed, self.capacity + self.capacity // 2)
+        self._resize(max(needed, self.capacity + self.capacity // 2))
+
+    def _resize(self, capacity: int) -> None:
+        if capacity <= self.capacity:
+            return
         for cache in self._caches:
             for layer in cache.layers:
                 layer.grow(capacity)
@@ -122,3 +130,50 @@ class Slots:
     def truncate(self, end: int) -> None:
         """Forget every slot from ``end`` on."""
         self.end = min(self.end, end)
+
+    # ------------------------------------------------------------------ rows joining and leaving (serving)
+
+    def extend(self, other: "Slots") -> None:
+        """Append ``other``'s rows (a layout with the same caches, e.g. new requests just prefilled) after this
+        layout's. Both keep their slots where they are; the shorter one's tail up to the longer one's ``end``
+        becomes holes, so no row's keys move."""
+        if len(self._caches) != len(other._caches):
+            raise ValueError("slot layouts with different caches cannot be joined")
+        end = max(self.end, other.end)
+        capacity = max(self.capacity, other.capacity)
+        self._resize(capacity)
+        other._resize(capacity)
+        self.valid[:, self.end:end] = False
+        other.valid[:, other.end:end] = False
+        for mine, theirs in zip(self._caches, other._caches):
+            if len(mine.layers) != len(theirs.layers):
+                raise ValueError("slot layouts with different layers cannot be joined")
+            for a, b in zip(mine.layers, theirs.layers):
+                a.extend(b)
+        self.valid = torch.cat([self.valid, other.valid])
+        self.pos = torch.cat([self.pos, other.pos])
+        self.batch += other.batch
+        self.end = end
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only the rows ``rows`` (1-D, in that order), then :meth:`compact` them."""
+        for layer in self._layers():
+            layer.select(rows)
+        self.valid, self.pos = self.valid.index_select(0, rows), self.pos.index_select(0, rows)
+        self.batch = len(rows)
+        self.compact()
+
+    def compact(self) -> None:
+        """Move every row's used slots to the front (in order) and drop the slots no row uses, so holes left by
+        rows that joined at different lengths, or by rows that left, stop costing attention. Attention does not
+        depend on slot order: each slot carries its position id, its keys are already rotated."""
+        used = self.valid[:, :self.end]
+        end = int(used.sum(1).max()) if self.batch else 0
+        if end == self.end:
+            return
+        order = torch.sort((~used).to(torch.uint8), dim=1, stable=True).indices[:, :end]  # (B, end): used first
+        for layer in self._layers():
+            layer.gather_slots(order)
+        self.pos[:, :end] = self.pos.gather(1, order)
+        self.valid[:, :end] = used.gather(1, order)
+        self.end = end

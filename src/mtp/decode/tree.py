@@ -69,6 +69,11 @@ class Draft:
             self._build()
         return self._anc
 
+    def rows(self, index: torch.Tensor) -> "Draft":
+        """The draft of rows ``index`` (1-D) only."""
+        pick = lambda t: None if t is None else t[index]  # noqa: E731
+        return Draft(self.tokens[index], self.parents[index], self.valid[index], pick(self._depth_q), pick(self._anc))
+
     @staticmethod
     def empty(batch: int, device) -> "Draft":
         z = torch.zeros(batch, 0, dtype=torch.long, device=device)
