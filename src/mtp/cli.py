@@ -41,6 +41,7 @@ COMMANDS = {
     "generate": Command(C.GenerateConfig, "mtp.commands:generate", "mtp.commands:show_generate", stream="stderr"),
     "pretrain": Command(C.PretrainConfig, "mtp.commands:pretrain", "mtp.commands:show_pretrain"),
     "convert": Command(C.ConvertConfig, "mtp.commands:convert", "mtp.commands:show_convert"),
+    "serve": Command(C.ServeConfig, "mtp.serve.app:serve"),
     "export": Command(C.ExportConfig, "mtp.export.run:export", "mtp.export.run:format_export"),
     "engines": Command(C.EnginesConfig, "mtp.engines.setup:engines_command"),
     "compare": Command(C.CompareConfig, "mtp.commands:compare", "mtp.training.evaluate:compare_table",

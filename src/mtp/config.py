@@ -552,6 +552,55 @@ class GenerateConfig(DraftOptions):
 
 
 @dataclass
+class ServeConfig(DraftOptions):
+    """An OpenAI-compatible server (chat and text completions, streamed or not) on mtp's engine: requests are
+    decoded together (continuous batching) with the model's MTP heads, losslessly. --temperature, --top-p and
+    --top-k are the defaults of requests that do not set them."""
+
+    model: str = opt(DEFAULT_MODEL, metavar="NAME|PATH")
+    """Backbone: built-in name, Hugging Face folder or .gguf file."""
+    heads: str | None = opt(None, metavar="DIR|default|eagle3")
+    """MTP heads (default: the heads shipped for a built-in model, if any)."""
+    method: str | None = opt(None, choices=METHODS)
+    """plain | blockwise | tree | dynamic | hybrid | lookup | early-exit (default: tree with heads, lookup
+    without)."""
+    host: str = "127.0.0.1"
+    """Address to listen on (loopback by default; anything else should have --api-key)."""
+    port: int = 8000
+    """Port to listen on."""
+    api_key: str | None = opt(None, metavar="KEY")
+    """Require 'Authorization: Bearer KEY' (default: the MTP_API_KEY environment variable; none if unset)."""
+    served_model_name: str | None = opt(None, metavar="NAME")
+    """The model name clients send and /v1/models lists (default: --model)."""
+    max_batch: int = 8
+    """Requests decoded together; more wait in the queue."""
+    max_queue: int = 64
+    """Requests waiting for a row; beyond it the server answers 429."""
+    timeout: float = 600.0
+    """Seconds a request may take, waiting included; then it ends with an error."""
+    max_tokens: int = 1024
+    """Most new tokens a request may ask for (and what a chat request without max_tokens gets)."""
+    max_prompt_tokens: int = 4096
+    """Longest prompt accepted, in tokens."""
+    max_body_bytes: int = 1 << 20
+    """Largest request body accepted."""
+    shutdown_timeout: float = 30.0
+    """On SIGTERM, seconds the requests in flight get to finish before they end with an error event."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(0 <= self.port <= 65535, f"--port must be in [0, 65535], got {self.port}")
+        _require(bool(self.host.strip()), "--host is empty")
+        _require(self.api_key is None or bool(self.api_key.strip()), "--api-key is empty")
+        _at_least(self, ("max_batch", "max_tokens", "max_prompt_tokens", "max_body_bytes"))
+        _at_least(self, ("max_queue",), 0)
+        for name in ("timeout", "shutdown_timeout"):
+            value = getattr(self, name)
+            _require(value == value and 0 < value < float("inf"),
+                     f"--{name.replace('_', '-')} must be a positive number of seconds, got {value}")
+
+
+@dataclass
 class BenchDecodeConfig(DraftOptions):
     """Self-speculative decoding vs plain baselines: tokens/s, tau, speedup."""
 

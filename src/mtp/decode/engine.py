@@ -405,7 +405,12 @@ class Decoder:
                             f"new tokens need {need / 2**30:.1f} GiB of KV cache, {free / 2**30:.1f} GiB of "
                             f"{self.device.type} memory is free: decode fewer prompts at once or fewer new tokens")
         old = self._take_state() if b_old else None
-        self._prefill(requests, longest, capacity)
+        try:
+            self._prefill(requests, longest, capacity)
+        except BaseException:
+            for name, value in (old or {}).items():  # the running rows go on as they were
+                setattr(self, name, value)
+            raise
         if old is not None:
             self._join(old)
         self.requests += requests

@@ -1,0 +1,367 @@
+"""The ASGI app of ``mtp serve`` (Starlette, server-sent events through sse-starlette) and its uvicorn server.
+
+Routes: ``POST /v1/chat/completions``, ``POST /v1/completions`` (streamed or not), ``GET /v1/models``,
+``GET /health`` (no key needed: for load balancers) and ``GET /metrics`` (Prometheus text). Every refusal is
+an OpenAI error object with a 4xx status; an error inside the server is a 500 for that request only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import hmac
+import json
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+from mtp.errors import UserError
+from mtp.serve.protocol import (ApiError, Limits, Params, TextStream, bad, chunk, final_text, new_id, parse,
+                                response, usage_chunk)
+from mtp.serve.scheduler import Job, Scheduler
+
+
+@dataclass
+class Settings:
+    model_names: tuple[str, ...]  # the name /v1/models lists first, then aliases
+    limits: Limits
+    api_key: str | None = None
+    max_body_bytes: int = 1 << 20
+    timeout: float = 600.0
+    fingerprint: str = "mtp"
+    eos: tuple[int, ...] = ()
+
+
+class Metrics:
+    """Prometheus metrics of one server (its own registry)."""
+
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("mtp_http_requests", "HTTP requests by route and status", ["route", "status"],
+                                registry=r)
+        self.outcomes = Counter("mtp_requests_finished", "Decoding requests by outcome (ok, cancelled, timeout, "
+                                "queue_full, shutting_down, engine_error)", ["outcome"], registry=r)
+        self.prompt_tokens = Counter("mtp_prompt_tokens", "Prompt tokens of accepted requests", registry=r)
+        self.tokens = Counter("mtp_generation_tokens", "Tokens generated", registry=r)
+        self.verify_steps = Counter("mtp_verify_steps", "Decoding steps of the running batch", registry=r)
+        self.row_steps = Counter("mtp_row_steps", "Rows decoded per step, summed over steps (tokens / row_steps "
+                                 "= acceptance length)", registry=r)
+        self.tokens_per_s = Gauge("mtp_tokens_per_second", "Tokens generated per second over the last 10 s",
+                                  registry=r)
+        self.acceptance = Gauge("mtp_acceptance_length", "Tokens per row per decoding step over the last 10 s "
+                                "(1 = plain decoding)", registry=r)
+        self.queue = Gauge("mtp_queue_depth", "Requests waiting for a row", registry=r)
+        self.running = Gauge("mtp_running_requests", "Requests being decoded", registry=r)
+        buckets = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
+        self.ttft = Histogram("mtp_time_to_first_token_seconds", "Submission to first token", buckets=buckets,
+                              registry=r)
+        self.latency = Histogram("mtp_request_seconds", "Submission to last token", buckets=buckets, registry=r)
+
+    def text(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+def create_app(scheduler: Scheduler, tokenizer, settings: Settings, metrics: Metrics):
+    """The Starlette app; ``scheduler`` is started and stopped with it (its lifespan)."""
+    import contextlib
+
+    from sse_starlette import EventSourceResponse
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    vocab = len(tokenizer)
+
+    def error_response(e: ApiError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    def authorize(request) -> None:
+        if settings.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
+            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+
+    async def read_json(request):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
+            raise ApiError(413, f"request body larger than {settings.max_body_bytes} bytes (--max-body-bytes)",
+                           code="body_too_large")
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > settings.max_body_bytes:
+                raise ApiError(413, f"request body larger than {settings.max_body_bytes} bytes (--max-body-bytes)",
+                               code="body_too_large")
+        try:
+            return json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise bad(f"the request body is not valid JSON: {str(e)[:120]}", code="invalid_json") from None
+
+    def encode(p: Params) -> list[int]:
+        if p.kind == "chat":
+            if not getattr(tokenizer, "chat_template", None):
+                raise bad("this model has no chat template: use /v1/completions", "messages")
+            try:
+                text = tokenizer.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=False)
+            except Exception as e:  # noqa: BLE001 - the template's own complaint (e.g. roles out of order)
+                raise bad(f"the model's chat template refused these messages: {str(e)[:200]}", "messages") from None
+            return tokenizer(text, add_special_tokens=False)["input_ids"]
+        if isinstance(p.prompt, list):
+            if any(not 0 <= t < vocab for t in p.prompt):
+                raise bad(f"'prompt' token ids must be in [0, {vocab})", "prompt")
+            return list(p.prompt)
+        return tokenizer(p.prompt, add_special_tokens=True)["input_ids"]
+
+    def make_job(p: Params, ids: list[int], loop) -> Job:
+        import torch
+
+        from mtp.decode.accept import Sampling
+        from mtp.decode.engine import Request
+
+        lim = settings.limits
+        if len(ids) > lim.max_prompt_tokens:
+            raise bad(f"the prompt is {len(ids)} tokens; this server takes at most {lim.max_prompt_tokens} "
+                      f"(--max-prompt-tokens)", "messages" if p.kind == "chat" else "prompt", "prompt_too_long")
+        room = (lim.context - len(ids)) if lim.context else lim.max_tokens
+        if room < 1:
+            raise bad(f"the prompt is {len(ids)} tokens and fills the model's context of {lim.context}",
+                      "messages" if p.kind == "chat" else "prompt", "context_length_exceeded")
+        max_new = min(room, lim.max_tokens) if p.max_tokens is None else p.max_tokens
+        if max_new > room:
+            raise bad(f"the prompt is {len(ids)} tokens and {max_new} new tokens were asked for: more than the "
+                      f"model's context of {lim.context}", "max_tokens", "context_length_exceeded")
+        sampling = Sampling(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p)
+        generator = None
+        if not sampling.greedy:
+            generator = torch.Generator()
+            generator.manual_seed(p.seed if p.seed is not None else int.from_bytes(os.urandom(8), "little"))
+        request = Request(ids, max_new, frozenset(settings.eos), tuple(p.stop), sampling, generator)
+        return Job(request, loop, settings.timeout, queue=asyncio.Queue())
+
+    async def wait_disconnect(request) -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    async def collect(job: Job, request) -> tuple[list[int], str]:
+        """A non-streamed request's tokens and finish; a client that leaves cancels it."""
+        tokens: list[int] = []
+        gone = asyncio.ensure_future(wait_disconnect(request))
+        try:
+            while True:
+                get = asyncio.ensure_future(job.queue.get())
+                done, _ = await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if get not in done:
+                    get.cancel()
+                    scheduler.cancel(job)
+                    raise ApiError(499, "client closed the request", code="client_closed")
+                kind, value = get.result()
+                if kind == "tokens":
+                    tokens += value
+                elif kind == "done":
+                    return tokens, value
+                else:
+                    raise value
+        except asyncio.CancelledError:
+            scheduler.cancel(job)
+            raise
+        finally:
+            gone.cancel()
+
+    async def stream(job: Job, p: Params, prompt_tokens: int):
+        rid, created = new_id(p.kind), int(time.time())
+        text = TextStream(tokenizer, p.stop)
+        fp = settings.fingerprint
+        ended = False
+        try:
+            if p.kind == "chat":
+                yield {"data": json.dumps(chunk(p, rid, created, None, None, fp, role=True))}
+            while True:
+                kind, value = await job.queue.get()
+                if kind == "tokens":
+                    new = text.push(value)
+                    if new:
+                        yield {"data": json.dumps(chunk(p, rid, created, new, None, fp))}
+                elif kind == "done":
+                    ended = True
+                    tail = text.push([], final=True)
+                    if tail:
+                        yield {"data": json.dumps(chunk(p, rid, created, tail, None, fp))}
+                    yield {"data": json.dumps(chunk(p, rid, created, None, value, fp))}
+                    if p.include_usage:
+                        yield {"data": json.dumps(usage_chunk(p, rid, created, prompt_tokens, len(text.tokens), fp))}
+                    yield {"data": "[DONE]"}
+                    return
+                else:
+                    ended = True
+                    yield {"data": json.dumps(value.body())}
+                    return
+        finally:
+            if not ended:  # the client went away (or the server is stopping): free the row
+                scheduler.cancel(job)
+
+    async def completions(request, kind: str):
+        authorize(request)
+        p = parse(await read_json(request), kind, settings.limits)
+        if p.model not in settings.model_names:
+            raise ApiError(404, f"the model {p.model!r} does not exist here: this server serves "
+                           f"{settings.model_names[0]!r} (see /v1/models)", "model", "model_not_found")
+        ids = encode(p)
+        job = make_job(p, ids, asyncio.get_running_loop())
+        scheduler.submit(job)
+        metrics.prompt_tokens.inc(len(ids))
+        if p.stream:
+            return EventSourceResponse(stream(job, p, len(ids)), sep="\n", ping=15)
+        tokens, finish = await collect(job, request)
+        text = final_text(tokenizer, tokens, p.stop)
+        if p.echo:
+            text = tokenizer.decode(ids, skip_special_tokens=True) + text
+        return JSONResponse(response(p, new_id(kind), text, finish, len(ids), len(tokens), settings.fingerprint))
+
+    def route(name: str, handler):
+        async def endpoint(request):
+            try:
+                out = await handler(request)
+            except ApiError as e:
+                out = error_response(e)
+            except Exception as e:  # noqa: BLE001 - this request fails, the server goes on
+                import traceback
+
+                traceback.print_exc(file=sys.stderr)
+                out = error_response(ApiError(500, f"internal error: {type(e).__name__}", code="internal_error"))
+            metrics.requests.labels(route=name, status=str(out.status_code)).inc()
+            return out
+        return endpoint
+
+    async def chat(request):
+        return await completions(request, "chat")
+
+    async def text_completions(request):
+        return await completions(request, "completion")
+
+    async def models(request):
+        authorize(request)
+        created = int(time.time())
+        return JSONResponse({"object": "list", "data": [
+            {"id": settings.model_names[0], "object": "model", "created": created, "owned_by": "mtp"}]})
+
+    async def health(request):
+        if scheduler.draining:
+            return JSONResponse({"status": "shutting down"}, status_code=503)
+        return JSONResponse({"status": "ok", "running": len(scheduler.running), "waiting": scheduler.queue_depth()})
+
+    async def metrics_text(request):
+        authorize(request)
+        return Response(metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def http_error(request, exc: HTTPException):
+        error = ApiError(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}",
+                         code="not_found" if exc.status_code == 404 else "method_not_allowed",
+                         type="invalid_request_error")
+        return error_response(error)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        scheduler.start()
+        try:
+            yield
+        finally:
+            await asyncio.get_running_loop().run_in_executor(None, scheduler.stop)
+
+    routes = [
+        Route("/v1/chat/completions", route("chat", chat), methods=["POST"]),
+        Route("/v1/completions", route("completions", text_completions), methods=["POST"]),
+        Route("/v1/models", route("models", models), methods=["GET"]),
+        Route("/health", route("health", health), methods=["GET"]),
+        Route("/metrics", route("metrics", metrics_text), methods=["GET"]),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def serve(cfg, command: str = "") -> None:
+    """``mtp serve``: load the model and heads, measure nothing twice, serve until SIGTERM / Ctrl-C."""
+    import uvicorn
+    from sse_starlette.sse import AppStatus
+
+    from mtp.config import HEAD_METHODS
+    from mtp.decode.run import build_decoder, default_heads_available, eos_ids, load_for_decoding
+
+    check_port(cfg.host, cfg.port)  # before the slow part
+    heads, method = cfg.heads, cfg.method
+    if heads is None and (method is None or method in HEAD_METHODS) and default_heads_available(cfg.model):
+        heads = "default"
+    method = method or ("tree" if heads else "lookup")
+    api_key = cfg.api_key if cfg.api_key is not None else (os.environ.get("MTP_API_KEY") or None)
+    say = (lambda *a: None) if cfg.quiet else (lambda msg: print(f"mtp serve: {msg}", file=sys.stderr, flush=True))
+    if cfg.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        say(f"warning: listening on {cfg.host} without --api-key: anyone who can reach it can use it")
+    say(f"loading {cfg.model} ({cfg.dtype}, {method}{', heads ' + heads if heads and method in HEAD_METHODS else ''})")
+    backbone, tokenizer, mtp_model, folder = load_for_decoding(cfg.model, heads if method in HEAD_METHODS else None,
+                                                              cfg.dtype, cfg.device)
+    decoder, _ = build_decoder(backbone, copy.deepcopy(tokenizer), mtp_model, folder, cfg.model, method, cfg)
+    eos = eos_ids(backbone, tokenizer)
+    decoder.generate([tokenizer("Hello", add_special_tokens=False)["input_ids"] or [0]], 4, eos)  # warm-up
+    context = getattr(backbone.config, "max_position_embeddings", None)
+    limits = Limits(max_tokens=cfg.max_tokens, max_prompt_tokens=cfg.max_prompt_tokens, context=context,
+                    default_temperature=cfg.temperature, default_top_p=cfg.top_p, default_top_k=cfg.top_k)
+    names = tuple(dict.fromkeys([cfg.served_model_name or cfg.model, cfg.model]))
+    settings = Settings(names, limits, api_key, cfg.max_body_bytes, cfg.timeout, f"mtp-{method}", tuple(eos))
+    metrics = Metrics()
+    scheduler = Scheduler(decoder, cfg.max_batch, cfg.max_queue, metrics)
+    app = create_app(scheduler, tokenizer, settings, metrics)
+    AppStatus.disable_automatic_graceful_drain()  # streams end through the scheduler's drain, with an event
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # SIGTERM / SIGINT: stop taking requests, let the others finish
+            if not self.should_exit:
+                say(f"{signal.Signals(sig).name}: finishing {len(scheduler.running) + scheduler.queue_depth()} "
+                    f"request(s) (up to {cfg.shutdown_timeout:g} s), taking no new ones")
+            scheduler.drain(cfg.shutdown_timeout)
+            super().handle_exit(sig, frame)
+            # a SIGTERM that stopped the server gracefully ends the process with status 0 (uvicorn would raise
+            # it again once stopped); Ctrl-C still ends as an interrupt
+            captured = getattr(self, "_captured_signals", None)
+            if captured is not None:
+                self._captured_signals = [s for s in captured if s != signal.SIGTERM]
+
+    config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=cfg.shutdown_timeout + 5, lifespan="on")
+    server = Server(config)
+    say(f"serving {names[0]!r} at http://{cfg.host}:{cfg.port}/v1 (max batch {cfg.max_batch}, queue "
+        f"{cfg.max_queue}{', API key required' if api_key else ''})")
+    try:
+        server.run()
+    except SystemExit:  # uvicorn could not bind after all (it logged why)
+        raise UserError(f"cannot listen on {cfg.host}:{cfg.port}") from None
+    say("stopped")
+    return None
+
+
+def check_port(host: str, port: int) -> None:
+    """Fail in one line, before any model is loaded, if ``host:port`` cannot be listened on."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise UserError(f"--host {host}: {e.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None

@@ -1,0 +1,260 @@
+"""Continuous batching over mtp's engine: one worker thread owns the decoder, requests come and go between steps.
+
+A request becomes a :class:`Job`: it waits in a bounded queue (``max_queue``; beyond it the server answers
+429), joins the running batch between two steps when a row is free (``max_batch`` rows; the new rows'
+prompts are prefilled together, then decoded with the others, each row accepting its own number of tokens
+per step), and leaves it when it finishes, when its client goes away or when its deadline passes. Tokens go
+back to the request's coroutine as events (``tokens``, ``done``, ``error``) through its event loop.
+
+The decoder is touched by the worker thread only; the HTTP side only appends to the queue and sets flags.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+
+from mtp.decode.engine import Decoder, Request
+from mtp.errors import UserError
+from mtp.serve.protocol import ApiError
+
+
+@dataclass
+class Job:
+    request: Request
+    loop: asyncio.AbstractEventLoop
+    timeout: float
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    submitted: float = field(default_factory=time.monotonic)
+    first_token: float | None = None
+    finished: float | None = None
+    tokens: int = 0
+    steps: int = 0  # backbone forwards of its row (the prefill included)
+    finish: str | None = None
+    cancelled: bool = False  # set by the HTTP side (client gone); the worker drops the row
+
+    @property
+    def deadline(self) -> float:
+        return self.submitted + self.timeout
+
+    def send(self, kind: str, value=None) -> None:
+        """An event to the request's coroutine (from the worker thread)."""
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, value))
+        except RuntimeError:  # its event loop is gone (server stopped): nobody is listening
+            pass
+
+
+class Scheduler:
+    def __init__(self, decoder: Decoder, max_batch: int = 8, max_queue: int = 64, metrics=None):
+        self.decoder, self.max_batch, self.max_queue, self.metrics = decoder, max_batch, max_queue, metrics
+        self.waiting: collections.deque[Job] = collections.deque()
+        self.running: list[Job] = []  # row i of the decoder's batch is running[i]
+        self.cond = threading.Condition()
+        self.draining = False
+        self.drain_deadline = float("inf")
+        self.stopped = False
+        self.thread = threading.Thread(target=self._run, name="mtp-decoder", daemon=True)
+        self._window: collections.deque[tuple[float, int, int, int]] = collections.deque()  # (t, tokens, rows, steps)
+
+    # ------------------------------------------------------------------ the HTTP side
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def submit(self, job: Job) -> None:
+        """Queue a job, or refuse it: 503 while shutting down, 429 when the queue is full."""
+        with self.cond:
+            if self.draining or self.stopped:
+                raise ApiError(503, "the server is shutting down", code="shutting_down", type="server_error")
+            if len(self.waiting) >= self.max_queue:
+                raise ApiError(429, f"too many requests: {len(self.running)} decoding and {len(self.waiting)} "
+                               f"waiting (--max-batch {self.max_batch}, --max-queue {self.max_queue}); retry later",
+                               code="queue_full", headers={"Retry-After": "1"})
+            self.waiting.append(job)
+            self._gauges()
+            self.cond.notify()
+
+    def cancel(self, job: Job) -> None:
+        """The client went away: its row is freed before the next step."""
+        job.cancelled = True
+        with self.cond:
+            self.cond.notify()
+
+    def drain(self, grace: float) -> None:
+        """Stop taking requests; those already in finish within ``grace`` seconds or end with an error event."""
+        with self.cond:
+            self.draining = True
+            self.drain_deadline = min(self.drain_deadline, time.monotonic() + grace)
+            self.cond.notify()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """End every job (with an error event) and the worker thread."""
+        self.drain(0.0)
+        with self.cond:
+            self.stopped = True
+            self.cond.notify()
+        if self.thread.is_alive():
+            self.thread.join(timeout)
+
+    @property
+    def idle(self) -> bool:
+        return not self.running and not self.waiting
+
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    # ------------------------------------------------------------------ the worker thread
+
+    def _run(self) -> None:
+        import torch
+
+        self.decoder.reset()  # rows left by an earlier generate() call are not ours
+        with torch.inference_mode(), self.decoder.session():
+            while True:
+                with self.cond:
+                    while self.idle and not self.stopped:
+                        self.cond.wait(0.5)
+                    if self.stopped and self.idle:
+                        return
+                    admit = self._take()
+                if time.monotonic() >= self.drain_deadline:
+                    self._end_all(ApiError(503, "the server shut down before this request finished",
+                                           code="shutting_down", type="server_error"))
+                    continue
+                if admit:
+                    self._admit(admit)
+                if self.running:
+                    self._step()
+                self._retire()
+
+    def _take(self) -> list[Job]:
+        """Jobs that join the batch now (the queue's head, up to the free rows); expired ones end here."""
+        now, admit, keep = time.monotonic(), [], collections.deque()
+        while self.waiting:
+            job = self.waiting.popleft()
+            if job.cancelled:
+                self._count("cancelled")
+            elif now >= job.deadline:
+                self._fail(job, ApiError(503, f"timed out after {job.timeout:g} s waiting for a free row "
+                                              f"(--timeout)", code="timeout", type="server_error"))
+            elif len(self.running) + len(admit) < self.max_batch:
+                admit.append(job)
+            else:
+                keep.append(job)
+        self.waiting = keep
+        self._gauges()
+        return admit
+
+    def _admit(self, jobs: list[Job]) -> None:
+        first = len(self.running)
+        self.running.extend(jobs)
+        try:
+            self.decoder.add([j.request for j in jobs], self._on_tokens)
+        except Exception as e:  # noqa: BLE001 - these requests fail; the running batch goes on
+            del self.running[first:]
+            error = ApiError(400, str(e)) if isinstance(e, UserError) else \
+                ApiError(503, f"could not start decoding: {type(e).__name__}: {e}", code="engine_error",
+                         type="server_error")
+            if not isinstance(e, UserError):
+                traceback.print_exc(file=sys.stderr)
+            for job in jobs:
+                self._fail(job, error)
+            return
+        for job, row in zip(jobs, range(first, len(self.running))):
+            job.steps = 1
+
+    def _on_tokens(self, row: int, tokens: list[int]) -> None:
+        job = self.running[row]
+        if tokens:
+            if job.first_token is None:
+                job.first_token = time.monotonic()
+                if self.metrics:
+                    self.metrics.ttft.observe(job.first_token - job.submitted)
+            job.tokens += len(tokens)
+            job.send("tokens", tokens)
+
+    def _step(self) -> None:
+        before = sum(j.tokens for j in self.running)
+        live = sum(1 for d in self.decoder.done if not d)
+        try:
+            self.decoder.step(self._on_tokens)
+        except Exception as e:  # noqa: BLE001 - the batch is lost, the server is not
+            traceback.print_exc(file=sys.stderr)
+            self._end_all(ApiError(500, f"decoding failed: {type(e).__name__}: {e}", code="engine_error",
+                                   type="server_error"), waiting=False)
+            return
+        new = sum(j.tokens for j in self.running) - before
+        for job in self.running:
+            job.steps += 1
+        now = time.monotonic()
+        self._window.append((now, new, live, 1))
+        while self._window and now - self._window[0][0] > 10.0:
+            self._window.popleft()
+        if self.metrics:
+            self.metrics.tokens.inc(new)
+            self.metrics.verify_steps.inc()
+            self.metrics.row_steps.inc(live)
+            span = now - self._window[0][0] if len(self._window) > 1 else 0.0
+            if span > 0:
+                self.metrics.tokens_per_s.set(sum(w[1] for w in list(self._window)[1:]) / span)
+            rows = sum(w[2] for w in self._window)
+            if rows:
+                self.metrics.acceptance.set(sum(w[1] for w in self._window) / rows)
+
+    def _retire(self) -> None:
+        """Rows that are done, cancelled or past their deadline leave the batch."""
+        now, gone = time.monotonic(), []
+        for row, job in enumerate(self.running):
+            if self.decoder.done[row]:
+                job.finish = self.decoder.results[row].finish
+                job.finished = now
+                job.send("done", job.finish)
+                self._count("ok")
+                if self.metrics:
+                    self.metrics.latency.observe(now - job.submitted)
+                gone.append(row)
+            elif job.cancelled:
+                self._count("cancelled")
+                gone.append(row)
+            elif now >= job.deadline:
+                self._fail(job, ApiError(503, f"timed out after {job.timeout:g} s (--timeout); "
+                                              f"{job.tokens} tokens were generated", code="timeout",
+                                         type="server_error"))
+                gone.append(row)
+        if gone:
+            self.decoder.drop(gone)
+            self.running = [j for i, j in enumerate(self.running) if i not in set(gone)]
+        self._gauges()
+
+    def _end_all(self, error: ApiError, waiting: bool = True) -> None:
+        for job in self.running:
+            if not job.cancelled:
+                self._fail(job, error)
+        self.running = []
+        self.decoder.reset()
+        if waiting:
+            with self.cond:
+                jobs, self.waiting = list(self.waiting), collections.deque()
+            for job in jobs:
+                self._fail(job, error)
+        self._gauges()
+
+    def _fail(self, job: Job, error: ApiError) -> None:
+        job.finished = time.monotonic()
+        job.send("error", error)
+        self._count(error.code or "error")
+
+    def _count(self, outcome: str) -> None:
+        if self.metrics:
+            self.metrics.outcomes.labels(outcome=outcome).inc()
+
+    def _gauges(self) -> None:
+        if self.metrics:
+            self.metrics.queue.set(len(self.waiting))
+            self.metrics.running.set(len(self.running))

@@ -1,0 +1,341 @@
+"""``mtp serve`` as clients meet it: a real server process on a free loopback port, a tiny random Llama with a
+chat template and random MLP heads (tree decoding), queried with the official ``openai`` client and raw HTTP."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from mtp.serve.process import ServerProcess  # noqa: E402
+from tests.conftest import char_tokenizer, tiny_model  # noqa: E402
+
+KEY = "test-key-123"
+TREE = "[[0],[1],[0,0],[0,0,0]]"
+TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A tiny Llama folder (char tokenizer with a chat template) and random MLP heads for it."""
+    from mtp.model.mtp import HeadsConfig, MTPModel
+
+    root = tmp_path_factory.mktemp("serve")
+    model_dir, heads_dir = root / "model", root / "heads"
+    model = tiny_model("llama", vocab=128, dtype=torch.float32)
+    model.save_pretrained(model_dir)
+    tok = char_tokenizer()
+    tok.chat_template = TEMPLATE
+    tok.save_pretrained(model_dir)
+    heads = MTPModel(model, HeadsConfig(backbone=str(model_dir), n_heads=3, kind="mlp"))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in heads.heads.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    heads.save_pretrained(heads_dir)
+    return model_dir, heads_dir
+
+
+class Server(ServerProcess):
+    def __init__(self, model_dir, heads_dir, *flags, env=None):
+        super().__init__(["--model", str(model_dir), "--heads", str(heads_dir), "--method", "tree", "--tree", TREE,
+                          "--max-tokens", "256", *flags], env=env, start_timeout=120)
+
+    def client(self, key=KEY, **kw):
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, **kw)
+
+    def post(self, path, body, key=KEY, **kw):
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        if isinstance(body, (dict, list)):
+            return httpx.post(self.url + path, json=body, headers=headers, timeout=60, **kw)
+        return httpx.post(self.url + path, content=body, headers={**headers, "Content-Type": "application/json"},
+                          timeout=60, **kw)
+
+    def metrics(self) -> str:
+        return httpx.get(self.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).text
+
+
+@pytest.fixture(scope="module")
+def server(served):
+    s = Server(*served, env={"MTP_API_KEY": KEY})
+    yield s
+    code, err = s.stop()
+    assert code == 0, err
+    assert "Traceback" not in err, err
+
+
+def reference(model_dir, ids: list[int], n: int) -> list[int]:
+    """Plain greedy with a full forward per token."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    seq, out = list(ids), []
+    with torch.no_grad():
+        for _ in range(n):
+            t = int(model(torch.tensor([seq])).logits[0, -1].argmax())
+            out.append(t)
+            seq.append(t)
+            if t == 2:
+                break
+    return out
+
+
+MESSAGES = [{"role": "user", "content": "def add(a, b):"}]
+
+
+def test_openai_client_round_trip_streamed_or_not_is_plain_greedy(server, served):
+    client = server.client()
+    assert [m.id for m in client.models.list().data] == [str(served[0])]
+    r = client.chat.completions.create(model=str(served[0]), messages=MESSAGES, max_tokens=40, temperature=0)
+    text = r.choices[0].message.content
+    tok = char_tokenizer()
+    tok.chat_template = TEMPLATE
+    ids = tok(tok.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False),
+              add_special_tokens=False)["input_ids"]
+    ref = reference(served[0], ids, 40)
+    assert text == tok.decode(ref, skip_special_tokens=True)
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == len(ref)
+    assert r.choices[0].finish_reason == ("stop" if ref[-1] == 2 else "length")
+    stream = client.chat.completions.create(model=str(served[0]), messages=MESSAGES, max_tokens=40, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    parts, usage = [], None
+    for c in stream:
+        if c.choices and c.choices[0].delta.content:
+            parts.append(c.choices[0].delta.content)
+        usage = c.usage or usage
+    assert "".join(parts) == text and usage.completion_tokens == len(ref)
+
+    # text completions: the raw prompt (BOS added), streamed and not
+    prompt_ids = tok("x = 1\ny =")["input_ids"]
+    ref = reference(served[0], prompt_ids, 12)
+    c = client.completions.create(model=str(served[0]), prompt="x = 1\ny =", max_tokens=12, temperature=0)
+    assert c.choices[0].text == tok.decode(ref, skip_special_tokens=True)
+    streamed = "".join(x.choices[0].text for x in client.completions.create(
+        model=str(served[0]), prompt="x = 1\ny =", max_tokens=12, temperature=0, stream=True))
+    assert streamed == c.choices[0].text
+
+
+def test_concurrent_requests_are_batched_and_each_is_its_own_greedy_answer(server, served):
+    client = server.client()
+    prompts = [f"def f{i}(x):" for i in range(6)]
+    results = {}
+
+    def ask(p):
+        results[p] = client.completions.create(model=str(served[0]), prompt=p, max_tokens=24, temperature=0,
+                                               seed=3).choices[0].text
+
+    threads = [threading.Thread(target=ask, args=(p,)) for p in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    tok = char_tokenizer()
+    for p in prompts:
+        assert results[p] == tok.decode(reference(served[0], tok(p)["input_ids"], 24), skip_special_tokens=True), p
+
+
+def test_sampling_and_stop_strings(server, served):
+    client = server.client()
+    a = client.completions.create(model=str(served[0]), prompt="abc", max_tokens=30, temperature=1.0, top_p=0.9,
+                                  seed=11).choices[0].text
+    b = client.completions.create(model=str(served[0]), prompt="abc", max_tokens=30, temperature=1.0, top_p=0.9,
+                                  seed=11).choices[0].text
+    assert a == b  # a seed gives the same draw
+    full = client.completions.create(model=str(served[0]), prompt="abc", max_tokens=30, temperature=0).choices[0]
+    if len(full.text) >= 6:
+        stop = full.text[3:5]
+        cut = client.completions.create(model=str(served[0]), prompt="abc", max_tokens=30, temperature=0, stop=[stop])
+        assert cut.choices[0].text == full.text[:full.text.find(stop)]
+        assert cut.choices[0].finish_reason == "stop"
+        streamed = "".join(x.choices[0].text for x in client.completions.create(
+            model=str(served[0]), prompt="abc", max_tokens=30, temperature=0, stop=[stop], stream=True))
+        assert streamed == cut.choices[0].text
+
+
+def test_api_key_is_required_except_for_health(server, served):
+    body = {"model": str(served[0]), "prompt": "a", "max_tokens": 2}
+    assert server.post("/v1/completions", body, key=None).status_code == 401
+    r = server.post("/v1/completions", body, key="wrong")
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        server.client(key="wrong").models.list()
+    assert httpx.get(server.url + "/metrics", timeout=10).status_code == 401
+    assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+    assert server.post("/v1/completions", body).status_code == 200
+
+
+BAD = [  # (body, status, the param the error names)
+    (b"{not json", 400, None),
+    (b"\xff\xfe", 400, None),
+    (b"[1, 2]", 400, None),
+    ({"prompt": "a"}, 400, "model"),
+    ({"model": "M", "prompt": "a", "temperature": "hot"}, 400, "temperature"),
+    (b'{"model": "M", "prompt": "a", "temperature": 1e999}', 400, "temperature"),  # inf
+    (b'{"model": "M", "prompt": "a", "top_p": NaN}', 400, "top_p"),
+    ({"model": "M", "prompt": "a", "top_p": 0}, 400, "top_p"),
+    ({"model": "M", "prompt": "a", "max_tokens": -1}, 400, "max_tokens"),
+    ({"model": "M", "prompt": "a", "max_tokens": 10 ** 9}, 400, "max_tokens"),
+    ({"model": "M", "prompt": "a", "max_tokens": True}, 400, "max_tokens"),
+    ({"model": "M", "prompt": "a", "seed": 2 ** 70}, 400, "seed"),
+    ({"model": "M", "prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({"model": "M", "prompt": "a", "stream": "yes"}, 400, "stream"),
+    ({"model": "M", "prompt": "a", "n": 2}, 400, "n"),
+    ({"model": "M", "prompt": "a", "frobnicate": 1}, 400, "frobnicate"),
+    ({"model": "M", "prompt": ""}, 400, "prompt"),
+    ({"model": "M", "prompt": [1, 2, 999999]}, 400, "prompt"),
+    ({"model": "M", "prompt": "a" * 5000}, 400, "prompt"),  # longer than --max-prompt-tokens
+    ({"model": "nope", "prompt": "a"}, 404, "model"),
+]
+BAD_CHAT = [
+    ({"model": "M", "messages": []}, 400, "messages"),
+    ({"model": "M", "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),
+    ({"model": "M", "messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
+    ({"model": "M", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, 400, "tools"),
+    ({"model": "M", "messages": "hello"}, 400, "messages"),
+]
+
+
+def test_every_bad_request_gets_its_4xx_and_the_server_keeps_serving(server, served):
+    name = str(served[0])
+    for path, cases in (("/v1/completions", BAD), ("/v1/chat/completions", BAD_CHAT)):
+        for body, status, param in cases:
+            if isinstance(body, dict) and body.get("model") == "M":
+                body = {**body, "model": name}
+            elif isinstance(body, bytes):
+                body = body.replace(b'"M"', json.dumps(name).encode())
+            r = server.post(path, body)
+            assert r.status_code == status, (body, r.text)
+            error = r.json()["error"]
+            assert error["message"] and error["type"], r.text
+            if param:
+                assert error["param"] == param, (body, error)
+    big = b'{"model": "x", "prompt": "' + b"a" * (2 << 20) + b'"}'
+    assert server.post("/v1/completions", big).status_code == 413
+    assert httpx.get(server.url + "/v1/nothing", timeout=10).status_code == 404
+    assert httpx.get(server.url + "/v1/completions", timeout=10).status_code == 405
+    with pytest.raises(openai.BadRequestError):
+        server.client().completions.create(model=name, prompt="a", logprobs=3)
+    ok = server.post("/v1/completions", {"model": name, "prompt": "a", "max_tokens": 3})
+    assert ok.status_code == 200
+    assert 'status="5' not in server.metrics()
+
+
+def test_a_client_that_leaves_frees_its_row(server, served):
+    before = _outcome(server.metrics(), "cancelled")
+    body = {"model": str(served[0]), "prompt": "q", "max_tokens": 256, "temperature": 1.0, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30,
+                      headers={"Authorization": f"Bearer {KEY}"}) as r:
+        assert r.status_code == 200
+        next(r.iter_lines())  # decoding has started; then the client goes
+    # a non-streamed request whose client goes away before the answer
+    raw = json.dumps({"model": str(served[0]), "prompt": "q", "max_tokens": 256, "temperature": 1.0}).encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: " + str(len(raw)).encode() +
+                  b"\r\n\r\n" + raw)
+        time.sleep(0.3)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        health = httpx.get(server.url + "/health", timeout=10).json()
+        finished = _outcome(server.metrics(), "cancelled") - before + _outcome(server.metrics(), "ok")
+        if health["running"] == 0 and health["waiting"] == 0:
+            break
+        time.sleep(0.1)
+    assert health["running"] == 0 and health["waiting"] == 0
+    assert finished >= 1
+
+
+def _outcome(metrics: str, outcome: str) -> float:
+    for line in metrics.splitlines():
+        if line.startswith(f'mtp_requests_finished_total{{outcome="{outcome}"}}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_metrics_are_prometheus_text(server, served):
+    server.client().completions.create(model=str(served[0]), prompt="z", max_tokens=4)
+    text = server.metrics()
+    for name in ("mtp_generation_tokens_total", "mtp_queue_depth", "mtp_tokens_per_second", "mtp_acceptance_length",
+                 "mtp_time_to_first_token_seconds_bucket", "mtp_http_requests_total"):
+        assert name in text, name
+
+
+def test_a_full_queue_answers_429(served):
+    s = Server(*served, "--max-batch", "1", "--max-queue", "1")
+    try:
+        body = {"model": str(served[0]), "prompt": "w", "max_tokens": 256, "temperature": 1.0}
+        for _ in range(3):  # 8 at once: one decodes, one waits, the rest are refused (unless all end at once)
+            codes = []
+
+            def ask():
+                codes.append(s.post("/v1/completions", body, key=None).status_code)
+
+            threads = [threading.Thread(target=ask) for _ in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert set(codes) <= {200, 429}, codes
+            if 429 in codes:
+                break
+        assert 429 in codes and codes.count(200) >= 2, codes
+        r = s.post("/v1/completions", body, key=None)
+        assert r.status_code == 200
+    finally:
+        code, err = s.stop()
+    assert code == 0 and "Traceback" not in err, err
+
+
+def test_sigterm_ends_streams_with_an_event_and_exits_cleanly(served):
+    s = Server(*served, "--shutdown-timeout", "0.5")
+    body = {"model": str(served[0]), "prompt": "s", "max_tokens": 256, "temperature": 1.0, "stream": True}
+    events = []
+
+    def read():
+        with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=30) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+
+    readers = [threading.Thread(target=read) for _ in range(3)]
+    for t in readers:
+        t.start()
+    time.sleep(0.5)
+    s.proc.send_signal(signal.SIGTERM)
+    for t in readers:
+        t.join(30)
+    code, err = s.stop()
+    assert code == 0 and "Traceback" not in err, err
+    assert not any(t.is_alive() for t in readers)
+    # each stream ended with [DONE] (finished in time) or with an error object
+    ends = [e for e in events if e == "[DONE]" or '"error"' in e]
+    assert len(ends) == 3, events[-5:]
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(s.url + "/health", timeout=2)
+
+
+def test_bad_flags_and_a_taken_port_fail_in_one_line(served, tmp_path):
+    from mtp.cli import main
+
+    assert main(["serve", "--port", "70000"]) == 2
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "mtp", "serve", "--model", str(served[0]), "--method", "plain",
+                            "--port", str(port)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("mtp: error: cannot listen on")
+    assert Path(served[0]).is_dir()
