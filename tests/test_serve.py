@@ -339,3 +339,40 @@ def test_bad_flags_and_a_taken_port_fail_in_one_line(served, tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("mtp: error: cannot listen on")
     assert Path(served[0]).is_dir()
+
+
+def test_text_stream_holds_back_what_may_become_a_stop_string_and_cuts_it():
+    from mtp.serve.protocol import TextStream, final_text
+
+    tok = char_tokenizer(add_bos=False)
+    ids = tok("hello END world")["input_ids"]
+    stream = TextStream(tok, ["END"])
+    sent = [stream.push([t]) for t in ids]
+    assert "".join(sent) == "hello "
+    assert sent[ids.index(tok("E")["input_ids"][0])] == ""  # "E" might start "END": held back
+    assert final_text(tok, ids, ["END"]) == "hello "
+    assert final_text(tok, ids, []) == "hello END world"
+    s2 = TextStream(tok, ["ENDX"])  # a prefix that does not become the stop string is sent at the end
+    assert "".join(s2.push([t]) for t in tok("ab EN")["input_ids"]) == "ab "
+    assert s2.push([], final=True) == "EN"
+
+
+def test_request_fields_are_parsed_into_typed_values():
+    from mtp.serve.protocol import ApiError, Limits, parse
+
+    lim = Limits(max_tokens=100, default_temperature=0.0)
+    p = parse({"model": "m", "prompt": "hi", "stop": "x", "seed": 5, "n": 1, "presence_penalty": 0, "user": "u"},
+              "completion", lim)
+    assert (p.max_tokens, p.stop, p.seed, p.temperature, p.top_p) == (16, ["x"], 5, 0.0, 1.0)
+    p = parse({"model": "m", "messages": [{"role": "developer", "content": [{"type": "text", "text": "a"}]}],
+               "max_completion_tokens": 7, "top_k": -1}, "chat", lim)
+    assert p.messages == [{"role": "system", "content": "a"}] and p.max_tokens == 7 and p.top_k == 0
+    for body, param in (({"model": "m", "prompt": "a", "echo": "no"}, "echo"),
+                        ({"model": "m", "messages": [{"role": "user", "content": "a"}], "max_tokens": 1,
+                          "max_completion_tokens": 1}, "max_completion_tokens"),
+                        ({"model": "m", "prompt": "a", "stream_options": {"include_usage": True}}, "stream_options"),
+                        ({"model": "m", "prompt": "a", "response_format": {"type": "json_object"}}, "response_format")):
+        kind = "chat" if "messages" in body else "completion"
+        with pytest.raises(ApiError) as e:
+            parse(body, kind, lim)
+        assert e.value.status == 400 and e.value.param == param

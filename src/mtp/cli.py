@@ -53,6 +53,7 @@ COMMANDS = {
                             plot="mtp.bench.decode:plot_bench_decode"),
     "bench context": Command(C.BenchContextConfig, "mtp.bench.context:bench_context",
                              "mtp.bench.context:format_bench_context", plot="mtp.bench.context:plot_bench_context"),
+    "bench serve": Command(C.BenchServeConfig, "mtp.bench.serve:bench_serve", "mtp.bench.serve:format_bench_serve"),
     "bench engine": Command(C.BenchEngineConfig, "mtp.bench.engine:bench_engine", "mtp.bench.engine:format_bench_engine",
                             plot="mtp.bench.engine:plot_bench_engine"),
     "bench pretrain-step": Command(C.BenchPretrainStepConfig, "mtp.bench.pretrain_step:bench_pretrain_step",

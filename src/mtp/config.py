@@ -601,6 +601,59 @@ class ServeConfig(DraftOptions):
 
 
 @dataclass
+class BenchServeConfig(Runtime):
+    """`mtp serve` under load from HTTP clients: tokens/s at 1 and N concurrent clients, time to first token and
+    per token (p50/p95), a soak with malformed requests mixed in, memory, and identity with `mtp generate`."""
+
+    model: str = opt(DEFAULT_MODEL, metavar="NAME|PATH")
+    """Backbone: built-in name, Hugging Face folder or .gguf file."""
+    heads: str = opt("default", metavar="DIR|default|eagle3")
+    """MTP heads for the head methods."""
+    methods: list[str] = opt(factory=lambda: ["plain", "hybrid"])
+    """Methods, one server each, side by side (comma-separated)."""
+    prompts: str = opt("general", metavar="SET|FILE.jsonl")
+    """Prompt set (its eval split) or a .jsonl with a prompt field."""
+    limit: int = 24
+    """Distinct prompts."""
+    max_tokens: int = 64
+    """New tokens per request."""
+    concurrency: list[int] = opt(factory=lambda: [1, 8])
+    """Concurrent clients of a scaling run."""
+    requests: int = 2
+    """Requests per client in a scaling run."""
+    soak_clients: int = 16
+    """Concurrent clients of the soak."""
+    duration: float = 120.0
+    """Seconds of soak (0: none)."""
+    bad_share: float = 0.1
+    """Share of malformed or oversized requests in the soak."""
+    soak_all: bool = False
+    """Soak every method's server (default: the last method's only)."""
+    max_batch: int = 8
+    """The servers' --max-batch."""
+    max_queue: int = 64
+    """The servers' --max-queue."""
+    json: str | None = opt(None, metavar="FILE")
+    """Write the result as JSON."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.methods = _split_commas(self.methods)
+        _require(bool(self.methods), "--methods is empty")
+        for m in self.methods:
+            _require(m in METHODS, f"unknown method {m!r}: use {', '.join(METHODS)}")
+        _require(bool(self.concurrency) and all(c >= 1 for c in self.concurrency),
+                 "--concurrency takes client counts of at least 1, e.g. --concurrency 1 --concurrency 8")
+        _at_least(self, ("limit", "max_tokens", "requests", "soak_clients", "max_batch"))
+        _at_least(self, ("max_queue",), 0)
+        _require(self.duration == self.duration and 0 <= self.duration <= 86400,
+                 f"--duration must be between 0 and 86400 seconds, got {self.duration}")
+        _require(self.bad_share == self.bad_share and 0 <= self.bad_share <= 1,
+                 f"--bad-share must be in [0, 1], got {self.bad_share}")
+        check_output_file(self.json, "--json")
+
+
+@dataclass
 class BenchDecodeConfig(DraftOptions):
     """Self-speculative decoding vs plain baselines: tokens/s, tau, speedup."""
 

@@ -1,0 +1,293 @@
+"""``mtp bench serve``: ``mtp serve`` under load, as HTTP clients see it, speculative methods beside plain.
+
+Per method, a server process on a free loopback port (real model) and asyncio clients (httpx, streaming):
+
+1. **scaling**: 1 client, then ``c`` concurrent clients (``--concurrency``), each sending ``--requests``
+   streamed requests at temperature 0: aggregate tokens/s, time to first token and time per output token
+   (p50 / p95 over requests);
+2. **soak** (``--duration`` seconds, ``--soak-clients`` clients): streamed and plain requests with
+   ``--bad-share`` of them malformed or oversized; every valid one must complete, every bad one get its 4xx,
+   none a 5xx; the server's resident memory at the end against after warm-up.
+
+Afterwards (servers stopped) each distinct prompt is decoded alone in this process, as ``mtp generate`` does
+(same method, dtype, heads, batch 1): the share of the servers' temperature-0 answers identical to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import statistics
+import sys
+import time
+
+from mtp.config import HEAD_METHODS
+from mtp.errors import UserError
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+async def _request(client, url: str, model: str, prompt: str, max_tokens: int, stream: bool = True) -> dict:
+    """One valid chat request: its text, tokens, finish, time to first token and per output token."""
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    start = time.perf_counter()
+    out = {"prompt": prompt, "status": None, "text": "", "tokens": 0, "finish": None, "ttft": None, "tpot": None,
+           "complete": False}
+    if not stream:
+        r = await client.post(url + "/v1/chat/completions", json=body)
+        out["status"] = r.status_code
+        if r.status_code == 200:
+            data = r.json()
+            out.update(text=data["choices"][0]["message"]["content"], tokens=data["usage"]["completion_tokens"],
+                       finish=data["choices"][0]["finish_reason"], complete=True,
+                       ttft=time.perf_counter() - start)
+        return out
+    first = last = None
+    async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+        out["status"] = r.status_code
+        if r.status_code != 200:
+            await r.aread()
+            return out
+        async for line in r.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line[6:]
+            if data == "[DONE]":
+                out["complete"] = out["finish"] is not None
+                break
+            event = json.loads(data)
+            if "error" in event:
+                out["error"] = event["error"]
+                break
+            if event.get("usage"):
+                out["tokens"] = event["usage"]["completion_tokens"]
+            for choice in event.get("choices", []):
+                piece = choice.get("delta", {}).get("content")
+                if piece:
+                    now = time.perf_counter()
+                    first = first or now
+                    last = now
+                    out["text"] += piece
+                if choice.get("finish_reason"):
+                    out["finish"] = choice["finish_reason"]
+    if first is not None:
+        out["ttft"] = first - start
+        if out["tokens"] > 1:
+            out["tpot"] = (last - first) / (out["tokens"] - 1)
+    return out
+
+
+BAD_KINDS = ("malformed-json", "oversized-body", "wrong-type", "unknown-parameter", "unknown-model",
+             "max-tokens-too-large", "prompt-too-long")
+
+
+async def _bad_request(client, url: str, model: str, kind: str, body_limit: int, prompt_limit: int) -> dict:
+    good = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}
+    content = None
+    if kind == "malformed-json":
+        content = b'{"model": "' + model.encode() + b'", "messages": [{"role": "user", "content": "Hi"'
+    elif kind == "oversized-body":
+        content = json.dumps({**good, "messages": [{"role": "user", "content": "x" * (body_limit + 1)}]}).encode()
+    elif kind == "wrong-type":
+        content = json.dumps({**good, "temperature": "hot"}).encode()
+    elif kind == "unknown-parameter":
+        content = json.dumps({**good, "frobnicate": True}).encode()
+    elif kind == "unknown-model":
+        content = json.dumps({**good, "model": "no-such-model"}).encode()
+    elif kind == "max-tokens-too-large":
+        content = json.dumps({**good, "max_tokens": 10 ** 7}).encode()
+    elif kind == "prompt-too-long":
+        content = json.dumps({**good, "messages": [{"role": "user", "content": "word " * (prompt_limit + 10)}]}).encode()
+    r = await client.post(url + "/v1/chat/completions", content=content, headers={"Content-Type": "application/json"})
+    return {"kind": kind, "status": r.status_code}
+
+
+async def _scaling(url: str, model: str, prompts: list[str], clients: int, per_client: int, max_tokens: int,
+                   offset: int) -> dict:
+    import httpx
+
+    async with httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=clients + 4)) as client:
+        async def worker(k: int):
+            return [await _request(client, url, model, prompts[(offset + k * per_client + i) % len(prompts)],
+                                   max_tokens) for i in range(per_client)]
+
+        start = time.perf_counter()
+        done = await asyncio.gather(*(worker(k) for k in range(clients)))
+        wall = time.perf_counter() - start
+    rows = [r for rs in done for r in rs]
+    ok = [r for r in rows if r["status"] == 200 and r["complete"]]
+    tokens = sum(r["tokens"] for r in ok)
+    ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
+    tpot = [r["tpot"] for r in ok if r["tpot"] is not None]
+    return {"clients": clients, "requests": len(rows), "completed": len(ok), "tokens": tokens, "seconds": wall,
+            "tokens_per_s": tokens / wall, "ttft_p50": _pct(ttft, 0.5), "ttft_p95": _pct(ttft, 0.95),
+            "tpot_p50": _pct(tpot, 0.5), "tpot_p95": _pct(tpot, 0.95), "answers": _answers(ok)}
+
+
+def _answers(rows: list[dict]) -> list[list[str]]:
+    return [[r["prompt"], r["text"]] for r in rows]
+
+
+async def _soak(url: str, model: str, prompts: list[str], clients: int, duration: float, max_tokens: int,
+                bad_share: float, body_limit: int, prompt_limit: int, seed: int) -> dict:
+    import httpx
+
+    rng = random.Random(seed)
+    plan = [rng.random() < bad_share for _ in range(100000)]
+    counter = {"i": 0}
+    valid, bad, failures = [], [], []
+    stop_at = time.monotonic() + duration
+    async with httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=clients + 4)) as client:
+        async def worker(k: int):
+            while time.monotonic() < stop_at:
+                i = counter["i"]
+                counter["i"] += 1
+                try:
+                    if plan[i % len(plan)]:
+                        bad.append(await _bad_request(client, url, model, BAD_KINDS[i % len(BAD_KINDS)], body_limit,
+                                                      prompt_limit))
+                    else:
+                        valid.append(await _request(client, url, model, prompts[i % len(prompts)], max_tokens,
+                                                    stream=i % 2 == 0))
+                except httpx.HTTPError as e:  # a dropped connection is a failure, not a crash of the bench
+                    failures.append(f"{type(e).__name__}: {e}")
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(k) for k in range(clients)))
+        wall = time.perf_counter() - start
+    statuses: dict[str, int] = {}
+    for r in valid + bad:
+        statuses[str(r["status"])] = statuses.get(str(r["status"]), 0) + 1
+    ok = [r for r in valid if r["status"] == 200 and r["complete"]]
+    bad_4xx = [r for r in bad if 400 <= r["status"] < 500]
+    return {"clients": clients, "seconds": wall, "valid": len(valid), "valid_completed": len(ok),
+            "bad": len(bad), "bad_answered_4xx": len(bad_4xx), "bad_by_kind": _by_kind(bad),
+            "status_counts": statuses, "server_errors_5xx": sum(v for k, v in statuses.items() if k.startswith("5")),
+            "connection_failures": failures[:10], "tokens": sum(r["tokens"] for r in ok),
+            "tokens_per_s": sum(r["tokens"] for r in ok) / wall, "answers": _answers(ok)}
+
+
+def _by_kind(bad: list[dict]) -> dict:
+    out: dict[str, list[int]] = {}
+    for r in bad:
+        out.setdefault(r["kind"], []).append(r["status"])
+    return {k: sorted(set(v)) for k, v in out.items()}
+
+
+def _references(cfg, method: str, prompts: list[str]) -> dict[str, str]:
+    """What `mtp generate` prints for each prompt (same model, heads, method, dtype; alone, temperature 0)."""
+    from mtp.config import DraftOptions
+    from mtp.decode.run import build_decoder, encode_prompt, eos_ids, load_for_decoding
+
+    backbone, tokenizer, mtp_model, folder = load_for_decoding(cfg.model, cfg.heads if method in HEAD_METHODS
+                                                              else None, cfg.dtype, cfg.device)
+    opts = DraftOptions(seed=cfg.seed, device=cfg.device, dtype=cfg.dtype)
+    decoder, _ = build_decoder(backbone, tokenizer, mtp_model, folder, cfg.model, method, opts)
+    eos = eos_ids(backbone, tokenizer)
+    out = {}
+    for p in prompts:
+        row = decoder.generate([encode_prompt(tokenizer, p)], cfg.max_tokens, eos).rows[0]
+        out[p] = tokenizer.decode(row.tokens, skip_special_tokens=True)
+    return out
+
+
+def bench_serve(cfg, command: str = "") -> dict:
+    from mtp.analysis.run import machine_info
+    from mtp.prompts import load_prompts
+    from mtp.serve.process import ServerProcess
+
+    prompts = load_prompts(cfg.prompts, "eval", cfg.limit, cfg.seed)
+    if not prompts:
+        raise UserError(f"no prompts in {cfg.prompts!r}")
+    say = (lambda *a: None) if cfg.quiet else (lambda m: print(f"bench serve: {m}", file=sys.stderr, flush=True))
+    result = {"command": command, "machine": machine_info(cfg.device), "config": cfg.to_dict(), "methods": {}}
+    body_limit, prompt_limit = 65536, 2048
+    for method in cfg.methods:
+        args = ["--model", cfg.model, "--dtype", cfg.dtype, "--device", cfg.device, "--method", method,
+                "--max-batch", str(cfg.max_batch), "--max-queue", str(cfg.max_queue), "--max-tokens",
+                str(max(cfg.max_tokens, 256)), "--max-body-bytes", str(body_limit), "--max-prompt-tokens",
+                str(prompt_limit), "--quiet"]
+        if method in HEAD_METHODS:
+            args += ["--heads", cfg.heads]
+        say(f"{method}: starting the server")
+        server = ServerProcess(args)
+        try:
+            asyncio.run(_scaling(server.url, cfg.model, prompts, 2, 1, 8, 0))  # warm-up
+            rss_warm = server.rss_bytes()
+            runs = {}
+            for c in cfg.concurrency:
+                say(f"{method}: {c} concurrent client(s)")
+                runs[str(c)] = asyncio.run(_scaling(server.url, cfg.model, prompts, c, cfg.requests, cfg.max_tokens,
+                                                    offset=0))
+            soak = None
+            if cfg.duration > 0 and (method == cfg.methods[-1] or cfg.soak_all):
+                say(f"{method}: {cfg.soak_clients} clients for {cfg.duration:g} s, {cfg.bad_share:.0%} bad requests")
+                soak = asyncio.run(_soak(server.url, cfg.model, prompts, cfg.soak_clients, cfg.duration,
+                                         cfg.max_tokens, cfg.bad_share, body_limit, prompt_limit, cfg.seed))
+            rss_end = server.rss_bytes()
+        finally:
+            code, log = server.stop()
+        one = runs.get("1")
+        entry = {"scaling": runs, "soak": soak, "rss_warm_mb": rss_warm and rss_warm / 2**20,
+                 "rss_end_mb": rss_end and rss_end / 2**20, "exit_status": code,
+                 "server_tracebacks": log.count("Traceback")}
+        if one:
+            for c, run in runs.items():
+                run["vs_one_client"] = run["tokens_per_s"] / one["tokens_per_s"]
+        result["methods"][method] = entry
+    say("decoding each prompt alone, as `mtp generate` does, for the identity check")
+    for method, entry in result["methods"].items():
+        answers = [a for run in entry["scaling"].values() for a in run.pop("answers")]
+        if entry["soak"]:
+            answers += entry["soak"].pop("answers")
+        refs = _references(cfg, method, sorted({p for p, _ in answers}))
+        same = [text == refs[p] for p, text in answers]
+        entry["identical"] = {"answers": len(same), "identical": sum(same),
+                              "share": sum(same) / len(same) if same else None,
+                              "differing_prompts": sorted({p for (p, _), s in zip(answers, same) if not s})[:5]}
+    return result
+
+
+def format_bench_serve(r: dict) -> str:
+    cfg, m = r["config"], r["machine"]
+    lines = [f"mtp serve under load: {cfg['model']} {cfg['dtype']}, {cfg['max_tokens']} new tokens per request, "
+             f"temperature 0, --max-batch {cfg['max_batch']}; {m['cpu']} ({m['cpu_threads']} threads)", "",
+             "| method | clients | requests | tokens/s | vs 1 client | TTFT p50 / p95 (s) | per token p50 / p95 (ms) |",
+             "|---|---:|---:|---:|---:|---|---|"]
+    f = lambda x, k=1.0, d=2: "-" if x is None else f"{x * k:.{d}f}"  # noqa: E731
+    for method, e in r["methods"].items():
+        for c, run in e["scaling"].items():
+            lines.append(f"| {method} | {c} | {run['completed']}/{run['requests']} | {run['tokens_per_s']:.1f} | "
+                         f"{run.get('vs_one_client', 1):.2f}x | {f(run['ttft_p50'])} / {f(run['ttft_p95'])} | "
+                         f"{f(run['tpot_p50'], 1000, 1)} / {f(run['tpot_p95'], 1000, 1)} |")
+    methods = list(r["methods"])
+    if "plain" in r["methods"]:
+        for method in methods:
+            if method == "plain":
+                continue
+            for c in r["methods"][method]["scaling"]:
+                base = r["methods"]["plain"]["scaling"].get(c)
+                if base:
+                    ratio = r["methods"][method]["scaling"][c]["tokens_per_s"] / base["tokens_per_s"]
+                    lines.append(f"{method} vs plain at {c} client(s): {ratio:.2f}x tokens/s")
+    for method, e in r["methods"].items():
+        s, ident = e["soak"], e["identical"]
+        lines.append(f"{method}: {ident['identical']}/{ident['answers']} temperature-0 answers identical to "
+                     f"`mtp generate`; RSS {f(e['rss_warm_mb'], d=0)} MB after warm-up, {f(e['rss_end_mb'], d=0)} MB "
+                     f"at the end; server exit status {e['exit_status']}, {e['server_tracebacks']} tracebacks")
+        if s:
+            lines.append(f"{method} soak, {s['clients']} clients for {s['seconds']:.0f} s: {s['valid_completed']}/"
+                         f"{s['valid']} valid requests completed, {s['bad_answered_4xx']}/{s['bad']} bad ones got a "
+                         f"4xx ({', '.join(f'{k} {v}' for k, v in s['bad_by_kind'].items())}), "
+                         f"{s['server_errors_5xx']} 5xx, {len(s['connection_failures'])} dropped connections, "
+                         f"{s['tokens_per_s']:.1f} tokens/s")
+    return "\n".join(lines)
