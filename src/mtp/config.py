@@ -619,8 +619,8 @@ class BenchServeConfig(Runtime):
     """New tokens per request."""
     concurrency: list[int] = opt(factory=lambda: [1, 8])
     """Concurrent clients of a scaling run."""
-    requests: int = 2
-    """Requests per client in a scaling run."""
+    requests: int = 16
+    """Requests of a scaling run (the same ones at every concurrency)."""
     soak_clients: int = 16
     """Concurrent clients of the soak."""
     duration: float = 120.0

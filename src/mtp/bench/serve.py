@@ -2,9 +2,9 @@
 
 Per method, a server process on a free loopback port (real model) and asyncio clients (httpx, streaming):
 
-1. **scaling**: 1 client, then ``c`` concurrent clients (``--concurrency``), each sending ``--requests``
-   streamed requests at temperature 0: aggregate tokens/s, time to first token and time per output token
-   (p50 / p95 over requests);
+1. **scaling**: the same ``--requests`` streamed requests at temperature 0 sent by 1 client, then shared by
+   ``c`` concurrent clients (``--concurrency``): aggregate tokens/s, time to first token and time per output
+   token (p50 / p95 over requests);
 2. **soak** (``--duration`` seconds, ``--soak-clients`` clients): streamed and plain requests with
    ``--bad-share`` of them malformed or oversized; every valid one must complete, every bad one get its 4xx,
    none a 5xx; the server's resident memory at the end against after warm-up.
@@ -111,19 +111,21 @@ async def _bad_request(client, url: str, model: str, kind: str, body_limit: int,
     return {"kind": kind, "status": r.status_code}
 
 
-async def _scaling(url: str, model: str, prompts: list[str], clients: int, per_client: int, max_tokens: int,
-                   offset: int) -> dict:
+async def _scaling(url: str, model: str, prompts: list[str], clients: int, requests: int, max_tokens: int) -> dict:
+    """The same ``requests`` requests (the prompts in order, cycled) shared by ``clients`` concurrent clients,
+    each sending its next one when the last is answered."""
     import httpx
 
+    todo = [prompts[i % len(prompts)] for i in range(requests)]
+    rows: list[dict] = []
     async with httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=clients + 4)) as client:
-        async def worker(k: int):
-            return [await _request(client, url, model, prompts[(offset + k * per_client + i) % len(prompts)],
-                                   max_tokens) for i in range(per_client)]
+        async def worker():
+            while todo:
+                rows.append(await _request(client, url, model, todo.pop(0), max_tokens))
 
         start = time.perf_counter()
-        done = await asyncio.gather(*(worker(k) for k in range(clients)))
+        await asyncio.gather(*(worker() for _ in range(clients)))
         wall = time.perf_counter() - start
-    rows = [r for rs in done for r in rs]
     ok = [r for r in rows if r["status"] == 200 and r["complete"]]
     tokens = sum(r["tokens"] for r in ok)
     ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
@@ -221,13 +223,12 @@ def bench_serve(cfg, command: str = "") -> dict:
         say(f"{method}: starting the server")
         server = ServerProcess(args)
         try:
-            asyncio.run(_scaling(server.url, cfg.model, prompts, 2, 1, 8, 0))  # warm-up
+            asyncio.run(_scaling(server.url, cfg.model, prompts, 2, 2, 8))  # warm-up
             rss_warm = server.rss_bytes()
             runs = {}
             for c in cfg.concurrency:
                 say(f"{method}: {c} concurrent client(s)")
-                runs[str(c)] = asyncio.run(_scaling(server.url, cfg.model, prompts, c, cfg.requests, cfg.max_tokens,
-                                                    offset=0))
+                runs[str(c)] = asyncio.run(_scaling(server.url, cfg.model, prompts, c, cfg.requests, cfg.max_tokens))
             soak = None
             if cfg.duration > 0 and (method == cfg.methods[-1] or cfg.soak_all):
                 say(f"{method}: {cfg.soak_clients} clients for {cfg.duration:g} s, {cfg.bad_share:.0%} bad requests")

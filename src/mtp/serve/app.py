@@ -178,7 +178,7 @@ def create_app(scheduler: Scheduler, tokenizer, settings: Settings, metrics: Met
         finally:
             gone.cancel()
 
-    async def stream(job: Job, p: Params, prompt_tokens: int):
+    async def stream(job: Job, p: Params, prompt_tokens: int, echo: str | None):
         rid, created = new_id(p.kind), int(time.time())
         text = TextStream(tokenizer, p.stop)
         fp = settings.fingerprint
@@ -186,6 +186,8 @@ def create_app(scheduler: Scheduler, tokenizer, settings: Settings, metrics: Met
         try:
             if p.kind == "chat":
                 yield {"data": json.dumps(chunk(p, rid, created, None, None, fp, role=True))}
+            if echo:
+                yield {"data": json.dumps(chunk(p, rid, created, echo, None, fp))}
             while True:
                 kind, value = await job.queue.get()
                 if kind == "tokens":
@@ -220,12 +222,11 @@ def create_app(scheduler: Scheduler, tokenizer, settings: Settings, metrics: Met
         job = make_job(p, ids, asyncio.get_running_loop())
         scheduler.submit(job)
         metrics.prompt_tokens.inc(len(ids))
+        echo = tokenizer.decode(ids, skip_special_tokens=True) if p.echo else None
         if p.stream:
-            return EventSourceResponse(stream(job, p, len(ids)), sep="\n", ping=15)
+            return EventSourceResponse(stream(job, p, len(ids), echo), sep="\n", ping=15)
         tokens, finish = await collect(job, request)
-        text = final_text(tokenizer, tokens, p.stop)
-        if p.echo:
-            text = tokenizer.decode(ids, skip_special_tokens=True) + text
+        text = (echo or "") + final_text(tokenizer, tokens, p.stop)
         return JSONResponse(response(p, new_id(kind), text, finish, len(ids), len(tokens), settings.fingerprint))
 
     def route(name: str, handler):

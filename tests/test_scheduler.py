@@ -1,0 +1,138 @@
+"""The serving scheduler in-process, on a tiny decoder: deadlines, draining, a failing engine, queue limits."""
+
+import asyncio
+
+import pytest
+
+from mtp.decode.engine import Decoder, Request
+from mtp.serve.protocol import ApiError
+from mtp.serve.scheduler import Job, Scheduler
+from tests.conftest import tiny_model
+from tests.test_decode import PROMPTS, Tok, reference_greedy
+
+
+async def events(job: Job, limit: float = 30.0):
+    out = []
+    while True:
+        kind, value = await asyncio.wait_for(job.queue.get(), limit)
+        out.append((kind, value))
+        if kind != "tokens":
+            return out
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_jobs_finish_with_their_greedy_tokens_and_a_done_event():
+    model = tiny_model("llama", vocab=64)
+    sched = Scheduler(Decoder(model, Tok()), max_batch=2, max_queue=4)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        jobs = [Job(Request(p, 10, frozenset()), loop, 60.0) for p in PROMPTS]  # 3 jobs, 2 rows: one waits
+        sched.start()
+        for j in jobs:
+            sched.submit(j)
+        return [await events(j) for j in jobs]
+
+    try:
+        results = run(main())
+    finally:
+        sched.stop()
+    for prompt, evs in zip(PROMPTS, results):
+        tokens = [t for kind, v in evs if kind == "tokens" for t in v]
+        assert tokens == reference_greedy(model, prompt, 10) and evs[-1] == ("done", "length")
+    assert not sched.thread.is_alive()
+
+
+def test_deadline_queue_limit_and_drain():
+    model = tiny_model("llama", vocab=64)
+    sched = Scheduler(Decoder(model, Tok()), max_batch=1, max_queue=1)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        expired = Job(Request(PROMPTS[0], 400, frozenset()), loop, 0.0)
+        sched.submit(expired)
+        with pytest.raises(ApiError) as full:
+            sched.submit(Job(Request(PROMPTS[1], 4, frozenset()), loop, 60.0))  # the queue holds one
+        assert full.value.status == 429
+        sched.start()
+        (kind, error), = [e for e in await events(expired) if e[0] != "tokens"]
+        assert kind == "error" and error.code == "timeout"
+        long = Job(Request(PROMPTS[1], 400, frozenset()), loop, 60.0)
+        sched.submit(long)
+        await asyncio.sleep(0.05)
+        sched.drain(0.0)  # shutting down: no grace left
+        with pytest.raises(ApiError) as refused:
+            sched.submit(Job(Request(PROMPTS[2], 4, frozenset()), loop, 60.0))
+        assert refused.value.status == 503
+        last = (await events(long))[-1]
+        assert last[0] in ("error", "done")
+        if last[0] == "error":
+            assert last[1].code == "shutting_down"
+
+    try:
+        run(main())
+    finally:
+        sched.stop()
+
+
+def test_an_engine_failure_fails_its_batch_and_the_next_request_is_served(monkeypatch):
+    model = tiny_model("llama", vocab=64)
+    dec = Decoder(model, Tok())
+    sched = Scheduler(dec, max_batch=4, max_queue=4)
+    real_step, calls = Decoder.step, {"n": 0}
+
+    def flaky(self, callback=None):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("injected")
+        return real_step(self, callback)
+
+    monkeypatch.setattr(Decoder, "step", flaky)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        sched.start()
+        first = Job(Request(PROMPTS[0], 10, frozenset()), loop, 60.0)
+        sched.submit(first)
+        kind, error = (await events(first))[-1]
+        assert kind == "error" and error.status == 500
+        second = Job(Request(PROMPTS[1], 6, frozenset()), loop, 60.0)
+        sched.submit(second)
+        evs = await events(second)
+        assert evs[-1] == ("done", "length")
+        assert [t for k, v in evs if k == "tokens" for t in v] == reference_greedy(model, PROMPTS[1], 6)
+
+    try:
+        run(main())
+    finally:
+        sched.stop()
+
+
+def test_a_cancelled_job_leaves_and_the_others_go_on():
+    model = tiny_model("llama", vocab=64)
+    sched = Scheduler(Decoder(model, Tok()), max_batch=4, max_queue=4)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        gone = Job(Request(PROMPTS[0], 300, frozenset()), loop, 60.0)
+        stays = Job(Request(PROMPTS[1], 12, frozenset()), loop, 60.0)
+        sched.start()
+        sched.submit(gone)
+        sched.submit(stays)
+        await gone.queue.get()
+        sched.cancel(gone)
+        evs = await events(stays)
+        assert evs[-1] == ("done", "length")
+        for _ in range(100):
+            if sched.idle:
+                break
+            await asyncio.sleep(0.02)
+        assert sched.idle and sched.decoder.slots is None
+
+    try:
+        run(main())
+    finally:
+        sched.stop()
