@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 
 from mtp.config import DistillConfig
 from mtp.cli import main
