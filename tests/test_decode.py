@@ -604,6 +604,24 @@ def test_drafts_are_resized_for_the_batch_a_call_brings(monkeypatch):
     assert dec.proposer.tree.size < one
 
 
+def test_a_batch_where_no_draft_pays_is_decoded_plainly(monkeypatch):
+    """Sized from a curve where verifying twice the tokens costs more than the best draft saves, a batch of 8
+    decodes plainly (a serving batch on a compute-bound device); one row still drafts."""
+    import mtp.decode.run as run
+    from mtp.decode.proposers import PlainProposer
+
+    steep = {1: 1.0, 2: 1.05, 3: 1.1, 4: 1.15, 5: 1.2, 6: 1.25, 8: 1.3, 10: 1.4, 12: 1.5, 16: 1.6, 32: 4.0}
+    monkeypatch.setattr(run, "cached_verify_cost", lambda name, backbone: steep)
+    model = tiny_model("llama", vocab=64)
+    heads = with_heads(model, n=4)
+    dec, _ = run.build_decoder(model, Tok(), heads, None, "tiny", "hybrid")
+    assert not isinstance(dec.proposer, PlainProposer)
+    prompts = [PROMPTS[i % 3] for i in range(8)]
+    out = dec.generate(prompts, 8, eos_token_ids=[])
+    assert isinstance(dec.proposer, PlainProposer)
+    assert [r.tokens for r in out.rows] == [reference_greedy(model, p, 8) for p in prompts]
+
+
 class _State:
     def __init__(self, head_logits):
         self.head_logits = head_logits

@@ -223,22 +223,24 @@ def bench_serve(cfg, command: str = "") -> dict:
         server = ServerProcess(args)
         try:
             asyncio.run(_scaling(server.url, cfg.model, prompts, 2, 2, 8))  # warm-up
-            rss_warm = server.rss_bytes()
             runs = {}
             for c in cfg.concurrency:
                 say(f"{method}: {c} concurrent client(s)")
                 runs[str(c)] = asyncio.run(_scaling(server.url, cfg.model, prompts, c, cfg.requests, cfg.max_tokens))
-            soak = None
+            rss_warm = server.rss_bytes()  # after the scaling runs: the largest batches have been allocated
+            soak, rss_series = None, []
             if cfg.duration > 0 and (method == cfg.methods[-1] or cfg.soak_all):
                 say(f"{method}: {cfg.soak_clients} clients for {cfg.duration:g} s, {cfg.bad_share:.0%} bad requests")
-                soak = asyncio.run(_soak(server.url, cfg.model, prompts, cfg.soak_clients, cfg.duration,
-                                         cfg.max_tokens, cfg.bad_share, body_limit, prompt_limit, cfg.seed))
+                soak = asyncio.run(_with_rss(server, rss_series, _soak(
+                    server.url, cfg.model, prompts, cfg.soak_clients, cfg.duration, cfg.max_tokens, cfg.bad_share,
+                    body_limit, prompt_limit, cfg.seed)))
             rss_end = server.rss_bytes()
         finally:
             code, log = server.stop()
         one = runs.get("1")
         entry = {"scaling": runs, "soak": soak, "rss_warm_mb": rss_warm and rss_warm / 2**20,
-                 "rss_end_mb": rss_end and rss_end / 2**20, "exit_status": code,
+                 "rss_end_mb": rss_end and rss_end / 2**20, "rss_soak_mb": [round(x / 2**20) for x in rss_series],
+                 "exit_status": code,
                  "server_tracebacks": log.count("Traceback")}
         if one:
             for c, run in runs.items():
@@ -246,15 +248,27 @@ def bench_serve(cfg, command: str = "") -> dict:
         result["methods"][method] = entry
     say("decoding each prompt alone, as `mtp generate` does, for the identity check")
     for method, entry in result["methods"].items():
-        answers = [a for run in entry["scaling"].values() for a in run.pop("answers")]
+        runs = {f"{c} client(s)": run.pop("answers") for c, run in entry["scaling"].items()}
         if entry["soak"]:
-            answers += entry["soak"].pop("answers")
-        refs = _references(cfg, method, sorted({p for p, _ in answers}))
-        same = [text == refs[p] for p, text in answers]
-        entry["identical"] = {"answers": len(same), "identical": sum(same),
-                              "share": sum(same) / len(same) if same else None,
-                              "differing_prompts": sorted({p for (p, _), s in zip(answers, same) if not s})[:5]}
+            runs["soak"] = entry["soak"].pop("answers")
+        refs = _references(cfg, method, sorted({p for answers in runs.values() for p, _ in answers}))
+        entry["identical"] = {}
+        for name, answers in runs.items():
+            same = [text == refs[p] for p, text in answers]
+            entry["identical"][name] = {"answers": len(same), "identical": sum(same),
+                                        "differing_prompts": sorted({p for (p, _), s in zip(answers, same) if not s})[:3]}
     return result
+
+
+async def _with_rss(server, series: list, work):
+    """Run ``work``, sampling the server's resident memory every 5 s into ``series``."""
+    task = asyncio.ensure_future(work)
+    while not task.done():
+        rss = server.rss_bytes()
+        if rss:
+            series.append(rss)
+        await asyncio.wait({task}, timeout=5.0)
+    return task.result()
 
 
 def format_bench_serve(r: dict) -> str:
@@ -280,10 +294,12 @@ def format_bench_serve(r: dict) -> str:
                     ratio = r["methods"][method]["scaling"][c]["tokens_per_s"] / base["tokens_per_s"]
                     lines.append(f"{method} vs plain at {c} client(s): {ratio:.2f}x tokens/s")
     for method, e in r["methods"].items():
-        s, ident = e["soak"], e["identical"]
-        lines.append(f"{method}: {ident['identical']}/{ident['answers']} temperature-0 answers identical to "
-                     f"`mtp generate`; RSS {f(e['rss_warm_mb'], d=0)} MB after warm-up, {f(e['rss_end_mb'], d=0)} MB "
-                     f"at the end; server exit status {e['exit_status']}, {e['server_tracebacks']} tracebacks")
+        s = e["soak"]
+        same = ", ".join(f"{v['identical']}/{v['answers']} ({k})" for k, v in e["identical"].items())
+        peak = f", peak {max(e['rss_soak_mb'])} MB during the soak" if e.get("rss_soak_mb") else ""
+        lines.append(f"{method}: temperature-0 answers identical to `mtp generate`: {same}; RSS "
+                     f"{f(e['rss_warm_mb'], d=0)} MB after warm-up, {f(e['rss_end_mb'], d=0)} MB at the end{peak}; "
+                     f"server exit status {e['exit_status']}, {e['server_tracebacks']} tracebacks")
         if s:
             lines.append(f"{method} soak, {s['clients']} clients for {s['seconds']:.0f} s: {s['valid_completed']}/"
                          f"{s['valid']} valid requests completed, {s['bad_answered_4xx']}/{s['bad']} bad ones got a "

@@ -11,8 +11,15 @@ import torch
 from mtp.config import DraftOptions
 from mtp.decode.accept import Sampling
 from mtp.decode.engine import Decoder, GenerateOutput
-from mtp.decode.methods import (HEAD_METHODS, batch_cost, cached_context_growth, cached_verify_cost, context_cost,
-                                make_proposer)
+from mtp.decode.methods import (
+    HEAD_METHODS,
+    batch_cost,
+    cached_context_growth,
+    cached_verify_cost,
+    context_cost,
+    make_proposer,
+)
+from mtp.decode.proposers import PlainProposer
 from mtp.errors import UserError
 
 
@@ -85,9 +92,13 @@ def build_decoder(backbone, tokenizer, mtp_model, folder: Path | None, model_nam
     if cost is not None:  # sized from the curve: re-sized for a call's batch and long prompts
         def resize(batch: int, context: int):
             curve = context_cost(cost, cached_context_growth(model_name, backbone), context) if context else cost
-            return make_proposer(method, opts, n_heads=mtp_model.n_heads if mtp_model is not None else 0,
-                                 heads_dir=folder, cost=batch_cost(curve, batch),
-                                 n_layers=backbone.config.num_hidden_layers)[0]
+            proposer, sized = make_proposer(method, opts, n_heads=mtp_model.n_heads if mtp_model is not None else 0,
+                                            heads_dir=folder, cost=batch_cost(curve, batch),
+                                            n_layers=backbone.config.num_hidden_layers)
+            gain = sized.get("expected_speedup", sized.get("expected_speedup_of_tree"))
+            # a batch (or context) where even the smallest draft is expected to cost more than it saves is
+            # decoded plainly (serving: many rows make the verify compute-bound)
+            return PlainProposer() if gain is not None and gain < 1 else proposer
     return Decoder(backbone, tokenizer, heads=heads, proposer=proposer, sampling=opts.sampling(),
                    acceptance=opts.acceptance, seed=opts.seed, draft_vocab=shortlist, resize=resize), info
 

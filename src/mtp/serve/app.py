@@ -92,7 +92,9 @@ def create_app(scheduler: Scheduler, tokenizer, settings: Settings, metrics: Met
 
     async def read_json(request):
         length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
+        if length is not None and not length.isdigit():
+            raise bad(f"bad Content-Length header {length[:40]!r}", code="invalid_header")
+        if length is not None and int(length) > settings.max_body_bytes:
             raise ApiError(413, f"request body larger than {settings.max_body_bytes} bytes (--max-body-bytes)",
                            code="body_too_large")
         body = bytearray()
@@ -142,7 +144,7 @@ def create_app(scheduler: Scheduler, tokenizer, settings: Settings, metrics: Met
         sampling = Sampling(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p)
         generator = None
         if not sampling.greedy:
-            generator = torch.Generator()
+            generator = torch.Generator(device=scheduler.decoder.device)
             generator.manual_seed(p.seed if p.seed is not None else int.from_bytes(os.urandom(8), "little"))
         request = Request(ids, max_new, frozenset(settings.eos), tuple(p.stop), sampling, generator)
         return Job(request, loop, settings.timeout, queue=asyncio.Queue())
