@@ -585,8 +585,11 @@ def test_drafts_are_resized_for_the_batch_a_call_brings(monkeypatch):
     tokens per forward), and the output is still plain greedy's for every row."""
     import mtp.decode.run as run
 
+    from mtp.decode.methods import batch_cost
+
     flat_then_steep = {1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0, 5: 1.0, 6: 1.0, 8: 1.0, 10: 3.0, 12: 3.5, 16: 4.0}
     monkeypatch.setattr(run, "cached_verify_cost", lambda name, backbone: flat_then_steep)
+    monkeypatch.setattr(run, "cached_batch_cost", lambda name, backbone, b, cost=None: batch_cost(flat_then_steep, b))
     model = tiny_model("llama", vocab=64)
     heads = with_heads(model, n=4)
     dec, info = run.build_decoder(model, Tok(), heads, None, "tiny", "tree")
@@ -610,8 +613,11 @@ def test_a_batch_where_no_draft_pays_is_decoded_plainly(monkeypatch):
     import mtp.decode.run as run
     from mtp.decode.proposers import PlainProposer
 
+    from mtp.decode.methods import batch_cost
+
     steep = {1: 1.0, 2: 1.05, 3: 1.1, 4: 1.15, 5: 1.2, 6: 1.25, 8: 1.3, 10: 1.4, 12: 1.5, 16: 1.6, 32: 4.0}
     monkeypatch.setattr(run, "cached_verify_cost", lambda name, backbone: steep)
+    monkeypatch.setattr(run, "cached_batch_cost", lambda name, backbone, b, cost=None: batch_cost(steep, b))
     model = tiny_model("llama", vocab=64)
     heads = with_heads(model, n=4)
     dec, _ = run.build_decoder(model, Tok(), heads, None, "tiny", "hybrid")

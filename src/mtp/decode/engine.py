@@ -89,7 +89,7 @@ class Decoder:
         self.acceptance, self.seed, self.typical_epsilon = acceptance, seed, typical_epsilon
         self.bucket = bucket  # attention reads the used cache slots rounded up to this many
         # drafts sized for one row and a short prompt are re-sized for a call's batch and prompt length
-        # (``resize(batch, context bucket)``, kept per key; see methods.batch_cost and context_cost)
+        # (``resize(batch, context bucket)``, kept per key; see methods.cached_batch_cost and context_cost)
         self._resize, self._sized = resize, {(1, 0): self.proposer}
         self.device = backbone.device
         self.generator = torch.Generator(device=self.device)
@@ -368,13 +368,22 @@ class Decoder:
                 self._taps = None
 
     def _size_for_batch(self) -> None:
-        """Drafts sized for the running batch and its longest context (see methods.batch_cost, context_cost)."""
+        """Drafts sized for the running batch and its longest context (methods.cached_batch_cost, context_cost)."""
         if self._resize is None or not self.requests:
             return
         key = (len(self.requests), context_bucket(max(len(r.prompt) + r.max_new_tokens // 2 for r in self.requests)))
         if key not in self._sized:
             self._sized[key] = self._resize(*key)
         self.proposer = self._sized[key]
+
+    def prepare(self, max_batch: int) -> None:
+        """Size drafts (measuring the verify-cost curves it needs, once) for every batch up to ``max_batch`` now,
+        not when such a batch first comes (a server's first busy moment)."""
+        if self._resize is None:
+            return
+        for b in range(2, max_batch + 1):
+            if (b, 0) not in self._sized:
+                self._sized[(b, 0)] = self._resize(b, 0)
 
     def check(self, request: "Request") -> None:
         """Refuse, in one line, a request this decoder cannot serve."""

@@ -11,14 +11,8 @@ import torch
 from mtp.config import DraftOptions
 from mtp.decode.accept import Sampling
 from mtp.decode.engine import Decoder, GenerateOutput
-from mtp.decode.methods import (
-    HEAD_METHODS,
-    batch_cost,
-    cached_context_growth,
-    cached_verify_cost,
-    context_cost,
-    make_proposer,
-)
+from mtp.decode.methods import (HEAD_METHODS, cached_batch_cost, cached_context_growth, cached_verify_cost,
+                                context_cost, make_proposer)
 from mtp.decode.proposers import PlainProposer
 from mtp.errors import UserError
 
@@ -91,10 +85,11 @@ def build_decoder(backbone, tokenizer, mtp_model, folder: Path | None, model_nam
     resize = None
     if cost is not None:  # sized from the curve: re-sized for a call's batch and long prompts
         def resize(batch: int, context: int):
-            curve = context_cost(cost, cached_context_growth(model_name, backbone), context) if context else cost
+            curve = cached_batch_cost(model_name, backbone, batch, cost)  # measured for this many rows
+            if context:
+                curve = context_cost(curve, cached_context_growth(model_name, backbone), context)
             proposer, sized = make_proposer(method, opts, n_heads=mtp_model.n_heads if mtp_model is not None else 0,
-                                            heads_dir=folder, cost=batch_cost(curve, batch),
-                                            n_layers=backbone.config.num_hidden_layers)
+                                            heads_dir=folder, cost=curve, n_layers=backbone.config.num_hidden_layers)
             gain = sized.get("expected_speedup", sized.get("expected_speedup_of_tree"))
             # a batch (or context) where even the smallest draft is expected to cost more than it saves is
             # decoded plainly (serving: many rows make the verify compute-bound)

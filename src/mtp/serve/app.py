@@ -316,6 +316,7 @@ def serve(cfg, command: str = "") -> None:
                                                               cfg.dtype, cfg.device)
     decoder, _ = build_decoder(backbone, copy.deepcopy(tokenizer), mtp_model, folder, cfg.model, method, cfg)
     eos = eos_ids(backbone, tokenizer)
+    decoder.prepare(cfg.max_batch)  # drafts sized for every batch size the server will run (curves measured once)
     decoder.generate([tokenizer("Hello", add_special_tokens=False)["input_ids"] or [0]], 4, eos)  # warm-up
     context = getattr(backbone.config, "max_position_embeddings", None)
     limits = Limits(max_tokens=cfg.max_tokens, max_prompt_tokens=cfg.max_prompt_tokens, context=context,
