@@ -54,12 +54,15 @@ def test_deadline_queue_limit_and_drain():
         loop = asyncio.get_running_loop()
         expired = Job(Request(PROMPTS[0], 400, frozenset()), loop, 0.0)
         sched.submit(expired)
+        later = Job(Request(PROMPTS[1], 4, frozenset()), loop, 60.0)
+        sched.submit(later)  # one free row and one place in the queue
         with pytest.raises(ApiError) as full:
-            sched.submit(Job(Request(PROMPTS[1], 4, frozenset()), loop, 60.0))  # the queue holds one
+            sched.submit(Job(Request(PROMPTS[1], 4, frozenset()), loop, 60.0))
         assert full.value.status == 429
         sched.start()
         (kind, error), = [e for e in await events(expired) if e[0] != "tokens"]
         assert kind == "error" and error.code == "timeout"
+        assert (await events(later))[-1] == ("done", "length")
         long = Job(Request(PROMPTS[1], 400, frozenset()), loop, 60.0)
         sched.submit(long)
         await asyncio.sleep(0.05)
@@ -71,6 +74,40 @@ def test_deadline_queue_limit_and_drain():
         assert last[0] in ("error", "done")
         if last[0] == "error":
             assert last[1].code == "shutting_down"
+
+    try:
+        run(main())
+    finally:
+        sched.stop()
+
+
+def test_a_failure_in_any_part_of_the_loop_fails_that_batch_only(monkeypatch):
+    """Not only a step: a failing drop (bookkeeping after a step) ends the batch with a 500 and the worker
+    serves the next request."""
+    model = tiny_model("llama", vocab=64)
+    dec = Decoder(model, Tok())
+    sched = Scheduler(dec, max_batch=4, max_queue=4)
+    real_drop, calls = Decoder.drop, {"n": 0}
+
+    def flaky(self, rows):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected")
+        return real_drop(self, rows)
+
+    monkeypatch.setattr(Decoder, "drop", flaky)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        sched.start()
+        first = Job(Request(PROMPTS[0], 3, frozenset()), loop, 60.0)
+        sched.submit(first)
+        kind, error = (await events(first))[-1]
+        assert kind in ("error", "done")  # "done" was sent before the drop failed
+        second = Job(Request(PROMPTS[1], 5, frozenset()), loop, 60.0)
+        sched.submit(second)
+        assert (await events(second))[-1] == ("done", "length")
+        assert sched.thread.is_alive()
 
     try:
         run(main())

@@ -154,8 +154,9 @@ async def _soak(url: str, model: str, prompts: list[str], clients: int, duration
                 counter["i"] += 1
                 try:
                     if plan[i % len(plan)]:
-                        bad.append(await _bad_request(client, url, model, BAD_KINDS[i % len(BAD_KINDS)], body_limit,
-                                                      prompt_limit))
+                        kind = BAD_KINDS[counter.setdefault("bad", 0) % len(BAD_KINDS)]  # every class in turn
+                        counter["bad"] += 1
+                        bad.append(await _bad_request(client, url, model, kind, body_limit, prompt_limit))
                     else:
                         valid.append(await _request(client, url, model, prompts[i % len(prompts)], max_tokens,
                                                     stream=i % 2 == 0))

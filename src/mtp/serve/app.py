@@ -261,6 +261,8 @@ def create_app(scheduler: Scheduler, tokenizer, settings: Settings, metrics: Met
     async def health(request):
         if scheduler.draining:
             return JSONResponse({"status": "shutting down"}, status_code=503)
+        if not scheduler.thread.is_alive():
+            return JSONResponse({"status": "decoder stopped"}, status_code=503)
         return JSONResponse({"status": "ok", "running": len(scheduler.running), "waiting": scheduler.queue_depth()})
 
     async def metrics_text(request):

@@ -72,7 +72,8 @@ class Scheduler:
         with self.cond:
             if self.draining or self.stopped:
                 raise ApiError(503, "the server is shutting down", code="shutting_down", type="server_error")
-            if len(self.waiting) >= self.max_queue:
+            free = max(0, self.max_batch - len(self.running))  # rows free at the next step take these at once
+            if len(self.waiting) >= self.max_queue + free:
                 raise ApiError(429, f"too many requests: {len(self.running)} decoding and {len(self.waiting)} "
                                f"waiting (--max-batch {self.max_batch}, --max-queue {self.max_queue}); retry later",
                                code="queue_full", headers={"Retry-After": "1"})
@@ -123,15 +124,20 @@ class Scheduler:
                     if self.stopped and self.idle:
                         return
                     admit = self._take()
-                if time.monotonic() >= self.drain_deadline:
-                    self._end_all(ApiError(503, "the server shut down before this request finished",
-                                           code="shutting_down", type="server_error"))
-                    continue
-                if admit:
-                    self._admit(admit)
-                if self.running:
-                    self._step()
-                self._retire()
+                try:
+                    if time.monotonic() >= self.drain_deadline:
+                        self._end_all(ApiError(503, "the server shut down before this request finished",
+                                               code="shutting_down", type="server_error"))
+                        continue
+                    if admit:
+                        self._admit(admit)
+                    if self.running:
+                        self._step()
+                    self._retire()
+                except Exception as e:  # noqa: BLE001 - whatever broke, the worker (and the server) go on
+                    traceback.print_exc(file=sys.stderr)
+                    self._end_all(ApiError(500, f"internal error: {type(e).__name__}: {e}", code="internal_error",
+                                           type="server_error"), waiting=False)
 
     def _take(self) -> list[Job]:
         """Jobs that join the batch now (the queue's head, up to the free rows); expired ones end here."""
