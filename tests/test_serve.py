@@ -20,6 +20,7 @@ httpx = pytest.importorskip("httpx")
 
 from mtp.serve.process import ServerProcess  # noqa: E402
 from tests.conftest import char_tokenizer, tiny_model  # noqa: E402
+from tests.test_decode import reference_greedy  # noqa: E402
 
 KEY = "test-key-123"
 TREE = "[[0],[1],[0,0],[0,0,0]]"
@@ -77,19 +78,11 @@ def server(served):
 
 
 def reference(model_dir, ids: list[int], n: int) -> list[int]:
-    """Plain greedy with a full forward per token."""
+    """Plain greedy with a full forward per token, on the served folder's model (EOS is id 2)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    seq, out = list(ids), []
-    with torch.no_grad():
-        for _ in range(n):
-            t = int(model(torch.tensor([seq])).logits[0, -1].argmax())
-            out.append(t)
-            seq.append(t)
-            if t == 2:
-                break
-    return out
+    return reference_greedy(model, ids, n, eos=2)
 
 
 MESSAGES = [{"role": "user", "content": "def add(a, b):"}]
