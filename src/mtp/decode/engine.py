@@ -341,6 +341,7 @@ class Decoder:
 
     # per-row state besides the slot layouts: tensors with the batch first (lists of them for seq_states)
     _ROW_TENSORS = ("root", "next_pos", "head_logits", "root_next")
+    _STATE = (*_ROW_TENSORS, "slots", "cache", "seq_states", "eagle_state", "head_slots", "head_caches")
 
     def reset(self) -> None:
         """Forget the running batch (rows, slots, caches)."""
@@ -348,7 +349,7 @@ class Decoder:
         self.prompts: list[list[int]] = []
         self.results: list[RowResult] = []
         self.done: list[bool] = []
-        for name in (*self._ROW_TENSORS, "slots", "cache", "seq_states", "eagle_state", "head_slots", "head_caches"):
+        for name in self._STATE:
             setattr(self, name, None)
 
     @contextlib.contextmanager
@@ -436,8 +437,7 @@ class Decoder:
         return rows
 
     def _take_state(self) -> dict:
-        names = (*self._ROW_TENSORS, "slots", "cache", "seq_states", "eagle_state", "head_slots", "head_caches")
-        return {name: getattr(self, name, None) for name in names}
+        return {name: getattr(self, name, None) for name in self._STATE}
 
     def _join(self, old: dict) -> None:
         """The running batch's state ``old`` followed by the rows just prefilled (the decoder's state now)."""

@@ -34,7 +34,6 @@ class Job:
     first_token: float | None = None
     finished: float | None = None
     tokens: int = 0
-    steps: int = 0  # backbone forwards of its row (the prefill included)
     finish: str | None = None
     cancelled: bool = False  # set by the HTTP side (client gone); the worker drops the row
 
@@ -60,7 +59,7 @@ class Scheduler:
         self.drain_deadline = float("inf")
         self.stopped = False
         self.thread = threading.Thread(target=self._run, name="mtp-decoder", daemon=True)
-        self._window: collections.deque[tuple[float, int, int, int]] = collections.deque()  # (t, tokens, rows, steps)
+        self._window: collections.deque[tuple[float, int, int]] = collections.deque()  # (time, tokens, rows) per step
 
     # ------------------------------------------------------------------ the HTTP side
 
@@ -172,8 +171,6 @@ class Scheduler:
             for job in jobs:
                 self._fail(job, error)
             return
-        for job, row in zip(jobs, range(first, len(self.running))):
-            job.steps = 1
 
     def _on_tokens(self, row: int, tokens: list[int]) -> None:
         job = self.running[row]
@@ -196,10 +193,8 @@ class Scheduler:
                                    type="server_error"), waiting=False)
             return
         new = sum(j.tokens for j in self.running) - before
-        for job in self.running:
-            job.steps += 1
         now = time.monotonic()
-        self._window.append((now, new, live, 1))
+        self._window.append((now, new, live))
         while self._window and now - self._window[0][0] > 10.0:
             self._window.popleft()
         if self.metrics:
