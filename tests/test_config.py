@@ -140,3 +140,21 @@ def test_lazy_public_api():
     assert mtp.AnalyzeConfig is C.AnalyzeConfig and callable(mtp.build_decoder)
     with pytest.raises(AttributeError):
         mtp.nothing_here
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_help_renders_and_every_float_flag_refuses_nan_and_inf(name, capsys):
+    """A literal % in a field's help once made argparse print its own dictionary; NaN and inf pass every
+    range check written as a comparison, so they are refused before any: one line naming the flag."""
+    assert main([*name.split(), "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "option_strings" not in out and "usage:" in out
+    cls = COMMANDS[name].config
+    hints = C.typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        base, is_list, _ = C.field_type(hints[f.name])
+        if base is not float:
+            continue
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            with pytest.raises(C.UserError, match=f"{C.flag_of(f)} must be a finite number"):
+                cls(**{f.name: [bad] if is_list else bad})

@@ -88,7 +88,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
         base, is_list, _ = field_type(hints[f.name])
         default = default_of(f)
         shown = f" (default: {default})" if default not in ("", None, []) else ""
-        kw = {"help": (docs.get(f.name, "") + shown).strip(), "default": argparse.SUPPRESS}
+        # argparse formats help with %: a literal one (e.g. "90%") must be doubled
+        kw = {"help": (docs.get(f.name, "") + shown).strip().replace("%", "%%"), "default": argparse.SUPPRESS}
         if meta.get("metavar") or meta.get("choices"):  # choices are checked by the config, for files too
             kw["metavar"] = meta.get("metavar") or "{" + ",".join(meta["choices"]) + "}"
         if meta.get("positional"):

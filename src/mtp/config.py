@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import math
 import os
 import types
 import typing
@@ -87,6 +88,11 @@ class Config:
             value, choices = getattr(self, f.name), f.metadata.get("choices")
             if choices and value is not None and value not in choices:
                 raise UserError(f"unknown {flag_of(f)} {value!r}: use one of {', '.join(choices)}")
+            # no number a user can give is meant to be NaN or infinite (an inf learning rate trains to NaN,
+            # an inf temperature samples uniformly, a NaN compares false with every bound below)
+            for x in value if isinstance(value, list) else [value]:
+                if isinstance(x, float) and not math.isfinite(x):
+                    raise UserError(f"{flag_of(f)} must be a finite number, got {x}")
 
     def to_dict(self) -> dict:
         return asdict(self)
