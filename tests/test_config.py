@@ -158,3 +158,21 @@ def test_every_help_renders_and_every_float_flag_refuses_nan_and_inf(name, capsy
         for bad in (float("nan"), float("inf"), float("-inf")):
             with pytest.raises(C.UserError, match=f"{C.flag_of(f)} must be a finite number"):
                 cls(**{f.name: [bad] if is_list else bad})
+
+
+def test_an_output_that_is_also_an_input_is_refused_and_nothing_is_written(tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes, which the report must not replace\n")
+    assert main(["analyze", "--text", str(notes), "--json", str(notes)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "also an input" in err[0] and "--json" in err[0]
+    assert notes.read_text() == "my notes, which the report must not replace\n"
+
+
+def test_heads_given_as_a_file_says_so(tmp_path):
+    from mtp.heads_format import read_heads_config
+
+    f = tmp_path / "weights.safetensors"
+    f.write_bytes(b"x")
+    with pytest.raises(C.UserError, match="is a file, not a heads folder"):
+        read_heads_config(f)

@@ -65,11 +65,16 @@ def _split_commas(items: list[str]) -> list[str]:
     return [m.strip() for item in items for m in item.split(",") if m.strip()]
 
 
-def check_output_file(path: str | None, flag: str) -> None:
-    """Fail before any slow work if an output file (--json, --plot) cannot be written."""
+def check_output_file(path: str | None, flag: str, inputs: tuple[str, ...] | list[str] = ()) -> None:
+    """Fail before any slow work if an output file (--json, --plot) cannot be written, or is one of the
+    command's ``inputs`` (writing the report would destroy what it reads)."""
     if path is None:
         return
     p = Path(path).expanduser()
+    for item in inputs:
+        source = Path(item).expanduser()
+        _require(not (source.exists() and p.exists() and source.resolve() == p.resolve()),
+                 f"{flag} {path} is also an input of this command: give another output path")
     _require(not p.is_dir(), f"{flag} {path} is a directory: give a file path")
     parent = p.parent if str(p.parent) else Path(".")
     _require(not parent.exists() or parent.is_dir(), f"{flag} {path}: {parent} is not a directory")
@@ -243,7 +248,7 @@ class AnalyzeConfig(Runtime):
             _require(0.0 < p <= 1.0, f"--top-p must be in (0, 1], got {p}")
         self.top_p = sorted(set(self.top_p), reverse=True)
         _at_least(self, ("max_candidates", "context", "max_positions", "positions_per_window", "chunk_tokens"))
-        check_output_file(self.json, "--json")
+        check_output_file(self.json, "--json", self.data)
         _require(self.out is None or not Path(self.out).expanduser().is_file(),
                  f"--out {self.out} exists and is not a directory")
 

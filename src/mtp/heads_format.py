@@ -112,6 +112,8 @@ def resolve_heads(spec: str, model_name: str) -> Path:
 def read_heads_config(folder: str | Path) -> dict:
     """config.json of a complete heads folder (both files there, format checked); a UserError otherwise."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder} is a file, not a heads folder (give the folder that holds config.json)")
     if not folder.is_dir():
         raise UserError(f"heads folder {folder} does not exist")
     for name in (CONFIG, WEIGHTS):
