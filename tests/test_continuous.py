@@ -126,3 +126,13 @@ def test_decoding_outside_a_session_is_refused():
     dec = Decoder(model, Tok())
     with pytest.raises(RuntimeError, match="session"):
         dec.add([Request(PROMPTS[0], 4)])
+
+
+def test_a_step_over_rows_that_are_all_done_emits_nothing():
+    model = tiny_model("llama", vocab=64)
+    dec = Decoder(model, Tok())
+    with dec.session():
+        dec.add([Request(PROMPTS[0], 1, frozenset()), Request(PROMPTS[1], 1, frozenset())])
+        assert all(dec.done)
+        assert dec.step() == [None, None]
+        assert [len(r.tokens) for r in dec.results] == [1, 1]

@@ -173,3 +173,27 @@ def test_a_cancelled_job_leaves_and_the_others_go_on():
         run(main())
     finally:
         sched.stop()
+
+
+def test_a_request_that_ends_at_its_first_token_is_answered():
+    """A row can end the moment it joins (its first token is EOS, or max_tokens 1): no step then runs for it.
+    (Found by the 429 test under load: sampling drew EOS first and the step over no live row failed.)"""
+    model = tiny_model("llama", vocab=64)
+    first = reference_greedy(model, PROMPTS[0], 1)[0]
+    sched = Scheduler(Decoder(model, Tok()), max_batch=2, max_queue=4)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        sched.start()
+        jobs = [Job(Request(PROMPTS[0], 10, frozenset([first])), loop, 60.0),
+                Job(Request(PROMPTS[1], 1, frozenset()), loop, 60.0)]
+        for j in jobs:
+            sched.submit(j)
+        return [await events(j) for j in jobs]
+
+    try:
+        eos_first, one_token = run(main())
+    finally:
+        sched.stop()
+    assert eos_first == [("tokens", [first]), ("done", "eos")]
+    assert one_token[-1] == ("done", "length") and len(one_token[0][1]) == 1

@@ -529,6 +529,8 @@ class Decoder:
         """One propose -> verify -> accept -> commit step over the running batch; returns, per row, the tokens
         it emitted (None for rows already done)."""
         dev, b = self.device, len(self.requests)
+        if all(self.done):  # e.g. every row just joined and ended at its first token: nothing to verify
+            return [None] * b
         draft = self.proposer.propose(self)
         n = draft.size
         q_tokens = torch.cat([self.root[:, None], draft.tokens], 1)  # (B, 1+N)

@@ -130,7 +130,7 @@ class Scheduler:
                         continue
                     if admit:
                         self._admit(admit)
-                    if self.running:
+                    if self.running and not all(self.decoder.done):
                         self._step()
                     self._retire()
                 except Exception as e:  # noqa: BLE001 - whatever broke, the worker (and the server) go on
