@@ -70,11 +70,10 @@ def check_output_file(path: str | None, flag: str, inputs: tuple[str, ...] | lis
     command's ``inputs`` (writing the report would destroy what it reads)."""
     if path is None:
         return
+    from mtp.io import refuse_input_as_output
+
     p = Path(path).expanduser()
-    for item in inputs:
-        source = Path(item).expanduser()
-        _require(not (source.exists() and p.exists() and source.resolve() == p.resolve()),
-                 f"{flag} {path} is also an input of this command: give another output path")
+    refuse_input_as_output(path, flag, [i for i in inputs if Path(i).expanduser().exists()])  # files, not corpus names
     _require(not p.is_dir(), f"{flag} {path} is a directory: give a file path")
     parent = p.parent if str(p.parent) else Path(".")
     _require(not parent.exists() or parent.is_dir(), f"{flag} {path}: {parent} is not a directory")

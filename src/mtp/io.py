@@ -134,14 +134,33 @@ def scratch_dir(near: str | Path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def refuse_input_as_output(path: str | Path, flag: str, inputs=()) -> None:
+    """Refuse an output path that is one of the command's ``inputs`` (writing it would destroy what is read)."""
+    resolved = Path(path).expanduser().resolve()
+    for i in inputs:
+        if i is not None and Path(i).expanduser().resolve() == resolved:
+            raise UserError(f"{flag} {path} is also an input: choose another output")
+
+
+def read_proc_kib(path: str, key: str) -> int | None:
+    """A ``key:  N kB`` line of a Linux /proc file (e.g. /proc/meminfo MemAvailable, /proc/PID/status VmRSS)
+    in bytes, or None where there is no such file or line."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def check_new_output(path: str | Path, flag: str, overwrite: bool = False, inputs: tuple = ()) -> Path:
     """An output folder or file that may be written: absent, an empty folder, or ``overwrite`` given; never
     one of the ``inputs`` nor inside the installed package. Checked before the work starts."""
     p = Path(path).expanduser()
     resolved = p.resolve()
-    for i in inputs:
-        if i is not None and Path(i).expanduser().resolve() == resolved:
-            raise UserError(f"{flag} {path} is also an input: choose another output")
+    refuse_input_as_output(path, flag, inputs)
     package = Path(__file__).resolve().parent
     if resolved == package or package in resolved.parents:
         raise UserError(f"{flag} {path} is inside the installed mtp package: choose another output")

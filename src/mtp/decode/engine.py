@@ -114,6 +114,9 @@ class Decoder:
             self._draft_weight = lm_head.weight.detach()[self.draft_vocab]
             bias = getattr(lm_head, "bias", None)
             self._draft_bias = bias.detach()[self.draft_vocab] if bias is not None else None
+        self.reset()  # no running batch yet
+        self.forwards = self.verify_tokens = self.verify_forwards = 0
+        self._taps = None  # the hidden-state taps, registered inside session()
 
     # ------------------------------------------------------------------ forward pieces
 
@@ -356,10 +359,6 @@ class Decoder:
     def session(self):
         """Within the block the hidden-state taps the heads read are registered on the backbone (once, not per
         step): :meth:`add`, :meth:`step` and :meth:`drop` run inside one."""
-        if not hasattr(self, "requests"):
-            self.reset()
-        if not hasattr(self, "forwards"):
-            self.forwards = self.verify_tokens = self.verify_forwards = 0
         self._mask_dtype = self.backbone.dtype
         with contextlib.ExitStack() as hooks:
             self._taps = hooks.enter_context(capture_hidden(self.backbone, self.heads.tapped)) if self.n_run else {}
@@ -400,7 +399,7 @@ class Decoder:
     def add(self, requests: list["Request"], callback: Callable[[int, list[int]], None] | None = None) -> list[int]:
         """Prefill new rows and append them to the running batch (between steps); returns their row indices.
         Each new row's first token is emitted (``callback(row, tokens)``)."""
-        if getattr(self, "_taps", None) is None:
+        if self._taps is None:
             raise RuntimeError("Decoder.add / step / drop run inside `with decoder.session():`")
         for r in requests:
             self.check(r)

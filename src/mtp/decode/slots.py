@@ -27,14 +27,9 @@ def free_memory(device) -> int | None:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    from mtp.io import read_proc_kib
+
+    return read_proc_kib("/proc/meminfo", "MemAvailable")
 
 
 def kv_bytes(config, dtype: torch.dtype, batch: int, slots: int) -> int:
@@ -76,9 +71,8 @@ class Slots:
     def _resize(self, capacity: int) -> None:
         if capacity <= self.capacity:
             return
-        for cache in self._caches:
-            for layer in cache.layers:
-                layer.grow(capacity)
+        for layer in self._layers():
+            layer.grow(capacity)
         for name in ("valid", "pos"):
             old = getattr(self, name)
             new = old.new_zeros(self.batch, capacity)
@@ -120,9 +114,8 @@ class Slots:
         """Keep, per row, the step's slots ``end + index[row]`` (index (B, m), valid (B, m)), moved to
         ``end .. end + m - 1``; drop the rest."""
         s, q, m = self.end, self._open, index.shape[1]
-        for cache in self._caches:
-            for layer in cache.layers:
-                layer.compact(s, q, index)
+        for layer in self._layers():
+            layer.compact(s, q, index)
         self.pos[:, s:s + m] = self.pos[:, s:s + q].gather(1, index)
         self.valid[:, s:s + m] = valid
         self.end = s + m

@@ -50,14 +50,9 @@ class ServerProcess:
 
     def rss_bytes(self) -> int | None:
         """Resident memory of the server process (Linux), or None."""
-        try:
-            with open(f"/proc/{self.proc.pid}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return None
+        from mtp.io import read_proc_kib
+
+        return read_proc_kib(f"/proc/{self.proc.pid}/status", "VmRSS")
 
     def stop(self, timeout: float = 60.0) -> tuple[int, str]:
         """SIGTERM, wait (then SIGKILL); returns the exit status and everything the server wrote to stderr."""

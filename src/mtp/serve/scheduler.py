@@ -32,9 +32,7 @@ class Job:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     submitted: float = field(default_factory=time.monotonic)
     first_token: float | None = None
-    finished: float | None = None
     tokens: int = 0
-    finish: str | None = None
     cancelled: bool = False  # set by the HTTP side (client gone); the worker drops the row
 
     @property
@@ -213,9 +211,7 @@ class Scheduler:
         now, gone = time.monotonic(), []
         for row, job in enumerate(self.running):
             if self.decoder.done[row]:
-                job.finish = self.decoder.results[row].finish
-                job.finished = now
-                job.send("done", job.finish)
+                job.send("done", self.decoder.results[row].finish)
                 self._count("ok")
                 if self.metrics:
                     self.metrics.latency.observe(now - job.submitted)
@@ -247,7 +243,6 @@ class Scheduler:
         self._gauges()
 
     def _fail(self, job: Job, error: ApiError) -> None:
-        job.finished = time.monotonic()
         job.send("error", error)
         self._count(error.code or "error")
 
