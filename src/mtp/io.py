@@ -9,11 +9,15 @@
   place (``final`` must not exist or be an empty folder, unless ``replace``: then the old one is moved aside
   first and removed only after the new one is in place; or ``keep_existing``: then a ``final`` that another
   process completed meanwhile wins and ours is dropped), on any failure it is removed.
+- ``recover_dir(final)``: what a killed ``atomic_dir(final, replace=True)`` left is finished or undone, so
+  ``final`` is again the newest complete version; leftover temporary siblings of dead processes are removed.
+  Every reader of a replaced folder (a checkpoint, a heads folder) calls it first.
 - ``scratch_dir(near)``: a fresh working folder of this process beside ``near``, removed afterwards.
 - ``make_shareable(path)``: the permissions the umask allows (mkstemp and safetensors create 0600).
 - ``cache_dir(*parts)``: mtp's user cache, ``$MTP_CACHE``, else ``$XDG_CACHE_HOME/mtp``, else ``~/.cache/mtp``.
 - ``check_new_output`` refuses, before any slow work, an output that would destroy something the user has.
 - ``append_line(path, line)``: logs (``metrics.jsonl``) grow by appending; a line is one ``write``, not atomic.
+- ``complete_lines(path)``: a log cut to its last complete line (what a kill mid-write leaves is dropped).
 """
 
 from __future__ import annotations
@@ -89,9 +93,33 @@ def write_safetensors(path: str | Path, tensors: dict, metadata: dict | None = N
 
 def append_line(path: str | Path, line: str) -> None:
     """Append one line to a log. Not atomic by design: a log grows line by line, and a reader (or a resume)
-    keeps the complete lines."""
+    keeps the complete lines (``complete_lines``)."""
     with Path(path).open("a") as f:
         f.write(line.rstrip("\n") + "\n")
+
+
+def complete_lines(path: str | Path, keep=None) -> list[str]:
+    """The complete lines of a log (``path`` may be absent: none), after cutting the file to them: a line that a
+    kill cut off mid-write has no newline and is dropped, so what is appended next starts on a line of its own.
+    ``keep(line) -> bool`` drops the first line it refuses and every line after it as well."""
+    p = Path(path)
+    if not p.exists():
+        return []
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise UserError(f"{p}: cannot read it ({e.strerror})") from None
+    lines = data[:data.rfind(b"\n") + 1].decode("utf-8", errors="replace").splitlines()
+    kept = []
+    for line in lines:
+        if keep is not None and not keep(line):
+            break
+        kept.append(line)
+    size = sum(len(line.encode()) + 1 for line in kept)
+    if size != len(data):
+        with p.open("r+b") as f:
+            f.truncate(size)
+    return kept
 
 
 def _fresh_sibling(final: Path) -> Path:
@@ -122,6 +150,51 @@ def atomic_dir(final: str | Path, replace: bool = False, keep_existing: bool = F
             os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # our own id: left by a killed process that had it (a reader runs before any write)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def _leftovers(final: Path, kind: str) -> dict[int, Path]:
+    """``.NAME.KIND-PID`` siblings of ``final`` by process id (kind: tmp or old)."""
+    found = {}
+    for p in final.parent.glob(f".{final.name}.{kind}-*"):
+        pid = p.name.rsplit("-", 1)[1]
+        if pid.isdigit():
+            found[int(pid)] = p
+    return found
+
+
+def recover_dir(final: str | Path) -> bool:
+    """Finish what a killed ``atomic_dir(final, replace=True)`` left, so that ``final`` is the newest complete
+    version, and remove the temporary siblings of processes that are gone. Returns whether ``final`` exists.
+
+    atomic_dir's steps and what a kill after each leaves: (1) the new version filled into ``.NAME.tmp-PID``
+    (incomplete: removed here); (2) ``final`` moved to ``.NAME.old-PID`` (then the tmp is complete: it is moved
+    into place here); (3) the tmp renamed to ``final`` (the old one is removed here)."""
+    final = Path(final)
+    if not final.parent.is_dir():
+        return False
+    tmps, olds = _leftovers(final, "tmp"), _leftovers(final, "old")
+    if not final.exists():
+        for pid, old in olds.items():
+            if not _pid_alive(pid):
+                tmp = tmps.get(pid)
+                os.replace(tmp if tmp is not None and tmp.is_dir() else old, final)  # step 2 done: tmp complete
+                break
+    for pid, p in [*tmps.items(), *olds.items()]:
+        if p.exists() and not _pid_alive(pid):
+            shutil.rmtree(p, ignore_errors=True)
+    return final.exists()
 
 
 @contextlib.contextmanager

@@ -135,8 +135,9 @@ def write_plots(report: dict, out_dir: str | Path) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, fn in [("accuracy_vs_k.png", plot_accuracy), ("lens.png", plot_lens), ("entropy.png", plot_entropy),
-                     ("candidates.png", plot_candidates)]:
+    from mtp.config import ANALYZE_PLOTS
+
+    for name, fn in zip(ANALYZE_PLOTS, (plot_accuracy, plot_lens, plot_entropy, plot_candidates)):
         fn(report, out / name)
         if (out / name).exists():
             paths.append(out / name)

@@ -194,7 +194,12 @@ def _train_config(cfg: PretrainConfig, preset: Preset, init: Path, trunk_layers:
                        warmup_steps=min(preset.warmup_steps, max(1, steps // 10)), min_lr_ratio=0.1,
                        weight_decay=0.1, clip=1.0, ntp_weight=1.0, head_weights="constant",
                        save_every=cfg.save_every, log_every=cfg.log_every, resume=cfg.resume, seed=cfg.seed,
+                       overwrite=cfg.overwrite,
                        device=cfg.device, dtype=cfg.dtype, autocast=cfg.autocast)
+
+
+PRETRAIN_ENTRIES = ("init", "checkpoint", "heads", "metrics.jsonl", "pretrain.json", "eval.json")
+"""What a pretraining run writes into --out."""
 
 
 def pretrain(cfg: PretrainConfig, progress: bool = True, command: str = "") -> dict:
@@ -219,9 +224,15 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, command: str = "") -> d
             raise UserError(f"--resume: {init} is not a preset {cfg.preset!r} model with {cfg.heads} heads")
         trunk_layers = config.num_hidden_layers
     else:
-        if (out / "checkpoint").exists() or (ddp.main and init.exists()):
-            raise UserError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+        from mtp.training.train import check_run_folder
+
+        check_run_folder(out, False, cfg.overwrite, cfg.data, main=ddp.main, entries=PRETRAIN_ENTRIES)
         if ddp.main:
+            import shutil
+
+            shutil.rmtree(init, ignore_errors=True)  # --overwrite: a new run (checkpoint and log go in train)
+            for name in ("pretrain.json", "eval.json"):
+                (out / name).unlink(missing_ok=True)
             out.mkdir(parents=True, exist_ok=True)
             tokenizer = make_tokenizer(cfg.tokenizer, list(cfg.data), cfg.vocab_size or preset.bpe_vocab)
             config = trunk_config(preset, cfg.heads, len(tokenizer), seq_len, tokenizer)

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from mtp.config import TrainConfig
 from mtp.errors import UserError
-from mtp.io import append_line, write_json, write_text
+from mtp.io import append_line, complete_lines, write_json
 from mtp.training.losses import chunked_head_loss, cross_entropy_sum, head_targets, head_weights
 from mtp.model.mtp import HeadsConfig, MTPModel
 
@@ -327,17 +327,19 @@ def train(cfg: TrainConfig, progress: bool = True, command: str = "") -> dict:
     ddp, device = init_distributed(cfg.device)
     out = Path(cfg.out)
     ckpt = out / "checkpoint"
-    if cfg.resume and not (ckpt / "trainer.json").exists():
-        raise UserError(f"--resume: there is no checkpoint in {ckpt}")
-    if not cfg.resume and ckpt.exists():
-        raise UserError(f"{ckpt} already exists: pass --resume to continue that run, or choose another --out")
+    check_run_folder(out, cfg.resume, cfg.overwrite, cfg.data, main=ddp.main)
+    if ddp.world > 1:
+        dist.barrier()  # rank 0 has recovered what a killed save left
+    fresh = not (ckpt / "trainer.json").exists()  # --resume of a run killed before its first checkpoint: from step 0
+    if cfg.resume and fresh and ddp.main and progress:
+        print(f"mtp: --resume: {out} holds no complete checkpoint yet: training from step 0", file=sys.stderr)
     # whs_lr only matters with a WHS tap (and checkpoints from before it existed do not record it)
     # eagle_layers / draft_vocab only for eagle3 heads (older checkpoints do not record them either)
     must_match = tuple(k for k in RESUME_MUST_MATCH if (k != "whs_lr" or cfg.tap == "whs") and
                        (k not in ("eagle_layers", "draft_vocab") or cfg.kind == "eagle3"))
-    meta = read_checkpoint(ckpt, cfg.to_dict(), must_match) if cfg.resume else None
-    if meta is not None and meta["step"] >= cfg.max_steps:
-        raise UserError(f"the checkpoint is at step {meta['step']}, already >= --max-steps {cfg.max_steps}")
+    meta = read_checkpoint(ckpt, cfg.to_dict(), must_match) if cfg.resume and not fresh else None
+    if meta is not None and meta["step"] > cfg.max_steps:
+        raise UserError(f"the checkpoint is at step {meta['step']}, already beyond --max-steps {cfg.max_steps}")
     torch.manual_seed(cfg.seed)
     from mtp.backbones import load_backbone
 
@@ -401,6 +403,10 @@ def train(cfg: TrainConfig, progress: bool = True, command: str = "") -> dict:
     log_path = out / "metrics.jsonl"
     if ddp.main:
         out.mkdir(parents=True, exist_ok=True)
+        if meta is None:  # a new run (--overwrite, or --resume before any checkpoint): the old run's state goes
+            import shutil
+
+            shutil.rmtree(ckpt, ignore_errors=True)
         _truncate_log(log_path, step)
     model.train()
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", disable=not (progress and ddp.main),
@@ -436,6 +442,11 @@ def train(cfg: TrainConfig, progress: bool = True, command: str = "") -> dict:
             now = time.perf_counter()
             mean = torch.stack(losses).mean(0)
             known = [(w, float(x)) for w, x in zip(weights, mean) if math.isfinite(x)]  # head 0: not computed
+            if not all(math.isfinite(x) for x in mean.tolist()[1 if cfg.mode == "frozen" else 0:]):
+                last = f"the checkpoint of step {step - step % cfg.save_every} is intact" \
+                    if step >= cfg.save_every else "no checkpoint was written"
+                raise UserError(f"training diverged at step {step} (losses {[round(x, 4) for x in mean.tolist()]}); "
+                                f"{last}: lower --lr or --backbone-lr, or check the data")
             record = {"step": step, "loss": sum(w * x for w, x in known),  # from cached states
                       "losses": [round(float(x), 5) if math.isfinite(x) else None for x in mean], "lr": cfg.lr * factor,
                       "tokens": step * tokens_per_step,
@@ -443,13 +454,15 @@ def train(cfg: TrainConfig, progress: bool = True, command: str = "") -> dict:
             bar.set_postfix({f"l{k}": f"{x:.3f}" for k, x in enumerate(mean.tolist())}
                             | {"tok/s": f"{record['tokens_per_s']:.0f}"})
             if ddp.main:  # a log: appended line by line (not atomic); a resume drops lines past its checkpoint
-                append_line(log_path, json.dumps(record))
+                append_line(log_path, json.dumps(record, allow_nan=False))
             t_last, losses = now, []
         if step % cfg.save_every == 0 or step == cfg.max_steps:
             backbone_state, optim_state = gather_states(model, optimizer, sharded)  # collective under FSDP
             if ddp.main:
                 write_checkpoint(ckpt, model, backbone_state, optim_state, step, cfg.to_dict())
     bar.close()
+    if meta is not None and int(meta["step"]) == cfg.max_steps:  # killed after the last checkpoint: finish the run
+        backbone_state, _ = gather_states(model, optimizer, sharded)
     if ddp.main:
         from mtp.backbones import DTYPES
 
@@ -460,9 +473,40 @@ def train(cfg: TrainConfig, progress: bool = True, command: str = "") -> dict:
     return {"out": str(out), "steps": step, "heads": str(out / "heads")}
 
 
+RUN_ENTRIES = ("checkpoint", "heads", "metrics.jsonl")
+"""What a training run writes into --out."""
+
+
+def check_run_folder(out: Path, resume: bool, overwrite: bool, inputs=(), main: bool = True,
+                     entries: tuple[str, ...] = RUN_ENTRIES) -> None:
+    """Before any work: ``out`` may take this run. On the main process, first finish or undo what a killed
+    checkpoint or heads save left (``mtp.io.recover_dir``). Refused: a file, a folder inside the installed
+    package, one of the inputs, a folder that holds another run's ``entries`` (unless ``resume`` continues it or
+    ``overwrite`` replaces it), and ``resume`` where there is no run."""
+    from mtp.io import check_new_output, recover_dir
+
+    check_new_output(out, "--out", overwrite=True, inputs=[i for i in inputs if Path(i).exists()])  # not corpus names
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: give a folder")
+    if main:
+        for name in ("checkpoint", "heads"):
+            recover_dir(out / name)
+    held = [name for name in entries if (out / name).exists()]
+    if resume and not out.is_dir():
+        raise UserError(f"--resume: there is no run in {out} (no such folder)")
+    if not resume and held and not overwrite:
+        how = "pass --resume to continue it, " if (out / "checkpoint").exists() else ""
+        raise UserError(f"--out {out} already holds a run ({', '.join(held)}): {how}choose another --out, or pass "
+                        "--overwrite to replace it")
+
+
 def _truncate_log(path: Path, step: int) -> None:
-    """On resume, drop log lines of steps after the checkpoint (they will be logged again)."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    write_text(path, "".join(line + "\n" for line in keep))
+    """Keep the log lines of steps up to ``step`` (the checkpoint's; 0 for a new run): later ones will be logged
+    again, and a line a kill cut off is dropped."""
+    def keep(line: str) -> bool:
+        try:
+            return json.loads(line)["step"] <= step
+        except (ValueError, KeyError, TypeError):
+            return False
+
+    complete_lines(path, keep)
