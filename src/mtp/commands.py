@@ -55,6 +55,11 @@ def evaluate(cfg: EvalConfig, command: str = "") -> dict:
 
     resolve_backbone(cfg.model)
     folder = resolve_heads(cfg.heads, cfg.model)
+    if cfg.write_accuracy:  # before any work: never into the installed package, never over one unasked
+        from mtp.heads_format import ACCURACY
+        from mtp.io import check_new_output
+
+        check_new_output(folder / ACCURACY, "--write-accuracy", overwrite=cfg.overwrite)
     corpus = next(iter(load_corpora([cfg.data]).values()))
     backbone, tokenizer = load_backbone(cfg.model, dtype=cfg.dtype, device=cfg.device)
     mtp_model = MTPModel.from_pretrained(folder, backbone=backbone)

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from mtp.config import DistillConfig
 from mtp.errors import UserError
+from mtp.io import check_new_output, complete_lines
 from mtp.prompts import chat_format, load_prompts
 
 
@@ -92,6 +93,28 @@ class LlamaCppGenerator:
         self.log.unlink(missing_ok=True)
 
 
+def resume_partial(partial: Path, prompts: list[str]) -> list[dict]:
+    """The records an interrupted run left in ``partial``, after cutting it to its last complete record (a kill
+    mid-write leaves a cut-off line, which the next record would be glued onto). They must answer the first
+    prompts of this run, in order: a partial file of other prompts is refused, and left as it is."""
+    records = []
+
+    def keep(line: str) -> bool:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return False  # cut off: it and anything after it go
+        i = len(records)
+        if not isinstance(record, dict) or i >= len(prompts) or record.get("prompt") != prompts[i]:
+            raise UserError(f"{partial} (an interrupted run) answers other prompts than this one (record {i + 1}): "
+                            "run with the same --prompts, --limit and --seed, or delete it")
+        records.append(record)
+        return True
+
+    complete_lines(partial, keep)
+    return records
+
+
 def distill(cfg: DistillConfig, command: str = "") -> dict:
     """Generate the backbone's responses for the train split of each prompt source into ``cfg.out`` (.jsonl).
     ``cfg.engine``: ``transformers`` (batched ``generate``) or ``llama.cpp`` (llama-server on the model's GGUF,
@@ -103,14 +126,13 @@ def distill(cfg: DistillConfig, command: str = "") -> dict:
     device, dtype, progress = cfg.device, cfg.dtype, not cfg.quiet
 
     out = Path(out)
-    if out.exists():
-        raise UserError(f"{out} already exists: choose another --out (a finished distillation is never overwritten)")
+    check_new_output(out, "--out", overwrite=cfg.overwrite, inputs=[p for p in prompt_sources if Path(p).exists()])
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder: give a FILE.jsonl")
     resolve_backbone(model_name)
     prompts = [p for source in prompt_sources for p in load_prompts(source, "train", limit, seed)]
     partial = out.with_name(out.name + ".partial")
-    done = 0
-    if partial.exists():  # continue an interrupted run: its lines are complete records
-        done = sum(1 for line in partial.read_text().splitlines() if line.strip())
+    done = len(resume_partial(partial, prompts))
     model, tokenizer = load_backbone(model_name, dtype=dtype, device=device)
     if engine == "llama.cpp":
         generate = LlamaCppGenerator(model_name, tokenizer, batch_size)

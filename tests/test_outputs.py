@@ -1,0 +1,115 @@
+"""Nothing a user saved is lost: an output that exists is refused unless --overwrite, before any work; never
+into the installed package; append-only files are repaired to their last complete record."""
+
+import json
+
+import pytest
+
+from mtp.cli import main
+from mtp.config import AnalyzeConfig, BenchDecodeConfig, DistillConfig, PretrainConfig, TrainConfig
+from mtp.errors import UserError
+from mtp.heads_format import DEFAULT_HEADS_DIR
+from mtp.io import check_new_output
+from mtp.training.distill import distill
+from mtp.training.pretrain import pretrain
+from mtp.training.train import train
+from tests.conftest import SAMPLE_TEXT
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MTP_CACHE", str(tmp_path / "cache"))
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mtp: error:") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_report_files_are_not_replaced_unasked(tmp_path):
+    report = tmp_path / "result.json"
+    report.write_text('{"mine": 1}')
+    with pytest.raises(UserError, match="--json .* already exists: .* --overwrite"):
+        BenchDecodeConfig(json=str(report))
+    BenchDecodeConfig(json=str(report), overwrite=True)
+    with pytest.raises(UserError, match="--plot .* already exists"):
+        BenchDecodeConfig(plot=str(report))
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots" / "lens.png").write_bytes(b"png")
+    with pytest.raises(UserError, match="--out .*lens.png already exists"):
+        AnalyzeConfig(out=str(tmp_path / "plots"))
+    AnalyzeConfig(out=str(tmp_path / "plots"), overwrite=True)
+    assert report.read_text() == '{"mine": 1}'
+
+
+def test_nothing_is_written_into_the_installed_package():
+    with pytest.raises(UserError, match="inside the installed mtp package"):
+        check_new_output(DEFAULT_HEADS_DIR / "smollm2-135m" / "accuracy.json", "--write-accuracy", overwrite=True)
+
+
+def test_write_accuracy_keeps_an_existing_one_unless_overwrite(tiny_folder, tmp_path, capsys):
+    text = tmp_path / "heldout.txt"
+    text.write_text(SAMPLE_TEXT * 5)
+    train(TrainConfig(model=str(tiny_folder), out=str(tmp_path / "run"), heads=2, data=[str(text)], seq_len=24,
+                      batch_size=2, max_steps=2, autocast="off"), progress=False)
+    accuracy = tmp_path / "run" / "heads" / "accuracy.json"
+    accuracy.write_text(json.dumps({"rank_accuracy": [[0.5], [0.25]], "data": "big", "positions": 3000,
+                                    "command": ""}))
+    args = ["eval", "--model", str(tiny_folder), "--heads", str(tmp_path / "run" / "heads"), "--text", str(text),
+            "--context", "16", "--max-positions", "4", "--no-marginal", "--write-accuracy", "--quiet"]
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "--write-accuracy" in one_error_line(capsys) and json.loads(accuracy.read_text())["positions"] == 3000
+    assert main(args + ["--overwrite"]) == 0
+    assert json.loads(accuracy.read_text())["positions"] == 4
+
+
+def test_a_run_folder_is_not_replaced_unasked(tiny_folder, tmp_path, capsys):
+    text = tmp_path / "train.txt"
+    text.write_text(SAMPLE_TEXT * 20)
+    out = tmp_path / "run"
+    (out / "heads").mkdir(parents=True)
+    (out / "heads" / "config.json").write_text("{}")
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    args = ["train", "--model", str(tiny_folder), "--data", str(text), "--out", str(out), "--heads", "1",
+            "--seq-len", "16", "--batch-size", "2", "--max-steps", "2", "--autocast", "off", "--quiet"]
+    assert main(args) == 2
+    assert "already holds a run (heads, metrics.jsonl)" in one_error_line(capsys)
+    assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    assert main(args + ["--overwrite"]) == 0
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [2]
+    assert (out / "heads" / "model.safetensors").is_file()
+    # an input as output, a file as --out
+    assert main(args[:-1] + ["--out", str(text), "--quiet"]) == 2
+    assert "is also an input" in one_error_line(capsys)
+    with pytest.raises(UserError, match="already holds a run"):
+        pretrain(PretrainConfig(preset="tiny", out=str(out), max_steps=1), progress=False)
+
+
+def test_distill_repairs_a_cut_off_partial_file(tiny_folder, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    words = ["one", "two", "three"]
+    prompts.write_text("".join(json.dumps({"prompt": f"Say {w} please."}) + "\n" for w in words))
+    out = tmp_path / "distilled.jsonl"
+    partial = tmp_path / "distilled.jsonl.partial"
+    first = {"prompt": "Say one please.", "response": "kept", "text": "Say one please.kept", "response_start": 15,
+             "finished": True}
+    partial.write_text(json.dumps(first) + "\n" + '{"prompt": "Say two please.", "resp')  # killed mid-write
+    cfg = dict(model=str(tiny_folder), prompts=[str(prompts)], out=str(out), max_new_tokens=4, batch_size=2,
+               quiet=True)
+    distill(DistillConfig(**cfg))
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["prompt"] for r in rows) == sorted(f"Say {w} please." for w in words) and rows[0] == first
+    assert not partial.exists()
+    # a partial file of other prompts is refused and left as it was
+    partial2 = tmp_path / "distilled2.jsonl.partial"
+    partial2.write_text(json.dumps({**first, "prompt": "Something else"}) + "\n")
+    with pytest.raises(UserError, match="other prompts"):
+        distill(DistillConfig(**{**cfg, "out": str(tmp_path / "distilled2.jsonl")}))
+    assert json.loads(partial2.read_text())["prompt"] == "Something else"
+    # a finished file is replaced only with --overwrite
+    with pytest.raises(UserError, match="already exists"):
+        distill(DistillConfig(**cfg))
+    distill(DistillConfig(**cfg, overwrite=True))
+    assert len(out.read_text().splitlines()) == 3
