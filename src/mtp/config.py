@@ -154,20 +154,34 @@ def flag_of(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
-
-
-def _coerce(key: str, hint, value):
+def check_type(where: str, hint, value, fix: str = "", scalar_as_list: bool = False):
+    """``value`` checked against a field's annotation (bool, int, float, str, dict, a list of one of them, or
+    None where it is optional); returned as that type (ints become floats where a float is meant), else one
+    UserError line: ``<where> must be <type>, got <value>[: <fix>]``. ``scalar_as_list``: a lone value stands
+    for a list of one (--config files)."""
     base, is_list, optional = field_type(hint)
     if value is None and optional:
         return None
     if is_list:
+        if not isinstance(value, list) and not scalar_as_list:
+            raise UserError(f"{where} must be a list of {base.__name__}, got {_shown(value)}"
+                            f"{': ' + fix if fix else ''}")
         items = value if isinstance(value, list) else [value]
-        return [_coerce(key, base, v) for v in items]
+        return [check_type(where, base, v, fix) for v in items]
     ok = {bool: isinstance(value, bool), int: isinstance(value, int) and not isinstance(value, bool),
-          float: isinstance(value, (int, float)) and not isinstance(value, bool), str: isinstance(value, str)}[base]
+          float: isinstance(value, (int, float)) and not isinstance(value, bool), str: isinstance(value, str),
+          dict: isinstance(value, dict)}[base]
     if not ok:
-        raise UserError(f"--config {key} must be {'a list of ' if is_list else ''}{base.__name__}, got {value!r}")
+        raise UserError(f"{where} must be {base.__name__}, got {_shown(value)}{': ' + fix if fix else ''}")
+    if base is float and not math.isfinite(value):
+        raise UserError(f"{where} must be a finite number, got {value}{': ' + fix if fix else ''}")
     return float(value) if base is float else value
+
+
+def _shown(value) -> str:
+    """A value as a message shows it: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def read_config_file(path: str, cls) -> dict:
@@ -201,7 +215,7 @@ def read_config_file(path: str, cls) -> dict:
         name = by_flag.get(name, name)
         if name not in fields:
             raise UserError(f"--config {path}: unknown key {key!r} (known: {', '.join(sorted(fields))})")
-        out[name] = _coerce(f"{path}: {key}", hints[name], value)
+        out[name] = check_type(f"--config {path}: {key}", hints[name], value, scalar_as_list=True)
     return out
 
 
