@@ -164,7 +164,7 @@ def check_type(where: str, hint, value, fix: str = "", scalar_as_list: bool = Fa
         return None
     if is_list:
         if not isinstance(value, list) and not scalar_as_list:
-            raise UserError(f"{where} must be a list of {base.__name__}, got {_shown(value)}"
+            raise UserError(f"{where} must be a list of {base.__name__}, got {short_repr(value)}"
                             f"{': ' + fix if fix else ''}")
         items = value if isinstance(value, list) else [value]
         return [check_type(where, base, v, fix) for v in items]
@@ -172,13 +172,13 @@ def check_type(where: str, hint, value, fix: str = "", scalar_as_list: bool = Fa
           float: isinstance(value, (int, float)) and not isinstance(value, bool), str: isinstance(value, str),
           dict: isinstance(value, dict)}[base]
     if not ok:
-        raise UserError(f"{where} must be {base.__name__}, got {_shown(value)}{': ' + fix if fix else ''}")
+        raise UserError(f"{where} must be {base.__name__}, got {short_repr(value)}{': ' + fix if fix else ''}")
     if base is float and not math.isfinite(value):
         raise UserError(f"{where} must be a finite number, got {value}{': ' + fix if fix else ''}")
     return float(value) if base is float else value
 
 
-def _shown(value) -> str:
+def short_repr(value) -> str:
     """A value as a message shows it: its repr, cut short."""
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -501,6 +501,9 @@ class ConvertConfig(Config):
         _require(bool(self.checkpoint), "give the checkpoint folder")
         _require(bool(self.out), "give --out DIR")
         _dtype(self.dtype)
+        _require(self.tokenizer is None or Path(self.tokenizer).expanduser().is_dir(),
+                 f"--tokenizer {self.tokenizer} is not a folder: give a local Hugging Face tokenizer folder (mtp "
+                 "never downloads from the Hub)")
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -742,6 +745,9 @@ class ExportConfig(Config):
         _require(self.format in FORMATS, f"unknown --format {self.format!r}: use one of {', '.join(FORMATS)}")
         _require(bool(self.out), "give --out DIR")
         _dtype(self.dtype)
+        _require(self.tokenizer is None or Path(self.tokenizer).expanduser().is_dir(),
+                 f"--tokenizer {self.tokenizer} is not a folder: give a local Hugging Face tokenizer folder (mtp "
+                 "never downloads from the Hub)")
 
 
 @dataclass

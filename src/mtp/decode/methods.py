@@ -198,7 +198,7 @@ def batch_cost(cost: dict, batch: int) -> dict:
 def rank_accuracy(heads_dir: Path | None, n_heads: int) -> list[list[float]]:
     """Per head, how often each of its top ranks is right (``accuracy.json`` beside the heads, written by
     ``mtp eval`` or ``mtp pretrain``); without it a conservative prior (rank 1 of head d right 0.6 / d, each next rank a third)."""
-    acc = read_accuracy(heads_dir)
+    acc = read_accuracy(heads_dir, n_heads)
     if acc is not None:
         return acc[:n_heads]
     return [[0.6 / d * (1 / 3) ** r for r in range(8)] for d in range(1, n_heads + 1)]
