@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import inspect
 import math
 import os
@@ -123,6 +124,11 @@ class Runtime(Config):
 
 def field_docs(cls) -> dict[str, str]:
     """The docstring under each dataclass field (litgpt-style help text), read from the sources of cls and its bases."""
+    return dict(_field_docs(cls))
+
+
+@functools.cache  # parsing the sources costs ~0.1 s a class; the parser of every command reads them all
+def _field_docs(cls) -> dict[str, str]:
     docs = {}
     for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
         body = ast.parse(inspect.getsource(klass)).body[0].body
@@ -522,7 +528,8 @@ class DraftOptions(Runtime):
     acceptance: str = opt("exact", choices=("exact", "typical"))
     """exact (lossless) | typical (Medusa's typical acceptance, lossy)."""
     tree: str | None = opt(None, metavar="JSON|FILE")
-    """Static tree paths, e.g. [[0],[0,0],[1]] (default: sized from the heads' accuracy and the verify cost)."""
+    """Static tree paths, e.g. [[0],[0,0],[1]], or a file holding them: at most 4096 paths, each at most 64 ranks
+    deep (default: sized from the heads' accuracy and the verify cost)."""
     nodes: int | None = None
     """Tree nodes (default: from the measured verify cost)."""
     draft_len: int | None = None
@@ -545,6 +552,13 @@ class DraftOptions(Runtime):
         _at_least(self, ("nodes", "draft_len", "exit_layer"))  # a 0 would read as "not given" (``x or default``)
         _require(self.draft_vocab is None or self.draft_vocab >= 0,
                  f"--draft-vocab must be >= 0 (0 = the whole vocabulary), got {self.draft_vocab}")
+        if self.tree is not None:  # checked before any model loads (the vocabulary: once it is known)
+            from mtp.decode.tree import compile_tree, read_tree
+
+            try:
+                compile_tree(read_tree(self.tree))
+            except UserError as e:
+                raise UserError(f"--tree: {e}") from None
 
     def sampling(self):
         from mtp.decode.accept import Sampling
