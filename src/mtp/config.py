@@ -759,9 +759,6 @@ class ExportConfig(Config):
         _require(self.format in FORMATS, f"unknown --format {self.format!r}: use one of {', '.join(FORMATS)}")
         _require(bool(self.out), "give --out DIR")
         _dtype(self.dtype)
-        _require(self.tokenizer is None or Path(self.tokenizer).expanduser().is_dir(),
-                 f"--tokenizer {self.tokenizer} is not a folder: give a local Hugging Face tokenizer folder (mtp "
-                 "never downloads from the Hub)")
 
 
 @dataclass

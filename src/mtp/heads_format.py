@@ -154,8 +154,8 @@ def parse_heads_config(meta: dict, folder: str | Path):
             check_type(f"{where}: backbone_fingerprint.{key}", hint, fingerprint[key], _FIX)
     try:
         return HeadsConfig(**fields)
-    except UserError as e:
-        raise UserError(f"{where}: {e}") from None
+    except UserError as e:  # its own range checks, phrased for the command line: add the file and the fix
+        raise UserError(f"{where}: {e}{'' if ': ' in str(e) else ': ' + _FIX}") from None
 
 
 def check_head_count(folder: str | Path, expected: int, n_heads: int) -> None:
