@@ -114,4 +114,4 @@ def test_compare_eval_results(tmp_path, capsys):
     assert code == 0 and "| mlp | 0.600 / 0.800" in out and "marginalization" in out
     assert (tmp_path / "p.png").stat().st_size > 0
     code = main(["compare", f"x={tmp_path / 'missing.json'}"])
-    assert code == 2 and "not an `mtp eval` JSON" in capsys.readouterr().err
+    assert code == 2 and "missing.json does not exist" in capsys.readouterr().err

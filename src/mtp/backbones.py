@@ -29,7 +29,7 @@ import torch
 
 from mtp.config import DEFAULT_MODEL, DTYPE_NAMES
 from mtp.errors import UserError
-from mtp.io import atomic_dir, atomic_file, cache_dir, scratch_dir, write_json
+from mtp.io import atomic_dir, atomic_file, cache_dir, read_json, scratch_dir, write_json
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # the names live in mtp.config (no torch there)
 
@@ -343,6 +343,37 @@ def check_device(device: str) -> torch.device:
     return dev
 
 
+_HF_JSON = ("config.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+"""The JSON files of a Hugging Face folder that transformers reads as objects (a list there is a traceback)."""
+
+
+def check_hf_json(folder: Path) -> None:
+    """Each of a Hugging Face folder's JSON files that is there is readable and a JSON object; one line naming
+    the file otherwise."""
+    for name in _HF_JSON:
+        path = folder / name
+        if path.exists():
+            fix = "restore it from the model's release"
+            value = read_json(path, fix=fix)
+            if not isinstance(value, dict):
+                raise UserError(f"{path} must be a JSON object, got a {type(value).__name__}: {fix}")
+
+
+def load_tokenizer(folder: str | Path, flag: str = "--tokenizer"):
+    """A tokenizer from a local Hugging Face folder; never from the Hub (a name that is not a folder is refused)."""
+    from transformers import AutoTokenizer
+
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        raise UserError(f"{flag} {folder} is not a folder: give a local Hugging Face tokenizer folder (mtp never "
+                        "downloads from the Hub)")
+    check_hf_json(path)
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # transformers raises many types for unusable folders; all are bad input here
+        raise UserError(f"{flag} {folder}: cannot load a tokenizer from it ({_first_line(e)})") from None
+
+
 def load_backbone(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", device: str = "cpu",
                   require_tokenizer: bool = True):
     """Return ``(model, tokenizer)`` for a built-in name, a Hugging Face folder or a ``.gguf`` file.
@@ -357,14 +388,15 @@ def load_backbone(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = 
     if not any(folder.glob("*.safetensors")):
         raise UserError(f"{folder} has no .safetensors weights; mtp never unpickles .bin checkpoints: "
                         "re-save the model with save_pretrained(safe_serialization=True)")
+    check_hf_json(folder)
     has_tokenizer = any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
     if require_tokenizer and not has_tokenizer:
         raise UserError(f"{folder} has no tokenizer files (tokenizer.json / tokenizer_config.json): add them, e.g. "
                         "with mtp convert --tokenizer DIR")
     try:
         # a weights-only folder (e.g. a converted checkpoint without --tokenizer) still loads: tokenizer None
-        tokenizer = AutoTokenizer.from_pretrained(folder) if has_tokenizer else None
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dt, use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True) if has_tokenizer else None
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dt, use_safetensors=True, local_files_only=True)
     except Exception as e:  # corrupt or unsupported folders raise many types; all are bad input here
         raise UserError(f"could not load model from {folder}: {_first_line(e)}") from e
     if tokenizer is not None and tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:

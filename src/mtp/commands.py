@@ -7,13 +7,11 @@ a result (what ``--json`` writes) or None; each formatter turns a result into th
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 from mtp.config import (AnalyzeConfig, CompareConfig, ConvertConfig, EvalConfig, GenerateConfig,
                         HEAD_METHODS, PretrainConfig, TrainConfig)
-from mtp.errors import UserError
 
 
 def analyze(cfg: AnalyzeConfig, command: str = "") -> dict:
@@ -76,14 +74,12 @@ def evaluate(cfg: EvalConfig, command: str = "") -> dict:
 
 
 def compare(cfg: CompareConfig, command: str = "") -> dict:
+    from mtp.training.evaluate import read_eval_result
+
     named = {}
     for item in cfg.results:
         name, _, path = item.partition("=")
-        try:
-            named[name] = json.loads(Path(path).expanduser().read_text())
-            named[name]["heads"][0]["top1"]
-        except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
-            raise UserError(f"{path} is not an `mtp eval` JSON result ({type(e).__name__})") from None
+        named[name] = read_eval_result(str(Path(path).expanduser()))
     return named
 
 

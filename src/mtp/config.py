@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import inspect
 import math
 import os
@@ -137,6 +138,11 @@ class Runtime(Config):
 
 def field_docs(cls) -> dict[str, str]:
     """The docstring under each dataclass field (litgpt-style help text), read from the sources of cls and its bases."""
+    return dict(_field_docs(cls))
+
+
+@functools.cache  # parsing the sources costs ~0.1 s a class; the parser of every command reads them all
+def _field_docs(cls) -> dict[str, str]:
     docs = {}
     for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
         body = ast.parse(inspect.getsource(klass)).body[0].body
@@ -168,20 +174,34 @@ def flag_of(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
-
-
-def _coerce(key: str, hint, value):
+def check_type(where: str, hint, value, fix: str = "", scalar_as_list: bool = False):
+    """``value`` checked against a field's annotation (bool, int, float, str, dict, a list of one of them, or
+    None where it is optional); returned as that type (ints become floats where a float is meant), else one
+    UserError line: ``<where> must be <type>, got <value>[: <fix>]``. ``scalar_as_list``: a lone value stands
+    for a list of one (--config files)."""
     base, is_list, optional = field_type(hint)
     if value is None and optional:
         return None
     if is_list:
+        if not isinstance(value, list) and not scalar_as_list:
+            raise UserError(f"{where} must be a list of {base.__name__}, got {short_repr(value)}"
+                            f"{': ' + fix if fix else ''}")
         items = value if isinstance(value, list) else [value]
-        return [_coerce(key, base, v) for v in items]
+        return [check_type(where, base, v, fix) for v in items]
     ok = {bool: isinstance(value, bool), int: isinstance(value, int) and not isinstance(value, bool),
-          float: isinstance(value, (int, float)) and not isinstance(value, bool), str: isinstance(value, str)}[base]
+          float: isinstance(value, (int, float)) and not isinstance(value, bool), str: isinstance(value, str),
+          dict: isinstance(value, dict)}[base]
     if not ok:
-        raise UserError(f"--config {key} must be {'a list of ' if is_list else ''}{base.__name__}, got {value!r}")
+        raise UserError(f"{where} must be {base.__name__}, got {short_repr(value)}{': ' + fix if fix else ''}")
+    if base is float and not math.isfinite(value):
+        raise UserError(f"{where} must be a finite number, got {value}{': ' + fix if fix else ''}")
     return float(value) if base is float else value
+
+
+def short_repr(value) -> str:
+    """A value as a message shows it: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def read_config_file(path: str, cls) -> dict:
@@ -215,7 +235,7 @@ def read_config_file(path: str, cls) -> dict:
         name = by_flag.get(name, name)
         if name not in fields:
             raise UserError(f"--config {path}: unknown key {key!r} (known: {', '.join(sorted(fields))})")
-        out[name] = _coerce(f"{path}: {key}", hints[name], value)
+        out[name] = check_type(f"--config {path}: {key}", hints[name], value, scalar_as_list=True)
     return out
 
 
@@ -504,6 +524,9 @@ class ConvertConfig(Writes):
         _require(bool(self.checkpoint), "give the checkpoint folder")
         _require(bool(self.out), "give --out DIR")
         _dtype(self.dtype)
+        _require(self.tokenizer is None or Path(self.tokenizer).expanduser().is_dir(),
+                 f"--tokenizer {self.tokenizer} is not a folder: give a local Hugging Face tokenizer folder (mtp "
+                 "never downloads from the Hub)")
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -522,7 +545,8 @@ class DraftOptions(Runtime):
     acceptance: str = opt("exact", choices=("exact", "typical"))
     """exact (lossless) | typical (Medusa's typical acceptance, lossy)."""
     tree: str | None = opt(None, metavar="JSON|FILE")
-    """Static tree paths, e.g. [[0],[0,0],[1]] (default: sized from the heads' accuracy and the verify cost)."""
+    """Static tree paths, e.g. [[0],[0,0],[1]], or a file holding them: at most 4096 paths, each at most 64 ranks
+    deep (default: sized from the heads' accuracy and the verify cost)."""
     nodes: int | None = None
     """Tree nodes (default: from the measured verify cost)."""
     draft_len: int | None = None
@@ -545,6 +569,13 @@ class DraftOptions(Runtime):
         _at_least(self, ("nodes", "draft_len", "exit_layer"))  # a 0 would read as "not given" (``x or default``)
         _require(self.draft_vocab is None or self.draft_vocab >= 0,
                  f"--draft-vocab must be >= 0 (0 = the whole vocabulary), got {self.draft_vocab}")
+        if self.tree is not None:  # checked before any model loads (the vocabulary: once it is known)
+            from mtp.decode.tree import compile_tree, read_tree
+
+            try:
+                compile_tree(read_tree(self.tree))
+            except UserError as e:
+                raise UserError(f"--tree: {e}") from None
 
     def sampling(self):
         from mtp.decode.accept import Sampling

@@ -13,14 +13,13 @@ Weights load with ``torch.load(weights_only=True)`` (no arbitrary unpickling) or
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
 
 from mtp.errors import UserError
-from mtp.io import atomic_dir, write_json
+from mtp.io import atomic_dir, read_json, write_json
 
 _LAYER_MAP = {
     "attention.wq.weight": "self_attn.q_proj.weight",
@@ -47,17 +46,50 @@ def unpermute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, 2, out_dim // n_heads // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
 
 
+# params.json: field -> (type, required, lowest, highest). Bounds far above any released model, so that a
+# corrupt file is refused before anything is loaded or allocated.
+_PARAMS = {"dim": (int, True, 1, 65536), "n_heads": (int, True, 1, 1024), "n_kv_heads": (int, False, 1, 1024),
+           "n_layers": (int, False, 1, 1024), "n_future_tokens": (int, False, 1, 65),
+           "max_seq_len": (int, False, 1, 1 << 20), "norm_eps": (float, False, 1e-12, 1.0),
+           "rope_theta": (float, False, 1.0, 1e9)}
+
+
+def parse_meta_params(params, path: Path) -> dict:
+    """params.json checked: an object whose known fields have their type and a plausible range (unknown
+    fields, such as vocab_size -1 or multiple_of, are kept unread); one line naming the field otherwise."""
+    from mtp.config import check_type
+
+    fix = "fix params.json (it comes with Meta's checkpoint)"
+    if not isinstance(params, dict):
+        raise UserError(f"{path} must be a JSON object of model parameters, got {type(params).__name__}: {fix}")
+    out = dict(params)
+    for key, (kind, required, low, high) in _PARAMS.items():
+        if params.get(key) is None:
+            if required:
+                raise UserError(f"{path}: {key} is missing: {fix}")
+            out.pop(key, None)
+            continue
+        value = check_type(f"{path}: {key}", kind, params[key], fix)
+        if not low <= value <= high:
+            raise UserError(f"{path}: {key} must be between {low:g} and {high:g}, got {value}: {fix}")
+        out[key] = value
+    dim, n_heads, n_kv = out["dim"], out["n_heads"], out.get("n_kv_heads", out["n_heads"])
+    if dim % n_heads or (dim // n_heads) % 2:
+        raise UserError(f"{path}: dim {dim} must be n_heads ({n_heads}) times an even head size: {fix}")
+    if n_heads % n_kv:
+        raise UserError(f"{path}: n_kv_heads ({n_kv}) must divide n_heads ({n_heads}): {fix}")
+    return out
+
+
 def read_meta_checkpoint(folder: Path) -> tuple[dict, dict]:
-    """params.json and the state dict (consolidated*.pth via the safe loader, or *.safetensors)."""
+    """params.json (checked first) and the state dict (consolidated*.pth via the safe loader, or *.safetensors)."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder with a Meta checkpoint (params.json + consolidated.pth)")
-    try:
-        params = json.loads((folder / "params.json").read_text())
-    except FileNotFoundError:
-        raise UserError(f"{folder} has no params.json") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{folder}/params.json is not valid JSON ({e})") from None
+    if not (folder / "params.json").exists():
+        raise UserError(f"{folder} has no params.json")
+    params = parse_meta_params(read_json(folder / "params.json", "params file", fix="restore params.json"),
+                               folder / "params.json")
     shards = sorted(folder.glob("consolidated*.safetensors")) or sorted(folder.glob("consolidated*.pth"))
     if not shards:
         raise UserError(f"{folder} has no consolidated*.pth or consolidated*.safetensors")
@@ -111,19 +143,17 @@ def convert_meta(folder: str | Path, out: str | Path, tokenizer: str | None = No
     heads folder, which ``MTPModel.from_pretrained`` and ``mtp generate --heads`` take."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from mtp.backbones import DTYPES
+    from mtp.backbones import DTYPES, load_tokenizer
     from mtp.model.mtp import HeadsConfig, MTPModel
 
     out = Path(out).expanduser().resolve()
+    if tokenizer:
+        load_tokenizer(tokenizer, "--tokenizer")  # before the weights load: a bad folder wastes no time
     if (out / "heads").exists() or (out / "backbone").exists():
         raise UserError(f"{out} already holds a conversion: choose another --out")
     params, state = read_meta_checkpoint(Path(folder))
-    n_future = int(params.get("n_future_tokens", 1))
-    try:
-        dim, n_heads = int(params["dim"]), int(params["n_heads"])
-    except (KeyError, TypeError, ValueError):
-        raise UserError("params.json needs integer dim and n_heads") from None
-    n_kv = int(params.get("n_kv_heads") or n_heads)
+    n_future, dim, n_heads = params.get("n_future_tokens", 1), params["dim"], params["n_heads"]
+    n_kv = params.get("n_kv_heads", n_heads)
     layers, extra = _layer_states(state, "layers"), _layer_states(state, "extra_heads")
     if not layers:
         raise UserError("the checkpoint has no layers.* weights: not a Llama consolidated state dict")
@@ -132,7 +162,7 @@ def convert_meta(folder: str | Path, out: str | Path, tokenizer: str | None = No
     if len(extra) != n_future - 1:
         raise UserError(f"params.json says n_future_tokens = {n_future} but there are {len(extra)} extra_heads "
                         f"(expected {n_future - 1})")
-    if "n_layers" in params and int(params["n_layers"]) not in (len(layers), len(layers) + len(extra)):
+    if "n_layers" in params and params["n_layers"] not in (len(layers), len(layers) + len(extra)):
         raise UserError(f"params.json says n_layers = {params['n_layers']} but the checkpoint has {len(layers)} "
                         f"layers and {len(extra)} extra heads")
     for key in ("tok_embeddings.weight", "norm.weight", "output.weight"):
@@ -160,9 +190,8 @@ def convert_meta(folder: str | Path, out: str | Path, tokenizer: str | None = No
         raise UserError(f"unknown --dtype {dtype!r}")
     config = LlamaConfig(vocab_size=vocab, hidden_size=dim, intermediate_size=inter, num_hidden_layers=len(layers),
                          num_attention_heads=n_heads, num_key_value_heads=n_kv,
-                         rms_norm_eps=float(params.get("norm_eps", 1e-5)),
-                         rope_theta=float(params.get("rope_theta", 10000.0)),
-                         max_position_embeddings=int(params.get("max_seq_len", 4096)), tie_word_embeddings=False)
+                         rms_norm_eps=params.get("norm_eps", 1e-5), rope_theta=params.get("rope_theta", 10000.0),
+                         max_position_embeddings=params.get("max_seq_len", 4096), tie_word_embeddings=False)
     hf = {"model.embed_tokens.weight": state["tok_embeddings.weight"], "model.norm.weight": state["norm.weight"],
           "lm_head.weight": state["output.weight"]}
     for i, meta in layers.items():
@@ -176,12 +205,7 @@ def convert_meta(folder: str | Path, out: str | Path, tokenizer: str | None = No
     with atomic_dir(out / "backbone") as tmp:
         model.save_pretrained(tmp)
         if tokenizer:
-            from transformers import AutoTokenizer
-
-            try:
-                AutoTokenizer.from_pretrained(tokenizer).save_pretrained(tmp)
-            except (OSError, ValueError) as e:
-                raise UserError(f"cannot load the tokenizer {tokenizer} ({e})") from None
+            load_tokenizer(tokenizer, "--tokenizer").save_pretrained(tmp)
     heads_cfg = HeadsConfig(backbone=str(out / "backbone"), n_heads=max(0, n_future - 1), kind="transformer",
                             tap=f"layer:{len(layers) - 1}", init_from_last=False, dtype=dtype,
                             trained_backbone="none",

@@ -182,24 +182,14 @@ CORPORA = {"code": _code_documents, "prose": _prose_documents, "translation": _t
 
 def read_text_file(path: str | Path) -> str:
     """UTF-8 text of a user file, with one-line errors for every way it can be unusable."""
-    p = Path(path).expanduser()
-    if not p.exists():
+    from mtp.io import read_text
+
+    if not Path(path).expanduser().exists():
         raise UserError(f"file not found: {path}")
-    if p.is_dir():
-        raise UserError(f"{path} is a directory, not a text file")
-    try:
-        raw = p.read_bytes()
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}): "
-                        "convert it to UTF-8") from None
+    text = read_text(path, "text file")
     if not text.strip():
         raise UserError(f"{path} is empty or whitespace only: give a file with text in it")
     return text
-
 
 
 def jsonl_records(text: str, source) -> list[tuple[int, object]]:

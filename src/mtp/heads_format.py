@@ -12,20 +12,25 @@
                        "positions", "command"}; written by ``mtp eval --write-accuracy`` and ``mtp pretrain``,
                        read by decoding to size its drafts and trees
 
+Every file is untrusted: config.json is parsed into typed, range-checked HeadsConfig fields, the number of heads
+is checked against the weights' key names (read without loading a tensor) before anything is built, weights
+holding NaN or infinities and malformed token counts are refused, and a present accuracy.json must hold
+probabilities; each problem is one UserError line naming the file and the field.
 Weights are only ever loaded with safetensors (nothing is unpickled). Writes go through :mod:`mtp.io`:
 a new folder replaces an old one only once it is complete; accuracy.json is replaced atomically.
 """
 
 from __future__ import annotations
 
-import json
+import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from mtp.errors import UserError
-from mtp.io import atomic_dir, write_json, write_safetensors
+from mtp.io import atomic_dir, check_readable, read_json, write_json, write_safetensors
 
 FORMAT_VERSION = 1
 CONFIG = "config.json"
@@ -110,7 +115,8 @@ def resolve_heads(spec: str, model_name: str) -> Path:
 
 
 def read_heads_config(folder: str | Path) -> dict:
-    """config.json of a complete heads folder (both files there, format checked); a UserError otherwise."""
+    """config.json of a complete heads folder (both files there, format and every HeadsConfig field checked);
+    a UserError otherwise."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{folder} is a file, not a heads folder (give the folder that holds config.json)")
@@ -119,42 +125,114 @@ def read_heads_config(folder: str | Path) -> dict:
     for name in (CONFIG, WEIGHTS):
         if not (folder / name).is_file():
             raise UserError(f"{folder} is not an mtp heads checkpoint (no {name})")
-    try:
-        meta = json.loads((folder / CONFIG).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{folder}/{CONFIG} is corrupt ({e})") from None
+    meta = read_json(folder / CONFIG, "heads config", fix="retrain the heads or restore the folder")
     if not isinstance(meta, dict) or meta.get("mtp_format") != FORMAT_VERSION:
         raise UserError(f"{folder}/{CONFIG} is not an mtp heads config (format {FORMAT_VERSION})")
+    parse_heads_config(meta, folder)
     return meta
 
 
+_FIX = "fix it or retrain the heads"
+
+
+def parse_heads_config(meta: dict, folder: str | Path):
+    """The HeadsConfig that config.json describes: each field checked against its annotation, then the
+    HeadsConfig's own range checks, and the backbone's sizes and fingerprint; one line naming the field."""
+    from mtp.config import check_type
+    from mtp.model.mtp import HeadsConfig
+
+    where = f"{folder}/{CONFIG}"
+    if "backbone" not in meta:
+        raise UserError(f"{where}: backbone is missing: {_FIX}")
+    hints = typing.get_type_hints(HeadsConfig)
+    fields = {k: check_type(f"{where}: {k}", hints[k], meta[k], _FIX) for k in hints if k in meta}
+    fingerprint, sizes = meta.get("backbone_fingerprint", {}), meta.get("backbone_config", {})
+    check_type(f"{where}: backbone_config", dict, sizes, _FIX)
+    check_type(f"{where}: backbone_fingerprint", dict, fingerprint, _FIX)
+    for key, hint in (("shape", list[int]), ("sample", list[float])):
+        if key in fingerprint:
+            check_type(f"{where}: backbone_fingerprint.{key}", hint, fingerprint[key], _FIX)
+    try:
+        return HeadsConfig(**fields)
+    except UserError as e:  # its own range checks, phrased for the command line: add the file and the fix
+        raise UserError(f"{where}: {e}{'' if ': ' in str(e) else ': ' + _FIX}") from None
+
+
+def check_head_count(folder: str | Path, expected: int, n_heads: int) -> None:
+    """The weights hold ``expected`` heads (config.json's ``n_heads``, or 1 for one autoregressive drafter):
+    checked from the key names alone, before a model is built for them."""
+    from safetensors import SafetensorError, safe_open
+
+    path = check_readable(Path(folder) / WEIGHTS, "heads weights file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path} is truncated or corrupt ({e}): retrain or restore it") from None
+    found = len({k[len(_HEADS):].split(".", 1)[0] for k in keys if k.startswith(_HEADS)})
+    if found != expected:
+        raise UserError(f"{folder}/{CONFIG}: n_heads is {n_heads} but {WEIGHTS} holds {found} head"
+                        f"{'s' if found != 1 else ''}: the two files do not belong together; retrain the heads or "
+                        "restore the folder")
+
+
 def load_heads_weights(folder: str | Path, device: str | torch.device = "cpu") -> HeadsWeights:
-    """model.safetensors, split by part; a truncated or corrupt file is a UserError."""
+    """model.safetensors, split by part; an unreadable, truncated or corrupt file, a tensor holding NaN or
+    infinities, or malformed token counts is a UserError."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     folder = Path(folder)
+    path = check_readable(folder / WEIGHTS, "heads weights file")
     try:
-        state = load_file(folder / WEIGHTS, device=str(device))
+        state = load_file(path, device=str(device))
     except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{folder}/{WEIGHTS} is truncated or corrupt ({e}): retrain or restore it") from None
+        raise UserError(f"{path} is truncated or corrupt ({e}): retrain or restore it") from None
+    for key, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise UserError(f"{path}: tensor {key} holds NaN or infinite values: the heads are unusable as "
+                            "delivered; retrain them or restore a good copy")
+    counts = state.get(TOKEN_COUNTS)
+    if counts is not None:
+        if counts.dtype not in (torch.int64, torch.int32) or counts.dim() != 1:
+            raise UserError(f"{path}: {TOKEN_COUNTS} must be a 1-D integer tensor, got {counts.dtype} of shape "
+                            f"{tuple(counts.shape)}: the heads are unusable as delivered; retrain them")
+        if counts.numel() and int(counts.min()) < 0:
+            raise UserError(f"{path}: {TOKEN_COUNTS} must be counts >= 0, got {int(counts.min())}: the heads are "
+                            "unusable as delivered; retrain them")
 
     def part(prefix: str) -> dict:
         return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
-    return HeadsWeights(heads=part(_HEADS), token_counts=state.get(TOKEN_COUNTS), backbone=part(_BACKBONE),
-                        lora=part(_LORA))
+    return HeadsWeights(heads=part(_HEADS), token_counts=counts, backbone=part(_BACKBONE), lora=part(_LORA))
 
 
-def read_accuracy(folder: str | Path | None) -> list[list[float]] | None:
-    """Per head, per rank, how often it is right, from accuracy.json; None where there is none or it is
-    unreadable (decoding then falls back to a prior)."""
-    if folder is None or not (Path(folder) / ACCURACY).is_file():
+MAX_RANKS = 1024
+"""accuracy.json: at most this many ranks per head (``mtp eval`` measures 8)."""
+
+
+def read_accuracy(folder: str | Path | None, n_heads: int | None = None) -> list[list[float]] | None:
+    """Per head, per rank, how often it is right, from accuracy.json; None where there is none (decoding then
+    falls back to a prior). A present file must hold, per head (at most ``n_heads``), a non-empty list of
+    probabilities: anything else is a UserError, never silently used or ignored."""
+    from mtp.config import short_repr
+
+    if folder is None or not (Path(folder) / ACCURACY).exists():
         return None
-    try:
-        acc = json.loads((Path(folder) / ACCURACY).read_text())["rank_accuracy"]
-        if len(acc) >= 1 and all(isinstance(r, list) and r for r in acc):
-            return [[float(x) for x in r] for r in acc]
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    return None
+    path = Path(folder) / ACCURACY
+    fix = f"delete it or rerun `mtp eval --heads {folder} --write-accuracy`"
+    record = read_json(path, "accuracy file", fix=fix)
+    acc = record.get("rank_accuracy") if isinstance(record, dict) else None
+    if not isinstance(acc, list) or not acc or not all(isinstance(r, list) and 0 < len(r) <= MAX_RANKS
+                                                       for r in acc):
+        raise UserError(f"{path}: rank_accuracy must be a list, per head, of 1 to {MAX_RANKS} accuracies, got "
+                        f"{short_repr(acc)}: {fix}")
+    if n_heads is not None and len(acc) > n_heads:
+        raise UserError(f"{path}: rank_accuracy has {len(acc)} heads but the heads folder has {n_heads}: {fix}")
+    for d, row in enumerate(acc):
+        for r, x in enumerate(row):
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or not (math.isfinite(x) and 0 <= x <= 1):
+                raise UserError(f"{path}: rank_accuracy[{d}][{r}] must be a probability in [0, 1], got "
+                                f"{short_repr(x)}: {fix}")
+    return [[float(x) for x in r] for r in acc]
+

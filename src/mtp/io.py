@@ -18,6 +18,8 @@
 - ``check_new_output`` refuses, before any slow work, an output that would destroy something the user has.
 - ``append_line(path, line)``: logs (``metrics.jsonl``) grow by appending; a line is one ``write``, not atomic.
 - ``complete_lines(path)``: a log cut to its last complete line (what a kill mid-write leaves is dropped).
+- ``read_text(path)`` / ``read_json(path)``: a user's file, every way it can be unusable (missing, a folder,
+  unreadable, not UTF-8, not JSON) one line that names it; ``check_readable(path)`` for files a library opens.
 """
 
 from __future__ import annotations
@@ -120,6 +122,49 @@ def complete_lines(path: str | Path, keep=None) -> list[str]:
         with p.open("r+b") as f:
             f.truncate(size)
     return kept
+
+
+def check_readable(path: str | Path, what: str = "file") -> Path:
+    """``path`` is a file this process can open for reading (a library reads it next); a UserError otherwise:
+    missing, a folder, or unreadable (permissions) is said as such, never as "corrupt"."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"{what} {path} does not exist")
+    if p.is_dir():
+        raise UserError(f"{path} is a directory, not a {what}")
+    try:
+        with p.open("rb"):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}: check its permissions") from None
+    return p
+
+
+def read_text(path: str | Path, what: str = "file") -> str:
+    """The UTF-8 text of a user's file; one line naming it for each way it is unusable."""
+    p = check_readable(path, what)
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}: check its permissions") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}): "
+                        "convert it to UTF-8") from None
+
+
+def read_json(path: str | Path, what: str = "file", fix: str = "") -> object:
+    """A user's JSON file parsed (any JSON value: the caller checks its shape); ``fix`` ends the message
+    when it is not JSON."""
+    text = read_text(path, what)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is corrupt: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
+                        f"{': ' + fix if fix else ''}") from None
+    except RecursionError:
+        raise UserError(f"{path} is corrupt: JSON nested too deeply{': ' + fix if fix else ''}") from None
 
 
 def _fresh_sibling(final: Path) -> Path:

@@ -22,7 +22,7 @@ import torch
 from mtp.config import HEAD_METHODS, METHODS, DraftOptions  # noqa: F401 (METHODS, HEAD_METHODS: re-exported)
 from mtp.decode.proposers import (AdaptiveTreeProposer, DynamicTreeProposer, EarlyExitProposer, LookupProposer,
                                   PlainProposer, Proposer, TreeProposer, UnionProposer, blockwise)
-from mtp.decode.tree import chain_tree, compile_tree, tree_from_accuracy
+from mtp.decode.tree import chain_tree, compile_tree, read_tree, tree_from_accuracy
 from mtp.errors import UserError
 from mtp.heads_format import read_accuracy
 
@@ -198,7 +198,7 @@ def batch_cost(cost: dict, batch: int) -> dict:
 def rank_accuracy(heads_dir: Path | None, n_heads: int) -> list[list[float]]:
     """Per head, how often each of its top ranks is right (``accuracy.json`` beside the heads, written by
     ``mtp eval`` or ``mtp pretrain``); without it a conservative prior (rank 1 of head d right 0.6 / d, each next rank a third)."""
-    acc = read_accuracy(heads_dir)
+    acc = read_accuracy(heads_dir, n_heads)
     if acc is not None:
         return acc[:n_heads]
     return [[0.6 / d * (1 / 3) ** r for r in range(8)] for d in range(1, n_heads + 1)]
@@ -240,12 +240,13 @@ ADAPTIVE_NOTE = f"re-sized every {ADAPT_EVERY} steps from the acceptance seen"
 
 
 def make_proposer(method: str, opts: DraftOptions | None = None, *, n_heads: int = 0, heads_dir: Path | None = None,
-                  cost: dict | None = None, n_layers: int = 0) -> tuple[Proposer, dict]:
+                  cost: dict | None = None, n_layers: int = 0, vocab: int | None = None) -> tuple[Proposer, dict]:
     """A proposer by name and a description of the sizes chosen (and why).
 
     Sizes chosen from the verify-cost curve (no --nodes / --draft-len / --tree) start from the held-out
     accuracies and, with ``adapt``, are re-chosen every ``ADAPT_EVERY`` steps from the acceptance seen while
-    decoding (:class:`~mtp.decode.proposers.AdaptiveTreeProposer`).
+    decoding (:class:`~mtp.decode.proposers.AdaptiveTreeProposer`). ``vocab``: how many tokens the heads draft
+    from (a --tree rank must be below it).
     """
     opts = opts or DraftOptions()
     tree, nodes, draft_len, exit_layer, adapt = opts.tree, opts.nodes, opts.draft_len, opts.exit_layer, opts.adapt
@@ -289,14 +290,16 @@ def make_proposer(method: str, opts: DraftOptions | None = None, *, n_heads: int
                             adaptive=ADAPTIVE_NOTE, **chosen)
                 return UnionProposer([tree_proposer, LookupProposer(draft_len=look_len)]), info
         tree_proposer, info = make_proposer("tree", dataclasses.replace(opts, nodes=nodes, adapt=False),
-                                            n_heads=n_heads, heads_dir=heads_dir, cost=cost)
+                                            n_heads=n_heads, heads_dir=heads_dir, cost=cost, vocab=vocab)
         info.update(method="hybrid", lookup_draft_len=look_len, **chosen)
         return UnionProposer([tree_proposer, LookupProposer(draft_len=look_len)]), info
     if method in ("tree", "dynamic"):
         acc = rank_accuracy(heads_dir, n_heads)
         if tree and method == "tree":
-            spec = Path(tree).read_text() if Path(tree).is_file() else tree
-            compiled = compile_tree(spec, max_depth=n_heads)
+            compiled = compile_tree(read_tree(tree), max_depth=n_heads)
+            if vocab is not None and compiled.max_rank > vocab:
+                raise UserError(f"--tree asks for rank {compiled.max_rank - 1} but the heads draft from "
+                                f"{vocab} tokens: use ranks below {vocab}")
             info.update(nodes=compiled.size, tree="given")
             return TreeProposer(compiled), info
         if nodes is None:

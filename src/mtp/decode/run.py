@@ -78,8 +78,11 @@ def build_decoder(backbone, tokenizer, mtp_model, folder: Path | None, model_nam
     sized = (method in ("tree", "dynamic", "hybrid") and opts.nodes is None and opts.tree is None) or \
         (method == "blockwise" and opts.draft_len is None)
     cost = cached_verify_cost(model_name, backbone) if calibrate and sized else None
+    width = (heads.eagle.draft_ids.numel() if heads is not None and heads.eagle is not None else
+             len(shortlist) if shortlist is not None else backbone.get_output_embeddings().weight.shape[0])
     proposer, info = make_proposer(method, opts, n_heads=mtp_model.n_heads if mtp_model is not None else 0,
-                                   heads_dir=folder, cost=cost, n_layers=backbone.config.num_hidden_layers)
+                                   heads_dir=folder, cost=cost, n_layers=backbone.config.num_hidden_layers,
+                                   vocab=width)
     if shortlist is not None:
         info["draft_vocab"] = len(shortlist)
     resize = None

@@ -19,6 +19,12 @@ import torch
 
 from mtp.errors import UserError
 
+MAX_TREE_NODES = 4096
+"""A static tree has at most this many paths (nodes): far above what pays off (tens), low enough that a
+verify forward over it fits in memory."""
+MAX_TREE_DEPTH = 64
+"""And is at most this deep (the heads it reads; mtp heads number at most 64)."""
+
 
 @dataclass
 class Draft:
@@ -202,18 +208,46 @@ class CompiledTree:
                      depth_q.expand(b, -1), anc.expand(b, -1, -1))
 
 
-def parse_tree(spec: str | list) -> list[tuple[int, ...]]:
-    """A tree spec from the command line or a file: JSON-like ``[[0], [0, 0], [1]]`` or a list already."""
+def read_tree(spec: str) -> list[tuple[int, ...]]:
+    """--tree: inline JSON (it starts with ``[``) or a file holding it; checked by :func:`parse_tree`."""
+    from mtp.io import read_text
+
+    if spec.lstrip().startswith("["):
+        return parse_tree(spec)
+    return parse_tree(read_text(spec, "tree file"), where=f"tree file {spec}")
+
+
+def parse_tree(spec: str | list, where: str = "tree spec") -> list[tuple[int, ...]]:
+    """A tree spec from the command line or a file: JSON-like ``[[0], [0, 0], [1]]`` or a list already; at most
+    ``MAX_TREE_NODES`` paths, each of at most ``MAX_TREE_DEPTH`` non-negative integer ranks."""
     import json
 
+    example = "e.g. [[0], [0, 0], [1]]"
     if isinstance(spec, str):
         try:
             spec = json.loads(spec)
         except json.JSONDecodeError as e:
-            raise UserError(f"tree spec is not a JSON list of paths ({e.msg}), e.g. [[0], [0, 0], [1]]") from None
+            raise UserError(f"{where} is not a JSON list of paths ({e.msg}), {example}") from None
+        except RecursionError:
+            raise UserError(f"{where} is nested too deeply: give a list of paths, {example}") from None
+    if isinstance(spec, tuple):
+        spec = list(spec)
     if not isinstance(spec, list) or not all(isinstance(p, (list, tuple)) for p in spec):
-        raise UserError("tree spec must be a list of paths, each a list of ranks, e.g. [[0], [0, 0], [1]]")
+        raise UserError(f"{where} must be a list of paths, each a list of ranks, {example}")
+    if len(spec) > MAX_TREE_NODES:
+        raise UserError(f"{where} has {len(spec)} paths: a tree has at most {MAX_TREE_NODES} nodes")
+    deep = max((len(p) for p in spec), default=0)
+    if deep > MAX_TREE_DEPTH:
+        raise UserError(f"{where} has a path {deep} ranks deep: a tree is at most {MAX_TREE_DEPTH} deep")
+    for p in spec:
+        if not p or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in p):
+            raise UserError(f"{where}: path {short(p)} must be a non-empty list of non-negative integer ranks")
     return [tuple(p) for p in spec]
+
+
+def short(path) -> str:
+    text = str(list(path))
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def compile_tree(paths, max_depth: int | None = None) -> CompiledTree:
@@ -221,13 +255,9 @@ def compile_tree(paths, max_depth: int | None = None) -> CompiledTree:
 
     Nodes are ordered by depth, then lexicographically, so parents always precede their children.
     """
-    paths = parse_tree(paths) if not isinstance(paths, (list, tuple)) or isinstance(paths, str) else \
-        [tuple(p) for p in paths]
+    paths = parse_tree(paths)
     if not paths:
         raise UserError("tree spec has no paths")
-    for p in paths:
-        if not p or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in p):
-            raise UserError(f"tree path {list(p)} must be a non-empty list of non-negative integer ranks")
     seen = set()
     for p in paths:
         if p in seen:

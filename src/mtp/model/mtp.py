@@ -17,13 +17,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mtp.config import DTYPE_NAMES
 from mtp.errors import UserError
-from mtp.heads_format import (HeadsWeights,
-                              load_heads_weights, read_heads_config, write_heads_folder)
+from mtp.heads_format import (HeadsWeights, check_head_count, load_heads_weights, parse_heads_config,
+                              read_heads_config, write_heads_folder)
 from mtp.hf_compat import forward_with_cache
 from mtp.model.heads import HEAD_KINDS, TappedHead, capture_hidden, final_norm, parse_tap, unembed
 
 _FINGERPRINT_POINTS = 64
+MAX_HEADS = 64
+"""More heads than anyone trains (Meta: 4 to 8, Medusa: 5, EAGLE-3: a handful of draft steps): a bound that
+keeps a corrupt config from building a model that does not fit in memory."""
 
 
 @dataclass
@@ -55,12 +59,19 @@ class HeadsConfig:
     def __post_init__(self):
         if self.kind not in HEAD_KINDS:
             raise UserError(f"unknown head kind {self.kind!r}: use one of {', '.join(HEAD_KINDS)}")
-        if self.n_heads < 0:  # 0: a next-token-only model (NTP pretraining, a converted n = 1 checkpoint)
-            raise UserError(f"the number of heads must be >= 0, got {self.n_heads}")
+        if not 0 <= self.n_heads <= MAX_HEADS:  # 0: a next-token-only model (NTP pretraining, a converted n = 1)
+            raise UserError(f"the number of heads must be >= 0 and at most {MAX_HEADS}, got {self.n_heads}")
         if self.mlp_layers < 1:
             raise UserError(f"--mlp-layers must be at least 1, got {self.mlp_layers}")
         if self.trained_backbone not in ("none", "full", "lora"):
             raise UserError(f"trained_backbone must be none, full or lora, got {self.trained_backbone!r}")
+        if self.dtype not in DTYPE_NAMES:
+            raise UserError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
+        if not self.backbone:
+            raise UserError("backbone must name the backbone the heads were trained on, got ''")
+        if self.draft_vocab < 0 or any(x < 0 for x in self.eagle_layers):
+            raise UserError(f"draft_vocab and eagle_layers must be >= 0, got {self.draft_vocab} and "
+                            f"{self.eagle_layers}")
         if self.kind == "eagle3" and self.trained_backbone != "none":
             raise UserError("eagle3 heads draft for an unchanged target: train them with --mode frozen")
 
@@ -76,7 +87,7 @@ def unembedding_fingerprint(backbone) -> dict:
 
 
 def _fingerprint_matches(a: dict, b: dict) -> bool:
-    if a.get("shape") != b.get("shape"):
+    if a.get("shape") != b.get("shape") or len(a.get("sample", ())) != len(b["sample"]):
         return False
     x, y = torch.tensor(a["sample"]), torch.tensor(b["sample"])
     return bool(torch.allclose(x, y, rtol=2e-2, atol=2e-3))  # bf16 / fp16 copies of one backbone agree
@@ -249,8 +260,9 @@ class MTPModel(nn.Module):
         """Load heads (and trained backbone weights); ``backbone`` defaults to the one named in config.json."""
         folder = Path(directory)
         meta = read_heads_config(folder)
-        fields = {k: meta[k] for k in HeadsConfig.__dataclass_fields__ if k in meta}
-        config = HeadsConfig(**fields)
+        config = parse_heads_config(meta, folder)
+        one_drafter = getattr(HEAD_KINDS[config.kind], "autoregressive", False)
+        check_head_count(folder, 1 if one_drafter else config.n_heads, config.n_heads)  # before building them
         if backbone is None:
             from mtp.backbones import load_backbone
 
@@ -270,8 +282,11 @@ class MTPModel(nn.Module):
             _load_exact(backbone, weights.backbone, folder, strict=False)
         model = cls(backbone, config, base_fingerprint=meta["backbone_fingerprint"])
         _load_exact(model.heads, weights.heads, folder)
-        counts = weights.token_counts
-        if counts is not None and counts.shape == (backbone.get_output_embeddings().weight.shape[0],):
+        counts, vocab = weights.token_counts, backbone.get_output_embeddings().weight.shape[0]
+        if counts is not None and counts.shape != (vocab,):
+            raise UserError(f"{folder}/model.safetensors: token_counts has {counts.numel()} entries but the "
+                            f"backbone's vocabulary has {vocab}: the heads are unusable as delivered; retrain them")
+        if counts is not None:
             model.token_counts = counts.long().cpu()
         return model
 
@@ -284,7 +299,10 @@ def check_compatible(meta: dict, backbone, folder: Path) -> None:
         if want.get(key) is not None and want[key] != getattr(cfg, key, None):
             raise UserError(f"heads in {folder} were trained for {meta.get('backbone')!r} ({key} {want[key]}), "
                             f"not for this backbone ({key} {getattr(cfg, key, None)})")
-    if not _fingerprint_matches(meta.get("backbone_fingerprint", {}), unembedding_fingerprint(backbone)):
+    if "backbone_fingerprint" not in meta:
+        raise UserError(f"{folder}/config.json: backbone_fingerprint is missing: retrain the heads or restore "
+                        "the folder")
+    if not _fingerprint_matches(meta["backbone_fingerprint"], unembedding_fingerprint(backbone)):
         raise UserError(f"heads in {folder} were trained for {meta.get('backbone')!r}, whose unembedding differs "
                         "from this backbone's: use the backbone they were trained on")
 

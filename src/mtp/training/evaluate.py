@@ -89,6 +89,47 @@ def eval_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def read_eval_result(path: str) -> dict:
+    """An ``mtp eval --json`` result, checked for what :func:`compare_table` and the plot read: ``data``,
+    ``positions`` and a non-empty list ``heads`` of objects with ``head``, ``top1`` and ``top5`` (and, if
+    there, ``marginal_top1`` / ``marginal_top5``) as accuracies; one line naming what is missing otherwise."""
+    import math
+
+    from mtp.config import short_repr
+    from mtp.errors import UserError
+    from mtp.io import read_json
+
+    fix = "give a file written by `mtp eval --json FILE`"
+    result = read_json(path, "result file", fix=fix)
+
+    def bad(field: str, want: str, got) -> UserError:
+        return UserError(f"{path}: {field} must be {want}, got {short_repr(got)}: {fix}")
+
+    if not isinstance(result, dict):
+        raise bad("the result", "a JSON object", result)
+    for key, ok, want in (("data", lambda v: isinstance(v, str), "a string"),
+                          ("positions", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                           "a count"),
+                          ("heads", lambda v: isinstance(v, list) and v, "a non-empty list of heads")):
+        if key not in result:
+            raise UserError(f"{path}: {key} is missing: {fix}")
+        if not ok(result[key]):
+            raise bad(key, want, result[key])
+    for i, h in enumerate(result["heads"]):
+        if not isinstance(h, dict):
+            raise bad(f"heads[{i}]", "an object", h)
+        for key in ("head", "top1", "top5", "marginal_top1", "marginal_top5"):
+            if key not in h and not key.startswith("marginal"):
+                raise UserError(f"{path}: heads[{i}].{key} is missing: {fix}")
+            v = h.get(key)
+            if key == "head" and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+                raise bad(f"heads[{i}].head", "a head index >= 0", v)
+            if key != "head" and key in h and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                               or not (math.isfinite(v) and 0 <= v <= 1)):
+                raise bad(f"heads[{i}].{key}", "an accuracy in [0, 1]", v)
+    return result
+
+
 def _with_marginals(named: dict[str, dict], key: str) -> dict | None:
     """The first result that carries the backbone's marginalization accuracies (``marginal_<key>``)."""
     return next((r for r in named.values() if any(f"marginal_{key}" in h for h in r["heads"])), None)

@@ -143,9 +143,9 @@ def make_tokenizer(kind: str, data: list[str], vocab_size: int, max_chars: int =
         return train_bpe(capped(), vocab_size)
     path = Path(kind).expanduser()
     if path.is_dir():
-        from transformers import AutoTokenizer
+        from mtp.backbones import load_tokenizer
 
-        return AutoTokenizer.from_pretrained(path)
+        return load_tokenizer(path)
     raise UserError(f"unknown tokenizer {kind!r}: use bytes, bpe or a tokenizer folder")
 
 
@@ -291,9 +291,9 @@ def evaluate_pretrained(heads_dir: Path, data: list[str], seq_len: int, eval_tok
     else:
         tokenizer = None
     if tokenizer is None:
-        from transformers import AutoTokenizer
+        from mtp.backbones import load_tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(model.config.backbone)
+        tokenizer = load_tokenizer(model.config.backbone, "backbone")
     model.eval()
     blocks, _ = packed_blocks(data, tokenizer, seq_len, split="eval", max_tokens=eval_tokens)
     n = model.n_heads + 1

@@ -1,0 +1,335 @@
+"""Every file mtp reads is untrusted: each bad one is one `mtp: error:` line naming the file and the field,
+refused before any model is built (issue 16). One parametrized test per reader."""
+
+import json
+import math
+import pathlib
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mtp import heads_format as hf
+from mtp.cli import main
+from mtp.errors import UserError
+from mtp.model.mtp import HeadsConfig, MTPModel
+
+
+def one_line_error(capsys, argv, *fragments):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    lines = out.err.strip().splitlines()
+    assert code == 2, out.err
+    assert len(lines) == 1 and lines[0].startswith("mtp: error:"), out.err
+    assert "Traceback" not in out.err and out.out == ""
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    return lines[0]
+
+
+def files_under(path):
+    return sorted(str(p) for p in pathlib.Path(path).rglob("*"))
+
+
+def deny(monkeypatch, path, method="read_bytes"):
+    """Permission denied on ``path`` (simulated: tests may run as root, who reads any file)."""
+    real = getattr(pathlib.Path, method)
+
+    def denied(self, *a, **k):
+        if self == pathlib.Path(path):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(pathlib.Path, method, denied)
+
+
+@pytest.fixture(scope="module")
+def good_heads(tmp_path_factory, tiny_folder):
+    """Two mlp heads for the tiny model folder, with token counts and an accuracy.json."""
+    from mtp.backbones import load_backbone
+
+    backbone, _ = load_backbone(str(tiny_folder))
+    model = MTPModel(backbone, HeadsConfig(backbone=str(tiny_folder), n_heads=2))
+    model.token_counts = torch.arange(128)
+    folder = tmp_path_factory.mktemp("good") / "heads"
+    model.save_pretrained(folder)
+    hf.write_accuracy(folder, [[0.5, 0.2], [0.3, 0.1]], "code", 10, "mtp eval")
+    return folder
+
+
+@pytest.fixture
+def heads(good_heads, tmp_path):
+    folder = tmp_path / "heads"
+    shutil.copytree(good_heads, folder)
+    return folder
+
+
+def generate(tiny_folder, folder, *extra):
+    return ["generate", "--model", str(tiny_folder), "--heads", str(folder), "--max-new-tokens", "2", "--quiet",
+            *extra, "abc"]
+
+
+# ----------------------------------------------------------------------------- heads config.json
+
+
+@pytest.mark.parametrize("change,fragments", [
+    ({"n_heads": "4"}, ["config.json: n_heads must be int, got '4'"]),
+    ({"kind": 3}, ["config.json: kind must be str, got 3"]),
+    ({"eagle_layers": "x"}, ["config.json: eagle_layers must be a list of int, got 'x'"]),
+    ({"lora": []}, ["config.json: lora must be dict, got []"]),
+    ({"tap": 5}, ["config.json: tap must be str, got 5"]),
+    ({"n_heads": 10 ** 9}, ["config.json", "at most 64, got 1000000000"]),
+    ({"n_heads": 3}, ["n_heads is 3 but model.safetensors holds 2 heads"]),
+    ({"dtype": "float8"}, ["config.json: dtype must be one of float32, bfloat16, float16, float64"]),
+    ({"trained_backbone": "half"}, ["trained_backbone must be none, full or lora, got 'half'"]),
+    ({"backbone_fingerprint": [1]}, ["backbone_fingerprint must be dict"]),
+    ({"backbone_fingerprint": {"shape": "x", "sample": []}}, ["backbone_fingerprint.shape must be a list of int"]),
+    ({"backbone": None}, ["backbone must be str, got None"]),
+    ("[1, 2]", ["not an mtp heads config"]),
+    ("{oops", ["config.json is corrupt: not valid JSON"]),
+    ("unreadable", ["cannot read", "config.json", "Permission denied"]),
+])
+def test_bad_heads_config(capsys, monkeypatch, tiny_folder, heads, change, fragments):
+    path = heads / hf.CONFIG
+    if change == "unreadable":
+        deny(monkeypatch, path)
+    elif isinstance(change, str):
+        path.write_text(change)
+    else:
+        path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    before = files_under(heads.parent)
+    one_line_error(capsys, generate(tiny_folder, heads, "--tree", "[[0]]"), *fragments)
+    assert files_under(heads.parent) == before
+
+
+# ----------------------------------------------------------------------------- model.safetensors
+
+
+def _nan_head(state):
+    key = next(k for k in state if k.startswith("heads.") and state[k].is_floating_point())
+    state[key] = state[key].clone()
+    state[key].view(-1)[0] = math.nan
+    return key
+
+
+@pytest.mark.parametrize("change,fragments", [
+    ("nan", ["model.safetensors: tensor heads.", "holds NaN or infinite values"]),
+    ("inf", ["model.safetensors: tensor heads.", "holds NaN or infinite values"]),
+    ("float counts", ["token_counts must be a 1-D integer tensor, got torch.float32"]),
+    ("negative counts", ["token_counts must be counts >= 0, got -3"]),
+    ("short counts", ["token_counts has 5 entries but the backbone's vocabulary has 128", "unusable"]),
+    ("shape", ["weights do not fit this model"]),
+    ("truncated", ["truncated or corrupt"]),
+    ("unreadable", ["cannot read", "model.safetensors", "Permission denied"]),
+])
+def test_bad_heads_weights(capsys, monkeypatch, tiny_folder, heads, change, fragments):
+    path = heads / hf.WEIGHTS
+    state = load_file(path)
+    if change == "nan":
+        _nan_head(state)
+    elif change == "inf":
+        key = _nan_head(state)
+        state[key].view(-1)[0] = -math.inf
+    elif change == "float counts":
+        state[hf.TOKEN_COUNTS] = state[hf.TOKEN_COUNTS].float()
+    elif change == "negative counts":
+        state[hf.TOKEN_COUNTS] = state[hf.TOKEN_COUNTS].clone()
+        state[hf.TOKEN_COUNTS][4] = -3
+    elif change == "short counts":
+        state[hf.TOKEN_COUNTS] = state[hf.TOKEN_COUNTS][:5].clone()
+    elif change == "shape":
+        key = next(k for k in state if k.startswith("heads.") and state[k].dim() == 2)
+        state[key] = torch.zeros(state[key].shape[0] + 1, state[key].shape[1])
+    if change == "truncated":
+        path.write_bytes(path.read_bytes()[:100])
+    elif change == "unreadable":
+        deny(monkeypatch, path, "open")
+    else:
+        save_file(state, path)
+    before = files_under(heads.parent)
+    one_line_error(capsys, generate(tiny_folder, heads, "--tree", "[[0]]"), *fragments)
+    assert files_under(heads.parent) == before
+
+
+# ----------------------------------------------------------------------------- accuracy.json
+
+
+@pytest.mark.parametrize("content,fragment", [
+    ('{"rank_accuracy": [[NaN], [0.1]]}', "rank_accuracy[0][0] must be a probability in [0, 1], got nan"),
+    ('{"rank_accuracy": [[0.5], [-1]]}', "rank_accuracy[1][0] must be a probability in [0, 1], got -1"),
+    ('{"rank_accuracy": [[5.0], [0.1]]}', "got 5.0"),
+    ('{"rank_accuracy": [["x"], [0.1]]}', "got 'x'"),
+    ('{"rank_accuracy": [[true], [0.1]]}', "got True"),
+    ('{"rank_accuracy": [0.5, 0.4]}', "rank_accuracy must be a list, per head, of 1 to 1024 accuracies"),
+    ('{"rank_accuracy": [[]]}', "rank_accuracy must be a list, per head"),
+    ('{"rank_accuracy": {"0": [0.5]}}', "rank_accuracy must be a list, per head"),
+    ('{"data": "code"}', "rank_accuracy must be a list, per head"),
+    ('[[0.5]]', "rank_accuracy must be a list, per head"),
+    ('{"rank_accuracy": [[0.5], [0.4], [0.3]]}', "rank_accuracy has 3 heads but the heads folder has 2"),
+    ("{oops", "accuracy.json is corrupt: not valid JSON"),
+])
+def test_bad_accuracy(capsys, tiny_folder, heads, content, fragment):
+    (heads / hf.ACCURACY).write_text(content)
+    with pytest.raises(UserError, match="accuracy.json"):
+        hf.read_accuracy(heads, 2)
+    before = files_under(heads.parent)
+    line = one_line_error(capsys, generate(tiny_folder, heads, "--method", "tree", "--nodes", "3"), fragment,
+                          "accuracy.json")
+    assert "--write-accuracy" in line or "not valid JSON" in line
+    assert files_under(heads.parent) == before
+
+
+def test_absent_accuracy_is_the_prior(heads):
+    (heads / hf.ACCURACY).unlink()
+    assert hf.read_accuracy(heads, 2) is None
+
+
+# ----------------------------------------------------------------------------- mtp convert: params.json, tokenizer
+
+
+@pytest.mark.parametrize("params,fragments", [
+    ([1, 2], ["params.json must be a JSON object of model parameters, got list"]),
+    ({"dim": "4096", "n_heads": 4}, ["params.json: dim must be int, got '4096'"]),
+    ({"dim": 64, "n_heads": 4, "n_layers": 2.5}, ["params.json: n_layers must be int, got 2.5"]),
+    ({"dim": 64, "n_heads": 0}, ["params.json: n_heads must be between 1 and 1024, got 0"]),
+    ({"dim": -64, "n_heads": 4}, ["params.json: dim must be between 1 and 65536, got -64"]),
+    ({"dim": 10 ** 9, "n_heads": 4}, ["params.json: dim must be between"]),
+    ({"dim": 64, "n_heads": 4, "n_future_tokens": 0}, ["n_future_tokens must be between 1 and 65"]),
+    ({"dim": 64, "n_heads": 4, "n_future_tokens": 10 ** 6}, ["n_future_tokens must be between 1 and 65"]),
+    ({"dim": 64, "n_heads": 4, "n_layers": -2}, ["n_layers must be between 1 and 1024"]),
+    ({"dim": 64, "n_heads": 4, "norm_eps": "x"}, ["norm_eps must be float"]),
+    ({"dim": 64, "n_heads": 4, "n_kv_heads": 3}, ["n_kv_heads (3) must divide n_heads (4)"]),
+    ({"n_heads": 4}, ["params.json: dim is missing"]),
+    ("{oops", ["params.json is corrupt: not valid JSON"]),
+])
+def test_bad_meta_params(capsys, tmp_path, params, fragments):
+    ckpt = tmp_path / "meta"
+    ckpt.mkdir()
+    (ckpt / "params.json").write_text(params if isinstance(params, str) else json.dumps(params))
+    save_file({"tok_embeddings.weight": torch.zeros(4, 4)}, ckpt / "consolidated.00.safetensors")
+    one_line_error(capsys, ["convert", str(ckpt), "--out", str(tmp_path / "out")], *fragments)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case,fragments", [
+    ("gpt2", ["--tokenizer gpt2 is not a folder", "never downloads from the Hub"]),
+    ("list config", ["tokenizer_config.json must be a JSON object, got a list"]),
+    ("not json", ["tokenizer_config.json is corrupt: not valid JSON"]),
+    ("empty folder", ["cannot load a tokenizer from it"]),
+])
+def test_bad_convert_tokenizer(capsys, monkeypatch, tmp_path, tiny_folder, case, fragments):
+    def no_hub(*a, **k):
+        raise AssertionError("the Hub was asked")
+
+    monkeypatch.setattr("huggingface_hub.file_download.hf_hub_download", no_hub)
+    tok = tmp_path / "tok"
+    if case != "gpt2":
+        tok.mkdir()
+    if case in ("list config", "not json"):
+        shutil.copy(tiny_folder / "tokenizer.json", tok / "tokenizer.json")
+        (tok / "tokenizer_config.json").write_text("[]" if case == "list config" else "{oops")
+    ckpt = tmp_path / "meta"
+    ckpt.mkdir()
+    (ckpt / "params.json").write_text('{"dim": 64, "n_heads": 4}')
+    spec = "gpt2" if case == "gpt2" else str(tok)
+    one_line_error(capsys, ["convert", str(ckpt), "--out", str(tmp_path / "out"), "--tokenizer", spec], *fragments)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name,content,fragment", [
+    ("tokenizer_config.json", "[]", "tokenizer_config.json must be a JSON object, got a list"),
+    ("config.json", "[1]", "config.json must be a JSON object, got a list"),
+    ("config.json", "{oops", "config.json is corrupt: not valid JSON"),
+])
+def test_bad_hf_folder_json(capsys, tmp_path, tiny_folder, text_file, name, content, fragment):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_folder, folder)
+    (folder / name).write_text(content)
+    one_line_error(capsys, ["analyze", "--model", str(folder), "--text", str(text_file), "--quiet"], fragment)
+
+
+# ----------------------------------------------------------------------------- --tree
+
+
+@pytest.mark.parametrize("tree,fragments", [
+    ("[" + ",".join(f"[{i}]" for i in range(5000)) + "]", ["has 5000 paths: a tree has at most 4096 nodes"]),
+    ("[[" + ",".join(["0"] * 100) + "]]", ["has a path 100 ranks deep: a tree is at most 64 deep"]),
+    ("[" * 100000, ["nested too deeply"]),
+    ("[[-1]]", ["path [-1] must be a non-empty list of non-negative integer ranks"]),
+    ("[[0.5]]", ["non-negative integer ranks"]),
+    ('[["a"]]', ["non-negative integer ranks"]),
+    ("[[0], [200]]", ["--tree asks for rank 200 but the heads draft from 128 tokens"]),
+    ("DIR", ["is a directory, not a tree file"]),
+    ("BINARY", ["tree.json is not UTF-8 text"]),
+    ("UNREADABLE", ["cannot read", "tree.json", "Permission denied"]),
+    ("MISSING", ["tree file", "does not exist"]),
+])
+def test_bad_tree(capsys, monkeypatch, tmp_path, tiny_folder, good_heads, tree, fragments):
+    path = tmp_path / "tree.json"
+    if tree == "DIR":
+        tree = str(tmp_path)
+    elif tree == "BINARY":
+        path.write_bytes(b"[[0]\xff]")
+        tree = str(path)
+    elif tree == "UNREADABLE":
+        path.write_text("[[0]]")
+        deny(monkeypatch, path)
+        tree = str(path)
+    elif tree == "MISSING":
+        tree = str(tmp_path / "nope.json")
+    before = files_under(tmp_path)
+    one_line_error(capsys, generate(tiny_folder, good_heads, "--tree", tree), *fragments)
+    assert files_under(tmp_path) == before
+
+
+# ----------------------------------------------------------------------------- mtp compare
+
+
+GOOD_RESULT = {"data": "code", "positions": 10, "heads": [{"head": 0, "top1": 0.5, "top5": 0.7}]}
+
+
+@pytest.mark.parametrize("content,fragment", [
+    ({}, "data is missing"),
+    ({"heads": []}, "data is missing"),
+    ([], "the result must be a JSON object, got []"),
+    ({**GOOD_RESULT, "heads": []}, "heads must be a non-empty list of heads, got []"),
+    ({**GOOD_RESULT, "heads": [{"head": 0}]}, "heads[0].top1 is missing"),
+    ({**GOOD_RESULT, "heads": [1]}, "heads[0] must be an object, got 1"),
+    ({**GOOD_RESULT, "heads": [{"head": 0, "top1": 2.0, "top5": 0.5}]}, "heads[0].top1 must be an accuracy"),
+    ({**GOOD_RESULT, "positions": "many"}, "positions must be a count, got 'many'"),
+    ("{oops", "is corrupt: not valid JSON"),
+])
+def test_bad_compare_result(capsys, tmp_path, content, fragment):
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    good.write_text(json.dumps(GOOD_RESULT))
+    bad.write_text(content if isinstance(content, str) else json.dumps(content))
+    line = one_line_error(capsys, ["compare", f"a={good}", f"b={bad}"], fragment)
+    assert str(bad) in line and "mtp eval --json" in line or "not valid JSON" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json", "good.json"]
+
+
+def test_good_compare_result(capsys, tmp_path):
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(GOOD_RESULT))
+    assert main(["compare", f"a={good}"]) == 0
+
+
+# ----------------------------------------------------------------------------- text and prompt files
+
+
+@pytest.mark.parametrize("name,flag", [("bad.txt", "--text"), ("bad.jsonl", "--data")])
+def test_non_utf8_text_files(capsys, tmp_path, tiny_folder, name, flag):
+    path = tmp_path / name
+    path.write_bytes(b'{"text": "caf\xe9 au lait"}\n')
+    one_line_error(capsys, ["analyze", "--model", str(tiny_folder), flag, str(path), "--quiet"],
+                   f"{path} is not UTF-8 text (byte 0xe9", "convert it to UTF-8")
+
+
+def test_non_utf8_prompt_file(tmp_path):
+    from mtp.prompts import load_prompts
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_bytes(b'{"prompt": "caf\xe9"}\n')
+    with pytest.raises(UserError, match="prompts.jsonl is not UTF-8 text"):
+        load_prompts(str(path))
