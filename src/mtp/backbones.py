@@ -323,6 +323,45 @@ def local_model_folder(name_or_path: str) -> Path:
     return out
 
 
+# ----------------------------------------------------------------------------- limits the model's config sets
+
+
+def backbone_config(name_or_path: str):
+    """The backbone's transformers config (the text model's, for a multimodal one), read from its local folder
+    without loading any weights: the flags bounded by the model (context, layers, vocabulary) are checked
+    against it before the slow part (``check_context``, ``check_layer``, ``check_vocab``)."""
+    from transformers import AutoConfig
+
+    folder = local_model_folder(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    except Exception as e:  # a broken config.json raises many types; all are bad input here
+        raise UserError(f"could not read the model config in {folder}: {_first_line(e)}") from e
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def check_context(n: int, flag: str, model_config) -> None:
+    """Refuse ``n`` tokens (what ``flag`` asks for) beyond the model's context, its max_position_embeddings
+    (Gemma 3's sliding windows are shorter, but its max_position_embeddings is the limit)."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if limit and n > limit:
+        raise UserError(f"{flag}: {n} tokens exceed the model's context of {limit} tokens (max_position_embeddings)")
+
+
+def check_layer(n: int, flag: str, model_config) -> None:
+    """Refuse a layer count ``n`` that is not below the model's number of layers."""
+    layers = getattr(model_config, "num_hidden_layers", None)
+    if layers and n >= layers:
+        raise UserError(f"{flag} {n} must be below the model's {layers} layers")
+
+
+def check_vocab(n: int, flag: str, model_config) -> None:
+    """Refuse a count of tokens ``n`` beyond the model's vocabulary."""
+    vocab = getattr(model_config, "vocab_size", None)
+    if vocab and n > vocab:
+        raise UserError(f"{flag} {n} exceeds the model's vocabulary of {vocab} tokens")
+
+
 def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype

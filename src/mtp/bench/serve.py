@@ -207,6 +207,9 @@ def bench_serve(cfg, command: str = "") -> dict:
     from mtp.prompts import load_prompts
     from mtp.serve.process import ServerProcess
 
+    from mtp.backbones import backbone_config, check_context
+
+    check_context(cfg.max_tokens, "--max-tokens", backbone_config(cfg.model))  # before any server starts
     prompts = load_prompts(cfg.prompts, "eval", cfg.limit, cfg.seed)
     if not prompts:
         raise UserError(f"no prompts in {cfg.prompts!r}")

@@ -13,7 +13,7 @@ import time
 import torch
 
 from mtp.analysis.run import machine_info
-from mtp.backbones import resolve_backbone
+from mtp.backbones import backbone_config, check_context, resolve_backbone
 from mtp.config import BenchTrainMemoryConfig
 from mtp.errors import UserError
 
@@ -93,6 +93,7 @@ def bench_train_memory(cfg: BenchTrainMemoryConfig, command: str = "") -> dict:
                                                           cfg.seq_len)
     chunk_tokens, repeats, device, dtype = cfg.chunk_tokens, cfg.repeats, cfg.device, cfg.dtype
     resolve_backbone(model_name)
+    check_context(seq_len, "--seq-len", backbone_config(model_name))
     results = {order: _probe(model_name, order, heads, kind, mode, batch_size, seq_len, chunk_tokens, repeats,
                              device, dtype, "last", order) for order in ("efficient", "naive")}
     eff, naive = results["efficient"], results["naive"]
