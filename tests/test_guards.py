@@ -84,3 +84,63 @@ def test_a_model_name_that_is_not_a_folder_never_reaches_the_hub(capsys, tmp_pat
     monkeypatch.chdir(tmp_path)
     one_line_error(capsys, ["generate", "hi", "--model", "someone/some-model"], "does not exist")
     one_line_error(capsys, ["eval", "--model", "gpt2"], "unknown model 'gpt2'")
+
+
+# ----------------------------------------------------------------------------- waits on outside processes
+
+
+def _unbounded_waits() -> list[str]:
+    """Calls in src/mtp that wait on another process or a server without a time-out (convert.py: not ours); an
+    httpx client's requests have the time-out its constructor gets."""
+    import ast
+    from pathlib import Path
+
+    import mtp
+
+    waits = {"run", "check_output", "check_call", "call", "urlopen", "get", "post", "stream", "request",
+             "AsyncClient", "Client", "wait", "communicate"}
+    found = []
+    for path in sorted(Path(mtp.__file__).parent.rglob("*.py")):
+        if path.name == "convert.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, (ast.Attribute, ast.Name))):
+                continue
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else node.func.id
+            owner = ast.unparse(node.func.value) if isinstance(node.func, ast.Attribute) else ""
+            outside = owner in ("subprocess", "httpx", "urllib.request", "self.proc", "proc") or \
+                name in ("urlopen", "AsyncClient", "Client")
+            if name not in waits or not outside:
+                continue
+            timeout = next((k.value for k in node.keywords if k.arg == "timeout"), None)
+            given = timeout is not None and not (isinstance(timeout, ast.Constant) and timeout.value is None)
+            positional = name in ("wait", "communicate") and node.args
+            if not (given or positional):
+                found.append(f"{path.name}:{node.lineno}: {ast.unparse(node)[:80]}")
+    return found
+
+
+def test_every_wait_on_another_process_has_a_time_out():
+    assert _unbounded_waits() == []
+
+
+def test_a_stuck_or_absent_server_is_a_counted_failure_not_a_traceback():
+    """bench serve's clients give up (connect 30 s, read 630 s: the server's own 600 s plus a margin)."""
+    import asyncio
+    import socket
+
+    from mtp.bench.serve import _scaling
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = asyncio.run(_scaling(f"http://127.0.0.1:{port}", "m", ["hi"], 2, 3, 4))
+    assert (out["requests"], out["completed"], out["tokens"]) == (3, 0, 0)
+
+
+def test_a_training_probe_that_runs_too_long_is_stopped(monkeypatch):
+    import mtp.bench.train_memory as tm
+
+    monkeypatch.setattr(tm, "PROBE_TIMEOUT", 0.05)
+    with pytest.raises(UserError, match="took more than"):
+        tm._probe("m", "efficient", 1, "mlp", "frozen", 1, 8, 8, 1, "cpu", "float32", "last", "efficient")

