@@ -144,3 +144,23 @@ def test_a_training_probe_that_runs_too_long_is_stopped(monkeypatch):
     monkeypatch.setattr(tm, "PROBE_TIMEOUT", 0.05)
     with pytest.raises(UserError, match="took more than"):
         tm._probe("m", "efficient", 1, "mlp", "frozen", 1, 8, 8, 1, "cpu", "float32", "last", "efficient")
+
+
+def test_every_transformers_load_is_local_only():
+    """Offline means offline: each from_pretrained of transformers in src/mtp (convert.py: not ours) passes
+    local_files_only=True, so no name can send it to the Hugging Face hub."""
+    import ast
+    from pathlib import Path
+
+    import mtp
+
+    found = []
+    for path in sorted(Path(mtp.__file__).parent.rglob("*.py")):
+        if path.name == "convert.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "from_pretrained" and ast.unparse(node.func.value) not in ("MTPModel", "cls")
+                    and not any(k.arg == "local_files_only" for k in node.keywords)):
+                found.append(f"{path.name}:{node.lineno}: {ast.unparse(node)[:80]}")
+    assert found == []

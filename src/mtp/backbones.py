@@ -249,8 +249,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
           file=sys.stderr)
     folder, name = str(gguf_path.parent), gguf_path.name
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
+                                                     local_files_only=True).eval()
     except Exception as e:  # transformers raises many types for unreadable/unsupported GGUF files
         raise UserError(f"could not read GGUF file {gguf_path}: {_first_line(e)}") from e
     # The dequantized weights are dense; drop the quantizer so save_pretrained writes a plain model.
@@ -260,7 +261,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     with atomic_dir(out_dir, keep_existing=True) as tmp:  # another process may finish first: its copy stays
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, use_safetensors=True).eval()
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, use_safetensors=True,
+                                                        local_files_only=True).eval()
         ids = torch.tensor([tokenizer(_PROBE_TEXT).input_ids])
         with torch.inference_mode():
             same = torch.equal(model(ids).logits, reloaded(ids).logits)
@@ -407,8 +409,8 @@ def load_backbone(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = 
                         "with mtp convert --tokenizer DIR")
     try:
         # a weights-only folder (e.g. a converted checkpoint without --tokenizer) still loads: tokenizer None
-        tokenizer = AutoTokenizer.from_pretrained(folder) if has_tokenizer else None
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dt, use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True) if has_tokenizer else None
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dt, use_safetensors=True, local_files_only=True)
     except Exception as e:  # corrupt or unsupported folders raise many types; all are bad input here
         raise UserError(f"could not load model from {folder}: {_first_line(e)}") from e
     if tokenizer is not None and tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
