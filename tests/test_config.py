@@ -176,3 +176,54 @@ def test_heads_given_as_a_file_says_so(tmp_path):
     f.write_bytes(b"x")
     with pytest.raises(C.UserError, match="is a file, not a heads folder"):
         read_heads_config(f)
+
+
+@pytest.mark.parametrize("argv,fragments", [
+    (["train", "--lora-alpha", "-5"], ["--lora-alpha must be positive", "-5"]),
+    (["train", "--lora-alpha", "0"], ["--lora-alpha must be positive"]),
+    (["generate", "hi", "--exit-layer", "0"], ["--exit-layer must be at least 1"]),
+    (["bench", "decode", "--exit-layer", "-2"], ["--exit-layer must be at least 1"]),
+    (["generate", "hi", "--max-new-tokens", "0"], ["--max-new-tokens must be at least 1"]),
+    (["distill", "--out", "x.jsonl", "--max-new-tokens", "-1"], ["--max-new-tokens must be at least 1"]),
+    (["train", "--max-tokens", "0"], ["--max-tokens must be at least 1"]),
+    (["serve", "--max-tokens", "-1"], ["--max-tokens must be at least 1"]),
+    (["bench", "serve", "--max-tokens", "0"], ["--max-tokens must be at least 1"]),
+    (["bench", "engine", "--max-new-tokens", "0"], ["--max-new-tokens must be between 1 and 100000"]),
+    (["bench", "decode", "--methods", ""], ["--methods is empty"]),
+    (["bench", "decode", "--methods", " , "], ["--methods is empty"]),
+    (["bench", "context", "--methods", ""], ["give at least one --methods"]),
+    (["bench", "serve", "--methods", ""], ["--methods is empty"]),
+    (["generate", "hi", "--seed", "-1"], ["--seed must be between 0 and 2**63-1", "got -1"]),
+    (["train", "--seed", str(2 ** 64)], ["--seed must be between 0 and 2**63-1"]),
+    (["bench", "engine", "--seed", str(2 ** 63)], ["--seed must be between 0 and 2**63-1"]),
+    (["bench", "engine", "--seed", "-1"], ["--seed must be between 0 and 2**63-1"]),
+    (["generate", "hi", "--nodes", str(10 ** 9)], ["--nodes must be at most 1024"]),
+    (["bench", "decode", "--draft-len", str(10 ** 9)], ["--draft-len must be at most 1024"]),
+    (["generate", "hi", "--max-new-tokens", str(10 ** 9)], ["--max-new-tokens must be at most 1048576"]),
+    (["bench", "decode", "--max-new-tokens", str(10 ** 9)], ["--max-new-tokens must be at most 1048576"]),
+    (["bench", "context", "--max-new-tokens", str(10 ** 9)], ["--max-new-tokens must be at most 1048576"]),
+    (["distill", "--out", "x.jsonl", "--max-new-tokens", str(10 ** 9)], ["--max-new-tokens must be at most"]),
+    (["serve", "--max-tokens", str(10 ** 9)], ["--max-tokens must be at most 1048576"]),
+    (["analyze", "--max-candidates", str(10 ** 12)], ["--max-candidates must be at most 65536"]),
+    (["eval", "--max-candidates", str(10 ** 12)], ["--max-candidates must be at most 65536"]),
+    (["bench", "analyze", "--max-candidates", str(10 ** 12)], ["--max-candidates must be at most 65536"]),
+])
+def test_nonsense_and_unbounded_flags_are_refused_in_one_line(capsys, monkeypatch, argv, fragments):
+    """Each of these was once accepted silently (or ran into a traceback, a hang or out-of-memory later)."""
+    import mtp.backbones
+
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded before the flags were checked")
+
+    monkeypatch.setattr(mtp.backbones, "load_backbone", refuse)
+    err = one_line_error(capsys, argv, *fragments)
+    assert "Traceback" not in err
+
+
+def test_the_bounds_themselves_are_accepted():
+    assert C.GenerateConfig(prompt="hi", seed=C.MAX_SEED, nodes=C.MAX_NODES, draft_len=C.MAX_NODES,
+                            max_new_tokens=C.MAX_NEW_TOKENS).seed == 2 ** 63 - 1
+    assert C.BenchEngineConfig(seed=0).seed == 0
+    assert C.AnalyzeConfig(max_candidates=C.MAX_CANDIDATES).max_candidates == 65536
+    assert C.TrainConfig(lora_alpha=1).lora_alpha == 1
+    assert C.BenchEngineConfig(mtp_methods=[""]).mtp_methods == []  # "" skips mtp's own engine, as documented

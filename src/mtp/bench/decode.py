@@ -27,7 +27,8 @@ def bench_decode(cfg: BenchDecodeConfig, command: str = "") -> dict:
     texts = load_prompts(prompts, "eval", limit, seed)
     need_heads = any(m in HEAD_METHODS for m in methods)
     backbone, tokenizer, mtp_model, folder = load_for_decoding(model_name, heads if need_heads else None, dtype,
-                                                              device)
+                                                              device, {"--max-new-tokens": max_new_tokens},
+                                                              cfg.exit_layer)
     eos = eos_ids(backbone, tokenizer)
     encoded = [encode_prompt(tokenizer, t, chat) for t in texts]
     decoders, infos = {}, {}

@@ -212,7 +212,7 @@ def run_mtp(cfg, prompts: list[list[int]]) -> list:
 
 
 def bench_engine(cfg, command: str = "") -> dict:
-    from mtp.backbones import load_backbone
+    from mtp.backbones import backbone_config, check_context, load_backbone
     from mtp.heads_format import resolve_heads
 
     if cfg.engine == "llama.cpp":  # a missing engine, before any model is loaded
@@ -224,6 +224,7 @@ def bench_engine(cfg, command: str = "") -> dict:
 
         vllm.require()
     resolve_heads(cfg.heads, cfg.model)
+    check_context(cfg.max_new_tokens, "--max-new-tokens", backbone_config(cfg.model))
     _, tokenizer = load_backbone(cfg.model)
     prompts = _prompt_ids(cfg, tokenizer)
     workdir = Path(cfg.json).expanduser().resolve().parent if cfg.json else Path.cwd()

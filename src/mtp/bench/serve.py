@@ -85,6 +85,10 @@ async def _request(client, url: str, model: str, prompt: str, max_tokens: int, s
     return out
 
 
+# Every wait on a server is bounded: it ends a request after its --timeout (600 s, waiting included) with an error,
+# so a client waiting longer than that for the next bytes (or 30 s for a connection) has met a stuck server.
+CLIENT_TIMEOUT, CONNECT_TIMEOUT = 630.0, 30.0  # seconds
+
 BAD_KINDS = ("malformed-json", "oversized-body", "wrong-type", "unknown-parameter", "unknown-model",
              "max-tokens-too-large", "prompt-too-long")
 
@@ -117,10 +121,15 @@ async def _scaling(url: str, model: str, prompts: list[str], clients: int, reque
 
     todo = [prompts[i % len(prompts)] for i in range(requests)]
     rows: list[dict] = []
-    async with httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=clients + 4)) as client:
+    timeout = httpx.Timeout(CLIENT_TIMEOUT, connect=CONNECT_TIMEOUT)
+    async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=clients + 4)) as client:
         async def worker():
             while todo:
-                rows.append(await _request(client, url, model, todo.pop(0), max_tokens))
+                prompt = todo.pop(0)
+                try:
+                    rows.append(await _request(client, url, model, prompt, max_tokens))
+                except httpx.HTTPError as e:  # a time-out or a dropped connection: a failed request, counted
+                    rows.append({"prompt": prompt, "status": 0, "complete": False, "error": f"{type(e).__name__}"})
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))
@@ -147,7 +156,8 @@ async def _soak(url: str, model: str, prompts: list[str], clients: int, duration
     counter = {"i": 0}
     valid, bad, failures = [], [], []
     stop_at = time.monotonic() + duration
-    async with httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=clients + 4)) as client:
+    timeout = httpx.Timeout(CLIENT_TIMEOUT, connect=CONNECT_TIMEOUT)
+    async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=clients + 4)) as client:
         async def worker(k: int):
             while time.monotonic() < stop_at:
                 i = counter["i"]
@@ -207,6 +217,11 @@ def bench_serve(cfg, command: str = "") -> dict:
     from mtp.prompts import load_prompts
     from mtp.serve.process import ServerProcess
 
+    from mtp.backbones import backbone_config, check_context
+
+    model_config = backbone_config(cfg.model)
+    check_context(cfg.max_tokens, "--max-tokens", model_config)  # before any server starts
+    server_max_tokens = min(max(cfg.max_tokens, 256), getattr(model_config, "max_position_embeddings", None) or 256)
     prompts = load_prompts(cfg.prompts, "eval", cfg.limit, cfg.seed)
     if not prompts:
         raise UserError(f"no prompts in {cfg.prompts!r}")
@@ -216,7 +231,7 @@ def bench_serve(cfg, command: str = "") -> dict:
     for method in cfg.methods:
         args = ["--model", cfg.model, "--dtype", cfg.dtype, "--device", cfg.device, "--method", method,
                 "--max-batch", str(cfg.max_batch), "--max-queue", str(cfg.max_queue), "--max-tokens",
-                str(max(cfg.max_tokens, 256)), "--max-body-bytes", str(body_limit), "--max-prompt-tokens",
+                str(server_max_tokens), "--max-body-bytes", str(body_limit), "--max-prompt-tokens",
                 str(prompt_limit), "--quiet"]
         if method in HEAD_METHODS:
             args += ["--heads", cfg.heads]

@@ -13,9 +13,11 @@ import time
 import torch
 
 from mtp.analysis.run import machine_info
-from mtp.backbones import resolve_backbone
+from mtp.backbones import backbone_config, check_context, resolve_backbone
 from mtp.config import BenchTrainMemoryConfig
 from mtp.errors import UserError
+
+PROBE_TIMEOUT = 3600  # seconds for one probe process (load, a measured step and --repeats timed steps)
 
 
 
@@ -75,7 +77,11 @@ def _probe(model: str, order: str, heads: int, kind: str, mode: str, batch_size:
            chunk_tokens: int, repeats: int, device: str, dtype: str, tap: str, what: str) -> dict:
     args = [sys.executable, "-m", "mtp.bench.train_memory", "train-step", model, order, str(heads), kind, mode, str(batch_size),
             str(seq_len), str(chunk_tokens), str(repeats), device, dtype, tap]
-    proc = subprocess.run(args, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=PROBE_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise UserError(f"bench: the {what} step took more than {PROBE_TIMEOUT // 60} minutes: stopped (lower "
+                        f"--batch-size, --seq-len or --repeats)") from None
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise UserError(f"bench: the {what} step failed ({tail})")
@@ -93,6 +99,7 @@ def bench_train_memory(cfg: BenchTrainMemoryConfig, command: str = "") -> dict:
                                                           cfg.seq_len)
     chunk_tokens, repeats, device, dtype = cfg.chunk_tokens, cfg.repeats, cfg.device, cfg.dtype
     resolve_backbone(model_name)
+    check_context(seq_len, "--seq-len", backbone_config(model_name))
     results = {order: _probe(model_name, order, heads, kind, mode, batch_size, seq_len, chunk_tokens, repeats,
                              device, dtype, "last", order) for order in ("efficient", "naive")}
     eff, naive = results["efficient"], results["naive"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from mtp.analysis.run import machine_info
-from mtp.backbones import load_backbone, resolve_backbone
+from mtp.backbones import backbone_config, check_context, load_backbone, resolve_backbone
 from mtp.config import BenchVerifyConfig
 
 
@@ -17,6 +17,9 @@ def bench_verify(cfg: BenchVerifyConfig, command: str = "", points=None) -> dict
 
     model_name, dtypes, context, repeats, device = cfg.model, cfg.dtypes, cfg.context, cfg.repeats, cfg.device
     resolve_backbone(model_name)
+    longest = max(points or COST_POINTS)  # the verify forwards run after the cached prefix
+    check_context(context + longest, f"--context {context} + the longest verify forward ({longest})",
+                  backbone_config(model_name))
     curves = {}
     for dtype in dtypes:
         model, _ = load_backbone(model_name, dtype=dtype, device=device, require_tokenizer=False)

@@ -32,6 +32,7 @@ SDIST = f"llama-cpp-python=={VERSION}"
 TARGETS = ("llama-server",)
 CONVERTER_NEEDS = (  # the `engines` extra of pyproject.toml: keep them equal
     "sentencepiece>=0.1.98,<0.3.0", "protobuf>=4.21.0,<5.0.0")
+SETUP_STEP_TIMEOUT = 3600  # seconds per setup step (pip download of the sources, cmake configure, the build)
 BUILD_HINT = "build it once with `mtp engines setup llama.cpp` (8–12 min of CPU on 2 cores)"
 
 
@@ -87,7 +88,9 @@ def _run(cmd: list[str], what: str, cwd: Path | None = None, env: dict | None = 
     print(f"mtp: {what}: {' '.join(cmd)}", file=sys.stderr)
     try:
         subprocess.run(cmd, cwd=cwd, env=env, check=True,
-                       stdout=subprocess.DEVNULL if quiet else None)
+                       stdout=subprocess.DEVNULL if quiet else None, timeout=SETUP_STEP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise UserError(f"{what} took more than {SETUP_STEP_TIMEOUT // 60} minutes: stopped") from None
     except FileNotFoundError:
         raise UserError(f"{what}: {cmd[0]} is not installed") from None
     except subprocess.CalledProcessError as e:

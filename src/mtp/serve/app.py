@@ -315,7 +315,8 @@ def serve(cfg, command: str = "") -> None:
         say(f"warning: listening on {cfg.host} without --api-key: anyone who can reach it can use it")
     say(f"loading {cfg.model} ({cfg.dtype}, {method}{', heads ' + heads if heads and method in HEAD_METHODS else ''})")
     backbone, tokenizer, mtp_model, folder = load_for_decoding(cfg.model, heads if method in HEAD_METHODS else None,
-                                                              cfg.dtype, cfg.device)
+                                                              cfg.dtype, cfg.device, {"--max-tokens": cfg.max_tokens},
+                                                              cfg.exit_layer)
     decoder, _ = build_decoder(backbone, copy.deepcopy(tokenizer), mtp_model, folder, cfg.model, method, cfg)
     eos = eos_ids(backbone, tokenizer)
     decoder.prepare(cfg.max_batch)  # drafts sized for every batch size the server will run (curves measured once)

@@ -62,7 +62,10 @@ class ServerProcess:
             self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            self.proc.wait()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                raise UserError(f"mtp serve (pid {self.proc.pid}) did not exit 30 s after SIGKILL") from None
         return self.proc.returncode, self.stderr()
 
     def __enter__(self):

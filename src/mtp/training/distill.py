@@ -119,7 +119,7 @@ def distill(cfg: DistillConfig, command: str = "") -> dict:
     """Generate the backbone's responses for the train split of each prompt source into ``cfg.out`` (.jsonl).
     ``cfg.engine``: ``transformers`` (batched ``generate``) or ``llama.cpp`` (llama-server on the model's GGUF,
     ``batch_size`` parallel slots; several times faster on a CPU)."""
-    from mtp.backbones import load_backbone, resolve_backbone
+    from mtp.backbones import backbone_config, check_context, load_backbone, resolve_backbone
 
     model_name, prompt_sources, out, limit, seed = cfg.model, cfg.prompts, cfg.out, cfg.limit, cfg.seed
     max_new_tokens, batch_size, temperature, engine = cfg.max_new_tokens, cfg.batch_size, cfg.temperature, cfg.engine
@@ -130,6 +130,7 @@ def distill(cfg: DistillConfig, command: str = "") -> dict:
     if out.is_dir():
         raise UserError(f"--out {out} is a folder: give a FILE.jsonl")
     resolve_backbone(model_name)
+    check_context(max_new_tokens, "--max-new-tokens", backbone_config(model_name))
     prompts = [p for source in prompt_sources for p in load_prompts(source, "train", limit, seed)]
     partial = out.with_name(out.name + ".partial")
     done = len(resume_partial(partial, prompts))

@@ -218,7 +218,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, command: str = "") -> d
             raise UserError(f"--resume: {init} holds no initial model (was {out} made by mtp pretrain?)")
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(init)
+        config = AutoConfig.from_pretrained(init, local_files_only=True)
         if config.model_type != "llama" or config.hidden_size != preset.hidden or \
                 config.num_hidden_layers != preset.layers - (cfg.heads - 1):
             raise UserError(f"--resume: {init} is not a preset {cfg.preset!r} model with {cfg.heads} heads")
@@ -244,7 +244,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, command: str = "") -> d
             dist.barrier()
         from transformers import AutoConfig
 
-        trunk_layers = AutoConfig.from_pretrained(init).num_hidden_layers
+        trunk_layers = AutoConfig.from_pretrained(init, local_files_only=True).num_hidden_layers
     tcfg = _train_config(cfg, preset, init, trunk_layers)
     fresh = not cfg.resume
     try:
@@ -293,7 +293,9 @@ def evaluate_pretrained(heads_dir: Path, data: list[str], seq_len: int, eval_tok
     if tokenizer is None:
         from mtp.backbones import load_tokenizer
 
-        tokenizer = load_tokenizer(model.config.backbone, "backbone")
+        from mtp.backbones import local_model_folder
+
+        tokenizer = load_tokenizer(local_model_folder(model.config.backbone), "backbone")
     model.eval()
     blocks, _ = packed_blocks(data, tokenizer, seq_len, split="eval", max_tokens=eval_tokens)
     n = model.n_heads + 1
