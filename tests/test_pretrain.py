@@ -234,6 +234,9 @@ def write_meta_checkpoint(folder, n_future=3, dim=32, n_heads=4, n_kv=2, layers=
 def test_meta_layout_gives_identical_logits_per_head(tmp_path, fmt):
     state, params = write_meta_checkpoint(tmp_path / "meta", fmt=fmt)
     heads_dir = convert_meta(tmp_path / "meta", tmp_path / "out", dtype="float64")
+    with pytest.raises(UserError, match="already holds a conversion.*--overwrite"):
+        convert_meta(tmp_path / "meta", tmp_path / "out", dtype="float64")
+    heads_dir = convert_meta(tmp_path / "meta", tmp_path / "out", dtype="float64", overwrite=True)
     model = MTPModel.from_pretrained(heads_dir, dtype="float64")
     tokens = torch.tensor([[3, 14, 15, 9, 26, 5, 35, 8, 9, 7]])
     ours = model(tokens)  # (K, B, T, V)

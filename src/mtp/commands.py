@@ -159,7 +159,7 @@ def show_pretrain(r: dict) -> str:
 def convert(cfg: ConvertConfig, command: str = "") -> dict:
     from mtp.convert import convert_meta
 
-    heads_dir = convert_meta(cfg.checkpoint, cfg.out, cfg.tokenizer, cfg.dtype)
+    heads_dir = convert_meta(cfg.checkpoint, cfg.out, cfg.tokenizer, cfg.dtype, overwrite=cfg.overwrite)
     return {"heads": str(heads_dir), "backbone": str(Path(cfg.out).expanduser().resolve() / "backbone")}
 
 

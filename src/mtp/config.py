@@ -102,6 +102,19 @@ def check_output_file(path: str | None, flag: str, inputs: tuple[str, ...] | lis
     _require(not parent.exists() or os.access(parent, os.W_OK), f"{flag} {path}: cannot write to {parent}")
 
 
+def _is_path(f: dataclasses.Field) -> bool:
+    """A field that names a file or folder (its metavar says so): any bytes the file system allows."""
+    return any(w in (f.metadata.get("metavar") or "") for w in ("FILE", "DIR", "PATH"))
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # lone surrogates: argv bytes that were not UTF-8
+        return False
+
+
 @dataclass
 class Config:
     """Fields every command has."""
@@ -119,6 +132,16 @@ class Config:
             for x in value if isinstance(value, list) else [value]:
                 if isinstance(x, float) and not math.isfinite(x):
                     raise UserError(f"{flag_of(f)} must be a finite number, got {x}")
+                # no rate, probability, weight or time of mtp's means anything beyond 1e9 (in seconds: 31 years);
+                # timers and schedules overflow on such values
+                if isinstance(x, float) and abs(x) > 1e9:
+                    raise UserError(f"{flag_of(f)} must be between -1e9 and 1e9, got {x:g}")
+                # every count fits 64 bits (torch and numpy take nothing larger); no bound below is looser
+                if isinstance(x, int) and not isinstance(x, bool) and not -2 ** 63 <= x < 2 ** 63:
+                    raise UserError(f"{flag_of(f)} must be between -2**63 and 2**63-1, got {x}")
+                # text that is not a path must be UTF-8 (a shell in another locale passes Latin-1 bytes)
+                if isinstance(x, str) and not _is_path(f) and not _utf8(x):
+                    raise UserError(f"{flag_of(f)} is not valid UTF-8 text: check the terminal's encoding")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -1035,7 +1058,7 @@ class BenchPretrainStepConfig(Runtime, Writes):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _at_least(self, ("batch_size", "seq_len", "chunk_tokens", "repeats", "rounds"))
+        _at_least(self, ("heads", "vocab", "batch_size", "seq_len", "chunk_tokens", "repeats", "rounds"))
         check_output_file(self.json, "--json", overwrite=self.overwrite)
 
 

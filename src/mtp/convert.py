@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from mtp.errors import UserError
-from mtp.io import atomic_dir, read_json, write_json
+from mtp.io import atomic_dir, check_new_output, read_json, write_json
 
 _LAYER_MAP = {
     "attention.wq.weight": "self_attn.q_proj.weight",
@@ -138,7 +138,8 @@ def _hf_layer(meta: dict[str, torch.Tensor], n_heads: int, n_kv: int, where: str
     return out
 
 
-def convert_meta(folder: str | Path, out: str | Path, tokenizer: str | None = None, dtype: str = "float32") -> Path:
+def convert_meta(folder: str | Path, out: str | Path, tokenizer: str | None = None, dtype: str = "float32",
+                 overwrite: bool = False) -> Path:
     """Write ``out/backbone`` (a Hugging Face Llama folder) and ``out/heads`` (the extra heads); return the
     heads folder, which ``MTPModel.from_pretrained`` and ``mtp generate --heads`` take."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -149,8 +150,9 @@ def convert_meta(folder: str | Path, out: str | Path, tokenizer: str | None = No
     out = Path(out).expanduser().resolve()
     if tokenizer:
         load_tokenizer(tokenizer, "--tokenizer")  # before the weights load: a bad folder wastes no time
-    if (out / "heads").exists() or (out / "backbone").exists():
-        raise UserError(f"{out} already holds a conversion: choose another --out")
+    check_new_output(out, "--out", overwrite=True, inputs=[folder])  # a file, the package, the checkpoint itself
+    if ((out / "heads").exists() or (out / "backbone").exists()) and not overwrite:
+        raise UserError(f"{out} already holds a conversion: choose another --out, or pass --overwrite to replace it")
     params, state = read_meta_checkpoint(Path(folder))
     n_future, dim, n_heads = params.get("n_future_tokens", 1), params["dim"], params["n_heads"]
     n_kv = params.get("n_kv_heads", n_heads)
@@ -202,7 +204,7 @@ def convert_meta(folder: str | Path, out: str | Path, tokenizer: str | None = No
         model = LlamaForCausalLM(config)
     model.load_state_dict({k: v.to(torch_dtype) for k, v in hf.items()}, strict=True, assign=True)
     model.eval()
-    with atomic_dir(out / "backbone") as tmp:
+    with atomic_dir(out / "backbone", replace=True) as tmp:
         model.save_pretrained(tmp)
         if tokenizer:
             load_tokenizer(tokenizer, "--tokenizer").save_pretrained(tmp)
