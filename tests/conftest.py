@@ -78,6 +78,14 @@ def text_file(tmp_path):
     return path
 
 
+@pytest.fixture
+def corpus_file(tmp_path):
+    """A small training text file."""
+    path = tmp_path / "train.txt"
+    path.write_text(SAMPLE_TEXT * 30)
+    return path
+
+
 def crash_optimizer_at(monkeypatch, n: int):
     """Make the n-th AdamW step raise "simulated crash"; returns a function that restores the real step."""
     real_step, calls = torch.optim.AdamW.step, {"n": 0}

@@ -11,18 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 from mtp import io
-from mtp.config import TrainConfig
 from mtp.training.train import train
-from tests.conftest import SAMPLE_TEXT
+from tests.conftest import crash_optimizer_at
+from tests.test_train import config as train_config
 
 KILLED = 137  # what a shell reports for SIGKILL
-
-
-@pytest.fixture
-def corpus_file(tmp_path):
-    path = tmp_path / "train.txt"
-    path.write_text(SAMPLE_TEXT * 30)
-    return path
 
 
 @pytest.fixture(autouse=True)
@@ -31,10 +24,8 @@ def isolated_cache(tmp_path, monkeypatch):
 
 
 def config(tiny_folder, corpus_file, out, **kw):
-    base = dict(model=str(tiny_folder), out=str(out), heads=2, data=[str(corpus_file)], seq_len=24, batch_size=4,
-                max_steps=4, lr=1e-2, warmup_steps=1, save_every=2, log_every=1, autocast="off")
-    base.update(kw)
-    return TrainConfig(**base)
+    """test_train's run, shorter: checkpoints at steps 2 and 4, then the heads."""
+    return train_config(tiny_folder, corpus_file, out, **{"max_steps": 4, "warmup_steps": 1, "save_every": 2, **kw})
 
 
 class Disk:
@@ -126,27 +117,15 @@ def test_recover_dir_finishes_or_undoes_a_replacement(tmp_path):
 
 def test_a_log_cut_mid_line_is_repaired_before_it_grows(tiny_folder, corpus_file, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    with monkeypatch.context() as m:
-        m.setattr(torch.optim.AdamW, "step", _crash_after(3))
-        with pytest.raises(RuntimeError, match="simulated crash"):
-            train(config(tiny_folder, corpus_file, out), progress=False)
+    restore = crash_optimizer_at(monkeypatch, 4)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(config(tiny_folder, corpus_file, out), progress=False)
+    restore()
     with (out / "metrics.jsonl").open("a") as f:
         f.write('{"step": 3, "loss": 1.2')  # what a kill in the middle of a write leaves
     train(config(tiny_folder, corpus_file, out, resume=True), progress=False)
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
-
-
-def _crash_after(n):
-    real, calls = torch.optim.AdamW.step, {"n": 0}
-
-    def step(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] > n:
-            raise RuntimeError("simulated crash")
-        return real(self, *a, **k)
-
-    return step
 
 
 def test_complete_lines_cuts_a_partial_last_line(tmp_path):

@@ -12,14 +12,7 @@ from mtp.config import TrainConfig
 from mtp.errors import UserError
 from mtp.model.mtp import MTPModel
 from mtp.training.train import train
-from tests.conftest import SAMPLE_TEXT, crash_optimizer_at
-
-
-@pytest.fixture
-def corpus_file(tmp_path):
-    path = tmp_path / "train.txt"
-    path.write_text(SAMPLE_TEXT * 30)
-    return path
+from tests.conftest import crash_optimizer_at
 
 
 @pytest.fixture(autouse=True)

@@ -340,6 +340,7 @@ def backbone_config(name_or_path: str):
     from transformers import AutoConfig
 
     folder = local_model_folder(name_or_path)
+    check_hf_json(Path(folder))
     try:
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
     except Exception as e:  # a broken config.json raises many types; all are bad input here
