@@ -194,8 +194,8 @@ def test_heads_given_as_a_file_says_so(tmp_path):
     (["bench", "context", "--methods", ""], ["give at least one --methods"]),
     (["bench", "serve", "--methods", ""], ["--methods is empty"]),
     (["generate", "hi", "--seed", "-1"], ["--seed must be between 0 and 2**63-1", "got -1"]),
-    (["train", "--seed", str(2 ** 64)], ["--seed must be between 0 and 2**63-1"]),
-    (["bench", "engine", "--seed", str(2 ** 63)], ["--seed must be between 0 and 2**63-1"]),
+    (["train", "--seed", str(2 ** 64)], ["--seed must be between", "and 2**63-1"]),  # every int: 64 bits
+    (["bench", "engine", "--seed", str(2 ** 63)], ["--seed must be between", "and 2**63-1"]),
     (["bench", "engine", "--seed", "-1"], ["--seed must be between 0 and 2**63-1"]),
     (["generate", "hi", "--nodes", str(10 ** 9)], ["--nodes must be at most 1024"]),
     (["bench", "decode", "--draft-len", str(10 ** 9)], ["--draft-len must be at most 1024"]),
