@@ -86,6 +86,22 @@ def corpus_file(tmp_path):
     return path
 
 
+def one_line_error(capsys, argv, *fragments) -> str:
+    """Run the CLI in-process: it must end with exit status 2 and exactly one ``mtp: error:`` line holding every
+    fragment, no traceback, nothing on stdout. Returns that line."""
+    from mtp.cli import main
+
+    code = main(list(argv))
+    out = capsys.readouterr()
+    lines = out.err.strip().splitlines()
+    assert code == 2, out.err
+    assert len(lines) == 1 and lines[0].startswith("mtp: error:"), out.err
+    assert "Traceback" not in out.err and out.out == ""
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    return lines[0]
+
+
 def crash_optimizer_at(monkeypatch, n: int):
     """Make the n-th AdamW step raise "simulated crash"; returns a function that restores the real step."""
     real_step, calls = torch.optim.AdamW.step, {"n": 0}

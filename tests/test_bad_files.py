@@ -14,18 +14,7 @@ from mtp import heads_format as hf
 from mtp.cli import main
 from mtp.errors import UserError
 from mtp.model.mtp import HeadsConfig, MTPModel
-
-
-def one_line_error(capsys, argv, *fragments):
-    code = main(list(argv))
-    out = capsys.readouterr()
-    lines = out.err.strip().splitlines()
-    assert code == 2, out.err
-    assert len(lines) == 1 and lines[0].startswith("mtp: error:"), out.err
-    assert "Traceback" not in out.err and out.out == ""
-    for f in fragments:
-        assert f in lines[0], lines[0]
-    return lines[0]
+from tests.conftest import one_line_error
 
 
 def files_under(path):

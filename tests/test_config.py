@@ -11,19 +11,11 @@ import pytest
 from mtp import config as C
 from mtp.cli import COMMANDS, _load, main
 from mtp.cli import parse as parse_command
+from tests.conftest import one_line_error
 
 
 def parse(argv):
     return parse_command(argv)[1]
-
-
-def one_line_error(capsys, argv, *fragments):
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and err.startswith("mtp: error:"), err
-    for f in fragments:
-        assert f in err, err
-    return err
 
 
 REQUIRED = {"generate": ["hello"], "distill": ["--out", "x.jsonl"], "convert": ["ckpt", "--out", "o"],

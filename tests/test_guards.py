@@ -3,8 +3,8 @@ before any weights are loaded: no traceback, no minutes of silent work, no out-o
 
 import pytest
 
-from mtp.cli import main
 from mtp.errors import UserError
+from tests.conftest import one_line_error
 
 
 @pytest.fixture
@@ -16,16 +16,6 @@ def no_weights(monkeypatch):
         raise AssertionError("weights were loaded before the flags were checked against the model's config")
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
-
-
-def one_line_error(capsys, argv, *fragments):
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and err.startswith("mtp: error:"), err
-    assert "Traceback" not in err
-    for f in fragments:
-        assert f in err, err
-    return err
 
 
 CONTEXT = "exceed the model's context of 512 tokens"  # the tiny model's max_position_embeddings

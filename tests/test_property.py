@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from mtp import cli
 from mtp.config import field_type, flag_of
+from tests.test_config import REQUIRED  # what each command needs besides the flag under test
 
 # (command, flag, base type) of every number flag of every subcommand
 NUMBER_FLAGS = []
@@ -26,10 +27,6 @@ for _name, _cmd in cli.COMMANDS.items():
 # Flags where a negative number means something (none today: every count, size, rate, time and probability
 # is >= 0).
 NEGATIVE_ALLOWED: set[tuple[str, str]] = set()
-
-# what each command needs besides the flag under test (nothing is run, nothing is read)
-REQUIRED = {"distill": ["--out", "d.jsonl"], "generate": ["hi"], "convert": ["ckpt", "--out", "o"],
-            "export": ["--out", "o"], "compare": ["a=b.json"]}
 
 ALWAYS_BAD = ["nan", "NaN", "inf", "-inf", "1e400", "-1e400", "abc", "", "1,5", "\u00e9", str(10 ** 30),
               str(-10 ** 30)]

@@ -11,7 +11,8 @@
   process completed meanwhile wins and ours is dropped), on any failure it is removed.
 - ``recover_dir(final)``: what a killed ``atomic_dir(final, replace=True)`` left is finished or undone, so
   ``final`` is again the newest complete version; leftover temporary siblings of dead processes are removed.
-  Every reader of a replaced folder (a checkpoint, a heads folder) calls it first.
+  A run calls it on its checkpoint and heads before it reads or writes them
+  (``mtp.training.train.check_run_folder``).
 - ``scratch_dir(near)``: a fresh working folder of this process beside ``near``, removed afterwards.
 - ``make_shareable(path)``: the permissions the umask allows (mkstemp and safetensors create 0600).
 - ``cache_dir(*parts)``: mtp's user cache, ``$MTP_CACHE``, else ``$XDG_CACHE_HOME/mtp``, else ``~/.cache/mtp``.
