@@ -152,11 +152,21 @@ def init_distributed(device: str) -> tuple[Distributed, str]:
     if world <= 1:
         return Distributed(), device
     if not dist.is_initialized():
+        import atexit
+
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        # leave the group while the interpreter is whole: a gloo group torn down during interpreter
+        # finalization aborts the process now and then ("terminate called without an active exception")
+        atexit.register(_leave_group)
     if device.startswith("cuda"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         torch.cuda.set_device(device)
     return Distributed(dist.get_rank(), dist.get_world_size()), device
+
+
+def _leave_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _is_sharded(t: torch.Tensor) -> bool:
