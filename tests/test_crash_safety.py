@@ -115,6 +115,17 @@ def test_recover_dir_finishes_or_undoes_a_replacement(tmp_path):
     assert (tmp_path / f".checkpoint.tmp-{os.getppid()}").exists()
 
 
+def test_heads_caught_between_their_two_renames_say_how_to_finish(tmp_path):
+    from mtp.errors import UserError
+    from mtp.heads_format import read_heads_config
+
+    dead = 2 ** 22 + 12345
+    (tmp_path / f".heads.old-{dead}").mkdir()
+    (tmp_path / f".heads.tmp-{dead}").mkdir()
+    with pytest.raises(UserError, match=f"interrupted; `mtp train --resume --out {tmp_path}`"):
+        read_heads_config(tmp_path / "heads")
+
+
 def test_a_log_cut_mid_line_is_repaired_before_it_grows(tiny_folder, corpus_file, tmp_path, monkeypatch):
     out = tmp_path / "run"
     restore = crash_optimizer_at(monkeypatch, 4)

@@ -115,3 +115,26 @@ def test_compare_eval_results(tmp_path, capsys):
     assert (tmp_path / "p.png").stat().st_size > 0
     code = main(["compare", f"x={tmp_path / 'missing.json'}"])
     assert code == 2 and "missing.json does not exist" in capsys.readouterr().err
+
+
+def test_eval_windows_fit_a_short_model_context(tiny_folder, monkeypatch):
+    """eval's windows reach back up to 1024 tokens, never past the model's context (the tiny model's is 512)."""
+    from transformers import AutoModelForCausalLM
+
+    import mtp.training.evaluate as ev
+    from mtp.data import Corpus, Document
+    from mtp.model.mtp import HeadsConfig, MTPModel
+
+    backbone = AutoModelForCausalLM.from_pretrained(tiny_folder, local_files_only=True)
+    model = MTPModel(backbone, HeadsConfig(backbone=str(tiny_folder), n_heads=2))
+    lengths, real = [], ev.head_predictions
+
+    def spy(m, ids, pos, top):
+        lengths.append(len(ids))
+        return real(m, ids, pos, top)
+    monkeypatch.setattr(ev, "head_predictions", spy)
+    corpus = Corpus("long", [Document("d", SAMPLE_TEXT * 30)])
+    result = ev.evaluate_heads(model, char_tokenizer(), corpus, context=16, max_positions=160, per_window=16, seed=0,
+                               marginal=False, max_candidates=4, progress=False)
+    assert result["positions"] == 160 and len(lengths) == 10
+    assert max(lengths) <= 512 and max(lengths) > 400  # as far back as the context allows

@@ -39,7 +39,7 @@ CONTEXT = "exceed the model's context of 512 tokens"  # the tiny model's max_pos
     (["train", "--seq-len", "9000"], ["--seq-len: 9000 tokens", CONTEXT]),
     (["bench", "train-memory", "--seq-len", "513"], ["--seq-len: 513 tokens", CONTEXT]),
     (["distill", "--out", "OUT", "--max-new-tokens", "600"], ["--max-new-tokens: 600 tokens", CONTEXT]),
-    (["serve", "--quiet", "--port", "0", "--method", "plain", "--max-tokens", "1024"], ["--max-tokens: 1024 tokens", CONTEXT]),
+    (["serve", "--port", "0", "--method", "plain", "--max-tokens", "1024"], ["--max-tokens: 1024 tokens", CONTEXT]),
     (["bench", "serve", "--max-tokens", "600"], ["--max-tokens: 600 tokens", CONTEXT]),
 ])
 def test_flags_beyond_the_model_are_refused_before_its_weights_load(capsys, tmp_path, tiny_folder, no_weights,

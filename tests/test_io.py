@@ -57,6 +57,29 @@ def test_atomic_file_keeps_the_suffix(tmp_path):
     assert names(tmp_path) == ["plot.png"]
 
 
+def test_the_next_write_removes_what_a_killed_write_left(tmp_path):
+    """A process killed mid-write (before its rename) leaves its temporary file; the next write of the same
+    file removes it. Temporary files of live processes and of other files stay."""
+    path = tmp_path / "r.json"
+    io.write_json(path, {"v": 1})
+    pid = os.fork()
+    if pid == 0:  # the child: starts a write and dies as SIGKILL would, with no cleanup
+        with io.atomic_file(path) as tmp:
+            tmp.write_text('{"v": 2, "ha')
+            os._exit(0)
+    os.waitpid(pid, 0)
+    left = [p.name for p in tmp_path.iterdir() if p.name != "r.json"]
+    assert len(left) == 1 and left[0].startswith(f".r.json.tmp-{pid}-") and left[0].endswith(".json")
+    live = tmp_path / f".r.json.tmp-{os.getppid()}-abc.json"  # a writer that is still running
+    other = tmp_path / f".s.json.tmp-{pid}-abc.json"  # another file's: cleaned by that file's next write
+    live.write_text("{")
+    other.write_text("{")
+    assert json.loads(path.read_text()) == {"v": 1}  # the kill left the old file whole
+    io.write_json(path, {"v": 3})
+    assert names(tmp_path) == sorted([live.name, other.name, "r.json"])
+    assert json.loads(path.read_text()) == {"v": 3}
+
+
 def test_written_files_are_shareable(tmp_path, umask_022):
     io.write_json(tmp_path / "x.json", {})
     io.write_safetensors(tmp_path / "w.safetensors", {"a": torch.zeros(2)})  # safetensors alone makes 0600

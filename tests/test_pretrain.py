@@ -259,6 +259,27 @@ def test_meta_layout_gives_identical_logits_per_head(tmp_path, fmt):
     assert spec.rows[0].tokens == plain.rows[0].tokens
 
 
+def test_a_conversion_that_fails_leaves_no_backbone(tmp_path, monkeypatch):
+    """The heads' save fails (disk full): a fresh conversion leaves nothing; an --overwrite keeps the old one."""
+    write_meta_checkpoint(tmp_path / "meta")
+
+    def full(self, *a, **k):
+        raise OSError(28, "No space left on device")
+    with monkeypatch.context() as m:
+        m.setattr(MTPModel, "save_pretrained", full)
+        with pytest.raises(OSError):
+            convert_meta(tmp_path / "meta", tmp_path / "out")
+    assert not (tmp_path / "out" / "backbone").exists() and not (tmp_path / "out" / "heads").exists()
+    convert_meta(tmp_path / "meta", tmp_path / "out")
+    before = sorted(p.name for p in (tmp_path / "out").iterdir())
+    with monkeypatch.context() as m:
+        m.setattr(MTPModel, "save_pretrained", full)
+        with pytest.raises(OSError):
+            convert_meta(tmp_path / "meta", tmp_path / "out", overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before == ["backbone", "heads"]
+    MTPModel.from_pretrained(tmp_path / "out" / "heads")
+
+
 def test_meta_export_round_trip_is_exact(tmp_path):
     from mtp.convert import export_meta
     state, params = write_meta_checkpoint(tmp_path / "meta")

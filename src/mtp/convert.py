@@ -14,6 +14,7 @@ Weights load with ``torch.load(weights_only=True)`` (no arbitrary unpickling) or
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -148,8 +149,7 @@ def convert_meta(folder: str | Path, out: str | Path, tokenizer: str | None = No
     from mtp.model.mtp import HeadsConfig, MTPModel
 
     out = Path(out).expanduser().resolve()
-    if tokenizer:
-        load_tokenizer(tokenizer, "--tokenizer")  # before the weights load: a bad folder wastes no time
+    tok = load_tokenizer(tokenizer, "--tokenizer") if tokenizer else None  # before the weights load
     check_new_output(out, "--out", overwrite=True, inputs=[folder])  # a file, the package, the checkpoint itself
     if ((out / "heads").exists() or (out / "backbone").exists()) and not overwrite:
         raise UserError(f"{out} already holds a conversion: choose another --out, or pass --overwrite to replace it")
@@ -204,10 +204,6 @@ def convert_meta(folder: str | Path, out: str | Path, tokenizer: str | None = No
         model = LlamaForCausalLM(config)
     model.load_state_dict({k: v.to(torch_dtype) for k, v in hf.items()}, strict=True, assign=True)
     model.eval()
-    with atomic_dir(out / "backbone", replace=True) as tmp:
-        model.save_pretrained(tmp)
-        if tokenizer:
-            load_tokenizer(tokenizer, "--tokenizer").save_pretrained(tmp)
     heads_cfg = HeadsConfig(backbone=str(out / "backbone"), n_heads=max(0, n_future - 1), kind="transformer",
                             tap=f"layer:{len(layers) - 1}", init_from_last=False, dtype=dtype,
                             trained_backbone="none",
@@ -223,7 +219,18 @@ def convert_meta(folder: str | Path, out: str | Path, tokenizer: str | None = No
     if missing or unexpected:
         raise UserError(f"extra_heads do not map onto Llama layers (missing {missing[:3]}, unexpected "
                         f"{unexpected[:3]})")
-    mtp_model.save_pretrained(out / "heads")
+    # everything is built and checked: now write, and a conversion that fails half-way leaves no new backbone/
+    fresh = not (out / "backbone").exists()
+    with atomic_dir(out / "backbone", replace=True) as tmp:
+        model.save_pretrained(tmp)
+        if tok is not None:
+            tok.save_pretrained(tmp)
+    try:
+        mtp_model.save_pretrained(out / "heads")
+    except BaseException:
+        if fresh:
+            shutil.rmtree(out / "backbone", ignore_errors=True)
+        raise
     return out / "heads"
 
 

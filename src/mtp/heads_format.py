@@ -121,6 +121,9 @@ def read_heads_config(folder: str | Path) -> dict:
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{folder} is a file, not a heads folder (give the folder that holds config.json)")
     if not folder.is_dir():
+        if any(folder.parent.glob(f".{folder.name}.old-*")):  # a heads save killed between its two renames
+            raise UserError(f"heads folder {folder} does not exist: a save into it was interrupted; "
+                            f"`mtp train --resume --out {folder.parent}` (or pretrain) finishes it")
         raise UserError(f"heads folder {folder} does not exist")
     for name in (CONFIG, WEIGHTS):
         if not (folder / name).is_file():

@@ -58,7 +58,9 @@ def atomic_file(path: str | Path):
     on any failure it is removed and ``path`` is left as it was."""
     p = Path(path).expanduser()
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=f".tmp{p.suffix}")
+    for stale in _dead_temp_files(p):  # what killed writes of this file left
+        stale.unlink(missing_ok=True)
+    fd, name = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.tmp-{os.getpid()}-", suffix=p.suffix)
     os.close(fd)
     tmp = Path(name)
     try:
@@ -211,12 +213,23 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _leftovers(final: Path, kind: str) -> dict[int, Path]:
-    """``.NAME.KIND-PID`` siblings of ``final`` by process id (kind: tmp or old)."""
+    """``.NAME.KIND-PID`` folders beside ``final`` by process id (kind: tmp or old)."""
     found = {}
     for p in final.parent.glob(f".{final.name}.{kind}-*"):
         pid = p.name.rsplit("-", 1)[1]
-        if pid.isdigit():
+        if pid.isdigit() and p.is_dir():
             found[int(pid)] = p
+    return found
+
+
+def _dead_temp_files(path: Path) -> list[Path]:
+    """The ``.NAME.tmp-PID-RANDOM.SUFFIX`` files that ``atomic_file(path)`` calls of processes now gone left
+    (killed before their rename)."""
+    found = []
+    for p in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = p.name[len(f".{path.name}.tmp-"):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)) and p.is_file():
+            found.append(p)
     return found
 
 

@@ -28,11 +28,12 @@ def default_heads_available(model_name: str) -> bool:
 
 
 def load_for_decoding(model_name: str, heads: str | None, dtype: str, device: str,
-                      needs: dict[str, int] | None = None, exit_layer: int | None = None):
+                      needs: dict[str, int] | None = None, exit_layer: int | None = None, before_load=None):
     """Backbone, tokenizer, MTPModel (or None) and the heads folder; heads are checked against the backbone.
 
     ``needs``: the tokens each flag asks for (e.g. ``{"--max-new-tokens": 128}``), and ``exit_layer``: refused
-    beyond the model's context and layer count once its config is read, before any weights are loaded."""
+    beyond the model's context and layer count once its config is read, before any weights are loaded;
+    ``before_load()`` is called once they pass (serve announces the slow part there)."""
     from mtp.backbones import backbone_config, check_context, check_layer, load_backbone, resolve_backbone
     from mtp.heads_format import resolve_heads
     from mtp.model.mtp import MTPModel
@@ -44,6 +45,8 @@ def load_for_decoding(model_name: str, heads: str | None, dtype: str, device: st
         check_context(n, flag, model_config)
     if exit_layer is not None:
         check_layer(exit_layer, "--exit-layer", model_config)
+    if before_load is not None:
+        before_load()
     backbone, tokenizer = load_backbone(model_name, dtype=dtype, device=device)
     backbone.eval()
     mtp_model = MTPModel.from_pretrained(folder, backbone=backbone).eval() if folder else None

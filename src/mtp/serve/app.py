@@ -313,10 +313,11 @@ def serve(cfg, command: str = "") -> None:
     say = (lambda *a: None) if cfg.quiet else (lambda msg: print(f"mtp serve: {msg}", file=sys.stderr, flush=True))
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         say(f"warning: listening on {cfg.host} without --api-key: anyone who can reach it can use it")
-    say(f"loading {cfg.model} ({cfg.dtype}, {method}{', heads ' + heads if heads and method in HEAD_METHODS else ''})")
+    with_heads = f", heads {heads}" if heads and method in HEAD_METHODS else ""
+    loading = f"loading {cfg.model} ({cfg.dtype}, {method}{with_heads})"
     backbone, tokenizer, mtp_model, folder = load_for_decoding(cfg.model, heads if method in HEAD_METHODS else None,
                                                               cfg.dtype, cfg.device, {"--max-tokens": cfg.max_tokens},
-                                                              cfg.exit_layer)
+                                                              cfg.exit_layer, before_load=lambda: say(loading))
     decoder, _ = build_decoder(backbone, copy.deepcopy(tokenizer), mtp_model, folder, cfg.model, method, cfg)
     eos = eos_ids(backbone, tokenizer)
     decoder.prepare(cfg.max_batch)  # drafts sized for every batch size the server will run (curves measured once)

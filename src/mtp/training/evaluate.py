@@ -36,10 +36,14 @@ def evaluate_heads(model: MTPModel, tokenizer, corpus: Corpus, *, context: int, 
     """Per-head top-1 / top-5 and per-rank accuracies on held-out windows of ``corpus``, beside the backbone's own
     marginalization (``marginal``); the defaults of ``mtp eval`` live in :class:`~mtp.config.EvalConfig`."""
     n = model.n_heads
-    # windows reach back to the document start (up to 1024 tokens): a distilled response is judged with its
-    # prompt in view, as in decoding
+    # windows reach back to the document start (up to 1024 tokens, less where the model's context is shorter):
+    # a distilled response is judged with its prompt in view, as in decoding
+    left = 1024
+    limit = getattr(model.backbone.config, "max_position_embeddings", None)
+    if limit:  # BOS + left + the scored positions + their horizon fit the model
+        left = min(left, limit - 1 - per_window - (n + 1))
     windows = make_windows(corpus, tokenizer, context=context, max_positions=max_positions, per_window=per_window,
-                           horizon=n + 1, seed=seed, left=max(context, 1024))
+                           horizon=n + 1, seed=seed, left=max(context, left))
     steps = min(n + 1, MAX_MARGINAL_STEPS) if marginal else 1
     evaluator = CachedEvaluator(model.backbone, chunk_tokens)
     hits = torch.zeros(2, n + 1)  # (top-1 / top-5, head)
