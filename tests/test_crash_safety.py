@@ -147,3 +147,58 @@ def test_complete_lines_cuts_a_partial_last_line(tmp_path):
     io.append_line(log, '{"a": 3}')
     assert log.read_text().splitlines() == ['{"a": 1}', '{"a": 2}', '{"a": 3}']
     assert io.complete_lines(tmp_path / "absent") == []
+
+
+KILL_IN_THE_SWAP = """
+import os, sys
+from pathlib import Path
+
+out = Path(sys.argv[sys.argv.index("--out") + 1])
+if os.environ.get("MTP_TEST_KILL") and os.environ["RANK"] == "0":
+    real, into = os.replace, []
+
+    def replace(src, dst, *a, **k):  # the 2nd checkpoint save: the old one is aside, the new one complete
+        if Path(dst) == out / "checkpoint":
+            into.append(dst)
+            if len(into) == 2:
+                os._exit(137)
+        return real(src, dst, *a, **k)
+    os.replace = replace
+from mtp.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_two_processes_killed_in_a_checkpoint_swap_resume_to_identical_heads(tiny_folder, corpus_file, tmp_path):
+    """torchrun, 2 processes, FSDP over the backbone (--mode joint): rank 0 dies between moving the old checkpoint
+    aside and renaming the new one into place, and torchrun ends rank 1. ``--resume`` (2 processes again) recovers
+    the checkpoint on rank 0 behind a barrier, finishes the run (the kill came after its last step) and writes
+    heads bit-identical to an uninterrupted 2-process run."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text(KILL_IN_THE_SWAP)
+    args = ["train", "--model", str(tiny_folder), "--data", str(corpus_file), "--heads", "2", "--seq-len", "24",
+            "--batch-size", "4", "--max-steps", "4", "--lr", "0.01", "--warmup-steps", "1", "--autocast", "off",
+            "--mode", "joint", "--save-every", "2", "--log-every", "1", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+
+    def torchrun(out, *extra, kill=False):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                               str(script), *args, "--out", str(out), *extra],
+                              env={**env, "MTP_TEST_KILL": "1"} if kill else env, capture_output=True, text=True,
+                              timeout=600)
+
+    full = torchrun(tmp_path / "full")
+    assert full.returncode == 0, full.stderr[-2000:]
+    out = tmp_path / "killed"
+    assert torchrun(out, kill=True).returncode != 0
+    left = sorted(p.name.rsplit("-", 1)[0] for p in out.iterdir())
+    assert left == [".checkpoint.old", ".checkpoint.tmp", "metrics.jsonl"], left  # no checkpoint/ in place
+    resumed = torchrun(out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    reference, got = heads_state(tmp_path / "full" / "heads"), heads_state(out / "heads")
+    assert got.keys() == reference.keys() and all(torch.equal(got[n], reference[n]) for n in reference)
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "heads", "metrics.jsonl"]
