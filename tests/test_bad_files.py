@@ -322,3 +322,74 @@ def test_non_utf8_prompt_file(tmp_path):
     path.write_bytes(b'{"prompt": "caf\xe9"}\n')
     with pytest.raises(UserError, match="prompts.jsonl is not UTF-8 text"):
         load_prompts(str(path))
+
+
+DIGITS = "9" * 5000  # Python converts at most 4300 digits to an int
+
+
+@pytest.mark.parametrize("name,content,fragments", [
+    ("big.jsonl", '{"text": "abc", "response_start": ' + DIGITS + '}\n', ["big.jsonl line 1:", "4300 digits"]),
+    ("deep.jsonl", "[" * 100000 + "]" * 100000 + "\n", ["deep.jsonl line 1:", "nested too deeply"]),
+    ("lone.jsonl", '{"text": "\\ud800 and more text"}\n', ["lone.jsonl line 1:", "lone surrogate"]),
+    ("ok.jsonl", '{"text": "\\u00e9t\\u00e9 \\ud83d\\ude00"}\n' * 3, None),  # escapes of real text (a pair) are fine
+])
+@pytest.mark.parametrize("command", ["train", "eval", "distill"])
+def test_jsonl_lines_that_json_parses_but_python_cannot_use(capsys, tmp_path, tiny_folder, good_heads, name,
+                                                             content, fragments, command):
+    path = tmp_path / name
+    path.write_text(content)
+    if command == "distill":
+        content = content.replace('"text"', '"prompt"')
+        path.write_text(content)
+    argv = {"train": ["train", "--model", str(tiny_folder), "--data", str(path), "--out", str(tmp_path / "run")],
+            "eval": ["eval", "--model", str(tiny_folder), "--heads", str(good_heads), "--data", str(path)],
+            "distill": ["distill", "--model", str(tiny_folder), "--prompts", str(path), "--out",
+                        str(tmp_path / "d.jsonl")]}[command]
+    if fragments is None:
+        from mtp.data import jsonl_records
+
+        assert [r for _, r in jsonl_records(content, name)][0][command == "distill" and "prompt" or "text"] == "été 😀"
+        return
+    one_line_error(capsys, argv + ["--quiet"], *fragments)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "d.jsonl").exists()
+
+
+@pytest.mark.parametrize("where", ["tree file", "tree inline", "compare", "heads config", "accuracy", "config"])
+def test_json_files_with_a_number_too_long(capsys, tmp_path, tiny_folder, heads, where):
+    path = tmp_path / "f.json"
+    if where == "tree file":
+        path.write_text(f"[[{DIGITS}]]")
+        argv = generate(tiny_folder, heads, "--method", "tree", "--tree", str(path))
+    elif where == "tree inline":
+        argv = generate(tiny_folder, heads, "--method", "tree", "--tree", f"[[{DIGITS}]]")
+    elif where == "compare":
+        path.write_text(f'{{"a": {DIGITS}}}')
+        argv = ["compare", f"a={path}", f"b={path}"]
+    elif where == "heads config":
+        meta = json.loads((heads / "config.json").read_text())
+        (heads / "config.json").write_text(json.dumps(meta)[:-1] + f', "extra": {DIGITS}}}')
+        argv = generate(tiny_folder, heads)
+    elif where == "accuracy":
+        (heads / "accuracy.json").write_text(f'{{"rank_accuracy": [[{DIGITS}]]}}')
+        argv = generate(tiny_folder, heads, "--method", "tree")
+    else:
+        path.write_text(f'{{"max_steps": {DIGITS}}}')
+        argv = ["train", "--config", str(path)]
+    one_line_error(capsys, argv, "4300 digits")
+
+
+@pytest.mark.parametrize("flag", ["--data", "--tree", "--config"])
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_pipes_and_devices_are_not_read(capsys, tmp_path, tiny_folder, good_heads, flag, kind):
+    """A FIFO would block until a writer comes, /dev/zero would be read until memory runs out."""
+    import os
+
+    path = tmp_path / "pipe"
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path = pathlib.Path("/dev/zero")
+    argv = {"--data": ["eval", "--model", str(tiny_folder), "--heads", str(good_heads), "--data", str(path)],
+            "--tree": generate(tiny_folder, good_heads, "--method", "tree", "--tree", str(path)),
+            "--config": ["eval", "--config", str(path)]}[flag]
+    one_line_error(capsys, argv, str(path), "is not a regular file")

@@ -27,8 +27,9 @@ def test_report_files_are_not_replaced_unasked(tmp_path):
     with pytest.raises(UserError, match="--json .* already exists: .* --overwrite"):
         BenchDecodeConfig(json=str(report))
     BenchDecodeConfig(json=str(report), overwrite=True)
+    (tmp_path / "plot.png").write_bytes(b"png")
     with pytest.raises(UserError, match="--plot .* already exists"):
-        BenchDecodeConfig(plot=str(report))
+        BenchDecodeConfig(plot=str(tmp_path / "plot.png"))
     (tmp_path / "plots").mkdir()
     (tmp_path / "plots" / "lens.png").write_bytes(b"png")
     with pytest.raises(UserError, match="--out .*lens.png already exists"):
@@ -106,3 +107,47 @@ def test_distill_repairs_a_cut_off_partial_file(tiny_folder, tmp_path):
         distill(DistillConfig(**cfg))
     distill(DistillConfig(**cfg, overwrite=True))
     assert len(out.read_text().splitlines()) == 3
+
+
+@pytest.mark.parametrize("argv,fragments", [
+    (["eval", "--model", "MODEL", "--heads", "HEADS", "--data", "TEXT", "--json", "TEXT", "--overwrite"],
+     ["--json", "is also an input"]),
+    (["eval", "--model", "MODEL", "--heads", "HEADS", "--data", "TEXT", "--json", "HEADS/config.json", "--overwrite"],
+     ["would replace a file of the input folder"]),
+    (["eval", "--model", "MODEL", "--heads", "HEADS", "--data", "TEXT", "--json", "MODEL/model.safetensors",
+      "--overwrite"], ["would replace a file of the input folder"]),
+    (["bench", "analyze", "--model", "MODEL", "--data", "TEXT", "--json", "TEXT", "--overwrite"], ["is also an input"]),
+    (["bench", "decode", "--model", "MODEL", "--prompts", "PROMPTS", "--json", "PROMPTS", "--overwrite"],
+     ["is also an input"]),
+    (["compare", "a=RESULT", "b=RESULT", "--plot", "RESULT", "--overwrite"], ["--plot", "is also an input"]),
+    (["train", "--model", "MODEL", "--data", "TEXT", "--out", "MODEL", "--overwrite"], ["--out", "is also an input"]),
+    (["analyze", "--model", "MODEL", "--text", "TEXT", "--json", "SAME", "--out", "SAME"],
+     ["--json and --out name the same path"]),
+    (["bench", "decode", "--model", "MODEL", "--json", "SAME", "--plot", "SAME"], ["--json and --plot name the same"]),
+    (["bench", "decode", "--model", "MODEL", "--plot", "p.xyz"], ["--plot p.xyz: matplotlib cannot write '.xyz'"]),
+    (["compare", "a=RESULT", "b=RESULT", "--plot", "p.docx"], ["matplotlib cannot write '.docx'", ".png"]),
+    (["eval", "--model", "MODEL", "--heads", "HEADS", "--data", "TEXT", "--json", "x" * 300 + ".json"],
+     ["--json", "File name too long"]),
+    (["train", "--model", "MODEL", "--data", "TEXT", "--out", "/proc/mtp-run"], ["--out /proc/mtp-run: cannot write"]),
+    (["eval", "--model", "MODEL", "--heads", "HEADS", "--data", "TEXT", "--json", "/proc/r.json"],
+     ["--json /proc/r.json: cannot write"]),
+])
+def test_outputs_that_would_destroy_an_input_or_cannot_be_written(capsys, tmp_path, tiny_folder, argv, fragments,
+                                                                     monkeypatch):
+    """Refused before any work, even with --overwrite; nothing the user has is touched."""
+    heads = tmp_path / "heads"
+    heads.mkdir()
+    (heads / "config.json").write_text("{}")
+    (tmp_path / "text.txt").write_text(SAMPLE_TEXT)
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "hi"}\n')
+    (tmp_path / "result.json").write_text("{}")
+    names = {"MODEL": str(tiny_folder), "HEADS": str(heads), "TEXT": str(tmp_path / "text.txt"),
+             "PROMPTS": str(tmp_path / "prompts.jsonl"), "RESULT": str(tmp_path / "result.json"),
+             "SAME": str(tmp_path / "same.json")}
+    argv = [names.get(a, a) for a in argv]
+    argv = [a.replace("HEADS/", str(heads) + "/").replace("MODEL/", str(tiny_folder) + "/") for a in argv]
+    argv = [a.replace("=RESULT", "=" + names["RESULT"]) for a in argv]
+    monkeypatch.chdir(tmp_path)
+    before = {p: p.read_bytes() for p in [*tmp_path.rglob("*"), *tiny_folder.iterdir()] if p.is_file()}
+    one_line_error(capsys, argv, *fragments)
+    assert {p: p.read_bytes() for p in [*tmp_path.rglob("*"), *tiny_folder.iterdir()] if p.is_file()} == before

@@ -175,6 +175,9 @@ BAD = [  # (body, status, the param the error names)
     (b"{not json", 400, None),
     (b"\xff\xfe", 400, None),
     (b"[1, 2]", 400, None),
+    (b'{"model": "M", "prompt": "a", "max_tokens": ' + b"9" * 5000 + b"}", 400, None),  # over 4300 digits
+    (b'{"model": "M", "prompt": "a \\ud800 b"}', 400, None),  # a lone surrogate: no text
+    (b'{"model": "M", "prompt": ' + b"[" * 100000 + b"}", 400, None),
     ({"prompt": "a"}, 400, "model"),
     ({"model": "M", "prompt": "a", "temperature": "hot"}, 400, "temperature"),
     (b'{"model": "M", "prompt": "a", "temperature": 1e999}', 400, "temperature"),  # inf

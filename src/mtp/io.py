@@ -20,7 +20,8 @@
 - ``append_line(path, line)``: logs (``metrics.jsonl``) grow by appending; a line is one ``write``, not atomic.
 - ``complete_lines(path)``: a log cut to its last complete line (what a kill mid-write leaves is dropped).
 - ``read_text(path)`` / ``read_json(path)``: a user's file, every way it can be unusable (missing, a folder,
-  unreadable, not UTF-8, not JSON) one line that names it; ``check_readable(path)`` for files a library opens.
+  a pipe or device, unreadable, not UTF-8, not JSON) one line that names it; ``check_readable(path)`` for files
+  a library opens; ``parse_json(text, where)`` for JSON that comes from elsewhere (a line, a flag, a request).
 """
 
 from __future__ import annotations
@@ -135,6 +136,8 @@ def check_readable(path: str | Path, what: str = "file") -> Path:
         raise UserError(f"{what} {path} does not exist")
     if p.is_dir():
         raise UserError(f"{path} is a directory, not a {what}")
+    if not p.is_file():  # a FIFO blocks until a writer comes, /dev/zero never ends
+        raise UserError(f"{path} is not a regular file (a pipe, socket or device): save it to a file first")
     try:
         with p.open("rb"):
             pass
@@ -157,17 +160,48 @@ def read_text(path: str | Path, what: str = "file") -> str:
                         "convert it to UTF-8") from None
 
 
+def parse_json(text: str | bytes, where: str, fix: str = "", what: str = "is corrupt: ") -> object:
+    """JSON text parsed, every way it can be unreadable one line (``where`` names it, ``what`` says how it is bad,
+    ``fix`` ends the message): not JSON, nested too deeply, an integer of more digits than Python converts
+    (4300), or a string holding a lone surrogate (a ``\\ud800`` escape: no UTF-8 text, tokenizers reject it)."""
+    end = f": {fix}" if fix else ""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where} {what}not valid JSON ({e.msg} at line {e.lineno} column {e.colno}){end}") from None
+    except RecursionError:
+        raise UserError(f"{where} {what}JSON nested too deeply{end}") from None
+    except UnicodeDecodeError as e:  # bytes
+        raise UserError(f"{where} {what}not UTF-8 (byte at offset {e.start}){end}") from None
+    except ValueError:  # "Exceeds the limit (4300 digits) for integer string conversion"
+        raise UserError(f"{where} {what}JSON with a number of more than 4300 digits{end}") from None
+    if (b"\\u" if isinstance(text, bytes) else "\\u") in text and _lone_surrogate(obj):
+        raise UserError(f"{where} {what}JSON with a lone surrogate escape (\\ud800-\\udfff) in a string, "
+                        f"which is no text{end}")
+    return obj
+
+
+def _lone_surrogate(obj) -> bool:
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(x, dict):
+            stack.extend(x.keys())
+            stack.extend(x.values())
+        elif isinstance(x, list):
+            stack.extend(x)
+    return False
+
+
 def read_json(path: str | Path, what: str = "file", fix: str = "") -> object:
     """A user's JSON file parsed (any JSON value: the caller checks its shape); ``fix`` ends the message
-    when it is not JSON."""
-    text = read_text(path, what)
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is corrupt: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
-                        f"{': ' + fix if fix else ''}") from None
-    except RecursionError:
-        raise UserError(f"{path} is corrupt: JSON nested too deeply{': ' + fix if fix else ''}") from None
+    when it is not JSON (``parse_json``)."""
+    return parse_json(read_text(path, what), str(path), fix)
 
 
 def _fresh_sibling(final: Path) -> Path:
@@ -291,19 +325,43 @@ def check_new_output(path: str | Path, flag: str, overwrite: bool = False, input
     """An output folder or file that may be written: absent, an empty folder, or ``overwrite`` given; never
     one of the ``inputs`` nor inside the installed package. Checked before the work starts."""
     p = Path(path).expanduser()
-    resolved = p.resolve()
-    refuse_input_as_output(path, flag, inputs)
-    package = Path(__file__).resolve().parent
-    if resolved == package or package in resolved.parents:
-        raise UserError(f"{flag} {path} is inside the installed mtp package: choose another output")
-    if p.exists() and not (p.is_dir() and not any(p.iterdir())) and not overwrite:
-        raise UserError(f"{flag} {path} already exists: choose another path or pass --overwrite")
-    parent = p.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise UserError(f"{flag} {path}: cannot write to {parent}")
+    try:
+        resolved = p.resolve()
+        refuse_input_as_output(path, flag, inputs)
+        package = Path(__file__).resolve().parent
+        if resolved == package or package in resolved.parents:
+            raise UserError(f"{flag} {path} is inside the installed mtp package: choose another output")
+        if p.exists() and not (p.is_dir() and not any(p.iterdir())) and not overwrite:
+            raise UserError(f"{flag} {path} already exists: choose another path or pass --overwrite")
+    except OSError as e:  # a name too long, a loop of links
+        raise UserError(f"{flag} {path}: {e.strerror or e}") from None
+    check_writable(p, flag)
     return p
+
+
+def check_writable(path: str | Path, flag: str) -> None:
+    """Whether ``path`` can be created, tried before the work: one empty file made and removed in the nearest
+    folder that exists (``os.access`` says yes to root under /proc and /sys, where nothing can be created), and
+    every name in the path within the file system's limit."""
+    p = Path(path).expanduser()
+    try:
+        parent = p.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK):
+            raise UserError(f"{flag} {path}: cannot write to {parent}")
+        limit = os.pathconf(parent, "PC_NAME_MAX")
+    except OSError as e:
+        raise UserError(f"{flag} {path}: {e.strerror or e}") from None
+    long = next((part for part in p.parts if len(os.fsencode(part)) > limit), None)
+    if long is not None:
+        raise UserError(f"{flag} {path}: a name in it is longer than the file system allows ({limit} bytes)")
+    try:
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".mtp-write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot write to {parent} ({e.strerror or e})") from None
 
 
 def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:

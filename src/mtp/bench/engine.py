@@ -285,6 +285,6 @@ def load_results(paths: list[str]) -> list[dict]:
     for p in paths:
         try:
             out.append(json.loads(Path(p).read_text()))
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:
             raise UserError(f"{p} is not a `mtp bench engine` JSON result ({e})") from None
     return out

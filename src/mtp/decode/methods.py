@@ -91,7 +91,7 @@ def _measured_once(name: str, parse, measure, what: str):
     path = cache_dir("verify", name)
     try:
         return parse(json.loads(path.read_text()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         pass
     print(f"mtp: measuring {what} once (cached in the user cache) ...", file=sys.stderr)
     value = measure()

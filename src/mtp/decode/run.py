@@ -35,11 +35,13 @@ def load_for_decoding(model_name: str, heads: str | None, dtype: str, device: st
     beyond the model's context and layer count once its config is read, before any weights are loaded;
     ``before_load()`` is called once they pass (serve announces the slow part there)."""
     from mtp.backbones import backbone_config, check_context, check_layer, load_backbone, resolve_backbone
-    from mtp.heads_format import resolve_heads
+    from mtp.heads_format import read_accuracy, read_heads_config, resolve_heads
     from mtp.model.mtp import MTPModel
 
     resolve_backbone(model_name)
     folder = resolve_heads(heads, model_name) if heads else None
+    if folder is not None:  # what sizes the drafts, checked before the weights load and any measurement
+        read_accuracy(folder, read_heads_config(folder)["n_heads"])
     model_config = backbone_config(model_name)
     for flag, n in (needs or {}).items():
         check_context(n, flag, model_config)
@@ -160,8 +162,8 @@ def adaptive_sizes(decoder: Decoder) -> dict | None:
 class Streamer:
     """Prints a row's text as tokens arrive (whole characters only: a split UTF-8 sequence waits)."""
 
-    def __init__(self, tokenizer, out=sys.stdout):
-        self.tokenizer, self.out, self.tokens, self.printed = tokenizer, out, [], 0
+    def __init__(self, tokenizer, out=None):  # sys.stdout of the call, not of the import (tests capture it)
+        self.tokenizer, self.out, self.tokens, self.printed = tokenizer, out or sys.stdout, [], 0
 
     def __call__(self, row: int, new: list[int]) -> None:
         if row != 0:

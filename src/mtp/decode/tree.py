@@ -220,16 +220,11 @@ def read_tree(spec: str) -> list[tuple[int, ...]]:
 def parse_tree(spec: str | list, where: str = "tree spec") -> list[tuple[int, ...]]:
     """A tree spec from the command line or a file: JSON-like ``[[0], [0, 0], [1]]`` or a list already; at most
     ``MAX_TREE_NODES`` paths, each of at most ``MAX_TREE_DEPTH`` non-negative integer ranks."""
-    import json
-
     example = "e.g. [[0], [0, 0], [1]]"
     if isinstance(spec, str):
-        try:
-            spec = json.loads(spec)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where} is not a JSON list of paths ({e.msg}), {example}") from None
-        except RecursionError:
-            raise UserError(f"{where} is nested too deeply: give a list of paths, {example}") from None
+        from mtp.io import parse_json
+
+        spec = parse_json(spec, where, f"give a list of paths, {example}", what="is ")
     if isinstance(spec, tuple):
         spec = list(spec)
     if not isinstance(spec, list) or not all(isinstance(p, (list, tuple)) for p in spec):

@@ -67,7 +67,7 @@ def read_eagle3(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     try:
         config = json.loads((folder / "config.json").read_text())
         tensors = load_file(folder / "model.safetensors")
-    except (OSError, ValueError, SafetensorError) as e:
+    except (OSError, ValueError, RecursionError, SafetensorError) as e:
         raise UserError(f"{folder} is not a readable EAGLE-3 checkpoint ({type(e).__name__}: {e})") from None
     missing = [n for n in TENSORS[:-2] if n not in tensors]
     if not isinstance(config, dict) or missing or "draft_vocab_size" not in config:

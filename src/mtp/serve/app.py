@@ -103,10 +103,12 @@ def create_app(scheduler: Scheduler, tokenizer, settings: Settings, metrics: Met
             if len(body) > settings.max_body_bytes:
                 raise ApiError(413, f"request body larger than {settings.max_body_bytes} bytes (--max-body-bytes)",
                                code="body_too_large")
+        from mtp.io import parse_json
+
         try:
-            return json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-            raise bad(f"the request body is not valid JSON: {str(e)[:120]}", code="invalid_json") from None
+            return parse_json(bytes(body), "the request body", what="is ")
+        except UserError as e:  # not JSON, too deep, a 5000-digit number, a lone surrogate
+            raise bad(str(e)[:200], code="invalid_json") from None
 
     def encode(p: Params) -> list[int]:
         if p.kind == "chat":

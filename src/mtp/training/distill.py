@@ -102,7 +102,7 @@ def resume_partial(partial: Path, prompts: list[str]) -> list[dict]:
     def keep(line: str) -> bool:
         try:
             record = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             return False  # cut off: it and anything after it go
         i = len(records)
         if not isinstance(record, dict) or i >= len(prompts) or record.get("prompt") != prompts[i]:
