@@ -226,6 +226,59 @@ def test_bad_convert_tokenizer(capsys, monkeypatch, tmp_path, tiny_folder, case,
     assert not (tmp_path / "out").exists()
 
 
+def test_convert_refuses_a_tokenizer_beyond_the_checkpoints_vocabulary(capsys, tmp_path, tiny_folder):
+    """The tiny folder's tokenizer has 101 ids; a checkpoint of 50 tokens has no embedding for 50 of them. Its
+    vocabulary is params.json's vocab_size, or the embedding's rows where that is -1 (Llama's release)."""
+    from tests.test_pretrain import write_meta_checkpoint
+
+    for vocab_size in (50, -1):
+        ckpt = tmp_path / f"meta{vocab_size}"
+        _, params = write_meta_checkpoint(ckpt, vocab=50)
+        (ckpt / "params.json").write_text(json.dumps({**params, "vocab_size": vocab_size}))
+        one_line_error(capsys, ["convert", str(ckpt), "--out", str(tmp_path / "out"), "--tokenizer", str(tiny_folder)],
+                       f"--tokenizer {tiny_folder}: the tokenizer has 101 tokens but the model's vocabulary holds "
+                       "only 50")
+        assert not (tmp_path / "out").exists()
+
+
+def _set(state, key, value):
+    state[key] = value
+
+
+@pytest.mark.parametrize("damage,fragments", [
+    (lambda s, p: _set(s, "tok_embeddings.weight", torch.tensor(1.0)),
+     ["tok_embeddings.weight has shape (), expected (50, 32)", "dim 32, 4 heads, 2 kv heads"]),
+    (lambda s, p: _set(p, "vocab_size", 0), ["params.json: vocab_size must be -1 or between 1 and"]),
+    (lambda s, p: (_set(p, "vocab_size", -1), _set(s, "tok_embeddings.weight", torch.zeros(0, 32))),
+     ["tok_embeddings.weight has shape (0, 32), expected (vocab_size >= 1, 32)"]),
+    (lambda s, p: _set(p, "vocab_size", 60), ["tok_embeddings.weight has shape (50, 32), expected (60, 32)"]),
+    (lambda s, p: _set(s, "output.weight", torch.zeros(49, 32)),
+     ["output.weight has shape (49, 32), expected (50, 32)"]),
+    (lambda s, p: _set(s, "norm.weight", torch.zeros(32, 1)), ["norm.weight has shape (32, 1), expected (32,)"]),
+    (lambda s, p: _set(s, "layers.0.feed_forward.w1.weight", torch.zeros(32)),
+     ["layers.0.feed_forward.w1.weight has shape (32,), expected (ffn hidden size >= 1, 32)"]),
+    (lambda s, p: [_set(s, f"layers.1.feed_forward.{w}.weight", torch.zeros(*shape))
+                   for w, shape in (("w1", (40, 32)), ("w3", (40, 32)), ("w2", (32, 40)))],
+     ["layers.1.feed_forward.w1.weight has shape (40, 32), expected (48, 32)"]),  # one ffn width for all layers
+    (lambda s, p: _set(s, "extra_heads.1.attention.wk.weight", torch.zeros(32, 32)),
+     ["extra_heads.1.attention.wk.weight has shape (32, 32), expected (16, 32)"]),
+    (lambda s, p: _set(s, "layers.2.attention_norm.weight", torch.zeros(32, dtype=torch.int64)),
+     ["layers.2.attention_norm.weight holds int64 values, expected floating point"]),
+    (lambda s, p: s.pop("extra_heads.0.ffn_norm.weight"), ["extra_heads.0 lacks ffn_norm.weight"]),
+])
+def test_convert_checks_every_tensors_shape(capsys, tmp_path, damage, fragments):
+    """Each tensor against what params.json implies, before anything is built or written (issue 16)."""
+    from tests.test_pretrain import write_meta_checkpoint
+
+    ckpt = tmp_path / "meta"
+    state, params = write_meta_checkpoint(ckpt, vocab=50)
+    damage(state, params)
+    torch.save(state, ckpt / "consolidated.00.pth")
+    (ckpt / "params.json").write_text(json.dumps(params))
+    one_line_error(capsys, ["convert", str(ckpt), "--out", str(tmp_path / "out")], *fragments)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("name,content,fragment", [
     ("tokenizer_config.json", "[]", "tokenizer_config.json must be a JSON object, got a list"),
     ("config.json", "[1]", "config.json must be a JSON object, got a list"),
