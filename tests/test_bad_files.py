@@ -375,3 +375,116 @@ def test_non_utf8_prompt_file(tmp_path):
     path.write_bytes(b'{"prompt": "caf\xe9"}\n')
     with pytest.raises(UserError, match="prompts.jsonl is not UTF-8 text"):
         load_prompts(str(path))
+
+
+# ----------------------------------------------------------------------------- mtp train --resume: the checkpoint
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_folder):
+    """A 2-step frozen run with a checkpoint per step and a hidden-state cache; returns (run, the train argv)."""
+    from tests.conftest import SAMPLE_TEXT
+
+    root = tmp_path_factory.mktemp("finished")
+    (root / "data.txt").write_text(SAMPLE_TEXT * 30)
+    argv = ["train", "--model", str(tiny_folder), "--data", str(root / "data.txt"), "--heads", "2", "--seq-len", "24",
+            "--batch-size", "2", "--save-every", "1", "--cache-hidden", "--quiet"]
+    assert main([*argv, "--max-steps", "2", "--out", str(root / "run")]) == 0
+    return root / "run", argv
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+    run, argv = finished_run
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run", [*argv, "--max-steps", "3", "--resume", "--out", str(tmp_path / "run")]
+
+
+def _trainer_json(run, change):
+    path = run / "checkpoint" / "trainer.json"
+    if isinstance(change, bytes):
+        path.write_bytes(change)
+        return
+    meta = json.loads(path.read_text())
+    path.write_text(json.dumps(change(meta) if callable(change) else change))
+
+
+def _trainer_tensors(run, change):
+    path = run / "checkpoint" / "trainer.safetensors"
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path)
+
+
+@pytest.mark.parametrize("damage,fragments", [
+    (lambda run: _trainer_json(run, [1, 2]), ["trainer.json is damaged (a JSON object was expected, got list)"]),
+    (lambda run: _trainer_json(run, lambda m: {**m, "step": "x"}), ["step must be an integer >= 0, got 'x'"]),
+    (lambda run: _trainer_json(run, lambda m: {**m, "step": -1}), ["step must be an integer >= 0, got -1"]),
+    (lambda run: _trainer_json(run, lambda m: {**m, "step": True}), ["step must be an integer >= 0, got True"]),
+    (lambda run: _trainer_json(run, lambda m: {k: v for k, v in m.items() if k != "optimizer"}),
+     ["trainer.json is damaged (no optimizer)"]),
+    (lambda run: _trainer_json(run, lambda m: {**m, "config": [1]}), ["config must be an object, got list"]),
+    (lambda run: _trainer_json(run, b"\xff\xfe"), ["trainer.json is damaged (not UTF-8 text: byte 0xff at offset 0)"]),
+    (lambda run: _trainer_json(run, b'{"step": 1'), ["trainer.json is corrupt: not valid JSON", "is damaged"]),
+    (lambda run: _trainer_json(run, lambda m: {**m, "optimizer": {**m["optimizer"], "keys": "x"}}),
+     ["optimizer.keys must be a list of distinct parameter names"]),
+    (lambda run: _trainer_json(run, lambda m: {**m, "optimizer": {**m["optimizer"], "param_groups": [1]}}),
+     ["optimizer.param_groups must be a list of objects"]),
+    (lambda run: _trainer_json(run, lambda m: {**m, "optimizer": {**m["optimizer"], "scalars": {"99": {}}}}),
+     ["optimizer.scalars must map indices of optimizer.keys"]),
+    (lambda run: _trainer_json(run, lambda m: {**m, "optimizer": {**m["optimizer"], "keys": ["nope"]}}),
+     ["optimizer.keys names 'nope', not a parameter this run optimizes"]),
+    (lambda run: _trainer_json(run, lambda m: {**m, "optimizer": {**m["optimizer"], "param_groups": [
+        {**m["optimizer"]["param_groups"][0], "lr": "fast"}]}}), ["optimizer.param_groups[0].lr is 'fast'"]),
+    (lambda run: _trainer_json(run, lambda m: {**m, "optimizer": {**m["optimizer"], "param_groups": [
+        {**m["optimizer"]["param_groups"][0], "params": []}]}}),
+     ["optimizer.param_groups do not hold this run's optimized parameters once each"]),
+    (lambda run: _trainer_tensors(run, lambda t: t.pop("rng.torch")), ["trainer.safetensors is damaged (no rng.torch"]),
+    (lambda run: _trainer_tensors(run, lambda t: t.update({"rng.torch": torch.zeros(3, dtype=torch.uint8)})),
+     ["rng.torch has shape (3,)"]),
+    (lambda run: _trainer_tensors(run, lambda t: t.pop("optim.1.exp_avg_sq")),
+     ["trainer.safetensors is damaged (no optim.1.exp_avg_sq"]),
+    (lambda run: _trainer_tensors(run, lambda t: t.update({"optim.0.exp_avg": torch.zeros(3)})),
+     ["optim.0.exp_avg (the optimizer state of heads.0", "has shape (3,)", "expected (32, 32)"]),
+    (lambda run: _trainer_tensors(run, lambda t: t.update({"optim.0.step": torch.zeros(2)})),
+     ["optim.0.step", "has shape (2,)", "expected ()"]),
+    (lambda run: _trainer_tensors(run, lambda t: t.update({"optim.7.exp_avg": torch.zeros(3)})),
+     ["unexpected tensor 'optim.7.exp_avg'"]),
+    (lambda run: (run / "checkpoint" / "trainer.safetensors").write_bytes(b"\x08"),
+     ["trainer.safetensors is damaged ("]),
+])
+def test_a_damaged_training_checkpoint_is_one_line(capsys, run_copy, damage, fragments):
+    """--resume reads trainer.json and trainer.safetensors as untrusted: typed, every key it reads present, every
+    tensor of the right shape; each fault one line naming the file and how to go on (issue 16)."""
+    run, argv = run_copy
+    damage(run)
+    before = (run / "metrics.jsonl").read_bytes()
+    line = one_line_error(capsys, argv, str(run / "checkpoint"), *fragments)
+    assert "--overwrite" in line and "is damaged" in line
+    assert (run / "metrics.jsonl").read_bytes() == before  # refused before the run touched anything
+
+
+@pytest.mark.parametrize("damage", [
+    lambda run: (run / "hidden-rank0.bin").write_bytes(b"\0" * 100),  # cut short
+    lambda run: (run / "hidden-rank0.bin").write_bytes((run / "hidden-rank0.bin").read_bytes() + b"\0"),
+    lambda run: (run / "hidden-rank0.json").write_text("{oops"),
+    lambda run: (run / "hidden-rank0.json").write_bytes(b"\xff\xfe"),
+    lambda run: (run / "hidden-rank0.json").write_text('{"shape": ' + "1" * 5000 + "}"),
+    lambda run: (run / "hidden-rank0.json").unlink(),
+])
+def test_a_damaged_hidden_state_cache_is_rebuilt(capsys, run_copy, damage):
+    """The cache is mtp's own and can be recomputed: one that does not match is rebuilt, not a crash."""
+    run, argv = run_copy
+    good_bin, good_json = (run / "hidden-rank0.bin").read_bytes(), (run / "hidden-rank0.json").read_text()
+    damage(run)
+    assert main(argv) == 0, capsys.readouterr().err
+    assert (run / "hidden-rank0.bin").read_bytes() == good_bin
+    assert (run / "hidden-rank0.json").read_text() == good_json
+
+
+@pytest.mark.parametrize("name", ["hidden-rank0.bin", "hidden-rank0.json"])
+def test_a_folder_in_the_way_of_the_hidden_state_cache(capsys, run_copy, name):
+    run, argv = run_copy
+    (run / name).unlink()
+    (run / name).mkdir()
+    one_line_error(capsys, argv, f"{run / name} is in the way of the hidden-state cache (it is not a file)")

@@ -235,9 +235,15 @@ class HiddenCache:
         shape = (blocks.shape[0], blocks.shape[1], hidden)
         meta_path = path.with_suffix(".json")
         key = {"shape": list(shape), "dtype": str(dtype), "tap": model.tapped, "tokens": int(blocks.sum())}
-        fresh = not (path.exists() and meta_path.exists() and json.loads(meta_path.read_text()) == key)
+        for p in (path, meta_path):  # the cache is ours and is rebuilt at will, but not over what is not a file
+            if (p.exists() or p.is_symlink()) and not p.is_file():
+                raise UserError(f"{p} is in the way of the hidden-state cache (it is not a file): remove it, and "
+                                "mtp rebuilds the cache")
+        nbytes = math.prod(shape) * np.dtype(np_dtype).itemsize
+        fresh = not (path.is_file() and path.stat().st_size == nbytes and _read_cache_key(meta_path) == key)
         if fresh:  # the states are written in place: the key, written last, says when they are complete
             meta_path.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)  # a cut or overlong file of another run is started afresh
         self.array = np.memmap(path, dtype=np_dtype, mode="w+" if fresh else "r", shape=shape)
         if fresh:
             with torch.inference_mode():
@@ -258,6 +264,15 @@ class HiddenCache:
         if self.torch_dtype == torch.bfloat16:
             x = x.view(torch.int16).view(torch.bfloat16)
         return list(x.to(device).chunk(self.parts, -1))
+
+
+def _read_cache_key(path: Path):
+    """What a hidden-state cache's .json says it holds; None where it is missing or unreadable (then the cache
+    is rebuilt)."""
+    try:
+        return json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):  # ValueError: not UTF-8, not JSON, an overlong integer
+        return None
 
 
 def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> None:
