@@ -226,6 +226,59 @@ def test_bad_convert_tokenizer(capsys, monkeypatch, tmp_path, tiny_folder, case,
     assert not (tmp_path / "out").exists()
 
 
+def test_convert_refuses_a_tokenizer_beyond_the_checkpoints_vocabulary(capsys, tmp_path, tiny_folder):
+    """The tiny folder's tokenizer has 101 ids; a checkpoint of 50 tokens has no embedding for 50 of them. Its
+    vocabulary is params.json's vocab_size, or the embedding's rows where that is -1 (Llama's release)."""
+    from tests.test_pretrain import write_meta_checkpoint
+
+    for vocab_size in (50, -1):
+        ckpt = tmp_path / f"meta{vocab_size}"
+        _, params = write_meta_checkpoint(ckpt, vocab=50)
+        (ckpt / "params.json").write_text(json.dumps({**params, "vocab_size": vocab_size}))
+        one_line_error(capsys, ["convert", str(ckpt), "--out", str(tmp_path / "out"), "--tokenizer", str(tiny_folder)],
+                       f"--tokenizer {tiny_folder}: the tokenizer has 101 tokens but the model's vocabulary holds "
+                       "only 50")
+        assert not (tmp_path / "out").exists()
+
+
+def _set(state, key, value):
+    state[key] = value
+
+
+@pytest.mark.parametrize("damage,fragments", [
+    (lambda s, p: _set(s, "tok_embeddings.weight", torch.tensor(1.0)),
+     ["tok_embeddings.weight has shape (), expected (50, 32)", "dim 32, 4 heads, 2 kv heads"]),
+    (lambda s, p: _set(p, "vocab_size", 0), ["params.json: vocab_size must be -1 or between 1 and"]),
+    (lambda s, p: (_set(p, "vocab_size", -1), _set(s, "tok_embeddings.weight", torch.zeros(0, 32))),
+     ["tok_embeddings.weight has shape (0, 32), expected (vocab_size >= 1, 32)"]),
+    (lambda s, p: _set(p, "vocab_size", 60), ["tok_embeddings.weight has shape (50, 32), expected (60, 32)"]),
+    (lambda s, p: _set(s, "output.weight", torch.zeros(49, 32)),
+     ["output.weight has shape (49, 32), expected (50, 32)"]),
+    (lambda s, p: _set(s, "norm.weight", torch.zeros(32, 1)), ["norm.weight has shape (32, 1), expected (32,)"]),
+    (lambda s, p: _set(s, "layers.0.feed_forward.w1.weight", torch.zeros(32)),
+     ["layers.0.feed_forward.w1.weight has shape (32,), expected (ffn hidden size >= 1, 32)"]),
+    (lambda s, p: [_set(s, f"layers.1.feed_forward.{w}.weight", torch.zeros(*shape))
+                   for w, shape in (("w1", (40, 32)), ("w3", (40, 32)), ("w2", (32, 40)))],
+     ["layers.1.feed_forward.w1.weight has shape (40, 32), expected (48, 32)"]),  # one ffn width for all layers
+    (lambda s, p: _set(s, "extra_heads.1.attention.wk.weight", torch.zeros(32, 32)),
+     ["extra_heads.1.attention.wk.weight has shape (32, 32), expected (16, 32)"]),
+    (lambda s, p: _set(s, "layers.2.attention_norm.weight", torch.zeros(32, dtype=torch.int64)),
+     ["layers.2.attention_norm.weight holds int64 values, expected floating point"]),
+    (lambda s, p: s.pop("extra_heads.0.ffn_norm.weight"), ["extra_heads.0 lacks ffn_norm.weight"]),
+])
+def test_convert_checks_every_tensors_shape(capsys, tmp_path, damage, fragments):
+    """Each tensor against what params.json implies, before anything is built or written (issue 16)."""
+    from tests.test_pretrain import write_meta_checkpoint
+
+    ckpt = tmp_path / "meta"
+    state, params = write_meta_checkpoint(ckpt, vocab=50)
+    damage(state, params)
+    torch.save(state, ckpt / "consolidated.00.pth")
+    (ckpt / "params.json").write_text(json.dumps(params))
+    one_line_error(capsys, ["convert", str(ckpt), "--out", str(tmp_path / "out")], *fragments)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("name,content,fragment", [
     ("tokenizer_config.json", "[]", "tokenizer_config.json must be a JSON object, got a list"),
     ("config.json", "[1]", "config.json must be a JSON object, got a list"),
@@ -393,3 +446,115 @@ def test_pipes_and_devices_are_not_read(capsys, tmp_path, tiny_folder, good_head
             "--tree": generate(tiny_folder, good_heads, "--method", "tree", "--tree", str(path)),
             "--config": ["eval", "--config", str(path)]}[flag]
     one_line_error(capsys, argv, str(path), "is not a regular file")
+
+# ----------------------------------------------------------------------------- mtp train --resume: the checkpoint
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_folder):
+    """A 2-step frozen run with a checkpoint per step and a hidden-state cache; returns (run, the train argv)."""
+    from tests.conftest import SAMPLE_TEXT
+
+    root = tmp_path_factory.mktemp("finished")
+    (root / "data.txt").write_text(SAMPLE_TEXT * 30)
+    argv = ["train", "--model", str(tiny_folder), "--data", str(root / "data.txt"), "--heads", "2", "--seq-len", "24",
+            "--batch-size", "2", "--save-every", "1", "--cache-hidden", "--quiet"]
+    assert main([*argv, "--max-steps", "2", "--out", str(root / "run")]) == 0
+    return root / "run", argv
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+    run, argv = finished_run
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run", [*argv, "--max-steps", "3", "--resume", "--out", str(tmp_path / "run")]
+
+
+def _trainer_json(run, change):
+    path = run / "checkpoint" / "trainer.json"
+    if isinstance(change, bytes):
+        path.write_bytes(change)
+        return
+    meta = json.loads(path.read_text())
+    path.write_text(json.dumps(change(meta) if callable(change) else change))
+
+
+def _trainer_tensors(run, change):
+    path = run / "checkpoint" / "trainer.safetensors"
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path)
+
+
+@pytest.mark.parametrize("damage,fragments", [
+    (lambda run: _trainer_json(run, [1, 2]), ["trainer.json is damaged (a JSON object was expected, got list)"]),
+    (lambda run: _trainer_json(run, lambda m: {**m, "step": "x"}), ["step must be an integer >= 0, got 'x'"]),
+    (lambda run: _trainer_json(run, lambda m: {**m, "step": -1}), ["step must be an integer >= 0, got -1"]),
+    (lambda run: _trainer_json(run, lambda m: {**m, "step": True}), ["step must be an integer >= 0, got True"]),
+    (lambda run: _trainer_json(run, lambda m: {k: v for k, v in m.items() if k != "optimizer"}),
+     ["trainer.json is damaged (no optimizer)"]),
+    (lambda run: _trainer_json(run, lambda m: {**m, "config": [1]}), ["config must be an object, got list"]),
+    (lambda run: _trainer_json(run, b"\xff\xfe"), ["trainer.json is damaged (not UTF-8 text: byte 0xff at offset 0)"]),
+    (lambda run: _trainer_json(run, b'{"step": 1'), ["trainer.json is corrupt: not valid JSON", "is damaged"]),
+    (lambda run: _trainer_json(run, lambda m: {**m, "optimizer": {**m["optimizer"], "keys": "x"}}),
+     ["optimizer.keys must be a list of distinct parameter names"]),
+    (lambda run: _trainer_json(run, lambda m: {**m, "optimizer": {**m["optimizer"], "param_groups": [1]}}),
+     ["optimizer.param_groups must be a list of objects"]),
+    (lambda run: _trainer_json(run, lambda m: {**m, "optimizer": {**m["optimizer"], "scalars": {"99": {}}}}),
+     ["optimizer.scalars must map indices of optimizer.keys"]),
+    (lambda run: _trainer_json(run, lambda m: {**m, "optimizer": {**m["optimizer"], "keys": ["nope"]}}),
+     ["optimizer.keys names 'nope', not a parameter this run optimizes"]),
+    (lambda run: _trainer_json(run, lambda m: {**m, "optimizer": {**m["optimizer"], "param_groups": [
+        {**m["optimizer"]["param_groups"][0], "lr": "fast"}]}}), ["optimizer.param_groups[0].lr is 'fast'"]),
+    (lambda run: _trainer_json(run, lambda m: {**m, "optimizer": {**m["optimizer"], "param_groups": [
+        {**m["optimizer"]["param_groups"][0], "params": []}]}}),
+     ["optimizer.param_groups do not hold this run's optimized parameters once each"]),
+    (lambda run: _trainer_tensors(run, lambda t: t.pop("rng.torch")), ["trainer.safetensors is damaged (no rng.torch"]),
+    (lambda run: _trainer_tensors(run, lambda t: t.update({"rng.torch": torch.zeros(3, dtype=torch.uint8)})),
+     ["rng.torch has shape (3,)"]),
+    (lambda run: _trainer_tensors(run, lambda t: t.pop("optim.1.exp_avg_sq")),
+     ["trainer.safetensors is damaged (no optim.1.exp_avg_sq"]),
+    (lambda run: _trainer_tensors(run, lambda t: t.update({"optim.0.exp_avg": torch.zeros(3)})),
+     ["optim.0.exp_avg (the optimizer state of heads.0", "has shape (3,)", "expected (32, 32)"]),
+    (lambda run: _trainer_tensors(run, lambda t: t.update({"optim.0.step": torch.zeros(2)})),
+     ["optim.0.step", "has shape (2,)", "expected ()"]),
+    (lambda run: _trainer_tensors(run, lambda t: t.update({"optim.7.exp_avg": torch.zeros(3)})),
+     ["unexpected tensor 'optim.7.exp_avg'"]),
+    (lambda run: (run / "checkpoint" / "trainer.safetensors").write_bytes(b"\x08"),
+     ["trainer.safetensors is damaged ("]),
+])
+def test_a_damaged_training_checkpoint_is_one_line(capsys, run_copy, damage, fragments):
+    """--resume reads trainer.json and trainer.safetensors as untrusted: typed, every key it reads present, every
+    tensor of the right shape; each fault one line naming the file and how to go on (issue 16)."""
+    run, argv = run_copy
+    damage(run)
+    before = (run / "metrics.jsonl").read_bytes()
+    line = one_line_error(capsys, argv, str(run / "checkpoint"), *fragments)
+    assert "--overwrite" in line and "is damaged" in line
+    assert (run / "metrics.jsonl").read_bytes() == before  # refused before the run touched anything
+
+
+@pytest.mark.parametrize("damage", [
+    lambda run: (run / "hidden-rank0.bin").write_bytes(b"\0" * 100),  # cut short
+    lambda run: (run / "hidden-rank0.bin").write_bytes((run / "hidden-rank0.bin").read_bytes() + b"\0"),
+    lambda run: (run / "hidden-rank0.json").write_text("{oops"),
+    lambda run: (run / "hidden-rank0.json").write_bytes(b"\xff\xfe"),
+    lambda run: (run / "hidden-rank0.json").write_text('{"shape": ' + "1" * 5000 + "}"),
+    lambda run: (run / "hidden-rank0.json").unlink(),
+])
+def test_a_damaged_hidden_state_cache_is_rebuilt(capsys, run_copy, damage):
+    """The cache is mtp's own and can be recomputed: one that does not match is rebuilt, not a crash."""
+    run, argv = run_copy
+    good_bin, good_json = (run / "hidden-rank0.bin").read_bytes(), (run / "hidden-rank0.json").read_text()
+    damage(run)
+    assert main(argv) == 0, capsys.readouterr().err
+    assert (run / "hidden-rank0.bin").read_bytes() == good_bin
+    assert (run / "hidden-rank0.json").read_text() == good_json
+
+
+@pytest.mark.parametrize("name", ["hidden-rank0.bin", "hidden-rank0.json"])
+def test_a_folder_in_the_way_of_the_hidden_state_cache(capsys, run_copy, name):
+    run, argv = run_copy
+    (run / name).unlink()
+    (run / name).mkdir()
+    one_line_error(capsys, argv, f"{run / name} is in the way of the hidden-state cache (it is not a file)")

@@ -69,6 +69,50 @@ def test_the_checks_read_the_config_only(tiny_folder):
         check_context(9000, "--context", gemma)
 
 
+@pytest.fixture(scope="module")
+def small_vocab_folder(tmp_path_factory):
+    """A model of 64 tokens saved with the 101-token character tokenizer: ids 64 to 100 have no embedding."""
+    import torch
+
+    from tests.conftest import char_tokenizer, tiny_model
+
+    path = tmp_path_factory.mktemp("vocab64")
+    tiny_model("llama", vocab=64, dtype=torch.float32).save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("argv", [
+    ["generate", "hello ~~~"],
+    ["train", "--data", "CORPUS", "--out", "RUN", "--heads", "1", "--seq-len", "16", "--max-steps", "1"],
+    ["analyze", "--text", "CORPUS", "--no-lens", "--max-candidates", "32"],
+])
+def test_a_tokenizer_beyond_the_embedding_is_refused_before_its_weights_load(capsys, tmp_path, corpus_file,
+                                                                             small_vocab_folder, no_weights, argv):
+    """Not an IndexError inside torch.embedding mid-run: one line naming both sizes, the weights never loaded."""
+    argv = [{"CORPUS": str(corpus_file), "RUN": str(tmp_path / "run")}.get(a, a) for a in argv]
+    one_line_error(capsys, [*argv, "--model", str(small_vocab_folder)],
+                   f"{small_vocab_folder}: the tokenizer has 101 tokens but the model's vocabulary holds only 64")
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_added_token_past_the_embedding_is_not_refused(tmp_path):
+    """Some released models add a pad token one past their embedding (never fed to it): only the base
+    vocabulary counts."""
+    import torch
+
+    from mtp.backbones import load_backbone
+    from tests.conftest import char_tokenizer, tiny_model
+
+    tok = char_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<extra>"]})
+    assert (tok.vocab_size, len(tok)) == (101, 102)
+    tiny_model("llama", vocab=101, dtype=torch.float32).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    model, loaded = load_backbone(str(tmp_path))
+    assert len(loaded) == 102 and model.get_input_embeddings().weight.shape[0] == 101
+
+
 def test_a_model_name_that_is_not_a_folder_never_reaches_the_hub(capsys, tmp_path, monkeypatch):
     """Offline means offline: an unknown name is refused by mtp, not looked up on the Hugging Face hub."""
     monkeypatch.chdir(tmp_path)

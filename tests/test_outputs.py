@@ -2,6 +2,7 @@
 into the installed package; append-only files are repaired to their last complete record."""
 
 import json
+import shutil
 
 import pytest
 
@@ -79,6 +80,23 @@ def test_a_run_folder_is_not_replaced_unasked(tiny_folder, tmp_path, capsys):
     one_line_error(capsys, args[:-1] + ["--out", str(text), "--quiet"], "is also an input")
     with pytest.raises(UserError, match="already holds a run"):
         pretrain(PretrainConfig(preset="tiny", out=str(out), max_steps=1), progress=False)
+
+
+def test_the_model_or_tokenizer_folder_is_not_a_run_folder(tiny_folder, tmp_path, capsys):
+    """--out the --model folder (train) or the --tokenizer folder (pretrain), even with --overwrite: refused
+    before anything is written into it."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_folder, model)
+    before = sorted(p.name for p in model.iterdir())
+    text = tmp_path / "train.txt"
+    text.write_text(SAMPLE_TEXT * 20)
+    one_line_error(capsys, ["train", "--model", str(model), "--data", str(text), "--out", str(model), "--overwrite",
+                            "--heads", "1", "--seq-len", "16", "--max-steps", "1", "--quiet"],
+                   f"--out {model} is also an input")
+    one_line_error(capsys, ["pretrain", "--preset", "tiny", "--tokenizer", str(model), "--data", str(text),
+                            "--out", str(model), "--overwrite", "--max-steps", "1", "--quiet"],
+                   f"--out {model} is also an input")
+    assert sorted(p.name for p in model.iterdir()) == before
 
 
 def test_distill_repairs_a_cut_off_partial_file(tiny_folder, tmp_path):

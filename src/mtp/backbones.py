@@ -406,6 +406,24 @@ def check_hf_json(folder: Path) -> None:
                 raise UserError(f"{path} must be a JSON object, got a {type(value).__name__}: {fix}")
 
 
+def check_tokenizer_vocab(tokenizer, vocab: int | None, where: str) -> None:
+    """Refuse a tokenizer whose base vocabulary (``tokenizer.vocab_size``: added tokens not counted, since some
+    released models add a pad token one past their embedding) holds ids beyond the model's ``vocab`` embedding
+    rows: each of them would index past the embedding mid-run."""
+    base = getattr(tokenizer, "vocab_size", None)
+    if tokenizer is None or not isinstance(vocab, int) or not isinstance(base, int) or base <= vocab:
+        return
+    raise UserError(f"{where}: the tokenizer has {base} tokens but the model's vocabulary holds only {vocab} "
+                    f"(ids {vocab} to {base - 1} have no embedding): use the tokenizer the model was trained with")
+
+
+def _config_vocab(config) -> int | None:
+    """The vocabulary size a transformers config states (the text model's, for a multimodal one)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    vocab = getattr(text, "vocab_size", None)
+    return vocab if isinstance(vocab, int) and not isinstance(vocab, bool) else None
+
+
 def load_tokenizer(folder: str | Path, flag: str = "--tokenizer"):
     """A tokenizer from a local Hugging Face folder; never from the Hub (a name that is not a folder is refused)."""
     from transformers import AutoTokenizer
@@ -428,7 +446,7 @@ def load_backbone(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = 
     The model is in eval mode on ``device`` with weights in ``dtype``. A folder without tokenizer files
     gives ``tokenizer=None`` when ``require_tokenizer`` is False, else a clear error.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     dt, dev = torch_dtype(dtype), check_device(device)
     folder = local_model_folder(name_or_path)
@@ -443,9 +461,15 @@ def load_backbone(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = 
     try:
         # a weights-only folder (e.g. a converted checkpoint without --tokenizer) still loads: tokenizer None
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True) if has_tokenizer else None
+        vocab = _config_vocab(AutoConfig.from_pretrained(folder, local_files_only=True)) if has_tokenizer else None
+    except Exception as e:  # corrupt or unsupported folders raise many types; all are bad input here
+        raise UserError(f"could not load model from {folder}: {_first_line(e)}") from e
+    check_tokenizer_vocab(tokenizer, vocab, str(folder))  # before the weights load
+    try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dt, use_safetensors=True, local_files_only=True)
     except Exception as e:  # corrupt or unsupported folders raise many types; all are bad input here
         raise UserError(f"could not load model from {folder}: {_first_line(e)}") from e
+    check_tokenizer_vocab(tokenizer, model.get_input_embeddings().weight.shape[0], str(folder))  # the rows it has
     if tokenizer is not None and tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(dev).eval(), tokenizer

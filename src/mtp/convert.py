@@ -55,9 +55,13 @@ _PARAMS = {"dim": (int, True, 1, 65536), "n_heads": (int, True, 1, 1024), "n_kv_
            "rope_theta": (float, False, 1.0, 1e9)}
 
 
+MAX_VOCAB = 1 << 24  # far above any released model's vocabulary
+
+
 def parse_meta_params(params, path: Path) -> dict:
-    """params.json checked: an object whose known fields have their type and a plausible range (unknown
-    fields, such as vocab_size -1 or multiple_of, are kept unread); one line naming the field otherwise."""
+    """params.json checked: an object whose known fields have their type and a plausible range (vocab_size: -1,
+    Meta's "as many as the embedding has", or at least 1; unknown fields, such as multiple_of, are kept unread);
+    one line naming the field otherwise."""
     from mtp.config import check_type
 
     fix = "fix params.json (it comes with Meta's checkpoint)"
@@ -74,12 +78,68 @@ def parse_meta_params(params, path: Path) -> dict:
         if not low <= value <= high:
             raise UserError(f"{path}: {key} must be between {low:g} and {high:g}, got {value}: {fix}")
         out[key] = value
+    out["vocab_size"] = -1  # absent, null or -1 (Llama's release): as many as the embedding has
+    if params.get("vocab_size") not in (None, -1):
+        out["vocab_size"] = check_type(f"{path}: vocab_size", int, params["vocab_size"], fix)
+        if not 1 <= out["vocab_size"] <= MAX_VOCAB:
+            raise UserError(f"{path}: vocab_size must be -1 or between 1 and {MAX_VOCAB}, got "
+                            f"{out['vocab_size']}: {fix}")
     dim, n_heads, n_kv = out["dim"], out["n_heads"], out.get("n_kv_heads", out["n_heads"])
     if dim % n_heads or (dim // n_heads) % 2:
         raise UserError(f"{path}: dim {dim} must be n_heads ({n_heads}) times an even head size: {fix}")
     if n_heads % n_kv:
         raise UserError(f"{path}: n_kv_heads ({n_kv}) must divide n_heads ({n_heads}): {fix}")
     return out
+
+
+def check_meta_shapes(params: dict, state: dict, layers: dict, extra: dict) -> tuple[int, int]:
+    """Every tensor the conversion reads has the shape params.json implies (dim, n_heads, n_kv_heads, its
+    vocab_size or else at least one token, one feed-forward width in every layer and extra head) and floating-point
+    values; returns (vocabulary, feed-forward width). One line naming the tensor, the expected and the found shape."""
+    dim, n_heads = params["dim"], params["n_heads"]
+    n_kv = params.get("n_kv_heads", n_heads)
+    sizes = f"params.json: dim {dim}, {n_heads} heads, {n_kv} kv heads"
+    for key in ("tok_embeddings.weight", "norm.weight", "output.weight"):
+        if key not in state:
+            raise UserError(f"the checkpoint lacks {key}")
+
+    def check(name: str, t: torch.Tensor, shape: tuple) -> None:
+        if tuple(t.shape) != shape:
+            shown = "(" + ", ".join(str(n) for n in shape) + ("," if len(shape) == 1 else "") + ")"
+            raise UserError(f"the checkpoint's {name} has shape {tuple(t.shape)}, expected {shown} ({sizes}): "
+                            "the checkpoint is damaged or does not belong to this params.json")
+        if not t.is_floating_point():
+            raise UserError(f"the checkpoint's {name} holds {str(t.dtype).removeprefix('torch.')} values, "
+                            "expected floating point: the checkpoint is damaged")
+
+    def size(t: torch.Tensor, what: str) -> int | str:
+        """A size read off a 2-D tensor's first dimension; where there is none, what it should be."""
+        return t.shape[0] if t.dim() == 2 and t.shape[0] >= 1 else f"{what} >= 1"
+
+    emb = state["tok_embeddings.weight"]
+    vocab = params.get("vocab_size", -1)  # parse_meta_params: -1 (as many as the embedding has) or >= 1
+    if vocab == -1:
+        vocab = size(emb, "vocab_size")
+    check("tok_embeddings.weight", emb, (vocab, dim))
+    check("output.weight", state["output.weight"], (vocab, dim))
+    check("norm.weight", state["norm.weight"], (dim,))
+    w1 = layers[0].get("feed_forward.w1.weight")
+    if w1 is None:
+        raise UserError("the checkpoint's layers.0 lacks feed_forward.w1.weight")
+    inter = size(w1, "ffn hidden size")  # one width in every layer and extra head (a Llama config has one)
+    head_dim = dim // n_heads
+    expect = {"attention.wq.weight": (n_heads * head_dim, dim), "attention.wk.weight": (n_kv * head_dim, dim),
+              "attention.wv.weight": (n_kv * head_dim, dim), "attention.wo.weight": (dim, n_heads * head_dim),
+              "feed_forward.w1.weight": (inter, dim), "feed_forward.w3.weight": (inter, dim),
+              "feed_forward.w2.weight": (dim, inter), "attention_norm.weight": (dim,), "ffn_norm.weight": (dim,)}
+    for prefix, group in (("layers", layers), ("extra_heads", extra)):
+        for i, meta in group.items():
+            missing = [k for k in _LAYER_MAP if k not in meta]
+            if missing:
+                raise UserError(f"the checkpoint's {prefix}.{i} lacks {', '.join(missing)}")
+            for k, shape in expect.items():
+                check(f"{prefix}.{i}.{k}", meta[k], shape)
+    return vocab, inter
 
 
 def read_meta_checkpoint(folder: Path) -> tuple[dict, dict]:
@@ -145,7 +205,7 @@ def convert_meta(folder: str | Path, out: str | Path, tokenizer: str | None = No
     heads folder, which ``MTPModel.from_pretrained`` and ``mtp generate --heads`` take."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from mtp.backbones import DTYPES, load_tokenizer
+    from mtp.backbones import DTYPES, check_tokenizer_vocab, load_tokenizer
     from mtp.model.mtp import HeadsConfig, MTPModel
 
     out = Path(out).expanduser().resolve()
@@ -167,27 +227,9 @@ def convert_meta(folder: str | Path, out: str | Path, tokenizer: str | None = No
     if "n_layers" in params and params["n_layers"] not in (len(layers), len(layers) + len(extra)):
         raise UserError(f"params.json says n_layers = {params['n_layers']} but the checkpoint has {len(layers)} "
                         f"layers and {len(extra)} extra heads")
-    for key in ("tok_embeddings.weight", "norm.weight", "output.weight"):
-        if key not in state:
-            raise UserError(f"the checkpoint lacks {key}")
-    vocab = state["tok_embeddings.weight"].shape[0]
-    head_dim = dim // n_heads
-    w1 = layers[0].get("feed_forward.w1.weight")
-    if w1 is None:
-        raise UserError("layers.0 lacks feed_forward.w1.weight")
-    inter = w1.shape[0]
-    expect = {"attention.wq.weight": (n_heads * head_dim, dim), "attention.wk.weight": (n_kv * head_dim, dim),
-              "attention.wv.weight": (n_kv * head_dim, dim), "attention.wo.weight": (dim, n_heads * head_dim),
-              "feed_forward.w1.weight": (inter, dim), "feed_forward.w3.weight": (inter, dim),
-              "feed_forward.w2.weight": (dim, inter), "attention_norm.weight": (dim,), "ffn_norm.weight": (dim,)}
-    for prefix, group in (("layers", layers), ("extra_heads", extra)):
-        for i, meta in group.items():
-            for k, shape in expect.items():
-                if k in meta and tuple(meta[k].shape) != shape:
-                    raise UserError(f"{prefix}.{i}.{k} has shape {tuple(meta[k].shape)}, expected {shape} "
-                                    f"(dim {dim}, {n_heads} heads, {n_kv} kv heads)")
-    if tuple(state["output.weight"].shape) != (vocab, dim) or tuple(state["norm.weight"].shape) != (dim,):
-        raise UserError(f"output / norm shapes do not match dim {dim} and vocabulary {vocab}")
+    vocab, inter = check_meta_shapes(params, state, layers, extra)
+    if tok is not None:
+        check_tokenizer_vocab(tok, vocab, f"--tokenizer {tokenizer}")
     if dtype not in DTYPES:
         raise UserError(f"unknown --dtype {dtype!r}")
     config = LlamaConfig(vocab_size=vocab, hidden_size=dim, intermediate_size=inter, num_hidden_layers=len(layers),

@@ -226,7 +226,9 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, command: str = "") -> d
     else:
         from mtp.training.train import check_run_folder
 
-        check_run_folder(out, False, cfg.overwrite, cfg.data, main=ddp.main, entries=PRETRAIN_ENTRIES)
+        tokenizer_input = None if cfg.tokenizer in ("bytes", "bpe") else cfg.tokenizer  # a tokenizer folder
+        check_run_folder(out, False, cfg.overwrite, [*cfg.data, tokenizer_input], main=ddp.main,
+                         entries=PRETRAIN_ENTRIES)
         if ddp.main:
             import shutil
 

@@ -235,9 +235,15 @@ class HiddenCache:
         shape = (blocks.shape[0], blocks.shape[1], hidden)
         meta_path = path.with_suffix(".json")
         key = {"shape": list(shape), "dtype": str(dtype), "tap": model.tapped, "tokens": int(blocks.sum())}
-        fresh = not (path.exists() and meta_path.exists() and json.loads(meta_path.read_text()) == key)
+        for p in (path, meta_path):  # the cache is ours and is rebuilt at will, but not over what is not a file
+            if (p.exists() or p.is_symlink()) and not p.is_file():
+                raise UserError(f"{p} is in the way of the hidden-state cache (it is not a file): remove it, and "
+                                "mtp rebuilds the cache")
+        nbytes = math.prod(shape) * np.dtype(np_dtype).itemsize
+        fresh = not (path.is_file() and path.stat().st_size == nbytes and _read_cache_key(meta_path) == key)
         if fresh:  # the states are written in place: the key, written last, says when they are complete
             meta_path.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)  # a cut or overlong file of another run is started afresh
         self.array = np.memmap(path, dtype=np_dtype, mode="w+" if fresh else "r", shape=shape)
         if fresh:
             with torch.inference_mode():
@@ -258,6 +264,15 @@ class HiddenCache:
         if self.torch_dtype == torch.bfloat16:
             x = x.view(torch.int16).view(torch.bfloat16)
         return list(x.to(device).chunk(self.parts, -1))
+
+
+def _read_cache_key(path: Path):
+    """What a hidden-state cache's .json says it holds; None where it is missing or unreadable (then the cache
+    is rebuilt)."""
+    try:
+        return json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):  # ValueError: not UTF-8, not JSON, an overlong integer
+        return None
 
 
 def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> None:
@@ -337,7 +352,7 @@ def train(cfg: TrainConfig, progress: bool = True, command: str = "") -> dict:
     ddp, device = init_distributed(cfg.device)
     out = Path(cfg.out)
     ckpt = out / "checkpoint"
-    check_run_folder(out, cfg.resume, cfg.overwrite, cfg.data, main=ddp.main)
+    check_run_folder(out, cfg.resume, cfg.overwrite, [*cfg.data, model_input(cfg.model)], main=ddp.main)
     if ddp.world > 1:
         dist.barrier()  # rank 0 has recovered what a killed save left
     fresh = not (ckpt / "trainer.json").exists()  # --resume of a run killed before its first checkpoint: from step 0
@@ -483,6 +498,14 @@ def train(cfg: TrainConfig, progress: bool = True, command: str = "") -> dict:
     return {"out": str(out), "steps": step, "heads": str(out / "heads")}
 
 
+def model_input(spec: str) -> str | None:
+    """The path a --model reads, for ``check_run_folder``'s inputs: None for a built-in model's name (a folder of
+    that name in the working directory is not what it loads)."""
+    from mtp.backbones import BUILTIN_MODELS
+
+    return None if spec in BUILTIN_MODELS else spec
+
+
 RUN_ENTRIES = ("checkpoint", "heads", "metrics.jsonl")
 """What a training run writes into --out."""
 
@@ -495,7 +518,8 @@ def check_run_folder(out: Path, resume: bool, overwrite: bool, inputs=(), main: 
     ``overwrite`` replaces it), and ``resume`` where there is no run."""
     from mtp.io import check_new_output, recover_dir
 
-    check_new_output(out, "--out", overwrite=True, inputs=[i for i in inputs if Path(i).exists()])  # not corpus names
+    check_new_output(out, "--out", overwrite=True,  # not corpus names
+                     inputs=[i for i in inputs if i is not None and Path(i).exists()])
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: give a folder")
     if main:
