@@ -56,13 +56,17 @@ def char_tokenizer(add_bos: bool = True):
                                    unk_token="<unk>")
 
 
+def save_tiny_folder(path, vocab: int = 128):
+    """A Hugging Face model folder (safetensors + the character tokenizer) holding a tiny random Llama, float32."""
+    tiny_model("llama", vocab=vocab, dtype=torch.float32).save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory):
     """A Hugging Face model folder (safetensors + tokenizer) holding a tiny random Llama, float32."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama", vocab=128, dtype=torch.float32).save_pretrained(path)
-    char_tokenizer().save_pretrained(path)
-    return path
+    return save_tiny_folder(tmp_path_factory.mktemp("tiny-llama"))
 
 
 SAMPLE_TEXT = (

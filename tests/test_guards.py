@@ -72,14 +72,9 @@ def test_the_checks_read_the_config_only(tiny_folder):
 @pytest.fixture(scope="module")
 def small_vocab_folder(tmp_path_factory):
     """A model of 64 tokens saved with the 101-token character tokenizer: ids 64 to 100 have no embedding."""
-    import torch
+    from tests.conftest import save_tiny_folder
 
-    from tests.conftest import char_tokenizer, tiny_model
-
-    path = tmp_path_factory.mktemp("vocab64")
-    tiny_model("llama", vocab=64, dtype=torch.float32).save_pretrained(path)
-    char_tokenizer().save_pretrained(path)
-    return path
+    return save_tiny_folder(tmp_path_factory.mktemp("vocab64"), vocab=64)
 
 
 @pytest.mark.parametrize("argv", [
