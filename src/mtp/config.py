@@ -82,17 +82,15 @@ def _split_commas(items: list[str]) -> list[str]:
     return [m.strip() for item in items for m in item.split(",") if m.strip()]
 
 
-def check_output_file(path: str | None, flag: str, inputs: tuple[str, ...] | list[str] = (),
-                      overwrite: bool = False) -> None:
-    """Fail before any slow work if an output file (--json, --plot) exists (unless ``overwrite``), cannot be
-    written, or is one of the command's ``inputs`` (writing the report would destroy what it reads)."""
+def check_output_file(path: str | None, flag: str, overwrite: bool = False) -> None:
+    """Fail before any slow work if an output file (--json, --plot) exists (unless ``overwrite``) or cannot be
+    written. (One that is also an input: ``check_outputs_apart``.)"""
     if path is None:
         return
-    from mtp.io import check_writable, refuse_input_as_output
+    from mtp.io import check_writable
 
     p = Path(path).expanduser()
     try:
-        refuse_input_as_output(path, flag, [i for i in inputs if Path(i).expanduser().exists()])  # not corpus names
         _require(not p.is_dir(), f"{flag} {path} is a directory: give a file path")
         _require(not (p.exists() or p.is_symlink()) or (overwrite and p.is_file()),
                  f"{flag} {path} already exists: choose another path or pass --overwrite to replace it"
@@ -382,7 +380,7 @@ class AnalyzeConfig(Runtime, Writes):
         self.top_p = sorted(set(self.top_p), reverse=True)
         _at_least(self, ("max_candidates", "context", "max_positions", "positions_per_window", "chunk_tokens"))
         _at_most(self, ("max_candidates",), MAX_CANDIDATES)
-        check_output_file(self.json, "--json", self.data, overwrite=self.overwrite)
+        check_output_file(self.json, "--json", overwrite=self.overwrite)
         _require(self.out is None or not Path(self.out).expanduser().is_file(),
                  f"--out {self.out} exists and is not a directory")
         if self.out is not None:

@@ -226,9 +226,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, command: str = "") -> d
     else:
         from mtp.training.train import check_run_folder
 
-        tokenizer_input = None if cfg.tokenizer in ("bytes", "bpe") else cfg.tokenizer  # a tokenizer folder
-        check_run_folder(out, False, cfg.overwrite, [*cfg.data, tokenizer_input], main=ddp.main,
-                         entries=PRETRAIN_ENTRIES)
+        check_run_folder(out, False, cfg.overwrite, main=ddp.main, entries=PRETRAIN_ENTRIES)
         if ddp.main:
             import shutil
 

@@ -352,7 +352,7 @@ def train(cfg: TrainConfig, progress: bool = True, command: str = "") -> dict:
     ddp, device = init_distributed(cfg.device)
     out = Path(cfg.out)
     ckpt = out / "checkpoint"
-    check_run_folder(out, cfg.resume, cfg.overwrite, [*cfg.data, model_input(cfg.model)], main=ddp.main)
+    check_run_folder(out, cfg.resume, cfg.overwrite, main=ddp.main)
     if ddp.world > 1:
         dist.barrier()  # rank 0 has recovered what a killed save left
     fresh = not (ckpt / "trainer.json").exists()  # --resume of a run killed before its first checkpoint: from step 0
@@ -498,28 +498,20 @@ def train(cfg: TrainConfig, progress: bool = True, command: str = "") -> dict:
     return {"out": str(out), "steps": step, "heads": str(out / "heads")}
 
 
-def model_input(spec: str) -> str | None:
-    """The path a --model reads, for ``check_run_folder``'s inputs: None for a built-in model's name (a folder of
-    that name in the working directory is not what it loads)."""
-    from mtp.backbones import BUILTIN_MODELS
-
-    return None if spec in BUILTIN_MODELS else spec
-
-
 RUN_ENTRIES = ("checkpoint", "heads", "metrics.jsonl")
 """What a training run writes into --out."""
 
 
-def check_run_folder(out: Path, resume: bool, overwrite: bool, inputs=(), main: bool = True,
+def check_run_folder(out: Path, resume: bool, overwrite: bool, main: bool = True,
                      entries: tuple[str, ...] = RUN_ENTRIES) -> None:
     """Before any work: ``out`` may take this run. On the main process, first finish or undo what a killed
     checkpoint or heads save left (``mtp.io.recover_dir``). Refused: a file, a folder inside the installed
-    package, one of the inputs, a folder that holds another run's ``entries`` (unless ``resume`` continues it or
-    ``overwrite`` replaces it), and ``resume`` where there is no run."""
+    package, a folder that holds another run's ``entries`` (unless ``resume`` continues it or ``overwrite``
+    replaces it), and ``resume`` where there is no run. (An --out that is one of the run's inputs was refused
+    when its config was made: ``mtp.config.check_outputs_apart``.)"""
     from mtp.io import check_new_output, recover_dir
 
-    check_new_output(out, "--out", overwrite=True,  # not corpus names
-                     inputs=[i for i in inputs if i is not None and Path(i).exists()])
+    check_new_output(out, "--out", overwrite=True)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: give a folder")
     if main:
