@@ -190,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except MemoryError:  # the flags that size memory differ by command: name them where they exist
         command = next((a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("-")), "")
-        hint = {"analyze": "lower --chunk-tokens or --max-candidates", "eval": "lower --max-candidates", "train": "lower --batch-size or --seq-len (raise --grad-accum)",
+        hint = {"analyze": "lower --chunk-tokens or --max-candidates", "eval": "lower --max-candidates",
+                "train": "lower --batch-size or --seq-len (raise --grad-accum)",
                 "pretrain": "lower --batch-size or --seq-len"}.get(command, "use a smaller model or smaller inputs")
         print(f"mtp: error: out of memory: {hint}", file=sys.stderr)
         return 1

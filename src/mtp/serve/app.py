@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 
 from mtp.errors import UserError
+from mtp.io import parse_json
 from mtp.serve.protocol import (ApiError, Limits, Params, TextStream, bad, chunk, final_text, new_id, parse,
                                 response, usage_chunk)
 from mtp.serve.scheduler import Job, Scheduler
@@ -103,8 +104,6 @@ def create_app(scheduler: Scheduler, tokenizer, settings: Settings, metrics: Met
             if len(body) > settings.max_body_bytes:
                 raise ApiError(413, f"request body larger than {settings.max_body_bytes} bytes (--max-body-bytes)",
                                code="body_too_large")
-        from mtp.io import parse_json
-
         try:
             return parse_json(bytes(body), "the request body", what="is ")
         except UserError as e:  # not JSON, too deep, a 5000-digit number, a lone surrogate

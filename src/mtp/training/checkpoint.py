@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from mtp.errors import UserError
 from mtp.config import short_repr
-from mtp.io import atomic_dir, check_readable, read_json, write_json, write_safetensors
+from mtp.io import atomic_dir, check_readable, parse_json, write_json, write_safetensors
 from mtp.model.mtp import MTPModel
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -117,10 +117,10 @@ def read_checkpoint(directory: Path, config: dict, must_match: tuple[str, ...]) 
     check_readable(path, "checkpoint file")
     raw = path.read_bytes()
     try:
-        raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:  # mtp writes it as ASCII
         raise _damaged(path, f"not UTF-8 text: byte 0x{raw[e.start]:02x} at offset {e.start}") from None
-    meta = read_json(path, "checkpoint file", fix=f"the checkpoint is damaged: {_fix(directory)}")
+    meta = parse_json(text, str(path), fix=f"the checkpoint is damaged: {_fix(directory)}")  # as read_json would
     if not isinstance(meta, dict):
         raise _damaged(path, f"a JSON object was expected, got {type(meta).__name__}")
     for key in ("step", "config", "optimizer"):
