@@ -138,3 +138,67 @@ def test_eval_windows_fit_a_short_model_context(tiny_folder, monkeypatch):
                                marginal=False, max_candidates=4, progress=False)
     assert result["positions"] == 160 and len(lengths) == 10
     assert max(lengths) <= 512 and max(lengths) > 400  # as far back as the context allows
+
+
+@pytest.mark.parametrize("name", ["varied", "code-tasks", "prose-tasks"])
+def test_wide_prompt_sets_keep_splits_apart(name):
+    from mtp.prompts import builtin_prompts
+
+    train_set, eval_set = builtin_prompts(name, "train"), builtin_prompts(name, "eval")
+    assert len(train_set) > 500 and len(eval_set) > 100
+    assert not set(train_set) & set(eval_set)
+    assert train_set == builtin_prompts(name, "train")  # the same on every call (and machine: seeded by content)
+    if name == "code-tasks":
+        code = [p.split("```python\n", 1)[1] for p in train_set[:200] if "```python\n" in p]
+        assert code and all(c.startswith("def ") for c in code)
+        assert all("\n        return" not in c.split("\n", 1)[1][:9] for c in code)  # methods are dedented
+
+
+def test_gather_prompts_drops_duplicates_and_interleaves(tmp_path):
+    from mtp.training.distill import gather_prompts
+
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps({"prompt": f"question {i}"}) + "\n" for i in range(8)))
+    b.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["Question  0", "other 1", "other 2", "other 2"]))
+    pairs = gather_prompts([str(a), str(b)], "train", None, 0)
+    assert [p for _, p in pairs].count("other 2") == 1 and "Question  0" not in [p for _, p in pairs]
+    assert len(pairs) == 10
+    sources = [s for s, _ in pairs]
+    assert str(b) in sources[:5] and str(b) in sources[5:]  # both halves hold both sources
+
+
+def test_distill_follow_ups_are_second_turns_and_resume(tiny_folder, tmp_path, monkeypatch):
+    import mtp.training.distill as distill_module
+
+    calls = []
+
+    def fake_generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0):
+        calls.append(prompts)
+        texts = [distill_module.chat_format(tokenizer, p) for p in prompts]
+        return [(t, f"answer {len(calls)}.{i}" + (tokenizer.eos_token or ""), True) for i, t in enumerate(texts)]
+
+    monkeypatch.setattr(distill_module, "generate_batch", fake_generate)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say {w} please."}) + "\n" for w in ["one", "two", "three"]))
+    out = tmp_path / "d.jsonl"
+    cfg = dict(model=str(tiny_folder), prompts=[str(prompts)], out=str(out), max_new_tokens=8, batch_size=3,
+               follow_ups=1.0, quiet=True)
+    summary = distill(DistillConfig(**cfg))
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert summary["prompts"] == 3 and summary["records"] == 6 and len(rows) == 6
+    for first, second in zip(rows[::2], rows[1::2]):
+        assert "follow_up" not in first and second["prompt"] == first["prompt"]
+        context = second["text"][: second["response_start"]]
+        # the second answer is the only target; the first prompt, answer and the follow-up are its context
+        assert first["prompt"] in context and second["follow_up"] in context
+        assert first["response"].removesuffix("<eos>") in context or first["response"][:8] in context
+        assert second["text"][second["response_start"]:] == second["response"]
+        assert second["source"] == first["source"] == str(prompts)
+    # resume: two first turns and one follow-up survived, the rest was cut mid-line
+    partial = tmp_path / "d2.jsonl.partial"
+    partial.write_text("".join(json.dumps(r) + "\n" for r in rows[:3]) + rows[3:4][0].__repr__()[:20])
+    calls.clear()
+    distill(DistillConfig(**{**cfg, "out": str(tmp_path / "d2.jsonl")}))
+    resumed = [json.loads(line) for line in (tmp_path / "d2.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in resumed if "follow_up" not in r] == [r["prompt"] for r in rows[::2]]
+    assert len(calls[0]) == 1  # only the third prompt was generated again

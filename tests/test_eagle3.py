@@ -197,3 +197,49 @@ def test_float32_heads_train_on_a_bfloat16_backbone():
     losses = mtp_step(heads, ids, [1.0, 1.0, 1.0], train_backbone=False)
     assert all(torch.isfinite(torch.tensor(losses[1:])))
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in heads.head_parameters())
+
+
+def _four_layer_llama(arch="llama"):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128)
+    model = (LlamaForCausalLM(LlamaConfig(**common)) if arch == "llama" else Qwen2ForCausalLM(Qwen2Config(**common)))
+    with torch.no_grad():  # norms away from 1, so that a norm copied from the wrong place shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model.double().eval()
+
+
+def test_init_from_target_copies_the_layer_whose_input_fc_passes_through():
+    """--draft-init target: the first draft step computes exactly the target's layer at the highest tap."""
+    from mtp.model.heads import capture_hidden
+
+    model = _four_layer_llama()
+    heads = MTPModel(model, HeadsConfig(backbone="tiny", n_heads=2, kind="eagle3", eagle_layers=[0, 1, 2]))
+    assert heads.eagle.init_from_target(model) == 2  # the layer whose input is tap 2
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), capture_hidden(model, [0, 1, 2, 3]) as store:
+        model.get_decoder()(input_ids=ids)
+        a0 = heads.eagle.unroll(heads.embed, [store[i] for i in heads.tapped], ids, 1)[0]
+    torch.testing.assert_close(a0, store[3])  # layer 2's output: the input of layer 3
+    # a copy of any other layer computes something else
+    for wrong in (0, 1, 3):
+        heads.eagle.init_from_target(model, wrong)
+        with torch.no_grad():
+            other = heads.eagle.unroll(heads.embed, [store[i] for i in heads.tapped], ids, 1)[0]
+        assert not torch.allclose(other, store[3], atol=1e-3)
+
+
+def test_init_from_target_refuses_what_it_cannot_copy():
+    model = tiny_model("gemma3", vocab=64)
+    heads = MTPModel(model, HeadsConfig(backbone="tiny", n_heads=2, kind="eagle3"))
+    with pytest.raises(UserError, match="not a Llama-style layer"):
+        heads.eagle.init_from_target(model)
+    with pytest.raises(UserError, match="layers 0..1"):
+        heads.eagle.init_from_target(tiny_model("llama", vocab=64), 5)
+    qwen = _four_layer_llama("qwen2")  # q/k/v biases are dropped: close to the layer, not equal
+    heads = MTPModel(qwen, HeadsConfig(backbone="tiny", n_heads=2, kind="eagle3", eagle_layers=[0, 1, 2]))
+    assert heads.eagle.init_from_target(qwen) == 2

@@ -249,3 +249,39 @@ def test_resume_accepts_a_checkpoint_from_before_whs_lr(tiny_folder, corpus_file
         else:
             with pytest.raises(UserError, match="whs_lr"):
                 train(resumed, progress=False)
+
+
+def test_heldout_evaluation_logs_a_learning_curve(tiny_folder, tmp_path):
+    """--eval-data: held-out loss, top-1 and chain acceptance per draft step in metrics.jsonl, at every
+    --eval-every steps, at powers of two from 16 and at the last step; the chain figures agree with mtp eval's."""
+    import json
+
+    from mtp.config import TrainConfig
+    from tests.conftest import SAMPLE_TEXT
+
+    text = tmp_path / "t.txt"
+    text.write_text(SAMPLE_TEXT * 20)
+    held = tmp_path / "h.txt"
+    held.write_text(SAMPLE_TEXT[::-1] * 5)
+    train(TrainConfig(model=str(tiny_folder), out=str(tmp_path / "run"), heads=3, kind="eagle3", data=[str(text)],
+                      seq_len=16, batch_size=2, max_steps=20, eval_data=[str(held)], eval_every=6, eval_blocks=4,
+                      autocast="off", draft_init="target", lr=1e-2, warmup_steps=2), progress=False)
+    evals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [e for e in evals if "eval" in e]
+    assert [e["step"] for e in evals] == [6, 12, 16, 18, 20]
+    for e in evals:
+        s = e["eval"]
+        assert len(s["loss"]) == len(s["top1"]) == len(s["accepted"]) == 3 and s["positions"] > 0
+        assert s["accepted"] == sorted(s["accepted"], reverse=True)
+        assert s["tau"] == pytest.approx(1 + sum(s["accepted"]), abs=1e-3)
+    assert evals[-1]["eval"]["loss"][0] < evals[0]["eval"]["loss"][0]  # it learns, and the log shows it
+
+
+def test_chain_acceptance_counts_prefixes():
+    import torch
+
+    from mtp.training.evaluate import chain_acceptance
+
+    hits = torch.tensor([[1, 1, 0, 1], [1, 0, 1, 1], [0, 1, 1, 1]], dtype=torch.bool)  # (steps, positions)
+    c = chain_acceptance(hits)
+    assert c["accepted"] == [0.75, 0.5, 0.25] and c["tau"] == pytest.approx(2.5)

@@ -41,7 +41,8 @@ def show_train(summary: dict) -> str:
 
 
 def show_distill(summary: dict) -> str:
-    return (f"distilled {summary['prompts']} prompts into {summary['out']} "
+    return (f"distilled {summary['prompts']} prompts ({summary['records']} answers, {summary['response_tokens']} "
+            f"tokens, {summary['tokens_per_s']:.0f} tokens/s) into {summary['out']} "
             f"({summary['finished_share']:.0%} ended with EOS)")
 
 

@@ -162,7 +162,8 @@ class Writes(Config):
 
 OUTPUT_FIELDS = ("json", "plot", "out")
 """The fields that name what a command writes; its other path fields (and those below) name what it reads."""
-INPUT_FIELDS = ("model", "models", "heads", "data", "text", "prompts", "tree", "checkpoint", "tokenizer", "results")
+INPUT_FIELDS = ("model", "models", "heads", "data", "text", "prompts", "tree", "checkpoint", "tokenizer", "results",
+                "eval_data")
 FOLDER_FILES = ("config.json", "accuracy.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model", "params.json",
                 "chat_template.jinja", "model.safetensors.index.json")
@@ -410,6 +411,9 @@ class TrainConfig(Runtime, Writes):
     llama.cpp's), auto (from the logit lens on the training text: see docs/results/engines.md) or I,J,K."""
     draft_vocab: int = 0
     """eagle3: draft vocabulary size (its lm_head rows): 0 = every token seen as a target, at least 16384."""
+    draft_init: str = "random"
+    """eagle3: how the decoder layer starts: random (zeroed residual branches) | target (a copy of the target's
+    layer whose input is the highest tap) | target:I (of its layer I, 0-based)."""
     tap: str = "last"
     """Hidden state the heads read: last | layer:I | whs."""
     mlp_layers: int = 1
@@ -468,6 +472,13 @@ class TrainConfig(Runtime, Writes):
     """Steps between checkpoints."""
     log_every: int = 10
     """Steps between log lines."""
+    eval_data: list[str] = opt(factory=list, metavar="FILE")
+    """Held-out text (e.g. distilled answers to eval-split prompts): scored while training, into metrics.jsonl."""
+    eval_every: int = 200
+    """With --eval-data: steps between held-out evaluations (also at every power of two from 16, for a learning
+    curve on a log scale, and at the last step)."""
+    eval_blocks: int = 32
+    """With --eval-data: held-out sequences of --seq-len tokens scored at each evaluation."""
     resume: bool = False
     """Continue the run in --out from its last checkpoint."""
     save_dtype: str | None = None
@@ -480,6 +491,7 @@ class TrainConfig(Runtime, Writes):
                  f"--heads must be at least 1, got {self.heads}")  # 0 heads: plain fine-tuning / NTP pretraining
         _require(self.mode in TRAIN_MODES, f"unknown --mode {self.mode!r}: use one of {', '.join(TRAIN_MODES)}")
         _at_least(self, ("max_steps", "batch_size", "grad_accum", "seq_len", "save_every", "log_every", "mlp_layers",
+                         "eval_every", "eval_blocks",
                          "loss_chunk_tokens", "lora_r", "max_tokens"))
         _require(self.seq_len >= 2 + self.heads, f"--seq-len must exceed the number of heads + 1, got {self.seq_len}")
         for name in ("lr", "backbone_lr", "whs_lr"):
@@ -496,6 +508,11 @@ class TrainConfig(Runtime, Writes):
                  "--cache-hidden needs --mode frozen and a single tapped layer (not --tap whs)")
         _require(self.kind != "eagle3" or self.mode == "frozen",
                  "eagle3 heads draft for an unchanged target: train them with --mode frozen")
+        _require(self.draft_init == "random" or self.draft_init == "target" or
+                 (self.draft_init.startswith("target:") and self.draft_init[7:].isdigit()),
+                 f"--draft-init must be random, target or target:I, got {self.draft_init!r}")
+        _require(self.draft_init == "random" or self.kind == "eagle3",
+                 "--draft-init target is for eagle3 heads (transformer heads start from the last layer already)")
         _require(self.draft_vocab == 0 or self.draft_vocab >= 64,
                  f"--draft-vocab must be 0 (automatic) or at least 64, got {self.draft_vocab}")
         _require(len(self.data) > 0, "give at least one --data")
@@ -522,13 +539,26 @@ class DistillConfig(Runtime, Writes):
     engine: str = opt("transformers", choices=("transformers", "llama.cpp"))
     """transformers (batched generate) | llama.cpp (llama-server on the model's GGUF, --batch-size parallel
     slots; `mtp engines setup llama.cpp` first)."""
+    split: str = opt("train", choices=("train", "eval"))
+    """Which split of the built-in prompt sets: train (for training data) or eval (held-out answers)."""
+    follow_ups: float = 0.0
+    """Share of the finished answers that get a second user turn (a follow-up question) and a second answer."""
+    threads: int | None = None
+    """llama.cpp: compute threads (default: every core)."""
+    target: str = "packaged"
+    """llama.cpp: the model's GGUF: packaged (as shipped) or one converted from its weights (q8_0: the packaged
+    4-bit model's weights on fast batch kernels; f16, bf16, f32)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _require(bool(self.out), "give --out FILE.jsonl")
         _require(len(self.prompts) > 0, "give at least one --prompts")
-        _at_least(self, ("max_new_tokens", "batch_size", "limit"))
+        _at_least(self, ("max_new_tokens", "batch_size", "limit", "threads"))
         _at_most(self, ("max_new_tokens",), MAX_NEW_TOKENS)
+        _require(0 <= self.follow_ups <= 1, f"--follow-ups must be a share in [0, 1], got {self.follow_ups}")
+        from mtp.engines.targets import GGUF_KINDS
+
+        _require(self.target in GGUF_KINDS, f"unknown --target {self.target!r}: use one of {', '.join(GGUF_KINDS)}")
         _require(self.temperature >= 0, f"--temperature must be >= 0, got {self.temperature}")
 
 
@@ -1041,7 +1071,7 @@ class BenchEngineConfig(Writes):
     p_min: float = 0.0
     """llama.cpp: stop drafting below this draft probability (its --spec-draft-p-min)."""
     target: str = "packaged"
-    """llama.cpp's target GGUF: packaged (the quantized file users have) | f16 | bf16 | f32 (converted once)."""
+    """llama.cpp's target GGUF: packaged (the quantized file users have) | f16 | bf16 | f32 | q8_0 (converted once)."""
     ngram_modes: list[str] = opt(factory=lambda: ["ngram-simple", "ngram-map-k", "ngram-mod"])
     """llama.cpp's training-free speculation modes to run (vLLM runs its ngram)."""
     threads: int = 2

@@ -211,3 +211,77 @@ def general_prompts(seed: int = 0) -> list[str]:
     prompts += _numeric_prompts(rng, 300)
     prompts += _text_prompts(rng)
     return list(dict.fromkeys(prompts))  # drop duplicates, keep order
+
+
+# ----------------------------------------------------------------------------- varied length and style
+
+PROGRAMMING = (
+    "recursion", "closures", "decorators in Python", "generators", "async/await", "threads and processes",
+    "garbage collection", "pointers", "hash tables", "binary trees", "big-O notation", "dynamic programming",
+    "regular expressions", "unit testing", "dependency injection", "REST APIs", "HTTP status codes", "CORS",
+    "JSON", "YAML", "Docker containers", "Kubernetes", "git branches", "continuous integration", "SQL joins",
+    "database indexes", "transactions", "caching", "load balancing", "microservices", "type hints in Python",
+    "virtual environments", "list comprehensions", "lambda functions", "object-oriented programming",
+    "inheritance", "interfaces", "immutability", "functional programming", "event loops", "websockets",
+    "OAuth", "hashing passwords", "SQL injection", "memory leaks", "race conditions", "deadlocks", "linked lists",
+    "sorting algorithms", "graph search", "the shell", "environment variables", "cron jobs", "logging",
+)
+OPENERS = ("", "", "", "Hi! ", "Hello, ", "Quick question: ", "Can you help me? ", "I'm a beginner. ",
+           "I have an exam tomorrow. ", "My friend asked me this and I didn't know: ", "Please ", "Hey, ")
+STYLES = (
+    "", "", "", " Answer in one sentence.", " Keep it short.", " Be concise.", " Use bullet points.",
+    " Explain it like I'm five.", " Give an example.", " Use a numbered list.", " Write about 150 words.",
+    " Answer in two or three sentences.", " Use a friendly tone.", " Use a formal tone.", " Include a table.",
+    " Then summarize your answer in one line.", " Give me the answer first, then the explanation.",
+    " Avoid jargon.", " Use an analogy.", " Write it as a short dialogue.", " Respond in Markdown.",
+)
+SHORT = ("{topic}?", "what is {topic}", "{topic} explained", "define {topic}", "{topic} pros cons",
+         "how does {topic} work", "why {topic}", "tell me about {topic}")
+BASE = (
+    "Explain {topic}.", "What is {topic} and why does it matter?", "How does {topic} work?",
+    "What are common misconceptions about {topic}?", "Write a blog post introduction about {topic}.",
+    "What should a beginner know about {topic}?", "Give me a study plan to learn about {topic} in a week.",
+    "What are the most important things to know about {topic}?", "Write a tweet about {topic}.",
+    "Create a lesson outline about {topic} for high school students.", "Describe {topic} in three sentences.",
+    "What questions would an expert ask about {topic}?", "Write a short poem about {topic}.",
+    "What is the history of {topic}?", "How is {topic} used in everyday life?",
+)
+LONG = (
+    "I'm preparing a short talk for my team about {topic}. They are smart but not experts. Can you outline the "
+    "main points I should cover, in what order, and suggest one example for each?",
+    "I have been reading about {topic} but I keep getting confused. Could you explain it from the basics, "
+    "then tell me which parts people usually find hard and how to think about them?",
+    "My ten-year-old asked me about {topic} at dinner and I gave a bad answer. How could I explain it to a "
+    "child in a way that is correct but simple? Please include a small experiment or example if you can.",
+    "Write an FAQ about {topic} with five questions and short answers, for a website aimed at the general public.",
+    "I need to write a one-page report about {topic} for a class. Give me a structure with headings and a "
+    "sentence or two about what goes under each heading.",
+)
+
+
+def varied_prompts(seed: int = 1) -> list[str]:
+    """Requests of varied length and style: terse search-like queries, plain questions with an opener and a
+    style or length constraint, and long requests with context; over everyday and programming topics."""
+    rng = random.Random(seed)
+    topics = list(TOPICS) + list(PROGRAMMING)
+    prompts = []
+    for topic in topics:
+        for template in rng.sample(SHORT, 2):
+            prompts.append(template.format(topic=topic))
+        for template in rng.sample(BASE, 5):
+            body = template.format(topic=topic)
+            opener = rng.choice(OPENERS)
+            body = body[0].lower() + body[1:] if opener.endswith((", ", "Please ")) else body
+            prompts.append(f"{opener}{body}{rng.choice(STYLES)}")
+        prompts.append(rng.choice(LONG).format(topic=topic))
+    for task in HOW_TO:
+        opener = rng.choice(OPENERS)
+        prompts.append(f"{opener}{'h' if opener.endswith((', ', 'Please ')) else 'H'}ow can I {task}?{rng.choice(STYLES)}")
+    for lang in LANGUAGES:
+        for task in rng.sample(CODE_TASKS, 12):
+            opener = rng.choice(OPENERS)
+            prompts.append(f"{opener}{'i' if opener.endswith((', ', 'Please ')) else 'I'} need a {lang} function that "
+                           f"{task}.{rng.choice(STYLES)}")
+        for topic in rng.sample([t for t in PROGRAMMING if " in " not in t], 6):
+            prompts.append(f"Give a small {lang} example of {topic} and explain it.")
+    return list(dict.fromkeys(prompts))

@@ -5,6 +5,11 @@
 - ``translation``: "Translate into English: ..." from the Ding example sentences;
 - ``general``: everyday chat and code requests of many kinds (:mod:`mtp.general_prompts`), so that heads
   distilled on it serve ordinary requests, not only the narrow sets above;
+- ``varied``: requests of varied length and style (terse queries, constraints on length, format and tone,
+  long requests with context) over everyday and programming topics (:func:`mtp.general_prompts.varied_prompts`);
+- ``code-tasks`` / ``prose-tasks``: requests about real code and text cut from the packaged corpora --
+  explain, test, review, port a standard-library function; summarize, rewrite, question a passage
+  (:mod:`mtp.derived_prompts`);
 - ``code-prefix``: raw Python to be continued (no instruction, no chat template): the lines that open a
   top-level ``def`` / ``class`` in a standard-library file, about 400 characters, for models pretrained
   on code (``mtp pretrain``); use ``--no-chat`` with them.
@@ -23,7 +28,7 @@ from pathlib import Path
 from mtp.data import CorpusUnavailable, jsonl_records, load_corpus, read_text_file, split_of, translation_pairs
 from mtp.errors import UserError
 
-PROMPT_SETS = ("chat", "code", "translation", "code-prefix", "general")
+PROMPT_SETS = ("chat", "code", "translation", "code-prefix", "general", "varied", "code-tasks", "prose-tasks")
 
 
 def _first_sentence(doc: str) -> str:
@@ -91,10 +96,19 @@ def _general(split: str) -> list[str]:
     return [p for p in general_prompts() if split_of("general", p) == split]
 
 
+def _varied(split: str) -> list[str]:
+    from mtp.general_prompts import varied_prompts
+
+    return [p for p in varied_prompts() if split_of("varied", p) == split]
+
+
 @functools.lru_cache(maxsize=None)
 def _built(name: str, split: str) -> tuple[str, ...]:
+    from mtp.derived_prompts import code_task_prompts, prose_task_prompts
+
     builders = {"chat": _chat_prompts, "code": _code_prompts, "translation": _translation_prompts,
-                "code-prefix": _code_prefix_prompts, "general": _general}
+                "code-prefix": _code_prefix_prompts, "general": _general, "varied": _varied,
+                "code-tasks": code_task_prompts, "prose-tasks": prose_task_prompts}
     return tuple(builders[name](split))
 
 
@@ -130,9 +144,10 @@ def load_prompts(source: str, split: str = "train", limit: int | None = None, se
     return prompts[:limit] if limit else prompts
 
 
-def chat_format(tokenizer, prompt: str) -> str:
-    """The prompt as the model sees it: its chat template with the assistant turn opened, if it has one."""
+def chat_format(tokenizer, prompt: str | list[dict]) -> str:
+    """The prompt as the model sees it: its chat template with the assistant turn opened, if it has one.
+    ``prompt``: a user message, or a whole conversation (chat messages, the last one the user's)."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                             tokenize=False)
-    return prompt
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return "\n\n".join(m["content"] for m in messages)

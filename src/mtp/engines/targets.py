@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mtp.errors import UserError
 
-GGUF_KINDS = ("packaged", "f16", "bf16", "f32")
+GGUF_KINDS = ("packaged", "f16", "bf16", "f32", "q8_0")
 
 
 def packaged_gguf(model: str) -> Path:
@@ -29,8 +29,10 @@ def packaged_gguf(model: str) -> Path:
 
 
 def target_gguf(model: str, kind: str = "packaged") -> Path:
-    """``packaged``: as shipped; ``f16`` / ``bf16`` / ``f32``: converted once from the dequantized weights
-    by llama.cpp's own converter into the user cache."""
+    """``packaged``: as shipped; ``f16`` / ``bf16`` / ``f32`` / ``q8_0``: converted once from the dequantized
+    weights by llama.cpp's own converter into the user cache. (A packaged 4-bit model's dequantized weights lie on
+    its 4-bit grid, so its ``q8_0`` conversion computes nearly what the packaged file does, and batches of tokens
+    run on llama.cpp's batch-friendly Q8_0 kernels.)"""
     from mtp.backbones import local_model_folder
     from mtp.export.gguf import convert_target
     from mtp.io import atomic_dir, cache_dir

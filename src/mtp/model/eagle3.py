@@ -206,6 +206,38 @@ class Eagle3Head(Head):
             backbone.get_output_embeddings().weight.device)].float())
 
     @torch.no_grad()
+    def init_from_target(self, backbone, layer: int | None = None) -> int:
+        """Start the decoder layer as a copy of the target's decoder layer ``layer`` (0-based; default the one
+        whose input is the highest tap, which ``fc`` passes through): q / k / v read the fused state with that
+        layer's projections (the token-embedding half starts at zero), o_proj, the MLP and both norms are that
+        layer's. The first draft step then computes exactly what the target computes at that depth, and
+        training moves it from there instead of from noise. Llama-style layers only (Llama, SmolLM2, Qwen2:
+        whose q / k / v biases have no place in the EAGLE-3 format and are dropped). Returns the layer copied."""
+        layers = backbone.get_decoder().layers
+        layer = min(self.layers[-1], len(layers) - 1) if layer is None else layer
+        if not 0 <= layer < len(layers):
+            raise UserError(f"--draft-init target:{layer}: the target has layers 0..{len(layers) - 1}")
+        src, dst = layers[layer], self.midlayer
+        h = self.config.hidden_size
+        pairs = [(src.self_attn.o_proj, dst.self_attn.o_proj)] + \
+            [(getattr(src.mlp, n, None), getattr(dst.mlp, n)) for n in ("gate_proj", "up_proj", "down_proj")] + \
+            [(getattr(src, n, None), getattr(dst, m)) for n, m in (("input_layernorm", "hidden_norm"),
+                                                                  ("post_attention_layernorm",
+                                                                   "post_attention_layernorm"))]
+        qkv = [(getattr(src.self_attn, n, None), getattr(dst.self_attn, n)) for n in ("q_proj", "k_proj", "v_proj")]
+        plain_norms = all("gemma" not in type(s).__name__.lower() for s, _ in pairs[-2:])
+        if not plain_norms or any(s is None or s.weight.shape != d.weight.shape for s, d in pairs) or \
+                any(s is None or s.weight.shape != (d.weight.shape[0], h) for s, d in qkv):
+            raise UserError(f"--draft-init target: layer {layer} of {type(backbone).__name__} is not a Llama-style "
+                            "layer of the drafter's shape: use --draft-init random")
+        for s, d in pairs:
+            d.weight.copy_(s.weight.to(d.weight))
+        for s, d in qkv:  # [embedding half | fused-state half]
+            d.weight.zero_()
+            d.weight[:, h:] = s.weight.to(d.weight)
+        return layer
+
+    @torch.no_grad()
     def set_draft_vocab(self, backbone, draft_ids: torch.Tensor) -> None:
         """A new draft vocabulary (target ids): lm_head rows start as the target's unembedding rows."""
         draft_ids = torch.as_tensor(draft_ids, dtype=torch.long).sort().values

@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -27,8 +28,9 @@ from mtp.prompts import chat_format, load_prompts
 
 
 @torch.inference_mode()
-def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 0.0):
-    """Responses of the model to ``prompts``: list of (formatted prompt, response text, finished)."""
+def generate_batch(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float = 0.0):
+    """Responses of the model to ``prompts`` (each a text or a conversation, a list of chat messages):
+    list of (formatted prompt, response text, finished)."""
     texts = [chat_format(tokenizer, p) for p in prompts]
     templated = bool(getattr(tokenizer, "chat_template", None))
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
@@ -54,19 +56,21 @@ class LlamaCppGenerator:
     """Responses from llama-server on the model's GGUF (the packaged quantized file: the model llama.cpp users
     run), ``slots`` requests at a time (continuous batching). A context manager: the server always stops."""
 
-    def __init__(self, model_name: str, tokenizer, slots: int, threads: int | None = None):
+    def __init__(self, model_name: str, tokenizer, slots: int, threads: int | None = None, target: str = "packaged"):
+        # ``threads``: llama.cpp's compute threads (default: every core); its threads spin, so give it the cores
+        # that nothing else uses. ``target``: which GGUF of the model (mtp.engines.targets.target_gguf)
         from mtp.engines import llamacpp
         from mtp.engines.targets import target_gguf
 
         self.tokenizer, self.slots = tokenizer, slots
         port = llamacpp.free_port()
-        cmd = [str(llamacpp.require_server()), "-m", str(target_gguf(model_name)), "--host", "127.0.0.1",
+        cmd = [str(llamacpp.require_server()), "-m", str(target_gguf(model_name, target)), "--host", "127.0.0.1",
                "--port", str(port), "-np", str(slots), "-c", str(4096 * slots), "--no-webui",
                "-t", str(threads or os.cpu_count() or 2)]
         self.log = Path(tempfile.mkstemp(prefix="mtp-distill-llama-", suffix=".log")[1])
         self.server = llamacpp.Server(cmd, port, self.log)
 
-    def __call__(self, prompts: list[str], max_new_tokens: int, temperature: float = 0.0):
+    def __call__(self, prompts: list, max_new_tokens: int, temperature: float = 0.0):
         from concurrent.futures import ThreadPoolExecutor
 
         texts = [chat_format(self.tokenizer, p) for p in prompts]
@@ -93,10 +97,44 @@ class LlamaCppGenerator:
         self.log.unlink(missing_ok=True)
 
 
+FOLLOW_UPS = (
+    "Can you give me an example?", "Can you make that shorter?", "Explain that in simpler words.", "Why?",
+    "Can you summarize that in one sentence?", "What are the limitations of this?",
+    "Can you say more about the first point?", "Thanks! Can you put that into a table?",
+    "Now write it as a bulleted list.", "How would you explain this to a child?",
+    "What is a common mistake people make here?", "Can you give me three more ideas?",
+    "Is there another way to do it?", "What should I do next?", "Can you rewrite it in a more formal tone?",
+    "Translate your answer into French.", "That doesn't look right. Can you check it again?",
+    "Great, thanks. Where can I learn more about this?", "Can you make it longer and more detailed?",
+    "What's the main takeaway?", "Give me a quiz question about this.", "Can you continue?", "Are you sure?",
+    "How is this different from what most people think?", "OK. And what about the opposite case?",
+)
+CODE_FOLLOW_UPS = (
+    "Can you add comments to the code?", "Write tests for this.", "How can I make it faster?",
+    "Can you do the same in JavaScript?", "What if the input is empty?", "Explain the code line by line.",
+    "Can you add error handling?", "What is the time complexity?", "Can you rewrite it without a loop?",
+    "It gives me an error. What could be wrong?", "Can you make it a class instead?", "Add type hints, please.",
+    "Show me how to call it with an example.", "Now write the same in Go.",
+)
+
+
+def follow_up(prompt: str, answer: str, share: float) -> str | None:
+    """The user's second turn after ``answer``, for a seeded ``share`` of the prompts (None for the others): a
+    follow-up about code where the answer holds code, a general one otherwise."""
+    import hashlib
+    import random
+
+    rng = random.Random(int(hashlib.sha1(f"follow-up\0{prompt}".encode()).hexdigest()[:12], 16))
+    if rng.random() >= share:
+        return None
+    return rng.choice(CODE_FOLLOW_UPS if "```" in answer or "def " in answer else FOLLOW_UPS)
+
+
 def resume_partial(partial: Path, prompts: list[str]) -> list[dict]:
-    """The records an interrupted run left in ``partial``, after cutting it to its last complete record (a kill
-    mid-write leaves a cut-off line, which the next record would be glued onto). They must answer the first
-    prompts of this run, in order: a partial file of other prompts is refused, and left as it is."""
+    """The first-turn records an interrupted run left in ``partial``, after cutting it to its last complete record
+    (a kill mid-write leaves a cut-off line, which the next record would be glued onto). They must answer the
+    first prompts of this run, in order: a partial file of other prompts is refused, and left as it is.
+    Second-turn records (``follow_up``) ride along with the record before them."""
     records = []
 
     def keep(line: str) -> bool:
@@ -104,10 +142,12 @@ def resume_partial(partial: Path, prompts: list[str]) -> list[dict]:
             record = json.loads(line)
         except (ValueError, RecursionError):
             return False  # cut off: it and anything after it go
+        if isinstance(record, dict) and "follow_up" in record and records:
+            return True
         i = len(records)
         if not isinstance(record, dict) or i >= len(prompts) or record.get("prompt") != prompts[i]:
             raise UserError(f"{partial} (an interrupted run) answers other prompts than this one (record {i + 1}): "
-                            "run with the same --prompts, --limit and --seed, or delete it")
+                            "run with the same --prompts, --limit, --split and --seed, or delete it")
         records.append(record)
         return True
 
@@ -115,50 +155,107 @@ def resume_partial(partial: Path, prompts: list[str]) -> list[dict]:
     return records
 
 
+def normalized(prompt: str) -> str:
+    """What makes two prompts the same request: case and whitespace aside."""
+    return " ".join(prompt.lower().split())
+
+
+def gather_prompts(sources: list[str], split: str, limit: int | None, seed: int) -> list[tuple[str, str]]:
+    """(source, prompt) pairs: each source's seeded sample, duplicates across and within sources dropped (the
+    first source keeps a prompt), then interleaved evenly, so that every prefix of a run holds each source in
+    its share (an interrupted or truncated run is still a mix)."""
+    seen, per_source = set(), []
+    for source in sources:
+        kept = []
+        for p in load_prompts(source, split, limit, seed):
+            key = normalized(p)
+            if key not in seen:
+                seen.add(key)
+                kept.append(p)
+        per_source.append((source, kept))
+    keyed = [((i + 0.5) / len(kept), j, source, p) for j, (source, kept) in enumerate(per_source)
+             for i, p in enumerate(kept)]
+    return [(source, p) for _, _, source, p in sorted(keyed, key=lambda x: x[:2])]
+
+
+def _record(prompt: str, text: str, response: str, ok: bool, source: str, tokens: int, **extra) -> str:
+    return json.dumps({"prompt": prompt, "response": response, "text": text + response, "response_start": len(text),
+                       "finished": ok, "source": source, "response_tokens": tokens, **extra}) + "\n"
+
+
+def _answer_only(tokenizer, response: str) -> str:
+    """A finished response without its EOS text: the assistant turn a follow-up's conversation quotes."""
+    eos = tokenizer.eos_token or ""
+    return response[: -len(eos)] if eos and response.endswith(eos) else response
+
+
 def distill(cfg: DistillConfig, command: str = "") -> dict:
-    """Generate the backbone's responses for the train split of each prompt source into ``cfg.out`` (.jsonl).
-    ``cfg.engine``: ``transformers`` (batched ``generate``) or ``llama.cpp`` (llama-server on the model's GGUF,
-    ``batch_size`` parallel slots; several times faster on a CPU)."""
+    """Generate the backbone's responses for the ``cfg.split`` split of each prompt source into ``cfg.out``
+    (.jsonl). ``cfg.engine``: ``transformers`` (batched ``generate``) or ``llama.cpp`` (llama-server on the
+    model's GGUF, ``batch_size`` parallel slots; several times faster on a CPU). With ``cfg.follow_ups``, that
+    share of the finished answers gets a second user turn and a second answer (its own record, whose target is
+    the second answer only)."""
     from mtp.backbones import backbone_config, check_context, load_backbone, resolve_backbone
 
-    model_name, prompt_sources, out, limit, seed = cfg.model, cfg.prompts, cfg.out, cfg.limit, cfg.seed
+    model_name, prompt_sources, out = cfg.model, cfg.prompts, cfg.out
     max_new_tokens, batch_size, temperature, engine = cfg.max_new_tokens, cfg.batch_size, cfg.temperature, cfg.engine
-    device, dtype, progress = cfg.device, cfg.dtype, not cfg.quiet
+    progress = not cfg.quiet
 
     out = Path(out)
     check_new_output(out, "--out", overwrite=cfg.overwrite, inputs=[p for p in prompt_sources if Path(p).exists()])
     if out.is_dir():
         raise UserError(f"--out {out} is a folder: give a FILE.jsonl")
     resolve_backbone(model_name)
-    check_context(max_new_tokens, "--max-new-tokens", backbone_config(model_name))
-    prompts = [p for source in prompt_sources for p in load_prompts(source, "train", limit, seed)]
+    check_context(max_new_tokens * (2 if cfg.follow_ups else 1), "--max-new-tokens", backbone_config(model_name))
+    pairs = gather_prompts(prompt_sources, cfg.split, cfg.limit, cfg.seed)
+    prompts = [p for _, p in pairs]
     partial = out.with_name(out.name + ".partial")
     done = len(resume_partial(partial, prompts))
-    model, tokenizer = load_backbone(model_name, dtype=dtype, device=device)
+    model, tokenizer = load_backbone(model_name, dtype=cfg.dtype, device=cfg.device)
     if engine == "llama.cpp":
-        generate = LlamaCppGenerator(model_name, tokenizer, batch_size)
+        generate = LlamaCppGenerator(model_name, tokenizer, batch_size, threads=cfg.threads, target=cfg.target)
         del model
     else:
         generate = contextlib.nullcontext(lambda batch, n, temp: generate_batch(model, tokenizer, batch, n, temp))
-    torch.manual_seed(seed)
+    torch.manual_seed(cfg.seed)
     out.parent.mkdir(parents=True, exist_ok=True)
-    todo = prompts[done:]
+    todo = pairs[done:]
     bar = tqdm(total=len(prompts), initial=done, desc="distill", unit="prompt", disable=not progress,
                file=sys.stderr)
-    finished = 0
+    finished = tokens = records = 0
+    start = time.perf_counter()
     # Not mtp.io.atomic_file: OUT.partial is a log that grows record by record (complete lines survive an
     # interruption and are resumed from); it becomes OUT in one rename once every prompt is done.
     with partial.open("a") as f, generate as gen:
-        # llama.cpp keeps its slots busy across a chunk of 8 x slots prompts (continuous batching)
-        chunk = batch_size * (8 if engine == "llama.cpp" else 1)
+        # llama.cpp keeps its slots busy across a chunk of 32 x slots prompts (continuous batching)
+        chunk = batch_size * (32 if engine == "llama.cpp" else 1)
         for a in range(0, len(todo), chunk):
             batch = todo[a:a + chunk]
-            for prompt, (text, response, ok) in zip(batch, gen(batch, max_new_tokens, temperature)):
-                f.write(json.dumps({"prompt": prompt, "response": response, "text": text + response,
-                                    "response_start": len(text), "finished": ok}) + "\n")
-                finished += ok
+            answers = gen([p for _, p in batch], max_new_tokens, temperature)
+            questions = {}  # index in batch -> the user's second turn
+            for i, ((_, prompt), (_, response, ok)) in enumerate(zip(batch, answers)):
+                question = follow_up(prompt, response, cfg.follow_ups) if ok else None
+                if question is not None:
+                    questions[i] = question
+            talks = [[{"role": "user", "content": batch[i][1]},
+                      {"role": "assistant", "content": _answer_only(tokenizer, answers[i][1])},
+                      {"role": "user", "content": q}] for i, q in questions.items()]
+            second = dict(zip(questions, gen(talks, max_new_tokens, temperature) if talks else []))
+            for i, ((source, prompt), (text, response, ok)) in enumerate(zip(batch, answers)):
+                n = len(tokenizer(response, add_special_tokens=False)["input_ids"])
+                f.write(_record(prompt, text, response, ok, source, n))
+                finished, tokens, records = finished + ok, tokens + n, records + 1
+                if i in second:
+                    text2, response2, ok2 = second[i]
+                    n2 = len(tokenizer(response2, add_special_tokens=False)["input_ids"])
+                    f.write(_record(prompt, text2, response2, ok2, source, n2, follow_up=questions[i]))
+                    tokens, records = tokens + n2, records + 1
             f.flush()
             bar.update(len(batch))
+            bar.set_postfix({"tok/s": f"{tokens / (time.perf_counter() - start):.0f}"})
     bar.close()
     os.replace(partial, out)
-    return {"out": str(out), "prompts": len(prompts), "finished_share": finished / max(1, len(todo))}
+    seconds_total = time.perf_counter() - start
+    return {"out": str(out), "prompts": len(prompts), "records": records, "response_tokens": tokens,
+            "seconds": round(seconds_total, 1), "tokens_per_s": round(tokens / max(seconds_total, 1e-9), 1),
+            "finished_share": finished / max(1, len(todo))}

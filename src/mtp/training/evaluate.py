@@ -30,6 +30,59 @@ def head_predictions(model: MTPModel, input_ids: torch.Tensor, positions: torch.
     return torch.stack(rows).topk(top, dim=-1).indices  # (K, P, top)
 
 
+def chain_acceptance(hits: torch.Tensor) -> dict:
+    """hits (n, P) bool: head / draft step k's top-1 was the true token at each scored position. A greedy chain of
+    n drafts keeps its first k when steps 1..k are all right (each step's input was the truth, which the draft
+    equals while it is right): ``accepted[k-1]`` = P(first k accepted), ``tau`` = 1 + their sum, the expected
+    tokens per target forward of a chain verify (the verify's own token included)."""
+    if hits.numel() == 0:
+        return {"accepted": [0.0] * hits.shape[0], "tau": 1.0}
+    prefix = hits.long().cumprod(0).float().mean(-1)  # (n,)
+    return {"accepted": [round(float(x), 5) for x in prefix], "tau": round(1 + float(prefix.sum()), 4)}
+
+
+@torch.inference_mode()
+def heldout_scores(model: MTPModel, blocks: torch.Tensor, masks: torch.Tensor | None, states: list, batch: int = 8,
+                   chunk_tokens: int = 4096) -> dict:
+    """Held-out figures of the heads on training-style blocks (training's periodic evaluation): per head / draft
+    step k the mean cross-entropy and top-1 over the positions whose target is scored, and the chain acceptance
+    over the positions where every step's target is (:func:`chain_acceptance`). ``states``: the backbone's
+    tapped states of every block ([(N, T, H)], computed once)."""
+    from mtp.training.losses import IGNORE, chunked_head_loss, head_targets
+
+    n = model.n_heads
+    loss_sum, hit_sum, count = torch.zeros(n, dtype=torch.float64), torch.zeros(n), torch.zeros(n)
+    chains = []
+    was_training = model.training
+    model.eval()
+    for a in range(0, blocks.shape[0], batch):
+        ids = blocks[a:a + batch].to(states[0].device)
+        mask = masks[a:a + batch].to(ids.device) if masks is not None else None
+        hits, valid = [], []
+        for k, (hidden, to_logits) in enumerate(model.head_outputs([s[a:a + batch] for s in states], ids), 1):
+            targets = head_targets(ids, k, mask)
+            if model.autoregressive:  # scored over the draft vocabulary, as trained and as drafted
+                small = model.eagle.to_draft(targets)
+                targets = torch.where(small >= 0, targets, IGNORE)
+                loss = chunked_head_loss(model.eagle.draft_logits, hidden, small, 0.0, chunk_tokens, backward=False)
+                top = model.eagle.draft_ids[model.eagle.draft_logits(hidden).argmax(-1)]
+            else:
+                loss = chunked_head_loss(to_logits, hidden, targets, 0.0, chunk_tokens, backward=False)
+                top = to_logits(hidden).argmax(-1)
+            ok = targets != IGNORE
+            loss_sum[k - 1] += float(loss) * int(ok.sum())
+            hit_sum[k - 1] += float((top == targets)[ok].sum())
+            count[k - 1] += int(ok.sum())
+            hits.append(top == targets)
+            valid.append(head_targets(ids, k, mask) != IGNORE)  # the true token, in the draft vocabulary or not
+        every = torch.stack(valid).all(0)  # (B, T): every step's target is a scored token
+        chains.append(torch.stack(hits)[:, every])  # (n, P)
+    model.train(was_training)
+    count = count.clamp_min(1)
+    return {"loss": [round(float(x), 5) for x in loss_sum / count], "top1": [round(float(x), 5) for x in hit_sum / count],
+            **chain_acceptance(torch.cat(chains, 1)), "positions": int(count[0])}
+
+
 def evaluate_heads(model: MTPModel, tokenizer, corpus: Corpus, *, context: int, max_positions: int, per_window: int,
                    seed: int, marginal: bool, max_candidates: int, top_p: float = 0.99, chunk_tokens: int = 256,
                    progress: bool = True) -> dict:
@@ -47,6 +100,7 @@ def evaluate_heads(model: MTPModel, tokenizer, corpus: Corpus, *, context: int, 
     steps = min(n + 1, MAX_MARGINAL_STEPS) if marginal else 1
     evaluator = CachedEvaluator(model.backbone, chunk_tokens)
     hits = torch.zeros(2, n + 1)  # (top-1 / top-5, head)
+    chain_hits = []  # (n, P) per window: heads 1..n top-1 right
     rank_hits = torch.zeros(n + 1, RANKS)  # how often rank r of head k is the true token
     mhits = torch.zeros(2, n + 1)
     total = 0
@@ -61,6 +115,7 @@ def evaluate_heads(model: MTPModel, tokenizer, corpus: Corpus, *, context: int, 
         hits[0] += eq[..., 0].sum(-1).cpu()
         hits[1] += eq[..., :5].any(-1).sum(-1).cpu()
         rank_hits += eq.sum(1).cpu()
+        chain_hits.append(eq[1:, :, 0].cpu())
         if steps > 1:
             res = marginalize(evaluator, ids, pos, steps, [top_p], max_candidates)
             for d in range(2, steps + 1):
@@ -78,6 +133,7 @@ def evaluate_heads(model: MTPModel, tokenizer, corpus: Corpus, *, context: int, 
         rows.append(row)
     return {"data": corpus.name, "positions": total, "windows": len(windows), "context": context,
             "marginal": {"top_p": top_p, "max_candidates": max_candidates, "max_steps": steps}, "heads": rows,
+            "chain": chain_acceptance(torch.cat(chain_hits, 1)),
             "rank_accuracy": [[round(float(x / total), 5) for x in rank_hits[k]] for k in range(1, n + 1)]}
 
 
@@ -90,6 +146,10 @@ def eval_table(result: dict) -> str:
         m1 = f"{r['marginal_top1']:.3f}" if "marginal_top1" in r else ("(NTP)" if r["head"] == 0 else "–")
         m5 = f"{r['marginal_top5']:.3f}" if "marginal_top5" in r else ("(NTP)" if r["head"] == 0 else "–")
         lines.append(f"| {r['head']} | {r['predicts']} | {r['top1']:.3f} | {r['top5']:.3f} | {m1} | {m5} |")
+    if "chain" in result:
+        c = result["chain"]
+        lines += ["", f"A greedy chain of {len(c['accepted'])} drafts: first k accepted "
+                      f"{' / '.join(f'{x:.3f}' for x in c['accepted'])}; tokens per target forward (tau) {c['tau']:.2f}"]
     return "\n".join(lines)
 
 

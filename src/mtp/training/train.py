@@ -122,7 +122,8 @@ def naive_step(model: MTPModel, input_ids: torch.Tensor, weights: list[float],
 EAGLE_MIN_DRAFT_VOCAB = 16384  # tokens unseen in training keep the target's own unembedding rows: cheap coverage
 
 # Settings a resumed run must share with its checkpoint (max_steps may grow; logging may change).
-RESUME_MUST_MATCH = ("model", "heads", "kind", "eagle_layers", "draft_vocab", "tap", "mlp_layers", "init_from_last", "mode", "lora_r",
+RESUME_MUST_MATCH = ("model", "heads", "kind", "eagle_layers", "draft_vocab", "draft_init", "tap", "mlp_layers",
+                     "init_from_last", "mode", "lora_r",
                      "lora_alpha", "lora_targets", "data", "seq_len", "batch_size", "grad_accum", "lr",
                      "backbone_lr", "whs_lr", "warmup_steps", "min_lr_ratio", "weight_decay", "head_weights",
                      "ntp_weight", "seed", "dtype")
@@ -341,7 +342,10 @@ def build_model(cfg: TrainConfig, device: str, command: str = "", auto_layers: l
                             lora=lora, recipe={"command": command, **cfg.to_dict()})
     low = backbone.get_output_embeddings().weight.dtype in (torch.bfloat16, torch.float16)
     # trainable heads keep float32 master weights on a bf16 / fp16 backbone: bf16 weights lose updates below 2^-8
-    return MTPModel(backbone, heads_cfg, head_dtype=torch.float32 if low else None), tokenizer
+    model = MTPModel(backbone, heads_cfg, head_dtype=torch.float32 if low else None)
+    if cfg.kind == "eagle3" and cfg.draft_init != "random":
+        model.eagle.init_from_target(backbone, int(cfg.draft_init[7:]) if ":" in cfg.draft_init else None)
+    return model, tokenizer
 
 
 def train(cfg: TrainConfig, progress: bool = True, command: str = "") -> dict:
@@ -361,7 +365,7 @@ def train(cfg: TrainConfig, progress: bool = True, command: str = "") -> dict:
     # whs_lr only matters with a WHS tap (and checkpoints from before it existed do not record it)
     # eagle_layers / draft_vocab only for eagle3 heads (older checkpoints do not record them either)
     must_match = tuple(k for k in RESUME_MUST_MATCH if (k != "whs_lr" or cfg.tap == "whs") and
-                       (k not in ("eagle_layers", "draft_vocab") or cfg.kind == "eagle3"))
+                       (k not in ("eagle_layers", "draft_vocab", "draft_init") or cfg.kind == "eagle3"))
     meta = read_checkpoint(ckpt, cfg.to_dict(), must_match) if cfg.resume and not fresh else None
     if meta is not None and meta["step"] > cfg.max_steps:
         raise UserError(f"the checkpoint is at step {meta['step']}, already beyond --max-steps {cfg.max_steps}")
@@ -424,6 +428,7 @@ def train(cfg: TrainConfig, progress: bool = True, command: str = "") -> dict:
         cache = HiddenCache(out / f"hidden-rank{ddp.rank}.bin", model, blocks, cfg.batch_size, progress and ddp.main)
     weights = head_weights(cfg.heads, cfg.ntp_weight, cfg.head_weights)
     dev = torch.device(device)
+    heldout = HeldOut(cfg, model, tokenizer) if cfg.eval_data and ddp.main else None
     use_autocast = autocast_enabled(cfg.autocast, dev)
     log_path = out / "metrics.jsonl"
     if ddp.main:
@@ -481,6 +486,14 @@ def train(cfg: TrainConfig, progress: bool = True, command: str = "") -> dict:
             if ddp.main:  # a log: appended line by line (not atomic); a resume drops lines past its checkpoint
                 append_line(log_path, json.dumps(record, allow_nan=False))
             t_last, losses = now, []
+        if heldout is not None and heldout.due(step):
+            scores = heldout.scores(model)
+            append_line(log_path, json.dumps({"step": step, "tokens": step * tokens_per_step, "eval": scores},
+                                             allow_nan=False))
+            if progress:
+                bar.write(f"step {step}: held-out top-1 {scores['top1']}, chain tau {scores['tau']:.3f}",
+                          file=sys.stderr)
+            t_last = time.perf_counter()  # the evaluation is not training time
         if step % cfg.save_every == 0 or step == cfg.max_steps:
             backbone_state, optim_state = gather_states(model, optimizer, sharded)  # collective under FSDP
             if ddp.main:
@@ -496,6 +509,34 @@ def train(cfg: TrainConfig, progress: bool = True, command: str = "") -> dict:
     if ddp.world > 1:
         dist.barrier()
     return {"out": str(out), "steps": step, "heads": str(out / "heads")}
+
+
+class HeldOut:
+    """``--eval-data``: held-out blocks scored every ``--eval-every`` steps, at powers of two from 16 (a learning
+    curve on a log scale) and at the last step. The backbone's states of the blocks are computed once."""
+
+    def __init__(self, cfg: TrainConfig, model: MTPModel, tokenizer):
+        from mtp.data import packed_blocks
+
+        self.cfg = cfg
+        blocks, masks = packed_blocks(cfg.eval_data, tokenizer, cfg.seq_len, max_tokens=cfg.eval_blocks * cfg.seq_len,
+                                      seed=cfg.seed)
+        self.blocks, self.masks = blocks[:cfg.eval_blocks], None if masks.all() else masks[:cfg.eval_blocks]
+        dev = model.backbone.device
+        parts = []
+        with torch.inference_mode():
+            for a in range(0, len(self.blocks), 8):
+                parts.append(model.trunk(self.blocks[a:a + 8].to(dev))[1])
+        self.states = [torch.cat(p) for p in zip(*parts)]
+
+    def due(self, step: int) -> bool:
+        return step % self.cfg.eval_every == 0 or step == self.cfg.max_steps or \
+            (step >= 16 and step & (step - 1) == 0)
+
+    def scores(self, model: MTPModel) -> dict:
+        from mtp.training.evaluate import heldout_scores
+
+        return heldout_scores(model, self.blocks, self.masks, self.states, chunk_tokens=self.cfg.loss_chunk_tokens)
 
 
 RUN_ENTRIES = ("checkpoint", "heads", "metrics.jsonl")
