@@ -243,3 +243,36 @@ def test_init_from_target_refuses_what_it_cannot_copy():
     qwen = _four_layer_llama("qwen2")  # q/k/v biases are dropped: close to the layer, not equal
     heads = MTPModel(qwen, HeadsConfig(backbone="tiny", n_heads=2, kind="eagle3", eagle_layers=[0, 1, 2]))
     assert heads.eagle.init_from_target(qwen) == 2
+
+
+def test_soft_draft_loss_matches_a_naive_reference():
+    """--draft-loss soft: draft step k at t learns softmax of the target's draft-vocabulary logits at t + k; the
+    chunked step's losses and gradients equal a reference that holds every logit at once."""
+    model = tiny_model("llama", vocab=64)
+    heads = eagle_heads(model, n=3, draft_ids=list(range(0, 64, 2)))
+    heads.train()
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[:, :3] = False  # a prompt: never a target
+    weights = [1.0, 1.0, 0.8, 0.64]
+    losses = mtp_step(heads, ids, weights, train_backbone=False, chunk_tokens=3, loss_mask=mask, soft=True)
+    got = {n: p.grad.clone() for n, p in heads.heads.named_parameters() if p.grad is not None}
+    heads.heads.zero_grad()
+    head = heads.eagle
+    final, states = heads.trunk(ids)
+    teacher = torch.softmax(head.teacher_logits(model, final), -1)  # (B, T, Vd)
+    outs = head.unroll(heads.embed, states, ids, 3)
+    total, ref = 0.0, []
+    for k, a in enumerate(outs, 1):
+        valid = head.to_draft(head_targets(ids, k, mask)) >= 0  # (B, T)
+        logq = torch.log_softmax(head.draft_logits(a), -1)
+        shifted = torch.zeros_like(teacher)
+        shifted[:, :-k] = teacher[:, k:]
+        per = -(shifted * logq).sum(-1)[valid]
+        ref.append(float(per.mean().detach()))
+        total = total + weights[k] * per.mean()
+    total.backward()
+    assert losses[1:] == pytest.approx(ref, rel=1e-6)
+    for n, p in heads.heads.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(got[n], p.grad)

@@ -61,7 +61,8 @@ def test_resume_after_crash_equals_uninterrupted(tiny_folder, corpus_file, tmp_p
     assert logs == [1, 2, 3, 4, 5, 6]
 
 
-@pytest.mark.parametrize("extra", [dict(heads=3, cache_hidden=True, eagle_layers="auto"), dict(heads=2, draft_vocab=64)])
+@pytest.mark.parametrize("extra", [dict(heads=3, cache_hidden=True, eagle_layers="auto"), dict(heads=2, draft_vocab=64),
+                                   dict(heads=2, cache_hidden=True, draft_loss="soft", draft_init="target")])
 def test_eagle3_resume_after_crash_equals_uninterrupted(tiny_folder, corpus_file, tmp_path, monkeypatch, extra):
     train(config(tiny_folder, corpus_file, tmp_path / "full", kind="eagle3", **extra), progress=False)
     restore = crash_optimizer_at(monkeypatch, 5)
@@ -98,9 +99,10 @@ def test_lora_heads_round_trip(tiny_folder, corpus_file, tmp_path):
     assert any(k.startswith("lora.") for k in state) and not any(k.startswith("backbone.") for k in state)
 
 
-def test_hidden_cache_matches_live_backbone(tiny_folder, corpus_file, tmp_path):
-    train(config(tiny_folder, corpus_file, tmp_path / "live"), progress=False)
-    train(config(tiny_folder, corpus_file, tmp_path / "cached", cache_hidden=True), progress=False)
+@pytest.mark.parametrize("extra", [{}, dict(kind="eagle3", draft_loss="soft")])  # soft: the final state cached too
+def test_hidden_cache_matches_live_backbone(tiny_folder, corpus_file, tmp_path, extra):
+    train(config(tiny_folder, corpus_file, tmp_path / "live", **extra), progress=False)
+    train(config(tiny_folder, corpus_file, tmp_path / "cached", cache_hidden=True, **extra), progress=False)
     a, b = heads_state(tmp_path / "live" / "heads"), heads_state(tmp_path / "cached" / "heads")
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-6), key
@@ -249,6 +251,20 @@ def test_resume_accepts_a_checkpoint_from_before_whs_lr(tiny_folder, corpus_file
         else:
             with pytest.raises(UserError, match="whs_lr"):
                 train(resumed, progress=False)
+
+
+def test_resume_accepts_an_eagle3_checkpoint_from_before_draft_init_and_loss(tiny_folder, corpus_file, tmp_path):
+    out = tmp_path / "run"
+    train(config(tiny_folder, corpus_file, out, kind="eagle3", max_steps=3), progress=False)
+    meta_path = out / "checkpoint" / "trainer.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["config"]["draft_init"], meta["config"]["draft_loss"]
+    meta_path.write_text(json.dumps(meta))
+    train(config(tiny_folder, corpus_file, out, kind="eagle3", max_steps=6, resume=True), progress=False)
+    assert json.loads(meta_path.read_text())["step"] == 6
+    with pytest.raises(UserError, match="draft_loss"):
+        train(config(tiny_folder, corpus_file, out, kind="eagle3", max_steps=8, resume=True, draft_loss="soft"),
+              progress=False)
 
 
 def test_heldout_evaluation_logs_a_learning_curve(tiny_folder, tmp_path):

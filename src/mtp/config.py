@@ -414,6 +414,9 @@ class TrainConfig(Runtime, Writes):
     draft_init: str = "random"
     """eagle3: how the decoder layer starts: random (zeroed residual branches) | target (a copy of the target's
     layer whose input is the highest tap) | target:I (of its layer I, 0-based)."""
+    draft_loss: str = opt("hard", choices=("hard", "soft"))
+    """eagle3: what each draft step learns: hard (the next token of the text) | soft (the target's whole
+    distribution over the draft vocabulary there, as EAGLE-3 trains; the backbone then runs to its end)."""
     tap: str = "last"
     """Hidden state the heads read: last | layer:I | whs."""
     mlp_layers: int = 1
@@ -511,6 +514,8 @@ class TrainConfig(Runtime, Writes):
         _require(self.draft_init == "random" or self.draft_init == "target" or
                  (self.draft_init.startswith("target:") and self.draft_init[7:].isdigit()),
                  f"--draft-init must be random, target or target:I, got {self.draft_init!r}")
+        _require(self.draft_loss in ("hard", "soft"), f"--draft-loss must be hard or soft, got {self.draft_loss!r}")
+        _require(self.draft_loss == "hard" or self.kind == "eagle3", "--draft-loss soft is for eagle3 heads")
         _require(self.draft_init == "random" or self.kind == "eagle3",
                  "--draft-init target is for eagle3 heads (transformer heads start from the last layer already)")
         _require(self.draft_vocab == 0 or self.draft_vocab >= 64,

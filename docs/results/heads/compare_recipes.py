@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from mtp.backbones import load_backbone
-from mtp.data import packed_blocks, target_counts, top_tokens
+from mtp.data import packed_blocks
+from mtp.hf_compat import first_layers, target_counts, top_tokens
 from mtp.model.eagle3 import auto_layers, parse_layers
 from mtp.model.heads import capture_hidden
 from mtp.model.mtp import HeadsConfig, MTPModel
@@ -107,8 +108,8 @@ def main():
     for step in range(steps):
         idx = perm[step * args.batch_size:(step + 1) * args.batch_size]
         ids, mask = blocks[idx], masks[idx]
-        with torch.no_grad(), capture_hidden(backbone, union) as store:
-            backbone.get_decoder()(input_ids=ids)
+        with torch.no_grad(), capture_hidden(backbone, union) as store, first_layers(backbone, max(union)):
+            backbone.get_decoder()(input_ids=ids)  # no further than the highest tap
         rec = {"step": step + 1}
         for name, m in models.items():
             v = variants[name]

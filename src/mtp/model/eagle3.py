@@ -274,6 +274,20 @@ class Eagle3Head(Head):
         """(..., H) pre-norm outputs -> (..., Vd) logits over the draft vocabulary."""
         return self.lm_head(self.norm(a))
 
+    def teacher_rows(self, backbone) -> torch.Tensor:
+        """(Vd, H): the rows of the target's unembedding for the draft vocabulary."""
+        w = backbone.get_output_embeddings().weight
+        return w[self.draft_ids.to(w.device)]
+
+    def teacher_logits(self, backbone, normed: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The target's own logits over the draft vocabulary from its final normed states, (..., H) -> (..., Vd):
+        the soft targets of ``--draft-loss soft`` (EAGLE-3 distils the target's distribution, restricted to the
+        draft vocabulary). ``rows``: :meth:`teacher_rows`, when the caller has them already."""
+        rows = self.teacher_rows(backbone) if rows is None else rows
+        z = nn.functional.linear(normed.to(rows.dtype), rows)
+        cap = getattr(backbone.config, "final_logit_softcapping", None)
+        return torch.tanh(z / cap) * cap if cap else z
+
     def full_logits(self, a: torch.Tensor) -> torch.Tensor:
         """(..., H) -> (..., V): draft logits at their target ids, -inf elsewhere (as vLLM's compute_logits)."""
         small = self.draft_logits(a)

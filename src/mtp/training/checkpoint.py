@@ -107,9 +107,10 @@ def _check_layout(path: Path, layout) -> None:
         raise _damaged(path, "optimizer.scalars must map indices of optimizer.keys to objects of numbers")
 
 
-def read_checkpoint(directory: Path, config: dict, must_match: tuple[str, ...]) -> dict:
+def read_checkpoint(directory: Path, config: dict, must_match: tuple[str, ...], before: dict | None = None) -> dict:
     """Check a checkpoint is complete, well-formed and made with the same settings; return its metadata (from
-    trainer.json: step, an int >= 0; config, an object; optimizer, the layout ``_flatten`` writes)."""
+    trainer.json: step, an int >= 0; config, an object; optimizer, the layout ``_flatten`` writes). ``before``:
+    the value a setting had in effect in checkpoints written before it existed."""
     for name in ("trainer.json", "trainer.safetensors", "heads"):
         if not (directory / name).exists():
             raise UserError(f"{directory} is not a complete mtp training checkpoint (no {name})")
@@ -133,7 +134,7 @@ def read_checkpoint(directory: Path, config: dict, must_match: tuple[str, ...]) 
     _check_layout(path, meta["optimizer"])
     saved = meta["config"]
     for key in must_match:
-        if saved.get(key) != config.get(key):
+        if saved.get(key, (before or {}).get(key)) != config.get(key):
             raise UserError(f"checkpoint {directory} was made with {key}={short_repr(saved.get(key))}, this run has "
                             f"{config.get(key)!r}: resume with the same settings or use another --out")
     return meta

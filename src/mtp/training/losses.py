@@ -52,15 +52,18 @@ def head_weights(n_heads: int, ntp_weight: float = 1.0, schedule: str = "constan
 
 
 def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy over the non-ignored targets, computed in float32 at least."""
-    logits = logits.reshape(-1, logits.shape[-1])
-    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets.reshape(-1),
-                           ignore_index=IGNORE, reduction="sum")
+    """Summed cross-entropy over the non-ignored targets (token ids), or against probabilities (float targets of
+    the logits' shape), computed in float32 at least."""
+    logits = logits.reshape(-1, logits.shape[-1]).to(torch.promote_types(logits.dtype, torch.float32))
+    if targets.is_floating_point():  # probabilities (..., V): the soft cross-entropy
+        return F.cross_entropy(logits, targets.reshape(-1, targets.shape[-1]).to(logits.dtype), reduction="sum")
+    return F.cross_entropy(logits, targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
 
 
 def chunked_head_loss(to_logits: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
                       targets: torch.Tensor, scale: float, chunk_tokens: int,
-                      backward: bool = True) -> torch.Tensor:
+                      backward: bool = True,
+                      soft: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Mean cross-entropy of one head, with its backward, a sequence chunk at a time.
 
     hidden: (B, T, H) the head's output; to_logits: shared norm + unembedding, (B, c, H) -> (B, c, V).
@@ -68,6 +71,9 @@ def chunked_head_loss(to_logits: Callable[[torch.Tensor], torch.Tensor], hidden:
     cost nothing), ``chunk_tokens`` of them at a time. With ``backward``, d(scale * loss)/d(hidden) is
     computed chunk by chunk into a detached copy, then sent through ``hidden``'s graph in one call: at most
     one chunk's (c, V) logits exist at a time.
+    ``soft``: flat row indices (c,) -> the teacher's probabilities (c, V) over the same outputs: the loss is then
+    the cross-entropy against them (distillation of the whole distribution) at the positions whose hard target
+    is valid.
     Returns the detached mean loss (NaN-free: 0 when no target is valid).
     """
     valid = (targets != IGNORE).reshape(-1).nonzero().squeeze(1)  # only scored tokens get logits
@@ -78,7 +84,8 @@ def chunked_head_loss(to_logits: Callable[[torch.Tensor], torch.Tensor], hidden:
     total = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
     for a in range(0, valid.numel(), max(1, chunk_tokens)):
         rows = valid[a:a + chunk_tokens]
-        loss = cross_entropy_sum(to_logits(flat[rows][None]), flat_targets[rows][None])  # (1, c, V) freed after
+        want = flat_targets[rows][None] if soft is None else soft(rows)[None]
+        loss = cross_entropy_sum(to_logits(flat[rows][None]), want)  # (1, c, V) freed after
         if grad_needed:
             (loss * (scale / n_valid)).backward()
         total += loss.detach()

@@ -35,35 +35,38 @@ from mtp.model.mtp import HeadsConfig, MTPModel
 
 def mtp_step(model: MTPModel, input_ids: torch.Tensor, weights: list[float], *, train_backbone: bool,
              chunk_tokens: int = 4096, loss_mask: torch.Tensor | None = None, grad_scale: float = 1.0,
-             hidden: list[torch.Tensor] | None = None) -> list[float]:
+             hidden: list[torch.Tensor] | None = None, soft: bool = False) -> list[float]:
     """Forward and backward of one micro-batch in the memory-efficient order; returns the loss of each head.
 
     input_ids: (B, T). weights: [w_0, ..., w_n]; the gradient is that of grad_scale * sum_k w_k L_k, with
     L_k the mean cross-entropy of head k. ``hidden``: the backbone's tapped states, precomputed (frozen
-    mode with a hidden-state cache), which skips the backbone.
+    mode with a hidden-state cache), which skips the backbone; with ``soft`` the final normed state follows them.
+    ``soft`` (eagle3): each draft step learns the target's whole distribution over the draft vocabulary at the
+    position it drafts (EAGLE-3's distillation) instead of the one token in the text.
     """
     position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-    final = None
+    n_tapped = len(model.tapped)
     if hidden is None:
-        with torch.set_grad_enabled(train_backbone):
-            final, states = model.trunk(input_ids)
+        with torch.set_grad_enabled(train_backbone):  # a frozen trunk stops at its highest tap unless taught from
+            final, states = model.trunk(input_ids, final=train_backbone or soft)
     else:
-        states = hidden
+        states, final = hidden[:n_tapped], (hidden[n_tapped] if len(hidden) > n_tapped else None)
     leaves = [s.detach().requires_grad_(train_backbone) for s in states]  # the trunk boundary
     losses = []
     # Head 0: the backbone's own next-token head, on the final normed state (trained only with the backbone).
     targets = head_targets(input_ids, 0, loss_mask)
-    if final is not None:
-        final_leaf = final.detach().requires_grad_(train_backbone and weights[0] > 0)
+    if final is not None and train_backbone:
+        final_leaf = final.detach().requires_grad_(weights[0] > 0)
         losses.append(chunked_head_loss(lambda h: model.logits(h, normed=True), final_leaf, targets,
                                         weights[0] * grad_scale, chunk_tokens, backward=final_leaf.requires_grad))
-    elif model.tapped == [model.backbone.config.num_hidden_layers]:  # cached last layer: NTP loss, for the log
+    elif model.tapped == [model.backbone.config.num_hidden_layers]:  # frozen, last layer tapped: NTP loss, for the log
         with torch.no_grad():
             losses.append(chunked_head_loss(model.logits, leaves[-1], targets, 0.0, chunk_tokens, backward=False))
     else:
         losses.append(torch.tensor(float("nan")))
     if model.autoregressive:
-        losses += _eagle_losses(model, leaves, input_ids, weights, grad_scale, chunk_tokens, loss_mask)
+        teacher = final.detach() if soft else None
+        losses += _eagle_losses(model, leaves, input_ids, weights, grad_scale, chunk_tokens, loss_mask, teacher)
     for k in range(1, model.n_heads + 1 if not model.autoregressive else 1):
         z = model.head_hidden(k, leaves, position_ids, tokens=input_ids)  # (B, T, H)
         losses.append(chunked_head_loss(model.head_logits, z, head_targets(input_ids, k, loss_mask),
@@ -83,18 +86,30 @@ def mtp_step(model: MTPModel, input_ids: torch.Tensor, weights: list[float], *, 
     return [float(x) for x in losses]
 
 
-def _eagle_losses(model: MTPModel, states, input_ids, weights, grad_scale, chunk_tokens, loss_mask) -> list:
+def _eagle_losses(model: MTPModel, states, input_ids, weights, grad_scale, chunk_tokens, loss_mask,
+                  teacher: torch.Tensor | None = None) -> list:
     """eagle3's training-time test: the unrolled draft steps' outputs (B, T, H) stay alive (the steps feed
     each other); each step's loss over the draft vocabulary is computed and differentiated a chunk at a time
-    into a detached copy, then one backward carries every step's gradient through the unroll."""
+    into a detached copy, then one backward carries every step's gradient through the unroll. ``teacher``: the
+    target's final normed states (B, T, H); draft step k at position t then learns the target's distribution at
+    position t + k (over the draft vocabulary) instead of the token x_{t+1+k}."""
     head = model.eagle
     outs = head.unroll(model.embed, states, input_ids, model.n_heads)
     losses, roots, grads = [], [], []
+    teacher_flat = teacher.reshape(-1, teacher.shape[-1]) if teacher is not None else None
+    with torch.no_grad():  # the teacher is a constant
+        unembed_rows = head.teacher_rows(model.backbone) if teacher is not None else None
     for k, a in enumerate(outs, 1):
         targets = head.to_draft(head_targets(input_ids, k, loss_mask))  # outside the draft vocabulary: ignored
+        soft = None
+        if teacher is not None:  # flat row b*T + t drafts the token the target predicts at b*T + t + k
+            @torch.no_grad()
+            def soft(rows, k=k):
+                z = head.teacher_logits(model.backbone, teacher_flat[rows + k], unembed_rows)
+                return torch.softmax(z.float(), -1)
         leaf = a.detach().requires_grad_(weights[k] > 0 and torch.is_grad_enabled())
         losses.append(chunked_head_loss(head.draft_logits, leaf, targets, weights[k] * grad_scale, chunk_tokens,
-                                        backward=leaf.requires_grad))
+                                        backward=leaf.requires_grad, soft=soft))
         if leaf.grad is not None:
             roots.append(a)
             grads.append(leaf.grad)
@@ -122,11 +137,16 @@ def naive_step(model: MTPModel, input_ids: torch.Tensor, weights: list[float],
 EAGLE_MIN_DRAFT_VOCAB = 16384  # tokens unseen in training keep the target's own unembedding rows: cheap coverage
 
 # Settings a resumed run must share with its checkpoint (max_steps may grow; logging may change).
-RESUME_MUST_MATCH = ("model", "heads", "kind", "eagle_layers", "draft_vocab", "draft_init", "tap", "mlp_layers",
+RESUME_MUST_MATCH = ("model", "heads", "kind", "eagle_layers", "draft_vocab", "draft_init", "draft_loss", "tap",
+                     "mlp_layers",
                      "init_from_last", "mode", "lora_r",
                      "lora_alpha", "lora_targets", "data", "seq_len", "batch_size", "grad_accum", "lr",
                      "backbone_lr", "whs_lr", "warmup_steps", "min_lr_ratio", "weight_decay", "head_weights",
                      "ntp_weight", "seed", "dtype")
+
+
+SETTINGS_BEFORE = {"draft_init": "random", "draft_loss": "hard"}
+"""What eagle3 runs did before these settings existed: their checkpoints resume as such."""
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -227,15 +247,18 @@ class BatchOrder:
 class HiddenCache:
     """The frozen backbone's tapped hidden state for every training sequence, in a memmap on disk."""
 
-    def __init__(self, path: Path, model: MTPModel, blocks: torch.Tensor, batch: int, progress: bool):
+    def __init__(self, path: Path, model: MTPModel, blocks: torch.Tensor, batch: int, progress: bool,
+                 with_final: bool = False):
         dtype = model.backbone.get_output_embeddings().weight.dtype
-        self.torch_dtype, self.parts = dtype, len(model.tapped)  # eagle3 taps three layers: stored side by side
+        # eagle3 taps three layers: stored side by side; ``with_final``: the final normed state after them
+        self.torch_dtype, self.parts = dtype, len(model.tapped) + with_final
         hidden = model.backbone.config.hidden_size * self.parts
         np_dtype = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16,
                     torch.float64: np.float64}[dtype]  # bf16 kept as its 16 raw bits
         shape = (blocks.shape[0], blocks.shape[1], hidden)
         meta_path = path.with_suffix(".json")
-        key = {"shape": list(shape), "dtype": str(dtype), "tap": model.tapped, "tokens": int(blocks.sum())}
+        key = {"shape": list(shape), "dtype": str(dtype), "tap": model.tapped + (["final"] if with_final else []),
+               "tokens": int(blocks.sum())}
         for p in (path, meta_path):  # the cache is ours and is rebuilt at will, but not over what is not a file
             if (p.exists() or p.is_symlink()) and not p.is_file():
                 raise UserError(f"{p} is in the way of the hidden-state cache (it is not a file): remove it, and "
@@ -250,8 +273,8 @@ class HiddenCache:
             with torch.inference_mode():
                 for a in tqdm(range(0, shape[0], batch), desc="caching hidden states", disable=not progress,
                               file=sys.stderr):
-                    _, states = model.trunk(blocks[a:a + batch].to(model.backbone.device))
-                    self.array[a:a + batch] = self._to_numpy(torch.cat(states, -1))
+                    final, states = model.trunk(blocks[a:a + batch].to(model.backbone.device), final=with_final)
+                    self.array[a:a + batch] = self._to_numpy(torch.cat(states + ([final] if with_final else []), -1))
             self.array.flush()
             write_json(meta_path, key, indent=None)
             self.array = np.memmap(path, dtype=np_dtype, mode="r", shape=shape)
@@ -365,8 +388,10 @@ def train(cfg: TrainConfig, progress: bool = True, command: str = "") -> dict:
     # whs_lr only matters with a WHS tap (and checkpoints from before it existed do not record it)
     # eagle_layers / draft_vocab only for eagle3 heads (older checkpoints do not record them either)
     must_match = tuple(k for k in RESUME_MUST_MATCH if (k != "whs_lr" or cfg.tap == "whs") and
-                       (k not in ("eagle_layers", "draft_vocab", "draft_init") or cfg.kind == "eagle3"))
-    meta = read_checkpoint(ckpt, cfg.to_dict(), must_match) if cfg.resume and not fresh else None
+                       (k not in ("eagle_layers", "draft_vocab", "draft_init", "draft_loss") or
+                        cfg.kind == "eagle3"))
+    meta = read_checkpoint(ckpt, cfg.to_dict(), must_match, before=SETTINGS_BEFORE) if cfg.resume and not fresh \
+        else None
     if meta is not None and meta["step"] > cfg.max_steps:
         raise UserError(f"the checkpoint is at step {meta['step']}, already beyond --max-steps {cfg.max_steps}")
     torch.manual_seed(cfg.seed)
@@ -423,9 +448,11 @@ def train(cfg: TrainConfig, progress: bool = True, command: str = "") -> dict:
         load_optimizer(ckpt, meta, model, optimizer)
         step = int(meta["step"])
     cache = None
+    soft = cfg.kind == "eagle3" and cfg.draft_loss == "soft"
     if cfg.cache_hidden:
         out.mkdir(parents=True, exist_ok=True)
-        cache = HiddenCache(out / f"hidden-rank{ddp.rank}.bin", model, blocks, cfg.batch_size, progress and ddp.main)
+        cache = HiddenCache(out / f"hidden-rank{ddp.rank}.bin", model, blocks, cfg.batch_size, progress and ddp.main,
+                            with_final=soft)
     weights = head_weights(cfg.heads, cfg.ntp_weight, cfg.head_weights)
     dev = torch.device(device)
     heldout = HeldOut(cfg, model, tokenizer) if cfg.eval_data and ddp.main else None
@@ -455,6 +482,7 @@ def train(cfg: TrainConfig, progress: bool = True, command: str = "") -> dict:
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_autocast):
                 ls = mtp_step(model, ids, weights, train_backbone=cfg.mode != "frozen",
                               chunk_tokens=cfg.loss_chunk_tokens, grad_scale=1.0 / cfg.grad_accum, hidden=hidden,
+                              soft=soft,
                               loss_mask=masks[idx].to(dev) if masks is not None else None)
             step_losses += torch.tensor(ls, dtype=torch.float64) / cfg.grad_accum
         average_gradients(trainable, ddp.world)
@@ -526,7 +554,7 @@ class HeldOut:
         parts = []
         with torch.inference_mode():
             for a in range(0, len(self.blocks), 8):
-                parts.append(model.trunk(self.blocks[a:a + 8].to(dev))[1])
+                parts.append(model.trunk(self.blocks[a:a + 8].to(dev), final=False)[1])
         self.states = [torch.cat(p) for p in zip(*parts)]
 
     def due(self, step: int) -> bool:
