@@ -16,6 +16,7 @@ import os
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -71,14 +72,15 @@ class LlamaCppGenerator:
         self.server = llamacpp.Server(cmd, port, self.log)
 
     def __call__(self, prompts: list, max_new_tokens: int, temperature: float = 0.0):
-        from concurrent.futures import ThreadPoolExecutor
-
+        """Answers to ``prompts``, one request each, as they are given (the caller runs ``slots`` calls at once;
+        the slot that served a conversation's first turn still holds it in its cache for the second)."""
         texts = [chat_format(self.tokenizer, p) for p in prompts]
         templated = bool(getattr(self.tokenizer, "chat_template", None))
         ids = [self.tokenizer(t, add_special_tokens=not templated)["input_ids"] for t in texts]
-        params = {"return_tokens": True} if temperature == 0 else {"temperature": temperature, "top_k": 0}
-        with ThreadPoolExecutor(self.slots) as pool:
-            answers = list(pool.map(lambda p: self.server.complete(p, max_new_tokens, **params), ids))
+        params = {"return_tokens": True, "cache_prompt": True}
+        if temperature > 0:
+            params.update(temperature=temperature, top_k=0)
+        answers = [self.server.complete(p, max_new_tokens, **params) for p in ids]
         eos = self.tokenizer.eos_token_id
         results = []
         for text, ans in zip(texts, answers):
@@ -178,9 +180,34 @@ def gather_prompts(sources: list[str], split: str, limit: int | None, seed: int)
     return [(source, p) for _, _, source, p in sorted(keyed, key=lambda x: x[:2])]
 
 
-def _record(prompt: str, text: str, response: str, ok: bool, source: str, tokens: int, **extra) -> str:
-    return json.dumps({"prompt": prompt, "response": response, "text": text + response, "response_start": len(text),
-                       "finished": ok, "source": source, "response_tokens": tokens, **extra}) + "\n"
+def _answer(gen, tokenizer, batch: list[tuple[str, str]], max_new_tokens: int, temperature: float,
+            follow_ups: float) -> list[list[dict]]:
+    """For each (source, prompt) of ``batch``, its records: the answer, and, for the chosen share of the finished
+    ones, the answer to a follow-up question in the same conversation (the second answer is that record's only
+    target)."""
+    answers = gen([p for _, p in batch], max_new_tokens, temperature)
+    questions = {}  # index in batch -> the user's second turn
+    for i, ((_, prompt), (_, response, ok)) in enumerate(zip(batch, answers)):
+        question = follow_up(prompt, response, follow_ups) if ok else None
+        if question is not None:
+            questions[i] = question
+    talks = [[{"role": "user", "content": batch[i][1]},
+              {"role": "assistant", "content": _answer_only(tokenizer, answers[i][1])},
+              {"role": "user", "content": q}] for i, q in questions.items()]
+    second = dict(zip(questions, gen(talks, max_new_tokens, temperature) if talks else []))
+
+    def record(prompt, source, text, response, ok, **extra):
+        n = len(tokenizer(response, add_special_tokens=False)["input_ids"])
+        return {"prompt": prompt, "response": response, "text": text + response, "response_start": len(text),
+                "finished": ok, "source": source, "response_tokens": n, **extra}
+
+    out = []
+    for i, ((source, prompt), answer) in enumerate(zip(batch, answers)):
+        rows = [record(prompt, source, *answer)]
+        if i in second:
+            rows.append(record(prompt, source, *second[i], follow_up=questions[i]))
+        out.append(rows)
+    return out
 
 
 def _answer_only(tokenizer, response: str) -> str:
@@ -227,32 +254,28 @@ def distill(cfg: DistillConfig, command: str = "") -> dict:
     # Not mtp.io.atomic_file: OUT.partial is a log that grows record by record (complete lines survive an
     # interruption and are resumed from); it becomes OUT in one rename once every prompt is done.
     with partial.open("a") as f, generate as gen:
-        # llama.cpp keeps its slots busy across a chunk of 32 x slots prompts (continuous batching)
-        chunk = batch_size * (32 if engine == "llama.cpp" else 1)
-        for a in range(0, len(todo), chunk):
-            batch = todo[a:a + chunk]
-            answers = gen([p for _, p in batch], max_new_tokens, temperature)
-            questions = {}  # index in batch -> the user's second turn
-            for i, ((_, prompt), (_, response, ok)) in enumerate(zip(batch, answers)):
-                question = follow_up(prompt, response, cfg.follow_ups) if ok else None
-                if question is not None:
-                    questions[i] = question
-            talks = [[{"role": "user", "content": batch[i][1]},
-                      {"role": "assistant", "content": _answer_only(tokenizer, answers[i][1])},
-                      {"role": "user", "content": q}] for i, q in questions.items()]
-            second = dict(zip(questions, gen(talks, max_new_tokens, temperature) if talks else []))
-            for i, ((source, prompt), (text, response, ok)) in enumerate(zip(batch, answers)):
-                n = len(tokenizer(response, add_special_tokens=False)["input_ids"])
-                f.write(_record(prompt, text, response, ok, source, n))
-                finished, tokens, records = finished + ok, tokens + n, records + 1
-                if i in second:
-                    text2, response2, ok2 = second[i]
-                    n2 = len(tokenizer(response2, add_special_tokens=False)["input_ids"])
-                    f.write(_record(prompt, text2, response2, ok2, source, n2, follow_up=questions[i]))
-                    tokens, records = tokens + n2, records + 1
-            f.flush()
-            bar.update(len(batch))
-            bar.set_postfix({"tok/s": f"{tokens / (time.perf_counter() - start):.0f}"})
+        def turns(batch):
+            return _answer(gen, tokenizer, batch, max_new_tokens, temperature, cfg.follow_ups)
+
+        if engine == "llama.cpp":  # every slot busy all the time: one worker per slot, each prompt with its turns
+            pool = ThreadPoolExecutor(batch_size)
+            results = pool.map(lambda item: turns([item])[0], todo)
+        else:
+            pool = None
+            results = (rows for a in range(0, len(todo), batch_size) for rows in turns(todo[a:a + batch_size]))
+        try:
+            for i, rows in enumerate(results, 1):
+                for row in rows:
+                    f.write(json.dumps(row) + "\n")
+                    tokens += row["response_tokens"]
+                finished, records = finished + rows[0]["finished"], records + len(rows)
+                bar.update(1)
+                if i % batch_size == 0:
+                    f.flush()
+                    bar.set_postfix({"tok/s": f"{tokens / (time.perf_counter() - start):.0f}"})
+        finally:  # interrupted: the prompts not yet sent are dropped, the server stops
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
     bar.close()
     os.replace(partial, out)
     seconds_total = time.perf_counter() - start
