@@ -202,3 +202,52 @@ def test_distill_follow_ups_are_second_turns_and_resume(tiny_folder, tmp_path, m
     resumed = [json.loads(line) for line in (tmp_path / "d2.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in resumed if "follow_up" not in r] == [r["prompt"] for r in rows[::2]]
     assert len(calls[0]) == 1  # only the third prompt was generated again
+
+
+def test_interrupted_streaming_distillation_resumes_to_the_uninterrupted_result(tiny_folder, tmp_path, monkeypatch):
+    """The llama.cpp path (one worker per slot, records in prompt order): killed mid-run, rerun with the same
+    command, the file equals an uninterrupted run's, and no prompt is answered twice."""
+    import threading
+
+    import mtp.training.distill as distill_module
+
+    sent, lock, fail_after = [], threading.Lock(), [None]
+
+    class FakeServer:
+        def __init__(self, model_name, tokenizer, slots, threads=None, target="packaged"):
+            self.tokenizer = tokenizer
+
+        def __call__(self, prompts, max_new_tokens, temperature=0.0):
+            with lock:
+                if fail_after[0] is not None and len(sent) >= fail_after[0]:
+                    raise KeyboardInterrupt
+                sent.extend(str(p) for p in prompts)
+            out = []
+            for p in prompts:
+                text = distill_module.chat_format(self.tokenizer, p)
+                last = p if isinstance(p, str) else p[-1]["content"]
+                out.append((text, f"re: {last[:12]}" + self.tokenizer.eos_token, True))
+            return out
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+    monkeypatch.setattr(distill_module, "LlamaCppGenerator", FakeServer)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"question number {i}"}) + "\n" for i in range(40)))
+    cfg = dict(model=str(tiny_folder), prompts=[str(prompts)], engine="llama.cpp", batch_size=4, follow_ups=0.5,
+               max_new_tokens=8, quiet=True)
+    distill(DistillConfig(**cfg, out=str(tmp_path / "full.jsonl")))
+    fail_after[0] = 25
+    with pytest.raises(KeyboardInterrupt):
+        distill(DistillConfig(**cfg, out=str(tmp_path / "cut.jsonl")))
+    assert (tmp_path / "cut.jsonl.partial").is_file() and not (tmp_path / "cut.jsonl").exists()
+    fail_after[0], kept = None, len([line for line in (tmp_path / "cut.jsonl.partial").read_text().splitlines()
+                                      if "follow_up" not in line])
+    sent.clear()
+    distill(DistillConfig(**cfg, out=str(tmp_path / "cut.jsonl")))
+    assert (tmp_path / "cut.jsonl").read_text() == (tmp_path / "full.jsonl").read_text()
+    assert len([s for s in sent if s.startswith("question")]) == 40 - kept  # the rerun asks only what the file lacks

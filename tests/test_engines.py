@@ -206,6 +206,32 @@ def test_llamacpp_loads_exported_eagle3_heads_and_keeps_its_output(tmp_path):
     assert outs["eagle3"]["timings"].get("draft_n", 0) > 0  # it drafted
 
 
+@pytest.mark.real
+@needs_llama
+def test_distill_through_llamacpp_streams_prompts_and_follow_ups(tmp_path):
+    """distill --engine llama.cpp: one worker per slot, records in prompt order, each follow-up right after the
+    first turn it continues; the q8_0 target is converted once and answers like the packaged file."""
+    import json
+
+    from mtp.config import DistillConfig
+    from mtp.training.distill import distill
+
+    prompts = tmp_path / "p.jsonl"
+    asks = ["Say hello.", "What is 2 + 2?", "Name a colour.", "Say goodbye.", "What is the capital of France?"]
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in asks))
+    out = tmp_path / "d.jsonl"
+    summary = distill(DistillConfig(model="smollm2-135m", prompts=[str(prompts)], out=str(out), engine="llama.cpp",
+                                    target="q8_0", batch_size=3, max_new_tokens=48, follow_ups=1.0, quiet=True))
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    firsts = [r for r in rows if "follow_up" not in r]
+    assert sorted(r["prompt"] for r in firsts) == sorted(asks) and summary["records"] == len(rows)
+    for before, row in zip(rows, rows[1:]):
+        if "follow_up" in row:
+            assert before["prompt"] == row["prompt"] and before["finished"]
+            assert before["response"].split("<|im_end|>")[0] in row["text"][:row["response_start"]]
+    assert any("follow_up" in r for r in rows) and summary["tokens_per_s"] > 0
+
+
 def test_converter_needs_match_the_engines_extra():
     """setup installs CONVERTER_NEEDS; pip users get the `engines` extra: the two lists are one."""
     import tomllib
