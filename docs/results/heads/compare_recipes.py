@@ -9,12 +9,14 @@ step is logged too (bf16 autocast is a speed question as much as an accuracy one
     python compare_recipes.py OUT TRAIN.jsonl [...] --eval HELDOUT.jsonl --steps 300 --batch-size 4 \\
         --variant base: --variant init=target --variant vocab=8192 --variant ttt=6
 
-A variant is NAME:key=value,key=value (NAME defaults to the pairs): init (random | target), ttt (draft steps
+A variant is NAME:key=value,key=value (NAME defaults to the pairs): init (random | target), loss (hard | soft:
+the target's distribution, `--draft-loss`), ttt (draft steps
 trained), vocab (draft vocabulary), lr, min_lr (cosine floor, a ratio), warmup, autocast (on | off), layers
 (auto | default | I/J/K), weights (constant | decay:G). Unset keys take the base recipe below.
 """
 
 import argparse
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -31,8 +33,8 @@ from mtp.training.evaluate import heldout_scores
 from mtp.training.losses import head_weights
 from mtp.training.train import lr_factor, mtp_step
 
-BASE = {"init": "random", "ttt": 4, "vocab": 16384, "lr": 1e-3, "min_lr": 0.1, "warmup": 15, "autocast": "off",
-        "layers": "auto", "weights": "decay:0.8"}
+BASE = {"init": "random", "loss": "hard", "ttt": 4, "vocab": 16384, "lr": 1e-3, "min_lr": 0.1, "warmup": 15,
+        "autocast": "off", "layers": "auto", "weights": "decay:0.8"}
 
 
 def parse_variant(spec: str) -> tuple[str, dict]:
@@ -108,8 +110,10 @@ def main():
     for step in range(steps):
         idx = perm[step * args.batch_size:(step + 1) * args.batch_size]
         ids, mask = blocks[idx], masks[idx]
-        with torch.no_grad(), capture_hidden(backbone, union) as store, first_layers(backbone, max(union)):
-            backbone.get_decoder()(input_ids=ids)  # no further than the highest tap
+        soft = any(v["loss"] == "soft" for v in variants.values())  # the final state teaches: the whole backbone
+        with torch.no_grad(), capture_hidden(backbone, union) as store, \
+                (contextlib.nullcontext() if soft else first_layers(backbone, max(union))):
+            final = backbone.get_decoder()(input_ids=ids).last_hidden_state  # normed; else no further than the taps
         rec = {"step": step + 1}
         for name, m in models.items():
             v = variants[name]
@@ -118,7 +122,8 @@ def main():
                 g["lr"] = v["lr"] * lr_factor(step, v["warmup"], steps, v["min_lr"])
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=v["autocast"] == "on"):
                 losses = mtp_step(m, ids, head_weights(v["ttt"], 1.0, v["weights"]), train_backbone=False,
-                                  hidden=[store[i] for i in m.tapped], loss_mask=mask)
+                                  hidden=[store[i] for i in m.tapped] + ([final] if v["loss"] == "soft" else []),
+                                  loss_mask=mask, soft=v["loss"] == "soft")
             torch.nn.utils.clip_grad_norm_(m.head_parameters(), 1.0)
             opts[name].step()
             opts[name].zero_grad(set_to_none=True)

@@ -11,8 +11,10 @@ appended as they are made, so an interrupted run continues where it stopped.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import random
 import sys
 import tempfile
 import time
@@ -123,9 +125,6 @@ CODE_FOLLOW_UPS = (
 def follow_up(prompt: str, answer: str, share: float) -> str | None:
     """The user's second turn after ``answer``, for a seeded ``share`` of the prompts (None for the others): a
     follow-up about code where the answer holds code, a general one otherwise."""
-    import hashlib
-    import random
-
     rng = random.Random(int(hashlib.sha1(f"follow-up\0{prompt}".encode()).hexdigest()[:12], 16))
     if rng.random() >= share:
         return None
