@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from mtp.backbones import load_backbone
-from mtp.data import packed_blocks
-from mtp.hf_compat import first_layers, target_counts, top_tokens
+from mtp.data import packed_blocks, target_counts, top_tokens
+from mtp.hf_compat import first_layers
 from mtp.model.eagle3 import auto_layers, parse_layers
 from mtp.model.heads import capture_hidden
 from mtp.model.mtp import HeadsConfig, MTPModel
