@@ -509,7 +509,7 @@ def train(cfg: TrainConfig, progress: bool = True, command: str = "") -> dict:
                       "losses": [round(float(x), 5) if math.isfinite(x) else None for x in mean], "lr": cfg.lr * factor,
                       "tokens": step * tokens_per_step,
                       "tokens_per_s": len(losses) * tokens_per_step / (now - t_last)}
-            bar.set_postfix({f"l{k}": f"{x:.3f}" for k, x in enumerate(mean.tolist())}
+            bar.set_postfix({f"l{k}": f"{x:.3f}" for k, x in enumerate(mean.tolist()) if math.isfinite(x)}
                             | {"tok/s": f"{record['tokens_per_s']:.0f}"})
             if ddp.main:  # a log: appended line by line (not atomic); a resume drops lines past its checkpoint
                 append_line(log_path, json.dumps(record, allow_nan=False))
