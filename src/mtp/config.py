@@ -532,7 +532,8 @@ class DistillConfig(Runtime, Writes):
     model: str = opt(DEFAULT_MODEL, metavar="NAME|PATH")
     """Backbone: built-in name, Hugging Face folder or .gguf file."""
     prompts: list[str] = opt(factory=lambda: ["chat", "code"], metavar="SET|FILE")
-    """chat, code, general, translation, code-prefix (their train split) or a .jsonl with a prompt field."""
+    """A built-in prompt set (chat, code, general, varied, code-tasks, prose-tasks, translation, code-prefix; its
+    train split) or a .jsonl with a prompt field."""
     limit: int | None = None
     """Prompts per set (default: all)."""
     max_new_tokens: int = 256
@@ -861,7 +862,8 @@ class BenchDecodeConfig(DraftOptions, Writes):
     heads: str = opt("default", metavar="DIR|default|eagle3")
     """MTP heads: a folder, or heads shipped for the model."""
     prompts: str = opt("chat", metavar="SET|FILE.jsonl")
-    """chat, code, general, translation, code-prefix (their eval split) or a .jsonl with a prompt field."""
+    """A built-in prompt set (chat, code, general, varied, code-tasks, prose-tasks, translation, code-prefix; its
+    eval split) or a .jsonl with a prompt field."""
     methods: list[str] = opt(factory=lambda: ["blockwise", "tree", "dynamic", "lookup"])
     """Methods beside plain: plain, blockwise, tree, dynamic, hybrid, lookup, early-exit (comma-separated)."""
     batch_size: int = 1
@@ -1066,7 +1068,8 @@ class BenchEngineConfig(Writes):
     model: str = opt(DEFAULT_MODEL, metavar="NAME|PATH")
     """Backbone: built-in name, Hugging Face folder or .gguf file."""
     prompts: str = "chat"
-    """A built-in prompt set (its eval split: chat, code, general, translation) or a .jsonl with a prompt field."""
+    """A built-in prompt set (its eval split: chat, code, general, varied, code-tasks, prose-tasks, translation,
+    code-prefix) or a .jsonl with a prompt field."""
     limit: int = 10
     """Prompts."""
     max_new_tokens: int = 128
