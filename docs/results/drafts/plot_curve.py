@@ -69,8 +69,11 @@ def extrapolate(rows: list[dict], chain: int, factor: float, ax1, ax2):
         fits.append((a, b))
         ax1.plot(10 ** grid, np.clip(a + b * grid, 0, 1), ":", color=f"C{k}")
 
+    def fitted(at):  # top-1 per draft step at log10(tokens) = at, clipped to [0, 1]
+        return [min(max(a + b * at, 0.0), 1.0) for a, b in fits]
+
     def tau(at):
-        p = [min(max(a + b * at, 0.0), 1.0) for a, b in fits]
+        p = fitted(at)
         return 1 + sum(np.prod(p[:i + 1]) for i in range(len(p)))
 
     ax2.plot(10 ** grid, [tau(g) for g in grid], ":", color="gray", label="log-linear fit")
@@ -78,7 +81,7 @@ def extrapolate(rows: list[dict], chain: int, factor: float, ax1, ax2):
     print("|---:|---|---:|")
     for mult in (1, 10, 100):
         at = last + np.log10(mult)
-        p = " / ".join(f"{min(max(a + b * at, 0), 1):.3f}" for a, b in fits)
+        p = " / ".join(f"{x:.3f}" for x in fitted(at))
         print(f"| {10 ** at:,.0f} ({mult}x) | {p} | {tau(at):.2f} |")
 
 
