@@ -188,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mtp: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `mtp ... | head`: the reader left; say nothing more (Python's own advice)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     except MemoryError:  # the flags that size memory differ by command: name them where they exist
         command = next((a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("-")), "")
         hint = {"analyze": "lower --chunk-tokens or --max-candidates", "eval": "lower --max-candidates",

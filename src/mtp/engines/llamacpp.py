@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +26,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from mtp.engines import patches
 from mtp.errors import UserError
 
 VERSION = "0.3.36"  # llama-cpp-python, whose sdist vendors a llama.cpp with EAGLE-3 (src/models/eagle3.cpp)
@@ -97,12 +99,58 @@ def _run(cmd: list[str], what: str, cwd: Path | None = None, env: dict | None = 
         raise UserError(f"{what} failed (exit status {e.returncode}): see the output above") from None
 
 
+CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
+               "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+               "-DBUILD_SHARED_LIBS=OFF")
+
+
+def cpu_signature() -> str:
+    """The CPU a native build is for (model name and instruction-set flags): a build made on an AMX Xeon dies
+    of SIGILL on an AMD EPYC, so a cached build is reused only on the CPU it was made for."""
+    import hashlib
+    import platform
+
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    fields = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("model name", "flags") and key.strip() not in fields:
+            fields[key.strip()] = " ".join(sorted(value.split())) if key.strip() == "flags" else value.strip()
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    return f"{name} [{hashlib.sha256(fields.get('flags', '').encode()).hexdigest()[:12]}]"
+
+
+def build_stamp() -> dict:
+    """What a finished build was made from; the same stamp means nothing to rebuild."""
+    return {"llama_cpp_python": VERSION, "targets": list(TARGETS), "cmake": list(CMAKE_FLAGS),
+            "fixes": patches.fingerprint(), "cpu": cpu_signature()}
+
+
+def _stamp_path() -> Path:
+    return root() / "build" / "mtp-build.json"
+
+
+def built_stamp() -> dict | None:
+    try:
+        return json.loads(_stamp_path().read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def setup(jobs: int | None = None) -> dict:
-    """Fetch the vendored sources (pip) and build llama-server; returns what was done and how long it took."""
+    """Fetch the vendored sources (pip), apply mtp's source fixes and build llama-server; returns what was done
+    and how long it took. A build whose stamp matches (same sources, fixes, flags and CPU) is reused as is."""
     from mtp.io import atomic_dir
 
     start = time.time()
     src, build = source_dir(), root() / "build"
+    stamp = build_stamp()
+    if binary().is_file() and built_stamp() == stamp and not converter_missing():
+        return {"root": str(root()), "server": str(binary()), "fetch_seconds": 0.0,
+                "total_seconds": round(time.time() - start, 1), "fixes": {}, "reused": True}
     if not (src / "CMakeLists.txt").is_file():
         with tempfile.TemporaryDirectory() as tmp:
             _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--disable-pip-version-check",
@@ -118,18 +166,28 @@ def setup(jobs: int | None = None) -> dict:
                         m.name = m.name[len(prefix):]
                     tar.extractall(out, members=[m for m in members if m.name], filter="data")
     fetched = time.time() - start
+    fixes = patches.apply(src)
+    for name, state in fixes.items():
+        fix = next(f for f in patches.FIXES if f.name == name)
+        print(f"mtp: llama.cpp source fix {name} ({fix.reason}): {state}", file=sys.stderr)
+    old = built_stamp()
+    if old is not None and old.get("cpu") != stamp["cpu"] and build.is_dir():
+        # compiler flags say -march=native, which ninja cannot see change: start the build over
+        print(f"mtp: llama.cpp was built for another CPU ({old.get('cpu')}); rebuilding for {stamp['cpu']}",
+              file=sys.stderr)
+        shutil.rmtree(build)
     # the converter's Python needs (besides torch, numpy, transformers, which mtp has): its tokenizer readers
     _run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", *CONVERTER_NEEDS],
          "installing what llama.cpp's converter imports", quiet=True)
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
-    _run(["cmake", "-S", str(src), "-B", str(build), *generator, "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
-          "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-          "-DLLAMA_BUILD_EXAMPLES=OFF", "-DBUILD_SHARED_LIBS=OFF"], "configuring llama.cpp", quiet=True)
+    _run(["cmake", "-S", str(src), "-B", str(build), *generator, *CMAKE_FLAGS], "configuring llama.cpp", quiet=True)
+    _stamp_path().unlink(missing_ok=True)  # a build that stops half-way leaves no stamp
     _run(["cmake", "--build", str(build), "--target", *TARGETS, "-j", str(jobs or os.cpu_count() or 2)],
          "building llama.cpp", quiet=True)
     require_server()
+    _stamp_path().write_text(json.dumps(stamp, indent=1) + "\n")
     return {"root": str(root()), "server": str(binary()), "fetch_seconds": round(fetched, 1),
-            "total_seconds": round(time.time() - start, 1)}
+            "total_seconds": round(time.time() - start, 1), "fixes": fixes, "reused": False}
 
 
 def serve_command(target_gguf: str | Path, draft_gguf: str | Path | None = None, draft_max: int = 8,
@@ -143,6 +201,10 @@ def serve_command(target_gguf: str | Path, draft_gguf: str | Path | None = None,
     return cmd + list(extra or [])
 
 
+FAULT_SIGNALS = {signal.SIGSEGV: "SIGSEGV", signal.SIGILL: "SIGILL", signal.SIGBUS: "SIGBUS"}
+EXTRA_BUFFERS = ("AMX", "CPU_REPACK")  # ggml-cpu's extra buffer types, as llama.cpp's load log names them
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -153,16 +215,50 @@ class Server:
     """A running llama-server; a context manager that always stops it. Every wait has a time-out."""
 
     def __init__(self, cmd: list[str], port: int, log: Path, start_timeout: float = 300.0):
-        self.port, self.log = port, log
+        self.port, self.log, self.cmd = port, log, list(cmd)
         self.url = f"http://127.0.0.1:{port}"
-        self._log_file = log.open("w")
+        self.fallback = None  # why the server runs with --no-repack when mtp added it
+        self._start()
         try:
-            self.proc = subprocess.Popen(cmd, stdout=self._log_file, stderr=subprocess.STDOUT,
+            self._wait_ready(start_timeout)
+        except UserError:
+            why = self._repack_crash()
+            if why is None:
+                raise
+            # ggml's repacked / AMX kernels crashed while loading (a tree built before the source fix, or a bug
+            # of another build): the same binary serves with plain CPU kernels. Say so, keep the crash log.
+            crashed = log.with_name(log.stem + ".crashed" + log.suffix)
+            log.replace(crashed)
+            self.fallback = (f"llama-server crashed while loading ({why}); retrying with --no-repack (plain CPU "
+                             f"kernels; crash log: {crashed}); `mtp engines setup llama.cpp` rebuilds with mtp's fixes")
+            print(f"mtp: {self.fallback}", file=sys.stderr)
+            self.cmd = self.cmd + ["--no-repack"]
+            self._start()
+            self._wait_ready(start_timeout)
+
+    def _start(self) -> None:
+        self._log_file = self.log.open("w")
+        try:
+            self.proc = subprocess.Popen(self.cmd, stdout=self._log_file, stderr=subprocess.STDOUT,
                                          start_new_session=True)
         except OSError as e:
             self._log_file.close()
             raise UserError(f"llama-server did not start ({e})") from None
-        self._wait_ready(start_timeout)
+
+    def _repack_crash(self) -> str | None:
+        """Why a failed start is worth one retry with --no-repack, or None: killed by a fault signal while an
+        extra buffer type (AMX, CPU_REPACK) held the weights, and not already without them."""
+        code = self.proc.returncode
+        if code is None or -code not in FAULT_SIGNALS or {"--no-repack", "-nr"} & set(self.cmd):
+            return None
+        try:
+            text = self.log.read_text(errors="replace")
+        except OSError:
+            return None
+        buffers = sorted({b for b in EXTRA_BUFFERS if f"{b} model buffer size" in text})
+        if not buffers:
+            return None
+        return f"{FAULT_SIGNALS[-code]} with the weights in {' and '.join(buffers)} buffers"
 
     def _tail(self) -> str:
         try:

@@ -13,17 +13,27 @@ def engines_command(cfg, command: str = "") -> None:
     action, engine, jobs = cfg.action, cfg.engine, cfg.jobs
 
     if action == "status":
-        server = llamacpp.binary()
-        print(f"llama.cpp: {'built' if server.is_file() else 'not built'} ({server})"
-              + ("" if server.is_file() else f"; {llamacpp.BUILD_HINT}"))
+        server, stamp = llamacpp.binary(), llamacpp.built_stamp()
+        if not server.is_file():
+            state = f"not built ({server}); {llamacpp.BUILD_HINT}"
+        elif stamp != llamacpp.build_stamp():
+            why = ("built for another CPU" if stamp and stamp.get("cpu") != llamacpp.cpu_signature()
+                   else "built without mtp's current source fixes")
+            state = f"{why} ({server}); rebuild with `mtp engines setup llama.cpp`"
+        else:
+            state = f"built for this CPU ({server})"
+        print(f"llama.cpp: {state}")
         py = vllm.python()
         print(f"vLLM: {'environment at ' + str(py.parent.parent) if py.is_file() else 'not set up'}"
               + ("" if py.is_file() else f"; {vllm.SETUP_HINT}"))
         return None
     if engine == "llama.cpp":
         done = llamacpp.setup(jobs)
-        print(f"llama.cpp built in {done['total_seconds'] / 60:.1f} min (sources fetched in {done['fetch_seconds']:.0f} s): "
-              f"{done['server']}")
+        if done["reused"]:
+            print(f"llama.cpp already built for this CPU with mtp's fixes: {done['server']}")
+        else:
+            print(f"llama.cpp built in {done['total_seconds'] / 60:.1f} min (sources fetched in "
+                  f"{done['fetch_seconds']:.0f} s): {done['server']}")
         print("serve a model with exported EAGLE-3 heads (`mtp export --format gguf`):\n  "
               + shlex.join(llamacpp.serve_command("TARGET.gguf", "OUT/eagle3-draft.gguf")))
         return None

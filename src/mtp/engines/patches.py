@@ -1,0 +1,102 @@
+"""Source fixes that ``mtp engines setup llama.cpp`` applies to the vendored llama.cpp before it builds.
+
+Each fix is an exact text replacement with the reason it exists, applied once (a tree that already holds the
+new text is left alone) and reported when the old text is gone (another llama.cpp version: the fix is skipped
+with a note, never forced). Keep them few, small and each tied to a bug that can be shown.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class SourceFix:
+    name: str
+    path: str  # relative to the llama.cpp source tree
+    old: str
+    new: str
+    reason: str
+
+
+# GCC (<= 13 at least; Debian 12's 12.2 here) declares `_tile_loadconfig(p)` as an asm statement whose memory
+# operand is `*(const void **)p`: 8 bytes. The compiler then sees the stores that fill the tile shapes (bytes
+# 16..63 of the 64-byte config on the stack) as dead and drops them, so `ldtilecfg` loads palette 1 with every
+# tile 0 rows x 0 bytes and the first AMX tile instruction faults: the SIGSEGV in `ggml_backend_amx_mul_mat` at
+# model load on AMX Xeons (Sapphire Rapids and later) with Q4_0/Q4_1/Q8_0/K-quant weights. Seen in the
+# disassembly of ggml-cpu/amx/mmq.cpp built with -O3 -march=sapphirerapids: one zeroing store, one byte store of
+# the palette id, then `ldtilecfg`. A config with static storage (read-only data, filled by the compiler) has
+# nothing left to drop. tests/test_engine_patches.py compiles the function both ways and checks the bytes.
+AMX_TILE_CONFIG = SourceFix(
+    name="amx-tile-config-in-rodata",
+    path="ggml/src/ggml-cpu/amx/mmq.cpp",
+    old="""    alignas(64) tile_config_t tc = {};
+    tc.palette_id = 1;
+    tc.start_row = 0;
+    tc.rows[0] = 8;   tc.colsb[0] = 64;
+    tc.rows[1] = 8;   tc.colsb[1] = 64;
+    tc.rows[2] = 16;  tc.colsb[2] = 32;
+    tc.rows[3] = 16;  tc.colsb[3] = 32;
+    tc.rows[4] = 16;  tc.colsb[4] = 64;
+    tc.rows[5] = 16;  tc.colsb[5] = 64;
+    tc.rows[6] = 16;  tc.colsb[6] = 64;
+    tc.rows[7] = 16;  tc.colsb[7] = 64;
+
+    _tile_loadconfig(&tc);""",
+    new="""    // mtp: static storage, so that no store is dropped (GCC's _tile_loadconfig tells the compiler it reads
+    // 8 bytes of the 64: a config on the stack lost its tile shapes and the first tile instruction faulted)
+    struct make {
+        static constexpr tile_config_t config() {
+            tile_config_t c = {};
+            c.palette_id = 1;
+            c.start_row = 0;
+            c.rows[0] = 8;   c.colsb[0] = 64;
+            c.rows[1] = 8;   c.colsb[1] = 64;
+            c.rows[2] = 16;  c.colsb[2] = 32;
+            c.rows[3] = 16;  c.colsb[3] = 32;
+            c.rows[4] = 16;  c.colsb[4] = 64;
+            c.rows[5] = 16;  c.colsb[5] = 64;
+            c.rows[6] = 16;  c.colsb[6] = 64;
+            c.rows[7] = 16;  c.colsb[7] = 64;
+            return c;
+        }
+    };
+    alignas(64) static constexpr tile_config_t tc = make::config();
+
+    _tile_loadconfig(&tc);""",
+    reason="GCC drops the stores that fill an AMX tile config on the stack: SIGSEGV at load on AMX CPUs",
+)
+
+FIXES: tuple[SourceFix, ...] = (AMX_TILE_CONFIG,)
+
+
+def fingerprint(fixes: tuple[SourceFix, ...] = FIXES) -> str:
+    """Changes whenever a fix's text changes: part of the build stamp, so a changed fix rebuilds."""
+    h = hashlib.sha256()
+    for fix in fixes:
+        h.update(f"{fix.name}\0{fix.path}\0{fix.old}\0{fix.new}\0".encode())
+    return h.hexdigest()[:16]
+
+
+def apply(src: Path, fixes: tuple[SourceFix, ...] = FIXES) -> dict[str, str]:
+    """Apply each fix to the tree at ``src``; returns name -> "applied" | "present" | "skipped: why"."""
+    done = {}
+    for fix in fixes:
+        path = src / fix.path
+        try:
+            text = path.read_text()
+        except OSError as e:
+            done[fix.name] = f"skipped: {fix.path} unreadable ({e.strerror})"
+            continue
+        if fix.new in text:
+            done[fix.name] = "present"
+        elif text.count(fix.old) == 1:
+            tmp = path.with_name(path.name + ".mtp-tmp")
+            tmp.write_text(text.replace(fix.old, fix.new))
+            tmp.replace(path)
+            done[fix.name] = "applied"
+        else:
+            done[fix.name] = f"skipped: the code it fixes is not in {fix.path} (another llama.cpp version)"
+    return done
