@@ -230,19 +230,28 @@ def test_llamacpp_loads_exported_eagle3_heads_and_keeps_its_output(tmp_path):
     backbone, tokenizer = load_backbone("smollm2-135m")
     MTPModel(backbone, HeadsConfig(backbone="smollm2-135m", n_heads=3, kind="eagle3")).save_pretrained(tmp_path / "h")
     export(ExportConfig(heads=str(tmp_path / "h"), format="gguf", out=str(tmp_path / "g"), model="smollm2-135m"))
+    # a quantized draft (llama.cpp's own quantizer) loads and drafts too
+    export(ExportConfig(heads=str(tmp_path / "h"), format="gguf", out=str(tmp_path / "q"), model="smollm2-135m",
+                        gguf_type="q4_0"))
+    assert [p.name for p in (tmp_path / "q").iterdir()] == ["eagle3-draft.gguf"]
+    size = {d: (tmp_path / d / "eagle3-draft.gguf").stat().st_size for d in "gq"}
+    assert size["q"] < 0.6 * size["g"]  # its lm_head stays Q8_0: llama-quantize's rule for 576-wide rows
     ids = encode_prompt(tokenizer, "Write a Python function that reverses a string.")
     target = target_gguf("smollm2-135m")
     outs = {}
-    for name, extra in (("plain", []), ("eagle3", ["--spec-type", "draft-eagle3", "-md",
-                                                     str(tmp_path / "g" / "eagle3-draft.gguf")])):
+    for name, extra in (("plain", []),
+                        ("eagle3", ["--spec-type", "draft-eagle3", "-md", str(tmp_path / "g" / "eagle3-draft.gguf")]),
+                        ("eagle3-q4_0", ["--spec-type", "draft-eagle3", "-md",
+                                         str(tmp_path / "q" / "eagle3-draft.gguf")])):
         port = llamacpp.free_port()
         cmd = [str(llamacpp.binary()), "-m", str(target), "--port", str(port), "-t", "2", "-np", "1", *extra]
         with llamacpp.Server(cmd, port, tmp_path / f"{name}.log", start_timeout=300) as srv:
             res = srv.complete(ids, 24, return_tokens=True)
         assert srv.fallback is None  # served with its repacked / AMX kernels, no crash at load
         outs[name] = res
-    assert outs["eagle3"]["tokens"] == outs["plain"]["tokens"]
-    assert outs["eagle3"]["timings"].get("draft_n", 0) > 0  # it drafted
+    for name in ("eagle3", "eagle3-q4_0"):
+        assert outs[name]["tokens"] == outs["plain"]["tokens"]
+        assert outs[name]["timings"].get("draft_n", 0) > 0  # it drafted
 
 
 @pytest.mark.real

@@ -909,8 +909,8 @@ class ExportConfig(Writes):
     """The target the heads are for (default: the one their config.json names); foreign heads are refused."""
     dtype: str | None = None
     """dtype of the exported weights (default: as stored)."""
-    gguf_type: str = opt("f16", choices=("f32", "f16", "bf16", "q8_0"))
-    """gguf: f32 | f16 | bf16 | q8_0."""
+    gguf_type: str = opt("f16", choices=("f32", "f16", "bf16", "q8_0", "q4_0"))
+    """gguf: the draft's weights: f32 | f16 | bf16 | q8_0 (llama.cpp's converter) | q4_0 (its llama-quantize)."""
     def __post_init__(self) -> None:
         super().__post_init__()
         from mtp.export import FORMATS
@@ -1078,8 +1078,14 @@ class BenchEngineConfig(Writes):
     """Tokens drafted per step (llama.cpp --spec-draft-n-max, vLLM num_speculative_tokens)."""
     p_min: float = 0.0
     """llama.cpp: stop drafting below this draft probability (its --spec-draft-p-min)."""
+    draft_type: str = opt("f16", choices=("f32", "f16", "bf16", "q8_0", "q4_0"))
+    """llama.cpp: the exported draft's weights (as `mtp export --gguf-type`)."""
+    policy: bool = True
+    """llama.cpp: measure its costs on this machine (cached), choose the draft settings from them and run that
+    configuration too ("eagle3 measured"), with its predicted speedup."""
     target: str = "packaged"
-    """llama.cpp's target GGUF: packaged (the quantized file users have) | f16 | bf16 | f32 | q8_0 (converted once)."""
+    """llama.cpp's target GGUF: packaged (the quantized file users have) | f16 | bf16 | f32 | q8_0 (converted once)
+    | q4_0 (the f16 file through llama-quantize)."""
     ngram_modes: list[str] = opt(factory=lambda: ["ngram-simple", "ngram-map-k", "ngram-mod"])
     """llama.cpp's training-free speculation modes to run (vLLM runs its ngram)."""
     threads: int = 2

@@ -59,10 +59,12 @@ def _draft_folder(cfg, fmt: str) -> Path:
 
     folder = resolve_heads(cfg.heads, cfg.model)
     digest = hashlib.sha1((folder / WEIGHTS).read_bytes() + (folder / CONFIG).read_bytes())
-    out = cache_dir("engines", "drafts", f"{fmt}-{digest.hexdigest()[:16]}")
+    kind = f"{fmt}-{cfg.draft_type}" if fmt == "gguf" and cfg.draft_type != "f16" else fmt
+    out = cache_dir("engines", "drafts", f"{kind}-{digest.hexdigest()[:16]}")
     done = out / GGUF_NAME if fmt == "gguf" else out / "config.json"
     if not done.is_file():
-        export(ExportConfig(heads=str(folder), format=fmt, out=str(out), model=cfg.model, overwrite=True))
+        export(ExportConfig(heads=str(folder), format=fmt, out=str(out), model=cfg.model, overwrite=True,
+                            gguf_type=cfg.draft_type))
     return out
 
 
@@ -111,8 +113,53 @@ def _llama_configs(cfg, draft: Path) -> list[tuple[str, list[str]]]:
     return configs
 
 
-def run_llamacpp(cfg, prompts: list[list[int]], workdir: Path) -> tuple[dict, list]:
-    from mtp.engines import llamacpp
+def _server_cmd(cfg, server: Path, target: Path, port: int, extra: list[str]) -> list[str]:
+    return [str(server), "-m", str(target), "--host", "127.0.0.1", "--port", str(port), "-c", "4096",
+            "-t", str(cfg.threads), "-np", "1", "--no-webui", *extra]
+
+
+def measure_costs(cfg, server: Path, target: Path, draft_gguf: Path, tokenizer, workdir: Path):
+    """llama.cpp's costs on this machine for ``target`` with ``draft_gguf`` (see :mod:`mtp.engines.policy`),
+    measured on prompts of the built-in ``general`` set's train split (never a set the benchmark reports on),
+    or read from the per-machine cache."""
+    from mtp.decode.run import encode_prompt
+    from mtp.engines import llamacpp, policy
+    from mtp.prompts import load_prompts
+
+    cached = policy.load_cached(target, draft_gguf, cfg.threads)
+    if cached is not None:
+        return cached, policy.cache_file(target, draft_gguf, cfg.threads)
+    calib = [encode_prompt(tokenizer, p, chat=cfg.chat) for p in load_prompts("general", "train", 6, 0)]
+    pool = [t for ids in calib for t in ids]
+    prefix = (pool * (1 + 300 // max(1, len(pool))))[:300]
+    print(f"mtp: measuring llama.cpp's costs on this machine (target {target.name}, cached once) ...",
+          file=sys.stderr)
+    port = llamacpp.free_port()
+    with llamacpp.Server(_server_cmd(cfg, server, target, port, []), port, workdir / "llama-costs.log",
+                         cfg.timeout) as srv:
+        srv.complete(calib[0], 8, timeout=cfg.timeout)  # warm-up
+        t1 = policy.measure_decode(srv, calib[:4], timeout=cfg.timeout)
+        verify = policy.measure_verify(srv, prefix, pool[::-1], timeout=cfg.timeout)
+    costs = policy.Costs(t1=t1, verify=verify)
+    for d in policy.ROUND_LENGTHS:
+        port = llamacpp.free_port()
+        extra = ["--spec-type", "draft-eagle3", "-md", str(draft_gguf), "--spec-draft-n-max", str(d),
+                 "--spec-draft-p-min", "0"]
+        with llamacpp.Server(_server_cmd(cfg, server, target, port, extra), port, workdir / f"llama-costs-d{d}.log",
+                             cfg.timeout) as srv:
+            srv.complete(calib[0], 8, timeout=cfg.timeout)
+            answers = [srv.complete(p, 64, timeout=cfg.timeout) for p in calib]
+        costs.rounds.append(policy.round_row(d, answers))
+    from mtp.engines.llamacpp import cpu_signature
+
+    path = policy.save_cached(target, draft_gguf, cfg.threads, costs,
+                              {"cpu": cpu_signature(), "threads": cfg.threads, "target": str(target),
+                               "draft": str(draft_gguf)})
+    return costs, path
+
+
+def run_llamacpp(cfg, prompts: list[list[int]], workdir: Path, tokenizer=None) -> tuple[dict, list]:
+    from mtp.engines import llamacpp, policy
     from mtp.engines.targets import target_gguf
 
     server = llamacpp.require_server()
@@ -120,12 +167,20 @@ def run_llamacpp(cfg, prompts: list[list[int]], workdir: Path) -> tuple[dict, li
     target = target_gguf(cfg.model, cfg.target)
     runs: dict[str, list[list[dict]]] = {}
     configs = _llama_configs(cfg, draft)
+    chosen = None
+    if cfg.policy:
+        costs, cache = measure_costs(cfg, server, target, draft / "eagle3-draft.gguf", tokenizer, workdir)
+        choice = policy.choose(costs)
+        chosen = {"costs": costs.as_dict(), "choice": choice, "cache": str(cache)}
+        # run what the costs choose even where they say plain decoding wins: the prediction is checked either way
+        measured = policy.flags(dict(choice, pays=True))
+        configs.append(("eagle3 measured", ["--spec-type", "draft-eagle3", "-md", str(draft / "eagle3-draft.gguf"),
+                                            *measured]))
     commands = {}
     for r in range(cfg.rounds):
         for name, extra in (configs if r % 2 == 0 else configs[::-1]):
             port = llamacpp.free_port()
-            cmd = [str(server), "-m", str(target), "--host", "127.0.0.1", "--port", str(port), "-c", "4096",
-                   "-t", str(cfg.threads), "-np", "1", "--no-webui", *extra]
+            cmd = _server_cmd(cfg, server, target, port, extra)
             commands[name] = cmd
             print(f"mtp: llama.cpp {name} (round {r + 1}/{cfg.rounds}) ...", file=sys.stderr)
             with llamacpp.Server(cmd, port, workdir / f"llama-{name}.log", cfg.timeout) as srv:
@@ -142,6 +197,11 @@ def run_llamacpp(cfg, prompts: list[list[int]], workdir: Path) -> tuple[dict, li
     results = [_summarize(name, rows[name], rows["plain"] if name != "plain" else None) for name, _ in configs]
     info = {"target_gguf": str(target), "draft_gguf": str(draft / "eagle3-draft.gguf"),
             "commands": {k: " ".join(v) for k, v in commands.items()}}
+    if chosen is not None:
+        info["policy"] = chosen
+        for r in results:
+            if r["name"] == "eagle3 measured":
+                r["predicted_speedup"] = chosen["choice"]["predicted_speedup"]
     return info, results
 
 
@@ -232,7 +292,7 @@ def bench_engine(cfg, command: str = "") -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     if cfg.engine == "llama.cpp":
-        info, results = run_llamacpp(cfg, prompts, workdir)
+        info, results = run_llamacpp(cfg, prompts, workdir, tokenizer)
     else:
         info, results = run_vllm(cfg, prompts, workdir)
     mtp_results = run_mtp(cfg, prompts) if cfg.mtp_methods else []
@@ -245,10 +305,21 @@ def format_bench_engine(result: dict) -> str:
              f"{result['config']['max_new_tokens']} new tokens, greedy, batch 1; {result['machine']['cpu']})",
              "| configuration | tokens/s | speedup vs own plain | acceptance length | identical to own plain |",
              "|---|---:|---:|---:|---:|"]
+    pol = result.get("engine_info", {}).get("policy")
+    if pol:
+        c, costs = pol["choice"], pol["costs"]
+        curve = ", ".join(f"{k}: {v / costs['verify']['1']:.2f}" for k, v in costs["verify"].items())
+        lines[:0] = [f"llama.cpp costs here: plain token {costs['t1'] * 1e3:.1f} ms; verify t(k)/t(1) {curve}; "
+                     f"draft token {c['fit']['draft_token_s'] * 1e3:.2f} ms, round overhead "
+                     f"{c['fit']['round_overhead_s'] * 1e3:.2f} ms",
+                     f"chosen: --spec-draft-n-max {c['n_max']} --spec-draft-n-min {c['n_min']} --spec-draft-p-min "
+                     f"{c['p_min']:g}, predicted {c['predicted_speedup']:.2f}x"
+                     + ("" if c["pays"] else " (below 1: plain decoding is the faster choice here)"), ""]
     for r in result["results"] + result.get("mtp", []):
         def fmt(key, pattern):
             return pattern.format(r[key]) if r.get(key) is not None else "-"
-        lines.append(f"| {r['name']} | {fmt('tokens_per_s', '{:.1f}')} | {fmt('speedup', '{:.2f}x')} | "
+        name = r["name"] + (f" (predicted {r['predicted_speedup']:.2f}x)" if r.get("predicted_speedup") else "")
+        lines.append(f"| {name} | {fmt('tokens_per_s', '{:.1f}')} | {fmt('speedup', '{:.2f}x')} | "
                      f"{fmt('acceptance_length', '{:.2f}')} | {fmt('identical_share', '{:.0%}')} |")
     return "\n".join(lines)
 

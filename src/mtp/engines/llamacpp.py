@@ -31,7 +31,7 @@ from mtp.errors import UserError
 
 VERSION = "0.3.36"  # llama-cpp-python, whose sdist vendors a llama.cpp with EAGLE-3 (src/models/eagle3.cpp)
 SDIST = f"llama-cpp-python=={VERSION}"
-TARGETS = ("llama-server",)
+TARGETS = ("llama-server", "llama-quantize")  # the server, and the quantizer for Q4_0 targets and drafts
 CONVERTER_NEEDS = (  # the `engines` extra of pyproject.toml: keep them equal
     "sentencepiece>=0.1.98,<0.3.0", "protobuf>=4.21.0,<5.0.0")
 SETUP_STEP_TIMEOUT = 3600  # seconds per setup step (pip download of the sources, cmake configure, the build)
@@ -77,6 +77,22 @@ def converter_missing() -> list[str]:
 
     return [name for name, module in (("sentencepiece", "sentencepiece"), ("protobuf", "google.protobuf"))
             if absent(module)]
+
+
+def quantize(src: Path, out: Path, kind: str, timeout: float = 1800.0) -> Path:
+    """llama.cpp's own quantizer: ``src`` (a 16/32-bit GGUF) to ``out`` of type ``kind`` (e.g. Q4_0)."""
+    tool = binary("llama-quantize")
+    if not tool.is_file():
+        raise UserError(f"llama.cpp's llama-quantize is not built ({tool}): {BUILD_HINT}")
+    try:
+        proc = subprocess.run([str(tool), str(src), str(out), kind.upper()], capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise UserError(f"llama-quantize took longer than {timeout:.0f} s on {src.name}: stopped") from None
+    if proc.returncode != 0:
+        last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise UserError(f"llama-quantize failed on {src.name} (exit status {proc.returncode}): {last[0]}")
+    return out
 
 
 def require_server() -> Path:

@@ -23,6 +23,8 @@ def engines_command(cfg, command: str = "") -> None:
         else:
             state = f"built for this CPU ({server})"
         print(f"llama.cpp: {state}")
+        for line in measured_settings():
+            print(f"  {line}")
         py = vllm.python()
         print(f"vLLM: {'environment at ' + str(py.parent.parent) if py.is_file() else 'not set up'}"
               + ("" if py.is_file() else f"; {vllm.SETUP_HINT}"))
@@ -42,3 +44,27 @@ def engines_command(cfg, command: str = "") -> None:
     print("serve a model with exported EAGLE-3 heads (`mtp export --format eagle3`):\n  "
           + shlex.join(vllm.serve_command("TARGET_HF_DIR", "OUT", method="eagle3")))
     return None
+
+
+def measured_settings() -> list[str]:
+    """The draft settings chosen from costs measured on this CPU (`mtp bench engine`), one line per target and
+    draft, with the llama-server flags they give."""
+    import json
+
+    from mtp.engines import llamacpp, policy
+    from mtp.io import cache_dir
+
+    lines = []
+    for path in sorted(cache_dir("engines", "costs").glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+            if data.get("cpu") != llamacpp.cpu_signature():
+                continue
+            choice = policy.choose(policy.Costs.from_dict(data["costs"]))
+        except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+            continue
+        flags = " ".join(policy.flags(choice)) or "none: plain decoding is faster here"
+        lines.append(f"measured here ({data.get('threads')} threads): {Path(data.get('target', '?')).name} + "
+                     f"{data.get('draft', '?')}: {flags} (predicted {choice['predicted_speedup']:.2f}x)")
+    return lines
+

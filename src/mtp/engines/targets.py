@@ -7,7 +7,8 @@ from pathlib import Path
 
 from mtp.errors import UserError
 
-GGUF_KINDS = ("packaged", "f16", "bf16", "f32", "q8_0")
+GGUF_KINDS = ("packaged", "f16", "bf16", "f32", "q8_0", "q4_0")
+QUANTIZED_KINDS = ("q4_0",)  # made by llama-quantize from the f16 conversion (the converter writes no 4-bit types)
 
 
 def packaged_gguf(model: str) -> Path:
@@ -30,7 +31,7 @@ def packaged_gguf(model: str) -> Path:
 
 def target_gguf(model: str, kind: str = "packaged") -> Path:
     """``packaged``: as shipped; ``f16`` / ``bf16`` / ``f32`` / ``q8_0``: converted once from the dequantized
-    weights by llama.cpp's own converter into the user cache. (A packaged 4-bit model's dequantized weights lie on
+    weights by llama.cpp's own converter into the user cache; ``q4_0``: the f16 file through llama-quantize. (A packaged 4-bit model's dequantized weights lie on
     its 4-bit grid, so its ``q8_0`` conversion computes nearly what the packaged file does, and batches of tokens
     run on llama.cpp's batch-friendly Q8_0 kernels.)"""
     from mtp.backbones import local_model_folder
@@ -44,6 +45,13 @@ def target_gguf(model: str, kind: str = "packaged") -> Path:
     folder = local_model_folder(model)
     out = cache_dir("engines", "targets", f"{folder.name}-{kind}")
     if not (out / "model.gguf").is_file():
+        if kind in QUANTIZED_KINDS:
+            from mtp.engines.llamacpp import quantize
+
+            f16 = target_gguf(model, "f16")
+            with atomic_dir(out, replace=True) as tmp:
+                quantize(f16, tmp / "model.gguf", kind)
+            return out / "model.gguf"
         with atomic_dir(out, replace=True) as tmp:
             convert_target(folder, tmp / "model.gguf", kind)
     return out / "model.gguf"

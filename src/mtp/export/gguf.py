@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mtp.errors import UserError
 
-OUT_TYPES = ("f32", "f16", "bf16", "q8_0")
+OUT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")  # q4_0: f16 through llama.cpp's llama-quantize
 
 
 def _convert(args: list, what: str, timeout: float) -> None:
@@ -40,6 +40,15 @@ def write_gguf(eagle3_dir: Path, target_dir: Path, out_file: Path, outtype: str 
     """The EAGLE-3 folder ``eagle3_dir`` (see :mod:`mtp.export.eagle3`) of the target in ``target_dir``."""
     if outtype not in OUT_TYPES:
         raise UserError(f"unknown GGUF type {outtype!r}: use one of {', '.join(OUT_TYPES)}")
+    if outtype == "q4_0":
+        from mtp.engines.llamacpp import quantize
+
+        f16 = out_file.with_name(out_file.stem + ".f16.gguf")
+        _convert([eagle3_dir, "--target-model-dir", target_dir, "--outfile", f16, "--outtype", "f16"],
+                 "the EAGLE-3 draft", timeout)
+        quantize(f16, out_file, "q4_0", timeout)
+        f16.unlink()
+        return out_file
     _convert([eagle3_dir, "--target-model-dir", target_dir, "--outfile", out_file, "--outtype", outtype],
              "the EAGLE-3 draft", timeout)
     return out_file

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import tempfile
 from pathlib import Path
@@ -21,8 +22,27 @@ def serve_commands(fmt: str, out: Path, model: str, draft_len: int = 4) -> dict[
     if fmt == "gguf":
         from mtp.engines import llamacpp
 
+        from mtp.engines import policy
+
         target = _target_gguf_hint(model)
-        return {"llama.cpp": shlex.join(llamacpp.serve_command(target, out / GGUF_NAME, draft_max=draft_len))}
+        draft = out / GGUF_NAME
+        threads = os.cpu_count() or 2
+        costs = policy.load_cached(Path(target), draft, threads) if Path(target).is_file() and draft.is_file() else None
+        if costs is None:  # not measured on this machine yet: the engine's defaults, and how to measure
+            cmd = shlex.join(llamacpp.serve_command(target, draft, draft_max=draft_len))
+            return {"llama.cpp": cmd, "llama.cpp draft settings": (
+                f"not measured on this machine; `mtp bench engine --model {model} --heads HEADS` measures "
+                "llama.cpp's costs here once and chooses them")}
+        choice = policy.choose(costs)
+        if not choice["pays"]:
+            return {"llama.cpp": shlex.join(llamacpp.serve_command(target, None, threads=threads)),
+                    "llama.cpp draft settings": (
+                        f"measured on this machine: drafts do not pay here (best predicted "
+                        f"{choice['predicted_speedup']:.2f}x at {choice['n_max']} drafts): serve plain")}
+        cmd = llamacpp.serve_command(target, draft, draft_max=choice["n_max"], threads=threads,
+                                     extra=policy.flags(choice)[2:])
+        return {"llama.cpp": shlex.join(cmd), "llama.cpp draft settings": (
+            f"measured on this machine: predicted {choice['predicted_speedup']:.2f}x")}
     target = str(local_model_folder(model))
     if fmt == "medusa":
         spec = {"method": "medusa", "model": str(out), "num_speculative_tokens": draft_len}
@@ -98,7 +118,8 @@ def export(cfg, command: str = "") -> dict:
 
 def format_export(result: dict) -> str:
     lines = [f"exported {result['heads']} as {result['format']} into {result['out']}"]
-    lines += [f"serve with {engine}:\n  {line}" for engine, line in result["serve"].items()]
+    lines += [f"{engine}: {line}" if engine.endswith(" draft settings") else f"serve with {engine}:\n  {line}"
+              for engine, line in result["serve"].items()]
     return "\n".join(lines)
 
 

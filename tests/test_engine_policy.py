@@ -1,0 +1,84 @@
+"""llama.cpp's draft settings from measured costs (mtp.engines.policy), on synthetic curves whose answer is
+known: the fits recover what made the curves, and the choice is the optimum of its own formula."""
+
+import pytest
+
+from mtp.engines import policy
+from mtp.engines.policy import Costs
+
+
+def synthetic(t1, per_token, draft_token, overhead, a, b, lengths=policy.ROUND_LENGTHS):
+    verify = {k: t1 + per_token * (k - 1) for k in policy.VERIFY_POINTS}
+    costs = Costs(t1=t1, verify=verify)
+    for d in lengths:
+        costs.rounds.append({"d": d, "round_s": verify[1] + per_token * d + overhead + d * draft_token,
+                             "tokens_per_round": policy.expected_tokens(a, b, d)})
+    return costs
+
+
+def test_fits_recover_the_costs_and_the_acceptance_that_made_the_rounds():
+    costs = synthetic(t1=0.0375, per_token=0.006, draft_token=0.002, overhead=0.001, a=0.7, b=0.8)
+    overhead, draft_token = policy.fit_round_cost(costs)
+    assert overhead == pytest.approx(0.001, abs=1e-9) and draft_token == pytest.approx(0.002, abs=1e-9)
+    assert policy.fit_acceptance(costs) == pytest.approx((0.7, 0.8), abs=1e-9)
+
+
+@pytest.mark.parametrize("t1, per_token, draft_token, a, b", [
+    (0.0375, 0.006, 0.002, 0.7, 0.8),    # a 0.5B model: verify nearly flat, good drafts: a long chain
+    (0.0082, 0.005, 0.0025, 0.45, 0.8),  # smollm2 on two cores: each verified token ~0.6 of a decode
+    (0.010, 0.0005, 0.0002, 0.9, 0.95),  # flat verify, cheap and good drafts
+])
+def test_choice_is_the_optimum_of_its_formula(t1, per_token, draft_token, a, b):
+    costs = synthetic(t1, per_token, draft_token, 0.0, a, b)
+    choice = policy.choose(costs)
+    brute = {d: policy.expected_tokens(a, b, d) * t1 / (t1 + per_token * d + d * draft_token)
+             for d in range(1, policy.N_MAX_CAP + 1)}
+    best = max(brute, key=brute.get)
+    assert choice["n_max"] == best and choice["predicted_speedup"] == pytest.approx(brute[best], abs=1e-3)
+    assert choice["pays"] == (brute[best] > 1)
+    # p_min: the break-even confidence of one more draft; n_min: the shortest draft worth verifying
+    assert choice["p_min"] == pytest.approx(min(0.99, (draft_token + per_token) / t1), abs=1e-3)
+    n_min = choice["n_min"]
+    worth = [sum(choice["p_min"] ** i for i in range(n + 1)) * t1 >= t1 + per_token * n for n in range(1, best + 1)]
+    assert n_min == (worth.index(True) + 1 if True in worth else best)
+
+
+def test_a_chain_that_cannot_pay_chooses_plain_decoding():
+    costs = synthetic(t1=0.0082, per_token=0.0055, draft_token=0.003, overhead=0.002, a=0.35, b=0.6)
+    choice = policy.choose(costs)
+    assert not choice["pays"] and choice["predicted_speedup"] < 1
+    assert policy.flags(choice) == []
+    assert policy.flags(dict(choice, pays=True))[:2] == ["--spec-draft-n-max", str(choice["n_max"])]
+
+
+def test_verify_cost_is_interpolated_and_extrapolated_linearly():
+    costs = Costs(t1=1.0, verify={1: 1.0, 2: 1.5, 4: 2.5})
+    assert [policy.verify_at(costs, k) for k in (1, 2, 3, 4, 6)] == [1.0, 1.5, 2.0, 2.5, 3.5]
+
+
+def test_round_row_counts_rounds_from_the_servers_counters():
+    answers = [{"timings": {"predicted_n": 10, "draft_n_accepted": 4, "predicted_ms": 60.0}},
+               {"timings": {"predicted_n": 6, "draft_n_accepted": 2, "predicted_ms": 40.0}}]
+    row = policy.round_row(4, answers)
+    assert row == {"d": 4, "round_s": pytest.approx(0.1 / 10), "tokens_per_round": pytest.approx(1.6)}
+
+
+class FakeServer:
+    """Answers like llama-server: a prompt that extends the cached one reads only the new tokens."""
+
+    def __init__(self):
+        self.cached = []
+
+    def complete(self, ids, n, timeout=0.0, cache_prompt=False):
+        common = 0
+        while common < min(len(ids), len(self.cached)) and ids[common] == self.cached[common]:
+            common += 1
+        new = len(ids) - common if cache_prompt else len(ids)
+        self.cached = list(ids) + [-1]
+        return {"timings": {"prompt_n": new, "prompt_ms": 2.0 + 1.5 * new}}
+
+
+def test_verify_timings_read_only_the_new_tokens_after_the_cached_prefix():
+    curve = policy.measure_verify(FakeServer(), list(range(300)), list(range(1000, 1050)), points=(1, 2, 4),
+                                  repeats=3)
+    assert curve == {1: pytest.approx(0.0035), 2: pytest.approx(0.005), 4: pytest.approx(0.008)}
