@@ -137,8 +137,9 @@ def measure_costs(cfg, server: Path, target: Path, draft_gguf: Path, tokenizer, 
     port = llamacpp.free_port()
     with llamacpp.Server(_server_cmd(cfg, server, target, port, []), port, workdir / "llama-costs.log",
                          cfg.timeout) as srv:
-        srv.complete(calib[0], 8, timeout=cfg.timeout)  # warm-up
-        t1 = policy.measure_decode(srv, calib[:4], timeout=cfg.timeout)
+        for p in calib[:2]:  # warm-up: weights paged in, caches filled (a cold first pass read 40 % slow)
+            srv.complete(p, 32, timeout=cfg.timeout)
+        t1 = policy.measure_decode(srv, calib, timeout=cfg.timeout)
         verify = policy.measure_verify(srv, prefix, pool[::-1], timeout=cfg.timeout)
     costs = policy.Costs(t1=t1, verify=verify)
     for d in policy.ROUND_LENGTHS:
@@ -313,7 +314,8 @@ def format_bench_engine(result: dict) -> str:
                      f"draft token {c['fit']['draft_token_s'] * 1e3:.2f} ms, round overhead "
                      f"{c['fit']['round_overhead_s'] * 1e3:.2f} ms",
                      f"chosen: --spec-draft-n-max {c['n_max']} --spec-draft-n-min {c['n_min']} --spec-draft-p-min "
-                     f"{c['p_min']:g}, predicted {c['predicted_speedup']:.2f}x"
+                     f"{c['p_min']:g}, predicted {c['predicted_speedup']:.2f}x; ceiling (every draft accepted "
+                     f"and free) {c['ceiling']:.2f}x"
                      + ("" if c["pays"] else " (below 1: plain decoding is the faster choice here)"), ""]
     for r in result["results"] + result.get("mtp", []):
         def fmt(key, pattern):

@@ -110,9 +110,14 @@ def choose(costs: Costs, cap: int = N_MAX_CAP) -> dict:
                   if sum(p_min ** i for i in range(n + 1)) * costs.t1 >= verify_at(costs, n + 1)), n_max)
     pays = table[n_max] > 1.0
     return {"n_max": n_max, "n_min": n_min, "p_min": round(p_min, 3), "pays": pays,
-            "predicted_speedup": round(table[n_max], 3),
+            "predicted_speedup": round(table[n_max], 3), "ceiling": round(ceiling(costs), 3),
             "predicted": {str(d): round(s, 3) for d, s in table.items()},
             "fit": {"round_overhead_s": overhead, "draft_token_s": draft_token, "accept_a": a, "accept_b": b}}
+
+
+def ceiling(costs: Costs) -> float:
+    """The most any draft could give here: k tokens for one verify of k, every draft accepted and free."""
+    return max(k * costs.t1 / t for k, t in costs.verify.items())
 
 
 def flags(choice: dict) -> list[str]:
