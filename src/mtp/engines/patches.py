@@ -69,7 +69,26 @@ AMX_TILE_CONFIG = SourceFix(
     reason="GCC drops the stores that fill an AMX tile config on the stack: SIGSEGV at load on AMX CPUs",
 )
 
-FIXES: tuple[SourceFix, ...] = (AMX_TILE_CONFIG,)
+# llama.cpp's draft-eagle3 reads the target's hidden states at the input of three layers, which each model's graph
+# builder records in `res->t_layer_inp[il]` (src/models/llama.cpp, qwen3.cpp and 17 more do). The Qwen2 builder
+# does not, so a Qwen2 / Qwen2.5 target (qwen2.5-coder-0.5b) with an EAGLE-3 draft aborts at the first decode:
+# "layer input tensor is null" (src/llama-graph.cpp). One line, as in qwen3.cpp, records it; nothing else reads it
+# unless a draft asks for layer inputs.
+QWEN2_LAYER_INPUTS = SourceFix(
+    name="qwen2-layer-inputs",
+    path="src/models/qwen2.cpp",
+    old="""    for (int il = 0; il < n_layer; ++il) {
+        ggml_tensor * inpSA = inpL;
+""",
+    new="""    for (int il = 0; il < n_layer; ++il) {
+        res->t_layer_inp[il] = inpL;  // mtp: the layer inputs an EAGLE-3 draft reads (as qwen3.cpp records them)
+
+        ggml_tensor * inpSA = inpL;
+""",
+    reason="Qwen2 targets do not record the layer inputs an EAGLE-3 draft reads: abort at the first decode",
+)
+
+FIXES: tuple[SourceFix, ...] = (AMX_TILE_CONFIG, QWEN2_LAYER_INPUTS)
 
 
 def fingerprint(fixes: tuple[SourceFix, ...] = FIXES) -> str:
