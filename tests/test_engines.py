@@ -234,6 +234,9 @@ def test_llamacpp_loads_exported_eagle3_heads_and_keeps_its_output(tmp_path):
     export(ExportConfig(heads=str(tmp_path / "h"), format="gguf", out=str(tmp_path / "q"), model="smollm2-135m",
                         gguf_type="q4_0"))
     assert [p.name for p in (tmp_path / "q").iterdir()] == ["eagle3-draft.gguf"]
+    # the same heads export to the same bytes (the measured llama.cpp costs are cached by the draft's content)
+    export(ExportConfig(heads=str(tmp_path / "h"), format="gguf", out=str(tmp_path / "g2"), model="smollm2-135m"))
+    assert (tmp_path / "g2" / "eagle3-draft.gguf").read_bytes() == (tmp_path / "g" / "eagle3-draft.gguf").read_bytes()
     size = {d: (tmp_path / d / "eagle3-draft.gguf").stat().st_size for d in "gq"}
     assert size["q"] < 0.6 * size["g"]  # its lm_head stays Q8_0: llama-quantize's rule for 576-wide rows
     ids = encode_prompt(tokenizer, "Write a Python function that reverses a string.")

@@ -10,7 +10,7 @@ set -e
 cd "$(dirname "$0")/../../.."
 STEPS=${1:-70}
 D=runs/data/qwen2.5-coder-0.5b
-[ -f $D/train_main.jsonl ] || cp $D/train_main.jsonl.partial $D/train_qwen_part.jsonl
+[ -f $D/train_main.jsonl ] || [ -f $D/train_qwen_part.jsonl ] || cp $D/train_main.jsonl.partial $D/train_qwen_part.jsonl
 TRAIN=$([ -f $D/train_main.jsonl ] && echo $D/train_main.jsonl || echo $D/train_qwen_part.jsonl)
 [ -f $D/mix_smollm2_texts.jsonl ] || python - <<'PY'
 import json, random
@@ -25,5 +25,5 @@ PY
 mtp train --model qwen2.5-coder-0.5b --kind eagle3 --heads 4 --eagle-layers default --draft-init random \
           --draft-loss soft --draft-vocab 32768 --data $TRAIN --data $D/mix_smollm2_texts.jsonl --seq-len 512 \
           --batch-size 8 --max-steps $STEPS --lr 1e-3 --warmup-steps 8 --head-weights decay:0.8 \
-          --eval-data $D/heldout.jsonl --eval-every 35 --eval-blocks 24 --save-every 10 --save-dtype bfloat16 \
-          --out runs/qwen-e3
+          --eval-data $D/heldout.jsonl --eval-every 30 --eval-blocks 24 --save-every 10 --save-dtype bfloat16 \
+          --out runs/qwen-e3 $([ -d runs/qwen-e3/checkpoint ] && echo --resume)

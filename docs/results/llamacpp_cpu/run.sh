@@ -19,8 +19,8 @@ eval $B --model smollm2-135m --heads eagle3 --target packaged --draft-type q4_0 
         --prompts docs/results/drafts/outside_prompts.jsonl --limit 28 --json $OUT/smollm2_packaged_draftq4.json
 # qwen2.5-coder-0.5b (packaged Q4_K_M) with the eagle3 heads trained for it, on code requests
 if [ -d "$QWEN_HEADS" ]; then
-  eval $B --model qwen2.5-coder-0.5b --heads "$QWEN_HEADS" --target packaged \
-          --prompts $OUT/outside_code_prompts.jsonl --limit 20 --json $OUT/qwen_packaged.json
+  eval $B --model qwen2.5-coder-0.5b --heads "$QWEN_HEADS" --target packaged --ngram-modes ngram-map-k,ngram-mod \
+          --prompts $OUT/outside_code_prompts.jsonl --limit 16 --json $OUT/qwen_packaged.json
 fi
 python $OUT/plot_costs.py $OUT/costs.png $OUT/smollm2_packaged.json $OUT/smollm2_q4_0.json $OUT/smollm2_q8_0.json \
        $([ -f $OUT/qwen_packaged.json ] && echo $OUT/qwen_packaged.json)

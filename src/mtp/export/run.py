@@ -109,9 +109,13 @@ def export(cfg, command: str = "") -> dict:
             from mtp.export.eagle3 import write_eagle3
             from mtp.export.gguf import write_gguf
 
-            with tempfile.TemporaryDirectory(dir=tmp.parent) as hf:
-                write_eagle3(mtp_model, Path(hf), torch_dtype("float32"))
-                write_gguf(Path(hf), local_model_folder(target), tmp / GGUF_NAME, gguf_type)
+            with tempfile.TemporaryDirectory(dir=tmp.parent) as scratch:
+                # the converter names the model after this folder: a stable, telling name (not the temporary
+                # one), so that the same heads export to the same bytes (measured costs are cached by content)
+                hf = Path(scratch) / f"{folder.name}-eagle3-draft"
+                hf.mkdir()
+                write_eagle3(mtp_model, hf, torch_dtype("float32"))
+                write_gguf(hf, local_model_folder(target), tmp / GGUF_NAME, gguf_type)
     return {"out": str(out_path), "format": fmt, "heads": str(folder), "target": target,
             "serve": serve_commands(fmt, out_path, target, max(1, int(meta.get("n_heads", 4))))}
 
