@@ -82,3 +82,29 @@ def test_verify_timings_read_only_the_new_tokens_after_the_cached_prefix():
     curve = policy.measure_verify(FakeServer(), list(range(300)), list(range(1000, 1050)), points=(1, 2, 4),
                                   repeats=3)
     assert curve == {1: pytest.approx(0.0035), 2: pytest.approx(0.005), 4: pytest.approx(0.008)}
+
+
+def test_export_prints_the_settings_measured_for_that_target_and_draft(tmp_path, monkeypatch):
+    """`mtp export --format gguf` serves with the flags the cached costs choose; plain where drafts lose; and
+    says how to measure where nothing was measured on this machine."""
+    import os
+
+    from mtp.export.run import GGUF_NAME, serve_commands
+
+    monkeypatch.setenv("MTP_CACHE", str(tmp_path / "cache"))
+    target, out = tmp_path / "target.gguf", tmp_path / "out"
+    target.write_bytes(b"target")
+    out.mkdir()
+    (out / GGUF_NAME).write_bytes(b"draft")
+    assert "not measured on this machine" in serve_commands("gguf", out, str(target))["llama.cpp draft settings"]
+    threads = os.cpu_count() or 2
+    good = synthetic(t1=0.0375, per_token=0.006, draft_token=0.002, overhead=0.001, a=0.7, b=0.8)
+    policy.save_cached(target, out / GGUF_NAME, threads, good, {})
+    cmds = serve_commands("gguf", out, str(target))
+    choice = policy.choose(good)
+    assert " ".join(policy.flags(choice)[2:]) in cmds["llama.cpp"]
+    assert f"--spec-draft-n-max {choice['n_max']}" in cmds["llama.cpp"] and "predicted" in cmds["llama.cpp draft settings"]
+    bad = synthetic(t1=0.0082, per_token=0.0055, draft_token=0.003, overhead=0.002, a=0.35, b=0.6)
+    policy.save_cached(target, out / GGUF_NAME, threads, bad, {})
+    cmds = serve_commands("gguf", out, str(target))
+    assert "-md" not in cmds["llama.cpp"] and "serve plain" in cmds["llama.cpp draft settings"]
