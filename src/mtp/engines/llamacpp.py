@@ -79,19 +79,24 @@ def converter_missing() -> list[str]:
             if absent(module)]
 
 
+def run_tool(cmd: list, tool: str, what: str, timeout: float, env: dict | None = None) -> None:
+    """One of llama.cpp's tools (converter, quantizer), output captured, with a time-out; a failure is one line
+    naming the tool, what it worked on and the tool's own last line."""
+    try:
+        proc = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise UserError(f"{tool} took longer than {timeout:.0f} s on {what}: stopped") from None
+    if proc.returncode != 0:
+        last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise UserError(f"{tool} failed on {what} (exit status {proc.returncode}): {last[0]}")
+
+
 def quantize(src: Path, out: Path, kind: str, timeout: float = 1800.0) -> Path:
     """llama.cpp's own quantizer: ``src`` (a 16/32-bit GGUF) to ``out`` of type ``kind`` (e.g. Q4_0)."""
     tool = binary("llama-quantize")
     if not tool.is_file():
         raise UserError(f"llama.cpp's llama-quantize is not built ({tool}): {BUILD_HINT}")
-    try:
-        proc = subprocess.run([str(tool), str(src), str(out), kind.upper()], capture_output=True, text=True,
-                              timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise UserError(f"llama-quantize took longer than {timeout:.0f} s on {src.name}: stopped") from None
-    if proc.returncode != 0:
-        last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise UserError(f"llama-quantize failed on {src.name} (exit status {proc.returncode}): {last[0]}")
+    run_tool([tool, src, out, kind.upper()], "llama-quantize", src.name, timeout)
     return out
 
 

@@ -8,7 +8,6 @@ Writing the format ourselves would be a second, untested copy of that code.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,14 +24,7 @@ def _convert(args: list, what: str, timeout: float) -> None:
     src = script.parent
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(src / "gguf-py"), str(src)]), HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1")
-    try:
-        proc = subprocess.run([sys.executable, str(script), *map(str, args)], env=env, capture_output=True, text=True,
-                              timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise UserError(f"llama.cpp's converter took longer than {timeout:.0f} s on {what}: stopped") from None
-    if proc.returncode != 0:
-        last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise UserError(f"llama.cpp's converter failed on {what} (exit status {proc.returncode}): {last[0]}")
+    llamacpp.run_tool([sys.executable, script, *args], "llama.cpp's converter", what, timeout, env=env)
 
 
 def write_gguf(eagle3_dir: Path, target_dir: Path, out_file: Path, outtype: str = "f16",
