@@ -108,3 +108,38 @@ def test_export_prints_the_settings_measured_for_that_target_and_draft(tmp_path,
     policy.save_cached(target, out / GGUF_NAME, threads, bad, {})
     cmds = serve_commands("gguf", out, str(target))
     assert "-md" not in cmds["llama.cpp"] and "serve plain" in cmds["llama.cpp draft settings"]
+
+
+def test_coverage_counts_the_target_outputs_each_draft_vocabulary_holds():
+    ranked = [7, 3, 9, 1]  # the draft's tokens, most frequent first
+    cover = policy.coverage([[7, 7, 3], [9, 5, 7]], ranked, [1, 2, 3, 4])
+    assert cover == {1: pytest.approx(3 / 6), 2: pytest.approx(4 / 6), 3: pytest.approx(5 / 6), 4: pytest.approx(5 / 6)}
+    assert policy.vocab_sizes(3000) == [256, 512, 1024, 2048, 3000]
+
+
+@pytest.mark.parametrize("per_row, coverage_drop", [
+    (2e-7, 0.02),   # a costly lm_head, outputs concentrated in few tokens: a small vocabulary pays
+    (1e-9, 0.30),   # an lm_head that costs nothing, and a small vocabulary loses much: keep it all
+])
+def test_draft_vocabulary_is_the_optimum_of_its_model(per_row, coverage_drop):
+    """Draft rounds measured at two sizes (cost per token linear in the rows) and the coverage of each size: the
+    chosen size maximizes the predicted speedup, acceptance scaled by coverage, over every size."""
+    full, small, base_cost, a, b = 16384, 2048, 0.001, 0.6, 0.7
+    cost = {n: base_cost + per_row * n for n in (full, small)}
+    measured = {n: synthetic(t1=0.0375, per_token=0.004, draft_token=cost[n], overhead=0.0005, a=a, b=b)
+                for n in (full, small)}
+    sizes = sorted(set(policy.vocab_sizes(full)) | {small})
+    cover = {n: 1.0 - coverage_drop * (1 - (n / full) ** 0.5) for n in sizes}
+    pick = policy.choose_vocab(measured[full], measured, cover)
+    assert pick["fit"]["draft_token_per_row_s"] == pytest.approx(per_row, rel=1e-6)
+    assert pick["fit"]["draft_token_base_s"] == pytest.approx(base_cost, rel=1e-6)
+
+    def speed(n):
+        an = a * cover[n] / cover[full]
+        return max(policy.expected_tokens(an, b, d) * 0.0375 / (0.0375 + 0.004 * d + 0.0005 + d * (base_cost + per_row * n))
+                   for d in range(1, policy.N_MAX_CAP + 1))
+
+    best = max(sizes, key=speed)
+    assert pick["draft_vocab"] == best and pick["predicted_speedup"] == pytest.approx(speed(best), abs=2e-3)
+    assert (best < full) == (per_row > 1e-8)
+    assert pick["measured"][str(small)]["predicted_accept_a"] == pytest.approx(a * cover[small])

@@ -198,6 +198,7 @@ def write_prompts(tmp_path):
     (["--ngram-modes", "magic"], "n-gram mode"),
     (["--mtp-methods", "lookup"], "--mtp-methods"),
     (["--timeout", "nan"], "--timeout"),
+    (["--draft-vocab", "10"], "--draft-vocab"),
 ])
 def test_bench_engine_bad_flags(capsys, flags, message):
     code = main(["bench", "engine", *flags])
@@ -228,12 +229,19 @@ def test_llamacpp_loads_exported_eagle3_heads_and_keeps_its_output(tmp_path):
     from mtp.model.mtp import HeadsConfig, MTPModel
 
     backbone, tokenizer = load_backbone("smollm2-135m")
-    MTPModel(backbone, HeadsConfig(backbone="smollm2-135m", n_heads=3, kind="eagle3")).save_pretrained(tmp_path / "h")
+    import torch
+
+    heads = MTPModel(backbone, HeadsConfig(backbone="smollm2-135m", n_heads=3, kind="eagle3"))
+    heads.token_counts = torch.randint(0, 1000, (backbone.config.vocab_size,), generator=torch.Generator().manual_seed(0))
+    heads.save_pretrained(tmp_path / "h")
     export(ExportConfig(heads=str(tmp_path / "h"), format="gguf", out=str(tmp_path / "g"), model="smollm2-135m"))
     # a quantized draft (llama.cpp's own quantizer) loads and drafts too
     export(ExportConfig(heads=str(tmp_path / "h"), format="gguf", out=str(tmp_path / "q"), model="smollm2-135m",
                         gguf_type="q4_0"))
     assert [p.name for p in (tmp_path / "q").iterdir()] == ["eagle3-draft.gguf"]
+    # a draft vocabulary cut to its 1024 most frequent tokens loads and drafts too
+    export(ExportConfig(heads=str(tmp_path / "h"), format="gguf", out=str(tmp_path / "v"), model="smollm2-135m",
+                        draft_vocab=1024))
     # the same heads export to the same bytes (the measured llama.cpp costs are cached by the draft's content)
     export(ExportConfig(heads=str(tmp_path / "h"), format="gguf", out=str(tmp_path / "g2"), model="smollm2-135m"))
     assert (tmp_path / "g2" / "eagle3-draft.gguf").read_bytes() == (tmp_path / "g" / "eagle3-draft.gguf").read_bytes()
@@ -245,14 +253,16 @@ def test_llamacpp_loads_exported_eagle3_heads_and_keeps_its_output(tmp_path):
     for name, extra in (("plain", []),
                         ("eagle3", ["--spec-type", "draft-eagle3", "-md", str(tmp_path / "g" / "eagle3-draft.gguf")]),
                         ("eagle3-q4_0", ["--spec-type", "draft-eagle3", "-md",
-                                         str(tmp_path / "q" / "eagle3-draft.gguf")])):
+                                         str(tmp_path / "q" / "eagle3-draft.gguf")]),
+                        ("eagle3-v1024", ["--spec-type", "draft-eagle3", "-md",
+                                          str(tmp_path / "v" / "eagle3-draft.gguf")])):
         port = llamacpp.free_port()
         cmd = [str(llamacpp.binary()), "-m", str(target), "--port", str(port), "-t", "2", "-np", "1", *extra]
         with llamacpp.Server(cmd, port, tmp_path / f"{name}.log", start_timeout=300) as srv:
             res = srv.complete(ids, 24, return_tokens=True)
         assert srv.fallback is None  # served with its repacked / AMX kernels, no crash at load
         outs[name] = res
-    for name in ("eagle3", "eagle3-q4_0"):
+    for name in ("eagle3", "eagle3-q4_0", "eagle3-v1024"):
         assert outs[name]["tokens"] == outs["plain"]["tokens"]
         assert outs[name]["timings"].get("draft_n", 0) > 0  # it drafted
 

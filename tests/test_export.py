@@ -285,3 +285,57 @@ def test_full_vocabulary_export_has_no_d2t(tmp_path):
     write_eagle3(eagle_heads(model), tmp_path / "e3")
     config, tensors = read_eagle3(tmp_path / "e3")
     assert config["draft_vocab_size"] == 64 and "d2t" not in tensors and "t2d" not in tensors
+
+
+# ----------------------------------------------------------------------------- a draft vocabulary sized for an engine
+
+
+def test_shrinking_the_draft_vocabulary_keeps_the_most_frequent_rows_as_trained(tmp_path):
+    """--draft-vocab N keeps the N draft tokens most frequent as training targets, each with its trained
+    lm_head row: the kept tokens' draft logits are unchanged, the others are gone (-inf)."""
+    model = tiny_model("llama", vocab=64)
+    heads = eagle_heads(model, draft_ids=list(range(4, 60)))
+    counts = torch.zeros(64, dtype=torch.long)
+    counts[4:60] = torch.randperm(56, generator=torch.Generator().manual_seed(3)) + 1
+    counts[0] = 10_000  # frequent, but outside the draft vocabulary: never added
+    heads.token_counts = counts
+    a = torch.randn(5, 32, dtype=torch.float64)
+    before = heads.eagle.full_logits(a)
+    heads.shrink_draft_vocab(16)
+    keep = torch.sort(counts[4:60], descending=True).indices[:16] + 4
+    assert torch.equal(heads.eagle.draft_ids, keep.sort().values) and heads.config.draft_vocab == 16
+    after = heads.eagle.full_logits(a)
+    torch.testing.assert_close(after[:, keep], before[:, keep], rtol=1e-12, atol=1e-12)  # a smaller matmul
+    gone = torch.ones(64, dtype=torch.bool)
+    gone[keep] = False
+    assert torch.isinf(after[:, gone]).all()
+    write_eagle3(heads, tmp_path / "e3")
+    config, tensors = read_eagle3(tmp_path / "e3")
+    assert config["draft_vocab_size"] == 16 and torch.equal(tensors["d2t"] + torch.arange(16), keep.sort().values)
+    heads.shrink_draft_vocab(32)  # never grows
+    assert heads.config.draft_vocab == 16
+
+
+def test_export_draft_vocab_cli(tiny_folder, tmp_path, capsys):
+    from mtp.backbones import load_backbone
+    from mtp.model.mtp import HeadsConfig, MTPModel
+
+    backbone, _ = load_backbone(str(tiny_folder))
+    heads = MTPModel(backbone, HeadsConfig(backbone=str(tiny_folder), n_heads=2, kind="eagle3"))
+    heads.save_pretrained(tmp_path / "no-counts")
+    heads.token_counts = torch.arange(128, dtype=torch.long)
+    heads.save_pretrained(tmp_path / "heads")
+    code, out, err = run(["export", "--heads", str(tmp_path / "heads"), "--format", "eagle3", "--draft-vocab", "64",
+                          "--out", str(tmp_path / "x")], capsys)
+    assert code == 0, err
+    config, tensors = read_eagle3(tmp_path / "x")
+    assert config["draft_vocab_size"] == 64 and torch.equal(tensors["d2t"] + torch.arange(64), torch.arange(64, 128))
+    for args, message in [(["--heads", str(tmp_path / "no-counts"), "--format", "eagle3", "--draft-vocab", "64"],
+                           "training-target counts"),
+                          (["--heads", str(tmp_path / "heads"), "--format", "eagle3", "--draft-vocab", "8"],
+                           "at least 64"),
+                          (["--heads", str(tmp_path / "heads"), "--format", "medusa", "--draft-vocab", "64"],
+                           "sizes an EAGLE-3 draft")]:
+        code, _, err = run(["export", *args, "--out", str(tmp_path / "o")], capsys)
+        assert code == 2 and message in err and err.count("\n") == 1, err
+        assert not (tmp_path / "o").exists()

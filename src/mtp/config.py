@@ -911,11 +911,19 @@ class ExportConfig(Writes):
     """dtype of the exported weights (default: as stored)."""
     gguf_type: str = opt("f16", choices=("f32", "f16", "bf16", "q8_0", "q4_0"))
     """gguf: the draft's weights: f32 | f16 | bf16 | q8_0 (llama.cpp's converter) | q4_0 (its llama-quantize)."""
+    draft_vocab: int = opt(0, metavar="N")
+    """eagle3 / gguf: keep the N draft tokens most frequent in the heads' training targets, with their trained rows
+    (a cheaper draft; lossless, the target verifies; `mtp bench engine` measures which N pays); 0 = as trained."""
+
     def __post_init__(self) -> None:
         super().__post_init__()
         from mtp.export import FORMATS
 
         _require(self.format in FORMATS, f"unknown --format {self.format!r}: use one of {', '.join(FORMATS)}")
+        _require(self.draft_vocab == 0 or self.draft_vocab >= 64,
+                 f"--draft-vocab must be 0 (as trained) or at least 64, got {self.draft_vocab}")
+        _require(self.draft_vocab == 0 or self.format != "medusa",
+                 "--draft-vocab sizes an EAGLE-3 draft: use --format eagle3 or gguf")
         _require(bool(self.out), "give --out DIR")
         _dtype(self.dtype)
 
@@ -1080,6 +1088,10 @@ class BenchEngineConfig(Writes):
     """llama.cpp: stop drafting below this draft probability (its --spec-draft-p-min)."""
     draft_type: str = opt("f16", choices=("f32", "f16", "bf16", "q8_0", "q4_0"))
     """llama.cpp: the exported draft's weights (as `mtp export --gguf-type`)."""
+    draft_vocab: int | None = opt(None, metavar="N")
+    """llama.cpp: the exported draft's vocabulary (as `mtp export --draft-vocab`; 0 = as trained); default: as
+    trained, and with --policy the size that pays best here, chosen from measured draft costs at two sizes and the
+    share of the target's own outputs each size holds."""
     policy: bool = True
     """llama.cpp: measure its costs on this machine (cached), choose the draft settings from them and run that
     configuration too ("eagle3 measured"), with its predicted speedup."""
@@ -1122,6 +1134,8 @@ class BenchEngineConfig(Writes):
             value = getattr(self, name)
             _require(1 <= value <= 100_000, f"--{name.replace('_', '-')} must be between 1 and 100000, got {value}")
         _require(0.0 <= self.p_min < 1.0, f"--p-min must be in [0, 1), got {self.p_min}")
+        _require(self.draft_vocab in (None, 0) or self.draft_vocab >= 64,
+                 f"--draft-vocab must be 0 (as trained) or at least 64, got {self.draft_vocab}")
         _seed(self.seed)
         _require(self.timeout > 0 and self.timeout == self.timeout, f"--timeout must be positive, got {self.timeout}")
         _require(self.target in GGUF_KINDS, f"unknown --target {self.target!r}: use one of {', '.join(GGUF_KINDS)}")

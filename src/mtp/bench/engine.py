@@ -50,22 +50,41 @@ def _prompt_ids(cfg, tokenizer) -> list[list[int]]:
     return [encode_prompt(tokenizer, p, chat=cfg.chat) for p in prompts]
 
 
-def _draft_folder(cfg, fmt: str) -> Path:
-    """The heads exported for the engine, cached by the heads' content (exported once)."""
+def _draft_folder(cfg, fmt: str, draft_vocab: int | None = None) -> Path:
+    """The heads exported for the engine (``draft_vocab``: the draft's vocabulary cut to that size, 0 = as
+    trained; default ``--draft-vocab`` or as trained), cached by the heads' content (exported once)."""
     from mtp.config import ExportConfig
     from mtp.export.run import GGUF_NAME, export
     from mtp.heads_format import CONFIG, WEIGHTS, resolve_heads
     from mtp.io import cache_dir
 
+    if draft_vocab is None:
+        draft_vocab = cfg.draft_vocab or 0
     folder = resolve_heads(cfg.heads, cfg.model)
     digest = hashlib.sha1((folder / WEIGHTS).read_bytes() + (folder / CONFIG).read_bytes())
     kind = f"{fmt}-{cfg.draft_type}" if fmt == "gguf" and cfg.draft_type != "f16" else fmt
+    kind += f"-v{draft_vocab}" if draft_vocab else ""
     out = cache_dir("engines", "drafts", f"{kind}-{digest.hexdigest()[:16]}")
     done = out / GGUF_NAME if fmt == "gguf" else out / "config.json"
     if not done.is_file():
         export(ExportConfig(heads=str(folder), format=fmt, out=str(out), model=cfg.model, overwrite=True,
-                            gguf_type=cfg.draft_type))
+                            gguf_type=cfg.draft_type, draft_vocab=draft_vocab))
     return out
+
+
+def _draft_ranking(cfg) -> list[int] | None:
+    """The eagle3 draft's target ids, most frequent training target first (None: heads saved without counts)."""
+    from mtp.heads_format import load_heads_weights, resolve_heads
+
+    weights = load_heads_weights(resolve_heads(cfg.heads, cfg.model))
+    d2t = next((v for k, v in weights.heads.items() if k.endswith("d2t")), None)
+    if weights.token_counts is None or d2t is None:
+        return None
+    import torch
+
+    ids = d2t.long() + torch.arange(d2t.numel())
+    order = torch.sort(weights.token_counts[ids], descending=True, stable=True).indices
+    return ids[order].tolist()
 
 
 def _summarize(name: str, rows: list[dict], plain: list[dict] | None) -> dict:
@@ -118,10 +137,11 @@ def _server_cmd(cfg, server: Path, target: Path, port: int, extra: list[str]) ->
             "-t", str(cfg.threads), "-np", "1", "--no-webui", *extra]
 
 
-def measure_costs(cfg, server: Path, target: Path, draft_gguf: Path, tokenizer, workdir: Path):
+def measure_costs(cfg, server: Path, target: Path, draft_gguf: Path, tokenizer, workdir: Path,
+                  base=None):
     """llama.cpp's costs on this machine for ``target`` with ``draft_gguf`` (see :mod:`mtp.engines.policy`),
     measured on prompts of the built-in ``general`` set's train split (never a set the benchmark reports on),
-    or read from the per-machine cache."""
+    or read from the per-machine cache. ``base``: the target's costs, measured already (another draft's rounds)."""
     from mtp.decode.run import encode_prompt
     from mtp.engines import llamacpp, policy
     from mtp.prompts import load_prompts
@@ -130,18 +150,24 @@ def measure_costs(cfg, server: Path, target: Path, draft_gguf: Path, tokenizer, 
     if cached is not None:
         return cached, policy.cache_file(target, draft_gguf, cfg.threads)
     calib = [encode_prompt(tokenizer, p, chat=cfg.chat) for p in load_prompts("general", "train", 6, 0)]
-    pool = [t for ids in calib for t in ids]
-    prefix = (pool * (1 + 300 // max(1, len(pool))))[:300]
-    print(f"mtp: measuring llama.cpp's costs on this machine (target {target.name}, cached once) ...",
-          file=sys.stderr)
-    port = llamacpp.free_port()
-    with llamacpp.Server(_server_cmd(cfg, server, target, port, []), port, workdir / "llama-costs.log",
-                         cfg.timeout) as srv:
-        for p in calib[:2]:  # warm-up: weights paged in, caches filled (a cold first pass read 40 % slow)
-            srv.complete(p, 32, timeout=cfg.timeout)
-        t1 = policy.measure_decode(srv, calib, timeout=cfg.timeout)
-        verify = policy.measure_verify(srv, prefix, pool[::-1], timeout=cfg.timeout)
-    costs = policy.Costs(t1=t1, verify=verify)
+    if base is not None:
+        costs = policy.Costs(t1=base.t1, verify=dict(base.verify), outputs=base.outputs)
+    else:
+        pool = [t for ids in calib for t in ids]
+        prefix = (pool * (1 + 300 // max(1, len(pool))))[:300]
+        print(f"mtp: measuring llama.cpp's costs on this machine (target {target.name}, cached once) ...",
+              file=sys.stderr)
+        port = llamacpp.free_port()
+        outputs: list[list[int]] = []
+        with llamacpp.Server(_server_cmd(cfg, server, target, port, []), port, workdir / "llama-costs.log",
+                             cfg.timeout) as srv:
+            for p in calib[:2]:  # warm-up: weights paged in, caches filled (a cold first pass read 40 % slow)
+                srv.complete(p, 32, timeout=cfg.timeout)
+            # 128 tokens each: the decode cost, and the target's own outputs that size the draft's vocabulary
+            t1 = policy.measure_decode(srv, calib, n=128, timeout=cfg.timeout, outputs=outputs)
+            verify = policy.measure_verify(srv, prefix, pool[::-1], timeout=cfg.timeout)
+        costs = policy.Costs(t1=t1, verify=verify, outputs=outputs)
+    print(f"mtp: measuring llama.cpp's draft rounds with {draft_gguf.parent.name} (cached once) ...", file=sys.stderr)
     for d in policy.ROUND_LENGTHS:
         port = llamacpp.free_port()
         extra = ["--spec-type", "draft-eagle3", "-md", str(draft_gguf), "--spec-draft-n-max", str(d),
@@ -159,6 +185,32 @@ def measure_costs(cfg, server: Path, target: Path, draft_gguf: Path, tokenizer, 
     return costs, path
 
 
+def size_draft_vocab(cfg, server: Path, target: Path, costs, tokenizer, workdir: Path):
+    """The draft vocabulary that pays best here (:func:`mtp.engines.policy.choose_vocab`): the trained draft's
+    rounds (``costs``) and those of one 8 times smaller, the coverage of the target's own outputs; the chosen
+    size is exported and its rounds measured too, so that its draft settings come from its own costs.
+    Returns (the choice or None, the chosen draft's folder, its costs or None, their cache file or None)."""
+    from mtp.engines import policy
+
+    full_draft = _draft_folder(cfg, "gguf", 0)
+    ranked = _draft_ranking(cfg)
+    if ranked is None or len(ranked) < 512 or not costs.outputs:
+        return None, full_draft, None, None
+    full = len(ranked)
+    small = max(256, full // 8 // 64 * 64)
+    small_draft = _draft_folder(cfg, "gguf", small)
+    small_costs, _ = measure_costs(cfg, server, target, small_draft / "eagle3-draft.gguf", tokenizer, workdir,
+                                   base=costs)
+    sizes = sorted(set(policy.vocab_sizes(full)) | {small})
+    pick = policy.choose_vocab(costs, {full: costs, small: small_costs}, policy.coverage(costs.outputs, ranked, sizes))
+    n = pick["draft_vocab"]
+    if n == full:
+        return pick, full_draft, costs, None
+    folder = _draft_folder(cfg, "gguf", n)
+    chosen, cache = measure_costs(cfg, server, target, folder / "eagle3-draft.gguf", tokenizer, workdir, base=costs)
+    return pick, folder, chosen, cache
+
+
 def run_llamacpp(cfg, prompts: list[list[int]], workdir: Path, tokenizer=None) -> tuple[dict, list]:
     from mtp.engines import llamacpp, policy
     from mtp.engines.targets import target_gguf
@@ -171,12 +223,17 @@ def run_llamacpp(cfg, prompts: list[list[int]], workdir: Path, tokenizer=None) -
     chosen = None
     if cfg.policy:
         costs, cache = measure_costs(cfg, server, target, draft / "eagle3-draft.gguf", tokenizer, workdir)
+        measured_draft, vocab = draft, None
+        if cfg.draft_vocab is None:  # size the draft's vocabulary by measurement
+            vocab, measured_draft, costs_v, cache = size_draft_vocab(cfg, server, target, costs, tokenizer, workdir)
+            costs = costs_v if costs_v is not None else costs
         choice = policy.choose(costs)
-        chosen = {"costs": costs.as_dict(), "choice": choice, "cache": str(cache)}
+        chosen = {"costs": costs.as_dict(), "choice": choice, "cache": str(cache), "vocab": vocab,
+                  "draft_gguf": str(measured_draft / "eagle3-draft.gguf")}
         # run what the costs choose even where they say plain decoding wins: the prediction is checked either way
         measured = policy.flags(dict(choice, pays=True))
-        configs.append(("eagle3 measured", ["--spec-type", "draft-eagle3", "-md", str(draft / "eagle3-draft.gguf"),
-                                            *measured]))
+        configs.append(("eagle3 measured", ["--spec-type", "draft-eagle3",
+                                            "-md", str(measured_draft / "eagle3-draft.gguf"), *measured]))
     commands = {}
     for r in range(cfg.rounds):
         for name, extra in (configs if r % 2 == 0 else configs[::-1]):
@@ -317,6 +374,13 @@ def format_bench_engine(result: dict) -> str:
                      f"{c['p_min']:g}, predicted {c['predicted_speedup']:.2f}x; ceiling (every draft accepted "
                      f"and free) {c['ceiling']:.2f}x"
                      + ("" if c["pays"] else " (below 1: plain decoding is the faster choice here)"), ""]
+        v = pol.get("vocab")
+        if v:
+            table = ", ".join(f"{n}: {s:.2f}x" for n, s in v["predicted"].items())
+            checks = "; ".join(f"{n} rows: draft token {m['draft_token_s'] * 1e3:.2f} ms, acceptance a {m['accept_a']:.2f} "
+                               f"(predicted {m['predicted_accept_a']:.2f})" for n, m in v["measured"].items())
+            lines[-1:-1] = [f"draft vocabulary by measurement: {v['draft_vocab']} rows (predicted speedup by size: "
+                            f"{table}); measured {checks}"]
     for r in result["results"] + result.get("mtp", []):
         def fmt(key, pattern):
             return pattern.format(r[key]) if r.get(key) is not None else "-"

@@ -39,14 +39,16 @@ class Costs:
     t1: float
     verify: dict[int, float]
     rounds: list[dict] = field(default_factory=list)  # {"d", "round_s", "tokens_per_round"}
+    outputs: list[list[int]] = field(default_factory=list)  # the target's greedy tokens on the calibration prompts
 
     def as_dict(self) -> dict:
-        return {"t1": self.t1, "verify": {str(k): v for k, v in self.verify.items()}, "rounds": self.rounds}
+        return {"t1": self.t1, "verify": {str(k): v for k, v in self.verify.items()}, "rounds": self.rounds,
+                "outputs": self.outputs}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Costs":
         return cls(t1=float(d["t1"]), verify={int(k): float(v) for k, v in d["verify"].items()},
-                   rounds=list(d.get("rounds", [])))
+                   rounds=list(d.get("rounds", [])), outputs=[list(map(int, o)) for o in d.get("outputs", [])])
 
 
 def verify_at(costs: Costs, k: int) -> float:
@@ -102,6 +104,12 @@ def choose(costs: Costs, cap: int = N_MAX_CAP) -> dict:
     """The draft settings the measured costs call for, with the predicted speedup of each draft length."""
     overhead, draft_token = fit_round_cost(costs)
     a, b = fit_acceptance(costs)
+    return choose_from_fit(costs, overhead, draft_token, a, b, cap)
+
+
+def choose_from_fit(costs: Costs, overhead: float, draft_token: float, a: float, b: float,
+                    cap: int = N_MAX_CAP) -> dict:
+    """:func:`choose` for given draft costs and acceptance (a draft of another vocabulary size: :func:`choose_vocab`)."""
     table = {d: predicted_speedup(costs, d, overhead, draft_token, a, b) for d in range(1, cap + 1)}
     n_max = max(table, key=table.get)
     extra = [draft_token + verify_at(costs, k + 1) - verify_at(costs, k) for k in range(1, n_max + 1)]
@@ -113,6 +121,62 @@ def choose(costs: Costs, cap: int = N_MAX_CAP) -> dict:
             "predicted_speedup": round(table[n_max], 3), "ceiling": round(ceiling(costs), 3),
             "predicted": {str(d): round(s, 3) for d, s in table.items()},
             "fit": {"round_overhead_s": overhead, "draft_token_s": draft_token, "accept_a": a, "accept_b": b}}
+
+
+def coverage(outputs: list[list[int]], ranked: list[int], sizes) -> dict[int, float]:
+    """Share of the target's own output tokens that a draft vocabulary of the ``size`` first ids of ``ranked``
+    (the draft's tokens, most frequent training target first) holds, for each size."""
+    rank = {t: i for i, t in enumerate(ranked)}
+    pos = sorted(rank.get(t, len(ranked)) for out in outputs for t in out)
+    if not pos:
+        raise ValueError("no output tokens to measure the draft vocabulary's coverage on")
+    import bisect
+
+    return {n: bisect.bisect_left(pos, n) / len(pos) for n in sizes}
+
+
+def vocab_sizes(full: int, smallest: int = 256) -> list[int]:
+    """Draft vocabulary sizes to predict for: powers of two from ``smallest`` below ``full``, and ``full``."""
+    out, n = [], smallest
+    while n < full:
+        out.append(n)
+        n *= 2
+    return out + [full]
+
+
+def choose_vocab(costs: Costs, measured: dict[int, Costs], cover: dict[int, float], cap: int = N_MAX_CAP) -> dict:
+    """The draft vocabulary size (and its draft settings) the measurements call for.
+
+    ``measured``: draft rounds at two or more vocabulary sizes (the trained one and a smaller one), with the
+    target's costs of ``costs``. The draft's cost per token is fitted linear in the size (its lm_head rows and
+    the sampler over them), the round overhead averaged; the chance of acceptance at size n is the trained
+    draft's, scaled by the share of the target's outputs the smaller vocabulary still holds (a token outside it
+    can never be drafted; inside it, drafts stay as good: a lower bound, since frequent tokens are the easy
+    ones). The smaller measured size checks that model: its measured acceptance is reported beside the
+    predicted one."""
+    sizes = sorted(measured)
+    full = sizes[-1]
+    fits = {n: fit_round_cost(Costs(costs.t1, costs.verify, c.rounds)) for n, c in measured.items()}
+    acc = {n: fit_acceptance(Costs(costs.t1, costs.verify, c.rounds)) for n, c in measured.items()}
+    xs, ys = sizes, [fits[n][1] for n in sizes]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    slope = max(0.0, sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs))
+    base = max(0.0, my - slope * mx)
+    overhead = statistics.fmean(f[0] for f in fits.values())
+    a_full, b_full = acc[full]
+    table, choices = {}, {}
+    for n in sorted(cover):
+        a = a_full * cover[n] / max(cover[full], 1e-9)
+        choices[n] = choose_from_fit(costs, overhead, base + slope * n, a, b_full, cap)
+        table[n] = choices[n]["predicted_speedup"]
+    best = max(table, key=lambda n: (table[n], -n))
+    return {"draft_vocab": best, "predicted_speedup": table[best], "predicted": {str(n): v for n, v in table.items()},
+            "coverage": {str(n): round(c, 4) for n, c in cover.items()},
+            "fit": {"draft_token_base_s": base, "draft_token_per_row_s": slope, "round_overhead_s": overhead},
+            "measured": {str(n): {"draft_token_s": fits[n][1], "round_overhead_s": fits[n][0], "accept_a": acc[n][0],
+                                  "accept_b": acc[n][1],
+                                  "predicted_accept_a": a_full * cover.get(n, 1.0) / max(cover[full], 1e-9)}
+                         for n in sizes}}
 
 
 def ceiling(costs: Costs) -> float:
@@ -154,11 +218,15 @@ def measure_verify(server, prefix: list[int], pool: list[int], points=VERIFY_POI
     return out
 
 
-def measure_decode(server, prompts: list[list[int]], n: int = 48, timeout: float = 600.0) -> float:
-    """Median seconds per plain decoded token over the prompts."""
+def measure_decode(server, prompts: list[list[int]], n: int = 48, timeout: float = 600.0,
+                   outputs: list | None = None) -> float:
+    """Median seconds per plain decoded token over the prompts (their tokens appended to ``outputs``)."""
     per = []
     for p in prompts:
-        t = server.complete(p, n, timeout=timeout).get("timings", {})
+        res = server.complete(p, n, timeout=timeout, return_tokens=True)
+        t = res.get("timings", {})
+        if outputs is not None:
+            outputs.append([int(x) for x in res.get("tokens", [])])
         if t.get("predicted_n", 0) > 1:
             per.append(t["predicted_per_token_ms"] / 1e3)
     return statistics.median(per)

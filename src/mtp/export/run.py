@@ -95,7 +95,11 @@ def export(cfg, command: str = "") -> dict:
         from mtp.engines import llamacpp
 
         llamacpp.converter()  # before loading anything: the converter must be there
+    if cfg.draft_vocab and meta.get("kind") != "eagle3":
+        raise UserError(f"--draft-vocab sizes an EAGLE-3 draft; {folder} holds {meta.get('kind')} heads")
     mtp_model = MTPModel.from_pretrained(folder, backbone=_load_target(target) if model else None)
+    if cfg.draft_vocab:
+        mtp_model.shrink_draft_vocab(cfg.draft_vocab)
     with atomic_dir(out_path, replace=overwrite) as tmp:
         if fmt == "medusa":
             from mtp.export.medusa import write_medusa
@@ -117,6 +121,7 @@ def export(cfg, command: str = "") -> dict:
                 write_eagle3(mtp_model, hf, torch_dtype("float32"))
                 write_gguf(hf, local_model_folder(target), tmp / GGUF_NAME, gguf_type)
     return {"out": str(out_path), "format": fmt, "heads": str(folder), "target": target,
+            "draft_vocab": int(mtp_model.config.draft_vocab) if mtp_model.autoregressive else None,
             "serve": serve_commands(fmt, out_path, target, max(1, int(meta.get("n_heads", 4))))}
 
 

@@ -252,6 +252,20 @@ class Eagle3Head(Head):
         self.d2t = (draft_ids - torch.arange(draft_ids.numel())).to(self.d2t.device)
         self.config.draft_vocab_size = draft_ids.numel()
 
+    @torch.no_grad()
+    def keep_draft_rows(self, rows: torch.Tensor) -> None:
+        """Shrink the draft vocabulary to the draft ids ``rows``, keeping their trained lm_head rows (an exported
+        draft's vocabulary sized for an engine; lossless, the target verifies every draft)."""
+        rows = torch.as_tensor(rows, dtype=torch.long).unique().sort().values.to(self.d2t.device)
+        if rows.numel() < 1 or int(rows[0]) < 0 or int(rows[-1]) >= self.d2t.numel():
+            raise UserError(f"draft rows must lie in 0..{self.d2t.numel() - 1}")
+        ids = self.draft_ids[rows]
+        w = self.lm_head.weight[rows.to(self.lm_head.weight.device)].clone()
+        self.lm_head = nn.Linear(w.shape[1], rows.numel(), bias=False, device=w.device, dtype=w.dtype)
+        self.lm_head.weight.copy_(w)
+        self.d2t = ids - torch.arange(rows.numel(), device=ids.device)
+        self.config.draft_vocab_size = rows.numel()
+
     # ------------------------------------------------------------------ forward pieces
 
     @property

@@ -214,6 +214,21 @@ class MTPModel(nn.Module):
         self.eagle.set_draft_vocab(self.backbone, draft_ids)
         self.config.draft_vocab = int(self.eagle.d2t.numel())
 
+    def shrink_draft_vocab(self, size: int) -> None:
+        """eagle3: keep the ``size`` draft tokens most frequent as training targets (``token_counts``), with their
+        trained lm_head rows: a smaller, cheaper draft for an engine (``mtp export --draft-vocab``)."""
+        if self.token_counts is None:
+            raise UserError("these heads were saved without their training-target counts: their draft vocabulary "
+                            "cannot be sized (retrain them with this version of mtp)")
+        current = self.eagle.d2t.numel()
+        if size >= current:
+            return
+        counts = self.token_counts.to(self.eagle.draft_ids.device)[self.eagle.draft_ids]
+        from mtp.data import top_tokens
+
+        self.eagle.keep_draft_rows(top_tokens(counts, size))
+        self.config.draft_vocab = size
+
     def head_outputs(self, states: list[torch.Tensor], tokens: torch.Tensor):
         """Per head k = 1 .. n: (hidden (B, T, H), its to-logits function), teacher-forced on ``tokens``.
         eagle3: the training-time-test unroll, draft step k - 1 (own earlier outputs, true tokens)."""
