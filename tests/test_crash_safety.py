@@ -192,6 +192,7 @@ def test_two_processes_killed_in_a_checkpoint_swap_resume_to_identical_heads(tin
 
     full = torchrun(tmp_path / "full")
     assert full.returncode == 0, full.stderr[-2000:]
+    assert full.stdout.count("heads: ") == 1, full.stdout  # one result line, rank 0's
     out = tmp_path / "killed"
     assert torchrun(out, kill=True).returncode != 0
     left = sorted(p.name.rsplit("-", 1)[0] for p in out.iterdir())

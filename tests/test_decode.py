@@ -607,6 +607,29 @@ def test_drafts_are_resized_for_the_batch_a_call_brings(monkeypatch):
     assert dec.proposer.tree.size < one
 
 
+def test_prepare_measures_the_context_growth_before_a_long_prompt_comes(monkeypatch):
+    """A server's prepare() sizes drafts for the first long-prompt bucket too, so the context-growth curve is
+    measured at start-up, never mid-serve when a first long prompt arrives (stalling every running row)."""
+    import mtp.decode.run as run
+
+    from mtp.decode.methods import batch_cost
+
+    curve = {1: 1.0, 2: 1.0, 4: 1.0, 8: 1.0, 16: 4.0}
+    calls = []
+    monkeypatch.setattr(run, "cached_verify_cost", lambda name, backbone: curve)
+    monkeypatch.setattr(run, "cached_batch_cost", lambda name, backbone, b, cost=None: batch_cost(curve, b))
+    monkeypatch.setattr(run, "cached_context_growth",
+                        lambda name, backbone: calls.append(1) or {"context": 2048, "g1": 0.0, "g16": 5.0})
+    model = tiny_model("llama", vocab=64)
+    dec, _ = run.build_decoder(model, Tok(), with_heads(model, n=4), None, "tiny", "tree")
+    dec.max_context = None  # the tiny model's 512 positions are not a limit of its rotary embedding
+    dec.prepare(2)
+    assert calls == [1]
+    calls.clear()
+    dec.generate([list(range(3, 60)) * 16], 2, eos_token_ids=[])  # a 912-token prompt: its bucket is ready
+    assert calls == []
+
+
 def test_a_batch_where_no_draft_pays_is_decoded_plainly(monkeypatch):
     """Sized from a curve where verifying twice the tokens costs more than the best draft saves, a batch of 8
     decodes plainly (a serving batch on a compute-bound device); one row still drafts."""

@@ -215,7 +215,7 @@ def _four_layer_llama(arch="llama"):
 
 def test_init_from_target_copies_the_layer_whose_input_fc_passes_through():
     """--draft-init target: the first draft step computes exactly the target's layer at the highest tap."""
-    from mtp.model.heads import capture_hidden
+    from mtp.model.trunk import capture_hidden
 
     model = _four_layer_llama()
     heads = MTPModel(model, HeadsConfig(backbone="tiny", n_heads=2, kind="eagle3", eagle_layers=[0, 1, 2]))

@@ -37,6 +37,7 @@ CONTEXT = "exceed the model's context of 512 tokens"  # the tiny model's max_pos
     (["bench", "analyze", "--context", "500"], ["--context 500 + --positions-per-window 16 + --k 2", CONTEXT]),
     (["bench", "analyze", "--max-candidates", "200"], ["--max-candidates 200 exceeds the model's vocabulary"]),
     (["train", "--seq-len", "9000"], ["--seq-len: 9000 tokens", CONTEXT]),
+    (["train", "--tap", "layer:3"], ["tap 'layer:3': the layer must be 0..2"]),
     (["bench", "train-memory", "--seq-len", "513"], ["--seq-len: 513 tokens", CONTEXT]),
     (["distill", "--out", "OUT", "--max-new-tokens", "600"], ["--max-new-tokens: 600 tokens", CONTEXT]),
     (["serve", "--port", "0", "--method", "plain", "--max-tokens", "1024"], ["--max-tokens: 1024 tokens", CONTEXT]),

@@ -163,3 +163,31 @@ def test_hydra_head_reads_the_tokens_before_its_target():
     fresh = make(kind="hydra", n_heads=1)  # zero-initialized: starts as the identity, like mlp
     _, states = fresh.trunk(ids)
     assert torch.equal(fresh.head_hidden(1, states, tokens=ids), states[0])
+
+
+def test_the_registry_holds_the_kinds_the_flags_accept():
+    """--kind is checked at the door against mtp.config's names: they are exactly the registered kinds."""
+    from mtp.config import HEAD_KIND_NAMES
+    from mtp.model import HEAD_KINDS
+
+    assert sorted(HEAD_KIND_NAMES) == sorted(HEAD_KINDS)
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--kind", "medusa2"], "unknown --kind 'medusa2'"),
+    (["--head-weights", "decay:2"], "decay:G needs 0 < G <= 1"),
+    (["--head-weights", "linear"], "unknown head weight schedule 'linear'"),
+    (["--tap", "layer:x"], "tap 'layer:x': the layer must be a whole number"),
+    (["--tap", "middle"], "unknown tap 'middle'"),
+])
+def test_train_flags_are_refused_at_the_door(capsys, monkeypatch, argv, fragment):
+    """Before any model, data or cache is touched: a backbone lookup fails the test."""
+    import mtp.backbones
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was looked up before the flags were checked")
+
+    monkeypatch.setattr(mtp.backbones, "backbone_config", refuse)
+    from tests.conftest import one_line_error
+
+    one_line_error(capsys, ["train", "--data", "nothing.txt", *argv], fragment)

@@ -29,9 +29,12 @@ def analyze(cfg: AnalyzeConfig, command: str = "") -> dict:
 
 def train(cfg: TrainConfig, command: str = "") -> dict:
     from mtp.backbones import backbone_config, check_context
+    from mtp.model.heads import parse_tap
     from mtp.training.train import train as run_train
 
-    check_context(cfg.seq_len, "--seq-len", backbone_config(cfg.model))  # before the data and the weights
+    model_config = backbone_config(cfg.model)  # before the data and the weights
+    check_context(cfg.seq_len, "--seq-len", model_config)
+    parse_tap(cfg.tap, model_config.num_hidden_layers)  # --tap layer:I within the model's layers
     summary = run_train(cfg, progress=not cfg.quiet, command=command)
     return {**summary, "log": f"{cfg.out}/metrics.jsonl"} if summary.get("heads") else None  # None: not rank 0
 

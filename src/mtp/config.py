@@ -25,6 +25,12 @@ from mtp.errors import UserError
 
 DEFAULT_MODEL = "smollm2-135m"
 DTYPE_NAMES = ("float32", "bfloat16", "float16", "float64")
+EXPORT_FORMATS = ("eagle3", "gguf", "medusa")
+"""mtp export's formats (mtp.export writes them)."""
+GGUF_KINDS = ("packaged", "f16", "bf16", "f32", "q8_0", "q4_0")
+"""llama.cpp target files mtp can give a built-in model (mtp.engines.targets makes them)."""
+HEAD_KIND_NAMES = ("mlp", "transformer", "hydra", "eagle3")
+"""The head kinds mtp.model registers (tests/test_heads.py keeps the two equal): checked here before any model loads."""
 METHODS = ("plain", "blockwise", "tree", "dynamic", "hybrid", "lookup", "early-exit")
 HEAD_METHODS = ("blockwise", "tree", "dynamic", "hybrid")  # the methods that draft with MTP heads
 TRAIN_MODES = ("frozen", "joint", "lora")
@@ -75,6 +81,33 @@ def _seed(value: int, flag: str = "--seed") -> None:
 
 def _dtype(value: str | None, flag: str = "--dtype") -> None:
     _require(value is None or value in DTYPE_NAMES, f"unknown {flag} {value!r}: use one of {', '.join(DTYPE_NAMES)}")
+
+
+def tap_layer(tap: str) -> int | None:
+    """``--tap``'s syntax: None for last | final | whs, I for layer:I (its range is the model's: mtp.model.heads)."""
+    if tap in ("last", "whs", "final"):
+        return None
+    if tap.startswith("layer:"):
+        try:
+            return int(tap.split(":", 1)[1])
+        except ValueError:
+            raise UserError(f"tap {tap!r}: the layer must be a whole number, e.g. layer:6 (0 = embeddings)") from None
+    raise UserError(f"unknown tap {tap!r}: use last, final, layer:I or whs")
+
+
+def decay_factor(schedule: str) -> float | None:
+    """``--head-weights``: None for constant, G for decay:G (0 < G <= 1)."""
+    if schedule == "constant":
+        return None
+    if schedule.startswith("decay:"):
+        try:
+            g = float(schedule.split(":", 1)[1])
+        except ValueError:
+            g = -1.0
+        if not 0 < g <= 1:
+            raise UserError(f"head weight schedule {schedule!r}: decay:G needs 0 < G <= 1")
+        return g
+    raise UserError(f"unknown head weight schedule {schedule!r}: use constant or decay:G (e.g. decay:0.8)")
 
 
 def _split_commas(items: list[str]) -> list[str]:
@@ -402,7 +435,7 @@ class TrainConfig(Runtime, Writes):
     """Run folder: checkpoint/, heads/ (the result), metrics.jsonl."""
     heads: int = 4
     """MTP heads; head k predicts x_{t+1+k}."""
-    kind: str = "mlp"
+    kind: str = opt("mlp", choices=HEAD_KIND_NAMES)
     """Head kind: mlp | transformer | hydra (sequential: also reads the tokens before its target) | eagle3 (one
     drafter over three tapped layers, trained with training-time test over --heads draft steps; exportable to
     vLLM, SGLang and llama.cpp with `mtp export`)."""
@@ -492,7 +525,6 @@ class TrainConfig(Runtime, Writes):
         _dtype(self.save_dtype, "--save-dtype")
         _require(self.heads >= 1 or (self.heads == 0 and self.mode == "joint"),
                  f"--heads must be at least 1, got {self.heads}")  # 0 heads: plain fine-tuning / NTP pretraining
-        _require(self.mode in TRAIN_MODES, f"unknown --mode {self.mode!r}: use one of {', '.join(TRAIN_MODES)}")
         _at_least(self, ("max_steps", "batch_size", "grad_accum", "seq_len", "save_every", "log_every", "mlp_layers",
                          "eval_every", "eval_blocks",
                          "loss_chunk_tokens", "lora_r", "max_tokens"))
@@ -506,7 +538,6 @@ class TrainConfig(Runtime, Writes):
                  "--clip, --weight-decay and --ntp-weight must be >= 0")
         _require(0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         _require(self.lora_alpha > 0, f"--lora-alpha must be positive (scale = alpha / r), got {self.lora_alpha}")
-        _require(self.autocast in ("auto", "on", "off"), f"--autocast must be auto, on or off, got {self.autocast!r}")
         _require(not self.cache_hidden or (self.mode == "frozen" and (self.tap != "whs" or self.kind == "eagle3")),
                  "--cache-hidden needs --mode frozen and a single tapped layer (not --tap whs)")
         _require(self.kind != "eagle3" or self.mode == "frozen",
@@ -521,6 +552,8 @@ class TrainConfig(Runtime, Writes):
         _require(self.draft_vocab == 0 or self.draft_vocab >= 64,
                  f"--draft-vocab must be 0 (automatic) or at least 64, got {self.draft_vocab}")
         _require(len(self.data) > 0, "give at least one --data")
+        tap_layer(self.tap)  # the syntax here, the layer's range once the model is known
+        decay_factor(self.head_weights)
 
 
 @dataclass
@@ -562,8 +595,6 @@ class DistillConfig(Runtime, Writes):
         _at_least(self, ("max_new_tokens", "batch_size", "limit", "threads"))
         _at_most(self, ("max_new_tokens",), MAX_NEW_TOKENS)
         _require(0 <= self.follow_ups <= 1, f"--follow-ups must be a share in [0, 1], got {self.follow_ups}")
-        from mtp.engines.targets import GGUF_KINDS
-
         _require(self.target in GGUF_KINDS, f"unknown --target {self.target!r}: use one of {', '.join(GGUF_KINDS)}")
         _require(self.temperature >= 0, f"--temperature must be >= 0, got {self.temperature}")
 
@@ -709,17 +740,12 @@ class DraftOptions(Runtime):
         _require(self.draft_vocab is None or self.draft_vocab >= 0,
                  f"--draft-vocab must be >= 0 (0 = the whole vocabulary), got {self.draft_vocab}")
         if self.tree is not None:  # checked before any model loads (the vocabulary: once it is known)
-            from mtp.decode.tree import compile_tree, read_tree
+            from mtp.trees import check_paths, read_tree
 
             try:
-                compile_tree(read_tree(self.tree))
+                check_paths(read_tree(self.tree))
             except UserError as e:
                 raise UserError(f"--tree: {e}") from None
-
-    def sampling(self):
-        from mtp.decode.accept import Sampling
-
-        return Sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
 
 
 @dataclass
@@ -917,9 +943,8 @@ class ExportConfig(Writes):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from mtp.export import FORMATS
-
-        _require(self.format in FORMATS, f"unknown --format {self.format!r}: use one of {', '.join(FORMATS)}")
+        _require(self.format in EXPORT_FORMATS,
+                 f"unknown --format {self.format!r}: use one of {', '.join(EXPORT_FORMATS)}")
         _require(self.draft_vocab == 0 or self.draft_vocab >= 64,
                  f"--draft-vocab must be 0 (as trained) or at least 64, got {self.draft_vocab}")
         _require(self.draft_vocab == 0 or self.format != "medusa",
@@ -1126,8 +1151,6 @@ class BenchEngineConfig(Writes):
     def __post_init__(self) -> None:
         super().__post_init__()
         _dtype(self.mtp_dtype, "--mtp-dtype")
-        from mtp.engines.targets import GGUF_KINDS
-
         llama_modes = ("ngram-simple", "ngram-map-k", "ngram-mod", "ngram-map-k4v", "ngram-cache")
         self.ngram_modes, self.mtp_methods = _split_commas(self.ngram_modes), _split_commas(self.mtp_methods)
         for name in ("limit", "max_new_tokens", "draft_len", "threads", "rounds"):
@@ -1185,7 +1208,7 @@ class BenchTrainMemoryConfig(Runtime, Writes):
     """Backbone: built-in name, Hugging Face folder or .gguf file."""
     heads: int = 4
     """MTP heads (n)."""
-    kind: str = "mlp"
+    kind: str = opt("mlp", choices=HEAD_KIND_NAMES)
     """Head kind: mlp | transformer | hydra | eagle3."""
     mode: str = opt("frozen", choices=TRAIN_MODES)
     """frozen | joint | lora."""

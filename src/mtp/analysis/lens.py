@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from mtp.model.heads import unembed
+from mtp.model.trunk import unembed
 
 
 def lens_logits(model, hidden: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from mtp.analysis.run import machine_info
 from mtp.config import HEAD_METHODS, BenchContextConfig
+from mtp.decode.accept import Sampling
 from mtp.errors import UserError
 
 
@@ -50,7 +51,7 @@ def bench_context(cfg: BenchContextConfig, command: str = "") -> dict:
 
     def run(name: str, prompt: list[int], n: int):
         if name == "transformers":
-            return hf_generate(backbone, tokenizer, [prompt], n, no_eos, cfg.sampling())
+            return hf_generate(backbone, tokenizer, [prompt], n, no_eos, Sampling.of(cfg))
         return decoders[name].generate([prompt], n, no_eos)
 
     for name in cfg.methods:  # warm-up: first-call costs out of the timings

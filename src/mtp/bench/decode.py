@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from mtp.analysis.run import machine_info
 from mtp.config import HEAD_METHODS, BenchDecodeConfig
+from mtp.decode.accept import Sampling
 
 
 
@@ -23,7 +24,7 @@ def bench_decode(cfg: BenchDecodeConfig, command: str = "") -> dict:
 
     model_name, prompts, methods, heads, batch_size = cfg.model, cfg.prompts, cfg.methods, cfg.heads, cfg.batch_size
     max_new_tokens, limit, dtype, device, seed = cfg.max_new_tokens, cfg.limit, cfg.dtype, cfg.device, cfg.seed
-    chat, progress, sampling = cfg.chat, not cfg.quiet, cfg.sampling()
+    chat, progress, sampling = cfg.chat, not cfg.quiet, Sampling.of(cfg)
     texts = load_prompts(prompts, "eval", limit, seed)
     need_heads = any(m in HEAD_METHODS for m in methods)
     backbone, tokenizer, mtp_model, folder = load_for_decoding(model_name, heads if need_heads else None, dtype,

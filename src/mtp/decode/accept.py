@@ -42,6 +42,11 @@ class Sampling:
         if not 0 < self.top_p <= 1:
             raise UserError(f"top-p must be in (0, 1], got {self.top_p}")
 
+    @classmethod
+    def of(cls, options) -> "Sampling":
+        """From a configuration's --temperature, --top-k and --top-p."""
+        return cls(temperature=options.temperature, top_k=options.top_k, top_p=options.top_p)
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0

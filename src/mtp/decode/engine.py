@@ -32,14 +32,14 @@ import torch
 from torch import nn
 
 from mtp.decode.accept import Accepted, Sampling, accept_greedy, accept_sample, accept_typical, greedy_tokens
-from mtp.decode.methods import context_bucket
+from mtp.decode.methods import LONG_PROMPT, context_bucket
 from mtp.decode.proposers import PlainProposer, Proposer
 from mtp.decode.slots import Slots, free_memory, kv_bytes
 from mtp.decode.tree import Draft
 from mtp.errors import UserError
 from mtp.hf_compat import first_layers, forward_with_cache
 from mtp.model.attention import attention_masks
-from mtp.model.heads import capture_hidden, final_norm
+from mtp.model.trunk import capture_hidden, final_norm
 
 
 @dataclass
@@ -384,6 +384,11 @@ class Decoder:
         for b in range(2, max_batch + 1):
             if (b, 0) not in self._sized:
                 self._sized[(b, 0)] = self._resize(b, 0)
+        first_long = context_bucket(LONG_PROMPT)
+        if (not self.max_context or self.max_context > LONG_PROMPT) and (1, first_long) not in self._sized:
+            # how the verify cost grows with the context is measured now too, not when a first long prompt comes
+            # (mid-serve, that would stall every running row)
+            self._sized[(1, first_long)] = self._resize(1, first_long)
 
     def check(self, request: "Request") -> None:
         """Refuse, in one line, a request this decoder cannot serve."""

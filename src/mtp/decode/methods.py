@@ -169,10 +169,13 @@ def context_cost(cost: dict, growth: dict, context: int) -> dict:
     return {k: v * (1 + f * g(k)) for k, v in cost.items()}
 
 
+LONG_PROMPT = 768  # from this many tokens of context on, drafts are sized for the context (context_bucket)
+
+
 def context_bucket(tokens: int) -> int:
-    """The context a call's drafts are sized for: 0 below 768 tokens (the curve as measured), else
+    """The context a call's drafts are sized for: 0 below ``LONG_PROMPT`` tokens (the curve as measured), else
     ``tokens`` rounded up to a multiple of 512."""
-    return 0 if tokens < 768 else -(-tokens // 512) * 512
+    return 0 if tokens < LONG_PROMPT else -(-tokens // 512) * 512
 
 
 def batch_cost(cost: dict, batch: int) -> dict:

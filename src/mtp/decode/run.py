@@ -111,7 +111,7 @@ def build_decoder(backbone, tokenizer, mtp_model, folder: Path | None, model_nam
             # a batch (or context) where even the smallest draft is expected to cost more than it saves is
             # decoded plainly (serving: many rows make the verify compute-bound)
             return PlainProposer() if gain is not None and gain < 1 else proposer
-    return Decoder(backbone, tokenizer, heads=heads, proposer=proposer, sampling=opts.sampling(),
+    return Decoder(backbone, tokenizer, heads=heads, proposer=proposer, sampling=Sampling.of(opts),
                    acceptance=opts.acceptance, seed=opts.seed, draft_vocab=shortlist, resize=resize), info
 
 

@@ -91,6 +91,15 @@ def run_tool(cmd: list, tool: str, what: str, timeout: float, env: dict | None =
         raise UserError(f"{tool} failed on {what} (exit status {proc.returncode}): {last[0]}")
 
 
+def convert(args: list, what: str, timeout: float) -> None:
+    """Run llama.cpp's converter (its own gguf-py first on the path), offline, with a time-out."""
+    script = converter()
+    src = script.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(src / "gguf-py"), str(src)]), HF_HUB_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1")
+    run_tool([sys.executable, script, *args], "llama.cpp's converter", what, timeout, env=env)
+
+
 def quantize(src: Path, out: Path, kind: str, timeout: float = 1800.0) -> Path:
     """llama.cpp's own quantizer: ``src`` (a 16/32-bit GGUF) to ``out`` of type ``kind`` (e.g. Q4_0)."""
     tool = binary("llama-quantize")

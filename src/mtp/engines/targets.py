@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mtp.config import GGUF_KINDS
 from mtp.errors import UserError
 
-GGUF_KINDS = ("packaged", "f16", "bf16", "f32", "q8_0", "q4_0")
 QUANTIZED_KINDS = ("q4_0",)  # made by llama-quantize from the f16 conversion (the converter writes no 4-bit types)
 
 
@@ -35,7 +35,6 @@ def target_gguf(model: str, kind: str = "packaged") -> Path:
     its 4-bit grid, so its ``q8_0`` conversion computes nearly what the packaged file does, and batches of tokens
     run on llama.cpp's batch-friendly Q8_0 kernels.)"""
     from mtp.backbones import local_model_folder
-    from mtp.export.gguf import convert_target
     from mtp.io import atomic_dir, cache_dir
 
     if kind not in GGUF_KINDS:
@@ -55,3 +54,11 @@ def target_gguf(model: str, kind: str = "packaged") -> Path:
         with atomic_dir(out, replace=True) as tmp:
             convert_target(folder, tmp / "model.gguf", kind)
     return out / "model.gguf"
+
+
+def convert_target(target_dir: Path, out_file: Path, outtype: str = "f16", timeout: float = 1800.0) -> Path:
+    """A plain model folder to GGUF with llama.cpp's own converter: the 16-bit target of the benchmarks."""
+    from mtp.engines.llamacpp import convert
+
+    convert([target_dir, "--outfile", out_file, "--outtype", outtype], str(target_dir), timeout)
+    return out_file

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mtp.config import EXPORT_FORMATS as FORMATS
 from mtp.errors import UserError
-
-FORMATS = ("eagle3", "gguf", "medusa")
 
 
 def formats_for(config: dict) -> list[str]:

@@ -7,24 +7,12 @@ Writing the format ourselves would be a second, untested copy of that code.
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
+from mtp.engines import llamacpp
 from mtp.errors import UserError
 
 OUT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")  # q4_0: f16 through llama.cpp's llama-quantize
-
-
-def _convert(args: list, what: str, timeout: float) -> None:
-    """Run llama.cpp's converter (its own gguf-py first on the path), offline, with a time-out."""
-    from mtp.engines import llamacpp
-
-    script = llamacpp.converter()
-    src = script.parent
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(src / "gguf-py"), str(src)]), HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1")
-    llamacpp.run_tool([sys.executable, script, *args], "llama.cpp's converter", what, timeout, env=env)
 
 
 def write_gguf(eagle3_dir: Path, target_dir: Path, out_file: Path, outtype: str = "f16",
@@ -33,20 +21,12 @@ def write_gguf(eagle3_dir: Path, target_dir: Path, out_file: Path, outtype: str 
     if outtype not in OUT_TYPES:
         raise UserError(f"unknown GGUF type {outtype!r}: use one of {', '.join(OUT_TYPES)}")
     if outtype == "q4_0":
-        from mtp.engines.llamacpp import quantize
-
         f16 = out_file.with_name(out_file.stem + ".f16.gguf")
-        _convert([eagle3_dir, "--target-model-dir", target_dir, "--outfile", f16, "--outtype", "f16"],
-                 "the EAGLE-3 draft", timeout)
-        quantize(f16, out_file, "q4_0", timeout)
+        llamacpp.convert([eagle3_dir, "--target-model-dir", target_dir, "--outfile", f16, "--outtype", "f16"],
+                         "the EAGLE-3 draft", timeout)
+        llamacpp.quantize(f16, out_file, "q4_0", timeout)
         f16.unlink()
         return out_file
-    _convert([eagle3_dir, "--target-model-dir", target_dir, "--outfile", out_file, "--outtype", outtype],
-             "the EAGLE-3 draft", timeout)
-    return out_file
-
-
-def convert_target(target_dir: Path, out_file: Path, outtype: str = "f16", timeout: float = 1800.0) -> Path:
-    """A plain model folder to GGUF with the same converter: the 16-bit target of the benchmarks."""
-    _convert([target_dir, "--outfile", out_file, "--outtype", outtype], str(target_dir), timeout)
+    llamacpp.convert([eagle3_dir, "--target-model-dir", target_dir, "--outfile", out_file, "--outtype", outtype],
+                     "the EAGLE-3 draft", timeout)
     return out_file

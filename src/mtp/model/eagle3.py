@@ -32,7 +32,9 @@ from torch import nn
 
 from mtp.errors import UserError
 from mtp.hf_compat import forward_with_cache, new_cache
-from mtp.model.heads import Head, register_head
+from mtp.model.heads import Head
+from mtp.model.registry import register_head
+from mtp.model.trunk import final_norm
 
 
 def default_layers(n_layers: int) -> list[int]:
@@ -64,35 +66,6 @@ def parse_layers(spec: str | list, n_layers: int) -> list[int] | str:
 
 
 INIT_LOGIT_SCALE = 0.3
-SPECIALIZED = 0.75  # the lens KL below this share of its mid-depth level: the layer reads as next-token output
-
-
-@torch.inference_mode()
-def auto_layers(backbone, blocks: torch.Tensor, max_blocks: int = 8, positions: int = 256) -> tuple[list[int], list]:
-    """``--eagle-layers auto``: three taps chosen from the logit lens on the training text (``mtp analyze``'s
-    per-layer figure). Mehra et al. (arXiv 2502.09419) find that late layers specialize for the next token:
-    read through the unembedding their KL to the output falls from a mid-depth plateau. The high tap is the
-    first layer past that onset (KL below ``SPECIALIZED`` x the plateau's median), the last state not yet
-    committed to x_{t+1}; the low tap is layer 2 (lexical), the mid tap halfway. Returns the layers and the
-    per-layer KL they came from."""
-    from mtp.analysis.lens import logit_lens
-
-    n = backbone.config.num_hidden_layers
-    kl_sum = None
-    for ids in blocks[:max_blocks]:
-        ids = ids[:positions].to(backbone.device)[None]
-        out = backbone(input_ids=ids, output_hidden_states=True)
-        kl, _ = logit_lens(backbone, tuple(h[0] for h in out.hidden_states), out.logits[0])
-        kl_sum = kl.mean(-1) if kl_sum is None else kl_sum + kl.mean(-1)
-    kl = (kl_sum / min(len(blocks), max_blocks)).float().tolist()  # (L + 1,): embeddings .. output
-    if n < 6:
-        return default_layers(n), kl
-    plateau = sorted(kl[1:n])[(n - 1) // 2]
-    onset = next((i for i in range(3, n) if kl[i] < SPECIALIZED * plateau), n - 3)
-    high = max(onset, 4)
-    return sorted({2, (2 + high) // 2, high}), kl
-
-
 def drafter_config(target_config, draft_vocab_size: int):
     """A one-layer Llama config with the target's sizes, rope and vocabulary: what the exported
     ``config.json`` holds and what vLLM builds its drafter from."""
@@ -191,8 +164,6 @@ class Eagle3Head(Head):
             self.fc.weight[:, 2 * h:] = torch.eye(h)
         self.midlayer.self_attn.o_proj.weight.zero_()
         self.midlayer.mlp.down_proj.weight.zero_()
-        from mtp.model.heads import final_norm
-
         norm = final_norm(backbone)
         w = getattr(norm, "weight", None)
         # Gemma-style norms scale by (1 + w): only a plain RMSNorm weight carries over

@@ -21,26 +21,17 @@ the embeddings and every layer's output, one weight vector per head; Mehra et al
 
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import torch
 from torch import nn
 
+from mtp.config import tap_layer
 from mtp.errors import UserError
 from mtp.hf_compat import cache_length, forward_with_cache, rotary_embeddings
 from mtp.model.attention import layer_mask
-
-HEAD_KINDS: dict[str, type["Head"]] = {}
-
-
-def register_head(name: str):
-    def wrap(cls):
-        cls.kind = name
-        HEAD_KINDS[name] = cls
-        return cls
-    return wrap
-
+from mtp.model.registry import register_head
+from mtp.model.trunk import decoder_stack, final_norm
 
 class Head(nn.Module):
     kind = ""
@@ -96,39 +87,13 @@ class SequentialMLPHead(Head):
         return h
 
 
-def _decoder(backbone):
-    return backbone.get_decoder()
-
-
-_NORM_NAMES = ("norm", "final_layernorm", "ln_f", "final_norm")
-
-
-def final_norm(backbone) -> nn.Module:
-    """The norm applied before the unembedding, found on the decoder stack."""
-    decoder = _decoder(backbone)
-    for name in _NORM_NAMES:
-        module = getattr(decoder, name, None)
-        if isinstance(module, nn.Module):
-            return module
-    raise UserError(f"{type(backbone).__name__}: cannot find the final norm before the unembedding")
-
-
-def unembed(backbone, hidden: torch.Tensor, normed: bool = False) -> torch.Tensor:
-    """The backbone's shared output path: final norm (unless applied), unembedding, soft-capping. (..., H) -> (..., V)"""
-    if not normed:
-        hidden = final_norm(backbone)(hidden)
-    logits = backbone.get_output_embeddings()(hidden)
-    cap = getattr(backbone.config, "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap else logits
-
-
 @register_head("transformer")
 class TransformerHead(Head):
     """One decoder layer of the backbone's architecture with its own (single-layer) config."""
 
     def __init__(self, backbone, init_from_last: bool = True, **_):
         super().__init__()
-        decoder = _decoder(backbone)
+        decoder = decoder_stack(backbone)
         last = decoder.layers[-1]
         config = copy.deepcopy(backbone.config)
         self.layer_type = (getattr(config, "layer_types", None) or ["full_attention"])[-1]
@@ -175,42 +140,12 @@ def parse_tap(tap: str, n_layers: int) -> tuple[str, int | None]:
     """``last`` | ``final`` (the last layer's output after the final norm: Medusa's own graph, whose heads
     then go to the unembedding without another norm; what vLLM's ``medusa`` runs) | ``layer:i`` (0 =
     embeddings, n_layers = last) | ``whs``."""
-    if tap in ("last", "whs", "final"):
+    i = tap_layer(tap)
+    if i is None:
         return tap, None
-    if tap.startswith("layer:"):
-        try:
-            i = int(tap.split(":", 1)[1])
-        except ValueError:
-            i = -1
-        if 0 <= i <= n_layers:
-            return "layer", i
-        raise UserError(f"tap {tap!r}: the layer must be 0..{n_layers} (0 = embeddings)")
-    raise UserError(f"unknown tap {tap!r}: use last, final, layer:I or whs")
-
-
-@contextlib.contextmanager
-def capture_hidden(backbone, layers: list[int]):
-    """Record the residual stream before the final norm: index 0 = embeddings, i = output of layer i.
-
-    Forward hooks on the backbone's own decoder layers, so every architecture works unchanged, and
-    gradients flow through the recorded tensors in joint training.
-    """
-    decoder = _decoder(backbone)
-    store: dict[int, torch.Tensor] = {}
-    handles = []
-    if 0 in layers:
-        handles.append(decoder.layers[0].register_forward_pre_hook(
-            lambda mod, args, kwargs: store.__setitem__(0, args[0] if args else kwargs["hidden_states"]),
-            with_kwargs=True))
-    for i in layers:
-        if i > 0:
-            handles.append(decoder.layers[i - 1].register_forward_hook(
-                lambda mod, args, out, i=i: store.__setitem__(i, out[0] if isinstance(out, tuple) else out)))
-    try:
-        yield store
-    finally:
-        for handle in handles:
-            handle.remove()
+    if 0 <= i <= n_layers:
+        return "layer", i
+    raise UserError(f"tap {tap!r}: the layer must be 0..{n_layers} (0 = embeddings)")
 
 
 def whs_init(n_states: int) -> torch.Tensor:
@@ -250,6 +185,3 @@ class TappedHead(nn.Module):
     @property
     def body_dtype(self) -> torch.dtype:
         return next(self.body.parameters()).dtype
-
-
-from mtp.model import eagle3 as _eagle3  # noqa: E402,F401  (registers the ``eagle3`` kind; it builds on Head)

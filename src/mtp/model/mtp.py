@@ -19,65 +19,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mtp.config import DTYPE_NAMES
 from mtp.errors import UserError
-from mtp.heads_format import (HeadsWeights, check_head_count, load_heads_weights, parse_heads_config,
+from mtp.heads_format import (HeadsConfig, HeadsWeights, check_head_count, load_heads_weights, parse_heads_config,
                               read_heads_config, write_heads_folder)
 from mtp.hf_compat import first_layers, forward_with_cache
-from mtp.model.heads import HEAD_KINDS, TappedHead, capture_hidden, final_norm, parse_tap, unembed
+from mtp.model import HEAD_KINDS
+from mtp.model.heads import TappedHead, parse_tap
+from mtp.model.trunk import capture_hidden, final_norm, unembed
 
 _FINGERPRINT_POINTS = 64
-MAX_HEADS = 64
-"""More heads than anyone trains (Meta: 4 to 8, Medusa: 5, EAGLE-3: a handful of draft steps): a bound that
-keeps a corrupt config from building a model that does not fit in memory."""
-
-
-@dataclass
-class HeadsConfig:
-    """What a head set is; stored as config.json beside the weights."""
-
-    backbone: str
-    """The backbone it was trained on: built-in name, HF folder or .gguf file."""
-    n_heads: int = 4
-    """Heads beyond the backbone's own: head k predicts x_{t+1+k}, k = 1 .. n_heads."""
-    kind: str = "mlp"
-    tap: str = "last"
-    """last | layer:I | whs."""
-    mlp_layers: int = 1
-    """Residual blocks per mlp head."""
-    init_from_last: bool = True
-    """transformer heads start as copies of the backbone's last layer."""
-    dtype: str = "float32"
-    trained_backbone: str = "none"
-    """none (frozen) | full | lora: which backbone weights are stored with the heads."""
-    lora: dict = field(default_factory=dict)
-    eagle_layers: list[int] = field(default_factory=list)
-    """eagle3: the three target layers whose inputs the head fuses (0 = embeddings); empty = (2, L//2, L-3)."""
-    draft_vocab: int = 0
-    """eagle3: size of the head's draft vocabulary (its lm_head rows; d2t maps them to target ids)."""
-    recipe: dict = field(default_factory=dict)
-    """How the heads were trained (the command, data, steps, ...)."""
-
-    def __post_init__(self):
-        if self.kind not in HEAD_KINDS:
-            raise UserError(f"unknown head kind {self.kind!r}: use one of {', '.join(HEAD_KINDS)}")
-        if not 0 <= self.n_heads <= MAX_HEADS:  # 0: a next-token-only model (NTP pretraining, a converted n = 1)
-            raise UserError(f"the number of heads must be >= 0 and at most {MAX_HEADS}, got {self.n_heads}")
-        if self.mlp_layers < 1:
-            raise UserError(f"--mlp-layers must be at least 1, got {self.mlp_layers}")
-        if self.trained_backbone not in ("none", "full", "lora"):
-            raise UserError(f"trained_backbone must be none, full or lora, got {self.trained_backbone!r}")
-        if self.dtype not in DTYPE_NAMES:
-            raise UserError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
-        if not self.backbone:
-            raise UserError("backbone must name the backbone the heads were trained on, got ''")
-        if self.draft_vocab < 0 or any(x < 0 for x in self.eagle_layers):
-            raise UserError(f"draft_vocab and eagle_layers must be >= 0, got {self.draft_vocab} and "
-                            f"{self.eagle_layers}")
-        if self.kind == "eagle3" and self.trained_backbone != "none":
-            raise UserError("eagle3 heads draft for an unchanged target: train them with --mode frozen")
-
-
 def unembedding_fingerprint(backbone) -> dict:
     """A few unembedding values at fixed places, with its shape: enough to tell backbones apart."""
     w = backbone.get_output_embeddings().weight

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from mtp.config import decay_factor
 from mtp.errors import UserError
 
 IGNORE = -100
@@ -34,18 +35,8 @@ def head_targets(input_ids: torch.Tensor, k: int, loss_mask: torch.Tensor | None
 
 def head_weights(n_heads: int, ntp_weight: float = 1.0, schedule: str = "constant") -> list[float]:
     """[w_0 (next token), w_1, ..., w_n]: ``constant`` (all 1) or ``decay:G`` (w_k = G**k, Medusa uses 0.8)."""
-    if schedule == "constant":
-        ws = [1.0] * n_heads
-    elif schedule.startswith("decay:"):
-        try:
-            g = float(schedule.split(":", 1)[1])
-        except ValueError:
-            g = -1.0
-        if not 0 < g <= 1:
-            raise UserError(f"head weight schedule {schedule!r}: decay:G needs 0 < G <= 1")
-        ws = [g ** k for k in range(1, n_heads + 1)]
-    else:
-        raise UserError(f"unknown head weight schedule {schedule!r}: use constant or decay:G (e.g. decay:0.8)")
+    g = decay_factor(schedule)
+    ws = [1.0] * n_heads if g is None else [g ** k for k in range(1, n_heads + 1)]
     if ntp_weight < 0:
         raise UserError(f"the next-token loss weight must be >= 0, got {ntp_weight}")
     return [ntp_weight] + ws

@@ -404,7 +404,7 @@ def train(cfg: TrainConfig, progress: bool = True, command: str = "") -> dict:
     counts = target_counts(blocks, masks, backbone.get_output_embeddings().weight.shape[0])
     auto = None
     if cfg.kind == "eagle3" and cfg.eagle_layers == "auto":
-        from mtp.model.eagle3 import auto_layers
+        from mtp.training.eagle_layers import auto_layers
 
         if meta is not None:  # a resumed run keeps the layers it started with
             from mtp.heads_format import read_heads_config
@@ -536,6 +536,8 @@ def train(cfg: TrainConfig, progress: bool = True, command: str = "") -> dict:
                               dtype=DTYPES[cfg.save_dtype] if cfg.save_dtype else None)
     if ddp.world > 1:
         dist.barrier()
+    if not ddp.main:  # one result per run, rank 0's: the other ranks print nothing
+        return {"out": str(out), "steps": step}
     return {"out": str(out), "steps": step, "heads": str(out / "heads")}
 
 
