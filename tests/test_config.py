@@ -22,15 +22,41 @@ REQUIRED = {"generate": ["hello"], "distill": ["--out", "x.jsonl"], "convert": [
             "export": ["--out", "o"], "compare": ["a=b.json"]}
 
 
+def _defaults_as_flags(cls, skip) -> list[str]:
+    """Every command-line field's declared default written out as the user would type it (a default of None or
+    of an empty list has no spelling and is left out)."""
+    import typing
+
+    hints, argv = typing.get_type_hints(cls), []
+    for f in dataclasses.fields(cls):
+        default = C.default_of(f)
+        base, is_list, _ = C.field_type(hints[f.name])
+        if f.name in skip or not f.metadata.get("cli", True) or default is None or (is_list and not default):
+            continue
+        values = default if is_list else [default]
+        if f.metadata.get("positional"):
+            argv += [str(v) for v in values]
+        elif base is bool:
+            argv.append(C.flag_of(f) if default else "--no-" + C.flag_of(f)[2:])
+        else:
+            for v in values:
+                argv += [C.flag_of(f), str(v)]
+    return argv
+
+
 @pytest.mark.parametrize("name", list(COMMANDS))
-def test_defaults_come_from_the_config(name):
-    """Parsing only the required arguments gives the dataclass's own defaults: no default is written twice."""
+def test_defaults_come_from_the_config_and_survive_being_typed(name):
+    """Parsing only the required arguments gives the dataclass's own defaults (no default is written twice),
+    and typing every default out as its flag (--x 3, --no-y, --z a --z b, a positional) gives the very same
+    config: each flag is wired to its field, parses its type, and each default passes the config's own checks
+    and normalizes to itself."""
     cmd = COMMANDS[name]
     argv = name.split() + REQUIRED.get(name, [])
     cfg = parse(argv)
     assert isinstance(cfg, cmd.config)
+    skip = ("prompt", "out", "checkpoint", "results")  # given by REQUIRED
     for f in dataclasses.fields(cfg):
-        if f.name in ("prompt", "out", "checkpoint", "results"):
+        if f.name in skip:
             continue
         expected = C.default_of(f)
         if isinstance(expected, list) and f.name in ("methods", "ngram_modes", "mtp_methods"):
@@ -38,6 +64,13 @@ def test_defaults_come_from_the_config(name):
         if f.name == "top_p" and isinstance(expected, list):
             expected = sorted(set(expected), reverse=True)
         assert getattr(cfg, f.name) == expected, (name, f.name)
+    typed = argv + _defaults_as_flags(cmd.config, skip)
+    assert len(typed) > len(argv), typed
+    try:
+        explicit = parse(typed)
+    except SystemExit:
+        pytest.fail(f"the defaults typed as flags are refused: mtp {' '.join(typed)}")
+    assert dataclasses.asdict(explicit) == dataclasses.asdict(cfg), typed
 
 
 @pytest.mark.parametrize("name", list(COMMANDS))

@@ -5,14 +5,14 @@ import pytest
 import torch
 
 from mtp.decode.accept import Sampling
-from mtp.decode.engine import Decoder, Request
+from mtp.decode.engine import SpeculativeDecoder, Request
 from tests.conftest import tiny_model
 from tests.test_decode import PROMPTS, Tok, methods, reference_greedy, with_heads
 
 LATE = [[1, 3, 3, 8, 40, 41], [1, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61], [1, 12]]
 
 
-def run_schedule(dec: Decoder, n: int = 18):
+def run_schedule(dec: SpeculativeDecoder, n: int = 18):
     """PROMPTS start together; LATE[0] joins after 2 steps, LATE[1:] after 4; the first row is cancelled after
     3 steps; finished rows leave at once. Returns {prompt index: tokens} of the rows that finished."""
     everything = PROMPTS + LATE
@@ -54,7 +54,7 @@ def test_rows_that_join_and_leave_decode_what_they_decode_alone(kind):
     everything = PROMPTS + LATE
     refs = [reference_greedy(model, p, 18) for p in everything]
     for name, proposer in methods(heads).items():
-        dec = Decoder(model, Tok(), heads=heads, proposer=proposer)
+        dec = SpeculativeDecoder(model, Tok(), mtp_model=heads, proposer=proposer)
         done = run_schedule(dec)
         assert 0 not in done, name  # cancelled before its end
         assert sorted(done) == [1, 2, 3, 4, 5], name
@@ -70,7 +70,7 @@ def test_sliding_window_model_and_compaction():
     heads = with_heads(model, "mlp")
     everything = PROMPTS + LATE
     refs = [reference_greedy(model, p, 18) for p in everything]
-    dec = Decoder(model, Tok(), heads=heads, proposer=methods(heads)["tree"])
+    dec = SpeculativeDecoder(model, Tok(), mtp_model=heads, proposer=methods(heads)["tree"])
     done = run_schedule(dec)
     for i, tokens in done.items():
         assert tokens == refs[i], i
@@ -105,7 +105,7 @@ def test_rows_sample_with_their_own_seed_and_greedy_rows_stay_greedy():
     hot = Sampling(temperature=1.0, top_p=0.9)
 
     def sampled(with_others: bool):
-        dec = Decoder(model, Tok(), heads=heads, proposer=methods(heads)["tree"])
+        dec = SpeculativeDecoder(model, Tok(), mtp_model=heads, proposer=methods(heads)["tree"])
         rows = [Request(PROMPTS[1], 12, frozenset(), sampling=hot, generator=torch.Generator().manual_seed(7))]
         if with_others:
             rows = [Request(PROMPTS[0], 12, frozenset()), *rows,
@@ -123,14 +123,14 @@ def test_rows_sample_with_their_own_seed_and_greedy_rows_stay_greedy():
 
 def test_decoding_outside_a_session_is_refused():
     model = tiny_model("llama", vocab=64)
-    dec = Decoder(model, Tok())
+    dec = SpeculativeDecoder(model, Tok())
     with pytest.raises(RuntimeError, match="session"):
         dec.add([Request(PROMPTS[0], 4)])
 
 
 def test_a_step_over_rows_that_are_all_done_emits_nothing():
     model = tiny_model("llama", vocab=64)
-    dec = Decoder(model, Tok())
+    dec = SpeculativeDecoder(model, Tok())
     with dec.session():
         dec.add([Request(PROMPTS[0], 1, frozenset()), Request(PROMPTS[1], 1, frozenset())])
         assert all(dec.done)

@@ -5,7 +5,7 @@ import torch
 
 from mtp.config import DraftOptions
 from mtp.decode.accept import Sampling, accept_greedy, accept_sample
-from mtp.decode.engine import Decoder
+from mtp.decode.engine import SpeculativeDecoder
 from mtp.decode.proposers import (DynamicTreeProposer, EarlyExitProposer, LookupProposer, PlainProposer, Proposer,
                                   TreeProposer, UnionProposer, blockwise)
 from mtp.decode.tree import Draft, chain_tree, compile_tree, tree_from_accuracy
@@ -65,7 +65,7 @@ def test_every_method_reproduces_plain_greedy_in_a_batch(arch, kind):
     heads = with_heads(model, kind)
     refs = [reference_greedy(model, p, 24) for p in PROMPTS]
     for name, proposer in methods(heads).items():
-        dec = Decoder(model, Tok(), heads=heads, proposer=proposer)
+        dec = SpeculativeDecoder(model, Tok(), mtp_model=heads, proposer=proposer)
         out = dec.generate(PROMPTS, max_new_tokens=24, eos_token_ids=[])
         for row, ref in zip(out.rows, refs):
             assert row.tokens == ref, (arch, kind, name)
@@ -80,7 +80,7 @@ def test_stops_at_eos_per_row():
     refs = [reference_greedy(model, p, 24) for p in PROMPTS]
     eos = refs[0][5]  # a token the first row emits: it must stop there, the others when they emit it
     for proposer in (PlainProposer(), blockwise(3), DynamicTreeProposer(nodes=8, top_k=3)):
-        out = Decoder(model, Tok(), heads=heads, proposer=proposer).generate(PROMPTS, 24, eos_token_ids=[eos])
+        out = SpeculativeDecoder(model, Tok(), mtp_model=heads, proposer=proposer).generate(PROMPTS, 24, eos_token_ids=[eos])
         for row, prompt in zip(out.rows, PROMPTS):
             expect = reference_greedy(model, prompt, 24, eos=eos)
             assert row.tokens == expect
@@ -92,7 +92,7 @@ def test_stop_strings_and_streaming():
     ref = reference_greedy(model, PROMPTS[0], 20)
     stop = Tok().decode(ref[6:8])
     streamed = []
-    out = Decoder(model, Tok(), heads=with_heads(model), proposer=blockwise(3)).generate(
+    out = SpeculativeDecoder(model, Tok(), mtp_model=with_heads(model), proposer=blockwise(3)).generate(
         PROMPTS[:1], 20, eos_token_ids=[], stop_strings=[stop], callback=lambda row, toks: streamed.extend(toks))
     row = out.rows[0]
     assert row.finish == "stop" and stop in Tok().decode(row.tokens)
@@ -122,19 +122,20 @@ class Oracle(Proposer):
 def test_stub_acceptance(mode, tau_range):
     model = tiny_model("llama", vocab=64)
     ref = reference_greedy(model, PROMPTS[0], 60)
-    out = Decoder(model, Tok(), proposer=Oracle(ref, mode)).generate(PROMPTS[:1], 40, eos_token_ids=[])
+    out = SpeculativeDecoder(model, Tok(), proposer=Oracle(ref, mode)).generate(PROMPTS[:1], 40, eos_token_ids=[])
     row = out.rows[0]
     assert row.tokens == ref[:40]
     per_step = row.accepted[:-1]  # the last step may be cut by max new tokens
     expect = {"always": 5, "never": 1, "partial": 3}[mode]
     assert all(a == expect for a in per_step)
-    assert tau_range[0] <= row.tau <= tau_range[1] or mode == "never" and row.tau == 1.0
+    tau = row.acceptance_length
+    assert tau_range[0] <= tau <= tau_range[1] or mode == "never" and tau == 1.0
 
 
 def test_cache_after_commit_equals_recomputed_cache():
     model = tiny_model("qwen2", vocab=64)
     heads = with_heads(model)
-    dec = Decoder(model, Tok(), heads=heads, proposer=DynamicTreeProposer(nodes=8, top_k=3))
+    dec = SpeculativeDecoder(model, Tok(), mtp_model=heads, proposer=DynamicTreeProposer(nodes=8, top_k=3))
     out = dec.generate(PROMPTS, 16, eos_token_ids=[])
     for i, (prompt, row) in enumerate(zip(PROMPTS, out.rows)):
         committed = prompt + row.tokens[:-1]  # the last root is not in the cache yet
@@ -228,18 +229,18 @@ def test_sampling_is_reproducible_under_a_fixed_seed():
     model = tiny_model("llama", vocab=64)
     heads = with_heads(model)
     s = Sampling(temperature=0.8, top_k=20, top_p=0.95)
-    dec = Decoder(model, Tok(), heads=heads, proposer=blockwise(3), sampling=s, seed=5)
+    dec = SpeculativeDecoder(model, Tok(), mtp_model=heads, proposer=blockwise(3), sampling=s, seed=5)
     a = dec.generate(PROMPTS, 16, [])
-    b = Decoder(model, Tok(), heads=heads, proposer=blockwise(3), sampling=s, seed=5).generate(PROMPTS, 16, [])
+    b = SpeculativeDecoder(model, Tok(), mtp_model=heads, proposer=blockwise(3), sampling=s, seed=5).generate(PROMPTS, 16, [])
     again = dec.generate(PROMPTS, 16, [])
-    other = Decoder(model, Tok(), heads=heads, proposer=blockwise(3), sampling=s, seed=6).generate(PROMPTS, 16, [])
+    other = SpeculativeDecoder(model, Tok(), mtp_model=heads, proposer=blockwise(3), sampling=s, seed=6).generate(PROMPTS, 16, [])
     assert [r.tokens for r in a.rows] == [r.tokens for r in b.rows] == [r.tokens for r in again.rows]
     assert [r.tokens for r in a.rows] != [r.tokens for r in other.rows]
 
 
 def test_bad_generation_input():
     model = tiny_model("llama", vocab=64)
-    dec = Decoder(model, Tok())
+    dec = SpeculativeDecoder(model, Tok())
     with pytest.raises(UserError, match="empty prompt"):
         dec.generate([[]], 4)
     with pytest.raises(UserError, match=">= 1"):
@@ -249,7 +250,7 @@ def test_bad_generation_input():
     with pytest.raises(UserError, match="temperature"):
         Sampling(temperature=-1)
     with pytest.raises(UserError, match="heads"):
-        Decoder(model, Tok(), proposer=blockwise(2))
+        SpeculativeDecoder(model, Tok(), proposer=blockwise(2))
 
 
 # ----------------------------------------------------------------------------- command line
@@ -426,17 +427,29 @@ def test_typical_acceptance_runs_and_accepts_confident_drafts():
     below on hand-made distributions.)"""
     model = tiny_model("llama", vocab=64)
     ref = reference_greedy(model, PROMPTS[0], 60)
-    out = Decoder(model, Tok(), proposer=Oracle(ref, "always"), acceptance="typical").generate(
+    out = SpeculativeDecoder(model, Tok(), proposer=Oracle(ref, "always"), acceptance="typical").generate(
         PROMPTS[:1], 40, eos_token_ids=[])
     row = out.rows[0]
     assert row.tokens == ref[:40]
     assert row.accepted[:-1] == [5] * (len(row.accepted) - 1)  # 4 drafted + the next root, every step
-    out = Decoder(model, Tok(), proposer=Oracle(ref, "always"), sampling=Sampling(temperature=0.7),
+
+    class GreedyOracle(Proposer):
+        """Drafts the backbone's greedy continuation of the row as it stands (full forwards)."""
+
+        def propose(self, state):
+            return Draft.chain(torch.tensor([reference_greedy(model, state.sequences()[0], 4)]))
+
+    # Sampled: drafts of the argmax continuation of the row as sampled so far (the argmax always passes the
+    # rule) are accepted whole at every step: 1 token from the prefill, then 5 per step (the last step cut to
+    # 4 by max_new_tokens), so tau = 30 tokens / 7 backbone forwards exactly.
+    out = SpeculativeDecoder(model, Tok(), proposer=GreedyOracle(), sampling=Sampling(temperature=0.7),
                   acceptance="typical", seed=3).generate(PROMPTS[:1], 30, eos_token_ids=[])
     row = out.rows[0]
-    assert len(row.tokens) == 30 and row.tau >= 1.0
+    assert len(row.tokens) == 30 and row.accepted == [5, 5, 5, 5, 5, 4]
+    assert row.tokens != ref[:30]  # the roots were sampled, not the greedy continuation
+    assert row.acceptance_length == len(row.tokens) / (1 + len(row.accepted)) == 30 / 7
     with pytest.raises(UserError, match="acceptance"):
-        Decoder(model, Tok(), acceptance="fast")
+        SpeculativeDecoder(model, Tok(), acceptance="fast")
 
 
 def _typical_threshold(probs, epsilon=0.09, delta=None):
@@ -552,8 +565,8 @@ def test_hybrid_is_sized_from_the_verify_cost(monkeypatch):
     monkeypatch.setattr(run, "cached_verify_cost", lambda name, backbone: asked.append(name) or flat_then_steep)
     model = tiny_model("llama", vocab=64)
     dec, info = run.build_decoder(model, Tok(), with_heads(model, n=4), None, "tiny", "hybrid")
-    assert asked == ["tiny"] and info["nodes"] + 1 + info["lookup_draft_len"] <= 8
-    assert "lookup chain included" in info["nodes_from"]
+    assert asked == ["tiny"] and info.nodes + 1 + info.lookup_draft_len <= 8
+    assert "lookup chain included" in info.as_dict()["nodes_from"]
 
 
 
@@ -596,8 +609,8 @@ def test_drafts_are_resized_for_the_batch_a_call_brings(monkeypatch):
     one = dec.proposer.tree.size
     prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[0]]
     out = dec.generate(prompts, 12, eos_token_ids=[])
-    assert dec.proposer.tree.size < one == info["nodes"]
-    plain = Decoder(model, Tok()).generate(prompts, 12, eos_token_ids=[])
+    assert dec.proposer.tree.size < one == info.nodes
+    plain = SpeculativeDecoder(model, Tok()).generate(prompts, 12, eos_token_ids=[])
     assert [r.tokens for r in out.rows] == [r.tokens for r in plain.rows]
     dec.generate([PROMPTS[0]], 4, eos_token_ids=[])
     assert dec.proposer.tree.size == one  # batch 1 again: its own size
@@ -702,13 +715,13 @@ def test_adaptive_methods_reproduce_plain_greedy(monkeypatch):
     refs = [reference_greedy(model, p, 40) for p in PROMPTS]
     for method in ("blockwise", "tree", "hybrid"):
         dec, info = run.build_decoder(model, Tok(), heads, None, "tiny", method, DraftOptions(adapt=True))
-        assert "adaptive" in info
+        assert info.adaptive
         out = dec.generate(PROMPTS, max_new_tokens=40, eos_token_ids=[])
         assert [r.tokens for r in out.rows] == refs, method
         sizes = run.adaptive_sizes(dec)
         assert sizes["resizings"] >= 1 and sizes["observed_steps"] > 0
         static, info = run.build_decoder(model, Tok(), heads, None, "tiny", method)
-        assert "adaptive" not in info and run.adaptive_sizes(static) is None
+        assert info.adaptive is None and run.adaptive_sizes(static) is None
         assert not isinstance(static.proposer, AdaptiveTreeProposer)
 
 
@@ -720,7 +733,7 @@ def test_only_the_heads_a_draft_reads_run():
     for proposer, runs in ((blockwise(2), 2), (TreeProposer(compile_tree([(0,), (1,)])), 1),
                            (UnionProposer([blockwise(1), LookupProposer(3)]), 1), (LookupProposer(3), 0),
                            (DynamicTreeProposer(nodes=6, top_k=2), 3)):
-        dec = Decoder(model, Tok(), heads=heads, proposer=proposer)
+        dec = SpeculativeDecoder(model, Tok(), mtp_model=heads, proposer=proposer)
         assert dec.n_run == runs
         out = dec.generate(PROMPTS, max_new_tokens=20, eos_token_ids=[])
         assert [r.tokens for r in out.rows] == refs
@@ -771,8 +784,8 @@ def test_sequential_dynamic_tree_is_prefix_closed_and_best_first():
     class S:
         batch, device, root, sequential_heads = 2, torch.device("cpu"), torch.tensor([3, 4]), True
 
-        class heads:
-            n_heads = depth
+        class mtp:
+            draft_depth = depth
 
         @staticmethod
         def head_logprobs(d, prev):  # (B, F, d) -> (B, F, 12), each path's own distribution
@@ -846,10 +859,10 @@ def test_hybrid_chain_is_longer_on_a_flat_verify_curve():
     flat = {k: 1.0 + 0.01 * k for k in (1, 2, 4, 8, 16, 32)}
     steep = {k: float(k) for k in (1, 2, 4, 8, 16, 32)}
     assert hybrid_chain_len(flat) == 8 and hybrid_chain_len(steep) == 4 and hybrid_chain_len(None) == 4
-    _, info = make_proposer("hybrid", DraftOptions(nodes=3), n_heads=2, cost=flat)
-    assert info["lookup_draft_len"] == 8
-    _, info = make_proposer("hybrid", DraftOptions(nodes=3, draft_len=5), n_heads=2, cost=flat)  # asked for: kept
-    assert info["lookup_draft_len"] == 5
+    _, info = make_proposer("hybrid", DraftOptions(nodes=3), depth=2, cost=flat)
+    assert info.lookup_draft_len == 8
+    _, info = make_proposer("hybrid", DraftOptions(nodes=3, draft_len=5), depth=2, cost=flat)  # asked for: kept
+    assert info.lookup_draft_len == 5
 
 
 def test_compare_adaptive_refuses_sequential_heads(tiny_folder, capsys, tmp_path):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mtp.decode.engine import Decoder
+from mtp.decode.engine import SpeculativeDecoder
 from mtp.decode.proposers import DynamicTreeProposer, TreeProposer, blockwise
 from mtp.decode.run import draft_shortlist
 from mtp.decode.tree import compile_tree
@@ -21,7 +21,7 @@ def test_shortlisted_drafts_reproduce_plain_greedy(kind):
     shortlist = torch.tensor(sorted(set(range(0, 64, 2)) | set(refs[0][:4])))
     tree = TreeProposer(compile_tree([(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)]))
     for proposer in (blockwise(3), tree, DynamicTreeProposer(nodes=10, top_k=3)):
-        dec = Decoder(model, Tok(), heads=heads, proposer=proposer, draft_vocab=shortlist)
+        dec = SpeculativeDecoder(model, Tok(), mtp_model=heads, proposer=proposer, draft_vocab=shortlist)
         out = dec.generate(PROMPTS, max_new_tokens=24, eos_token_ids=[])
         assert [r.tokens for r in out.rows] == refs, proposer.name
 
@@ -30,7 +30,7 @@ def test_shortlisted_logits_equal_the_full_ones_on_the_shortlist():
     model = tiny_model("llama", vocab=64)
     heads = with_heads(model)
     shortlist = torch.tensor([0, 3, 5, 17, 40, 63])
-    dec = Decoder(model, Tok(), heads=heads, proposer=blockwise(3), draft_vocab=shortlist)
+    dec = SpeculativeDecoder(model, Tok(), mtp_model=heads, proposer=blockwise(3), draft_vocab=shortlist)
     hidden = torch.randn(2, 3, model.config.hidden_size, dtype=torch.float64)
     full, short = heads.logits(hidden), dec._head_logits(hidden)
     assert torch.allclose(short[..., shortlist], full[..., shortlist])

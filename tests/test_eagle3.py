@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mtp.decode.engine import Decoder
+from mtp.decode.engine import SpeculativeDecoder
 from mtp.decode.proposers import DynamicTreeProposer, Proposer, TreeProposer, blockwise
 from mtp.decode.tree import compile_tree
 from mtp.errors import UserError
@@ -118,7 +118,7 @@ def test_engine_drafts_the_reference_chain_at_every_step():
     model = tiny_model("llama", vocab=64)
     heads = eagle_heads(model)
     rec = Recorder(blockwise(3))
-    Decoder(model, Tok(), heads=heads, proposer=rec).generate(PROMPTS, max_new_tokens=12, eos_token_ids=[])
+    SpeculativeDecoder(model, Tok(), mtp_model=heads, proposer=rec).generate(PROMPTS, max_new_tokens=12, eos_token_ids=[])
     assert rec.drafts
     for seqs, tokens, _ in rec.drafts:
         for row, seq in enumerate(seqs):
@@ -168,10 +168,10 @@ def test_trained_eagle_drafts_accept_and_stay_token_identical(trained, proposer)
     model, heads, prompts = trained
     prompts = [p[:3] for p in prompts[:3]] + [prompts[3]]
     refs = [reference_greedy(model, p, 24) for p in prompts]
-    out = Decoder(model, Tok(), heads=heads, proposer=proposer).generate(prompts, max_new_tokens=24,
+    out = SpeculativeDecoder(model, Tok(), mtp_model=heads, proposer=proposer).generate(prompts, max_new_tokens=24,
                                                                         eos_token_ids=[])
     assert [r.tokens for r in out.rows] == refs
-    assert sum(r.tau for r in out.rows) / len(refs) > 1.5  # the drafts are used, not just harmless
+    assert sum(r.acceptance_length for r in out.rows) / len(refs) > 1.5  # the drafts are used, not just harmless
 
 
 def test_save_load_round_trip_is_bit_exact(tmp_path):

@@ -143,3 +143,18 @@ def test_draft_vocabulary_is_the_optimum_of_its_model(per_row, coverage_drop):
     assert pick["draft_vocab"] == best and pick["predicted_speedup"] == pytest.approx(speed(best), abs=2e-3)
     assert (best < full) == (per_row > 1e-8)
     assert pick["measured"][str(small)]["predicted_accept_a"] == pytest.approx(a * cover[small])
+
+
+def test_engines_status_lists_the_settings_measured_on_this_cpu(tmp_path, monkeypatch):
+    from mtp.engines import llamacpp
+    from mtp.engines.setup import measured_settings
+
+    monkeypatch.setenv("MTP_CACHE", str(tmp_path / "cache"))
+    target, draft = tmp_path / "target.gguf", tmp_path / "eagle3-draft.gguf"
+    target.write_bytes(b"target")
+    draft.write_bytes(b"draft")
+    good = synthetic(t1=0.0375, per_token=0.006, draft_token=0.002, overhead=0.001, a=0.7, b=0.8)
+    policy.save_cached(target, draft, 2, good, {"cpu": llamacpp.cpu_signature(), "threads": 2,
+                                                "target": str(target), "draft": str(draft)})
+    lines = measured_settings()
+    assert len(lines) == 1 and "target.gguf" in lines[0] and "--spec-draft-n-max" in lines[0], lines

@@ -54,21 +54,21 @@ def test_mtp_rows_in_the_engine_benchmark_are_lossless_and_consistent(tiny_folde
     import mtp.decode.run as run
     from mtp.backbones import load_backbone
     from mtp.bench.engine import run_mtp
-    from mtp.decode.engine import Decoder
+    from mtp.decode.engine import SpeculativeDecoder
     from mtp.model.mtp import HeadsConfig, MTPModel
 
     monkeypatch.setattr(run, "cached_verify_cost", lambda name, backbone: {k: 1.0 for k in (1, 2, 4, 8, 16)})
     backbone, _ = load_backbone(str(tiny_folder))
     MTPModel(backbone, HeadsConfig(backbone=str(tiny_folder), n_heads=2, kind="mlp")).save_pretrained(tmp_path / "h")
     forwards = []
-    real_generate = Decoder.generate
+    real_generate = SpeculativeDecoder.generate
 
     def counting_generate(self, *a, **k):
         out = real_generate(self, *a, **k)
         forwards.append(out.rows[0].steps)
         return out
 
-    monkeypatch.setattr(Decoder, "generate", counting_generate)
+    monkeypatch.setattr(SpeculativeDecoder, "generate", counting_generate)
     cfg = SimpleNamespace(model=str(tiny_folder), heads=str(tmp_path / "h"), mtp_dtype="float32",
                           mtp_methods=["blockwise", "tree"], max_new_tokens=12)
     prompts = [[1, 5, 9, 13, 5, 9], [1, 30, 31]]

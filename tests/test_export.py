@@ -247,7 +247,7 @@ def test_vllm_medusa_semantics_reading_the_export_match_mtp_heads(tmp_path):
 
 
 def test_final_tap_heads_decode_token_identical():
-    from mtp.decode.engine import Decoder
+    from mtp.decode.engine import SpeculativeDecoder
     from mtp.decode.proposers import TreeProposer, blockwise
     from mtp.decode.tree import compile_tree
     from tests.test_decode import PROMPTS, Tok, reference_greedy
@@ -256,7 +256,7 @@ def test_final_tap_heads_decode_token_identical():
     heads = final_tap_heads(model)
     refs = [reference_greedy(model, p, 16) for p in PROMPTS]
     for proposer in (blockwise(3), TreeProposer(compile_tree([(0,), (1,), (0, 0), (0, 0, 0)]))):
-        out = Decoder(model, Tok(), heads=heads, proposer=proposer).generate(PROMPTS, 16, eos_token_ids=[])
+        out = SpeculativeDecoder(model, Tok(), mtp_model=heads, proposer=proposer).generate(PROMPTS, 16, eos_token_ids=[])
         assert [r.tokens for r in out.rows] == refs
 
 

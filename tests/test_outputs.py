@@ -26,16 +26,16 @@ def test_report_files_are_not_replaced_unasked(tmp_path):
     report = tmp_path / "result.json"
     report.write_text('{"mine": 1}')
     with pytest.raises(UserError, match="--json .* already exists: .* --overwrite"):
-        BenchDecodeConfig(json=str(report))
-    BenchDecodeConfig(json=str(report), overwrite=True)
+        BenchDecodeConfig(json=str(report)).check_files()
+    BenchDecodeConfig(json=str(report), overwrite=True).check_files()
     (tmp_path / "plot.png").write_bytes(b"png")
     with pytest.raises(UserError, match="--plot .* already exists"):
-        BenchDecodeConfig(plot=str(tmp_path / "plot.png"))
+        BenchDecodeConfig(plot=str(tmp_path / "plot.png")).check_files()
     (tmp_path / "plots").mkdir()
     (tmp_path / "plots" / "lens.png").write_bytes(b"png")
     with pytest.raises(UserError, match="--out .*lens.png already exists"):
-        AnalyzeConfig(out=str(tmp_path / "plots"))
-    AnalyzeConfig(out=str(tmp_path / "plots"), overwrite=True)
+        AnalyzeConfig(out=str(tmp_path / "plots")).check_files()
+    AnalyzeConfig(out=str(tmp_path / "plots"), overwrite=True).check_files()
     assert report.read_text() == '{"mine": 1}'
 
 
@@ -169,3 +169,23 @@ def test_outputs_that_would_destroy_an_input_or_cannot_be_written(capsys, tmp_pa
     before = {p: p.read_bytes() for p in [*tmp_path.rglob("*"), *tiny_folder.iterdir()] if p.is_file()}
     one_line_error(capsys, argv, *fragments)
     assert {p: p.read_bytes() for p in [*tmp_path.rglob("*"), *tiny_folder.iterdir()] if p.is_file()} == before
+
+
+def test_building_a_config_reads_no_file(tmp_path, monkeypatch):
+    """Values are checked when a config is built; the file system only in check_files (a config rebuilt from a
+    saved run, or by dataclasses.replace, must not fail on outputs that now exist)."""
+    import pathlib
+
+    report = tmp_path / "result.json"
+    report.write_text("{}")
+    touched = []
+    for name in ("exists", "is_file", "is_dir", "resolve", "read_text"):
+        real = getattr(pathlib.Path, name)
+        monkeypatch.setattr(pathlib.Path, name,
+                            lambda self, *a, _real=real, **k: touched.append(self) or _real(self, *a, **k))
+    cfg = BenchDecodeConfig(json=str(report), tree=str(tmp_path / "tree.json"))
+    AnalyzeConfig(out=str(tmp_path), json=str(report))
+    assert touched == []
+    with pytest.raises(UserError, match="tree file .* does not exist"):
+        cfg.check_files()
+    assert touched

@@ -83,14 +83,14 @@ def test_tiny_pretraining_lowers_every_head_loss(corpus, tmp_path):
     assert len(acc) == 2 and all(len(r) == 10 for r in acc)
     assert [r[0] for r in acc] == pytest.approx([h["top1"] for h in result["heads"][1:]], abs=1e-4)
     # the trained model decodes with its own heads, identically to plain greedy
-    from mtp.decode.engine import Decoder
+    from mtp.decode.engine import SpeculativeDecoder
     from mtp.decode.proposers import PlainProposer, blockwise
     model = MTPModel.from_pretrained(tmp_path / "run" / "heads")
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(tmp_path / "run" / "init")
     prompt = [tok("def mean(values):\n", add_special_tokens=False)["input_ids"]]
-    plain = Decoder(model.backbone, tok, proposer=PlainProposer()).generate(prompt, 24, [])
-    spec = Decoder(model.backbone, tok, heads=model, proposer=blockwise(2)).generate(prompt, 24, [])
+    plain = SpeculativeDecoder(model.backbone, tok, proposer=PlainProposer()).generate(prompt, 24, [])
+    spec = SpeculativeDecoder(model.backbone, tok, mtp_model=model, proposer=blockwise(2)).generate(prompt, 24, [])
     assert spec.rows[0].tokens == plain.rows[0].tokens
 
 
@@ -246,7 +246,7 @@ def test_meta_layout_gives_identical_logits_per_head(tmp_path, fmt):
         assert torch.allclose(ours[k], ref[k], atol=1e-5), k
         assert (ours[k].argmax(-1) == ref[k].argmax(-1)).all()
     # and the engine decodes with the converted heads, identically to plain greedy
-    from mtp.decode.engine import Decoder
+    from mtp.decode.engine import SpeculativeDecoder
     from mtp.decode.proposers import PlainProposer, blockwise
 
     class Tok:
@@ -254,8 +254,8 @@ def test_meta_layout_gives_identical_logits_per_head(tmp_path, fmt):
 
         def decode(self, ids, skip_special_tokens=False):
             return ""
-    plain = Decoder(model.backbone, Tok(), proposer=PlainProposer()).generate([[3, 14, 15]], 16, [])
-    spec = Decoder(model.backbone, Tok(), heads=model, proposer=blockwise(2)).generate([[3, 14, 15]], 16, [])
+    plain = SpeculativeDecoder(model.backbone, Tok(), proposer=PlainProposer()).generate([[3, 14, 15]], 16, [])
+    spec = SpeculativeDecoder(model.backbone, Tok(), mtp_model=model, proposer=blockwise(2)).generate([[3, 14, 15]], 16, [])
     assert spec.rows[0].tokens == plain.rows[0].tokens
 
 

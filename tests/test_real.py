@@ -64,7 +64,7 @@ def test_shipped_heads_decode_like_plain_greedy(smollm2, which):
         outs[method] = dec.generate(prompts, 40, eos)
     for method in ("blockwise", "tree", "dynamic"):
         assert [r.tokens for r in outs[method].rows] == [r.tokens for r in outs["plain"].rows]
-        assert sum(r.tau for r in outs[method].rows) / 2 > 1.2  # the heads do accept tokens
+        assert sum(r.acceptance_length for r in outs[method].rows) / 2 > 1.2  # the heads do accept tokens
 
 
 def test_streamer_with_the_real_tokenizer(smollm2):

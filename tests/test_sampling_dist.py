@@ -13,7 +13,7 @@ import torch
 
 from mtp.decode import engine as engine_module
 from mtp.decode.accept import Accepted, Sampling, _path_to
-from mtp.decode.engine import Decoder
+from mtp.decode.engine import SpeculativeDecoder
 from mtp.decode.proposers import TreeProposer
 from mtp.decode.tree import compile_tree
 from tests.conftest import tiny_model
@@ -62,7 +62,7 @@ def engine_counts(model, heads, rows=ROWS, seeds=SEEDS):
     first_step = []
     batch = [PROMPTS[i % len(PROMPTS)] for i in range(rows * len(PROMPTS))]  # prompts interleaved in the batch
     for seed in seeds:
-        dec = Decoder(model, Tok(), heads=heads, proposer=TreeProposer(compile_tree(TREE)),
+        dec = SpeculativeDecoder(model, Tok(), mtp_model=heads, proposer=TreeProposer(compile_tree(TREE)),
                       sampling=Sampling(temperature=T, top_k=TOP_K), seed=seed)
         out = dec.generate(batch, max_new_tokens=4, eos_token_ids=[])
         for i, row in enumerate(out.rows):

@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from mtp.decode.engine import Decoder, Request
+from mtp.decode.engine import SpeculativeDecoder, Request
 from mtp.serve.protocol import ApiError
 from mtp.serve.scheduler import Job, Scheduler
 from tests.conftest import tiny_model
@@ -26,7 +26,7 @@ def run(coro):
 
 def test_jobs_finish_with_their_greedy_tokens_and_a_done_event():
     model = tiny_model("llama", vocab=64)
-    sched = Scheduler(Decoder(model, Tok()), max_batch=2, max_queue=4)
+    sched = Scheduler(SpeculativeDecoder(model, Tok()), max_batch=2, max_queue=4)
 
     async def main():
         loop = asyncio.get_running_loop()
@@ -48,7 +48,7 @@ def test_jobs_finish_with_their_greedy_tokens_and_a_done_event():
 
 def test_deadline_queue_limit_and_drain():
     model = tiny_model("llama", vocab=64)
-    sched = Scheduler(Decoder(model, Tok()), max_batch=1, max_queue=1)
+    sched = Scheduler(SpeculativeDecoder(model, Tok()), max_batch=1, max_queue=1)
 
     async def main():
         loop = asyncio.get_running_loop()
@@ -63,17 +63,19 @@ def test_deadline_queue_limit_and_drain():
         (kind, error), = [e for e in await events(expired) if e[0] != "tokens"]
         assert kind == "error" and error.code == "timeout"
         assert (await events(later))[-1] == ("done", "length")
-        long = Job(Request(PROMPTS[1], 400, frozenset()), loop, 60.0)
+        long = Job(Request(PROMPTS[1], 480, frozenset()), loop, 60.0)
         sched.submit(long)
-        await asyncio.sleep(0.05)
+        kind, first = await asyncio.wait_for(long.queue.get(), 30)
+        assert kind == "tokens"  # decoding, with hundreds of tokens still to go
         sched.drain(0.0)  # shutting down: no grace left
         with pytest.raises(ApiError) as refused:
             sched.submit(Job(Request(PROMPTS[2], 4, frozenset()), loop, 60.0))
         assert refused.value.status == 503
-        last = (await events(long))[-1]
-        assert last[0] in ("error", "done")
-        if last[0] == "error":
-            assert last[1].code == "shutting_down"
+        # no grace: the worker ends the running request before its next step (it cannot have finished)
+        evs = await events(long)
+        kind, error = evs[-1]
+        assert kind == "error" and (error.status, error.code) == (503, "shutting_down"), evs[-1]
+        assert len(first) + sum(len(v) for k, v in evs if k == "tokens") < 480
 
     try:
         run(main())
@@ -89,9 +91,9 @@ def test_a_failure_in_any_part_of_the_loop_fails_that_batch_only(monkeypatch, pa
     """An injected failure in a step or in a drop ends that batch with a 500 and the worker serves the next
     request, token for token plain greedy."""
     model = tiny_model("llama", vocab=64)
-    dec = Decoder(model, Tok())
+    dec = SpeculativeDecoder(model, Tok())
     sched = Scheduler(dec, max_batch=4, max_queue=4)
-    real, calls = getattr(Decoder, part), {"n": 0}
+    real, calls = getattr(SpeculativeDecoder, part), {"n": 0}
 
     def flaky(self, *args):
         calls["n"] += 1
@@ -99,7 +101,7 @@ def test_a_failure_in_any_part_of_the_loop_fails_that_batch_only(monkeypatch, pa
             raise RuntimeError("injected")
         return real(self, *args)
 
-    monkeypatch.setattr(Decoder, part, flaky)
+    monkeypatch.setattr(SpeculativeDecoder, part, flaky)
 
     async def main():
         loop = asyncio.get_running_loop()
@@ -125,7 +127,7 @@ def test_a_failure_in_any_part_of_the_loop_fails_that_batch_only(monkeypatch, pa
 
 def test_a_cancelled_job_leaves_and_the_others_go_on():
     model = tiny_model("llama", vocab=64)
-    sched = Scheduler(Decoder(model, Tok()), max_batch=4, max_queue=4)
+    sched = Scheduler(SpeculativeDecoder(model, Tok()), max_batch=4, max_queue=4)
 
     async def main():
         loop = asyncio.get_running_loop()
@@ -155,7 +157,7 @@ def test_a_request_that_ends_at_its_first_token_is_answered():
     (Found by the 429 test under load: sampling drew EOS first and the step over no live row failed.)"""
     model = tiny_model("llama", vocab=64)
     first = reference_greedy(model, PROMPTS[0], 1)[0]
-    sched = Scheduler(Decoder(model, Tok()), max_batch=2, max_queue=4)
+    sched = Scheduler(SpeculativeDecoder(model, Tok()), max_batch=2, max_queue=4)
 
     async def main():
         loop = asyncio.get_running_loop()

@@ -3,6 +3,7 @@ chat template and random MLP heads (tree decoding), queried with the official ``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
@@ -230,29 +231,85 @@ def test_every_bad_request_gets_its_4xx_and_the_server_keeps_serving(server, ser
     assert 'status="5' not in server.metrics()
 
 
-def test_a_client_that_leaves_frees_its_row(server, served):
-    before = _outcome(server.metrics(), "cancelled")
-    body = {"model": str(served[0]), "prompt": "q", "max_tokens": 256, "temperature": 1.0, "stream": True}
-    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30,
-                      headers={"Authorization": f"Bearer {KEY}"}) as r:
-        assert r.status_code == 200
-        next(r.iter_lines())  # decoding has started; then the client goes
-    # a non-streamed request whose client goes away before the answer
-    raw = json.dumps({"model": str(served[0]), "prompt": "q", "max_tokens": 256, "temperature": 1.0}).encode()
-    with socket.create_connection(("127.0.0.1", server.port)) as s:
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: " + str(len(raw)).encode() +
-                  b"\r\n\r\n" + raw)
-        time.sleep(0.3)
-    deadline = time.monotonic() + 20
+def _until(check, what: str, limit: float = 20.0):
+    """Poll ``check()`` until it gives a true value (returned), or fail naming ``what``."""
+    deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
-        health = httpx.get(server.url + "/health", timeout=10).json()
-        finished = _outcome(server.metrics(), "cancelled") - before + _outcome(server.metrics(), "ok")
-        if health["running"] == 0 and health["waiting"] == 0:
-            break
-        time.sleep(0.1)
-    assert health["running"] == 0 and health["waiting"] == 0
-    assert finished >= 1
+        value = check()
+        if value:
+            return value
+        time.sleep(0.01)
+    pytest.fail(f"waited {limit:g} s for {what}")
+
+
+def test_rows_freed_by_clients_that_leave_are_taken_by_queued_requests_while_another_decodes(served):
+    """--max-batch 3: a keeper and two leavers (one streamed, one not) fill every row with the same 480-token
+    greedy answer (no EOS in it); two short requests then wait in the queue. The leavers' clients go away and
+    the short requests are answered while the keeper is still decoding. Had a leaver's row not been freed, a
+    short request could only start after that leaver's 480 tokens, which end no sooner than the keeper's (same
+    tokens, started later). (Plain decoding: one token a step, so the keeper runs long enough to watch.)"""
+    s = Server(*served, "--method", "plain", "--max-batch", "3", "--max-tokens", "480")
+    name, auth = str(served[0]), {"Authorization": f"Bearer {KEY}"}
+    long = {"model": name, "prompt": "q", "max_tokens": 480, "temperature": 0}
+    try:
+        health = lambda: httpx.get(s.url + "/health", timeout=10).json()  # noqa: E731
+        before = {o: _outcome(s.metrics(), o) for o in ("ok", "cancelled")}
+        keeper = {"started": threading.Event(), "done": threading.Event(), "chunks": [], "finish": None}
+
+        def keep():
+            with httpx.stream("POST", s.url + "/v1/completions", json={**long, "stream": True}, timeout=60) as r:
+                for line in r.iter_lines():
+                    if line == "data: [DONE]":
+                        keeper["done"].set()
+                    elif line.startswith("data: "):
+                        choice = json.loads(line[6:])["choices"][0]
+                        keeper["chunks"].append(choice["text"])
+                        keeper["finish"] = choice["finish_reason"] or keeper["finish"]
+                        keeper["started"].set()
+
+        keeper_thread = threading.Thread(target=keep)
+        keeper_thread.start()
+        assert keeper["started"].wait(30)
+        with contextlib.ExitStack() as leavers:
+            r = leavers.enter_context(httpx.stream("POST", s.url + "/v1/completions",
+                                                   json={**long, "stream": True}, timeout=30, headers=auth))
+            assert r.status_code == 200
+            lines = r.iter_lines()  # kept: a dropped iterator closes the stream at once
+            next(lines)  # the streamed leaver decodes
+            raw = json.dumps(long).encode()
+            sock = leavers.enter_context(socket.create_connection(("127.0.0.1", s.port)))
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: " + str(len(raw)).encode() + b"\r\n\r\n" + raw)
+            _until(lambda: health()["running"] == 3, "the non-streamed leaver to take the last row")
+            answers = {}
+
+            def ask(p):
+                answers[p] = s.post("/v1/completions", {"model": name, "prompt": p, "max_tokens": 4,
+                                                        "temperature": 0}, key=None)
+
+            askers = [threading.Thread(target=ask, args=(p,)) for p in ("a", "b")]
+            for t in askers:
+                t.start()
+            _until(lambda: health() == {"status": "ok", "running": 3, "waiting": 2}, "the short requests to queue")
+            assert not keeper["done"].is_set()
+        # both leavers' clients are gone: their rows must go to the two waiting requests
+        for t in askers:
+            t.join(60)
+        keeper_running = not keeper["done"].is_set()
+        ok_now = _outcome(s.metrics(), "ok") - before["ok"]
+        assert keeper_running and ok_now <= 2, ("the short requests were answered only after the keeper ended",
+                                                ok_now)
+        for p, a in answers.items():
+            assert a.status_code == 200 and a.json()["usage"]["completion_tokens"] == 4, (p, a.text)
+        keeper_thread.join(60)
+        assert keeper["done"].is_set() and keeper["finish"] == "length" and len("".join(keeper["chunks"])) == 480
+        _until(lambda: health()["running"] == 0, "the batch to empty")
+        after = s.metrics()
+        assert _outcome(after, "cancelled") - before["cancelled"] == 2  # the two leavers, and only them
+        assert _outcome(after, "ok") - before["ok"] == 3  # the keeper and the two short requests
+    finally:
+        code, err = s.stop()
+    assert code == 0 and "Traceback" not in err, err
 
 
 def _outcome(metrics: str, outcome: str) -> float:
@@ -262,12 +319,53 @@ def _outcome(metrics: str, outcome: str) -> float:
     return 0.0
 
 
-def test_metrics_are_prometheus_text(server, served):
-    server.client().completions.create(model=str(served[0]), prompt="z", max_tokens=4)
-    text = server.metrics()
-    for name in ("mtp_generation_tokens_total", "mtp_queue_depth", "mtp_tokens_per_second", "mtp_acceptance_length",
-                 "mtp_time_to_first_token_seconds_bucket", "mtp_http_requests_total"):
-        assert name in text, name
+def _samples(metrics: str) -> dict[tuple, float]:
+    """Prometheus text -> {(sample name, (label, value), ...): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, *sorted(s.labels.items())): s.value
+            for family in text_string_to_metric_families(metrics) for s in family.samples}
+
+
+def test_metrics_count_the_requests_and_tokens_served(server, served):
+    """Three requests of known sizes, one after the other, on an idle server: each counter moves by exactly
+    what they were (requests, outcomes, prompt and generated tokens, decoding steps, histogram counts) and the
+    gauges read an idle server."""
+    idle = lambda: httpx.get(server.url + "/health", timeout=10).json() == {  # noqa: E731
+        "status": "ok", "running": 0, "waiting": 0}
+    _until(idle, "an idle server")
+    before = _samples(server.metrics())
+    client = server.client()
+    sizes = {"q": 5, "k": 9, "w": 17}
+    usages = []
+    for prompt, n in sizes.items():
+        r = client.completions.create(model=str(served[0]), prompt=prompt, max_tokens=n, temperature=0)
+        assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == n
+        usages.append(r.usage)
+    _until(idle, "the last row to leave")
+    after = _samples(server.metrics())
+
+    def delta(name, **labels):
+        key = (name, *sorted(labels.items()))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    requests, prompt_tokens = len(sizes), sum(u.prompt_tokens for u in usages)
+    assert prompt_tokens == 2 * requests  # BOS + one character each
+    assert delta("mtp_http_requests_total", route="completions", status="200") == requests
+    assert delta("mtp_requests_finished_total", outcome="ok") == requests
+    assert sum(delta("mtp_requests_finished_total", outcome=o) for o in
+               ("cancelled", "timeout", "shutting_down", "engine_error", "internal_error")) == 0
+    assert delta("mtp_prompt_tokens_total") == prompt_tokens
+    # the tokens of decoding steps: each request's first token comes from its prefill, not from a step
+    assert delta("mtp_generation_tokens_total") == sum(sizes.values()) - requests
+    steps = delta("mtp_verify_steps_total")
+    assert delta("mtp_row_steps_total") == steps  # one request at a time: one row per step
+    # each step emits 1 to 4 tokens (the tree is 3 deep), the last one of a request maybe fewer
+    assert sum(-(-(n - 1) // 4) for n in sizes.values()) <= steps <= sum(n - 1 for n in sizes.values())
+    assert delta("mtp_time_to_first_token_seconds_count") == requests
+    assert delta("mtp_request_seconds_count") == requests
+    assert after[("mtp_queue_depth",)] == 0 and after[("mtp_running_requests",)] == 0
+    assert 1.0 <= after[("mtp_acceptance_length",)] <= 4.0 and after[("mtp_tokens_per_second",)] > 0
 
 
 def test_a_full_queue_answers_429(served):

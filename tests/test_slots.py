@@ -118,7 +118,7 @@ def test_attention_reads_a_bucket_not_the_capacity():
 
 def test_a_batch_whose_cache_cannot_fit_is_refused_before_anything_is_allocated(monkeypatch):
     import mtp.decode.engine as engine
-    from mtp.decode.engine import Decoder
+    from mtp.decode.engine import SpeculativeDecoder
     from mtp.decode.slots import kv_bytes
     from mtp.errors import UserError
 
@@ -129,6 +129,6 @@ def test_a_batch_whose_cache_cannot_fit_is_refused_before_anything_is_allocated(
     monkeypatch.setattr(engine, "free_memory", lambda device: 100 * per_slot)
     tok = type("Tok", (), {"eos_token_id": 2, "decode": lambda self, ids, **kw: ""})()
     with pytest.raises(UserError, match=r"GiB of KV cache.*fewer prompts"):
-        Decoder(model, tok).generate([[1, 2, 3]] * 2, 8)
-    out = Decoder(model, tok).generate([[1, 5, 3]], 8, eos_token_ids=[])  # 1 x (3 + 8 + 64) slots fit
+        SpeculativeDecoder(model, tok).generate([[1, 2, 3]] * 2, 8)
+    out = SpeculativeDecoder(model, tok).generate([[1, 5, 3]], 8, eos_token_ids=[])  # 1 x (3 + 8 + 64) slots fit
     assert len(out.rows[0].tokens) == 8

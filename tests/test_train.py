@@ -137,7 +137,7 @@ def test_two_process_gloo_equals_single_process(tiny_folder, corpus_file, tmp_pa
     (dict(max_steps=0), "--max-steps must be at least 1"),
     (dict(lr=-1.0), "--lr must be positive"),
     (dict(backbone_lr=0.0), "--backbone-lr must be positive"),
-    (dict(kind="lstm"), "unknown head kind"),
+    (dict(kind="lstm"), "unknown --kind"),
     (dict(mode="half"), "unknown --mode"),
     (dict(cache_hidden=True, mode="lora"), "--cache-hidden needs --mode frozen"),
 ])

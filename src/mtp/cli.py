@@ -145,7 +145,9 @@ def parse(argv: list[str]) -> tuple[Command, object]:
     cmd = COMMANDS[given.pop("_name")]
     for routing in ("_command", "_group"):
         given.pop(routing, None)
-    return cmd, make_config(cmd.config, given, given.pop("config", None))
+    cfg = make_config(cmd.config, given, given.pop("config", None))
+    cfg.check_files()
+    return cmd, cfg
 
 
 def run(argv: list[str] | None = None) -> int:

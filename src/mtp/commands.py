@@ -95,25 +95,22 @@ def compare(cfg: CompareConfig, command: str = "") -> dict:
 
 def generate(cfg: GenerateConfig, command: str = "") -> dict:
     """Stream the model's answer; the result holds tokens/s, tokens per step and the speedup over plain decoding."""
-    from mtp.decode.run import (Streamer, adaptive_sizes, build_decoder, default_heads_available, encode_prompt,
-                                eos_ids, load_for_decoding)
+    from mtp.decode.run import (Streamer, adaptive_sizes, build_decoder, choose_method, encode_prompt, eos_ids,
+                                load_for_decoding)
 
-    heads, method = cfg.heads, cfg.method
-    if heads is None and (method is None or method in HEAD_METHODS) and default_heads_available(cfg.model):
-        heads = "default"
-    method = method or ("tree" if heads else "lookup")
+    heads, method = choose_method(cfg.model, cfg.heads, cfg.method)
     backbone, tokenizer, mtp_model, folder = load_for_decoding(cfg.model, heads if method in HEAD_METHODS else None,
                                                               cfg.dtype, cfg.device,
                                                               {"--max-new-tokens": cfg.max_new_tokens}, cfg.exit_layer)
     ids, eos = encode_prompt(tokenizer, cfg.prompt, cfg.chat), eos_ids(backbone, tokenizer)
-    decoder, info = build_decoder(backbone, tokenizer, mtp_model, folder, cfg.model, method, cfg)
+    decoder, sizing = build_decoder(backbone, tokenizer, mtp_model, folder, cfg.model, method, cfg)
     decoder.generate([ids], 4, eos)  # warm-up, so the figures below are not first-call costs
     out = decoder.generate([ids], cfg.max_new_tokens, eos, stop_strings=cfg.stop, callback=Streamer(tokenizer))
     sys.stdout.write("\n")
     row = out.rows[0]
-    result = {"method": method, "sizes": {k: v for k, v in info.items() if k not in ("method", "tree", "adaptive")},
+    result = {"method": method, "sizes": {k: v for k, v in sizing.as_dict().items() if k not in ("method", "tree", "adaptive")},
               "adapted": adaptive_sizes(decoder), "tokens": len(row.tokens), "seconds": out.seconds,
-              "tokens_per_s": len(row.tokens) / out.seconds, "tau": row.tau, "dtype": cfg.dtype,
+              "tokens_per_s": len(row.tokens) / out.seconds, "tau": row.acceptance_length, "dtype": cfg.dtype,
               "greedy": cfg.temperature == 0, "command": command}
     if cfg.compare and method != "plain":
         plain, _ = build_decoder(backbone, tokenizer, None, None, cfg.model, "plain", cfg)

@@ -176,6 +176,12 @@ class Config:
                 if isinstance(x, str) and not _is_path(f) and not _utf8(x):
                     raise UserError(f"{flag_of(f)} is not valid UTF-8 text: check the terminal's encoding")
 
+    def check_files(self) -> None:
+        """The checks that read the file system (outputs that exist or would replace an input, input folders that
+        are not folders). ``__post_init__`` checks values only, so a config built from a saved run or by
+        ``dataclasses.replace`` touches no file; the command line calls this once, before any model loads, and
+        so should a program that builds a config for a command's run function."""
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -188,8 +194,8 @@ class Writes(Config):
     """Replace outputs that already exist (a file atomically; a folder only once the new one is complete).
     Without it an existing output is refused before any work starts."""
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check_files(self) -> None:
+        super().check_files()
         check_outputs_apart(self)
 
 
@@ -414,6 +420,9 @@ class AnalyzeConfig(Runtime, Writes):
         self.top_p = sorted(set(self.top_p), reverse=True)
         _at_least(self, ("max_candidates", "context", "max_positions", "positions_per_window", "chunk_tokens"))
         _at_most(self, ("max_candidates",), MAX_CANDIDATES)
+
+    def check_files(self) -> None:
+        super().check_files()
         check_output_file(self.json, "--json", overwrite=self.overwrite)
         _require(self.out is None or not Path(self.out).expanduser().is_file(),
                  f"--out {self.out} exists and is not a directory")
@@ -628,6 +637,9 @@ class EvalConfig(Runtime, Writes):
         super().__post_init__()
         _at_least(self, ("context", "max_positions", "positions_per_window", "max_candidates"))
         _at_most(self, ("max_candidates",), MAX_CANDIDATES)
+
+    def check_files(self) -> None:
+        super().check_files()
         check_output_file(self.json, "--json", overwrite=self.overwrite)
 
 
@@ -693,6 +705,9 @@ class ConvertConfig(Writes):
         _require(bool(self.checkpoint), "give the checkpoint folder")
         _require(bool(self.out), "give --out DIR")
         _dtype(self.dtype)
+
+    def check_files(self) -> None:
+        super().check_files()
         _require(self.tokenizer is None or Path(self.tokenizer).expanduser().is_dir(),
                  f"--tokenizer {self.tokenizer} is not a folder: give a local Hugging Face tokenizer folder (mtp "
                  "never downloads from the Hub)")
@@ -703,7 +718,7 @@ class ConvertConfig(Writes):
 
 @dataclass
 class DraftOptions(Runtime):
-    """How a decoder drafts and accepts: what `mtp generate` and `mtp bench decode` share."""
+    """How a decoder drafts and accepts: what `mtp generate`, `mtp bench decode` and `mtp serve` share."""
 
     temperature: float = 0.0
     """0 = greedy."""
@@ -739,13 +754,22 @@ class DraftOptions(Runtime):
         _at_most(self, ("nodes", "draft_len"), MAX_NODES)  # the exit layer is checked against the model's layers
         _require(self.draft_vocab is None or self.draft_vocab >= 0,
                  f"--draft-vocab must be >= 0 (0 = the whole vocabulary), got {self.draft_vocab}")
-        if self.tree is not None:  # checked before any model loads (the vocabulary: once it is known)
-            from mtp.trees import check_paths, read_tree
+        if self.tree is not None and self.tree.lstrip().startswith("["):  # inline; a file: check_files
+            self._check_tree()
 
-            try:
-                check_paths(read_tree(self.tree))
-            except UserError as e:
-                raise UserError(f"--tree: {e}") from None
+    def check_files(self) -> None:
+        super().check_files()
+        if self.tree is not None and not self.tree.lstrip().startswith("["):
+            self._check_tree()
+
+    def _check_tree(self) -> None:
+        """--tree, before any model loads (against the vocabulary: once it is known)."""
+        from mtp.trees import check_paths, read_tree
+
+        try:
+            check_paths(read_tree(self.tree))
+        except UserError as e:
+            raise UserError(f"--tree: {e}") from None
 
 
 @dataclass
@@ -876,6 +900,9 @@ class BenchServeConfig(Runtime, Writes):
                  f"--duration must be between 0 and 86400 seconds, got {self.duration}")
         _require(self.bad_share == self.bad_share and 0 <= self.bad_share <= 1,
                  f"--bad-share must be in [0, 1], got {self.bad_share}")
+
+    def check_files(self) -> None:
+        super().check_files()
         check_output_file(self.json, "--json", overwrite=self.overwrite)
 
 
@@ -913,6 +940,9 @@ class BenchDecodeConfig(DraftOptions, Writes):
             _require(m in METHODS, f"unknown method {m!r}: use {', '.join(METHODS)}")
         _at_least(self, ("batch_size", "max_new_tokens", "limit"))
         _at_most(self, ("max_new_tokens",), MAX_NEW_TOKENS)
+
+    def check_files(self) -> None:
+        super().check_files()
         check_output_file(self.json, "--json", overwrite=self.overwrite)
         check_output_file(self.plot, "--plot", overwrite=self.overwrite)
 
@@ -986,6 +1016,9 @@ class CompareConfig(Writes):
         for item in self.results:
             name, sep, path = item.partition("=")
             _require(bool(sep and name and path), f"{item!r}: give NAME=FILE.json")
+
+    def check_files(self) -> None:
+        super().check_files()
         check_output_file(self.plot, "--plot", overwrite=self.overwrite)
 
 
@@ -1024,6 +1057,9 @@ class BenchAnalyzeConfig(Runtime, Writes):
         _require(1 <= self.k <= 3 and 0 < self.top_p <= 1, "bench analyze needs 1 <= --k <= 3 and 0 < --top-p <= 1")
         _at_least(self, ("context", "positions", "positions_per_window", "max_candidates", "chunk_tokens", "repeats"))
         _at_most(self, ("max_candidates",), MAX_CANDIDATES)
+
+    def check_files(self) -> None:
+        super().check_files()
         check_output_file(self.json, "--json", overwrite=self.overwrite)
 
 
@@ -1060,6 +1096,9 @@ class BenchContextConfig(DraftOptions, Writes):
         self.contexts = sorted(set(self.contexts))
         _at_least(self, ("max_new_tokens", "rounds"))
         _at_most(self, ("max_new_tokens",), MAX_NEW_TOKENS)
+
+    def check_files(self) -> None:
+        super().check_files()
         check_output_file(self.json, "--json", overwrite=self.overwrite)
         check_output_file(self.plot, "--plot", overwrite=self.overwrite)
 
@@ -1086,6 +1125,9 @@ class BenchVerifyConfig(Writes):
         for d in self.dtypes:
             _dtype(d)
         _at_least(self, ("context", "repeats"))
+
+    def check_files(self) -> None:
+        super().check_files()
         check_output_file(self.json, "--json", overwrite=self.overwrite)
 
 
@@ -1166,6 +1208,9 @@ class BenchEngineConfig(Writes):
             _require(mode in llama_modes, f"unknown llama.cpp n-gram mode {mode!r}: use {', '.join(llama_modes[:3])}")
         for m in self.mtp_methods:
             _require(m in HEAD_METHODS, f"--mtp-methods: {m!r} is not one of {', '.join(HEAD_METHODS)}")
+
+    def check_files(self) -> None:
+        super().check_files()
         check_output_file(self.json, "--json", overwrite=self.overwrite)
         check_output_file(self.plot, "--plot", overwrite=self.overwrite)
 
@@ -1197,6 +1242,9 @@ class BenchPretrainStepConfig(Runtime, Writes):
     def __post_init__(self) -> None:
         super().__post_init__()
         _at_least(self, ("heads", "vocab", "batch_size", "seq_len", "chunk_tokens", "repeats", "rounds"))
+
+    def check_files(self) -> None:
+        super().check_files()
         check_output_file(self.json, "--json", overwrite=self.overwrite)
 
 
@@ -1226,4 +1274,7 @@ class BenchTrainMemoryConfig(Runtime, Writes):
     def __post_init__(self) -> None:
         super().__post_init__()
         _at_least(self, ("heads", "batch_size", "seq_len", "chunk_tokens", "repeats"))
+
+    def check_files(self) -> None:
+        super().check_files()
         check_output_file(self.json, "--json", overwrite=self.overwrite)

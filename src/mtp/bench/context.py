@@ -69,7 +69,7 @@ def bench_context(cfg: BenchContextConfig, command: str = "") -> dict:
         rows = [_row(n, runs[(m, n)], prefills[(m, n)], m != "transformers") for n in cfg.contexts]
         methods[m] = {"rows": rows, "growth": rows[-1]["decode_ms_per_token"] / rows[0]["decode_ms_per_token"],
                       "growth_with_prefill": rows[-1]["ms_per_token"] / rows[0]["ms_per_token"],
-                      **({"config": configs[m]} if m in configs else {})}
+                      **({"config": configs[m].as_dict()} if m in configs else {})}
     return {"model": cfg.model, "heads": str(folder) if folder else None, "data": cfg.data, "dtype": cfg.dtype,
             "contexts": cfg.contexts, "max_new_tokens": cfg.max_new_tokens, "rounds": cfg.rounds,
             "methods": methods, "command": command, "machine": machine_info(cfg.device),

@@ -38,7 +38,7 @@ def bench_decode(cfg: BenchDecodeConfig, command: str = "") -> dict:
         if cfg.compare_adaptive and not cfg.adapt and m in ("blockwise", "tree", "hybrid"):  # sizes re-chosen online
             dec, info = build_decoder(backbone, tokenizer, mtp_model, folder, model_name, m,
                                       dataclasses.replace(cfg, adapt=True))
-            if "adaptive" in info:
+            if info.adaptive:
                 decoders[f"{m}-adaptive"], infos[f"{m}-adaptive"] = dec, info
     names = ["transformers"] + list(decoders)
     stats = {n: {"seconds": 0.0, "tokens": 0, "row_steps": 0, "hist": {}, "outputs": [], "batch_tps": [],
@@ -82,7 +82,7 @@ def bench_decode(cfg: BenchDecodeConfig, command: str = "") -> dict:
             "identical_share": sum(a == b for a, b in zip(st["outputs"], reference)) / len(reference),
             "identical_to_plain_loop_share": sum(a == b for a, b in zip(st["outputs"], stats["plain"]["outputs"]))
             / len(reference),
-            **({"config": infos[name]} if name in infos else {}),
+            **({"config": infos[name].as_dict()} if name in infos else {}),
             **({"adaptive_sizes": sizes} if name in decoders and (sizes := adaptive_sizes(decoders[name])) else {}),
         }
     return {"model": model_name, "heads": str(folder) if folder else None, "prompts": prompts,

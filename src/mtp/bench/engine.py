@@ -377,8 +377,9 @@ def format_bench_engine(result: dict) -> str:
         v = pol.get("vocab")
         if v:
             table = ", ".join(f"{n}: {s:.2f}x" for n, s in v["predicted"].items())
-            checks = "; ".join(f"{n} rows: draft token {m['draft_token_s'] * 1e3:.2f} ms, acceptance a {m['accept_a']:.2f} "
-                               f"(predicted {m['predicted_accept_a']:.2f})" for n, m in v["measured"].items())
+            checks = "; ".join(f"{n} rows: draft token {m['draft_token_s'] * 1e3:.2f} ms, acceptance a "
+                               f"{m['accept_a']:.2f} (predicted {m['predicted_accept_a']:.2f})"
+                               for n, m in v["measured"].items())
             lines[-1:-1] = [f"draft vocabulary by measurement: {v['draft_vocab']} rows (predicted speedup by size: "
                             f"{table}); measured {checks}"]
     for r in result["results"] + result.get("mtp", []):

@@ -13,8 +13,10 @@
 Memory is preallocated (:mod:`mtp.decode.slots`): each forward writes its keys and values in place at the
 next free slots, the commit moves the accepted ones to the front with one gather over the step's slots, and
 attention reads the used slots rounded up to a bucket, so a step's cost follows the context instead of
-growing by concatenation. The hidden-state taps are registered once per ``generate`` call, and a verify
-step reads back to the host once (the accepted tokens, the lengths and the next roots, in one transfer).
+growing by concatenation. The hidden-state taps are registered once per ``generate`` call. The verify step
+reads back to the host once (the accepted tokens, the lengths and the next roots, in one transfer); some
+proposers read their draft back too (dynamic trees and eagle3 build the tree on the host, prompt lookup
+matches on the host), so a step costs one to three device-to-host transfers, never one per token.
 
 Rows of a batch accept different numbers of tokens: each row owns its cache slots, and slots that a row
 does not use (left padding, a shorter accepted path than another row's) are holes that its attention
@@ -50,8 +52,9 @@ class RowResult:
     accepted: list[int] = field(default_factory=list)  # tokens emitted per verify step
 
     @property
-    def tau(self) -> float:
-        """Tokens per backbone forward (plain decoding: 1)."""
+    def acceptance_length(self) -> float:
+        """Tokens per backbone forward of this row, tau in the papers (plain decoding: 1); ``tau`` in result
+        files, ``mtp_acceptance_length`` in serve's metrics."""
         return len(self.tokens) / max(1, self.steps)
 
 
@@ -68,18 +71,19 @@ class GenerateOutput:
         return sum(len(r.tokens) for r in self.rows)
 
 
-class Decoder:
+class SpeculativeDecoder:
     """Decoding with a backbone, optional MTP heads, a proposer and an acceptance rule.
 
     ``acceptance``: ``exact`` (greedy at temperature 0, else speculative sampling; lossless) or
     ``typical`` (Medusa's, lossy).
     """
 
-    def __init__(self, backbone, tokenizer, heads=None, proposer: Proposer | None = None,
+    def __init__(self, backbone, tokenizer, mtp_model=None, proposer: Proposer | None = None,
                  sampling: Sampling | None = None, acceptance: str = "exact", seed: int = 0,
                  typical_epsilon: float = 0.09, draft_vocab: torch.Tensor | None = None, bucket: int = 64,
                  resize: Callable[[int, int], Proposer] | None = None):
-        self.backbone, self.tokenizer, self.heads = backbone, tokenizer, heads
+        self.backbone, self.tokenizer, self.mtp = backbone, tokenizer, mtp_model
+        heads = mtp_model  # the MTPModel: its heads, taps and unembedding
         self.proposer = proposer or PlainProposer()
         self.sampling = sampling or Sampling()
         if acceptance not in ("exact", "typical"):
@@ -98,7 +102,7 @@ class Decoder:
         self.transformer_heads = heads is not None and heads.config.kind == "transformer"
         # only the heads the drafts read run (a transformer head costs a layer per committed token)
         needed = self.proposer.heads_needed() if heads is not None else 0
-        self.n_run = 0 if heads is None else heads.n_heads if needed is None else min(needed, heads.n_heads)
+        self.n_run = 0 if heads is None else heads.draft_depth if needed is None else min(needed, heads.draft_depth)
         # The heads' drafts may be restricted to a shortlist of the vocabulary (FR-Spec): their unembedding
         # then reads |shortlist| rows instead of V. Tokens outside it get -inf; the verify forward still
         # decides, so the output is unchanged, only drafts of rare tokens are lost.
@@ -129,7 +133,7 @@ class Decoder:
         self._taps.clear()
         out = forward_with_cache(self.backbone, self.cache, input_ids=ids, position_ids=q_pos, attention_mask=mask,
                                  use_cache=True, logits_to_keep=logits_to_keep)
-        states = [self._taps[i] for i in self.heads.tapped] if self.n_run else None
+        states = [self._taps[i] for i in self.mtp.tapped] if self.n_run else None
         self.forwards += 1
         return out.logits, states
 
@@ -147,11 +151,11 @@ class Decoder:
             tokens[rows, last] = self.root_next
             self.eagle_state.commit(sel, tokens, q_pos.gather(1, keep_idx), keep_valid)
             return
-        if self.heads.sequential:  # drafted depth by depth by the proposer (head_top), from this state
+        if self.mtp.sequential:  # drafted depth by depth by the proposer (head_top), from this state
             self.seq_states = [s[rows, last] for s in sel]  # (B, H) per tap
             return
         outs = []
-        for k, head in enumerate(self.heads.heads[: self.n_run]):
+        for k, head in enumerate(self.mtp.heads[: self.n_run]):
             if self.transformer_heads:
                 if k == 0:
                     allowed_new = torch.ones(m, m, dtype=torch.bool, device=self.device).tril()[None] & \
@@ -173,7 +177,7 @@ class Decoder:
 
     @property
     def sequential_heads(self) -> bool:
-        return self.heads is not None and self.heads.sequential
+        return self.mtp is not None and self.mtp.sequential
 
     def _sequential_logits(self, k: int, prev_ids: torch.Tensor, full: bool = True) -> torch.Tensor:
         """Sequential heads: logits (B, M, V) of head k for M draft nodes, given per node the k tokens before
@@ -187,14 +191,14 @@ class Decoder:
             return out.index_copy_(-1, self.draft_vocab, small)
         m = prev_ids.shape[1]
         states = [s[:, None].expand(-1, m, -1) for s in self.seq_states]
-        return self._head_logits(self.heads.head_hidden(k, states, prev_ids=prev_ids), full)
+        return self._head_logits(self.mtp.head_hidden(k, states, prev_ids=prev_ids), full)
 
     def _head_logits(self, hidden: torch.Tensor, full: bool = True) -> torch.Tensor:
         """The heads' logits (..., V) through the shared final norm and unembedding, or through the draft
         shortlist's rows only: -inf elsewhere, or (``full=False``) just the shortlist's columns."""
         if self.draft_vocab is None:
-            return self.heads.head_logits(hidden)
-        normed = hidden if self.heads.heads_normed else final_norm(self.backbone)(hidden)
+            return self.mtp.head_logits(hidden)
+        normed = hidden if self.mtp.heads_normed else final_norm(self.backbone)(hidden)
         small = nn.functional.linear(normed, self._draft_weight, self._draft_bias)
         cap = getattr(self.backbone.config, "final_logit_softcapping", None)
         if cap:
@@ -361,7 +365,7 @@ class Decoder:
         step): :meth:`add`, :meth:`step` and :meth:`drop` run inside one."""
         self._mask_dtype = self.backbone.dtype
         with contextlib.ExitStack() as hooks:
-            self._taps = hooks.enter_context(capture_hidden(self.backbone, self.heads.tapped)) if self.n_run else {}
+            self._taps = hooks.enter_context(capture_hidden(self.backbone, self.mtp.tapped)) if self.n_run else {}
             try:
                 yield self
             finally:
@@ -405,7 +409,7 @@ class Decoder:
         """Prefill new rows and append them to the running batch (between steps); returns their row indices.
         Each new row's first token is emitted (``callback(row, tokens)``)."""
         if self._taps is None:
-            raise RuntimeError("Decoder.add / step / drop run inside `with decoder.session():`")
+            raise RuntimeError("SpeculativeDecoder.add / step / drop run inside `with decoder.session():`")
         for r in requests:
             self.check(r)
         b_old, b = len(self.requests), len(requests)
@@ -516,7 +520,7 @@ class Decoder:
             if self.eagle:
                 from mtp.decode.eagle import EagleDraftState
 
-                self.eagle_state = EagleDraftState(self.heads, b, dev, capacity, self.bucket)
+                self.eagle_state = EagleDraftState(self.mtp, b, dev, capacity, self.bucket)
                 self.root_next = self.root
                 self._heads_step(states, torch.arange(longest, device=dev).expand(b, -1), valid, pos, ids)
             elif self.transformer_heads:

@@ -15,6 +15,7 @@ import hashlib
 import json
 import statistics
 import time
+import typing
 from pathlib import Path
 
 import torch
@@ -22,9 +23,10 @@ import torch
 from mtp.config import HEAD_METHODS, METHODS, DraftOptions  # noqa: F401 (METHODS, HEAD_METHODS: re-exported)
 from mtp.decode.proposers import (AdaptiveTreeProposer, DynamicTreeProposer, EarlyExitProposer, LookupProposer,
                                   PlainProposer, Proposer, TreeProposer, UnionProposer, blockwise)
-from mtp.decode.tree import chain_tree, compile_tree, read_tree, tree_from_accuracy
+from mtp.decode.tree import chain_tree, compile_tree, tree_from_accuracy
 from mtp.errors import UserError
 from mtp.heads_format import read_accuracy
+from mtp.trees import read_tree
 
 COST_POINTS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64)
 
@@ -198,13 +200,13 @@ def batch_cost(cost: dict, batch: int) -> dict:
     return {k: at(batch * k) for k in points}
 
 
-def rank_accuracy(heads_dir: Path | None, n_heads: int) -> list[list[float]]:
+def rank_accuracy(heads_dir: Path | None, depth: int) -> list[list[float]]:
     """Per head, how often each of its top ranks is right (``accuracy.json`` beside the heads, written by
     ``mtp eval`` or ``mtp pretrain``); without it a conservative prior (rank 1 of head d right 0.6 / d, each next rank a third)."""
-    acc = read_accuracy(heads_dir, n_heads)
+    acc = read_accuracy(heads_dir, depth)
     if acc is not None:
-        return acc[:n_heads]
-    return [[0.6 / d * (1 / 3) ** r for r in range(8)] for d in range(1, n_heads + 1)]
+        return acc[:depth]
+    return [[0.6 / d * (1 / 3) ** r for r in range(8)] for d in range(1, depth + 1)]
 
 
 def choose_tree(acc: list[list[float]], cost: dict, max_nodes: int = 64, extra: int = 0) -> tuple[int, float]:
@@ -242,95 +244,188 @@ ADAPT_EVERY = 8
 ADAPTIVE_NOTE = f"re-sized every {ADAPT_EVERY} steps from the acceptance seen"
 
 
-def make_proposer(method: str, opts: DraftOptions | None = None, *, n_heads: int = 0, heads_dir: Path | None = None,
-                  cost: dict | None = None, n_layers: int = 0, vocab: int | None = None) -> tuple[Proposer, dict]:
-    """A proposer by name and a description of the sizes chosen (and why).
+@dataclasses.dataclass
+class DraftInputs:
+    """What a proposer is sized from: the user's options, the heads (how many, where their accuracy.json lies,
+    how many tokens they draft from), the device's verify-cost curve (None: not sized from it), the model's
+    layer count (early exit)."""
+
+    opts: DraftOptions
+    depth: int = 0
+    """Tokens past the next one the heads draft (:attr:`MTPModel.draft_depth`); 0 without heads."""
+    heads_dir: Path | None = None
+    cost: dict | None = None
+    n_layers: int = 0
+    vocab: int | None = None
+
+
+@dataclasses.dataclass
+class Sizing:
+    """How a proposer's drafts were sized, and why (shown with results; :meth:`as_dict` for JSON)."""
+
+    method: str
+    nodes: int | None = None
+    tree: list | str | None = None
+    """The tree's paths, or "given" for a --tree."""
+    draft_len: int | None = None
+    lookup_draft_len: int | None = None
+    """hybrid: the prompt-lookup chain beside the tree."""
+    exit_layer: int | None = None
+    sized_from: str | None = None
+    expected_speedup: float | None = None
+    """Predicted from the verify cost and the heads' accuracy (hybrid: the tree's alone)."""
+    adaptive: str | None = None
+    draft_vocab: int | None = None
+
+    def as_dict(self) -> dict:
+        out: dict = {"method": self.method}
+        what = "draft_len" if self.method == "blockwise" else "nodes"
+        for key, value in (("nodes", self.nodes), ("tree", self.tree), ("draft_len", self.draft_len),
+                           ("lookup_draft_len", self.lookup_draft_len), ("exit_layer", self.exit_layer),
+                           (f"{what}_from", self.sized_from),
+                           ("expected_speedup_of_tree" if self.method == "hybrid" else "expected_speedup",
+                            self.expected_speedup),
+                           ("adaptive", self.adaptive), ("draft_vocab", self.draft_vocab)):
+            if value is not None:
+                out[key] = value
+        return out
+
+
+PROPOSERS: dict[str, "typing.Callable[[DraftInputs], tuple[Proposer, Sizing]]"] = {}
+"""Each method's builder: a :class:`DraftInputs` to a proposer and how it was sized."""
+
+
+def proposer(name: str):
+    def wrap(build):
+        PROPOSERS[name] = build
+        return build
+    return wrap
+
+
+SIZED = "verify cost x head accuracy"
+
+
+@proposer("plain")
+def _plain(inp: DraftInputs) -> tuple[Proposer, Sizing]:
+    return PlainProposer(), Sizing("plain")
+
+
+@proposer("blockwise")
+def _blockwise(inp: DraftInputs) -> tuple[Proposer, Sizing]:
+    """Blockwise parallel decoding: every head's top-1 as one chain, as long as the curve pays for."""
+    n, cost, draft_len = inp.depth, inp.cost, inp.opts.draft_len
+    sizing = Sizing("blockwise")
+    if draft_len is None and cost is not None:
+        acc = rank_accuracy(inp.heads_dir, n)
+
+        def size_chain(a):  # rank 0 of every head: the chain's acceptance probabilities
+            return chain_tree(choose_tree([[r[0]] for r in a], cost, max_nodes=n)[0])
+
+        draft_len, gain = choose_tree([[a[0]] for a in acc], cost, max_nodes=n)
+        sizing.sized_from, sizing.expected_speedup = SIZED, round(gain, 3)
+        if inp.opts.adapt:
+            sizing.draft_len, sizing.adaptive = draft_len, ADAPTIVE_NOTE
+            return AdaptiveTreeProposer(acc, size_chain, every=ADAPT_EVERY, name="blockwise"), sizing
+    sizing.draft_len = min(draft_len or n, n)
+    return blockwise(sizing.draft_len), sizing
+
+
+@proposer("tree")
+def _tree(inp: DraftInputs) -> tuple[Proposer, Sizing]:
+    """A static tree: the user's --tree, or the accuracy-ranked tree of --nodes or of the size the curve pays for."""
+    opts, cost = inp.opts, inp.cost
+    acc = rank_accuracy(inp.heads_dir, inp.depth)
+    if opts.tree:
+        compiled = compile_tree(read_tree(opts.tree), max_depth=inp.depth)
+        if inp.vocab is not None and compiled.max_rank > inp.vocab:
+            raise UserError(f"--tree asks for rank {compiled.max_rank - 1} but the heads draft from "
+                            f"{inp.vocab} tokens: use ranks below {inp.vocab}")
+        return TreeProposer(compiled), Sizing("tree", nodes=compiled.size, tree="given")
+    sizing = Sizing("tree")
+    nodes = _node_budget(opts.nodes, acc, cost, sizing)
+    if opts.nodes is None and cost is not None and opts.adapt:
+        def size_tree(a):
+            return tree_from_accuracy(a, choose_tree(a, cost)[0])
+
+        adaptive = AdaptiveTreeProposer(acc, size_tree, every=ADAPT_EVERY)
+        sizing.nodes, sizing.tree, sizing.adaptive = nodes, [list(p) for p in adaptive.tree.paths], ADAPTIVE_NOTE
+        return adaptive, sizing
+    compiled = tree_from_accuracy(acc, nodes)
+    sizing.nodes, sizing.tree = nodes, [list(p) for p in compiled.paths]
+    return TreeProposer(compiled), sizing
+
+
+def _node_budget(nodes: int | None, acc, cost: dict | None, sizing: Sizing) -> int:
+    """--nodes, else the size the verify-cost curve pays for (16 without a curve); says which in ``sizing``."""
+    if nodes is None:
+        if cost is None:
+            nodes, sizing.sized_from = 16, "fixed default (no verify-cost curve)"
+        else:
+            nodes, gain = choose_tree(acc, cost)
+            sizing.sized_from, sizing.expected_speedup = SIZED, round(gain, 3)
+    if nodes < 1:
+        raise UserError(f"--nodes must be >= 1, got {nodes}")
+    return nodes
+
+
+@proposer("dynamic")
+def _dynamic(inp: DraftInputs) -> tuple[Proposer, Sizing]:
+    """A tree grown per step from the heads' own probabilities, of --nodes or of the size the curve pays for."""
+    sizing = Sizing("dynamic")
+    sizing.nodes = _node_budget(inp.opts.nodes, rank_accuracy(inp.heads_dir, inp.depth), inp.cost, sizing)
+    return DynamicTreeProposer(nodes=sizing.nodes, top_k=min(8, sizing.nodes)), sizing
+
+
+@proposer("hybrid")
+def _hybrid(inp: DraftInputs) -> tuple[Proposer, Sizing]:
+    """The heads' tree and a prompt-lookup chain in one verify forward; the tree sized with the chain counted."""
+    opts, cost = inp.opts, inp.cost
+    look_len = opts.draft_len or hybrid_chain_len(cost)
+    nodes, sized_from, gain = opts.nodes, None, None
+    if nodes is None and opts.tree is None and cost is not None:
+        acc = rank_accuracy(inp.heads_dir, inp.depth)
+        nodes, gain = choose_tree(acc, cost, extra=look_len)  # 1 if none fits
+        sized_from, gain = "verify cost x head accuracy, lookup chain included", round(gain, 3)
+        if opts.adapt:
+            def size_tree(a):
+                return tree_from_accuracy(a, choose_tree(a, cost, extra=look_len)[0])
+
+            tree_proposer = AdaptiveTreeProposer(acc, size_tree, every=ADAPT_EVERY)
+            return (UnionProposer([tree_proposer, LookupProposer(draft_len=look_len)]),
+                    Sizing("hybrid", nodes=nodes, tree=[list(p) for p in tree_proposer.tree.paths],
+                           lookup_draft_len=look_len, adaptive=ADAPTIVE_NOTE, sized_from=sized_from,
+                           expected_speedup=gain))
+    tree_proposer, sizing = _tree(dataclasses.replace(inp, opts=dataclasses.replace(opts, nodes=nodes, adapt=False)))
+    sizing = dataclasses.replace(sizing, method="hybrid", lookup_draft_len=look_len)
+    if sized_from is not None:
+        sizing.sized_from, sizing.expected_speedup = sized_from, gain
+    return UnionProposer([tree_proposer, LookupProposer(draft_len=look_len)]), sizing
+
+
+@proposer("lookup")
+def _lookup(inp: DraftInputs) -> tuple[Proposer, Sizing]:
+    draft_len = inp.opts.draft_len or 8
+    return LookupProposer(draft_len=draft_len), Sizing("lookup", draft_len=draft_len)
+
+
+@proposer("early-exit")
+def _early_exit(inp: DraftInputs) -> tuple[Proposer, Sizing]:
+    layer, draft_len = inp.opts.exit_layer or max(1, inp.n_layers // 2), inp.opts.draft_len or 3
+    return EarlyExitProposer(layers=layer, draft_len=draft_len), Sizing("early-exit", exit_layer=layer,
+                                                                        draft_len=draft_len)
+
+
+def make_proposer(method: str, opts: DraftOptions | None = None, *, depth: int = 0, heads_dir: Path | None = None,
+                  cost: dict | None = None, n_layers: int = 0, vocab: int | None = None) -> tuple[Proposer, Sizing]:
+    """A proposer by name (:data:`PROPOSERS`) and how its drafts were sized (and why).
 
     Sizes chosen from the verify-cost curve (no --nodes / --draft-len / --tree) start from the held-out
     accuracies and, with ``adapt``, are re-chosen every ``ADAPT_EVERY`` steps from the acceptance seen while
     decoding (:class:`~mtp.decode.proposers.AdaptiveTreeProposer`). ``vocab``: how many tokens the heads draft
     from (a --tree rank must be below it).
     """
-    opts = opts or DraftOptions()
-    tree, nodes, draft_len, exit_layer, adapt = opts.tree, opts.nodes, opts.draft_len, opts.exit_layer, opts.adapt
-    if method not in METHODS:
+    if method not in PROPOSERS:
         raise UserError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
-    if method in HEAD_METHODS and n_heads < 1:
+    if method in HEAD_METHODS and depth < 1:
         raise UserError(f"method {method!r} drafts with MTP heads: pass --heads DIR or default")
-    info: dict = {"method": method}
-    if method == "plain":
-        return PlainProposer(), info
-    if method == "blockwise":
-        if draft_len is None and cost is not None:
-            acc = rank_accuracy(heads_dir, n_heads)
-
-            def size_chain(a):  # rank 0 of every head: the chain's acceptance probabilities
-                return chain_tree(choose_tree([[r[0]] for r in a], cost, max_nodes=n_heads)[0])
-
-            draft_len, gain = choose_tree([[a[0]] for a in acc], cost, max_nodes=n_heads)
-            info.update(draft_len_from="verify cost x head accuracy", expected_speedup=round(gain, 3))
-            if adapt:
-                info.update(draft_len=draft_len,
-                            adaptive=ADAPTIVE_NOTE)
-                return AdaptiveTreeProposer(acc, size_chain, every=ADAPT_EVERY, name="blockwise"), info
-        depth = min(draft_len or n_heads, n_heads)
-        info["draft_len"] = depth
-        return blockwise(depth), info
-    if method == "hybrid":  # the heads' tree, sized for a forward that also carries the prompt-lookup chain
-        look_len = draft_len or hybrid_chain_len(cost)
-        chosen = {}
-        if nodes is None and tree is None and cost is not None:
-            acc = rank_accuracy(heads_dir, n_heads)
-            nodes, gain = choose_tree(acc, cost, extra=look_len)  # 1 if none fits
-            chosen = dict(nodes_from="verify cost x head accuracy, lookup chain included",
-                          expected_speedup_of_tree=round(gain, 3))
-            if adapt:
-                def size_tree(a):
-                    return tree_from_accuracy(a, choose_tree(a, cost, extra=look_len)[0])
-
-                tree_proposer = AdaptiveTreeProposer(acc, size_tree, every=ADAPT_EVERY)
-                info.update(nodes=nodes, tree=[list(p) for p in tree_proposer.tree.paths], lookup_draft_len=look_len,
-                            adaptive=ADAPTIVE_NOTE, **chosen)
-                return UnionProposer([tree_proposer, LookupProposer(draft_len=look_len)]), info
-        tree_proposer, info = make_proposer("tree", dataclasses.replace(opts, nodes=nodes, adapt=False),
-                                            n_heads=n_heads, heads_dir=heads_dir, cost=cost, vocab=vocab)
-        info.update(method="hybrid", lookup_draft_len=look_len, **chosen)
-        return UnionProposer([tree_proposer, LookupProposer(draft_len=look_len)]), info
-    if method in ("tree", "dynamic"):
-        acc = rank_accuracy(heads_dir, n_heads)
-        if tree and method == "tree":
-            compiled = compile_tree(read_tree(tree), max_depth=n_heads)
-            if vocab is not None and compiled.max_rank > vocab:
-                raise UserError(f"--tree asks for rank {compiled.max_rank - 1} but the heads draft from "
-                                f"{vocab} tokens: use ranks below {vocab}")
-            info.update(nodes=compiled.size, tree="given")
-            return TreeProposer(compiled), info
-        if nodes is None:
-            if cost is None:
-                nodes = 16
-                info["nodes_from"] = "fixed default (no verify-cost curve)"
-            else:
-                nodes, gain = choose_tree(acc, cost)
-                info.update(nodes_from="verify cost x head accuracy", expected_speedup=round(gain, 3))
-                if adapt and method == "tree":
-                    def size_tree(a):
-                        return tree_from_accuracy(a, choose_tree(a, cost)[0])
-
-                    proposer = AdaptiveTreeProposer(acc, size_tree, every=ADAPT_EVERY)
-                    info.update(nodes=nodes, tree=[list(p) for p in proposer.tree.paths],
-                                adaptive=ADAPTIVE_NOTE)
-                    return proposer, info
-        if nodes < 1:
-            raise UserError(f"--nodes must be >= 1, got {nodes}")
-        info["nodes"] = nodes
-        if method == "tree":
-            compiled = tree_from_accuracy(acc, nodes)
-            info["tree"] = [list(p) for p in compiled.paths]
-            return TreeProposer(compiled), info
-        return DynamicTreeProposer(nodes=nodes, top_k=min(8, nodes)), info
-    if method == "lookup":
-        info["draft_len"] = draft_len or 8
-        return LookupProposer(draft_len=draft_len or 8), info
-    layer = exit_layer or max(1, n_layers // 2)
-    info.update(exit_layer=layer, draft_len=draft_len or 3)
-    return EarlyExitProposer(layers=layer, draft_len=draft_len or 3), info
+    return PROPOSERS[method](DraftInputs(opts or DraftOptions(), depth, heads_dir, cost, n_layers, vocab))

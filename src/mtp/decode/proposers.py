@@ -33,8 +33,9 @@ class Proposer:
     def propose(self, state) -> Draft:
         raise NotImplementedError
 
-    def observe(self, emitted: list[list[int] | None]) -> None:
-        """After a step: per row the tokens it emitted below the root (the true continuation), None if done."""
+    def observe(self, verified: list[list[int] | None]) -> None:
+        """After a step: per row the tokens the verify confirmed below the root (the true continuation, before
+        the row's stop cuts it), None for a finished row."""
 
     def heads_needed(self) -> int | None:
         """How many heads (1..d) the drafts read: the decoder runs no others. None = all of them."""
@@ -63,9 +64,9 @@ class TreeProposer(Proposer):
 
     def propose(self, state) -> Draft:
         if getattr(state, "sequential_heads", False):
-            if state.heads.n_heads < self.tree.max_depth:
+            if state.mtp.draft_depth < self.tree.max_depth:
                 raise UserError(f"the tree is {self.tree.max_depth} deep but there are only "
-                                f"{state.heads.n_heads} heads")
+                                f"{state.mtp.draft_depth} heads")
             return self.tree.draft_sequential(state.root, state.head_top)
         head_logits = state.head_logits[:, : self.tree.max_depth]
         if head_logits.shape[1] < self.tree.max_depth:
@@ -129,11 +130,11 @@ class AdaptiveTreeProposer(TreeProposer):
         self._top = top
         return self.tree.draft(top[..., : self.tree.max_rank])
 
-    def observe(self, emitted: list[list[int] | None]) -> None:
+    def observe(self, verified: list[list[int] | None]) -> None:
         if self._top is None:
             return
         top = self._top.cpu()
-        for row, tokens in enumerate(emitted):
+        for row, tokens in enumerate(verified):
             if not tokens:
                 continue
             reach = min(len(tokens), self.depth)
@@ -196,7 +197,7 @@ class DynamicTreeProposer(Proposer):
         ``nodes`` best of every node expanded. A child never outscores its parent, so the draft is closed
         under prefixes."""
         b, dev, k = state.batch, state.device, self.top_k
-        depth = min(self.depth or state.heads.n_heads, state.heads.n_heads)
+        depth = min(self.depth or state.mtp.draft_depth, state.mtp.draft_depth)
         root = state.root
         paths = torch.zeros(b, 1, 0, dtype=torch.long, device=dev)  # the frontier's token paths (B, F, d - 1)
         front_score = torch.zeros(b, 1, device=dev)
@@ -298,9 +299,9 @@ class UnionProposer(Proposer):
     def propose(self, state) -> Draft:
         return union([p.propose(state) for p in self.proposers])
 
-    def observe(self, emitted: list[list[int] | None]) -> None:
+    def observe(self, verified: list[list[int] | None]) -> None:
         for p in self.proposers:
-            p.observe(emitted)
+            p.observe(verified)
 
     def heads_needed(self) -> int | None:
         needed = [p.heads_needed() for p in self.proposers]

@@ -1,4 +1,5 @@
-"""What ``mtp generate`` and ``mtp bench decode`` share: loading, prompt encoding, streaming, baselines."""
+"""What ``mtp generate``, ``mtp bench decode`` and ``mtp serve`` share: loading, choosing the method, prompt
+encoding, streaming, baselines."""
 
 from __future__ import annotations
 
@@ -10,11 +11,19 @@ import torch
 
 from mtp.config import DraftOptions
 from mtp.decode.accept import Sampling
-from mtp.decode.engine import Decoder, GenerateOutput
+from mtp.decode.engine import SpeculativeDecoder, GenerateOutput
 from mtp.decode.methods import (HEAD_METHODS, cached_batch_cost, cached_context_growth, cached_verify_cost,
-                                context_cost, make_proposer)
+                                context_cost, make_proposer, Sizing)
 from mtp.decode.proposers import PlainProposer
 from mtp.errors import UserError
+
+
+def choose_method(model_name: str, heads: str | None, method: str | None) -> tuple[str | None, str]:
+    """The heads and method a decoding command runs when the user leaves them open: a built-in model's shipped
+    heads where a head method (or none) is asked for, then ``tree`` with heads, ``lookup`` without."""
+    if heads is None and (method is None or method in HEAD_METHODS) and default_heads_available(model_name):
+        heads = "default"
+    return heads, method or ("tree" if heads else "lookup")
 
 
 def default_heads_available(model_name: str) -> bool:
@@ -77,7 +86,7 @@ def encode_prompt(tokenizer, prompt: str, chat: bool = True) -> list[int]:
 
 
 def build_decoder(backbone, tokenizer, mtp_model, folder: Path | None, model_name: str, method: str,
-                  opts: DraftOptions | None = None, calibrate: bool = True) -> tuple[Decoder, dict]:
+                  opts: DraftOptions | None = None, calibrate: bool = True) -> tuple[SpeculativeDecoder, Sizing]:
     """A decoder for ``method`` drafting and accepting as ``opts`` says; sizes left open are chosen from the
     verify-cost curve measured for ``model_name`` (when ``calibrate``) and the heads' held-out accuracy."""
     opts = opts or DraftOptions()
@@ -89,30 +98,31 @@ def build_decoder(backbone, tokenizer, mtp_model, folder: Path | None, model_nam
     if opts.adapt and mtp_model is not None and mtp_model.sequential and method in HEAD_METHODS:
         raise UserError(f"--adapt / --compare-adaptive re-size drafts of independent heads; "
                         f"{mtp_model.config.kind} heads are sequential")
-    sized = (method in ("tree", "dynamic", "hybrid") and opts.nodes is None and opts.tree is None) or \
+    left_open = (method in ("tree", "dynamic", "hybrid") and opts.nodes is None and opts.tree is None) or \
         (method == "blockwise" and opts.draft_len is None)
-    cost = cached_verify_cost(model_name, backbone) if calibrate and sized else None
+    cost = cached_verify_cost(model_name, backbone) if calibrate and left_open else None
     width = (heads.eagle.draft_ids.numel() if heads is not None and heads.eagle is not None else
              len(shortlist) if shortlist is not None else backbone.get_output_embeddings().weight.shape[0])
-    proposer, info = make_proposer(method, opts, n_heads=mtp_model.n_heads if mtp_model is not None else 0,
-                                   heads_dir=folder, cost=cost, n_layers=backbone.config.num_hidden_layers,
-                                   vocab=width)
+    depth = mtp_model.draft_depth if mtp_model is not None else 0
+    proposer, sizing = make_proposer(method, opts, depth=depth, heads_dir=folder, cost=cost,
+                                     n_layers=backbone.config.num_hidden_layers, vocab=width)
     if shortlist is not None:
-        info["draft_vocab"] = len(shortlist)
+        sizing.draft_vocab = len(shortlist)
     resize = None
     if cost is not None:  # sized from the curve: re-sized for a call's batch and long prompts
         def resize(batch: int, context: int):
             curve = cached_batch_cost(model_name, backbone, batch, cost)  # measured for this many rows
             if context:
                 curve = context_cost(curve, cached_context_growth(model_name, backbone), context)
-            proposer, sized = make_proposer(method, opts, n_heads=mtp_model.n_heads if mtp_model is not None else 0,
-                                            heads_dir=folder, cost=curve, n_layers=backbone.config.num_hidden_layers)
-            gain = sized.get("expected_speedup", sized.get("expected_speedup_of_tree"))
+            proposer, resized = make_proposer(method, opts, depth=depth, heads_dir=folder, cost=curve,
+                                              n_layers=backbone.config.num_hidden_layers, vocab=width)
+            gain = resized.expected_speedup
             # a batch (or context) where even the smallest draft is expected to cost more than it saves is
             # decoded plainly (serving: many rows make the verify compute-bound)
             return PlainProposer() if gain is not None and gain < 1 else proposer
-    return Decoder(backbone, tokenizer, heads=heads, proposer=proposer, sampling=Sampling.of(opts),
-                   acceptance=opts.acceptance, seed=opts.seed, draft_vocab=shortlist, resize=resize), info
+    return SpeculativeDecoder(backbone, tokenizer, mtp_model=heads, proposer=proposer, sampling=Sampling.of(opts),
+                              acceptance=opts.acceptance, seed=opts.seed, draft_vocab=shortlist,
+                              resize=resize), sizing
 
 
 MIN_DRAFT_VOCAB = 4096
@@ -143,7 +153,7 @@ def draft_shortlist(mtp_model, size: int | None) -> torch.Tensor | None:
     return top_tokens(counts, size)
 
 
-def adaptive_sizes(decoder: Decoder) -> dict | None:
+def adaptive_sizes(decoder: SpeculativeDecoder) -> dict | None:
     """What an adaptive tree / draft was re-sized to while decoding (None for fixed sizes)."""
     from mtp.decode.proposers import AdaptiveTreeProposer, UnionProposer
 

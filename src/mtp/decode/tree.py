@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from mtp.errors import UserError
-from mtp.trees import MAX_TREE_DEPTH, MAX_TREE_NODES, check_paths, parse_tree, read_tree, short  # noqa: F401
+from mtp.trees import check_paths
 
 @dataclass
 class Draft:

@@ -109,7 +109,8 @@ def choose(costs: Costs, cap: int = N_MAX_CAP) -> dict:
 
 def choose_from_fit(costs: Costs, overhead: float, draft_token: float, a: float, b: float,
                     cap: int = N_MAX_CAP) -> dict:
-    """:func:`choose` for given draft costs and acceptance (a draft of another vocabulary size: :func:`choose_vocab`)."""
+    """:func:`choose` for given draft costs and acceptance (a draft of another vocabulary size:
+    :func:`choose_vocab`)."""
     table = {d: predicted_speedup(costs, d, overhead, draft_token, a, b) for d in range(1, cap + 1)}
     n_max = max(table, key=table.get)
     extra = [draft_token + verify_at(costs, k + 1) - verify_at(costs, k) for k in range(1, n_max + 1)]

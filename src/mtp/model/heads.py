@@ -31,7 +31,7 @@ from mtp.errors import UserError
 from mtp.hf_compat import cache_length, forward_with_cache, rotary_embeddings
 from mtp.model.attention import layer_mask
 from mtp.model.registry import register_head
-from mtp.model.trunk import decoder_stack, final_norm
+from mtp.model.trunk import decoder_stack
 
 class Head(nn.Module):
     kind = ""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -100,6 +100,12 @@ class MTPModel(nn.Module):
 
     @property
     def n_heads(self) -> int:
+        """``n_heads`` of heads.json: the heads' count, or for eagle3 (one drafter) the steps it drafts."""
+        return self.config.n_heads
+
+    @property
+    def draft_depth(self) -> int:
+        """How many tokens past the next one the model drafts: one per head, or eagle3's unrolled steps."""
         return self.config.n_heads
 
     def trunk(self, input_ids, position_ids=None, cache=None, final: bool = True):

@@ -4,6 +4,6 @@
   object naming the field otherwise), and the response / stream chunk objects;
 - :mod:`~mtp.serve.scheduler`: continuous batching: one worker thread owns the decoder; requests wait in a
   bounded queue, join the running batch between steps and leave it when they finish or their client goes;
-- :mod:`~mtp.serve.app`: the ASGI app (FastAPI, server-sent events through sse-starlette), authentication,
+- :mod:`~mtp.serve.app`: the ASGI app (Starlette, server-sent events through sse-starlette), authentication,
   body limits, Prometheus metrics, and uvicorn with a graceful SIGTERM.
 """

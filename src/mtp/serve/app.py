@@ -8,6 +8,7 @@ an OpenAI error object with a 4xx status; an error inside the server is a 500 fo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import hmac
 import json
@@ -15,8 +16,19 @@ import os
 import signal
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 
+import torch
+
+from sse_starlette import EventSourceResponse
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from mtp.decode.accept import Sampling
+from mtp.decode.engine import Request
 from mtp.errors import UserError
 from mtp.io import parse_json
 from mtp.serve.protocol import (ApiError, Limits, Params, TextStream, bad, chunk, final_text, new_id, parse,
@@ -68,69 +80,63 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-def create_app(scheduler: Scheduler, tokenizer, settings: Settings, metrics: Metrics):
-    """The Starlette app; ``scheduler`` is started and stopped with it (its lifespan)."""
-    import contextlib
+class Api:
+    """The HTTP side of ``mtp serve``: its handlers over four collaborators (the scheduler that owns the decoder,
+    the tokenizer, the settings, the metrics), each a method that can be called and tested on its own; :meth:`app`
+    puts them on their routes."""
 
-    from sse_starlette import EventSourceResponse
-    from starlette.applications import Starlette
-    from starlette.exceptions import HTTPException
-    from starlette.responses import JSONResponse, Response
-    from starlette.routing import Route
+    def __init__(self, scheduler: Scheduler, tokenizer, settings: Settings, metrics: Metrics):
+        self.scheduler, self.tokenizer, self.settings, self.metrics = scheduler, tokenizer, settings, metrics
+        self.vocab = len(tokenizer)
 
-    vocab = len(tokenizer)
-
+    @staticmethod
     def error_response(e: ApiError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
-    def authorize(request) -> None:
-        if settings.api_key is None:
+    def authorize(self, request) -> None:
+        if self.settings.api_key is None:
             return
         given = request.headers.get("authorization", "")
         scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
+        key = self.settings.api_key.encode()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key):
             raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
 
-    async def read_json(request):
+    async def read_json(self, request):
         length = request.headers.get("content-length")
         if length is not None and not length.isdigit():
             raise bad(f"bad Content-Length header {length[:40]!r}", code="invalid_header")
-        if length is not None and int(length) > settings.max_body_bytes:
-            raise ApiError(413, f"request body larger than {settings.max_body_bytes} bytes (--max-body-bytes)",
+        if length is not None and int(length) > self.settings.max_body_bytes:
+            raise ApiError(413, f"request body larger than {self.settings.max_body_bytes} bytes (--max-body-bytes)",
                            code="body_too_large")
         body = bytearray()
         async for part in request.stream():
             body += part
-            if len(body) > settings.max_body_bytes:
-                raise ApiError(413, f"request body larger than {settings.max_body_bytes} bytes (--max-body-bytes)",
-                               code="body_too_large")
+            if len(body) > self.settings.max_body_bytes:
+                raise ApiError(413, f"request body larger than {self.settings.max_body_bytes} bytes "
+                               "(--max-body-bytes)", code="body_too_large")
         try:
             return parse_json(bytes(body), "the request body", what="is ")
         except UserError as e:  # not JSON, too deep, a 5000-digit number, a lone surrogate
             raise bad(str(e)[:200], code="invalid_json") from None
 
-    def encode(p: Params) -> list[int]:
+    def encode(self, p: Params) -> list[int]:
         if p.kind == "chat":
-            if not getattr(tokenizer, "chat_template", None):
+            if not getattr(self.tokenizer, "chat_template", None):
                 raise bad("this model has no chat template: use /v1/completions", "messages")
             try:
-                text = tokenizer.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=False)
+                text = self.tokenizer.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=False)
             except Exception as e:  # noqa: BLE001 - the template's own complaint (e.g. roles out of order)
                 raise bad(f"the model's chat template refused these messages: {str(e)[:200]}", "messages") from None
-            return tokenizer(text, add_special_tokens=False)["input_ids"]
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if isinstance(p.prompt, list):
-            if any(not 0 <= t < vocab for t in p.prompt):
-                raise bad(f"'prompt' token ids must be in [0, {vocab})", "prompt")
+            if any(not 0 <= t < self.vocab for t in p.prompt):
+                raise bad(f"'prompt' token ids must be in [0, {self.vocab})", "prompt")
             return list(p.prompt)
-        return tokenizer(p.prompt, add_special_tokens=True)["input_ids"]
+        return self.tokenizer(p.prompt, add_special_tokens=True)["input_ids"]
 
-    def make_job(p: Params, ids: list[int], loop) -> Job:
-        import torch
-
-        from mtp.decode.accept import Sampling
-        from mtp.decode.engine import Request
-
-        lim = settings.limits
+    def make_job(self, p: Params, ids: list[int], loop) -> Job:
+        lim = self.settings.limits
         if len(ids) > lim.max_prompt_tokens:
             raise bad(f"the prompt is {len(ids)} tokens; this server takes at most {lim.max_prompt_tokens} "
                       f"(--max-prompt-tokens)", "messages" if p.kind == "chat" else "prompt", "prompt_too_long")
@@ -145,28 +151,28 @@ def create_app(scheduler: Scheduler, tokenizer, settings: Settings, metrics: Met
         sampling = Sampling(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p)
         generator = None
         if not sampling.greedy:
-            generator = torch.Generator(device=scheduler.decoder.device)
+            generator = torch.Generator(device=self.scheduler.decoder.device)
             generator.manual_seed(p.seed if p.seed is not None else int.from_bytes(os.urandom(8), "little"))
-        request = Request(ids, max_new, frozenset(settings.eos), tuple(p.stop), sampling, generator)
-        return Job(request, loop, settings.timeout, queue=asyncio.Queue())
+        request = Request(ids, max_new, frozenset(self.settings.eos), tuple(p.stop), sampling, generator)
+        return Job(request, loop, self.settings.timeout, queue=asyncio.Queue())
 
-    async def wait_disconnect(request) -> None:
+    async def wait_disconnect(self, request) -> None:
         while True:
             message = await request.receive()
             if message["type"] == "http.disconnect":
                 return
 
-    async def collect(job: Job, request) -> tuple[list[int], str]:
+    async def collect(self, job: Job, request) -> tuple[list[int], str]:
         """A non-streamed request's tokens and finish; a client that leaves cancels it."""
         tokens: list[int] = []
-        gone = asyncio.ensure_future(wait_disconnect(request))
+        gone = asyncio.ensure_future(self.wait_disconnect(request))
         try:
             while True:
                 get = asyncio.ensure_future(job.queue.get())
                 done, _ = await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
                 if get not in done:
                     get.cancel()
-                    scheduler.cancel(job)
+                    self.scheduler.cancel(job)
                     raise ApiError(499, "client closed the request", code="client_closed")
                 kind, value = get.result()
                 if kind == "tokens":
@@ -176,15 +182,15 @@ def create_app(scheduler: Scheduler, tokenizer, settings: Settings, metrics: Met
                 else:
                     raise value
         except asyncio.CancelledError:
-            scheduler.cancel(job)
+            self.scheduler.cancel(job)
             raise
         finally:
             gone.cancel()
 
-    async def stream(job: Job, p: Params, prompt_tokens: int, echo: str | None):
+    async def stream(self, job: Job, p: Params, prompt_tokens: int, echo: str | None):
         rid, created = new_id(p.kind), int(time.time())
-        text = TextStream(tokenizer, p.stop)
-        fp = settings.fingerprint
+        text = TextStream(self.tokenizer, p.stop)
+        fp = self.settings.fingerprint
         ended = False
         try:
             if p.kind == "chat":
@@ -213,85 +219,93 @@ def create_app(scheduler: Scheduler, tokenizer, settings: Settings, metrics: Met
                     return
         finally:
             if not ended:  # the client went away (or the server is stopping): free the row
-                scheduler.cancel(job)
+                self.scheduler.cancel(job)
 
-    async def completions(request, kind: str):
-        authorize(request)
-        p = parse(await read_json(request), kind, settings.limits)
-        if p.model not in settings.model_names:
+    async def completions(self, request, kind: str):
+        self.authorize(request)
+        p = parse(await self.read_json(request), kind, self.settings.limits)
+        if p.model not in self.settings.model_names:
             raise ApiError(404, f"the model {p.model!r} does not exist here: this server serves "
-                           f"{settings.model_names[0]!r} (see /v1/models)", "model", "model_not_found")
-        ids = encode(p)
-        job = make_job(p, ids, asyncio.get_running_loop())
-        scheduler.submit(job)
-        metrics.prompt_tokens.inc(len(ids))
-        echo = tokenizer.decode(ids, skip_special_tokens=True) if p.echo else None
+                           f"{self.settings.model_names[0]!r} (see /v1/models)", "model", "model_not_found")
+        ids = self.encode(p)
+        job = self.make_job(p, ids, asyncio.get_running_loop())
+        self.scheduler.submit(job)
+        self.metrics.prompt_tokens.inc(len(ids))
+        echo = self.tokenizer.decode(ids, skip_special_tokens=True) if p.echo else None
         if p.stream:
-            return EventSourceResponse(stream(job, p, len(ids), echo), sep="\n", ping=15)
-        tokens, finish = await collect(job, request)
-        text = (echo or "") + final_text(tokenizer, tokens, p.stop)
-        return JSONResponse(response(p, new_id(kind), text, finish, len(ids), len(tokens), settings.fingerprint))
+            return EventSourceResponse(self.stream(job, p, len(ids), echo), sep="\n", ping=15)
+        tokens, finish = await self.collect(job, request)
+        text = (echo or "") + final_text(self.tokenizer, tokens, p.stop)
+        return JSONResponse(response(p, new_id(kind), text, finish, len(ids), len(tokens),
+                                     self.settings.fingerprint))
 
-    def route(name: str, handler):
+    def route(self, name: str, handler):
         async def endpoint(request):
             try:
                 out = await handler(request)
             except ApiError as e:
-                out = error_response(e)
+                out = self.error_response(e)
             except Exception as e:  # noqa: BLE001 - this request fails, the server goes on
-                import traceback
-
                 traceback.print_exc(file=sys.stderr)
-                out = error_response(ApiError(500, f"internal error: {type(e).__name__}", code="internal_error"))
-            metrics.requests.labels(route=name, status=str(out.status_code)).inc()
+                out = self.error_response(ApiError(500, f"internal error: {type(e).__name__}",
+                                                   code="internal_error"))
+            self.metrics.requests.labels(route=name, status=str(out.status_code)).inc()
             return out
         return endpoint
 
-    async def chat(request):
-        return await completions(request, "chat")
+    async def chat(self, request):
+        return await self.completions(request, "chat")
 
-    async def text_completions(request):
-        return await completions(request, "completion")
+    async def text_completions(self, request):
+        return await self.completions(request, "completion")
 
-    async def models(request):
-        authorize(request)
+    async def models(self, request):
+        self.authorize(request)
         created = int(time.time())
         return JSONResponse({"object": "list", "data": [
-            {"id": settings.model_names[0], "object": "model", "created": created, "owned_by": "mtp"}]})
+            {"id": self.settings.model_names[0], "object": "model", "created": created, "owned_by": "mtp"}]})
 
-    async def health(request):
-        if scheduler.draining:
+    async def health(self, request):
+        if self.scheduler.draining:
             return JSONResponse({"status": "shutting down"}, status_code=503)
-        if not scheduler.thread.is_alive():
+        if not self.scheduler.thread.is_alive():
             return JSONResponse({"status": "decoder stopped"}, status_code=503)
-        return JSONResponse({"status": "ok", "running": len(scheduler.running), "waiting": scheduler.queue_depth()})
+        return JSONResponse({"status": "ok", "running": len(self.scheduler.running),
+                             "waiting": self.scheduler.queue_depth()})
 
-    async def metrics_text(request):
-        authorize(request)
-        return Response(metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    async def metrics_text(self, request):
+        self.authorize(request)
+        return Response(self.metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    async def http_error(request, exc: HTTPException):
+    async def http_error(self, request, exc: HTTPException):
         error = ApiError(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}",
                          code="not_found" if exc.status_code == 404 else "method_not_allowed",
                          type="invalid_request_error")
-        return error_response(error)
+        return self.error_response(error)
 
     @contextlib.asynccontextmanager
-    async def lifespan(app):
-        scheduler.start()
+    async def lifespan(self, app):
+        self.scheduler.start()
         try:
             yield
         finally:
-            await asyncio.get_running_loop().run_in_executor(None, scheduler.stop)
+            await asyncio.get_running_loop().run_in_executor(None, self.scheduler.stop)
 
-    routes = [
-        Route("/v1/chat/completions", route("chat", chat), methods=["POST"]),
-        Route("/v1/completions", route("completions", text_completions), methods=["POST"]),
-        Route("/v1/models", route("models", models), methods=["GET"]),
-        Route("/health", route("health", health), methods=["GET"]),
-        Route("/metrics", route("metrics", metrics_text), methods=["GET"]),
-    ]
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
+    def app(self) -> Starlette:
+        """The Starlette app: these handlers on their routes; the scheduler starts and stops with it."""
+        routes = [
+            Route("/v1/chat/completions", self.route("chat", self.chat), methods=["POST"]),
+            Route("/v1/completions", self.route("completions", self.text_completions), methods=["POST"]),
+            Route("/v1/models", self.route("models", self.models), methods=["GET"]),
+            Route("/health", self.route("health", self.health), methods=["GET"]),
+            Route("/metrics", self.route("metrics", self.metrics_text), methods=["GET"]),
+        ]
+        return Starlette(routes=routes, lifespan=self.lifespan, exception_handlers={HTTPException: self.http_error})
+
+
+def create_app(scheduler: Scheduler, tokenizer, settings: Settings, metrics: Metrics) -> Starlette:
+    """The Starlette app; ``scheduler`` is started and stopped with it (its lifespan)."""
+    return Api(scheduler, tokenizer, settings, metrics).app()
 
 
 # ----------------------------------------------------------------------------- the command
@@ -303,13 +317,10 @@ def serve(cfg, command: str = "") -> None:
     from sse_starlette.sse import AppStatus
 
     from mtp.config import HEAD_METHODS
-    from mtp.decode.run import build_decoder, default_heads_available, eos_ids, load_for_decoding
+    from mtp.decode.run import build_decoder, choose_method, eos_ids, load_for_decoding
 
     check_port(cfg.host, cfg.port)  # before the slow part
-    heads, method = cfg.heads, cfg.method
-    if heads is None and (method is None or method in HEAD_METHODS) and default_heads_available(cfg.model):
-        heads = "default"
-    method = method or ("tree" if heads else "lookup")
+    heads, method = choose_method(cfg.model, cfg.heads, cfg.method)
     api_key = cfg.api_key if cfg.api_key is not None else (os.environ.get("MTP_API_KEY") or None)
     say = (lambda *a: None) if cfg.quiet else (lambda msg: print(f"mtp serve: {msg}", file=sys.stderr, flush=True))
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:

@@ -19,7 +19,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 
-from mtp.decode.engine import Decoder, Request
+from mtp.decode.engine import SpeculativeDecoder, Request
 from mtp.errors import UserError
 from mtp.serve.protocol import ApiError
 
@@ -48,7 +48,7 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, decoder: Decoder, max_batch: int = 8, max_queue: int = 64, metrics=None):
+    def __init__(self, decoder: SpeculativeDecoder, max_batch: int = 8, max_queue: int = 64, metrics=None):
         self.decoder, self.max_batch, self.max_queue, self.metrics = decoder, max_batch, max_queue, metrics
         self.waiting: collections.deque[Job] = collections.deque()
         self.running: list[Job] = []  # row i of the decoder's batch is running[i]

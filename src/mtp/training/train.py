@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -26,11 +27,19 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from mtp.backbones import DTYPES, load_backbone
 from mtp.config import TrainConfig
+from mtp.data import packed_blocks, target_counts, top_tokens
 from mtp.errors import UserError
-from mtp.io import append_line, complete_lines, write_json
-from mtp.training.losses import chunked_head_loss, cross_entropy_sum, head_targets, head_weights
+from mtp.heads_format import read_heads_config
+from mtp.hf_compat import add_lora
+from mtp.io import append_line, check_new_output, complete_lines, recover_dir, write_json
+from mtp.model.eagle3 import parse_layers
 from mtp.model.mtp import HeadsConfig, MTPModel
+from mtp.training.checkpoint import gather_states, load_optimizer, load_weights, read_checkpoint, write_checkpoint
+from mtp.training.eagle_layers import auto_layers
+from mtp.training.evaluate import heldout_scores
+from mtp.training.losses import chunked_head_loss, cross_entropy_sum, head_targets, head_weights
 
 
 def mtp_step(model: MTPModel, input_ids: torch.Tensor, weights: list[float], *, train_backbone: bool,
@@ -335,13 +344,10 @@ def build_model(cfg: TrainConfig, device: str, command: str = "", auto_layers: l
                 backbone_and_tokenizer=None):
     """Backbone (+ LoRA adapters) + fresh heads, with requires_grad set for the mode. ``auto_layers``: what
     ``--eagle-layers auto`` resolved to."""
-    from mtp.backbones import load_backbone
 
     backbone, tokenizer = backbone_and_tokenizer or load_backbone(cfg.model, dtype=cfg.dtype, device=device)
     lora = {}
     if cfg.mode == "lora":
-        from mtp.hf_compat import add_lora
-
         names = {n.rsplit(".", 1)[-1] for n, _ in backbone.named_modules()}
         targets = [t for t in cfg.lora_targets if t in names]
         if not targets:
@@ -353,8 +359,6 @@ def build_model(cfg: TrainConfig, device: str, command: str = "", auto_layers: l
         backbone.requires_grad_(cfg.mode == "joint")
     eagle_layers = []
     if cfg.kind == "eagle3":
-        from mtp.model.eagle3 import parse_layers
-
         eagle_layers = parse_layers(cfg.eagle_layers, backbone.config.num_hidden_layers)
         if eagle_layers == "auto":
             eagle_layers = auto_layers or parse_layers("default", backbone.config.num_hidden_layers)
@@ -372,83 +376,37 @@ def build_model(cfg: TrainConfig, device: str, command: str = "", auto_layers: l
 
 
 def train(cfg: TrainConfig, progress: bool = True, command: str = "") -> dict:
-    """Train heads per ``cfg``; returns a summary. Writes cfg.out/{checkpoint/, heads/, metrics.jsonl}."""
-    from mtp.training.checkpoint import gather_states, load_optimizer, load_weights, read_checkpoint, write_checkpoint
-    from mtp.data import packed_blocks, target_counts
+    """Train heads per ``cfg``; returns a summary. Writes cfg.out/{checkpoint/, heads/, metrics.jsonl}.
+
+    Setup (each a function below: the run folder and what a resume reads, the data, the model, the optimizer),
+    then the loop: per step the learning rate, ``grad_accum`` micro-batches, gradients averaged and clipped, the
+    optimizer step, the log, the held-out evaluation, the checkpoint."""
 
     ddp, device = init_distributed(cfg.device)
-    out = Path(cfg.out)
-    ckpt = out / "checkpoint"
-    check_run_folder(out, cfg.resume, cfg.overwrite, main=ddp.main)
-    if ddp.world > 1:
-        dist.barrier()  # rank 0 has recovered what a killed save left
-    fresh = not (ckpt / "trainer.json").exists()  # --resume of a run killed before its first checkpoint: from step 0
-    if cfg.resume and fresh and ddp.main and progress:
-        print(f"mtp: --resume: {out} holds no complete checkpoint yet: training from step 0", file=sys.stderr)
-    # whs_lr only matters with a WHS tap (and checkpoints from before it existed do not record it)
-    # eagle_layers / draft_vocab only for eagle3 heads (older checkpoints do not record them either)
-    must_match = tuple(k for k in RESUME_MUST_MATCH if (k != "whs_lr" or cfg.tap == "whs") and
-                       (k not in ("eagle_layers", "draft_vocab", "draft_init", "draft_loss") or
-                        cfg.kind == "eagle3"))
-    meta = read_checkpoint(ckpt, cfg.to_dict(), must_match, before=SETTINGS_BEFORE) if cfg.resume and not fresh \
-        else None
-    if meta is not None and meta["step"] > cfg.max_steps:
-        raise UserError(f"the checkpoint is at step {meta['step']}, already beyond --max-steps {cfg.max_steps}")
+    out, ckpt = Path(cfg.out), Path(cfg.out) / "checkpoint"
+    meta = open_run(cfg, out, ckpt, ddp, progress)
     torch.manual_seed(cfg.seed)
-    from mtp.backbones import load_backbone
-
     backbone, tokenizer = load_backbone(cfg.model, dtype=cfg.dtype, device=device)
-    need = cfg.max_steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len
-    blocks, masks = packed_blocks(cfg.data, tokenizer, cfg.seq_len, max_tokens=cfg.max_tokens or need, seed=cfg.seed)
-    masks = None if masks.all() else masks  # only distilled data restricts the targets
-    counts = target_counts(blocks, masks, backbone.get_output_embeddings().weight.shape[0])
-    auto = None
-    if cfg.kind == "eagle3" and cfg.eagle_layers == "auto":
-        from mtp.training.eagle_layers import auto_layers
-
-        if meta is not None:  # a resumed run keeps the layers it started with
-            from mtp.heads_format import read_heads_config
-
-            auto = read_heads_config(ckpt / "heads")["eagle_layers"]
-        else:
-            auto, lens_kl = auto_layers(backbone, blocks)
-            if progress and ddp.main:
-                print(f"mtp: --eagle-layers auto -> {auto} (logit-lens KL per layer "
-                      f"{[round(x, 2) for x in lens_kl]})", file=sys.stderr)
+    blocks, masks, counts = training_data(cfg, tokenizer, backbone.get_output_embeddings().weight.shape[0])
+    layers = eagle_layers(cfg, backbone, blocks, ckpt if meta is not None else None, progress and ddp.main)
     torch.manual_seed(cfg.seed)
-    model, _ = build_model(cfg, device, command, auto_layers=auto, backbone_and_tokenizer=(backbone, tokenizer))
+    model, _ = build_model(cfg, device, command, auto_layers=layers, backbone_and_tokenizer=(backbone, tokenizer))
     model.token_counts = counts
-    if model.autoregressive:  # the draft vocabulary: the most frequent targets (FR-Spec), lm_head rows from the target
-        from mtp.data import top_tokens
-
-        vocab = counts.numel()
-        size = cfg.draft_vocab or -(-max(int((counts > 0).sum()), EAGLE_MIN_DRAFT_VOCAB) // 64) * 64
-        model.set_draft_vocab(top_tokens(counts, min(size, vocab)))
+    if model.autoregressive:
+        set_draft_vocab(cfg, model, counts)
     order = BatchOrder(len(blocks), cfg, ddp)
     if meta is not None:
         load_weights(ckpt, model)
     sharded = ddp.world > 1 and cfg.mode == "joint"
     if sharded:
         shard_backbone(model)
-    head_params = model.head_parameters()
-    backbone_params = [p for p in model.backbone.parameters() if p.requires_grad]
-    trainable = head_params + backbone_params  # WHS weightings included (a group of their own below)
-    whs_params = [h.whs for h in model.heads if getattr(h, "whs", None) is not None]
-    head_params = [p for p in head_params if all(p is not w for w in whs_params)]
-    groups = [{"params": head_params, "lr": cfg.lr, "base_lr": cfg.lr}] if head_params else []
-    if whs_params:  # no weight decay: it would pull the weighting towards uniform
-        groups.append({"params": whs_params, "lr": cfg.whs_lr, "base_lr": cfg.whs_lr, "weight_decay": 0.0})
-    for part in (True, False):  # sharded and plain tensors in separate groups: foreach kernels need one kind
-        params = [p for p in backbone_params if _is_sharded(p) == part]
-        if params:
-            groups.append({"params": params, "lr": cfg.backbone_lr, "base_lr": cfg.backbone_lr})
-    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    optimizer, trainable = make_optimizer(cfg, model)
     step = 0
     if meta is not None:
         load_optimizer(ckpt, meta, model, optimizer)
         step = int(meta["step"])
-    cache = None
     soft = cfg.kind == "eagle3" and cfg.draft_loss == "soft"
+    cache = None
     if cfg.cache_hidden:
         out.mkdir(parents=True, exist_ok=True)
         cache = HiddenCache(out / f"hidden-rank{ddp.rank}.bin", model, blocks, cfg.batch_size, progress and ddp.main,
@@ -459,12 +417,7 @@ def train(cfg: TrainConfig, progress: bool = True, command: str = "") -> dict:
     use_autocast = autocast_enabled(cfg.autocast, dev)
     log_path = out / "metrics.jsonl"
     if ddp.main:
-        out.mkdir(parents=True, exist_ok=True)
-        if meta is None:  # a new run (--overwrite, or --resume before any checkpoint): the old run's state goes
-            import shutil
-
-            shutil.rmtree(ckpt, ignore_errors=True)
-        _truncate_log(log_path, step)
+        start_log(out, ckpt, log_path, step, new_run=meta is None)
     model.train()
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", disable=not (progress and ddp.main),
                file=sys.stderr)
@@ -477,13 +430,11 @@ def train(cfg: TrainConfig, progress: bool = True, command: str = "") -> dict:
         step_losses = torch.zeros(cfg.heads + 1, dtype=torch.float64)
         for micro in range(cfg.grad_accum):
             idx = order.indices(step, micro)
-            ids = blocks[idx].to(dev)
             hidden = cache.get(idx, dev) if cache is not None else None
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_autocast):
-                ls = mtp_step(model, ids, weights, train_backbone=cfg.mode != "frozen",
+                ls = mtp_step(model, blocks[idx].to(dev), weights, train_backbone=cfg.mode != "frozen",
                               chunk_tokens=cfg.loss_chunk_tokens, grad_scale=1.0 / cfg.grad_accum, hidden=hidden,
-                              soft=soft,
-                              loss_mask=masks[idx].to(dev) if masks is not None else None)
+                              soft=soft, loss_mask=masks[idx].to(dev) if masks is not None else None)
             step_losses += torch.tensor(ls, dtype=torch.float64) / cfg.grad_accum
         average_gradients(trainable, ddp.world)
         if cfg.clip > 0:
@@ -498,18 +449,8 @@ def train(cfg: TrainConfig, progress: bool = True, command: str = "") -> dict:
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             now = time.perf_counter()
-            mean = torch.stack(losses).mean(0)
-            known = [(w, float(x)) for w, x in zip(weights, mean) if math.isfinite(x)]  # head 0: not computed
-            if not all(math.isfinite(x) for x in mean.tolist()[1 if cfg.mode == "frozen" else 0:]):
-                last = f"the checkpoint of step {step - step % cfg.save_every} is intact" \
-                    if step >= cfg.save_every else "no checkpoint was written"
-                raise UserError(f"training diverged at step {step} (losses {[round(x, 4) for x in mean.tolist()]}); "
-                                f"{last}: lower --lr or --backbone-lr, or check the data")
-            record = {"step": step, "loss": sum(w * x for w, x in known),  # from cached states
-                      "losses": [round(float(x), 5) if math.isfinite(x) else None for x in mean], "lr": cfg.lr * factor,
-                      "tokens": step * tokens_per_step,
-                      "tokens_per_s": len(losses) * tokens_per_step / (now - t_last)}
-            bar.set_postfix({f"l{k}": f"{x:.3f}" for k, x in enumerate(mean.tolist()) if math.isfinite(x)}
+            record = log_record(cfg, step, losses, weights, factor, tokens_per_step, now - t_last)
+            bar.set_postfix({f"l{k}": f"{x:.3f}" for k, x in enumerate(record["losses"]) if x is not None}
                             | {"tok/s": f"{record['tokens_per_s']:.0f}"})
             if ddp.main:  # a log: appended line by line (not atomic); a resume drops lines past its checkpoint
                 append_line(log_path, json.dumps(record, allow_nan=False))
@@ -530,8 +471,6 @@ def train(cfg: TrainConfig, progress: bool = True, command: str = "") -> dict:
     if meta is not None and int(meta["step"]) == cfg.max_steps:  # killed after the last checkpoint: finish the run
         backbone_state, _ = gather_states(model, optimizer, sharded)
     if ddp.main:
-        from mtp.backbones import DTYPES
-
         model.save_pretrained(out / "heads", backbone_state=backbone_state,
                               dtype=DTYPES[cfg.save_dtype] if cfg.save_dtype else None)
     if ddp.world > 1:
@@ -541,13 +480,108 @@ def train(cfg: TrainConfig, progress: bool = True, command: str = "") -> dict:
     return {"out": str(out), "steps": step, "heads": str(out / "heads")}
 
 
+# ----------------------------------------------------------------------------- train's setup, step by step
+
+
+def open_run(cfg: TrainConfig, out: Path, ckpt: Path, ddp, progress: bool) -> dict | None:
+    """The run folder checked (and what a killed save left recovered, behind a barrier); with ``--resume`` the
+    checkpoint's metadata, its settings checked against ``cfg`` (None: a new run, or nothing saved yet)."""
+    check_run_folder(out, cfg.resume, cfg.overwrite, main=ddp.main)
+    if ddp.world > 1:
+        dist.barrier()  # rank 0 has recovered what a killed save left
+    fresh = not (ckpt / "trainer.json").exists()  # --resume of a run killed before its first checkpoint: from step 0
+    if cfg.resume and fresh and ddp.main and progress:
+        print(f"mtp: --resume: {out} holds no complete checkpoint yet: training from step 0", file=sys.stderr)
+    if not cfg.resume or fresh:
+        return None
+    # whs_lr only matters with a WHS tap (and checkpoints from before it existed do not record it)
+    # eagle_layers / draft_vocab only for eagle3 heads (older checkpoints do not record them either)
+    must_match = tuple(k for k in RESUME_MUST_MATCH if (k != "whs_lr" or cfg.tap == "whs") and
+                       (k not in ("eagle_layers", "draft_vocab", "draft_init", "draft_loss") or
+                        cfg.kind == "eagle3"))
+    meta = read_checkpoint(ckpt, cfg.to_dict(), must_match, before=SETTINGS_BEFORE)
+    if meta["step"] > cfg.max_steps:
+        raise UserError(f"the checkpoint is at step {meta['step']}, already beyond --max-steps {cfg.max_steps}")
+    return meta
+
+
+def training_data(cfg: TrainConfig, tokenizer, vocab: int):
+    """(blocks (N, seq_len), loss masks or None, how often each token is a target (V,)): as many tokens as
+    ``--max-tokens`` or the run needs."""
+    need = cfg.max_steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len
+    blocks, masks = packed_blocks(cfg.data, tokenizer, cfg.seq_len, max_tokens=cfg.max_tokens or need, seed=cfg.seed)
+    masks = None if masks.all() else masks  # only distilled data restricts the targets
+    return blocks, masks, target_counts(blocks, masks, vocab)
+
+
+def eagle_layers(cfg: TrainConfig, backbone, blocks, resumed: Path | None, announce: bool) -> list[int] | None:
+    """``--eagle-layers auto``: measured on the training text, or what the resumed checkpoint started with."""
+    if cfg.kind != "eagle3" or cfg.eagle_layers != "auto":
+        return None
+    if resumed is not None:  # a resumed run keeps the layers it started with
+        return read_heads_config(resumed / "heads")["eagle_layers"]
+    layers, lens_kl = auto_layers(backbone, blocks)
+    if announce:
+        print(f"mtp: --eagle-layers auto -> {layers} (logit-lens KL per layer {[round(x, 2) for x in lens_kl]})",
+              file=sys.stderr)
+    return layers
+
+
+def set_draft_vocab(cfg: TrainConfig, model: MTPModel, counts: torch.Tensor) -> None:
+    """eagle3: the draft vocabulary, the most frequent targets (FR-Spec), lm_head rows from the target."""
+    vocab = counts.numel()
+    size = cfg.draft_vocab or -(-max(int((counts > 0).sum()), EAGLE_MIN_DRAFT_VOCAB) // 64) * 64
+    model.set_draft_vocab(top_tokens(counts, min(size, vocab)))
+
+
+def make_optimizer(cfg: TrainConfig, model: MTPModel):
+    """AdamW over the heads (their WHS weightings a group of their own, without decay) and the trainable backbone
+    (sharded and plain tensors apart); returns it and every trainable tensor."""
+    head_params = model.head_parameters()
+    backbone_params = [p for p in model.backbone.parameters() if p.requires_grad]
+    trainable = head_params + backbone_params  # WHS weightings included (a group of their own below)
+    whs_params = [h.whs for h in model.heads if getattr(h, "whs", None) is not None]
+    head_params = [p for p in head_params if all(p is not w for w in whs_params)]
+    groups = [{"params": head_params, "lr": cfg.lr, "base_lr": cfg.lr}] if head_params else []
+    if whs_params:  # no weight decay: it would pull the weighting towards uniform
+        groups.append({"params": whs_params, "lr": cfg.whs_lr, "base_lr": cfg.whs_lr, "weight_decay": 0.0})
+    for part in (True, False):  # sharded and plain tensors in separate groups: foreach kernels need one kind
+        params = [p for p in backbone_params if _is_sharded(p) == part]
+        if params:
+            groups.append({"params": params, "lr": cfg.backbone_lr, "base_lr": cfg.backbone_lr})
+    return torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=cfg.weight_decay), trainable
+
+
+def start_log(out: Path, ckpt: Path, log_path: Path, step: int, new_run: bool) -> None:
+    """The run folder made; a new run (--overwrite, or --resume before any checkpoint) drops the old run's state;
+    the log keeps the lines up to ``step``."""
+    out.mkdir(parents=True, exist_ok=True)
+    if new_run:
+        shutil.rmtree(ckpt, ignore_errors=True)
+    _truncate_log(log_path, step)
+
+
+def log_record(cfg: TrainConfig, step: int, losses: list, weights: list[float], factor: float,
+               tokens_per_step: int, seconds: float) -> dict:
+    """The metrics line of the steps since the last one (mean losses per head); a non-finite loss is a
+    divergence: stopped in one line that says which checkpoint is intact."""
+    mean = torch.stack(losses).mean(0)
+    known = [(w, float(x)) for w, x in zip(weights, mean) if math.isfinite(x)]  # head 0: not computed
+    if not all(math.isfinite(x) for x in mean.tolist()[1 if cfg.mode == "frozen" else 0:]):
+        last = f"the checkpoint of step {step - step % cfg.save_every} is intact" \
+            if step >= cfg.save_every else "no checkpoint was written"
+        raise UserError(f"training diverged at step {step} (losses {[round(x, 4) for x in mean.tolist()]}); "
+                        f"{last}: lower --lr or --backbone-lr, or check the data")
+    return {"step": step, "loss": sum(w * x for w, x in known),  # from cached states
+            "losses": [round(float(x), 5) if math.isfinite(x) else None for x in mean], "lr": cfg.lr * factor,
+            "tokens": step * tokens_per_step, "tokens_per_s": len(losses) * tokens_per_step / seconds}
+
+
 class HeldOut:
     """``--eval-data``: held-out blocks scored every ``--eval-every`` steps, at powers of two from 16 (a learning
     curve on a log scale) and at the last step. The backbone's states of the blocks are computed once."""
 
     def __init__(self, cfg: TrainConfig, model: MTPModel, tokenizer):
-        from mtp.data import packed_blocks
-
         self.cfg = cfg
         blocks, masks = packed_blocks(cfg.eval_data, tokenizer, cfg.seq_len, max_tokens=cfg.eval_blocks * cfg.seq_len,
                                       seed=cfg.seed)
@@ -564,8 +598,6 @@ class HeldOut:
             (step >= 16 and step & (step - 1) == 0)
 
     def scores(self, model: MTPModel) -> dict:
-        from mtp.training.evaluate import heldout_scores
-
         return heldout_scores(model, self.blocks, self.masks, self.states, chunk_tokens=self.cfg.loss_chunk_tokens)
 
 
@@ -580,8 +612,6 @@ def check_run_folder(out: Path, resume: bool, overwrite: bool, main: bool = True
     package, a folder that holds another run's ``entries`` (unless ``resume`` continues it or ``overwrite``
     replaces it), and ``resume`` where there is no run. (An --out that is one of the run's inputs was refused
     when its config was made: ``mtp.config.check_outputs_apart``.)"""
-    from mtp.io import check_new_output, recover_dir
-
     check_new_output(out, "--out", overwrite=True)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: give a folder")
