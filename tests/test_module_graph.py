@@ -23,7 +23,6 @@ LAYERS = [
     ["mtp.training", "mtp.decode"],             # training heads; decoding with them
     ["mtp.export", "mtp.serve", "mtp.convert"],  # heads out to engines; our server; checkpoints in
     ["mtp.bench"],                              # benchmarks over all of the above
-    ["mtp.commands"],                           # the commands' run functions
     ["mtp.cli", "mtp.__main__"],                # the command line
 ]
 
@@ -100,3 +99,17 @@ def test_the_graph_test_sees_an_upward_import_and_a_cycle(tmp_path, monkeypatch)
         assert "mtp.model.eagle3 -> mtp.model.heads" in str(e) or "mtp.model.heads -> mtp.model.eagle3" in str(e)
     else:
         raise AssertionError("a cycle went unseen")
+
+
+def test_every_command_lives_with_its_stage():
+    """One convention for the command table: each run function, formatter and plotter is a function of the module
+    of the stage it drives (never a module of commands apart), and it imports."""
+    import importlib
+
+    from mtp.cli import COMMANDS
+
+    for name, cmd in COMMANDS.items():
+        for ref in filter(None, (cmd.run, cmd.show, cmd.plot)):
+            module, _, function = ref.partition(":")
+            assert module.count(".") >= 1 and module not in ("mtp.cli", "mtp.commands"), (name, ref)
+            assert callable(getattr(importlib.import_module(module), function)), (name, ref)

@@ -25,7 +25,8 @@ from mtp.errors import UserError
 class Command:
     config: type
     run: str
-    """``module:function`` taking (config, command line) and returning a result (dict) or None."""
+    """``module:function`` taking (config, command line) and returning a result (dict) or None. One convention:
+    it lives in the module of the stage it drives (``mtp.training.train:train_command``), beside its formatter."""
     show: str | None = None
     """``module:function`` turning the result into the text printed."""
     plot: str | None = None
@@ -34,17 +35,19 @@ class Command:
 
 
 COMMANDS = {
-    "analyze": Command(C.AnalyzeConfig, "mtp.commands:analyze", "mtp.analysis.report:markdown"),
-    "train": Command(C.TrainConfig, "mtp.commands:train", "mtp.commands:show_train"),
-    "distill": Command(C.DistillConfig, "mtp.training.distill:distill", "mtp.commands:show_distill"),
-    "eval": Command(C.EvalConfig, "mtp.commands:evaluate", "mtp.training.evaluate:eval_table"),
-    "generate": Command(C.GenerateConfig, "mtp.commands:generate", "mtp.commands:show_generate", stream="stderr"),
-    "pretrain": Command(C.PretrainConfig, "mtp.commands:pretrain", "mtp.commands:show_pretrain"),
-    "convert": Command(C.ConvertConfig, "mtp.commands:convert", "mtp.commands:show_convert"),
+    "analyze": Command(C.AnalyzeConfig, "mtp.analysis.run:analyze_command", "mtp.analysis.report:markdown"),
+    "train": Command(C.TrainConfig, "mtp.training.train:train_command", "mtp.training.train:show_train"),
+    "distill": Command(C.DistillConfig, "mtp.training.distill:distill", "mtp.training.distill:show_distill"),
+    "eval": Command(C.EvalConfig, "mtp.training.evaluate:eval_command", "mtp.training.evaluate:eval_table"),
+    "generate": Command(C.GenerateConfig, "mtp.decode.run:generate_command", "mtp.decode.run:show_generate",
+                        stream="stderr"),
+    "pretrain": Command(C.PretrainConfig, "mtp.training.pretrain:pretrain_command",
+                        "mtp.training.pretrain:show_pretrain"),
+    "convert": Command(C.ConvertConfig, "mtp.convert:convert_command", "mtp.convert:show_convert"),
     "serve": Command(C.ServeConfig, "mtp.serve.app:serve"),
     "export": Command(C.ExportConfig, "mtp.export.run:export", "mtp.export.run:format_export"),
     "engines": Command(C.EnginesConfig, "mtp.engines.setup:engines_command"),
-    "compare": Command(C.CompareConfig, "mtp.commands:compare", "mtp.training.evaluate:compare_table",
+    "compare": Command(C.CompareConfig, "mtp.training.evaluate:compare_command", "mtp.training.evaluate:compare_table",
                        plot="mtp.training.evaluate:plot_accuracy_vs_head"),
     "bench analyze": Command(C.BenchAnalyzeConfig, "mtp.bench.analyze:bench_analyze",
                              "mtp.bench.analyze:format_bench_analyze"),

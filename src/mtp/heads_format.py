@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from mtp.config import DTYPE_NAMES, HEAD_KIND_NAMES
+from mtp.backbones import BUILTIN_MODELS
+from mtp.config import check_type, DTYPE_NAMES, HEAD_KIND_NAMES, short_repr
 from mtp.errors import UserError
 from mtp.io import atomic_dir, check_readable, read_json, write_json, write_safetensors
 
@@ -155,8 +156,6 @@ def resolve_heads(spec: str, model_name: str) -> Path:
     """A heads folder, or a head set shipped in the package for a built-in model: ``default`` (the best for
     mtp's own engine) or ``eagle3`` (the EAGLE-3 heads that export to vLLM, SGLang and llama.cpp)."""
     if spec in SHIPPED:
-        from mtp.backbones import BUILTIN_MODELS
-
         folder = DEFAULT_HEADS_DIR / f"{model_name}{SHIPPED[spec]}" if model_name in BUILTIN_MODELS else None
         if folder is None or not (folder / CONFIG).is_file():
             raise UserError(f"no {spec} heads ship for {model_name!r}: train some with `mtp train --model "
@@ -194,8 +193,6 @@ _FIX = "fix it or retrain the heads"
 def parse_heads_config(meta: dict, folder: str | Path):
     """The HeadsConfig that config.json describes: each field checked against its annotation, then the
     HeadsConfig's own range checks, and the backbone's sizes and fingerprint; one line naming the field."""
-    from mtp.config import check_type
-
     where = f"{folder}/{CONFIG}"
     if "backbone" not in meta:
         raise UserError(f"{where}: backbone is missing: {_FIX}")
@@ -270,8 +267,6 @@ def read_accuracy(folder: str | Path | None, n_heads: int | None = None) -> list
     """Per head, per rank, how often it is right, from accuracy.json; None where there is none (decoding then
     falls back to a prior). A present file must hold, per head (at most ``n_heads``), a non-empty list of
     probabilities: anything else is a UserError, never silently used or ignored."""
-    from mtp.config import short_repr
-
     if folder is None or not (Path(folder) / ACCURACY).exists():
         return None
     path = Path(folder) / ACCURACY

@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from mtp.config import ANALYZE_PLOTS
 from mtp.io import save_figure  # noqa: E402
 
 _STYLES = ["-", "--", ":", "-."]
@@ -135,8 +136,6 @@ def write_plots(report: dict, out_dir: str | Path) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    from mtp.config import ANALYZE_PLOTS
-
     for name, fn in zip(ANALYZE_PLOTS, (plot_accuracy, plot_lens, plot_entropy, plot_candidates)):
         fn(report, out / name)
         if (out / name).exists():

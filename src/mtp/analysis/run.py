@@ -142,3 +142,18 @@ def analyze(cfg: AnalyzeConfig, progress: bool = True) -> dict:
 
     return {"mtp_version": mtp.__version__, "config": cfg.to_dict(), "machine": machine_info(cfg.device),
             "results": results}
+
+
+# ----------------------------------------------------------------------------- the command (mtp.cli's table)
+
+
+def analyze_command(cfg: AnalyzeConfig, command: str = "") -> dict:
+    """How much multi-token prediction the models already have; plots into cfg.out."""
+    from mtp.analysis.plots import write_plots  # matplotlib only for a run that plots
+
+    report = analyze(cfg, progress=not cfg.quiet)
+    report["command"] = command
+    if cfg.out:
+        for path in write_plots(report, cfg.out):
+            print(f"plot: {path}", file=sys.stderr)
+    return report

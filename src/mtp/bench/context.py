@@ -15,16 +15,16 @@ import sys
 import torch
 from tqdm import tqdm
 
-from mtp.analysis.run import machine_info
+from mtp.analysis.run import load_corpora, machine_info
 from mtp.config import HEAD_METHODS, BenchContextConfig
 from mtp.decode.accept import Sampling
+from mtp.decode.run import build_decoder, hf_generate, load_for_decoding
 from mtp.errors import UserError
+from mtp.io import save_figure
 
 
 def context_prompts(tokenizer, data: str, lengths: list[int]) -> list[list[int]]:
     """The first L tokens of the longest held-out document of ``data``, for each L."""
-    from mtp.analysis.run import load_corpora
-
     corpus = next(iter(load_corpora([data]).values()))
     longest = max(corpus.documents, key=lambda d: len(d.text))
     ids = tokenizer(longest.text, add_special_tokens=True)["input_ids"]
@@ -35,8 +35,6 @@ def context_prompts(tokenizer, data: str, lengths: list[int]) -> list[list[int]]
 
 
 def bench_context(cfg: BenchContextConfig, command: str = "") -> dict:
-    from mtp.decode.run import build_decoder, hf_generate, load_for_decoding
-
     need_heads = any(m in HEAD_METHODS for m in cfg.methods)
     needs = {f"--contexts {max(cfg.contexts)} + --max-new-tokens {cfg.max_new_tokens}":
              max(cfg.contexts) + cfg.max_new_tokens}
@@ -108,8 +106,6 @@ def plot_bench_context(r: dict, path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from mtp.io import save_figure
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for name, m in r["methods"].items():

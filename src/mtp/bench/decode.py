@@ -12,6 +12,9 @@ from tqdm import tqdm
 from mtp.analysis.run import machine_info
 from mtp.config import HEAD_METHODS, BenchDecodeConfig
 from mtp.decode.accept import Sampling
+from mtp.decode.run import adaptive_sizes, build_decoder, encode_prompt, eos_ids, hf_generate, load_for_decoding
+from mtp.io import save_figure
+from mtp.prompts import load_prompts
 
 
 
@@ -19,9 +22,6 @@ def bench_decode(cfg: BenchDecodeConfig, command: str = "") -> dict:
     """Every method and two plain baselines (transformers' generate, our own loop) on the same prompts,
     side by side per batch: tokens/s, tau, speedup against the fastest plain baseline, acceptance lengths
     and the share of prompts whose output equals plain greedy decoding."""
-    from mtp.decode.run import adaptive_sizes, build_decoder, encode_prompt, eos_ids, hf_generate, load_for_decoding
-    from mtp.prompts import load_prompts
-
     model_name, prompts, methods, heads, batch_size = cfg.model, cfg.prompts, cfg.methods, cfg.heads, cfg.batch_size
     max_new_tokens, limit, dtype, device, seed = cfg.max_new_tokens, cfg.limit, cfg.dtype, cfg.device, cfg.seed
     chat, progress, sampling = cfg.chat, not cfg.quiet, Sampling.of(cfg)
@@ -114,8 +114,6 @@ def plot_bench_decode(r: dict, path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from mtp.io import save_figure
 
     names = list(r["methods"])
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))

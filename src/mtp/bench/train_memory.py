@@ -14,8 +14,10 @@ import torch
 
 from mtp.analysis.run import machine_info
 from mtp.backbones import backbone_config, check_context, resolve_backbone
-from mtp.config import BenchTrainMemoryConfig
+from mtp.config import BenchTrainMemoryConfig, TrainConfig
 from mtp.errors import UserError
+from mtp.training.losses import head_weights
+from mtp.training.train import build_model, mtp_step, naive_step
 
 PROBE_TIMEOUT = 3600  # seconds for one probe process (load, a measured step and --repeats timed steps)
 
@@ -30,10 +32,6 @@ def train_step_probe(model_name: str, order: str, heads: int, kind: str, mode: s
                      chunk_tokens: int, repeats: int, device: str, dtype: str, tap: str = "last") -> dict:
     """One process, one order: peak memory of the first training step, and the median time of the next ones."""
     import resource
-
-    from mtp.config import TrainConfig
-    from mtp.training.losses import head_weights
-    from mtp.training.train import build_model, mtp_step, naive_step
 
     cfg = TrainConfig(model=model_name, heads=heads, kind=kind, mode=mode, device=device, dtype=dtype, lora_r=16,
                       tap=tap, init_from_last=False if tap != "last" else TrainConfig.init_from_last)

@@ -8,13 +8,12 @@ import torch
 from mtp.analysis.run import machine_info
 from mtp.backbones import backbone_config, check_context, load_backbone, resolve_backbone
 from mtp.config import BenchVerifyConfig
+from mtp.decode.methods import COST_POINTS, verify_cost
 
 
 
 def bench_verify(cfg: BenchVerifyConfig, command: str = "", points=None) -> dict:
     """The verify-cost curve t(k) / t(1): one forward over k new tokens against a cached prefix, per dtype."""
-    from mtp.decode.methods import COST_POINTS, verify_cost
-
     model_name, dtypes, context, repeats, device = cfg.model, cfg.dtypes, cfg.context, cfg.repeats, cfg.device
     resolve_backbone(model_name)
     longest = max(points or COST_POINTS)  # the verify forwards run after the cached prefix

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from mtp.decode.accept import Accepted, Sampling, accept_greedy, accept_sample, accept_typical, greedy_tokens
+from mtp.decode.eagle import EagleDraftState
 from mtp.decode.methods import LONG_PROMPT, context_bucket
 from mtp.decode.proposers import PlainProposer, Proposer
 from mtp.decode.slots import Slots, free_memory, kv_bytes
@@ -518,8 +519,6 @@ class SpeculativeDecoder:
         self.root = self._choose(logits[:, -1], requests)
         if self.n_run:
             if self.eagle:
-                from mtp.decode.eagle import EagleDraftState
-
                 self.eagle_state = EagleDraftState(self.mtp, b, dev, capacity, self.bucket)
                 self.root_next = self.root
                 self._heads_step(states, torch.arange(longest, device=dev).expand(b, -1), valid, pos, ids)

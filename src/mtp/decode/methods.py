@@ -23,9 +23,13 @@ import torch
 from mtp.config import HEAD_METHODS, METHODS, DraftOptions  # noqa: F401 (METHODS, HEAD_METHODS: re-exported)
 from mtp.decode.proposers import (AdaptiveTreeProposer, DynamicTreeProposer, EarlyExitProposer, LookupProposer,
                                   PlainProposer, Proposer, TreeProposer, UnionProposer, blockwise)
+from mtp.decode.slots import Slots
 from mtp.decode.tree import chain_tree, compile_tree, tree_from_accuracy
 from mtp.errors import UserError
 from mtp.heads_format import read_accuracy
+from mtp.hf_compat import forward_with_cache
+from mtp.io import cache_dir, write_json
+from mtp.model.attention import attention_masks
 from mtp.trees import read_tree
 
 COST_POINTS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64)
@@ -36,10 +40,6 @@ def verify_cost(backbone, context: int = 256, points=COST_POINTS, repeats: int =
                 batch: int = 1) -> dict:
     """Median seconds of one forward over k new tokens (a chain) in each of ``batch`` rows against a cached
     ``context``-token prefix."""
-    from mtp.decode.slots import Slots
-    from mtp.hf_compat import forward_with_cache
-    from mtp.model.attention import attention_masks
-
     dev = backbone.device
     g = torch.Generator().manual_seed(0)
     vocab = backbone.config.vocab_size
@@ -87,8 +87,6 @@ def _measured_once(name: str, parse, measure, what: str):
     """``parse(json)`` of the user cache's ``verify/<name>``, or ``measure()`` announced on stderr and
     kept there (an unreadable or malformed entry is measured again)."""
     import sys
-
-    from mtp.io import cache_dir, write_json
 
     path = cache_dir("verify", name)
     try:

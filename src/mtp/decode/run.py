@@ -9,13 +9,18 @@ from pathlib import Path
 
 import torch
 
-from mtp.config import DraftOptions
+from mtp.backbones import backbone_config, check_context, check_layer, load_backbone, resolve_backbone
+from mtp.config import DraftOptions, GenerateConfig
+from mtp.data import top_tokens
 from mtp.decode.accept import Sampling
-from mtp.decode.engine import SpeculativeDecoder, GenerateOutput
+from mtp.decode.engine import GenerateOutput, RowResult, SpeculativeDecoder
 from mtp.decode.methods import (HEAD_METHODS, cached_batch_cost, cached_context_growth, cached_verify_cost,
                                 context_cost, make_proposer, Sizing)
-from mtp.decode.proposers import PlainProposer
+from mtp.decode.proposers import AdaptiveTreeProposer, PlainProposer, UnionProposer
 from mtp.errors import UserError
+from mtp.heads_format import read_accuracy, read_heads_config, resolve_heads
+from mtp.model.mtp import MTPModel
+from mtp.prompts import chat_format
 
 
 def choose_method(model_name: str, heads: str | None, method: str | None) -> tuple[str | None, str]:
@@ -27,8 +32,6 @@ def choose_method(model_name: str, heads: str | None, method: str | None) -> tup
 
 
 def default_heads_available(model_name: str) -> bool:
-    from mtp.heads_format import resolve_heads
-
     try:
         resolve_heads("default", model_name)
         return True
@@ -43,10 +46,6 @@ def load_for_decoding(model_name: str, heads: str | None, dtype: str, device: st
     ``needs``: the tokens each flag asks for (e.g. ``{"--max-new-tokens": 128}``), and ``exit_layer``: refused
     beyond the model's context and layer count once its config is read, before any weights are loaded;
     ``before_load()`` is called once they pass (serve announces the slow part there)."""
-    from mtp.backbones import backbone_config, check_context, check_layer, load_backbone, resolve_backbone
-    from mtp.heads_format import read_accuracy, read_heads_config, resolve_heads
-    from mtp.model.mtp import MTPModel
-
     resolve_backbone(model_name)
     folder = resolve_heads(heads, model_name) if heads else None
     if folder is not None:  # what sizes the drafts, checked before the weights load and any measurement
@@ -76,8 +75,6 @@ def eos_ids(backbone, tokenizer) -> list[int]:
 
 def encode_prompt(tokenizer, prompt: str, chat: bool = True) -> list[int]:
     """Token ids of a prompt, with the chat template (assistant turn opened) for chat models."""
-    from mtp.prompts import chat_format
-
     if not prompt.strip():
         raise UserError("empty prompt: give some text")
     templated = chat and bool(getattr(tokenizer, "chat_template", None))
@@ -148,15 +145,11 @@ def draft_shortlist(mtp_model, size: int | None) -> torch.Tensor | None:
                         "have none (retrain them, or pass --draft-vocab 0)")
     if size < 64:
         raise UserError(f"--draft-vocab {size} is too small to draft from: use 64 or more (0 = whole vocabulary)")
-    from mtp.data import top_tokens
-
     return top_tokens(counts, size)
 
 
 def adaptive_sizes(decoder: SpeculativeDecoder) -> dict | None:
     """What an adaptive tree / draft was re-sized to while decoding (None for fixed sizes)."""
-    from mtp.decode.proposers import AdaptiveTreeProposer, UnionProposer
-
     p = decoder.proposer
     found = [q for q in (p.proposers if isinstance(p, UnionProposer) else [p]) if isinstance(q, AdaptiveTreeProposer)]
     if not found:
@@ -204,8 +197,6 @@ class Streamer:
 def hf_generate(backbone, tokenizer, prompts: list[list[int]], max_new_tokens: int, eos: list[int],
                 sampling: Sampling | None = None) -> GenerateOutput:
     """transformers' own ``generate`` (with its KV cache) as the plain baseline, left-padded."""
-    from mtp.decode.engine import RowResult
-
     dev = backbone.device
     longest = max(len(p) for p in prompts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
@@ -235,3 +226,53 @@ def hf_generate(backbone, tokenizer, prompts: list[list[int]], max_new_tokens: i
                 break
         rows.append(RowResult(tokens=new, finish=finish, steps=len(new)))
     return GenerateOutput(rows, seconds, max(len(r.tokens) for r in rows))
+
+
+# ----------------------------------------------------------------------------- the command (mtp.cli's table)
+
+
+def generate_command(cfg: GenerateConfig, command: str = "") -> dict:
+    """Stream the model's answer; the result holds tokens/s, tokens per step and the speedup over plain decoding."""
+    heads, method = choose_method(cfg.model, cfg.heads, cfg.method)
+    backbone, tokenizer, mtp_model, folder = load_for_decoding(cfg.model, heads if method in HEAD_METHODS else None,
+                                                              cfg.dtype, cfg.device,
+                                                              {"--max-new-tokens": cfg.max_new_tokens}, cfg.exit_layer)
+    ids, eos = encode_prompt(tokenizer, cfg.prompt, cfg.chat), eos_ids(backbone, tokenizer)
+    decoder, sizing = build_decoder(backbone, tokenizer, mtp_model, folder, cfg.model, method, cfg)
+    decoder.generate([ids], 4, eos)  # warm-up, so the figures below are not first-call costs
+    out = decoder.generate([ids], cfg.max_new_tokens, eos, stop_strings=cfg.stop, callback=Streamer(tokenizer))
+    sys.stdout.write("\n")
+    row = out.rows[0]
+    sizes = {k: v for k, v in sizing.as_dict().items() if k not in ("method", "tree", "adaptive")}
+    result = {"method": method, "sizes": sizes,
+              "adapted": adaptive_sizes(decoder), "tokens": len(row.tokens), "seconds": out.seconds,
+              "tokens_per_s": len(row.tokens) / out.seconds, "tau": row.acceptance_length, "dtype": cfg.dtype,
+              "greedy": cfg.temperature == 0, "command": command}
+    if cfg.compare and method != "plain":
+        plain, _ = build_decoder(backbone, tokenizer, None, None, cfg.model, "plain", cfg)
+        ref = plain.generate([ids], cfg.max_new_tokens, eos, stop_strings=cfg.stop)
+        result.update(plain_tokens_per_s=len(ref.rows[0].tokens) / ref.seconds,
+                      identical=ref.rows[0].tokens == row.tokens)
+        result["speedup"] = result["tokens_per_s"] / result["plain_tokens_per_s"]
+    return result
+
+
+def show_generate(r: dict) -> str:
+    sizes = ", ".join(f"{k} {v}" for k, v in r["sizes"].items())
+    if (a := r["adapted"]) is not None:
+        unit = "draft length" if r["method"] == "blockwise" else "nodes"
+        sizes += f", re-sized while decoding: {unit} {a['min']}-{a['max']}, last {a['final']}"
+    line = (f"[{r['method']}{' (' + sizes + ')' if sizes else ''}] {r['tokens']} tokens in {r['seconds']:.2f} s: "
+            f"{r['tokens_per_s']:.1f} tokens/s, {r['tau']:.2f} tokens per backbone forward")
+    if "speedup" not in r:
+        return line
+    if r["identical"]:
+        same = "identical output"
+    elif not r["greedy"]:
+        same = "output differs (sampling: same distribution, different draw)"
+    elif r["dtype"] in ("bfloat16", "float16"):
+        same = (f"output differs from plain {r['dtype']} decoding by rounding (a k-token forward rounds differently "
+                f"from k one-token forwards; float32 is token-identical)")
+    else:
+        same = "OUTPUT DIFFERS"
+    return line + f"; plain decoding {r['plain_tokens_per_s']:.1f} tokens/s: speedup {r['speedup']:.2f}x, {same}"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from mtp.hf_compat import SlotView, slot_cache
+from mtp.io import read_proc_kib
 
 
 def free_memory(device) -> int | None:
@@ -27,8 +28,6 @@ def free_memory(device) -> int | None:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    from mtp.io import read_proc_kib
-
     return read_proc_kib("/proc/meminfo", "MemAvailable")
 
 

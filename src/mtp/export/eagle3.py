@@ -22,6 +22,7 @@ import torch
 
 from mtp.errors import UserError
 from mtp.io import write_json, write_safetensors
+from mtp.model.eagle3 import export_config
 
 TENSORS = ("fc.weight", "midlayer.self_attn.q_proj.weight", "midlayer.self_attn.k_proj.weight",
            "midlayer.self_attn.v_proj.weight", "midlayer.self_attn.o_proj.weight", "midlayer.mlp.gate_proj.weight",
@@ -48,8 +49,6 @@ def eagle3_tensors(mtp_model, dtype: torch.dtype | None = None) -> dict[str, tor
 
 def write_eagle3(mtp_model, out: Path, dtype: torch.dtype | None = None) -> Path:
     """Write the folder (config.json + model.safetensors) into ``out``, which the caller has checked."""
-    from mtp.model.eagle3 import export_config
-
     head = mtp_model.eagle
     tensors = eagle3_tensors(mtp_model, dtype)
     config = export_config(head, mtp_model.backbone.config, mtp_model.tapped)

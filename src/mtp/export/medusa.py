@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from mtp.decode.run import draft_shortlist
 from mtp.errors import UserError
 from mtp.io import write_json, write_safetensors
 
@@ -38,8 +39,6 @@ def medusa_tensors(mtp_model, dtype: torch.dtype | None = None, token_map: torch
 
 
 def write_medusa(mtp_model, out: Path, dtype: torch.dtype | None = None) -> Path:
-    from mtp.decode.run import draft_shortlist
-
     cfg = mtp_model.config
     if cfg.kind != "mlp" or mtp_model.tap_kind != "final":
         raise UserError("vLLM's medusa runs residual blocks on the final normed state: only mlp heads trained with "

@@ -19,11 +19,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mtp.backbones import load_backbone
+from mtp.data import top_tokens
 from mtp.errors import UserError
 from mtp.heads_format import (HeadsConfig, HeadsWeights, check_head_count, load_heads_weights, parse_heads_config,
                               read_heads_config, write_heads_folder)
-from mtp.hf_compat import first_layers, forward_with_cache
+from mtp.hf_compat import add_lora, first_layers, forward_with_cache
 from mtp.model import HEAD_KINDS
+from mtp.model.eagle3 import default_layers, parse_layers
 from mtp.model.heads import TappedHead, parse_tap
 from mtp.model.trunk import capture_hidden, final_norm, unembed
 
@@ -70,8 +73,6 @@ class MTPModel(nn.Module):
         self.sequential = head_cls.sequential
         self.autoregressive = getattr(head_cls, "autoregressive", False)
         if self.autoregressive:  # eagle3: one drafter over three tapped layers, n_heads = steps it drafts
-            from mtp.model.eagle3 import default_layers, parse_layers
-
             layers = parse_layers(config.eagle_layers or default_layers(n_layers), n_layers)
             config.eagle_layers = list(layers)
             self.tap_kind, self.tapped = "eagle", list(layers)
@@ -180,8 +181,6 @@ class MTPModel(nn.Module):
         if size >= current:
             return
         counts = self.token_counts.to(self.eagle.draft_ids.device)[self.eagle.draft_ids]
-        from mtp.data import top_tokens
-
         self.eagle.keep_draft_rows(top_tokens(counts, size))
         self.config.draft_vocab = size
 
@@ -243,16 +242,12 @@ class MTPModel(nn.Module):
         one_drafter = getattr(HEAD_KINDS[config.kind], "autoregressive", False)
         check_head_count(folder, 1 if one_drafter else config.n_heads, config.n_heads)  # before building them
         if backbone is None:
-            from mtp.backbones import load_backbone
-
             backbone, _ = load_backbone(config.backbone, dtype=dtype or config.dtype, device=device,
                                         require_tokenizer=False)
         check_compatible(meta, backbone, folder)
         weights = load_heads_weights(folder, device=backbone.device)
         if config.trained_backbone == "lora":  # adapters are loaded into the given backbone, wrapped if needed
             from peft import PeftModel, set_peft_model_state_dict
-
-            from mtp.hf_compat import add_lora
 
             if not isinstance(backbone, PeftModel):
                 backbone = add_lora(backbone, config.lora)

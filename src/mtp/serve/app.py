@@ -27,8 +27,10 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from mtp.config import HEAD_METHODS
 from mtp.decode.accept import Sampling
 from mtp.decode.engine import Request
+from mtp.decode.run import build_decoder, choose_method, eos_ids, load_for_decoding
 from mtp.errors import UserError
 from mtp.io import parse_json
 from mtp.serve.protocol import (ApiError, Limits, Params, TextStream, bad, chunk, final_text, new_id, parse,
@@ -315,9 +317,6 @@ def serve(cfg, command: str = "") -> None:
     """``mtp serve``: load the model and heads, measure nothing twice, serve until SIGTERM / Ctrl-C."""
     import uvicorn
     from sse_starlette.sse import AppStatus
-
-    from mtp.config import HEAD_METHODS
-    from mtp.decode.run import build_decoder, choose_method, eos_ids, load_for_decoding
 
     check_port(cfg.host, cfg.port)  # before the slow part
     heads, method = choose_method(cfg.model, cfg.heads, cfg.method)

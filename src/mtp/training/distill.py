@@ -24,7 +24,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from mtp.backbones import backbone_config, check_context, load_backbone, resolve_backbone
 from mtp.config import DistillConfig
+from mtp.engines import llamacpp
+from mtp.engines.targets import target_gguf
 from mtp.errors import UserError
 from mtp.io import check_new_output, complete_lines
 from mtp.prompts import chat_format, load_prompts
@@ -62,9 +65,6 @@ class LlamaCppGenerator:
     def __init__(self, model_name: str, tokenizer, slots: int, threads: int | None = None, target: str = "packaged"):
         # ``threads``: llama.cpp's compute threads (default: every core); its threads spin, so give it the cores
         # that nothing else uses. ``target``: which GGUF of the model (mtp.engines.targets.target_gguf)
-        from mtp.engines import llamacpp
-        from mtp.engines.targets import target_gguf
-
         self.tokenizer, self.slots = tokenizer, slots
         port = llamacpp.free_port()
         cmd = [str(llamacpp.require_server()), "-m", str(target_gguf(model_name, target)), "--host", "127.0.0.1",
@@ -221,8 +221,6 @@ def distill(cfg: DistillConfig, command: str = "") -> dict:
     model's GGUF, ``batch_size`` parallel slots; several times faster on a CPU). With ``cfg.follow_ups``, that
     share of the finished answers gets a second user turn and a second answer (its own record, whose target is
     the second answer only)."""
-    from mtp.backbones import backbone_config, check_context, load_backbone, resolve_backbone
-
     model_name, prompt_sources, out = cfg.model, cfg.prompts, cfg.out
     max_new_tokens, batch_size, temperature, engine = cfg.max_new_tokens, cfg.batch_size, cfg.temperature, cfg.engine
     progress = not cfg.quiet
@@ -281,3 +279,12 @@ def distill(cfg: DistillConfig, command: str = "") -> dict:
     return {"out": str(out), "prompts": len(prompts), "records": records, "response_tokens": tokens,
             "seconds": round(seconds_total, 1), "tokens_per_s": round(tokens / max(seconds_total, 1e-9), 1),
             "finished_share": finished / max(1, len(todo))}
+
+
+# ----------------------------------------------------------------------------- the command (mtp.cli's table)
+
+
+def show_distill(summary: dict) -> str:
+    return (f"distilled {summary['prompts']} prompts ({summary['records']} answers, {summary['response_tokens']} "
+            f"tokens, {summary['tokens_per_s']:.0f} tokens/s) into {summary['out']} "
+            f"({summary['finished_share']:.0%} ended with EOS)")

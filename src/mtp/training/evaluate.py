@@ -7,13 +7,21 @@ position, so the two stand side by side on identical positions (Mehra et al., ar
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from mtp.analysis.marginal import CachedEvaluator, marginalize
+from mtp.analysis.run import load_corpora
+from mtp.backbones import backbone_config, check_context, check_vocab, load_backbone, resolve_backbone
+from mtp.config import CompareConfig, EvalConfig, short_repr
 from mtp.data import Corpus, make_windows
+from mtp.errors import UserError
+from mtp.heads_format import ACCURACY, resolve_heads, write_accuracy
+from mtp.io import check_new_output, read_json, save_figure
 from mtp.model.mtp import MTPModel
+from mtp.training.losses import chunked_head_loss, head_targets, IGNORE
 
 MAX_MARGINAL_STEPS = 3
 RANKS = 10  # per-rank accuracies of each head's top tokens, for sizing decoding trees
@@ -48,8 +56,6 @@ def heldout_scores(model: MTPModel, blocks: torch.Tensor, masks: torch.Tensor | 
     step k the mean cross-entropy and top-1 over the positions whose target is scored, and the chain acceptance
     over the positions where every step's target is (:func:`chain_acceptance`). ``states``: the backbone's
     tapped states of every block ([(N, T, H)], computed once)."""
-    from mtp.training.losses import IGNORE, chunked_head_loss, head_targets
-
     n = model.n_heads
     loss_sum, hit_sum, count = torch.zeros(n, dtype=torch.float64), torch.zeros(n), torch.zeros(n)
     chains = []
@@ -159,10 +165,6 @@ def read_eval_result(path: str) -> dict:
     there, ``marginal_top1`` / ``marginal_top5``) as accuracies; one line naming what is missing otherwise."""
     import math
 
-    from mtp.config import short_repr
-    from mtp.errors import UserError
-    from mtp.io import read_json
-
     fix = "give a file written by `mtp eval --json FILE`"
     result = read_json(path, "result file", fix=fix)
 
@@ -224,8 +226,6 @@ def plot_accuracy_vs_head(named: dict[str, dict], path: str) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    from mtp.io import save_figure
-
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, key in zip(axes, ("top1", "top5")):
         for name, r in named.items():
@@ -246,3 +246,37 @@ def plot_accuracy_vs_head(named: dict[str, dict], path: str) -> None:
     fig.suptitle(f"{first.get('model', '')} heads on {first['data']}")
     fig.tight_layout()
     save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------- the command (mtp.cli's table)
+
+
+def eval_command(cfg: EvalConfig, command: str = "") -> dict:
+    """Per-head top-1 / top-5 on held-out text beside the backbone's own marginalization."""
+    resolve_backbone(cfg.model)
+    model_config = backbone_config(cfg.model)
+    check_context(cfg.context + cfg.positions_per_window,
+                  f"--context {cfg.context} + --positions-per-window {cfg.positions_per_window}", model_config)
+    check_vocab(cfg.max_candidates, "--max-candidates", model_config)
+    folder = resolve_heads(cfg.heads, cfg.model)
+    if cfg.write_accuracy:  # before any work: never into the installed package, never over one unasked
+        check_new_output(folder / ACCURACY, "--write-accuracy", overwrite=cfg.overwrite)
+    corpus = next(iter(load_corpora([cfg.data]).values()))
+    backbone, tokenizer = load_backbone(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    mtp_model = MTPModel.from_pretrained(folder, backbone=backbone)
+    result = evaluate_heads(mtp_model, tokenizer, corpus, context=cfg.context, max_positions=cfg.max_positions,
+                            per_window=cfg.positions_per_window, seed=cfg.seed, marginal=cfg.marginal,
+                            max_candidates=cfg.max_candidates, progress=not cfg.quiet)
+    result.update({"model": cfg.model, "heads_dir": str(folder), "command": command})
+    if cfg.write_accuracy:  # what `mtp generate` sizes its trees from
+        write_accuracy(folder, result["rank_accuracy"], result["data"], result["positions"], command)
+        print(f"per-rank accuracies written to {folder}", file=sys.stderr)
+    return result
+
+
+def compare_command(cfg: CompareConfig, command: str = "") -> dict:
+    named = {}
+    for item in cfg.results:
+        name, _, path = item.partition("=")
+        named[name] = read_eval_result(str(Path(path).expanduser()))
+    return named

@@ -20,9 +20,16 @@ from pathlib import Path
 
 import torch
 
-from mtp.config import PretrainConfig  # noqa: F401 (re-exported: the config lives with the others)
+from mtp.backbones import load_backbone, load_tokenizer, local_model_folder
+from mtp.config import PretrainConfig, TrainConfig
+from mtp.data import load_corpus, packed_blocks
 from mtp.errors import UserError
+from mtp.heads_format import read_heads_config, write_accuracy
 from mtp.io import atomic_dir, write_json
+from mtp.model.mtp import MTPModel
+from mtp.training.evaluate import RANKS
+from mtp.training.losses import head_targets, IGNORE
+from mtp.training.train import check_run_folder, init_distributed, train
 
 SPECIALS = ("<pad>", "<s>", "</s>")
 
@@ -127,8 +134,6 @@ def make_tokenizer(kind: str, data: list[str], vocab_size: int, max_chars: int =
     if kind == "bytes":
         return byte_tokenizer()
     if kind == "bpe":
-        from mtp.data import load_corpus
-
         docs = [d.text for source in data for d in load_corpus(source, split="train").documents]
         if not docs:
             raise UserError(f"no training text in {', '.join(data)} to train a BPE on")
@@ -143,8 +148,6 @@ def make_tokenizer(kind: str, data: list[str], vocab_size: int, max_chars: int =
         return train_bpe(capped(), vocab_size)
     path = Path(kind).expanduser()
     if path.is_dir():
-        from mtp.backbones import load_tokenizer
-
         return load_tokenizer(path)
     raise UserError(f"unknown tokenizer {kind!r}: use bytes, bpe or a tokenizer folder")
 
@@ -183,8 +186,6 @@ def write_initial_model(out: Path, config, tokenizer, seed: int) -> Path:
 
 
 def _train_config(cfg: PretrainConfig, preset: Preset, init: Path, trunk_layers: int):
-    from mtp.config import TrainConfig
-
     lr = cfg.lr or preset.lr
     steps = cfg.max_steps or preset.max_steps
     return TrainConfig(model=str(init.resolve()), out=cfg.out, heads=cfg.heads - 1, kind="transformer",
@@ -204,8 +205,6 @@ PRETRAIN_ENTRIES = ("init", "checkpoint", "heads", "metrics.jsonl", "pretrain.js
 
 def pretrain(cfg: PretrainConfig, progress: bool = True, command: str = "") -> dict:
     """Build (or reuse, on --resume) the initial model, train it with ``mtp.training.train.train``, evaluate per head."""
-    from mtp.training.train import init_distributed, train
-
     preset = get_preset(cfg.preset)
     ddp, _ = init_distributed(cfg.device)  # under torchrun: rank 0 builds the initial model, the others wait
     out = Path(cfg.out)
@@ -224,8 +223,6 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, command: str = "") -> d
             raise UserError(f"--resume: {init} is not a preset {cfg.preset!r} model with {cfg.heads} heads")
         trunk_layers = config.num_hidden_layers
     else:
-        from mtp.training.train import check_run_folder
-
         check_run_folder(out, False, cfg.overwrite, main=ddp.main, entries=PRETRAIN_ENTRIES)
         if ddp.main:
             import shutil
@@ -266,8 +263,6 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, command: str = "") -> d
                    "command": command})
     write_json(out / "eval.json", result)
     if cfg.heads > 1:  # `mtp generate` / `mtp bench decode` size drafts and trees from it
-        from mtp.heads_format import write_accuracy
-
         write_accuracy(out / "heads", result["rank_accuracy"], f"{', '.join(cfg.data)} (eval split)",
                        result["eval_tokens"], command)
     return result
@@ -277,13 +272,6 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, command: str = "") -> d
 def evaluate_pretrained(heads_dir: Path, data: list[str], seq_len: int, eval_tokens: int, device: str = "cpu",
                         dtype: str = "float32", model=None) -> dict:
     """Held-out loss (nats per token) and top-1 accuracy of every head on the eval split of ``data``."""
-    from mtp.backbones import load_backbone
-    from mtp.data import packed_blocks
-    from mtp.training.evaluate import RANKS
-    from mtp.training.losses import IGNORE, head_targets
-    from mtp.heads_format import read_heads_config
-    from mtp.model.mtp import MTPModel
-
     if model is None:
         meta = read_heads_config(heads_dir)
         backbone, tokenizer = load_backbone(meta["backbone"], dtype=dtype, device=device)
@@ -291,10 +279,6 @@ def evaluate_pretrained(heads_dir: Path, data: list[str], seq_len: int, eval_tok
     else:
         tokenizer = None
     if tokenizer is None:
-        from mtp.backbones import load_tokenizer
-
-        from mtp.backbones import local_model_folder
-
         tokenizer = load_tokenizer(local_model_folder(model.config.backbone), "backbone")
     model.eval()
     blocks, _ = packed_blocks(data, tokenizer, seq_len, split="eval", max_tokens=eval_tokens)
@@ -324,3 +308,19 @@ def evaluate_pretrained(heads_dir: Path, data: list[str], seq_len: int, eval_tok
     ranks = [[round(float(rank_hits[k, r] / count[k]), 5) for r in range(RANKS)] for k in range(1, n)]
     return {"eval_tokens": int(blocks.numel()), "eval_bytes": n_bytes, "heads": heads, "ntp_loss": heads[0]["loss"],
             "ntp_bits_per_byte": bpb, "rank_accuracy": ranks}
+
+
+# ----------------------------------------------------------------------------- the command (mtp.cli's table)
+
+
+def pretrain_command(cfg: PretrainConfig, command: str = "") -> dict | None:
+    result = pretrain(cfg, progress=not cfg.quiet, command=command)
+    return {**result, "out": cfg.out} if "heads" in result else None  # None: not rank 0 under torchrun
+
+
+def show_pretrain(r: dict) -> str:
+    lines = [f"held-out ({r['eval_tokens']} tokens): next-token loss {r['ntp_loss']:.4f} nats, "
+             f"{r['ntp_bits_per_byte']:.3f} bits/byte", "| head | predicts | loss | top-1 |", "|---:|---|---:|---:|"]
+    lines += [f"| {h['head']} | {h['predicts']} | {h['loss']:.4f} | {h['top1']:.3f} |" for h in r["heads"]]
+    out = r["out"]
+    return "\n".join(lines + [f"model: {out}/heads (backbone {out}/init + trained weights); log: {out}/metrics.jsonl"])

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from mtp.backbones import DTYPES, load_backbone
+from mtp.backbones import DTYPES, backbone_config, check_context, load_backbone
 from mtp.config import TrainConfig
 from mtp.data import packed_blocks, target_counts, top_tokens
 from mtp.errors import UserError
@@ -35,6 +35,7 @@ from mtp.heads_format import read_heads_config
 from mtp.hf_compat import add_lora
 from mtp.io import append_line, check_new_output, complete_lines, recover_dir, write_json
 from mtp.model.eagle3 import parse_layers
+from mtp.model.heads import parse_tap
 from mtp.model.mtp import HeadsConfig, MTPModel
 from mtp.training.checkpoint import gather_states, load_optimizer, load_weights, read_checkpoint, write_checkpoint
 from mtp.training.eagle_layers import auto_layers
@@ -637,3 +638,18 @@ def _truncate_log(path: Path, step: int) -> None:
             return False
 
     complete_lines(path, keep)
+
+
+# ----------------------------------------------------------------------------- the command (mtp.cli's table)
+
+
+def train_command(cfg: TrainConfig, command: str = "") -> dict:
+    model_config = backbone_config(cfg.model)  # before the data and the weights
+    check_context(cfg.seq_len, "--seq-len", model_config)
+    parse_tap(cfg.tap, model_config.num_hidden_layers)  # --tap layer:I within the model's layers
+    summary = train(cfg, progress=not cfg.quiet, command=command)
+    return {**summary, "log": f"{cfg.out}/metrics.jsonl"} if summary.get("heads") else None  # None: not rank 0
+
+
+def show_train(summary: dict) -> str:
+    return f"heads: {summary['heads']}  (log: {summary['log']}, {summary['steps']} steps)"
