@@ -356,8 +356,8 @@ def test_metrics_count_the_requests_and_tokens_served(server, served):
     assert sum(delta("mtp_requests_finished_total", outcome=o) for o in
                ("cancelled", "timeout", "shutting_down", "engine_error", "internal_error")) == 0
     assert delta("mtp_prompt_tokens_total") == prompt_tokens
-    # the tokens of decoding steps: each request's first token comes from its prefill, not from a step
-    assert delta("mtp_generation_tokens_total") == sum(sizes.values()) - requests
+    # every token the clients received (what usage counts); each request's first comes from its prefill
+    assert delta("mtp_generation_tokens_total") == sum(u.completion_tokens for u in usages) == sum(sizes.values())
     steps = delta("mtp_verify_steps_total")
     assert delta("mtp_row_steps_total") == steps  # one request at a time: one row per step
     # each step emits 1 to 4 tokens (the tree is 3 deep), the last one of a request maybe fewer

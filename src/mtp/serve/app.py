@@ -61,10 +61,11 @@ class Metrics:
         self.outcomes = Counter("mtp_requests_finished", "Decoding requests by outcome (ok, cancelled, timeout, "
                                 "queue_full, shutting_down, engine_error)", ["outcome"], registry=r)
         self.prompt_tokens = Counter("mtp_prompt_tokens", "Prompt tokens of accepted requests", registry=r)
-        self.tokens = Counter("mtp_generation_tokens", "Tokens generated", registry=r)
+        self.tokens = Counter("mtp_generation_tokens", "Tokens generated (what usage.completion_tokens sums; "
+                              "each request's first one comes from its prefill)", registry=r)
         self.verify_steps = Counter("mtp_verify_steps", "Decoding steps of the running batch", registry=r)
-        self.row_steps = Counter("mtp_row_steps", "Rows decoded per step, summed over steps (tokens / row_steps "
-                                 "= acceptance length)", registry=r)
+        self.row_steps = Counter("mtp_row_steps", "Rows decoded per step, summed over steps ((generation tokens "
+                                 "- one per request) / row_steps = acceptance length)", registry=r)
         self.tokens_per_s = Gauge("mtp_tokens_per_second", "Tokens generated per second over the last 10 s",
                                   registry=r)
         self.acceptance = Gauge("mtp_acceptance_length", "Tokens per row per decoding step over the last 10 s "

@@ -178,6 +178,8 @@ class Scheduler:
                 if self.metrics:
                     self.metrics.ttft.observe(job.first_token - job.submitted)
             job.tokens += len(tokens)
+            if self.metrics:  # every token a client receives, the prefill's first one too (usage counts it)
+                self.metrics.tokens.inc(len(tokens))
             job.send("tokens", tokens)
 
     def _step(self) -> None:
@@ -196,7 +198,6 @@ class Scheduler:
         while self._window and now - self._window[0][0] > 10.0:
             self._window.popleft()
         if self.metrics:
-            self.metrics.tokens.inc(new)
             self.metrics.verify_steps.inc()
             self.metrics.row_steps.inc(live)
             span = now - self._window[0][0] if len(self._window) > 1 else 0.0
