@@ -32,8 +32,8 @@ $(STAMP): pyproject.toml Makefile
 # over plain decoding (tens of minutes on two CPU cores; see README).
 demo: setup
 	$(VENV)/bin/mtp analyze --model smollm2-135m --data code --data prose --data translation \
-		--max-positions 96 --k 3 --dtype bfloat16 --out runs/demo --json runs/demo/analysis.json --overwrite
-	$(VENV)/bin/mtp generate --model smollm2-135m --heads default --method hybrid --dtype bfloat16 --max-new-tokens 128 \
+		--max-positions 96 --k 3 --dtype auto --out runs/demo --json runs/demo/analysis.json --overwrite
+	$(VENV)/bin/mtp generate --model smollm2-135m --heads default --method hybrid --dtype auto --max-new-tokens 128 \
 		"Write a Python function that returns the n-th Fibonacci number, with a docstring."
 
 test: setup

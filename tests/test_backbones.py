@@ -256,3 +256,52 @@ def test_installed_smollm2_file_verifies(tmp_path, monkeypatch, cache):
     path = model.gguf(tmp_path)
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size == model.size
     assert backbones.file_sha256(path) == model.sha256
+
+
+def test_dtype_auto_takes_bfloat16_only_where_it_is_measured_faster(tiny_folder, tmp_path, monkeypatch):
+    """--dtype auto on a CPU: the faster of float32 and bfloat16 products of the model's own shapes, bfloat16 only
+    with a margin, measured once per CPU and shape (cached; a broken cache entry is measured again)."""
+    monkeypatch.setenv("MTP_CACHE", str(tmp_path / "cache"))
+    assert backbones.resolve_dtype("float64") == "float64"  # a concrete dtype is left alone
+    timings, calls = {"float32": 10.0, "bfloat16": 4.0}, []
+
+    def fake(hidden, inner, dtype):
+        calls.append((hidden, inner, dtype))
+        return timings["bfloat16" if dtype == torch.bfloat16 else "float32"]
+
+    monkeypatch.setattr(backbones, "product_ms", fake)
+    assert backbones.resolve_dtype("auto", "cpu", str(tiny_folder), quiet=True) == "bfloat16"
+    config = backbones.backbone_config(str(tiny_folder))
+    assert {c[:2] for c in calls} == {(config.hidden_size, config.intermediate_size)} and len(calls) == 2
+    timings.update(bfloat16=100.0)  # cached: not measured again, the same answer
+    assert backbones.resolve_dtype("auto", "cpu", str(tiny_folder), quiet=True) == "bfloat16" and len(calls) == 2
+    for entry in (tmp_path / "cache" / "dtype").iterdir():
+        entry.write_text("{not json")
+    assert backbones.resolve_dtype("auto", "cpu", str(tiny_folder), quiet=True) == "float32" and len(calls) == 4
+    for entry in (tmp_path / "cache" / "dtype").iterdir():
+        entry.unlink()
+    timings.update(float32=10.0, bfloat16=9.5)  # faster, but not by the margin: the exact dtype
+    assert backbones.resolve_dtype("auto", "cpu", str(tiny_folder), quiet=True) == "float32"
+    model, _ = load_backbone(str(tiny_folder), dtype="auto")  # the library call resolves it the same way
+    assert model.dtype == torch.float32
+
+
+def test_product_timing_is_positive_for_both_dtypes():
+    for dtype in (torch.float32, torch.bfloat16):
+        assert backbones.product_ms(32, 64, dtype, reps=3) > 0
+
+
+def test_dtype_auto_is_offered_where_nothing_trains(tiny_folder, capsys, monkeypatch, tmp_path):
+    from mtp.cli import main
+    from mtp.config import GenerateConfig, TrainConfig
+
+    assert GenerateConfig(prompt="hi", dtype="auto").dtype == "auto"
+    with pytest.raises(UserError, match="unknown --dtype 'auto'"):
+        TrainConfig(dtype="auto", out="x")
+    monkeypatch.setenv("MTP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(backbones, "product_ms", lambda h, i, d: 1.0)  # a tie: float32
+    code = main(["generate", "--model", str(tiny_folder), "--method", "plain", "--dtype", "auto", "--max-new-tokens",
+                 "4", "--no-chat", "--no-compare", "hello"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "--dtype auto: float32" in err

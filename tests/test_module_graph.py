@@ -12,7 +12,7 @@ ROOT = Path(mtp.__file__).resolve().parent
 # (without cycles), never a later layer's.
 LAYERS = [
     ["mtp", "mtp.errors"],                      # the lazy public API, the one error type
-    ["mtp.io"],                                 # files written atomically, untrusted files read
+    ["mtp.io", "mtp.machine"],                  # files written atomically, untrusted files read; the CPU
     ["mtp.trees"],                              # tree specs as users write them
     ["mtp.config"],                             # every command's flags, checked at the door; shared constants
     ["mtp.hf_compat", "mtp.backbones", "mtp.data", "mtp.prompts", "mtp.general_prompts", "mtp.derived_prompts",

@@ -21,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ import torch
 from mtp.config import DEFAULT_MODEL, DTYPE_NAMES
 from mtp.errors import UserError
 from mtp.io import atomic_dir, atomic_file, cache_dir, read_json, scratch_dir, write_json
+from mtp.machine import cpu_signature
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # the names live in mtp.config (no torch there)
 PIP_TIMEOUT = 900  # seconds for `pip install` of a built-in model's packages (each holds a model file)
@@ -378,6 +380,66 @@ def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
+AUTO_DTYPE_MARGIN = 1.1
+"""--dtype auto takes bfloat16 on a CPU only where its matrix products are at least this much faster than float32's
+(bfloat16 rounds: a tie goes to the exact dtype)."""
+AUTO_DTYPE_TOKENS = (1, 16, 128)
+"""Rows of the timed products: one decoded token, a verify of a draft, a window of prompt or analysis."""
+
+
+def resolve_dtype(dtype: str, device: str = "cpu", model: str | None = None, quiet: bool = False) -> str:
+    """``dtype``, or for ``auto`` the faster of float32 and bfloat16 here: on a GPU bfloat16 where it has it; on a
+    CPU whichever multiplies the model's weight shapes faster (bfloat16 needs AVX-512 / AMX kernels to pay: on
+    an AVX2-only CPU it runs several times slower), measured once per CPU, thread count, torch and shape and kept
+    in the user cache."""
+    if dtype != "auto":
+        return dtype
+    dev = check_device(device)
+    if dev.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    hidden, inner = 1024, 4096
+    if model is not None:
+        config = backbone_config(model)
+        hidden = int(getattr(config, "hidden_size", hidden))
+        inner = int(getattr(config, "intermediate_size", None) or 4 * hidden)
+    raw = json.dumps([cpu_signature(), torch.get_num_threads(), torch.__version__, hidden, inner, AUTO_DTYPE_TOKENS])
+    path = cache_dir("dtype", hashlib.sha1(raw.encode()).hexdigest()[:16] + ".json")
+    try:
+        times = {d: float(t) for d, t in json.loads(path.read_text())["ms"].items()}
+        if set(times) != {"float32", "bfloat16"}:
+            raise ValueError
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        if not quiet:
+            print("mtp: --dtype auto: timing float32 and bfloat16 products on this CPU (once, cached) ...",
+                  file=sys.stderr)
+        times = {d: product_ms(hidden, inner, DTYPES[d]) for d in ("float32", "bfloat16")}
+        try:
+            write_json(path, {"ms": times, "cpu": cpu_signature(), "threads": torch.get_num_threads(),
+                              "shape": [hidden, inner], "tokens": list(AUTO_DTYPE_TOKENS)}, indent=None)
+        except OSError:
+            pass
+    return "bfloat16" if times["bfloat16"] * AUTO_DTYPE_MARGIN <= times["float32"] else "float32"
+
+
+def product_ms(hidden: int, inner: int, dtype: torch.dtype, reps: int = 9) -> float:
+    """Milliseconds of one (T, hidden) x (hidden, inner) product in ``dtype``, the median of ``reps``, summed over
+    the row counts of ``AUTO_DTYPE_TOKENS``."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(inner, hidden, generator=g).to(dtype)
+    total = 0.0
+    with torch.inference_mode():
+        for rows in AUTO_DTYPE_TOKENS:
+            x = torch.randn(rows, hidden, generator=g).to(dtype)
+            torch.nn.functional.linear(x, w)  # warm-up (kernel choice, packing)
+            runs = []
+            for _ in range(reps):
+                t = time.perf_counter()
+                torch.nn.functional.linear(x, w)
+                runs.append(time.perf_counter() - t)
+            total += sorted(runs)[reps // 2] * 1000
+    return total
+
+
 def check_device(device: str) -> torch.device:
     try:
         dev = torch.device(device)
@@ -448,6 +510,7 @@ def load_backbone(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = 
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    dtype = resolve_dtype(dtype, device, name_or_path) if dtype == "auto" else dtype
     dt, dev = torch_dtype(dtype), check_device(device)
     folder = local_model_folder(name_or_path)
     if not any(folder.glob("*.safetensors")):

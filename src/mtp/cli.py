@@ -157,6 +157,8 @@ def run(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     cmd, cfg = parse(argv)
     _quiet_libraries()
+    if getattr(cfg, "dtype", None) == "auto":
+        cfg = _resolve_auto_dtype(cfg)
     result = _load(cmd.run)(cfg, "mtp " + shlex.join(argv))
     if result is None:
         return 0
@@ -171,6 +173,18 @@ def run(argv: list[str] | None = None) -> int:
         _load(cmd.plot)(result, cfg.plot)
         print(f"plot: {cfg.plot}", file=sys.stderr)
     return 0
+
+
+def _resolve_auto_dtype(cfg):
+    """--dtype auto made concrete before the command runs, so that what it loads, prints and writes names the
+    dtype it used."""
+    from mtp.backbones import resolve_dtype
+
+    model = getattr(cfg, "model", None) or next(iter(getattr(cfg, "models", None) or []), None)
+    dtype = resolve_dtype("auto", cfg.device, model, quiet=cfg.quiet)
+    if not cfg.quiet:
+        print(f"mtp: --dtype auto: {dtype} (the faster here)", file=sys.stderr)
+    return dataclasses.replace(cfg, dtype=dtype)
 
 
 def _quiet_libraries() -> None:

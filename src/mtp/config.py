@@ -260,11 +260,17 @@ class Runtime(Config):
     device: str = "cpu"
     """cpu, cuda or cuda:N."""
     dtype: str = "float32"
-    """float32 | bfloat16 | float16 | float64: the model's weights."""
+    """float32 | bfloat16 | float16 | float64: the model's weights. analyze, generate, serve and bench decode /
+    context also take auto: the faster of float32 and bfloat16 on this machine (bfloat16 on a GPU that has it; on a CPU timed
+    once and cached, as bfloat16 pays only with AVX-512 / AMX kernels)."""
+
+    AUTO_DTYPE: typing.ClassVar[bool] = False
+    """Whether --dtype auto is offered (commands that run a model without training it)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _dtype(self.dtype)
+        if not (self.AUTO_DTYPE and self.dtype == "auto"):
+            _dtype(self.dtype)
         _seed(self.seed)
 
 
@@ -382,6 +388,8 @@ def read_config_file(path: str, cls) -> dict:
 @dataclass
 class AnalyzeConfig(Runtime, Writes):
     """How much MTP ability next-token models already have (marginalization, logit lens)."""
+
+    AUTO_DTYPE = True
 
     models: list[str] = opt(factory=lambda: [DEFAULT_MODEL], flag="--model", metavar="NAME|PATH")
     """Built-in name (smollm2-135m, gemma3-270m, qwen2.5-coder-0.5b), Hugging Face folder or .gguf file."""
@@ -719,6 +727,8 @@ class ConvertConfig(Writes):
 @dataclass
 class DraftOptions(Runtime):
     """How a decoder drafts and accepts: what `mtp generate`, `mtp bench decode` and `mtp serve` share."""
+
+    AUTO_DTYPE = True
 
     temperature: float = 0.0
     """0 = greedy."""

@@ -17,19 +17,14 @@ from mtp.backbones import backbone_config, check_context, check_vocab, load_back
 from mtp.config import AnalyzeConfig
 from mtp.data import Corpus, CorpusUnavailable, load_corpus, make_windows
 from mtp.errors import UserError
+from mtp.machine import cpu_name
 
 
 def machine_info(device: str = "cpu") -> dict:
     """What produced a result: CPU model and cores, accelerator, library versions."""
     import transformers
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    info = {"cpu": cpu, "cpu_threads": torch.get_num_threads(), "python": platform.python_version(),
+    info = {"cpu": cpu_name(), "cpu_threads": torch.get_num_threads(), "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__, "device": device}
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))

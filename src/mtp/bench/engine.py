@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import statistics
 import sys
@@ -24,22 +25,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 from mtp.errors import UserError
+from mtp.machine import cpu_name, cpu_signature
 
 LLAMA_NGRAM_MODES = ("ngram-simple", "ngram-map-k", "ngram-mod")
 
 
 def machine() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import os
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()}
 
 
 def _prompt_ids(cfg, tokenizer) -> list[list[int]]:
@@ -177,7 +169,6 @@ def measure_costs(cfg, server: Path, target: Path, draft_gguf: Path, tokenizer, 
             srv.complete(calib[0], 8, timeout=cfg.timeout)
             answers = [srv.complete(p, 64, timeout=cfg.timeout) for p in calib]
         costs.rounds.append(policy.round_row(d, answers))
-    from mtp.engines.llamacpp import cpu_signature
 
     path = policy.save_cached(target, draft_gguf, cfg.threads, costs,
                               {"cpu": cpu_signature(), "threads": cfg.threads, "target": str(target),

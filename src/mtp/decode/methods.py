@@ -29,6 +29,7 @@ from mtp.errors import UserError
 from mtp.heads_format import read_accuracy
 from mtp.hf_compat import forward_with_cache
 from mtp.io import cache_dir, write_json
+from mtp.machine import cpu_signature
 from mtp.model.attention import attention_masks
 from mtp.trees import read_tree
 
@@ -78,7 +79,8 @@ def verify_cost(backbone, context: int = 256, points=COST_POINTS, repeats: int =
 
 def cost_key(model_name: str, backbone) -> str:
     dev = backbone.device
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    # per CPU model and flags too: the same user cache meets an AMX Xeon one day and an AMD EPYC the next
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu {cpu_signature()}"
     raw = json.dumps([model_name, str(backbone.dtype), name, torch.get_num_threads(), torch.__version__])
     return hashlib.sha1(raw.encode()).hexdigest()[:16]
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from mtp.engines import patches
 from mtp.errors import UserError
+from mtp.machine import cpu_signature
 
 VERSION = "0.3.36"  # llama-cpp-python, whose sdist vendors a llama.cpp with EAGLE-3 (src/models/eagle3.cpp)
 SDIST = f"llama-cpp-python=={VERSION}"
@@ -132,25 +133,6 @@ def _run(cmd: list[str], what: str, cwd: Path | None = None, env: dict | None = 
 CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
                "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
                "-DBUILD_SHARED_LIBS=OFF")
-
-
-def cpu_signature() -> str:
-    """The CPU a native build is for (model name and instruction-set flags): a build made on an AMX Xeon dies
-    of SIGILL on an AMD EPYC, so a cached build is reused only on the CPU it was made for."""
-    import hashlib
-    import platform
-
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        text = ""
-    fields = {}
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("model name", "flags") and key.strip() not in fields:
-            fields[key.strip()] = " ".join(sorted(value.split())) if key.strip() == "flags" else value.strip()
-    name = fields.get("model name") or platform.processor() or platform.machine()
-    return f"{name} [{hashlib.sha256(fields.get('flags', '').encode()).hexdigest()[:12]}]"
 
 
 def build_stamp() -> dict:

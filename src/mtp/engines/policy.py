@@ -256,7 +256,8 @@ def _file_id(path: Path, content: bool = False) -> str:
 
 def cache_file(target: Path, draft: Path, threads: int) -> Path:
     """Where the costs of this target and draft, on this CPU with this many threads, are kept."""
-    from mtp.engines.llamacpp import build_stamp, cpu_signature
+    from mtp.engines.llamacpp import build_stamp
+    from mtp.machine import cpu_signature
     from mtp.io import cache_dir
 
     key = json.dumps([cpu_signature(), build_stamp()["fixes"], _file_id(target), _file_id(draft, content=True), threads])

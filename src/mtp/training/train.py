@@ -34,6 +34,7 @@ from mtp.errors import UserError
 from mtp.heads_format import read_heads_config
 from mtp.hf_compat import add_lora
 from mtp.io import append_line, check_new_output, complete_lines, recover_dir, write_json
+from mtp.machine import cpu_has
 from mtp.model.eagle3 import parse_layers
 from mtp.model.heads import parse_tap
 from mtp.model.mtp import HeadsConfig, MTPModel
@@ -333,12 +334,7 @@ def autocast_enabled(setting: str, device: torch.device) -> bool:
 
 
 def _cpu_has_fast_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-        return "amx_bf16" in flags or "avx512_bf16" in flags
-    except OSError:
-        return False
+    return cpu_has("amx_bf16", "avx512_bf16")
 
 
 def build_model(cfg: TrainConfig, device: str, command: str = "", auto_layers: list[int] | None = None,
