@@ -754,6 +754,12 @@ class DraftOptions(Runtime):
     """Re-size the tree / draft every 8 steps from the acceptance seen while decoding."""
     chat: bool = True
     """Apply the model's chat template to the prompts."""
+    backend: str = opt("torch", choices=("torch", "llama.cpp"))
+    """What runs the model: torch (PyTorch, every method) | llama.cpp (its GGUF in llama.cpp, in-process, on
+    llama.cpp's CPU kernels: plain and lookup; `mtp engines setup llama.cpp` builds it)."""
+    target: str = opt("packaged", choices=GGUF_KINDS)
+    """--backend llama.cpp: which GGUF of the model runs: packaged (the shipped file) | f16 | bf16 | f32 | q8_0 |
+    q4_0 (converted once from the model by llama.cpp's tools)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -417,12 +417,7 @@ class SpeculativeDecoder:
         longest = max(len(r.prompt) for r in requests)
         capacity = longest + max(r.max_new_tokens for r in requests) + 64
         total = b_old + b
-        slots = max(capacity, self.slots.capacity if b_old else 0)
-        need, free = kv_bytes(self.backbone.config, self.backbone.dtype, total, slots), free_memory(self.device)
-        if free is not None and need > 0.8 * free:
-            raise UserError(f"{total} prompt(s) of up to {longest} tokens + {max(r.max_new_tokens for r in requests)} "
-                            f"new tokens need {need / 2**30:.1f} GiB of KV cache, {free / 2**30:.1f} GiB of "
-                            f"{self.device.type} memory is free: decode fewer prompts at once or fewer new tokens")
+        self._check_room(requests, total, capacity)
         old = self._take_state() if b_old else None
         try:
             self._prefill(requests, longest, capacity)
@@ -445,6 +440,49 @@ class SpeculativeDecoder:
                 callback(i, added)
         return rows
 
+    # ------------------------------------------------------------------ the backbone's cache (a backend overrides these)
+
+    def _check_room(self, requests: list["Request"], total: int, capacity: int) -> None:
+        """Refuse, in one line, rows whose KV cache would not fit in the device's free memory."""
+        slots = max(capacity, self.slots.capacity if self.slots is not None else 0)
+        need, free = kv_bytes(self.backbone.config, self.backbone.dtype, total, slots), free_memory(self.device)
+        if free is not None and need > 0.8 * free:
+            longest = max(len(r.prompt) for r in requests)
+            raise UserError(f"{total} prompt(s) of up to {longest} tokens + {max(r.max_new_tokens for r in requests)} "
+                            f"new tokens need {need / 2**30:.1f} GiB of KV cache, {free / 2**30:.1f} GiB of "
+                            f"{self.device.type} memory is free: decode fewer prompts at once or fewer new tokens")
+
+    def _prefill_backbone(self, ids, pos, valid, capacity: int, requests: list["Request"]):
+        """New rows' left-padded prompts (B, L) into a fresh cache; returns the last position's logits (B, 1, V)
+        and the tapped states (for heads) of every position."""
+        longest, dev = ids.shape[1], self.device
+        if bool(valid.all()):  # no padding: the model's own causal attention
+            allowed = None
+        else:
+            causal = torch.ones(longest, longest, dtype=torch.bool, device=dev).tril()
+            allowed = (causal[None] & valid[:, None, :]) | torch.eye(longest, dtype=torch.bool, device=dev)[None]
+        self.slots = Slots(ids.shape[0], dev, capacity, bucket=self.bucket)
+        self.cache = self.slots.cache()  # full layers: sliding windows come from our masks
+        logits, states = self._forward(ids, pos, allowed, logits_to_keep=1)
+        self.slots.keep_all(valid)
+        return logits, states
+
+    def _verify(self, q_tokens, q_pos, allowed_new, draft: Draft):
+        """One forward of every row's [root] + draft nodes: logits (B, 1+N, V) and the tapped states."""
+        return self._forward(q_tokens, q_pos, allowed_new)
+
+    def _commit(self, keep_idx, keep_valid, lengths: list[int]) -> None:
+        """Keep each row's accepted query positions (``keep_idx`` (B, m), root first; ``lengths`` on the host) in
+        the cache; the rest of the step's entries are dropped."""
+        self.slots.keep(keep_idx, keep_valid)
+
+    def _join_cache(self, old: dict) -> None:
+        old["slots"].extend(self.slots)
+        self.slots, self.cache = old["slots"], old["cache"]
+
+    def _select_cache(self, index, keep: list[int]) -> None:
+        self.slots.select(index)
+
     def _take_state(self) -> dict:
         return {name: getattr(self, name, None) for name in self._STATE}
 
@@ -456,8 +494,7 @@ class SpeculativeDecoder:
                 setattr(self, name, torch.cat([old[name], mine]))
         if self.seq_states is not None:
             self.seq_states = [torch.cat([a, b]) for a, b in zip(old["seq_states"], self.seq_states)]
-        old["slots"].extend(self.slots)
-        self.slots, self.cache = old["slots"], old["cache"]
+        self._join_cache(old)
         if self.head_slots is not None:
             old["head_slots"].extend(self.head_slots)
             self.head_slots, self.head_caches = old["head_slots"], old["head_caches"]
@@ -487,7 +524,7 @@ class SpeculativeDecoder:
                 setattr(self, name, t.index_select(0, index))
         if self.seq_states is not None:
             self.seq_states = [t.index_select(0, index) for t in self.seq_states]
-        self.slots.select(index)
+        self._select_cache(index, keep)
         if self.head_slots is not None:
             self.head_slots.select(index)
         if self.eagle_state is not None:
@@ -504,17 +541,9 @@ class SpeculativeDecoder:
             ids[i, longest - len(p):] = torch.tensor(p, device=dev)
             valid[i, longest - len(p):] = True
         pos = (valid.long().cumsum(1) - 1).clamp(min=0)
-        if all(len(p) == longest for p in prompts):  # no padding: the model's own causal attention
-            allowed = None
-        else:
-            causal = torch.ones(longest, longest, dtype=torch.bool, device=dev).tril()
-            allowed = (causal[None] & valid[:, None, :]) | torch.eye(longest, dtype=torch.bool, device=dev)[None]
-        self.slots = Slots(b, dev, capacity, bucket=self.bucket)
-        self.cache = self.slots.cache()  # full layers: sliding windows come from our masks
         self.head_logits = self.seq_states = self.root_next = self.eagle_state = None
         self.head_slots = self.head_caches = None
-        logits, states = self._forward(ids, pos, allowed, logits_to_keep=1)
-        self.slots.keep_all(valid)
+        logits, states = self._prefill_backbone(ids, pos, valid, capacity, requests)
         self.next_pos = pos[:, -1] + 1
         self.root = self._choose(logits[:, -1], requests)
         if self.n_run:
@@ -549,7 +578,7 @@ class SpeculativeDecoder:
                 torch.eye(n + 1, dtype=torch.bool, device=dev)[None]
         self.verify_tokens += n + 1
         self.verify_forwards += 1
-        logits, states = self._forward(q_tokens, q_pos, allowed_new)
+        logits, states = self._verify(q_tokens, q_pos, allowed_new, draft)
         acc = self._accept(logits, draft)
 
         # the one read-back of the step: per row, its accepted length, next root and path tokens
@@ -564,7 +593,7 @@ class SpeculativeDecoder:
         keep_valid = (keep_idx >= 0) & (torch.arange(m, device=dev)[None] <
                                         torch.tensor(lengths, device=dev)[:, None])
         keep_idx = keep_idx.clamp(min=0)
-        self.slots.keep(keep_idx, keep_valid)
+        self._commit(keep_idx, keep_valid, lengths)
         self.next_pos = self.next_pos + torch.tensor(lengths, device=dev)
         if self.n_run:
             self.root_next = acc.next_root

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from mtp.backbones import backbone_config, check_context, check_layer, load_backbone, resolve_backbone
+from mtp.backbones import (backbone_config, check_context, check_layer, load_backbone, load_tokenizer,
+                           local_model_folder, resolve_backbone)
 from mtp.config import DraftOptions, GenerateConfig
 from mtp.data import top_tokens
 from mtp.decode.accept import Sampling
@@ -231,25 +232,70 @@ def hf_generate(backbone, tokenizer, prompts: list[list[int]], max_new_tokens: i
 # ----------------------------------------------------------------------------- the command (mtp.cli's table)
 
 
+def load_llama_target(model_name: str, kind: str, needs: dict[str, int] | None = None, n_ctx: int | None = None):
+    """``--backend llama.cpp``: the model's GGUF (``kind``: packaged or a conversion) in llama.cpp, and its
+    tokenizer; flags checked against the model's context before anything loads."""
+    from mtp.decode.llama import LlamaCppBackbone
+    from mtp.engines.targets import target_gguf
+
+    resolve_backbone(model_name)
+    model_config = backbone_config(model_name)
+    for flag, n in (needs or {}).items():
+        check_context(n, flag, model_config)
+    folder = local_model_folder(model_name)
+    tokenizer = load_tokenizer(folder, "--model")
+    longest = getattr(model_config, "max_position_embeddings", None) or 4096
+    target = LlamaCppBackbone(target_gguf(model_name, kind), model_config, n_ctx=n_ctx or min(longest, 8192))
+    try:
+        from transformers import GenerationConfig
+
+        target.generation_config = GenerationConfig.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError):
+        target.generation_config = None
+    return target, tokenizer
+
+
+def build_llama_decoder(target, tokenizer, method: str, opts: DraftOptions) -> tuple[SpeculativeDecoder, Sizing]:
+    """A decoder on llama.cpp for a method that drafts without heads (plain, lookup)."""
+    from mtp.decode.llama import LlamaCppDecoder
+
+    if method in HEAD_METHODS or method == "early-exit":
+        raise UserError(f"--backend llama.cpp runs plain and lookup for now; {method!r} needs --backend torch")
+    proposer, sizing = make_proposer(method, opts, n_layers=target.config.num_hidden_layers)
+    return LlamaCppDecoder(target, tokenizer, proposer=proposer, sampling=Sampling.of(opts),
+                           acceptance=opts.acceptance, seed=opts.seed), sizing
+
+
 def generate_command(cfg: GenerateConfig, command: str = "") -> dict:
     """Stream the model's answer; the result holds tokens/s, tokens per step and the speedup over plain decoding."""
     heads, method = choose_method(cfg.model, cfg.heads, cfg.method)
-    backbone, tokenizer, mtp_model, folder = load_for_decoding(cfg.model, heads if method in HEAD_METHODS else None,
-                                                              cfg.dtype, cfg.device,
-                                                              {"--max-new-tokens": cfg.max_new_tokens}, cfg.exit_layer)
+    if cfg.backend == "llama.cpp":
+        method = cfg.method or "lookup"
+        if cfg.heads is not None:
+            raise UserError("--backend llama.cpp runs plain and lookup for now, without heads: drop --heads, "
+                            "or use --backend torch")
+        backbone, tokenizer = load_llama_target(cfg.model, cfg.target, {"--max-new-tokens": cfg.max_new_tokens})
+        mtp_model = folder = None
+        decoder, sizing = build_llama_decoder(backbone, tokenizer, method, cfg)
+    else:
+        backbone, tokenizer, mtp_model, folder = load_for_decoding(
+            cfg.model, heads if method in HEAD_METHODS else None, cfg.dtype, cfg.device,
+            {"--max-new-tokens": cfg.max_new_tokens}, cfg.exit_layer)
+        decoder, sizing = build_decoder(backbone, tokenizer, mtp_model, folder, cfg.model, method, cfg)
     ids, eos = encode_prompt(tokenizer, cfg.prompt, cfg.chat), eos_ids(backbone, tokenizer)
-    decoder, sizing = build_decoder(backbone, tokenizer, mtp_model, folder, cfg.model, method, cfg)
     decoder.generate([ids], 4, eos)  # warm-up, so the figures below are not first-call costs
     out = decoder.generate([ids], cfg.max_new_tokens, eos, stop_strings=cfg.stop, callback=Streamer(tokenizer))
     sys.stdout.write("\n")
     row = out.rows[0]
     sizes = {k: v for k, v in sizing.as_dict().items() if k not in ("method", "tree", "adaptive")}
-    result = {"method": method, "sizes": sizes,
+    result = {"method": method, "sizes": sizes, "backend": cfg.backend,
               "adapted": adaptive_sizes(decoder), "tokens": len(row.tokens), "seconds": out.seconds,
-              "tokens_per_s": len(row.tokens) / out.seconds, "tau": row.acceptance_length, "dtype": cfg.dtype,
+              "tokens_per_s": len(row.tokens) / out.seconds, "tau": row.acceptance_length,
+              "dtype": cfg.dtype if cfg.backend == "torch" else f"GGUF {cfg.target}",
               "greedy": cfg.temperature == 0, "command": command}
     if cfg.compare and method != "plain":
-        plain, _ = build_decoder(backbone, tokenizer, None, None, cfg.model, "plain", cfg)
+        plain, _ = build_llama_decoder(backbone, tokenizer, "plain", cfg) if cfg.backend == "llama.cpp" else \
+            build_decoder(backbone, tokenizer, None, None, cfg.model, "plain", cfg)
         ref = plain.generate([ids], cfg.max_new_tokens, eos, stop_strings=cfg.stop)
         result.update(plain_tokens_per_s=len(ref.rows[0].tokens) / ref.seconds,
                       identical=ref.rows[0].tokens == row.tokens)
@@ -270,6 +316,9 @@ def show_generate(r: dict) -> str:
         same = "identical output"
     elif not r["greedy"]:
         same = "output differs (sampling: same distribution, different draw)"
+    elif r.get("backend") == "llama.cpp":
+        same = ("output differs from plain llama.cpp decoding by rounding (its kernels for a k-token batch round "
+                "differently from one-token decodes)")
     elif r["dtype"] in ("bfloat16", "float16"):
         same = (f"output differs from plain {r['dtype']} decoding by rounding (a k-token forward rounds differently "
                 f"from k one-token forwards; float32 is token-identical)")

@@ -2,7 +2,9 @@
 
 ``setup()`` downloads the sdist once with pip (no wheel, no compiler flags of its own), extracts its
 ``vendor/llama.cpp`` tree into the user cache and builds ``llama-server`` there with cmake + ninja (Release,
-native CPU, no network features). The same tree holds ``convert_hf_to_gguf.py`` and its ``gguf-py``, which
+native CPU, no network features, shared libraries). The sdist's own ``llama_cpp`` package (llama-cpp-python's
+ctypes bindings, exactly matching those sources) is extracted beside it and loads the ``libllama.so`` of that
+build: :mod:`mtp.engines.llamacpp_lib` runs models in-process through it. The same tree holds ``convert_hf_to_gguf.py`` and its ``gguf-py``, which
 ``mtp export --format gguf`` runs. Everything lives under ``$MTP_CACHE/engines/llama.cpp-<version>``;
 ``MTP_LLAMA_CPP_DIR`` points at another built tree.
 
@@ -32,9 +34,10 @@ from mtp.machine import cpu_signature
 
 VERSION = "0.3.36"  # llama-cpp-python, whose sdist vendors a llama.cpp with EAGLE-3 (src/models/eagle3.cpp)
 SDIST = f"llama-cpp-python=={VERSION}"
-TARGETS = ("llama-server", "llama-quantize")  # the server, and the quantizer for Q4_0 targets and drafts
+# the server, the quantizer for Q4_0 targets and drafts, and the library the Python bindings load
+TARGETS = ("llama-server", "llama-quantize", "llama")
 CONVERTER_NEEDS = (  # the `engines` extra of pyproject.toml: keep them equal
-    "sentencepiece>=0.1.98,<0.3.0", "protobuf>=4.21.0,<5.0.0")
+    "sentencepiece>=0.1.98,<0.3.0", "protobuf>=4.21.0,<5.0.0", "diskcache>=5.6.1")
 SETUP_STEP_TIMEOUT = 3600  # seconds per setup step (pip download of the sources, cmake configure, the build)
 BUILD_HINT = "build it once with `mtp engines setup llama.cpp` (8–12 min of CPU on 2 cores)"
 
@@ -48,6 +51,16 @@ def root() -> Path:
 
 def source_dir() -> Path:
     return root() / "src"
+
+
+def bindings_dir() -> Path:
+    """Where llama-cpp-python's ``llama_cpp`` package (from the same sdist as the sources) is kept."""
+    return root() / "python"
+
+
+def library_dir() -> Path:
+    """Where the build puts ``libllama.so`` and the ggml libraries."""
+    return root() / "build" / "bin"
 
 
 def binary(name: str = "llama-server") -> Path:
@@ -76,8 +89,8 @@ def converter_missing() -> list[str]:
         except ImportError:  # the parent package ("google") is missing
             return True
 
-    return [name for name, module in (("sentencepiece", "sentencepiece"), ("protobuf", "google.protobuf"))
-            if absent(module)]
+    return [name for name, module in (("sentencepiece", "sentencepiece"), ("protobuf", "google.protobuf"),
+                                      ("diskcache", "diskcache")) if absent(module)]
 
 
 def run_tool(cmd: list, tool: str, what: str, timeout: float, env: dict | None = None) -> None:
@@ -132,7 +145,7 @@ def _run(cmd: list[str], what: str, cwd: Path | None = None, env: dict | None = 
 
 CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
                "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-               "-DBUILD_SHARED_LIBS=OFF")
+               "-DBUILD_SHARED_LIBS=ON")
 
 
 def build_stamp() -> dict:
@@ -155,28 +168,16 @@ def built_stamp() -> dict | None:
 def setup(jobs: int | None = None) -> dict:
     """Fetch the vendored sources (pip), apply mtp's source fixes and build llama-server; returns what was done
     and how long it took. A build whose stamp matches (same sources, fixes, flags and CPU) is reused as is."""
-    from mtp.io import atomic_dir
 
     start = time.time()
     src, build = source_dir(), root() / "build"
     stamp = build_stamp()
-    if binary().is_file() and built_stamp() == stamp and not converter_missing():
+    bindings = bindings_dir() / "llama_cpp" / "llama_cpp.py"
+    if binary().is_file() and built_stamp() == stamp and not converter_missing() and bindings.is_file():
         return {"root": str(root()), "server": str(binary()), "fetch_seconds": 0.0,
                 "total_seconds": round(time.time() - start, 1), "fixes": {}, "reused": True}
-    if not (src / "CMakeLists.txt").is_file():
-        with tempfile.TemporaryDirectory() as tmp:
-            _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--disable-pip-version-check",
-                  "-d", tmp, SDIST], "downloading llama.cpp's sources (the llama-cpp-python sdist)")
-            archive = next(Path(tmp).glob("llama_cpp_python-*.tar.gz"), None)
-            if archive is None:
-                raise UserError(f"pip did not download the {SDIST} source archive")
-            with atomic_dir(src) as out:
-                prefix = f"{archive.name.removesuffix('.tar.gz')}/vendor/llama.cpp/"
-                with tarfile.open(archive) as tar:
-                    members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
-                    for m in members:
-                        m.name = m.name[len(prefix):]
-                    tar.extractall(out, members=[m for m in members if m.name], filter="data")
+    if not (src / "CMakeLists.txt").is_file() or not bindings.is_file():
+        _fetch_sources(src, bindings_dir())
     fetched = time.time() - start
     fixes = patches.apply(src)
     for name, state in fixes.items():
@@ -200,6 +201,33 @@ def setup(jobs: int | None = None) -> dict:
     _stamp_path().write_text(json.dumps(stamp, indent=1) + "\n")
     return {"root": str(root()), "server": str(binary()), "fetch_seconds": round(fetched, 1),
             "total_seconds": round(time.time() - start, 1), "fixes": fixes, "reused": False}
+
+
+def _fetch_sources(src: Path, python: Path) -> None:
+    """The sdist (pip, no build): its vendored llama.cpp into ``src`` and its ``llama_cpp`` package into
+    ``python`` (each only where missing)."""
+    from mtp.io import atomic_dir
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--disable-pip-version-check",
+              "-d", tmp, SDIST], "downloading llama.cpp's sources (the llama-cpp-python sdist)")
+        archive = next(Path(tmp).glob("llama_cpp_python-*.tar.gz"), None)
+        if archive is None:
+            raise UserError(f"pip did not download the {SDIST} source archive")
+        top = archive.name.removesuffix(".tar.gz")
+        with tarfile.open(archive) as tar:
+            members = tar.getmembers()
+            for out_dir, prefix, strip in ((src, f"{top}/vendor/llama.cpp/", True),
+                                           (python, f"{top}/llama_cpp/", False)):
+                if out_dir == src and (src / "CMakeLists.txt").is_file() or \
+                        out_dir == python and (python / "llama_cpp" / "llama_cpp.py").is_file():
+                    continue
+                cut = len(prefix) if strip else len(f"{top}/")
+                chosen = [m for m in members if m.name.startswith(prefix) and len(m.name) > cut]
+                for m in chosen:
+                    m.name = m.name[cut:]
+                with atomic_dir(out_dir, replace=out_dir.exists()) as out:
+                    tar.extractall(out, members=chosen, filter="data")
 
 
 def serve_command(target_gguf: str | Path, draft_gguf: str | Path | None = None, draft_max: int = 8,

@@ -1,0 +1,379 @@
+"""llama.cpp in-process: a GGUF model and its context through llama-cpp-python's low-level ctypes bindings.
+
+The bindings (``llama_cpp.llama_cpp``) come from the same pinned sdist as the sources ``mtp engines setup
+llama.cpp`` builds, and load that build's ``libllama.so`` (``LLAMA_CPP_LIB_PATH``), so the Python structs
+match the library field for field. What a tree verifier needs from llama.cpp is all in its C API:
+
+- a token of a batch may belong to several sequences (``llama_batch.seq_id[i]`` is a list) and the attention
+  mask is built from sequence membership and positions (a query sees the cells of its *first* sequence id
+  at positions up to its own; src/llama-kv-cache.cpp ``set_input_kq_mask``), so one ``llama_decode`` over a
+  tree's nodes, each in the sequences of every root-to-leaf path through it, verifies the whole tree;
+- with a unified KV cache (``kv_unified``) a cell holds a bitset of sequence ids and ``seq_cp`` / ``seq_rm``
+  edit those bitsets: keeping the accepted path and dropping the rest costs no copy of keys or values;
+- with ``embeddings`` on and pooling NONE a decode returns, beside the logits, the final hidden state (after
+  the final norm) of every output token.
+
+:class:`LlamaContext` wraps one model + context + batch: ``decode`` fills the batch from Python lists and
+returns the logits (and hidden states) of the tokens that asked for them as numpy arrays (copies: the
+library reuses its buffers). Everything llama.cpp refuses is a :class:`~mtp.errors.UserError` in one line.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from mtp.engines import llamacpp
+from mtp.errors import UserError
+
+_LOCK = threading.Lock()
+_LIB = None
+_LOG: list[str] = []  # llama.cpp's last log lines (errors are explained from them)
+
+
+def bindings():
+    """The ``llama_cpp.llama_cpp`` module, loading this build's ``libllama.so`` (once per process)."""
+    global _LIB
+    with _LOCK:
+        if _LIB is not None:
+            return _LIB
+        lib_dir, py_dir = llamacpp.library_dir(), llamacpp.bindings_dir()
+        if not (lib_dir / "libllama.so").is_file() or not (py_dir / "llama_cpp" / "llama_cpp.py").is_file():
+            raise UserError(f"llama.cpp's library or Python bindings are not built ({lib_dir}): "
+                            f"{llamacpp.BUILD_HINT}")
+        loaded = sys.modules.get("llama_cpp")
+        if loaded is not None and Path(getattr(loaded, "__file__", "")).parent.parent != py_dir:
+            raise UserError(f"another llama_cpp package is already imported ({loaded.__file__}): mtp runs "
+                            "llama.cpp through the bindings of its own build; import mtp's backend first")
+        os.environ["LLAMA_CPP_LIB_PATH"] = str(lib_dir)
+        if str(py_dir) not in sys.path:
+            sys.path.insert(0, str(py_dir))
+        try:
+            import llama_cpp.llama_cpp as ll
+        except (OSError, ImportError) as e:
+            raise UserError(f"llama.cpp's bindings do not load ({e}): rebuild with `mtp engines setup llama.cpp`") \
+                from None
+        ll.llama_backend_init()
+        _quiet(ll)
+        _LIB = ll
+        return ll
+
+
+def _quiet(ll) -> None:
+    """llama.cpp's log goes to a ring of recent lines, not to the terminal (MTP_LLAMA_LOG=1: stderr too)."""
+    echo = os.environ.get("MTP_LLAMA_LOG") == "1"
+
+    @ll.llama_log_callback
+    def log(level, text, user_data):
+        line = (text or b"").decode("utf-8", "replace")
+        _LOG.append(line)
+        del _LOG[:-50]
+        if echo:
+            sys.stderr.write(line)
+
+    _quiet.callback = log  # the C side holds a pointer: keep the Python object alive
+    ll.llama_log_set(log, ctypes.c_void_p(0))
+
+
+def _last_error() -> str:
+    lines = [ln.strip() for ln in _LOG if ln.strip()]
+    return lines[-1] if lines else "no message"
+
+
+class LlamaContext:
+    """One GGUF model, one context with a unified KV cache for ``n_seq`` sequences, and one batch buffer.
+
+    ``embeddings=True``: every decode also returns the final hidden states of its output tokens.
+    ``repack``: llama.cpp's repacked CPU weights (its fast small-batch kernels); ``MTP_LLAMA_NO_REPACK=1``
+    turns them off (the ``--no-repack`` of llama-server).
+    """
+
+    def __init__(self, gguf: str | Path, n_ctx: int = 4096, n_seq: int = 1, n_batch: int = 512,
+                 threads: int | None = None, embeddings: bool = False, repack: bool | None = None):
+        ll = self.ll = bindings()
+        path = Path(gguf)
+        if not path.is_file():
+            raise UserError(f"no GGUF file at {path}")
+        if not 1 <= n_seq <= 256:
+            raise UserError(f"llama.cpp runs 1 to 256 sequences in one context, asked for {n_seq}")
+        mparams = ll.llama_model_default_params()
+        mparams.n_gpu_layers = 0
+        mparams.use_extra_bufts = (os.environ.get("MTP_LLAMA_NO_REPACK") != "1") if repack is None else repack
+        self.model = ll.llama_model_load_from_file(str(path).encode(), mparams)
+        if not self.model:
+            raise UserError(f"llama.cpp cannot load {path}: {_last_error()}")
+        self.ctx = self.batch = None
+        try:
+            cparams = ll.llama_context_default_params()
+            cparams.n_ctx, cparams.n_batch, cparams.n_ubatch = n_ctx, n_batch, n_batch
+            cparams.n_seq_max = n_seq
+            threads = threads or min(os.cpu_count() or 1, 8)
+            cparams.n_threads = cparams.n_threads_batch = threads
+            cparams.kv_unified = True  # sequences share the cells; seq_cp / seq_rm edit bitsets
+            cparams.embeddings = embeddings
+            cparams.pooling_type = ll.LLAMA_POOLING_TYPE_NONE
+            cparams.no_perf = True
+            self.ctx = ll.llama_init_from_model(self.model, cparams)
+            if not self.ctx:
+                raise UserError(f"llama.cpp cannot make a context for {path} (n_ctx {n_ctx}, {n_seq} sequences): "
+                                f"{_last_error()}")
+            self.mem = ll.llama_get_memory(self.ctx)
+            self.n_ctx, self.n_seq, self.n_batch, self.threads = ll.llama_n_ctx(self.ctx), n_seq, n_batch, threads
+            self.n_vocab = ll.llama_vocab_n_tokens(ll.llama_model_get_vocab(self.model))
+            self.n_embd = ll.llama_model_n_embd(self.model)
+            self.embeddings = embeddings
+            self.batch = ll.llama_batch_init(n_batch, 0, n_seq)
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------------ decoding
+
+    def decode(self, tokens: list[int], positions: list[int], seqs: list[list[int]] | list[int],
+               outputs: list[bool] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """One ``llama_decode`` of ``tokens`` at ``positions``, token i in the sequences ``seqs[i]`` (an int: one
+        sequence). Returns the logits (n_out, V) float32 of the tokens whose ``outputs`` flag is set (all by
+        default), in batch order, and their hidden states (n_out, H) when the context has embeddings on."""
+        n = len(tokens)
+        if not 0 < n <= self.n_batch:
+            raise UserError(f"a llama.cpp decode takes 1 to {self.n_batch} tokens, got {n}")
+        outputs = [True] * n if outputs is None else outputs
+        b = self.batch
+        b.n_tokens = n
+        for i in range(n):
+            b.token[i], b.pos[i] = tokens[i], positions[i]
+            s = seqs[i]
+            if isinstance(s, int):
+                b.n_seq_id[i], b.seq_id[i][0] = 1, s
+            else:
+                b.n_seq_id[i] = len(s)
+                for j, sid in enumerate(s):
+                    b.seq_id[i][j] = sid
+            b.logits[i] = outputs[i]
+        rc = self.ll.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise UserError(f"llama.cpp's decode of {n} tokens failed (status {rc}"
+                            f"{': the KV cache is full' if rc == 1 else ''}): {_last_error()}")
+        n_out = sum(1 for o in outputs if o)
+        logits = np.ctypeslib.as_array(self.ll.llama_get_logits(self.ctx), shape=(n_out, self.n_vocab)).copy()
+        hidden = None
+        if self.embeddings:
+            hidden = np.ctypeslib.as_array(self.ll.llama_get_embeddings(self.ctx),
+                                           shape=(n_out, self.n_embd)).copy()
+        return logits, hidden
+
+    def set_embeddings(self, on: bool) -> None:
+        """Hidden states out (and every token an output) or not: off for a prefill whose states nobody reads."""
+        self.ll.llama_set_embeddings(self.ctx, on)
+        self.embeddings = on
+
+    # ------------------------------------------------------------------ the KV cache by sequence
+
+    def seq_rm(self, seq: int, p0: int = -1, p1: int = -1) -> None:
+        """Remove ``seq`` from the cells at positions [p0, p1) (-1: open); cells left in no sequence are free."""
+        self.ll.llama_memory_seq_rm(self.mem, seq, p0, p1)
+
+    def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
+        """Add ``dst`` to the cells of ``src`` at positions [p0, p1): no keys or values are copied."""
+        self.ll.llama_memory_seq_cp(self.mem, src, dst, p0, p1)
+
+    def seq_pos_max(self, seq: int) -> int:
+        """The largest position ``seq`` holds (-1: empty)."""
+        return self.ll.llama_memory_seq_pos_max(self.mem, seq)
+
+    def clear(self) -> None:
+        self.ll.llama_memory_clear(self.mem, True)
+
+    # ------------------------------------------------------------------ lifetime
+
+    def close(self) -> None:
+        ll = self.ll
+        if getattr(self, "batch", None) is not None:
+            ll.llama_batch_free(self.batch)
+            self.batch = None
+        if getattr(self, "ctx", None):
+            ll.llama_free(self.ctx)
+            self.ctx = None
+        if getattr(self, "model", None):
+            ll.llama_model_free(self.model)
+            self.model = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+# ----------------------------------------------------------------------------- a tree as llama.cpp sequences
+
+
+class TreeLayout:
+    """A draft tree below a root as llama.cpp sequences: every root-to-leaf path is one sequence, every node
+    belongs to the sequences of all paths through it, nodes go into the batch in level order (positions never
+    decrease within a sequence, as llama.cpp requires). Query index 0 is the root; node j (1..N) has the query
+    parent ``parents[j - 1] + 1``; nodes whose ``valid`` is False (a batch's padding) are left out."""
+
+    def __init__(self, parents: list[int], valid: list[bool]):
+        n = len(parents)
+        parent_q = [0] + [p + 1 for p in parents]
+        ok = [True] + [bool(v) for v in valid]
+        depth = [0] * (n + 1)
+        for j in range(1, n + 1):  # parents may come after their children in the draft: walk up
+            d, k = 0, j
+            while k:
+                k, d = parent_q[k], d + 1
+            depth[j] = d
+        has_child = [False] * (n + 1)
+        for j in range(1, n + 1):
+            if ok[j]:
+                has_child[parent_q[j]] = True
+        self.leaves = [j for j in range(n + 1) if ok[j] and not has_child[j]]
+        member: list[list[int]] = [[] for _ in range(n + 1)]
+        for path, leaf in enumerate(self.leaves):
+            k = leaf
+            while True:
+                member[k].append(path)
+                if k == 0:
+                    break
+                k = parent_q[k]
+        self.order = sorted((j for j in range(n + 1) if ok[j]), key=lambda j: depth[j])  # level order, root first
+        self.depth = depth
+        self.paths = member  # per query index: the paths (0 .. n_paths-1) through it
+        self.n_paths = len(self.leaves)
+
+    def path_through(self, q: int) -> int:
+        """A path (sequence) that holds node ``q`` and its ancestors."""
+        return self.paths[q][0]
+
+
+class RowCache:
+    """The rows of a decoding batch in one llama.cpp context: each row a base sequence holding its committed
+    tokens; a verify step adds one spare sequence per extra path of the row's tree, and the commit keeps the
+    accepted path in the base sequence and frees the rest (bitset edits, no copies)."""
+
+    def __init__(self, ctx: LlamaContext):
+        self.ctx = ctx
+        self.base: list[int] = []  # per row: its sequence id
+        self.past: list[int] = []  # per row: committed tokens (the next position)
+        self._free = list(range(ctx.n_seq - 1, -1, -1))  # a stack, lowest id on top
+        self._step = None  # the last verify's layouts and spare sequences, until its commit
+
+    @property
+    def rows(self) -> int:
+        return len(self.base)
+
+    def _take(self) -> int:
+        if not self._free:
+            raise UserError(f"llama.cpp context has {self.ctx.n_seq} sequences and all are in use: "
+                            "fewer rows or smaller trees")
+        return self._free.pop()
+
+    def add_rows(self, prompts: list[list[int]], hidden: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """Prefill new rows (appended after the running ones); returns each new row's last-token logits (B, V)
+        and, with ``hidden``, the hidden states of every prompt token (list per row)."""
+        seqs = [self._take() for _ in prompts]
+        try:
+            out_logits = [None] * len(prompts)
+            out_hidden = [[] for _ in prompts] if hidden else None
+            flat = [(r, i, t) for r, p in enumerate(prompts) for i, t in enumerate(p)]
+            for start in range(0, len(flat), self.ctx.n_batch):
+                part = flat[start:start + self.ctx.n_batch]
+                outputs = [hidden or i == len(prompts[r]) - 1 for r, i, _ in part]
+                logits, states = self.ctx.decode([t for *_, t in part], [i for _, i, _ in part],
+                                                 [seqs[r] for r, _, _ in part], outputs)
+                k = 0
+                for (r, i, _), o in zip(part, outputs):
+                    if not o:
+                        continue
+                    if i == len(prompts[r]) - 1:
+                        out_logits[r] = logits[k]
+                    if hidden:
+                        out_hidden[r].append(states[k])
+                    k += 1
+        except BaseException:
+            for s in seqs:
+                self.ctx.seq_rm(s)
+                self._free.append(s)
+            raise
+        self.base += seqs
+        self.past += [len(p) for p in prompts]
+        return np.stack(out_logits), ([np.stack(h) for h in out_hidden] if hidden else None)
+
+    def verify(self, tokens: list[list[int]], parents: list[list[int]], valid: list[list[bool]],
+               rows: list[int] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """One decode of every row's tree ([root] + nodes, query order); returns logits (B, 1+N, V) (padding
+        nodes zero) and, with embeddings on, hidden states (B, 1+N, H). ``rows``: the rows that verify (the
+        others, e.g. finished ones, add nothing)."""
+        rows = list(range(self.rows)) if rows is None else rows
+        q = len(tokens[0])
+        layouts, spare = {}, {}
+        batch_tok, batch_pos, batch_seq, where = [], [], [], []
+        try:
+            for r in rows:
+                lay = layouts[r] = TreeLayout(parents[r], valid[r])
+                ids = [self.base[r]] + [self._take() for _ in range(lay.n_paths - 1)]
+                spare[r] = ids
+                for s in ids[1:]:
+                    self.ctx.seq_cp(self.base[r], s)  # the committed context, seen by every path
+                for j in lay.order:
+                    batch_tok.append(tokens[r][j])
+                    batch_pos.append(self.past[r] + lay.depth[j])
+                    batch_seq.append([ids[p] for p in lay.paths[j]])
+                    where.append((r, j))
+            logits, states = self.ctx.decode(batch_tok, batch_pos, batch_seq)
+        except BaseException:
+            for ids in spare.values():
+                for s in ids[1:]:
+                    self.ctx.seq_rm(s)
+                    self._free.append(s)
+            for r in rows:
+                self.ctx.seq_rm(self.base[r], self.past[r])
+            raise
+        out = np.zeros((self.rows, q, logits.shape[1]), dtype=np.float32)
+        hid = None if states is None else np.zeros((self.rows, q, states.shape[1]), dtype=np.float32)
+        for k, (r, j) in enumerate(where):
+            out[r, j] = logits[k]
+            if hid is not None:
+                hid[r, j] = states[k]
+        self._step = (layouts, spare)
+        return out, hid
+
+    def commit(self, accepted: dict[int, list[int]]) -> None:
+        """Keep, per verified row, the accepted query indices (the root first, each the parent of the next) in its
+        base sequence; every other node of the step is dropped and the spare sequences freed."""
+        layouts, spare = self._step
+        self._step = None
+        for r, ids in spare.items():
+            path = accepted.get(r, [0])
+            lay, base, p0 = layouts[r], self.base[r], self.past[r]
+            s = ids[lay.path_through(path[-1])]
+            if s != base:
+                self.ctx.seq_rm(base, p0)
+                self.ctx.seq_cp(s, base, p0, p0 + len(path))
+            else:
+                self.ctx.seq_rm(base, p0 + len(path))
+            for t in ids[1:]:
+                self.ctx.seq_rm(t)
+                self._free.append(t)
+            self.past[r] = p0 + len(path)
+
+    def keep_rows(self, keep: list[int]) -> None:
+        """Only these rows go on, in this order; the others' cells are freed."""
+        gone = set(range(self.rows)) - set(keep)
+        for r in gone:
+            self.ctx.seq_rm(self.base[r])
+            self._free.append(self.base[r])
+        self.base = [self.base[r] for r in keep]
+        self.past = [self.past[r] for r in keep]

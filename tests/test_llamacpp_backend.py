@@ -1,0 +1,215 @@
+"""llama.cpp in-process (mtp.engines.llamacpp_lib): a draft tree verified in one decode, each root-to-leaf path a
+sequence. On a tiny random Llama converted by llama.cpp's own converter (smollm2's tokenizer, 2 layers, width
+64): the tree's logits are each branch's decoded alone, the accepted path's cache is a fresh prefill's, rows
+join and leave. Where llama.cpp is not built these skip, except in CI (MTP_REQUIRE_LLAMA_CPP=1), which builds it."""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from mtp.engines import llamacpp
+from mtp.engines.llamacpp_lib import TreeLayout
+
+needs_lib = pytest.mark.skipif(os.environ.get("MTP_REQUIRE_LLAMA_CPP") != "1"
+                               and not (llamacpp.library_dir() / "libllama.so").is_file(),
+                               reason="llama.cpp's library is not built here (mtp engines setup llama.cpp)")
+
+
+def test_tree_layout_puts_each_path_in_a_sequence_in_level_order():
+    # root 0; nodes 1..5 with draft parents (-1 = root): 1<-root, 2<-root, 3<-1, 4<-1, 5<-3; node 5 listed first
+    lay = TreeLayout(parents=[2, -1, -1, 0, 0], valid=[True, True, True, True, True])
+    # query indices: q1 (parent q3), q2 (root), q3 (root), q4 (q1), q5 (q1)
+    assert lay.depth == [0, 2, 1, 1, 3, 3]
+    assert sorted(lay.leaves) == [2, 4, 5] and lay.n_paths == 3
+    assert lay.order[0] == 0 and [lay.depth[j] for j in lay.order] == sorted(lay.depth)
+    assert sorted(lay.paths[0]) == [0, 1, 2] and len(lay.paths[3]) == 2 and len(lay.paths[2]) == 1  # q3 above q4, q5
+    parent_q = [0, 3, 0, 0, 1, 1]
+    for j in range(6):  # the path chosen for a node runs through it: its leaf lies below it
+        k = lay.leaves[lay.path_through(j)]
+        while k != j and k != 0:
+            k = parent_q[k]
+        assert k == j
+    # padding left out, and a node whose only child is padding becomes a leaf
+    lay = TreeLayout(parents=[-1, 0, 0], valid=[True, True, False])
+    assert lay.order == [0, 1, 2] and lay.leaves == [2] and lay.n_paths == 1
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    """A 2-layer random Llama with smollm2's vocabulary and tokenizer, converted to f32 GGUF by llama.cpp."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mtp.backbones import local_model_folder
+    from mtp.engines.targets import convert_target
+
+    src = local_model_folder("smollm2-135m")
+    folder = tmp_path_factory.mktemp("tiny-smol")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(20.0)  # sharper logits than a random init's near-uniform ones
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "generation_config.json", "chat_template.jinja"):
+        if (src / name).is_file():
+            shutil.copy(src / name, folder / name)
+    return convert_target(folder, folder / "model.gguf", "f32")
+
+
+def _ctx(gguf, **kw):
+    from mtp.engines.llamacpp_lib import LlamaContext
+
+    return LlamaContext(gguf, n_ctx=512, n_seq=16, n_batch=128, threads=2, **kw)
+
+
+PREFIX = [1, 504, 3326, 28, 253, 1789, 30, 216, 1116, 1093, 11, 314, 17023]
+
+
+@needs_lib
+def test_a_tree_verified_in_one_decode_gives_each_branch_its_own_logits(tiny_gguf):
+    from mtp.engines.llamacpp_lib import RowCache
+
+    # a tree below root token 88: two branches from the root, one of them forked
+    tokens = [88, 400, 401, 402, 403, 404]
+    parents = [-1, -1, 0, 0, 2]  # q1, q2 <- root; q3, q4 <- q1; q5 <- q3
+    with _ctx(tiny_gguf) as ctx:
+        rows = RowCache(ctx)
+        rows.add_rows([PREFIX])
+        tree, _ = rows.verify([tokens], [parents], [[True] * 5])
+    for branch in ([0, 1, 3, 5], [0, 1, 4], [0, 2]):
+        with _ctx(tiny_gguf) as ctx:
+            alone = RowCache(ctx)
+            alone.add_rows([PREFIX])
+            chain, _ = alone.verify([[tokens[j] for j in branch]], [list(range(-1, len(branch) - 2))],
+                                    [[True] * (len(branch) - 1)])
+        np.testing.assert_allclose(tree[0, branch], chain[0], rtol=1e-3, atol=2e-3)
+
+
+@needs_lib
+def test_the_accepted_path_leaves_the_cache_of_a_fresh_prefill(tiny_gguf):
+    from mtp.engines.llamacpp_lib import RowCache
+
+    tokens = [88, 400, 401, 402, 403, 404]
+    parents = [-1, -1, 0, 0, 2]
+    for accepted in ([0, 2], [0, 1, 3, 5], [0, 1, 4], [0]):
+        with _ctx(tiny_gguf) as ctx:
+            rows = RowCache(ctx)
+            rows.add_rows([PREFIX])
+            rows.verify([tokens], [parents], [[True] * 5])
+            rows.commit({0: accepted})
+            assert rows.past == [len(PREFIX) + len(accepted)]
+            assert ctx.seq_pos_max(rows.base[0]) == len(PREFIX) + len(accepted) - 1
+            assert all(ctx.seq_pos_max(s) == -1 for s in range(16) if s != rows.base[0])  # spares freed
+            after, _ = rows.verify([[77, 78]], [[-1]], [[True]])
+        with _ctx(tiny_gguf) as ctx:
+            fresh = RowCache(ctx)
+            fresh.add_rows([PREFIX + [tokens[j] for j in accepted]])
+            want, _ = fresh.verify([[77, 78]], [[-1]], [[True]])
+        np.testing.assert_allclose(after, want, rtol=1e-3, atol=2e-3)
+
+
+@needs_lib
+def test_rows_of_a_batch_verify_together_join_and_leave(tiny_gguf):
+    from mtp.engines.llamacpp_lib import RowCache
+
+    prompts = [PREFIX, PREFIX[:5] + [900, 901], PREFIX[3:]]
+    # each row alone: prefill, a two-branch tree, accept a path, one more step
+    trees = [([88, 400, 401], [-1, -1], [0, 2]), ([5, 6, 7], [-1, 0], [0, 1, 2]), ([9, 10, 11], [-1, -1], [0])]
+    alone = []
+    for p, (tok, par, acc) in zip(prompts, trees):
+        with _ctx(tiny_gguf) as ctx:
+            rows = RowCache(ctx)
+            first, _ = rows.add_rows([p])
+            rows.verify([tok], [par], [[True] * len(par)])
+            rows.commit({0: acc})
+            nxt, _ = rows.verify([[42, 43]], [[-1]], [[True]])
+            alone.append((first[0], nxt[0]))
+    with _ctx(tiny_gguf) as ctx:
+        rows = RowCache(ctx)
+        first01, _ = rows.add_rows(prompts[:2])
+        width = max(len(t[0]) for t in trees)
+        tok = [t[0] + [0] * (width - len(t[0])) for t in trees[:2]]
+        par = [t[1] + [-1] * (width - 1 - len(t[1])) for t in trees[:2]]
+        rows.verify(tok, par, [[True] * len(t[1]) for t in trees[:2]])
+        rows.commit({0: trees[0][2], 1: trees[1][2]})
+        first2, _ = rows.add_rows([prompts[2]])  # a row joins between steps
+        rows.verify([tok[0], tok[1], trees[2][0]], [par[0], par[1], trees[2][1]], [[True, True]] * 3, rows=[2])
+        rows.commit({2: trees[2][2]})
+        rows.keep_rows([2, 0])  # row 1 leaves; the others go on in a new order
+        nxt, _ = rows.verify([[42, 43], [42, 43]], [[-1], [-1]], [[True], [True]])
+    np.testing.assert_allclose(first01, np.stack([alone[0][0], alone[1][0]]), rtol=1e-3, atol=2e-3)
+    np.testing.assert_allclose(first2[0], alone[2][0], rtol=1e-3, atol=2e-3)
+    np.testing.assert_allclose(nxt[0], alone[2][1], rtol=1e-3, atol=2e-3)
+    np.testing.assert_allclose(nxt[1], alone[0][1], rtol=1e-3, atol=2e-3)
+
+
+def _greedy_alone(gguf, prompt, n):
+    """llama.cpp's own plain greedy decoding: one token per decode, argmax of its logits."""
+    from mtp.engines.llamacpp_lib import RowCache
+
+    with _ctx(gguf) as ctx:
+        rows = RowCache(ctx)
+        logits, _ = rows.add_rows([prompt])
+        out = [int(logits[0].argmax())]
+        while len(out) < n:
+            step, _ = rows.verify([[out[-1]]], [[]], [[]])
+            rows.commit({0: [0]})
+            out.append(int(step[0, 0].argmax()))
+    return out
+
+
+@needs_lib
+@pytest.mark.parametrize("method", ["plain", "lookup"])
+def test_the_decoder_on_llamacpp_is_llamacpps_plain_greedy(tiny_gguf, method):
+    """SpeculativeDecoder with llama.cpp as its backbone: every row's greedy output is llama.cpp's own one-token
+    greedy decoding, for a batch of rows and rows that join a running batch and leave it."""
+    from mtp.backbones import load_tokenizer
+    from mtp.config import DraftOptions
+    from mtp.decode.engine import Request
+    from mtp.decode.llama import LlamaCppBackbone
+    from mtp.decode.run import build_llama_decoder
+    from transformers import AutoConfig
+
+    folder = tiny_gguf.parent
+    target = LlamaCppBackbone(tiny_gguf, AutoConfig.from_pretrained(folder), n_ctx=1024, threads=2)
+    try:
+        decoder, _ = build_llama_decoder(target, load_tokenizer(folder), method, DraftOptions(draft_len=4))
+        prompts = [PREFIX, PREFIX[:5] + [900, 901, 902, 900, 901], PREFIX[3:] * 2]
+        want = [_greedy_alone(tiny_gguf, p, 24) for p in prompts]
+        out = decoder.generate(prompts, 24, eos_token_ids=[])
+        assert [r.tokens for r in out.rows] == want
+        if method == "lookup":  # drafts were verified, and some accepted (random models repeat themselves)
+            assert out.verify_tokens > out.verify_forwards and any(max(r.accepted) > 1 for r in out.rows)
+        # continuous batching: two rows, a step, a third joins, the first leaves
+        with decoder.session():
+            decoder.reset()
+            decoder.add([Request(list(prompts[0]), 24), Request(list(prompts[1]), 24)])
+            decoder.step()
+            decoder.add([Request(list(prompts[2]), 24)])
+            decoder.drop([0])
+            while not all(decoder.done):
+                decoder.step()
+            got = [r.tokens for r in decoder.results]
+        assert got == want[1:]
+    finally:
+        target.close()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--method", "tree"], "needs --backend torch"),
+    (["--heads", "default"], "without heads"),
+    (["--method", "early-exit"], "needs --backend torch"),
+    (["--target", "q5_k"], "--target"),
+])
+def test_what_the_llamacpp_backend_does_not_run_is_refused_in_one_line(capsys, monkeypatch, flags, message):
+    from tests.conftest import one_line_error
+    import mtp.decode.run as run
+
+    # refused before llama.cpp or the model loads (a stub stands for them where the check comes after)
+    monkeypatch.setattr(run, "load_llama_target", lambda *a, **k: (None, None))
+    one_line_error(capsys, ["generate", "--model", "smollm2-135m", "--backend", "llama.cpp", *flags, "hi"], message)
