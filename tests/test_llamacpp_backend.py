@@ -201,8 +201,6 @@ def test_the_decoder_on_llamacpp_is_llamacpps_plain_greedy(tiny_gguf, method):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--method", "tree"], "needs --backend torch"),
-    (["--heads", "default"], "without heads"),
     (["--method", "early-exit"], "needs --backend torch"),
     (["--target", "q5_k"], "--target"),
 ])
@@ -213,3 +211,45 @@ def test_what_the_llamacpp_backend_does_not_run_is_refused_in_one_line(capsys, m
     # refused before llama.cpp or the model loads (a stub stands for them where the check comes after)
     monkeypatch.setattr(run, "load_llama_target", lambda *a, **k: (None, None))
     one_line_error(capsys, ["generate", "--model", "smollm2-135m", "--backend", "llama.cpp", *flags, "hi"], message)
+
+
+@needs_lib
+@pytest.mark.parametrize("kind, method", [("hydra", "tree"), ("mlp", "blockwise"), ("hydra", "hybrid")])
+def test_heads_draft_on_llamacpps_states_and_the_output_is_its_plain_greedy(tiny_gguf, tmp_path, kind, method):
+    """Heads in PyTorch on the states llama.cpp returns (the last layer's output before the final norm, recorded
+    by mtp's source fix): trees verified in one decode, output llama.cpp's own greedy, rows in a batch."""
+    from mtp.backbones import load_backbone, load_tokenizer
+    from mtp.config import DraftOptions
+    from mtp.decode.llama import LlamaCppBackbone
+    from mtp.decode.run import build_llama_decoder
+    from mtp.model.mtp import HeadsConfig, MTPModel
+
+    folder = tiny_gguf.parent
+    backbone, _ = load_backbone(str(folder))
+    torch.manual_seed(1)
+    mtp_model = MTPModel(backbone, HeadsConfig(backbone=str(folder), n_heads=3, kind=kind)).eval()
+    with torch.no_grad():  # heads that draft something other than the identity's guess
+        for p in mtp_model.heads.parameters():
+            p.normal_(0, 0.02)
+    target = LlamaCppBackbone(tiny_gguf, backbone.config, n_ctx=1024, threads=2)
+    try:
+        opts = DraftOptions(nodes=6, draft_len=3, draft_vocab=0)
+        decoder, _ = build_llama_decoder(target, load_tokenizer(folder), method, opts, mtp_model, None)
+        prompts = [PREFIX, PREFIX[3:] * 2]
+        out = decoder.generate(prompts, 20, eos_token_ids=[])
+        assert [r.tokens for r in out.rows] == [_greedy_alone(tiny_gguf, p, 20) for p in prompts]
+        assert out.verify_tokens > out.verify_forwards  # drafts were verified
+        # the states the heads read are the PyTorch model's at the same layer (f32 GGUF: equal up to rounding)
+        with decoder.session():
+            decoder.reset()
+            from mtp.decode.engine import Request
+            decoder.add([Request(list(PREFIX), 4)])
+            got = decoder.seq_states[0][0] if decoder.seq_states is not None else None
+        from mtp.model.trunk import capture_hidden
+        with torch.no_grad(), capture_hidden(backbone, mtp_model.tapped) as taps:
+            backbone(torch.tensor([PREFIX]))
+        want = taps[mtp_model.tapped[0]][0, -1]
+        if got is not None:
+            torch.testing.assert_close(got.float(), want.float(), rtol=1e-3, atol=2e-3)
+    finally:
+        target.close()

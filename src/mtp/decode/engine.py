@@ -109,11 +109,13 @@ class SpeculativeDecoder:
         # decides, so the output is unchanged, only drafts of rare tokens are lost.
         self.draft_vocab = None
         self.eagle = heads is not None and heads.autoregressive  # an EAGLE-3 drafter with its own KV cache
+        # the heads' unembedding and final norm are the PyTorch model's the heads were loaded on (the backbone
+        # itself, unless another backend runs the verify)
         if self.eagle:  # its lm_head covers its own draft vocabulary (d2t): that is the shortlist
-            self._vocab = backbone.get_output_embeddings().weight.shape[0]
+            self._vocab = heads.backbone.get_output_embeddings().weight.shape[0]
             self.draft_vocab = heads.eagle.draft_ids.to(self.device)
         elif draft_vocab is not None and heads is not None:
-            lm_head = backbone.get_output_embeddings()
+            lm_head = heads.backbone.get_output_embeddings()
             self._vocab = lm_head.weight.shape[0]
             self.draft_vocab = draft_vocab.to(self.device)
             self._draft_weight = lm_head.weight.detach()[self.draft_vocab]
@@ -199,7 +201,7 @@ class SpeculativeDecoder:
         shortlist's rows only: -inf elsewhere, or (``full=False``) just the shortlist's columns."""
         if self.draft_vocab is None:
             return self.mtp.head_logits(hidden)
-        normed = hidden if self.mtp.heads_normed else final_norm(self.backbone)(hidden)
+        normed = hidden if self.mtp.heads_normed else final_norm(self.mtp.backbone)(hidden)
         small = nn.functional.linear(normed, self._draft_weight, self._draft_bias)
         cap = getattr(self.backbone.config, "final_logit_softcapping", None)
         if cap:

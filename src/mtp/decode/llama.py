@@ -8,13 +8,16 @@ llama.cpp (:mod:`mtp.engines.llamacpp_lib`) instead of a PyTorch module.
 - commit: the accepted path stays in the row's sequence, the rest of the step is dropped (bitset edits);
 - rows that leave free their sequence.
 
-Logits come back as float32 numpy arrays and enter the acceptance rules as CPU tensors (no copy). Heads are
-not run on this backend yet (they read PyTorch hidden states); drafts without heads (prompt lookup) and plain
-decoding are.
+Logits come back as float32 numpy arrays and enter the acceptance rules as CPU tensors (no copy). Heads run in
+PyTorch on the states llama.cpp returns for the layers they tap (the last layer's output before the final norm
+for ``--tap last``: a source fix records it, :mod:`mtp.engines.patches`), with the unembedding of the PyTorch
+model they were loaded on. Heads that read every prompt position (transformer, eagle3) are not run here yet:
+the prefill returns the last position's states only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -61,9 +64,10 @@ class LlamaCppDecoder(SpeculativeDecoder):
     """:class:`SpeculativeDecoder` whose backbone forwards run in llama.cpp (see the module's text)."""
 
     def __init__(self, target: LlamaCppBackbone, tokenizer, **kw):
-        if kw.get("mtp_model") is not None:
-            raise UserError("--backend llama.cpp drafts without heads for now (plain, lookup): "
-                            "heads run on --backend torch")
+        heads = kw.get("mtp_model")
+        if heads is not None and (heads.autoregressive or heads.config.kind == "transformer"):
+            raise UserError(f"{heads.config.kind} heads read every prompt position: on --backend llama.cpp only "
+                            "mlp and hydra heads run for now (use --backend torch)")
         super().__init__(target, tokenizer, **kw)
         if self.proposer.name == "early-exit":
             raise UserError("early-exit drafts with the first layers of a PyTorch model: use --backend torch")
@@ -85,14 +89,42 @@ class LlamaCppDecoder(SpeculativeDecoder):
         if total > rows.ctx.n_seq // 2:
             raise UserError(f"at most {rows.ctx.n_seq // 2} rows on --backend llama.cpp, got {total}")
 
+    @contextlib.contextmanager
+    def session(self):
+        """llama.cpp returns the states of the layers the heads tap (no PyTorch hooks)."""
+        self._mask_dtype = torch.float32
+        self._taps = {}
+        try:
+            yield self
+        finally:
+            self._taps = None
+
+    def _layers(self) -> tuple[int, ...]:
+        return tuple(self.mtp.tapped) if self.n_run else ()
+
     def _prefill_backbone(self, ids, pos, valid, capacity: int, requests):
-        logits, _ = self.target.rows.add_rows([list(r.prompt) for r in requests])
-        return torch.from_numpy(logits)[:, None], None
+        logits, states = self.target.rows.add_rows([list(r.prompt) for r in requests], self._layers())
+        self.forwards += 1
+        if states is not None:  # the heads read the last prompt position (column -1 of the left-padded batch)
+            padded = []
+            for s in states:
+                full = torch.zeros(ids.shape[0], ids.shape[1], s.shape[-1], dtype=self._heads_dtype())
+                full[:, -1] = torch.from_numpy(s)
+                padded.append(full)
+            states = padded
+        return torch.from_numpy(logits)[:, None], states
 
     def _verify(self, q_tokens, q_pos, allowed_new, draft: Draft):
         active = [i for i, d in enumerate(self.done) if not d]
-        logits, _ = self.target.rows.verify(q_tokens.tolist(), draft.parents.tolist(), draft.valid.tolist(), active)
-        return torch.from_numpy(logits), None
+        logits, states = self.target.rows.verify(q_tokens.tolist(), draft.parents.tolist(), draft.valid.tolist(),
+                                                 active)
+        self.forwards += 1
+        if states is not None:
+            states = [torch.from_numpy(s).to(self._heads_dtype()) for s in states]
+        return torch.from_numpy(logits), states
+
+    def _heads_dtype(self) -> torch.dtype:
+        return next(self.mtp.parameters()).dtype
 
     def _commit(self, keep_idx, keep_valid, lengths: list[int]) -> None:
         idx = keep_idx.tolist()
@@ -108,11 +140,15 @@ class LlamaCppDecoder(SpeculativeDecoder):
         raise UserError("early-exit drafts with the first layers of a PyTorch model: use --backend torch")
 
 
-def verify_curve(target: LlamaCppBackbone, context: int = 301, ks=(1, 2, 3, 4, 6, 8, 12, 16, 32),
-                 repeats: int = 7) -> dict[int, float]:
-    """llama.cpp's cost t(k), in ms, of verifying a chain of k tokens (one decode, logits of all k read back as
-    the decoder reads them) after a cached ``context``-token prompt: the median of ``repeats`` after a warm-up.
-    What the draft sizes of this backend follow, and the ceiling a method can reach: tau * t(1) / t(k)."""
+LLAMA_POINTS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32)  # where llama.cpp's verify curve is measured
+
+
+def verify_curve(target: LlamaCppBackbone, context: int = 256, points=LLAMA_POINTS, repeats: int = 7,
+                 warmup: int = 2) -> dict[int, float]:
+    """llama.cpp's cost t(k), in seconds (the median of ``repeats``), of verifying a chain of k tokens -- one
+    decode, the logits of all k read back as the decoder reads them -- after a cached ``context``-token prompt.
+    Rounds over every k, alternating direction, like :func:`mtp.decode.methods.verify_cost` (same format: the
+    draft sizing reads either). The ceiling a method can reach is tau * t(1) / t(k)."""
     import statistics
     import time
 
@@ -120,24 +156,38 @@ def verify_curve(target: LlamaCppBackbone, context: int = 301, ks=(1, 2, 3, 4, 6
     if rows.rows:
         raise RuntimeError("verify_curve needs the target to itself (no running rows)")
     vocab = target.ctx.n_vocab
-    prompt = [(17 + 31 * i) % vocab for i in range(context)]
-    rows.add_rows([prompt])
+    rows.add_rows([[(17 + 31 * i) % vocab for i in range(context)]])
+    times: dict[int, list[float]] = {k: [] for k in points}
     try:
-        out = {}
-        for k in ks:
-            tokens = [[(101 + 7 * j) % vocab for j in range(k)]]
-            parents, valid = [list(range(-1, k - 2))], [[True] * (k - 1)]
-            times = []
-            for rep in range(repeats + 1):
+        for r in range(warmup + repeats):
+            for k in (points if r % 2 == 0 else points[::-1]):
+                tokens = [[(101 + 7 * j) % vocab for j in range(k)]]
                 start = time.perf_counter()
-                rows.verify(tokens, parents, valid)
+                rows.verify(tokens, [list(range(-1, k - 2))], [[True] * (k - 1)])
                 elapsed = time.perf_counter() - start
                 rows.commit({0: [0]})
                 rows.ctx.seq_rm(rows.base[0], context)  # back to the prompt alone
                 rows.past[0] = context
-                if rep:
-                    times.append(elapsed * 1000)
-            out[k] = round(statistics.median(times), 3)
-        return out
+                if r >= warmup:
+                    times[k].append(elapsed)
+        return {k: statistics.median(ts) for k, ts in times.items()}
     finally:
         rows.keep_rows([])
+
+
+def cached_verify_curve(target: LlamaCppBackbone) -> dict[int, float]:
+    """:func:`verify_curve` measured once per GGUF file, CPU, thread count and llama.cpp build; kept in the user
+    cache beside the PyTorch curves."""
+    import hashlib
+    import json
+
+    from mtp.decode.methods import _measured_once
+    from mtp.engines import llamacpp
+    from mtp.machine import cpu_signature
+
+    st = target.gguf.stat()
+    raw = json.dumps([str(target.gguf.resolve()), st.st_size, int(st.st_mtime), cpu_signature(),
+                      target.ctx.threads, llamacpp.build_stamp()], sort_keys=True)
+    key = hashlib.sha1(raw.encode()).hexdigest()[:16]
+    return _measured_once(f"llama.cpp-{key}.json", lambda d: {int(k): float(v) for k, v in d.items()},
+                          lambda: verify_curve(target), f"llama.cpp's verify cost t(k) for {target.gguf.name}")

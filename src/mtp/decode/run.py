@@ -255,28 +255,44 @@ def load_llama_target(model_name: str, kind: str, needs: dict[str, int] | None =
     return target, tokenizer
 
 
-def build_llama_decoder(target, tokenizer, method: str, opts: DraftOptions) -> tuple[SpeculativeDecoder, Sizing]:
-    """A decoder on llama.cpp for a method that drafts without heads (plain, lookup)."""
-    from mtp.decode.llama import LlamaCppDecoder
+def build_llama_decoder(target, tokenizer, method: str, opts: DraftOptions, mtp_model=None, folder: Path | None = None,
+                        calibrate: bool = True) -> tuple[SpeculativeDecoder, Sizing]:
+    """A decoder whose verify runs in llama.cpp (``target``); heads (mlp, hydra) draft in PyTorch on the states it
+    returns. Sizes left open are chosen from llama.cpp's own verify curve on this machine (measured once)."""
+    from mtp.decode.llama import LlamaCppDecoder, cached_verify_curve
 
-    if method in HEAD_METHODS or method == "early-exit":
-        raise UserError(f"--backend llama.cpp runs plain and lookup for now; {method!r} needs --backend torch")
-    proposer, sizing = make_proposer(method, opts, n_layers=target.config.num_hidden_layers)
-    return LlamaCppDecoder(target, tokenizer, proposer=proposer, sampling=Sampling.of(opts),
-                           acceptance=opts.acceptance, seed=opts.seed), sizing
+    if method == "early-exit":
+        raise UserError("early-exit drafts with the first layers of a PyTorch model: it needs --backend torch")
+    if method in HEAD_METHODS and mtp_model is None:
+        raise UserError(f"method {method!r} drafts with MTP heads: pass --heads DIR or default")
+    heads = mtp_model if method in HEAD_METHODS else None
+    shortlist = draft_shortlist(heads, opts.draft_vocab) if heads is not None else None
+    left_open = (method in ("tree", "dynamic", "hybrid") and opts.nodes is None and opts.tree is None) or \
+        (method == "blockwise" and opts.draft_len is None)
+    cost = cached_verify_curve(target) if calibrate and left_open else None
+    width = (len(shortlist) if shortlist is not None else
+             heads.backbone.get_output_embeddings().weight.shape[0] if heads is not None else None)
+    proposer, sizing = make_proposer(method, opts, depth=heads.draft_depth if heads is not None else 0,
+                                     heads_dir=folder if heads is not None else None, cost=cost,
+                                     n_layers=target.config.num_hidden_layers, vocab=width)
+    if shortlist is not None:
+        sizing.draft_vocab = len(shortlist)
+    return LlamaCppDecoder(target, tokenizer, mtp_model=heads, proposer=proposer, sampling=Sampling.of(opts),
+                           acceptance=opts.acceptance, seed=opts.seed, draft_vocab=shortlist), sizing
 
 
 def generate_command(cfg: GenerateConfig, command: str = "") -> dict:
     """Stream the model's answer; the result holds tokens/s, tokens per step and the speedup over plain decoding."""
     heads, method = choose_method(cfg.model, cfg.heads, cfg.method)
     if cfg.backend == "llama.cpp":
-        method = cfg.method or "lookup"
-        if cfg.heads is not None:
-            raise UserError("--backend llama.cpp runs plain and lookup for now, without heads: drop --heads, "
-                            "or use --backend torch")
-        backbone, tokenizer = load_llama_target(cfg.model, cfg.target, {"--max-new-tokens": cfg.max_new_tokens})
+        if method == "early-exit":
+            raise UserError("early-exit drafts with the first layers of a PyTorch model: it needs --backend torch")
         mtp_model = folder = None
-        decoder, sizing = build_llama_decoder(backbone, tokenizer, method, cfg)
+        if method in HEAD_METHODS:  # the heads, on the PyTorch model whose embeddings and unembedding they use
+            _, _, mtp_model, folder = load_for_decoding(cfg.model, heads, cfg.dtype, cfg.device,
+                                                        {"--max-new-tokens": cfg.max_new_tokens})
+        backbone, tokenizer = load_llama_target(cfg.model, cfg.target, {"--max-new-tokens": cfg.max_new_tokens})
+        decoder, sizing = build_llama_decoder(backbone, tokenizer, method, cfg, mtp_model, folder)
     else:
         backbone, tokenizer, mtp_model, folder = load_for_decoding(
             cfg.model, heads if method in HEAD_METHODS else None, cfg.dtype, cfg.device,

@@ -80,6 +80,23 @@ def _quiet(ll) -> None:
     ll.llama_log_set(log, ctypes.c_void_p(0))
 
 
+def _staging(ll):
+    """llama.cpp's staging API for layer states (src/llama-ext.h: C++ linkage, so mangled names): set and get."""
+    fns = getattr(_staging, "fns", None)
+    if fns is None:
+        lib = ll._lib
+        try:
+            enable = lib._Z30llama_set_embeddings_layer_inpP13llama_contextjb
+            get = lib._Z30llama_get_embeddings_layer_inpP13llama_contextj
+        except AttributeError:
+            raise UserError("this llama.cpp build has no layer-state API (llama_set_embeddings_layer_inp): "
+                            "rebuild with `mtp engines setup llama.cpp`") from None
+        enable.argtypes, enable.restype = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_bool], None
+        get.argtypes, get.restype = [ctypes.c_void_p, ctypes.c_uint32], ctypes.POINTER(ctypes.c_float)
+        fns = _staging.fns = (enable, get)
+    return fns
+
+
 def _last_error() -> str:
     lines = [ln.strip() for ln in _LOG if ln.strip()]
     return lines[-1] if lines else "no message"
@@ -88,7 +105,9 @@ def _last_error() -> str:
 class LlamaContext:
     """One GGUF model, one context with a unified KV cache for ``n_seq`` sequences, and one batch buffer.
 
-    ``embeddings=True``: every decode also returns the final hidden states of its output tokens.
+    ``embeddings=True``: every decode also returns the final hidden states (after the final norm) of its output
+    tokens. :meth:`capture` instead returns the residual stream at chosen layers (index i: the output of layer i,
+    0 the embeddings, n_layer the last layer's output before the final norm, which mtp's heads read).
     ``repack``: llama.cpp's repacked CPU weights (its fast small-batch kernels); ``MTP_LLAMA_NO_REPACK=1``
     turns them off (the ``--no-repack`` of llama-server).
     """
@@ -128,6 +147,8 @@ class LlamaContext:
             self.n_embd = ll.llama_model_n_embd(self.model)
             self.embeddings = embeddings
             self.batch = ll.llama_batch_init(n_batch, 0, n_seq)
+            self.n_layer = ll.llama_model_n_layer(self.model)
+            self.captured: tuple[int, ...] = ()
         except BaseException:
             self.close()
             raise
@@ -135,14 +156,17 @@ class LlamaContext:
     # ------------------------------------------------------------------ decoding
 
     def decode(self, tokens: list[int], positions: list[int], seqs: list[list[int]] | list[int],
-               outputs: list[bool] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+               outputs: list[bool] | None = None) -> tuple[np.ndarray, list[np.ndarray] | None]:
         """One ``llama_decode`` of ``tokens`` at ``positions``, token i in the sequences ``seqs[i]`` (an int: one
         sequence). Returns the logits (n_out, V) float32 of the tokens whose ``outputs`` flag is set (all by
-        default), in batch order, and their hidden states (n_out, H) when the context has embeddings on."""
+        default), in batch order, and their states: one (n_out, H) array per captured layer (:meth:`capture`),
+        or the final hidden states when the context has embeddings on, else None."""
         n = len(tokens)
         if not 0 < n <= self.n_batch:
             raise UserError(f"a llama.cpp decode takes 1 to {self.n_batch} tokens, got {n}")
         outputs = [True] * n if outputs is None else outputs
+        if self.captured and not all(outputs):
+            raise RuntimeError("with layers captured every token of a decode must be an output")
         b = self.batch
         b.n_tokens = n
         for i in range(n):
@@ -162,10 +186,27 @@ class LlamaContext:
         n_out = sum(1 for o in outputs if o)
         logits = np.ctypeslib.as_array(self.ll.llama_get_logits(self.ctx), shape=(n_out, self.n_vocab)).copy()
         hidden = None
-        if self.embeddings:
-            hidden = np.ctypeslib.as_array(self.ll.llama_get_embeddings(self.ctx),
-                                           shape=(n_out, self.n_embd)).copy()
+        if self.captured:
+            get = _staging(self.ll)[1]
+            hidden = [np.ctypeslib.as_array(get(self.ctx, il), shape=(n, self.n_embd)).copy() for il in self.captured]
+        elif self.embeddings:
+            hidden = [np.ctypeslib.as_array(self.ll.llama_get_embeddings(self.ctx),
+                                           shape=(n_out, self.n_embd)).copy()]
         return logits, hidden
+
+    def capture(self, layers) -> None:
+        """Return the residual stream at ``layers`` (see the class text) from every decode, as a list of (n, H)
+        arrays in that order; () stops it. Every token of a decode is then an output. Changing the set makes
+        llama.cpp re-plan its graph once (a few ms)."""
+        layers = tuple(int(i) for i in layers)
+        if any(not 0 <= i <= self.n_layer for i in layers):
+            raise UserError(f"layers to capture must be in 0..{self.n_layer}, got {list(layers)}")
+        if layers == self.captured:
+            return
+        enable = _staging(self.ll)[0]
+        for il in set(self.captured) | set(layers):
+            enable(self.ctx, il, il in layers)
+        self.captured = layers
 
     def set_embeddings(self, on: bool) -> None:
         """Hidden states out (and every token an output) or not: off for a prefill whose states nobody reads."""
@@ -280,28 +321,21 @@ class RowCache:
                             "fewer rows or smaller trees")
         return self._free.pop()
 
-    def add_rows(self, prompts: list[list[int]], hidden: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    def add_rows(self, prompts: list[list[int]], layers=()) -> tuple[np.ndarray, list[np.ndarray] | None]:
         """Prefill new rows (appended after the running ones); returns each new row's last-token logits (B, V)
-        and, with ``hidden``, the hidden states of every prompt token (list per row)."""
+        and, with ``layers``, the states of each new row's last prompt token at those layers ((B, H) each).
+        The prompt but its last token runs without capturing (only the last token is an output)."""
         seqs = [self._take() for _ in prompts]
+        layers = tuple(layers)
         try:
-            out_logits = [None] * len(prompts)
-            out_hidden = [[] for _ in prompts] if hidden else None
-            flat = [(r, i, t) for r, p in enumerate(prompts) for i, t in enumerate(p)]
-            for start in range(0, len(flat), self.ctx.n_batch):
-                part = flat[start:start + self.ctx.n_batch]
-                outputs = [hidden or i == len(prompts[r]) - 1 for r, i, _ in part]
-                logits, states = self.ctx.decode([t for *_, t in part], [i for _, i, _ in part],
-                                                 [seqs[r] for r, _, _ in part], outputs)
-                k = 0
-                for (r, i, _), o in zip(part, outputs):
-                    if not o:
-                        continue
-                    if i == len(prompts[r]) - 1:
-                        out_logits[r] = logits[k]
-                    if hidden:
-                        out_hidden[r].append(states[k])
-                    k += 1
+            self.ctx.capture(())
+            body = [(r, i, t) for r, p in enumerate(prompts) for i, t in enumerate(p[:-1])]
+            for start in range(0, len(body), self.ctx.n_batch):
+                part = body[start:start + self.ctx.n_batch]
+                self.ctx.decode([t for *_, t in part], [i for _, i, _ in part], [seqs[r] for r, _, _ in part],
+                                [False] * len(part))
+            self.ctx.capture(layers)
+            logits, states = self.ctx.decode([p[-1] for p in prompts], [len(p) - 1 for p in prompts], seqs)
         except BaseException:
             for s in seqs:
                 self.ctx.seq_rm(s)
@@ -309,13 +343,13 @@ class RowCache:
             raise
         self.base += seqs
         self.past += [len(p) for p in prompts]
-        return np.stack(out_logits), ([np.stack(h) for h in out_hidden] if hidden else None)
+        return logits, states
 
     def verify(self, tokens: list[list[int]], parents: list[list[int]], valid: list[list[bool]],
-               rows: list[int] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+               rows: list[int] | None = None) -> tuple[np.ndarray, list[np.ndarray] | None]:
         """One decode of every row's tree ([root] + nodes, query order); returns logits (B, 1+N, V) (padding
-        nodes zero) and, with embeddings on, hidden states (B, 1+N, H). ``rows``: the rows that verify (the
-        others, e.g. finished ones, add nothing)."""
+        nodes zero) and, with layers captured, their states ((B, 1+N, H) per layer). ``rows``: the rows that
+        verify (the others, e.g. finished ones, add nothing)."""
         rows = list(range(self.rows)) if rows is None else rows
         q = len(tokens[0])
         layouts, spare = {}, {}
@@ -342,11 +376,11 @@ class RowCache:
                 self.ctx.seq_rm(self.base[r], self.past[r])
             raise
         out = np.zeros((self.rows, q, logits.shape[1]), dtype=np.float32)
-        hid = None if states is None else np.zeros((self.rows, q, states.shape[1]), dtype=np.float32)
-        for k, (r, j) in enumerate(where):
-            out[r, j] = logits[k]
-            if hid is not None:
-                hid[r, j] = states[k]
+        hid = None if states is None else [np.zeros((self.rows, q, s.shape[1]), dtype=np.float32) for s in states]
+        rs, js = np.array([w[0] for w in where]), np.array([w[1] for w in where])
+        out[rs, js] = logits
+        for h, s in zip(hid or [], states or []):
+            h[rs, js] = s
         self._step = (layouts, spare)
         return out, hid
 

@@ -88,7 +88,38 @@ QWEN2_LAYER_INPUTS = SourceFix(
     reason="Qwen2 targets do not record the layer inputs an EAGLE-3 draft reads: abort at the first decode",
 )
 
-FIXES: tuple[SourceFix, ...] = (AMX_TILE_CONFIG, QWEN2_LAYER_INPUTS)
+# mtp's heads (mlp, hydra, transformer; `--tap last`) read the last layer's output *before* the final norm, and
+# llama.cpp hands out only the state after it (`t_embd`, result_norm). The staging API of src/llama-ext.h returns
+# layer inputs (`llama_set_embeddings_layer_inp(ctx, il, true)`, read by `llama_get_embeddings_layer_inp`) for
+# il < n_layer; recording the final norm's input as "layer n_layer's input" (as nemotron-h.cpp and mimo2.cpp do)
+# lets `mtp generate --backend llama.cpp` run those heads on llama.cpp's states. Nothing reads it unless asked.
+_FINAL_NORM = """        inpL = cur;
+    }
+    cur = inpL;
+
+    cur = build_norm(cur,
+            model.output_norm, NULL,
+            LLM_NORM_RMS, -1);
+"""
+_FINAL_NORM_RECORDED = """        inpL = cur;
+    }
+    cur = inpL;
+    res->t_layer_inp[n_layer] = cur;  // mtp: the last layer's output before the final norm (MTP heads read it)
+
+    cur = build_norm(cur,
+            model.output_norm, NULL,
+            LLM_NORM_RMS, -1);
+"""
+LLAMA_LAST_STATE = SourceFix(
+    name="llama-last-state", path="src/models/llama.cpp", old=_FINAL_NORM, new=_FINAL_NORM_RECORDED,
+    reason="heads read the last layer's output before the final norm, which llama.cpp did not hand out",
+)
+QWEN2_LAST_STATE = SourceFix(
+    name="qwen2-last-state", path="src/models/qwen2.cpp", old=_FINAL_NORM, new=_FINAL_NORM_RECORDED,
+    reason="heads read the last layer's output before the final norm, which llama.cpp did not hand out",
+)
+
+FIXES: tuple[SourceFix, ...] = (AMX_TILE_CONFIG, QWEN2_LAYER_INPUTS, LLAMA_LAST_STATE, QWEN2_LAST_STATE)
 
 
 def fingerprint(fixes: tuple[SourceFix, ...] = FIXES) -> str:
