@@ -1193,6 +1193,11 @@ class BenchEngineConfig(Writes):
     """mtp's own engine with the same heads, beside the engine (comma-separated; "" skips it)."""
     mtp_dtype: str = "float32"
     """dtype of mtp's own engine (bfloat16 pays on CPUs with AMX, float32 elsewhere)."""
+    mtp_heads: str | None = opt(None, metavar="DIR|default|eagle3")
+    """Heads of mtp's own engine (default: --heads; on --mtp-backend llama.cpp, mlp or hydra heads, e.g. default)."""
+    mtp_backend: str = opt("torch", choices=("torch", "llama.cpp"))
+    """What runs mtp's own engine: torch | llama.cpp (the engine's GGUF and threads, in-process; its plain loop
+    and methods are then also compared with llama-server's plain decoding)."""
     rounds: int = 1
     """Runs of every configuration, alternating; per prompt the median is kept."""
     timeout: float = 900.0
@@ -1223,7 +1228,8 @@ class BenchEngineConfig(Writes):
         for mode in self.ngram_modes:
             _require(mode in llama_modes, f"unknown llama.cpp n-gram mode {mode!r}: use {', '.join(llama_modes[:3])}")
         for m in self.mtp_methods:
-            _require(m in HEAD_METHODS, f"--mtp-methods: {m!r} is not one of {', '.join(HEAD_METHODS)}")
+            _require(m in (*HEAD_METHODS, "lookup"),
+                     f"--mtp-methods: {m!r} is not one of {', '.join((*HEAD_METHODS, 'lookup'))}")
 
     def check_files(self) -> None:
         super().check_files()

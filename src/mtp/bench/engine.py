@@ -24,6 +24,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from mtp.config import HEAD_METHODS, DraftOptions
 from mtp.errors import UserError
 from mtp.machine import cpu_name, cpu_signature
 
@@ -245,7 +246,8 @@ def run_llamacpp(cfg, prompts: list[list[int]], workdir: Path, tokenizer=None) -
     rows = {name: _median_rows(rs) for name, rs in runs.items()}
     results = [_summarize(name, rows[name], rows["plain"] if name != "plain" else None) for name, _ in configs]
     info = {"target_gguf": str(target), "draft_gguf": str(draft / "eagle3-draft.gguf"),
-            "commands": {k: " ".join(v) for k, v in commands.items()}}
+            "commands": {k: " ".join(v) for k, v in commands.items()},
+            "plain_rows": [{"tokens": r["tokens"], "gen_seconds": r["gen_seconds"]} for r in rows["plain"]]}
     if chosen is not None:
         info["policy"] = chosen
         for r in results:
@@ -296,27 +298,53 @@ def run_vllm(cfg, prompts: list[list[int]], workdir: Path) -> tuple[dict, list]:
 # ----------------------------------------------------------------------------- mtp's own engine
 
 
-def run_mtp(cfg, prompts: list[list[int]]) -> list:
-    """mtp's engine on the same token ids: its plain loop and the heads' methods, one prompt at a time."""
-    from mtp.decode.run import build_decoder, eos_ids, load_for_decoding
+def run_mtp(cfg, prompts: list[list[int]], engine_plain: list[dict] | None = None) -> list:
+    """mtp's engine on the same token ids: its plain loop and ``--mtp-methods``, one prompt at a time, on PyTorch
+    (``--mtp-backend torch``) or on llama.cpp's kernels with the same GGUF as the engine (``llama.cpp``, the same
+    threads). Like the engine's own figures, each row's time is its decoding after the prefill (from its first
+    token to its last). ``engine_plain``: the engine's plain rows, to compare with (speedup and identical share)."""
+    from mtp.decode.run import build_decoder, build_llama_decoder, eos_ids, load_for_decoding, load_llama_target
 
-    backbone, tokenizer, heads, folder = load_for_decoding(cfg.model, cfg.heads, cfg.mtp_dtype, "cpu")
-    eos = eos_ids(backbone, tokenizer)
+    methods = ["plain", *cfg.mtp_methods]
+    needs_heads = any(m in HEAD_METHODS for m in methods)
+    on_llama = cfg.mtp_backend == "llama.cpp"
+    backbone = tokenizer = heads = folder = None
+    if needs_heads or not on_llama:
+        backbone, tokenizer, heads, folder = load_for_decoding(
+            cfg.model, (cfg.mtp_heads or cfg.heads) if needs_heads else None, cfg.mtp_dtype, "cpu")
+    target = None
+    if on_llama:
+        target, tokenizer = load_llama_target(cfg.model, cfg.target, threads=cfg.threads)
+    eos = eos_ids(target if on_llama else backbone, tokenizer)
     results, plain = [], None
-    for method in ["plain", *cfg.mtp_methods]:
-        dec, _ = build_decoder(backbone, tokenizer, heads, folder, cfg.model, method)
-        dec.generate(prompts[:1], max_new_tokens=8, eos_token_ids=eos)  # warm-up
-        rows = []
-        for p in prompts:
-            t0 = time.perf_counter()
-            out = dec.generate([p], max_new_tokens=cfg.max_new_tokens, eos_token_ids=eos)
-            row = out.rows[0]
-            tokens = row.tokens
-            rows.append({"tokens": tokens, "gen_seconds": time.perf_counter() - t0,
-                         "accepted": len(tokens) - row.steps if method != "plain" else None})
-        if method == "plain":
-            plain = rows
-        results.append(_summarize(f"mtp {method}", rows, plain if method != "plain" else None))
+    try:
+        for method in methods:
+            if on_llama:
+                dec, _ = build_llama_decoder(target, tokenizer, method, DraftOptions(), heads, folder)
+            else:
+                dec, _ = build_decoder(backbone, tokenizer, heads, folder, cfg.model, method)
+            dec.generate(prompts[:1], max_new_tokens=8, eos_token_ids=eos)  # warm-up
+            rows = []
+            for p in prompts:
+                first = []
+                out = dec.generate([p], max_new_tokens=cfg.max_new_tokens, eos_token_ids=eos,
+                                   callback=lambda row, new: first or first.append(time.perf_counter()))
+                done = time.perf_counter()
+                row = out.rows[0]
+                rows.append({"tokens": row.tokens, "gen_seconds": max(done - first[0], 1e-9),
+                             "accepted": len(row.tokens) - row.steps if method != "plain" else None})
+            if method == "plain":
+                plain = rows
+            name = f"mtp{' llama.cpp' if on_llama else ''} {method}"
+            summary = _summarize(name, rows, plain if method != "plain" else None)
+            if engine_plain is not None:
+                vs = _summarize(name, rows, engine_plain)
+                summary["speedup_vs_engine_plain"] = vs["speedup"]
+                summary["identical_to_engine_plain"] = vs["identical_share"]
+            results.append(summary)
+    finally:
+        if target is not None:
+            target.close()
     return results
 
 
@@ -344,7 +372,8 @@ def bench_engine(cfg, command: str = "") -> dict:
         info, results = run_llamacpp(cfg, prompts, workdir, tokenizer)
     else:
         info, results = run_vllm(cfg, prompts, workdir)
-    mtp_results = run_mtp(cfg, prompts) if cfg.mtp_methods else []
+    engine_plain = info.pop("plain_rows", None)
+    mtp_results = run_mtp(cfg, prompts, engine_plain) if cfg.mtp_methods or cfg.mtp_backend == "llama.cpp" else []
     return {"engine": cfg.engine, "config": asdict(cfg), "command": command, "machine": machine(), "engine_info": info,
             "results": results, "mtp": mtp_results, "seconds": round(time.time() - started, 1)}
 
@@ -379,6 +408,11 @@ def format_bench_engine(result: dict) -> str:
         name = r["name"] + (f" (predicted {r['predicted_speedup']:.2f}x)" if r.get("predicted_speedup") else "")
         lines.append(f"| {name} | {fmt('tokens_per_s', '{:.1f}')} | {fmt('speedup', '{:.2f}x')} | "
                      f"{fmt('acceptance_length', '{:.2f}')} | {fmt('identical_share', '{:.0%}')} |")
+    engine_rows = [r for r in result.get("mtp", []) if r.get("speedup_vs_engine_plain") is not None]
+    if engine_rows:
+        lines += ["", f"against {result['engine']}'s plain decoding (per-prompt medians, same prompts):"]
+        lines += [f"- {r['name']}: {r['speedup_vs_engine_plain']:.2f}x, identical output "
+                  f"{r['identical_to_engine_plain']:.0%}" for r in engine_rows]
     return "\n".join(lines)
 
 

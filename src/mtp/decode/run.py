@@ -232,7 +232,8 @@ def hf_generate(backbone, tokenizer, prompts: list[list[int]], max_new_tokens: i
 # ----------------------------------------------------------------------------- the command (mtp.cli's table)
 
 
-def load_llama_target(model_name: str, kind: str, needs: dict[str, int] | None = None, n_ctx: int | None = None):
+def load_llama_target(model_name: str, kind: str, needs: dict[str, int] | None = None, n_ctx: int | None = None,
+                      threads: int | None = None):
     """``--backend llama.cpp``: the model's GGUF (``kind``: packaged or a conversion) in llama.cpp, and its
     tokenizer; flags checked against the model's context before anything loads."""
     from mtp.decode.llama import LlamaCppBackbone
@@ -245,7 +246,8 @@ def load_llama_target(model_name: str, kind: str, needs: dict[str, int] | None =
     folder = local_model_folder(model_name)
     tokenizer = load_tokenizer(folder, "--model")
     longest = getattr(model_config, "max_position_embeddings", None) or 4096
-    target = LlamaCppBackbone(target_gguf(model_name, kind), model_config, n_ctx=n_ctx or min(longest, 8192))
+    target = LlamaCppBackbone(target_gguf(model_name, kind), model_config, n_ctx=n_ctx or min(longest, 8192),
+                              threads=threads)
     try:
         from transformers import GenerationConfig
 

@@ -137,6 +137,8 @@ class LlamaContext:
             cparams.embeddings = embeddings
             cparams.pooling_type = ll.LLAMA_POOLING_TYPE_NONE
             cparams.no_perf = True
+            if os.environ.get("MTP_LLAMA_FA") is not None:  # flash attention: -1 auto (default), 0 off, 1 on
+                cparams.flash_attn_type = int(os.environ["MTP_LLAMA_FA"])
             self.ctx = ll.llama_init_from_model(self.model, cparams)
             if not self.ctx:
                 raise UserError(f"llama.cpp cannot make a context for {path} (n_ctx {n_ctx}, {n_seq} sequences): "
@@ -302,14 +304,24 @@ class TreeLayout:
 class RowCache:
     """The rows of a decoding batch in one llama.cpp context: each row a base sequence holding its committed
     tokens; a verify step adds one spare sequence per extra path of the row's tree, and the commit keeps the
-    accepted path in the base sequence and frees the rest (bitset edits, no copies)."""
+    accepted path in the base sequence and drops the rest (bitset edits, no copies).
+
+    Dropped tree nodes are not freed: they move to a sequence of their own (the last id, never decoded), so the
+    cells stay taken until no row is left. A freed cell is reused by the next token llama.cpp stores, and
+    a token stored in a cell that lies before the cells of earlier positions of its sequence (a rejected
+    sibling's, below an accepted node's) computes wrong attention in this llama.cpp's CPU kernels: measured on
+    smollm2-135m Q4_1, logits off by 0.5-0.7 after such a commit, while a chain (whose rejected cells are the
+    last ones) is exact. tests/test_llamacpp_backend.py holds the case. The dropped cells cost only their masked
+    entries in attention; ``n_ctx`` must hold them (``dropped``)."""
 
     def __init__(self, ctx: LlamaContext):
         self.ctx = ctx
         self.base: list[int] = []  # per row: its sequence id
         self.past: list[int] = []  # per row: committed tokens (the next position)
-        self._free = list(range(ctx.n_seq - 1, -1, -1))  # a stack, lowest id on top
+        self.trash = ctx.n_seq - 1  # where dropped tree nodes go (see the class text)
+        self._free = list(range(ctx.n_seq - 2, -1, -1))  # a stack, lowest id on top
         self._step = None  # the last verify's layouts and spare sequences, until its commit
+        self.dropped = 0  # cells held by dropped tree nodes
 
     @property
     def rows(self) -> int:
@@ -392,6 +404,9 @@ class RowCache:
         for r, ids in spare.items():
             path = accepted.get(r, [0])
             lay, base, p0 = layouts[r], self.base[r], self.past[r]
+            for t in ids:  # every cell of the step stays taken (the trash sequence holds the dropped ones)
+                self.ctx.seq_cp(t, self.trash, p0)
+            self.dropped += sum(1 for j in lay.order) - len(path)
             s = ids[lay.path_through(path[-1])]
             if s != base:
                 self.ctx.seq_rm(base, p0)
@@ -406,8 +421,14 @@ class RowCache:
     def keep_rows(self, keep: list[int]) -> None:
         """Only these rows go on, in this order; the others' cells are freed."""
         gone = set(range(self.rows)) - set(keep)
-        for r in gone:
+        for r in gone:  # their cells stay taken too (in the trash sequence) while other rows go on
+            if len(gone) < self.rows:
+                self.ctx.seq_cp(self.base[r], self.trash)
+                self.dropped += self.past[r]
             self.ctx.seq_rm(self.base[r])
             self._free.append(self.base[r])
         self.base = [self.base[r] for r in keep]
         self.past = [self.past[r] for r in keep]
+        if not self.base:  # nothing left that a freed cell could come before: the dropped cells go too
+            self.ctx.clear()
+            self.dropped = 0
