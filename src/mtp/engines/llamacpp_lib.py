@@ -311,8 +311,11 @@ class RowCache:
     a token stored in a cell that lies before the cells of earlier positions of its sequence (a rejected
     sibling's, below an accepted node's) computes wrong attention in this llama.cpp's CPU kernels: measured on
     smollm2-135m Q4_1, logits off by 0.5-0.7 after such a commit, while a chain (whose rejected cells are the
-    last ones) is exact. tests/test_llamacpp_backend.py holds the case. The dropped cells cost only their masked
-    entries in attention; ``n_ctx`` must hold them (``dropped``)."""
+    last ones) is exact: a lone row's chain frees its rejected tail as before. tests/test_llamacpp_backend.py holds
+    the case. The dropped cells cost only their masked entries in attention; ``n_ctx`` must hold them
+    (``dropped``). They also make the cache longer sooner, and from 512 cells on llama.cpp's CPU attention takes
+    another path for one query token than for several (KV split across threads: other rounding), so a greedy
+    near-tie can then go the other way than in one-token plain decoding."""
 
     def __init__(self, ctx: LlamaContext):
         self.ctx = ctx
@@ -401,12 +404,15 @@ class RowCache:
         base sequence; every other node of the step is dropped and the spare sequences freed."""
         layouts, spare = self._step
         self._step = None
+        # one row's chain: its rejected cells are the last ones stored, and the next tokens refill them in order
+        chain_alone = len(spare) == 1 and all(layouts[r].n_paths == 1 for r in spare) and self.rows == 1
         for r, ids in spare.items():
             path = accepted.get(r, [0])
             lay, base, p0 = layouts[r], self.base[r], self.past[r]
-            for t in ids:  # every cell of the step stays taken (the trash sequence holds the dropped ones)
-                self.ctx.seq_cp(t, self.trash, p0)
-            self.dropped += sum(1 for j in lay.order) - len(path)
+            if not chain_alone:  # every cell of the step stays taken (the trash sequence holds the dropped ones)
+                for t in ids:
+                    self.ctx.seq_cp(t, self.trash, p0)
+                self.dropped += len(lay.order) - len(path)
             s = ids[lay.path_through(path[-1])]
             if s != base:
                 self.ctx.seq_rm(base, p0)
