@@ -69,7 +69,8 @@ def test_mtp_rows_in_the_engine_benchmark_are_lossless_and_consistent(tiny_folde
         return out
 
     monkeypatch.setattr(SpeculativeDecoder, "generate", counting_generate)
-    cfg = SimpleNamespace(model=str(tiny_folder), heads=str(tmp_path / "h"), mtp_dtype="float32",
+    cfg = SimpleNamespace(model=str(tiny_folder), heads=str(tmp_path / "h"), mtp_heads=None, mtp_backend="torch",
+                          mtp_dtype="float32",
                           mtp_methods=["blockwise", "tree"], max_new_tokens=12)
     prompts = [[1, 5, 9, 13, 5, 9], [1, 30, 31]]
     results = run_mtp(cfg, prompts)
@@ -196,7 +197,7 @@ def write_prompts(tmp_path):
     (["--p-min", "1.5"], "--p-min"),
     (["--target", "q2"], "unknown --target"),
     (["--ngram-modes", "magic"], "n-gram mode"),
-    (["--mtp-methods", "lookup"], "--mtp-methods"),
+    (["--mtp-methods", "early-exit"], "--mtp-methods"),
     (["--timeout", "nan"], "--timeout"),
     (["--draft-vocab", "10"], "--draft-vocab"),
 ])
