@@ -44,6 +44,7 @@ class LlamaCppBackbone:
         self.ctx = LlamaContext(self.gguf, n_ctx=n_ctx, n_seq=n_seq, n_batch=n_batch,
                                 threads=threads or default_threads())
         self.rows = RowCache(self.ctx)
+        self.generation_config = None  # the model's (its EOS ids), set by whoever loads it
 
     def close(self) -> None:
         self.ctx.close()
@@ -82,7 +83,7 @@ class LlamaCppDecoder(SpeculativeDecoder):
     def _check_room(self, requests, total: int, capacity: int) -> None:
         rows = self.target.rows
         running = sum(len(r.prompt) + r.max_new_tokens for r in self.requests)
-        need = running + sum(len(r.prompt) + r.max_new_tokens for r in requests) + 64 * total
+        need = running + sum(len(r.prompt) + r.max_new_tokens for r in requests) + 64 * total + rows.dropped
         if need > self.target.ctx.n_ctx:
             raise UserError(f"{total} row(s) need {need} KV cells, llama.cpp's context holds "
                             f"{self.target.ctx.n_ctx}: decode fewer prompts at once or fewer new tokens")
