@@ -105,15 +105,14 @@ def _last_error() -> str:
 class LlamaContext:
     """One GGUF model, one context with a unified KV cache for ``n_seq`` sequences, and one batch buffer.
 
-    ``embeddings=True``: every decode also returns the final hidden states (after the final norm) of its output
-    tokens. :meth:`capture` instead returns the residual stream at chosen layers (index i: the output of layer i,
-    0 the embeddings, n_layer the last layer's output before the final norm, which mtp's heads read).
+    :meth:`capture` makes every decode also return the residual stream at chosen layers (index i: the output of
+    layer i, 0 the embeddings, n_layer the last layer's output before the final norm, which mtp's heads read).
     ``repack``: llama.cpp's repacked CPU weights (its fast small-batch kernels); ``MTP_LLAMA_NO_REPACK=1``
     turns them off (the ``--no-repack`` of llama-server).
     """
 
     def __init__(self, gguf: str | Path, n_ctx: int = 4096, n_seq: int = 1, n_batch: int = 512,
-                 threads: int | None = None, embeddings: bool = False, repack: bool | None = None):
+                 threads: int | None = None, repack: bool | None = None):
         ll = self.ll = bindings()
         path = Path(gguf)
         if not path.is_file():
@@ -134,7 +133,6 @@ class LlamaContext:
             threads = threads or min(os.cpu_count() or 1, 8)
             cparams.n_threads = cparams.n_threads_batch = threads
             cparams.kv_unified = True  # sequences share the cells; seq_cp / seq_rm edit bitsets
-            cparams.embeddings = embeddings
             cparams.pooling_type = ll.LLAMA_POOLING_TYPE_NONE
             cparams.no_perf = True
             if os.environ.get("MTP_LLAMA_FA") is not None:  # flash attention: -1 auto (default), 0 off, 1 on
@@ -147,7 +145,6 @@ class LlamaContext:
             self.n_ctx, self.n_seq, self.n_batch, self.threads = ll.llama_n_ctx(self.ctx), n_seq, n_batch, threads
             self.n_vocab = ll.llama_vocab_n_tokens(ll.llama_model_get_vocab(self.model))
             self.n_embd = ll.llama_model_n_embd(self.model)
-            self.embeddings = embeddings
             self.batch = ll.llama_batch_init(n_batch, 0, n_seq)
             self.n_layer = ll.llama_model_n_layer(self.model)
             self.captured: tuple[int, ...] = ()
@@ -162,7 +159,7 @@ class LlamaContext:
         """One ``llama_decode`` of ``tokens`` at ``positions``, token i in the sequences ``seqs[i]`` (an int: one
         sequence). Returns the logits (n_out, V) float32 of the tokens whose ``outputs`` flag is set (all by
         default), in batch order, and their states: one (n_out, H) array per captured layer (:meth:`capture`),
-        or the final hidden states when the context has embeddings on, else None."""
+        else None."""
         n = len(tokens)
         if not 0 < n <= self.n_batch:
             raise UserError(f"a llama.cpp decode takes 1 to {self.n_batch} tokens, got {n}")
@@ -191,9 +188,6 @@ class LlamaContext:
         if self.captured:
             get = _staging(self.ll)[1]
             hidden = [np.ctypeslib.as_array(get(self.ctx, il), shape=(n, self.n_embd)).copy() for il in self.captured]
-        elif self.embeddings:
-            hidden = [np.ctypeslib.as_array(self.ll.llama_get_embeddings(self.ctx),
-                                           shape=(n_out, self.n_embd)).copy()]
         return logits, hidden
 
     def capture(self, layers) -> None:
@@ -209,11 +203,6 @@ class LlamaContext:
         for il in set(self.captured) | set(layers):
             enable(self.ctx, il, il in layers)
         self.captured = layers
-
-    def set_embeddings(self, on: bool) -> None:
-        """Hidden states out (and every token an output) or not: off for a prefill whose states nobody reads."""
-        self.ll.llama_set_embeddings(self.ctx, on)
-        self.embeddings = on
 
     # ------------------------------------------------------------------ the KV cache by sequence
 
