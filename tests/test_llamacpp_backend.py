@@ -278,3 +278,88 @@ def test_accepting_a_later_branch_keeps_the_cache_exact_on_a_real_model():
         fresh.add_rows([base + [359, 253]])
         want, _ = fresh.verify([[1502, 5]], [[-1]], [[True]])
     np.testing.assert_array_equal(got, want)
+
+
+@needs_lib
+def test_a_server_on_llamacpp_queues_rows_its_cells_cannot_hold_yet_and_refuses_what_never_fits(tiny_gguf):
+    """``mtp serve --backend llama.cpp``: a request holds its prompt + max tokens of llama.cpp's cells while it runs;
+    more requests than the cells hold wait in the queue (no 400) and finish with llama.cpp's own greedy tokens;
+    a request larger than the whole context is a 400 at once. Dropped tree cells are freed as they pass
+    ``max_dropped`` while rows keep running."""
+    import asyncio
+
+    from mtp.backbones import load_tokenizer
+    from mtp.config import DraftOptions
+    from mtp.decode.engine import Request
+    from mtp.decode.llama import LlamaCppBackbone
+    from mtp.decode.run import build_llama_decoder
+    from mtp.serve.scheduler import Job, Scheduler
+    from transformers import AutoConfig
+
+    folder = tiny_gguf.parent
+    target = LlamaCppBackbone(tiny_gguf, AutoConfig.from_pretrained(folder), n_ctx=512, threads=2)
+    target.rows.max_dropped = 8
+    decoder, _ = build_llama_decoder(target, load_tokenizer(folder), "lookup", DraftOptions(draft_len=4))
+    sched = Scheduler(decoder, max_batch=4, max_queue=8)
+    prompts = [PREFIX, PREFIX[5:] + [900, 901, 902, 900, 901], PREFIX[3:] * 2]
+    widest, step = [], decoder.step
+    decoder.step = lambda *a, **k: (widest.append(len(decoder.requests)), step(*a, **k))[1]
+    ns = [60, 120, 120]  # each row holds its prompt + n + 64 cells: two fit in 512, the third waits
+
+    async def events(job):
+        out = []
+        while True:
+            kind, value = await asyncio.wait_for(job.queue.get(), 120)
+            out.append((kind, value))
+            if kind != "tokens":
+                return out
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        jobs = [Job(Request(list(p), n, frozenset()), loop, 120.0) for p, n in zip(prompts, ns)]
+        too_big = Job(Request(list(PREFIX), 600, frozenset()), loop, 120.0)
+        sched.start()
+        for j in jobs + [too_big]:
+            sched.submit(j)
+        return [await events(j) for j in jobs], await events(too_big)
+
+    try:
+        results, refused = asyncio.run(main())
+        compactions = target.rows.compactions
+    finally:
+        sched.stop()
+        target.close()
+    assert max(widest) == 2 and compactions >= 1  # the third waited for a row; dropped cells were freed
+    for p, n, evs in zip(prompts, ns, results):
+        assert evs[-1] == ("done", "length"), evs[-1]
+        assert [t for kind, v in evs if kind == "tokens" for t in v] == _greedy_alone(tiny_gguf, p, n)
+    kind, error = refused[-1]
+    assert kind == "error" and error.status == 400 and "context holds 512" in error.message, error.message
+
+
+@needs_lib
+def test_bench_decode_and_bench_context_run_on_llamacpp(tiny_gguf, tmp_path):
+    """``--backend llama.cpp`` in the benchmarks: our plain loop on llama.cpp is the baseline and the reference of
+    identity (no transformers model there); a method's rows decode with it; context growth is measured on it."""
+    import json
+
+    from mtp.bench.context import bench_context, format_bench_context
+    from mtp.bench.decode import bench_decode, format_bench_decode
+    from mtp.config import BenchContextConfig, BenchDecodeConfig
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in
+                               ["def add(a, b): return a + b\n" * 3, "the cat sat on the mat. " * 4, "1, 2, 3, 4, 5,"]))
+    folder = str(tiny_gguf.parent)
+    r = bench_decode(BenchDecodeConfig(model=folder, backend="llama.cpp", target="f32", methods=["lookup"],
+                                       prompts=str(prompts), limit=3, max_new_tokens=12, batch_size=2, chat=False))
+    assert r["backend"] == "llama.cpp" and list(r["methods"]) == ["plain", "lookup"]
+    assert r["methods"]["lookup"]["identical_share"] == 1.0 and r["methods"]["plain"]["speedup"] == 1.0
+    assert "llama.cpp threads" in format_bench_decode(r) and "GGUF f32" in format_bench_decode(r)
+    doc = tmp_path / "long.txt"
+    doc.write_text("def mean(values):\n    return sum(values) / len(values)\n" * 12)
+    c = bench_context(BenchContextConfig(model=folder, backend="llama.cpp", target="f32", data=str(doc),
+                                         methods=["plain", "lookup"], contexts=[16, 64], max_new_tokens=6, rounds=1))
+    assert list(c["methods"]) == ["plain", "lookup"] and [row["context"] for row in c["methods"]["plain"]["rows"]] \
+        == [16, 64]
+    assert "llama.cpp threads" in format_bench_context(c)

@@ -850,10 +850,18 @@ class ServeConfig(DraftOptions):
     """Largest request body accepted."""
     shutdown_timeout: float = 30.0
     """On SIGTERM, seconds the requests in flight get to finish before they end with an error event."""
+    ctx_size: int | None = opt(None, metavar="CELLS")
+    """--backend llama.cpp: KV cells shared by all rows; a request holds its prompt + max tokens of them while it
+    runs, and waits in the queue while they are taken (default: what --max-batch requests of --max-prompt-tokens +
+    --max-tokens hold, at most 16384)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _require(0 <= self.port <= 65535, f"--port must be in [0, 65535], got {self.port}")
+        _at_least(self, ("ctx_size",), 256)
+        _at_most(self, ("ctx_size",), MAX_NEW_TOKENS)
+        _require(self.backend != "llama.cpp" or self.max_batch <= 32,
+                 f"--backend llama.cpp decodes at most 32 rows together (--max-batch {self.max_batch})")
         _require(bool(self.host.strip()), "--host is empty")
         _require(self.api_key is None or bool(self.api_key.strip()), "--api-key is empty")
         _at_least(self, ("max_batch", "max_tokens", "max_prompt_tokens", "max_body_bytes"))
@@ -898,6 +906,10 @@ class BenchServeConfig(Runtime, Writes):
     """The servers' --max-batch."""
     max_queue: int = 64
     """The servers' --max-queue."""
+    backend: str = opt("torch", choices=("torch", "llama.cpp"))
+    """The servers' --backend (what runs the model)."""
+    target: str = opt("packaged", choices=GGUF_KINDS)
+    """The servers' --target (--backend llama.cpp: which GGUF)."""
     json: str | None = opt(None, metavar="FILE")
     """Write the result as JSON."""
 
@@ -905,6 +917,10 @@ class BenchServeConfig(Runtime, Writes):
         super().__post_init__()
         self.methods = _split_commas(self.methods)
         _require(bool(self.methods), "--methods is empty")
+        _require(self.backend != "llama.cpp" or self.max_batch <= 32,
+                 f"--backend llama.cpp decodes at most 32 rows together (--max-batch {self.max_batch})")
+        _require(self.backend != "llama.cpp" or "early-exit" not in self.methods,
+                 "early-exit drafts with the first layers of a PyTorch model: it needs --backend torch")
         for m in self.methods:
             _require(m in METHODS, f"unknown method {m!r}: use {', '.join(METHODS)}")
         _require(bool(self.concurrency) and all(c >= 1 for c in self.concurrency),
@@ -1155,7 +1171,8 @@ class BenchEngineConfig(Writes):
     engine: str = opt("llama.cpp", choices=("llama.cpp", "vllm"))
     """llama.cpp | vllm."""
     heads: str = "eagle3"
-    """eagle3 heads: a folder or `eagle3` (the EAGLE-3 heads shipped for --model)."""
+    """eagle3 heads: a folder or `eagle3` (the EAGLE-3 heads shipped for --model); none: no eagle3 rows (llama.cpp:
+    plain and its n-gram modes only, e.g. for a model without heads)."""
     model: str = opt(DEFAULT_MODEL, metavar="NAME|PATH")
     """Backbone: built-in name, Hugging Face folder or .gguf file."""
     prompts: str = "chat"
@@ -1225,6 +1242,8 @@ class BenchEngineConfig(Writes):
         _seed(self.seed)
         _require(self.timeout > 0 and self.timeout == self.timeout, f"--timeout must be positive, got {self.timeout}")
         _require(self.target in GGUF_KINDS, f"unknown --target {self.target!r}: use one of {', '.join(GGUF_KINDS)}")
+        _require(self.heads != "none" or self.engine == "llama.cpp",
+                 "--heads none (no eagle3 rows) is for --engine llama.cpp; vLLM's run compares eagle3 heads")
         for mode in self.ngram_modes:
             _require(mode in llama_modes, f"unknown llama.cpp n-gram mode {mode!r}: use {', '.join(llama_modes[:3])}")
         for m in self.mtp_methods:

@@ -9,6 +9,7 @@ engine is judged by is ``growth``: the time per token at the longest context ove
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import sys
 
@@ -16,9 +17,9 @@ import torch
 from tqdm import tqdm
 
 from mtp.analysis.run import load_corpora, machine_info
-from mtp.config import HEAD_METHODS, BenchContextConfig
+from mtp.config import BenchContextConfig
 from mtp.decode.accept import Sampling
-from mtp.decode.run import build_decoder, hf_generate, load_for_decoding
+from mtp.decode.run import hf_generate, open_target
 from mtp.errors import UserError
 from mtp.io import save_figure
 
@@ -35,16 +36,21 @@ def context_prompts(tokenizer, data: str, lengths: list[int]) -> list[list[int]]
 
 
 def bench_context(cfg: BenchContextConfig, command: str = "") -> dict:
-    need_heads = any(m in HEAD_METHODS for m in cfg.methods)
+    if cfg.backend == "llama.cpp" and cfg.methods == BenchContextConfig().methods:  # the default: its own loop only
+        cfg = dataclasses.replace(cfg, methods=[m for m in cfg.methods if m != "transformers"])
+    if cfg.backend == "llama.cpp" and "transformers" in cfg.methods:
+        raise UserError("--methods transformers is transformers' own generate, a PyTorch model: leave it out on "
+                        "--backend llama.cpp (its plain loop is `plain`)")
     needs = {f"--contexts {max(cfg.contexts)} + --max-new-tokens {cfg.max_new_tokens}":
              max(cfg.contexts) + cfg.max_new_tokens}
-    backbone, tokenizer, mtp_model, folder = load_for_decoding(cfg.model, cfg.heads if need_heads else None,
-                                                              cfg.dtype, cfg.device, needs, cfg.exit_layer)
+    loaded = open_target(cfg, cfg.model, cfg.heads, cfg.methods, needs, cfg.exit_layer,
+                         n_ctx=max(cfg.contexts) + cfg.max_new_tokens + 256)
+    backbone, tokenizer, folder = loaded.backbone, loaded.tokenizer, loaded.folder
     prompts = context_prompts(tokenizer, cfg.data, cfg.contexts)
     decoders, configs = {}, {}
     for m in cfg.methods:
         if m != "transformers":
-            decoders[m], configs[m] = build_decoder(backbone, tokenizer, mtp_model, folder, cfg.model, m, cfg)
+            decoders[m], configs[m] = loaded.decoder(m, cfg)
     no_eos: list[int] = []  # every run generates exactly max_new_tokens: equal work per context
 
     def run(name: str, prompt: list[int], n: int):
@@ -68,7 +74,9 @@ def bench_context(cfg: BenchContextConfig, command: str = "") -> dict:
         methods[m] = {"rows": rows, "growth": rows[-1]["decode_ms_per_token"] / rows[0]["decode_ms_per_token"],
                       "growth_with_prefill": rows[-1]["ms_per_token"] / rows[0]["ms_per_token"],
                       **({"config": configs[m].as_dict()} if m in configs else {})}
-    return {"model": cfg.model, "heads": str(folder) if folder else None, "data": cfg.data, "dtype": cfg.dtype,
+    return {"model": cfg.model, "heads": str(folder) if folder else None, "data": cfg.data,
+            "dtype": cfg.dtype if loaded.backend == "torch" else f"GGUF {cfg.target}", "backend": loaded.backend,
+            **({} if loaded.backend == "torch" else {"llama_threads": backbone.ctx.threads}),
             "contexts": cfg.contexts, "max_new_tokens": cfg.max_new_tokens, "rounds": cfg.rounds,
             "methods": methods, "command": command, "machine": machine_info(cfg.device),
             "torch_threads": torch.get_num_threads()}
@@ -97,7 +105,9 @@ def format_bench_context(r: dict) -> str:
         tau = (lambda row: f"tau {row['tau']:.2f}, ") if name != "transformers" else (lambda row: "")
         cells = [f"{row['decode_ms_per_token']:.1f} ({tau(row)}{row['prefill_seconds']:.2f} s)" for row in m["rows"]]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {m['growth']:.2f}x | {m['growth_with_prefill']:.2f}x |")
-    lines.append(f"\nmachine: {r['machine']['cpu']}, {r['torch_threads']} torch threads, device {r['machine']['device']}")
+    threads = (f"{r['llama_threads']} llama.cpp threads" if "llama_threads" in r else
+               f"{r['torch_threads']} torch threads, device {r['machine']['device']}")
+    lines.append(f"\nmachine: {r['machine']['cpu']}, {threads}")
     return "\n".join(lines)
 
 

@@ -10,9 +10,9 @@ import torch
 from tqdm import tqdm
 
 from mtp.analysis.run import machine_info
-from mtp.config import HEAD_METHODS, BenchDecodeConfig
+from mtp.config import BenchDecodeConfig
 from mtp.decode.accept import Sampling
-from mtp.decode.run import adaptive_sizes, build_decoder, encode_prompt, eos_ids, hf_generate, load_for_decoding
+from mtp.decode.run import adaptive_sizes, encode_prompt, eos_ids, hf_generate, open_target
 from mtp.io import save_figure
 from mtp.prompts import load_prompts
 
@@ -26,30 +26,32 @@ def bench_decode(cfg: BenchDecodeConfig, command: str = "") -> dict:
     max_new_tokens, limit, dtype, device, seed = cfg.max_new_tokens, cfg.limit, cfg.dtype, cfg.device, cfg.seed
     chat, progress, sampling = cfg.chat, not cfg.quiet, Sampling.of(cfg)
     texts = load_prompts(prompts, "eval", limit, seed)
-    need_heads = any(m in HEAD_METHODS for m in methods)
-    backbone, tokenizer, mtp_model, folder = load_for_decoding(model_name, heads if need_heads else None, dtype,
-                                                              device, {"--max-new-tokens": max_new_tokens},
-                                                              cfg.exit_layer)
+    loaded = open_target(cfg, model_name, heads, methods, {"--max-new-tokens": max_new_tokens}, cfg.exit_layer,
+                         n_ctx=_llama_cells(cfg, len(texts)))
+    backbone, tokenizer, folder = loaded.backbone, loaded.tokenizer, loaded.folder
+    on_torch = loaded.backend == "torch"  # on llama.cpp our plain loop is the baseline (no transformers model)
     eos = eos_ids(backbone, tokenizer)
     encoded = [encode_prompt(tokenizer, t, chat) for t in texts]
     decoders, infos = {}, {}
     for m in ["plain"] + [m for m in methods if m != "plain"]:
-        decoders[m], infos[m] = build_decoder(backbone, tokenizer, mtp_model, folder, model_name, m, cfg)
+        decoders[m], infos[m] = loaded.decoder(m, cfg)
         if cfg.compare_adaptive and not cfg.adapt and m in ("blockwise", "tree", "hybrid"):  # sizes re-chosen online
-            dec, info = build_decoder(backbone, tokenizer, mtp_model, folder, model_name, m,
-                                      dataclasses.replace(cfg, adapt=True))
+            dec, info = loaded.decoder(m, dataclasses.replace(cfg, adapt=True))
             if info.adaptive:
                 decoders[f"{m}-adaptive"], infos[f"{m}-adaptive"] = dec, info
-    names = ["transformers"] + list(decoders)
+    baselines = ("transformers", "plain") if on_torch else ("plain",)
+    names = (["transformers"] if on_torch else []) + list(decoders)
     stats = {n: {"seconds": 0.0, "tokens": 0, "row_steps": 0, "hist": {}, "outputs": [], "batch_tps": [],
                  "verify_forwards": 0, "verify_tokens": 0}
              for n in names}
     batches = [encoded[i:i + batch_size] for i in range(0, len(encoded), batch_size)]
-    hf_generate(backbone, tokenizer, batches[0], 8, eos, sampling)  # warm-up: first-call costs out of the timings
+    if on_torch:  # warm-up: first-call costs out of the timings
+        hf_generate(backbone, tokenizer, batches[0], 8, eos, sampling)
     for dec in decoders.values():
         dec.generate(batches[0], 8, eos)
     for batch in tqdm(batches, desc="bench decode", unit="batch", disable=not progress, file=sys.stderr):
-        runs = {"transformers": hf_generate(backbone, tokenizer, batch, max_new_tokens, eos, sampling)}
+        runs = {"transformers": hf_generate(backbone, tokenizer, batch, max_new_tokens, eos, sampling)} if on_torch \
+            else {}
         for name, dec in decoders.items():
             runs[name] = dec.generate(batch, max_new_tokens, eos)
         for name, out in runs.items():
@@ -64,14 +66,13 @@ def bench_decode(cfg: BenchDecodeConfig, command: str = "") -> dict:
                 st["row_steps"] += row.steps
                 for a in row.accepted:
                     st["hist"][a] = st["hist"].get(a, 0) + 1
-    reference = stats["transformers"]["outputs"]
-    baseline_tps = max(stats[b]["tokens"] / stats[b]["seconds"] for b in ("transformers", "plain"))
+    reference = stats[baselines[0]]["outputs"]
+    baseline_tps = max(stats[b]["tokens"] / stats[b]["seconds"] for b in baselines)
     results = {}
     for name in names:
         st = stats[name]
         tps = st["tokens"] / st["seconds"]
-        per_batch = [a / max(b, c) for a, b, c in zip(st["batch_tps"], stats["transformers"]["batch_tps"],
-                                                       stats["plain"]["batch_tps"])]
+        per_batch = [a / max(bs) for a, *bs in zip(st["batch_tps"], *(stats[b]["batch_tps"] for b in baselines))]
         results[name] = {
             "tokens_per_s": tps, "new_tokens": st["tokens"], "seconds": st["seconds"],
             "tau": st["tokens"] / max(1, st["row_steps"]) if name != "transformers" else 1.0,
@@ -86,11 +87,21 @@ def bench_decode(cfg: BenchDecodeConfig, command: str = "") -> dict:
             **({"adaptive_sizes": sizes} if name in decoders and (sizes := adaptive_sizes(decoders[name])) else {}),
         }
     return {"model": model_name, "heads": str(folder) if folder else None, "prompts": prompts,
-            "n_prompts": len(texts), "batch_size": batch_size, "max_new_tokens": max_new_tokens, "dtype": dtype,
-            "temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p, "command": command, "baseline": "fastest of transformers generate and our plain loop",
-            "baseline_tokens_per_s": baseline_tps, "methods": results, "machine": machine_info(device),
-            "torch_threads": torch.get_num_threads(),
-            "identical_reference": "transformers generate (greedy)" if sampling.greedy else None}
+            "n_prompts": len(texts), "batch_size": batch_size, "max_new_tokens": max_new_tokens,
+            "dtype": dtype if on_torch else f"GGUF {cfg.target}", "backend": loaded.backend,
+            "temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p, "command": command,
+            "baselines": list(baselines),
+            "baseline": "fastest of transformers generate and our plain loop" if on_torch else
+            "our plain loop on llama.cpp", "baseline_tokens_per_s": baseline_tps, "methods": results,
+            "machine": machine_info(device), "torch_threads": torch.get_num_threads(),
+            **({} if on_torch else {"llama_threads": backbone.ctx.threads}),
+            "identical_reference": (("transformers generate" if on_torch else "our plain loop on llama.cpp")
+                                    + " (greedy)") if sampling.greedy else None}
+
+
+def _llama_cells(cfg: BenchDecodeConfig, n_prompts: int) -> int:
+    """llama.cpp's KV cells for a batch: every row's prompt (up to the model's context) and answer, and a tree."""
+    return min(1 << 17, min(cfg.batch_size, n_prompts) * (4096 + cfg.max_new_tokens + 64))
 
 
 def format_bench_decode(r: dict) -> str:
@@ -104,8 +115,10 @@ def format_bench_decode(r: dict) -> str:
         lines.append(f"| {name} | {m['tokens_per_s']:.1f} | {m['tau']:.2f} | "
                      f"{m['verify_tokens_per_forward']:.1f} | {m['speedup']:.2f}x | "
                      f"{m['median_batch_speedup']:.2f}x | {ident} |")
-    lines.append(f"\nspeedup: against the fastest plain baseline ({r['baseline_tokens_per_s']:.1f} tokens/s); "
-                 f"machine: {r['machine']['cpu']}, {r['torch_threads']} torch threads, device {r['machine']['device']}")
+    threads = (f"{r['llama_threads']} llama.cpp threads" if "llama_threads" in r else
+               f"{r['torch_threads']} torch threads, device {r['machine']['device']}")
+    lines.append(f"\nspeedup: against {r['baseline']} ({r['baseline_tokens_per_s']:.1f} tokens/s); "
+                 f"machine: {r['machine']['cpu']}, {threads}")
     return "\n".join(lines)
 
 
@@ -118,7 +131,8 @@ def plot_bench_decode(r: dict, path: str) -> None:
     names = list(r["methods"])
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
     speed = [r["methods"][n]["speedup"] for n in names]
-    bars = a.bar(names, speed, color=["#999"] * 2 + ["C0"] * (len(names) - 2))
+    n_base = len(r.get("baselines", ("transformers", "plain")))
+    bars = a.bar(names, speed, color=["#999"] * n_base + ["C0"] * (len(names) - n_base))
     for bar, n in zip(bars, names):
         a.annotate(f"tau {r['methods'][n]['tau']:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                    ha="center", va="bottom", fontsize=8)
@@ -126,7 +140,7 @@ def plot_bench_decode(r: dict, path: str) -> None:
     a.set_ylabel("speedup vs fastest plain baseline")
     a.set_title(f"{r['model']} {r['dtype']}, {r['prompts']} prompts, batch {r['batch_size']}")
     a.tick_params(axis="x", rotation=30)
-    for n in names[2:]:
+    for n in names[n_base:]:
         hist = {int(k): v for k, v in r["methods"][n]["acceptance_histogram"].items()}
         total = sum(hist.values()) or 1
         xs = sorted(hist)

@@ -116,12 +116,13 @@ def _median_rows(runs: list[list[dict]]) -> list[dict]:
 # ----------------------------------------------------------------------------- llama.cpp
 
 
-def _llama_configs(cfg, draft: Path) -> list[tuple[str, list[str]]]:
+def _llama_configs(cfg, draft: Path | None) -> list[tuple[str, list[str]]]:
     configs = [("plain", [])]
     for mode in cfg.ngram_modes:
         configs.append((mode, ["--spec-type", mode, "--spec-draft-n-max", str(cfg.draft_len)]))
-    configs.append(("eagle3", ["--spec-type", "draft-eagle3", "-md", str(draft / "eagle3-draft.gguf"),
-                               "--spec-draft-n-max", str(cfg.draft_len), "--spec-draft-p-min", str(cfg.p_min)]))
+    if draft is not None:
+        configs.append(("eagle3", ["--spec-type", "draft-eagle3", "-md", str(draft / "eagle3-draft.gguf"),
+                                   "--spec-draft-n-max", str(cfg.draft_len), "--spec-draft-p-min", str(cfg.p_min)]))
     return configs
 
 
@@ -208,12 +209,12 @@ def run_llamacpp(cfg, prompts: list[list[int]], workdir: Path, tokenizer=None) -
     from mtp.engines.targets import target_gguf
 
     server = llamacpp.require_server()
-    draft = _draft_folder(cfg, "gguf")
+    draft = _draft_folder(cfg, "gguf") if cfg.heads != "none" else None  # none: plain and n-gram rows only
     target = target_gguf(cfg.model, cfg.target)
     runs: dict[str, list[list[dict]]] = {}
     configs = _llama_configs(cfg, draft)
     chosen = None
-    if cfg.policy:
+    if cfg.policy and draft is not None:
         costs, cache = measure_costs(cfg, server, target, draft / "eagle3-draft.gguf", tokenizer, workdir)
         measured_draft, vocab = draft, None
         if cfg.draft_vocab is None:  # size the draft's vocabulary by measurement
@@ -245,7 +246,7 @@ def run_llamacpp(cfg, prompts: list[list[int]], workdir: Path, tokenizer=None) -
             runs.setdefault(name, []).append(rows)
     rows = {name: _median_rows(rs) for name, rs in runs.items()}
     results = [_summarize(name, rows[name], rows["plain"] if name != "plain" else None) for name, _ in configs]
-    info = {"target_gguf": str(target), "draft_gguf": str(draft / "eagle3-draft.gguf"),
+    info = {"target_gguf": str(target), "draft_gguf": str(draft / "eagle3-draft.gguf") if draft else None,
             "commands": {k: " ".join(v) for k, v in commands.items()},
             "plain_rows": [{"tokens": r["tokens"], "gen_seconds": r["gen_seconds"]} for r in rows["plain"]]}
     if chosen is not None:
@@ -311,7 +312,8 @@ def run_mtp(cfg, prompts: list[list[int]], engine_plain: list[dict] | None = Non
     backbone = tokenizer = heads = folder = None
     if needs_heads or not on_llama:
         backbone, tokenizer, heads, folder = load_for_decoding(
-            cfg.model, (cfg.mtp_heads or cfg.heads) if needs_heads else None, cfg.mtp_dtype, "cpu")
+            cfg.model, (cfg.mtp_heads or (cfg.heads if cfg.heads != "none" else "default")) if needs_heads else None,
+            cfg.mtp_dtype, "cpu")
     target = None
     if on_llama:
         target, tokenizer = load_llama_target(cfg.model, cfg.target, threads=cfg.threads)
@@ -360,7 +362,8 @@ def bench_engine(cfg, command: str = "") -> dict:
         from mtp.engines import vllm
 
         vllm.require()
-    resolve_heads(cfg.heads, cfg.model)
+    if cfg.heads != "none":
+        resolve_heads(cfg.heads, cfg.model)
     check_context(cfg.max_new_tokens, "--max-new-tokens", backbone_config(cfg.model))
     _, tokenizer = load_backbone(cfg.model)
     prompts = _prompt_ids(cfg, tokenizer)

@@ -20,6 +20,7 @@ import json
 import random
 import sys
 import time
+from pathlib import Path
 
 from mtp.config import HEAD_METHODS
 from mtp.errors import UserError
@@ -198,12 +199,12 @@ def _by_kind(bad: list[dict]) -> dict:
 def _references(cfg, method: str, prompts: list[str]) -> dict[str, str]:
     """What `mtp generate` prints for each prompt (same model, heads, method, dtype; alone, temperature 0)."""
     from mtp.config import DraftOptions
-    from mtp.decode.run import build_decoder, encode_prompt, eos_ids, load_for_decoding
+    from mtp.decode.run import encode_prompt, eos_ids, open_target
 
-    backbone, tokenizer, mtp_model, folder = load_for_decoding(cfg.model, cfg.heads if method in HEAD_METHODS
-                                                              else None, cfg.dtype, cfg.device)
-    opts = DraftOptions(seed=cfg.seed, device=cfg.device, dtype=cfg.dtype)
-    decoder, _ = build_decoder(backbone, tokenizer, mtp_model, folder, cfg.model, method, opts)
+    opts = DraftOptions(seed=cfg.seed, device=cfg.device, dtype=cfg.dtype, backend=cfg.backend, target=cfg.target)
+    loaded = open_target(opts, cfg.model, cfg.heads, [method], {})
+    backbone, tokenizer = loaded.backbone, loaded.tokenizer
+    decoder, _ = loaded.decoder(method, opts)
     eos = eos_ids(backbone, tokenizer)
     out = {}
     for p in prompts:
@@ -232,7 +233,7 @@ def bench_serve(cfg, command: str = "") -> dict:
         args = ["--model", cfg.model, "--dtype", cfg.dtype, "--device", cfg.device, "--method", method,
                 "--max-batch", str(cfg.max_batch), "--max-queue", str(cfg.max_queue), "--max-tokens",
                 str(server_max_tokens), "--max-body-bytes", str(body_limit), "--max-prompt-tokens",
-                str(prompt_limit), "--quiet"]
+                str(prompt_limit), "--backend", cfg.backend, "--target", cfg.target, "--quiet"]
         if method in HEAD_METHODS:
             args += ["--heads", cfg.heads]
         say(f"{method}: starting the server")
@@ -262,6 +263,9 @@ def bench_serve(cfg, command: str = "") -> dict:
             for c, run in runs.items():
                 run["vs_one_client"] = run["tokens_per_s"] / one["tokens_per_s"]
         result["methods"][method] = entry
+    if cfg.backend == "llama.cpp":
+        say("llama-server, plain, on the same GGUF and threads, the same clients (its own scaling, for reference)")
+        result["llama_server"] = _llama_server_scaling(cfg, prompts, server_max_tokens, prompt_limit)
     say("decoding each prompt alone, as `mtp generate` does, for the identity check")
     for method, entry in result["methods"].items():
         runs = {f"{c} client(s)": run.pop("answers") for c, run in entry["scaling"].items()}
@@ -274,6 +278,34 @@ def bench_serve(cfg, command: str = "") -> dict:
             entry["identical"][name] = {"answers": len(same), "identical": sum(same),
                                         "differing_prompts": sorted({p for (p, _), s in zip(answers, same) if not s})[:3]}
     return result
+
+
+def _llama_server_scaling(cfg, prompts: list[str], max_tokens: int, prompt_limit: int) -> dict:
+    """llama.cpp's own server with --max-batch slots (plain decoding, one unified KV cache of what those slots
+    need) under the same scaling runs: what the llama.cpp backend's scaling is measured against."""
+    import tempfile
+
+    from mtp.decode.llama import default_threads
+    from mtp.engines import llamacpp
+    from mtp.engines.targets import target_gguf
+
+    server = llamacpp.require_server()
+    port = llamacpp.free_port()
+    ctx = min(16384, cfg.max_batch * (prompt_limit + max_tokens + 64))
+    cmd = [str(server), "-m", str(target_gguf(cfg.model, cfg.target)), "--host", "127.0.0.1", "--port", str(port),
+           "-c", str(ctx), "-np", str(cfg.max_batch), "--kv-unified", "-t", str(default_threads()), "--no-webui"]
+    with tempfile.TemporaryDirectory() as tmp, llamacpp.Server(cmd, port, Path(tmp) / "llama-server.log") as srv:
+        url = srv.url
+        asyncio.run(_scaling(url, cfg.model, prompts, 2, 2, 8))  # warm-up
+        runs = {}
+        for c in cfg.concurrency:
+            runs[str(c)] = asyncio.run(_scaling(url, cfg.model, prompts, c, cfg.requests, cfg.max_tokens))
+            runs[str(c)].pop("answers")
+    one = runs.get("1")
+    for run in runs.values():
+        if one:
+            run["vs_one_client"] = run["tokens_per_s"] / one["tokens_per_s"]
+    return {"command": " ".join(cmd), "scaling": runs}
 
 
 async def _with_rss(server, series: list, work):
@@ -289,7 +321,8 @@ async def _with_rss(server, series: list, work):
 
 def format_bench_serve(r: dict) -> str:
     cfg, m = r["config"], r["machine"]
-    lines = [f"mtp serve under load: {cfg['model']} {cfg['dtype']}, {cfg['max_tokens']} new tokens per request, "
+    runs_on = f"GGUF {cfg['target']} on llama.cpp" if cfg.get("backend") == "llama.cpp" else cfg["dtype"]
+    lines = [f"mtp serve under load: {cfg['model']} {runs_on}, {cfg['max_tokens']} new tokens per request, "
              f"temperature 0, --max-batch {cfg['max_batch']}; {m['cpu']} ({m['cpu_threads']} threads)", "",
              "| method | clients | requests | tokens/s | vs 1 client | TTFT p50 / p95 (s) | per token p50 / p95 (ms) |",
              "|---|---:|---:|---:|---:|---|---|"]
@@ -299,6 +332,11 @@ def format_bench_serve(r: dict) -> str:
             lines.append(f"| {method} | {c} | {run['completed']}/{run['requests']} | {run['tokens_per_s']:.1f} | "
                          f"{run.get('vs_one_client', 1):.2f}x | {f(run['ttft_p50'])} / {f(run['ttft_p95'])} | "
                          f"{f(run['tpot_p50'], 1000, 1)} / {f(run['tpot_p95'], 1000, 1)} |")
+    if r.get("llama_server"):
+        for c, run in r["llama_server"]["scaling"].items():
+            lines.append(f"| llama-server plain (reference) | {c} | {run['completed']}/{run['requests']} | "
+                         f"{run['tokens_per_s']:.1f} | {run.get('vs_one_client', 1):.2f}x | {f(run['ttft_p50'])} / "
+                         f"{f(run['ttft_p95'])} | {f(run['tpot_p50'], 1000, 1)} / {f(run['tpot_p95'], 1000, 1)} |")
     methods = list(r["methods"])
     if "plain" in r["methods"]:
         for method in methods:

@@ -26,7 +26,7 @@ import torch
 from mtp.decode.engine import SpeculativeDecoder
 from mtp.decode.tree import Draft
 from mtp.engines.llamacpp_lib import LlamaContext, RowCache
-from mtp.errors import UserError
+from mtp.errors import NoRoomYet, UserError
 
 N_SEQ = 64  # sequences in one context: rows x paths of their trees
 
@@ -81,14 +81,23 @@ class LlamaCppDecoder(SpeculativeDecoder):
             target.rows.keep_rows([])
 
     def _check_room(self, requests, total: int, capacity: int) -> None:
+        """Every row reserves its prompt, its new tokens and a tree's cells; the cells of dropped tree nodes count
+        too (see :class:`~mtp.engines.llamacpp_lib.RowCache`). Rows that would fit an empty context but not beside
+        the running ones raise :class:`NoRoomYet` (a server queues them)."""
         rows = self.target.rows
-        running = sum(len(r.prompt) + r.max_new_tokens for r in self.requests)
-        need = running + sum(len(r.prompt) + r.max_new_tokens for r in requests) + 64 * total + rows.dropped
-        if need > self.target.ctx.n_ctx:
-            raise UserError(f"{total} row(s) need {need} KV cells, llama.cpp's context holds "
-                            f"{self.target.ctx.n_ctx}: decode fewer prompts at once or fewer new tokens")
+        cells = [len(r.prompt) + r.max_new_tokens + 64 for r in requests]
+        own = sum(cells)
+        running = sum(len(r.prompt) + r.max_new_tokens + 64 for r in self.requests)  # held until the row leaves
+        n_ctx = self.target.ctx.n_ctx
+        if max(cells) > n_ctx:
+            big = requests[cells.index(max(cells))]
+            raise UserError(f"a prompt of {len(big.prompt)} tokens + {big.max_new_tokens} new tokens needs "
+                            f"{max(cells)} KV cells, llama.cpp's context holds {n_ctx}: ask for fewer new tokens")
         if total > rows.ctx.n_seq // 2:
             raise UserError(f"at most {rows.ctx.n_seq // 2} rows on --backend llama.cpp, got {total}")
+        if own + running + rows.dropped > n_ctx:
+            raise NoRoomYet(f"{len(requests)} new row(s) need {own} KV cells; the {len(self.requests)} running ones "
+                            f"hold {running + rows.dropped} of llama.cpp's {n_ctx}: decode fewer prompts at once")
 
     @contextlib.contextmanager
     def session(self):

@@ -283,23 +283,54 @@ def build_llama_decoder(target, tokenizer, method: str, opts: DraftOptions, mtp_
                            acceptance=opts.acceptance, seed=opts.seed, draft_vocab=shortlist), sizing
 
 
+class Loaded:
+    """What a decoding command loaded: the target (a PyTorch model, or a GGUF in llama.cpp on ``--backend
+    llama.cpp``), its tokenizer, the heads (a PyTorch module either way) and their folder; ``decoder(method,
+    opts)`` builds a decoder on it for either backend."""
+
+    def __init__(self, backend: str, model_name: str, backbone, tokenizer, mtp_model=None, folder: Path | None = None):
+        self.backend, self.model_name, self.backbone, self.tokenizer = backend, model_name, backbone, tokenizer
+        self.mtp_model, self.folder = mtp_model, folder
+
+    def decoder(self, method: str, opts: DraftOptions, calibrate: bool = True) -> tuple[SpeculativeDecoder, Sizing]:
+        if self.backend == "llama.cpp":
+            return build_llama_decoder(self.backbone, self.tokenizer, method, opts, self.mtp_model, self.folder,
+                                       calibrate)
+        return build_decoder(self.backbone, self.tokenizer, self.mtp_model, self.folder, self.model_name, method,
+                             opts, calibrate)
+
+
+def open_target(opts: DraftOptions, model_name: str, heads: str | None, methods, needs: dict[str, int],
+                exit_layer: int | None = None, before_load=None, n_ctx: int | None = None) -> Loaded:
+    """Load what ``methods`` decode with on ``opts.backend``: heads only where a head method is among them. On
+    llama.cpp the heads sit on the PyTorch model whose embeddings and unembedding they use, and ``n_ctx`` is
+    llama.cpp's KV cells, shared by every row of a batch (default: the model's context, at most 8192)."""
+    need_heads = any(m in HEAD_METHODS for m in methods)
+    if opts.backend != "llama.cpp":
+        backbone, tokenizer, mtp_model, folder = load_for_decoding(model_name, heads if need_heads else None,
+                                                                  opts.dtype, opts.device, needs, exit_layer,
+                                                                  before_load)
+        return Loaded("torch", model_name, backbone, tokenizer, mtp_model, folder)
+    if "early-exit" in methods:
+        raise UserError("early-exit drafts with the first layers of a PyTorch model: it needs --backend torch")
+    if opts.device != "cpu":
+        raise UserError(f"--backend llama.cpp runs on the CPU: drop --device {opts.device}")
+    mtp_model = folder = None
+    if need_heads:
+        _, _, mtp_model, folder = load_for_decoding(model_name, heads, opts.dtype, "cpu", needs,
+                                                    before_load=before_load)
+    elif before_load is not None:
+        before_load()
+    backbone, tokenizer = load_llama_target(model_name, opts.target, needs, n_ctx)
+    return Loaded("llama.cpp", model_name, backbone, tokenizer, mtp_model, folder)
+
+
 def generate_command(cfg: GenerateConfig, command: str = "") -> dict:
     """Stream the model's answer; the result holds tokens/s, tokens per step and the speedup over plain decoding."""
     heads, method = choose_method(cfg.model, cfg.heads, cfg.method)
-    if cfg.backend == "llama.cpp":
-        if method == "early-exit":
-            raise UserError("early-exit drafts with the first layers of a PyTorch model: it needs --backend torch")
-        mtp_model = folder = None
-        if method in HEAD_METHODS:  # the heads, on the PyTorch model whose embeddings and unembedding they use
-            _, _, mtp_model, folder = load_for_decoding(cfg.model, heads, cfg.dtype, cfg.device,
-                                                        {"--max-new-tokens": cfg.max_new_tokens})
-        backbone, tokenizer = load_llama_target(cfg.model, cfg.target, {"--max-new-tokens": cfg.max_new_tokens})
-        decoder, sizing = build_llama_decoder(backbone, tokenizer, method, cfg, mtp_model, folder)
-    else:
-        backbone, tokenizer, mtp_model, folder = load_for_decoding(
-            cfg.model, heads if method in HEAD_METHODS else None, cfg.dtype, cfg.device,
-            {"--max-new-tokens": cfg.max_new_tokens}, cfg.exit_layer)
-        decoder, sizing = build_decoder(backbone, tokenizer, mtp_model, folder, cfg.model, method, cfg)
+    loaded = open_target(cfg, cfg.model, heads, [method], {"--max-new-tokens": cfg.max_new_tokens}, cfg.exit_layer)
+    backbone, tokenizer = loaded.backbone, loaded.tokenizer
+    decoder, sizing = loaded.decoder(method, cfg)
     ids, eos = encode_prompt(tokenizer, cfg.prompt, cfg.chat), eos_ids(backbone, tokenizer)
     decoder.generate([ids], 4, eos)  # warm-up, so the figures below are not first-call costs
     out = decoder.generate([ids], cfg.max_new_tokens, eos, stop_strings=cfg.stop, callback=Streamer(tokenizer))
@@ -312,8 +343,7 @@ def generate_command(cfg: GenerateConfig, command: str = "") -> dict:
               "dtype": cfg.dtype if cfg.backend == "torch" else f"GGUF {cfg.target}",
               "greedy": cfg.temperature == 0, "command": command}
     if cfg.compare and method != "plain":
-        plain, _ = build_llama_decoder(backbone, tokenizer, "plain", cfg) if cfg.backend == "llama.cpp" else \
-            build_decoder(backbone, tokenizer, None, None, cfg.model, "plain", cfg)
+        plain, _ = loaded.decoder("plain", cfg)
         ref = plain.generate([ids], cfg.max_new_tokens, eos, stop_strings=cfg.stop)
         result.update(plain_tokens_per_s=len(ref.rows[0].tokens) / ref.seconds,
                       identical=ref.rows[0].tokens == row.tokens)

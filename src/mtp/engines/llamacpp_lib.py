@@ -295,16 +295,22 @@ class RowCache:
     tokens; a verify step adds one spare sequence per extra path of the row's tree, and the commit keeps the
     accepted path in the base sequence and drops the rest (bitset edits, no copies).
 
-    Dropped tree nodes are not freed: they move to a sequence of their own (the last id, never decoded), so the
-    cells stay taken until no row is left. A freed cell is reused by the next token llama.cpp stores, and
-    a token stored in a cell that lies before the cells of earlier positions of its sequence (a rejected
-    sibling's, below an accepted node's) computes wrong attention in this llama.cpp's CPU kernels: measured on
-    smollm2-135m Q4_1, logits off by 0.5-0.7 after such a commit, while a chain (whose rejected cells are the
-    last ones) is exact: a lone row's chain frees its rejected tail as before. tests/test_llamacpp_backend.py holds
-    the case. The dropped cells cost only their masked entries in attention; ``n_ctx`` must hold them
-    (``dropped``). They also make the cache longer sooner, and from 512 cells on llama.cpp's CPU attention takes
-    another path for one query token than for several (KV split across threads: other rounding), so a greedy
-    near-tie can then go the other way than in one-token plain decoding."""
+    Dropped tree nodes are not freed at once: they move to a sequence of their own (the last id, never decoded),
+    so the cells stay taken. A freed cell is reused by the next token llama.cpp stores, and a token stored in a cell
+    that lies before the cells of earlier positions of its sequence (a rejected sibling's, below an accepted node's)
+    is attended in another order: llama.cpp's CPU flash attention accumulates V in float16 over cells in cell
+    order, so the logits round differently (smollm2-135m Q4_1: off by up to 0.67 after such a commit; the mask is
+    right, and with flash attention off the result does not depend on the order, but then a k-token batch rounds
+    differently from one-token decodes even at short contexts, which breaks identity with plain decoding where
+    flash attention keeps it). A chain (whose rejected cells are the last ones) refills them in order: a lone
+    row's chain frees its rejected tail at once. tests/test_llamacpp_backend.py holds the case.
+
+    The dropped cells cost only their masked entries in attention; ``n_ctx`` must hold them (``dropped``). They are
+    freed when no row is left, or, with ``max_dropped`` (a server, whose batch may never empty), once they pass
+    it: from then on rows round as described above (still the model's computation, in another order). They also
+    make the cache longer sooner, and from 512 cells on llama.cpp's CPU attention takes another path for one
+    query token than for several (KV split across threads: other rounding), so a greedy near-tie can then go the
+    other way than in one-token plain decoding."""
 
     def __init__(self, ctx: LlamaContext):
         self.ctx = ctx
@@ -314,6 +320,8 @@ class RowCache:
         self._free = list(range(ctx.n_seq - 2, -1, -1))  # a stack, lowest id on top
         self._step = None  # the last verify's layouts and spare sequences, until its commit
         self.dropped = 0  # cells held by dropped tree nodes
+        self.max_dropped: int | None = None  # free them once they pass this many (None: only when no row is left)
+        self.compactions = 0
 
     @property
     def rows(self) -> int:
@@ -412,6 +420,13 @@ class RowCache:
                 self.ctx.seq_rm(t)
                 self._free.append(t)
             self.past[r] = p0 + len(path)
+        self._compact()
+
+    def _compact(self) -> None:
+        if self.max_dropped is not None and self.dropped > self.max_dropped:
+            self.ctx.seq_rm(self.trash)
+            self.dropped = 0
+            self.compactions += 1
 
     def keep_rows(self, keep: list[int]) -> None:
         """Only these rows go on, in this order; the others' cells are freed."""
@@ -427,3 +442,5 @@ class RowCache:
         if not self.base:  # nothing left that a freed cell could come before: the dropped cells go too
             self.ctx.clear()
             self.dropped = 0
+        else:
+            self._compact()

@@ -26,7 +26,8 @@ def packaged_gguf(model: str) -> Path:
     path = Path(model).expanduser()
     if path.suffix.lower() == ".gguf":
         return path
-    raise UserError(f"{model} is a model folder, not a GGUF file: llama.cpp runs --target-gguf f16 made from it")
+    raise UserError(f"{model} is a model folder, not a GGUF file: pass --target f16 (or bf16, f32, q8_0, q4_0) "
+                    "to run a conversion of it, or --model FILE.gguf")
 
 
 def target_gguf(model: str, kind: str = "packaged") -> Path:
@@ -41,8 +42,17 @@ def target_gguf(model: str, kind: str = "packaged") -> Path:
         raise UserError(f"unknown target GGUF {kind!r}: use one of {', '.join(GGUF_KINDS)}")
     if kind == "packaged":
         return packaged_gguf(model)
+    from mtp.backbones import BUILTIN_MODELS
+
     folder = local_model_folder(model)
-    out = cache_dir("engines", "targets", f"{folder.name}-{kind}")
+    name = folder.name
+    if model not in BUILTIN_MODELS:  # a user's folder: its place and weights name the conversion, not its name alone
+        import hashlib
+
+        stamp = [str(folder.resolve())] + [f"{p.name}:{p.stat().st_size}:{int(p.stat().st_mtime)}"
+                                           for p in sorted(folder.glob("*.safetensors"))]
+        name += "-" + hashlib.sha1("|".join(stamp).encode()).hexdigest()[:10]
+    out = cache_dir("engines", "targets", f"{name}-{kind}")
     if not (out / "model.gguf").is_file():
         if kind in QUANTIZED_KINDS:
             from mtp.engines.llamacpp import quantize

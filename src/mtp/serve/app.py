@@ -30,7 +30,7 @@ from starlette.routing import Route
 from mtp.config import HEAD_METHODS
 from mtp.decode.accept import Sampling
 from mtp.decode.engine import Request
-from mtp.decode.run import build_decoder, choose_method, eos_ids, load_for_decoding
+from mtp.decode.run import choose_method, eos_ids, open_target
 from mtp.errors import UserError
 from mtp.io import parse_json
 from mtp.serve.protocol import (ApiError, Limits, Params, TextStream, bad, chunk, final_text, new_id, parse,
@@ -326,11 +326,16 @@ def serve(cfg, command: str = "") -> None:
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         say(f"warning: listening on {cfg.host} without --api-key: anyone who can reach it can use it")
     with_heads = f", heads {heads}" if heads and method in HEAD_METHODS else ""
-    loading = f"loading {cfg.model} ({cfg.dtype}, {method}{with_heads})"
-    backbone, tokenizer, mtp_model, folder = load_for_decoding(cfg.model, heads if method in HEAD_METHODS else None,
-                                                              cfg.dtype, cfg.device, {"--max-tokens": cfg.max_tokens},
-                                                              cfg.exit_layer, before_load=lambda: say(loading))
-    decoder, _ = build_decoder(backbone, copy.deepcopy(tokenizer), mtp_model, folder, cfg.model, method, cfg)
+    runs_on = f"GGUF {cfg.target} on llama.cpp" if cfg.backend == "llama.cpp" else cfg.dtype
+    loading = f"loading {cfg.model} ({runs_on}, {method}{with_heads})"
+    n_ctx = cfg.ctx_size or min(16384, cfg.max_batch * (cfg.max_prompt_tokens + cfg.max_tokens + 64))
+    loaded = open_target(cfg, cfg.model, heads, [method], {"--max-tokens": cfg.max_tokens}, cfg.exit_layer,
+                         before_load=lambda: say(loading), n_ctx=n_ctx)
+    backbone, tokenizer = loaded.backbone, loaded.tokenizer
+    loaded.tokenizer = copy.deepcopy(tokenizer)  # the decoder's own: the event loop encodes with the other
+    decoder, _ = loaded.decoder(method, cfg)
+    if cfg.backend == "llama.cpp":  # a server's batch may never empty: dropped tree cells are freed as they pile up
+        backbone.rows.max_dropped = backbone.ctx.n_ctx // 8
     eos = eos_ids(backbone, tokenizer)
     decoder.prepare(cfg.max_batch)  # drafts sized for every batch size the server will run (curves measured once)
     decoder.generate([tokenizer("Hello", add_special_tokens=False)["input_ids"] or [0]], 4, eos)  # warm-up

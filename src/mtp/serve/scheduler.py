@@ -20,7 +20,7 @@ import traceback
 from dataclasses import dataclass, field
 
 from mtp.decode.engine import SpeculativeDecoder, Request
-from mtp.errors import UserError
+from mtp.errors import NoRoomYet, UserError
 from mtp.serve.protocol import ApiError
 
 
@@ -58,6 +58,7 @@ class Scheduler:
         self.stopped = False
         self.thread = threading.Thread(target=self._run, name="mtp-decoder", daemon=True)
         self._window: collections.deque[tuple[float, int, int]] = collections.deque()  # (time, tokens, rows) per step
+        self._full = False  # the engine had no room for the queue's head: admit nothing until a row leaves
 
     # ------------------------------------------------------------------ the HTTP side
 
@@ -146,7 +147,7 @@ class Scheduler:
             elif now >= job.deadline:
                 self._fail(job, ApiError(503, f"timed out after {job.timeout:g} s waiting for a free row "
                                               f"(--timeout)", code="timeout", type="server_error"))
-            elif len(self.running) + len(admit) < self.max_batch:
+            elif len(self.running) + len(admit) < self.max_batch and not (self._full and self.running):
                 admit.append(job)
             else:
                 keep.append(job)
@@ -159,8 +160,23 @@ class Scheduler:
         self.running.extend(jobs)
         try:
             self.decoder.add([j.request for j in jobs], self._on_tokens)
+            self._full = False
         except Exception as e:  # noqa: BLE001 - these requests fail; the running batch goes on
             del self.running[first:]
+            if isinstance(e, NoRoomYet) and first:  # they fit once rows leave (an engine with a fixed KV budget)
+                with self.cond:
+                    self.waiting.extendleft(reversed(jobs))
+                self._full = True
+                return
+            if len(jobs) > 1:  # one request's failure is its own: one at a time, in order, as many as fit
+                for k, job in enumerate(jobs):
+                    self._admit([job])
+                    if self._full:  # this one went back to the queue: so do the ones behind it
+                        with self.cond:
+                            self.waiting.popleft()
+                            self.waiting.extendleft(reversed(jobs[k:]))
+                        return
+                return
             error = ApiError(400, str(e)) if isinstance(e, UserError) else \
                 ApiError(503, f"could not start decoding: {type(e).__name__}: {e}", code="engine_error",
                          type="server_error")
@@ -226,6 +242,7 @@ class Scheduler:
                                          type="server_error"))
                 gone.append(row)
         if gone:
+            self._full = False
             self.decoder.drop(gone)
             self.running = [j for i, j in enumerate(self.running) if i not in set(gone)]
         self._gauges()
@@ -235,6 +252,7 @@ class Scheduler:
             if not job.cancelled:
                 self._fail(job, error)
         self.running = []
+        self._full = False
         self.decoder.reset()
         if waiting:
             with self.cond:
