@@ -60,7 +60,7 @@ def test_rows_that_join_and_leave_decode_what_they_decode_alone(kind):
         assert sorted(done) == [1, 2, 3, 4, 5], name
         for i, tokens in done.items():
             assert tokens == refs[i], (kind, name, i)
-        assert dec.slots is None  # nothing is left once every row has left
+        assert dec.state.slots is None  # nothing is left once every row has left
 
 
 def test_sliding_window_model_and_compaction():

@@ -143,10 +143,10 @@ def test_cache_after_commit_equals_recomputed_cache():
         fresh = new_cache()
         with torch.no_grad():
             forward_with_cache(model, fresh, torch.tensor([committed]), use_cache=True)
-        slots = dec.slots.valid[i, :dec.slots.end].nonzero()[:, 0]
+        slots = dec.state.slots.valid[i, :dec.state.slots.end].nonzero()[:, 0]
         assert len(slots) == len(committed)
-        assert dec.slots.pos[i, slots].tolist() == list(range(len(committed)))
-        for mine, ref in zip(dec.cache.layers, fresh.layers):
+        assert dec.state.slots.pos[i, slots].tolist() == list(range(len(committed)))
+        for mine, ref in zip(dec.state.cache.layers, fresh.layers):
             assert torch.allclose(mine.keys[i][:, slots], ref.keys[0], atol=1e-10)
             assert torch.allclose(mine.values[i][:, slots], ref.values[0], atol=1e-10)
 
@@ -738,7 +738,7 @@ def test_only_the_heads_a_draft_reads_run():
         out = dec.generate(PROMPTS, max_new_tokens=20, eos_token_ids=[])
         assert [r.tokens for r in out.rows] == refs
         if runs:
-            assert dec.head_logits.shape[1] == runs and len(dec.head_caches) == runs
+            assert dec.head_logits.shape[1] == runs and len(dec.state.head_caches) == runs
 
 
 def test_sequential_tree_draft_reads_each_nodes_path():

@@ -244,7 +244,7 @@ def test_heads_draft_on_llamacpps_states_and_the_output_is_its_plain_greedy(tiny
             decoder.reset()
             from mtp.decode.engine import Request
             decoder.add([Request(list(PREFIX), 4)])
-            got = decoder.seq_states[0][0] if decoder.seq_states is not None else None
+            got = decoder.state.seq_states[0][0] if decoder.state.seq_states is not None else None
         from mtp.model.trunk import capture_hidden
         with torch.no_grad(), capture_hidden(backbone, mtp_model.tapped) as taps:
             backbone(torch.tensor([PREFIX]))

@@ -144,7 +144,7 @@ def test_a_cancelled_job_leaves_and_the_others_go_on():
             if sched.idle:
                 break
             await asyncio.sleep(0.02)
-        assert sched.idle and sched.decoder.slots is None
+        assert sched.idle and sched.decoder.state.slots is None
 
     try:
         run(main())

@@ -33,6 +33,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from mtp.decode.batch import Batch
 from mtp.decode.accept import Accepted, Sampling, accept_greedy, accept_sample, accept_typical, greedy_tokens
 from mtp.decode.eagle import EagleDraftState
 from mtp.decode.methods import LONG_PROMPT, context_bucket
@@ -130,11 +131,11 @@ class SpeculativeDecoder:
     def _forward(self, ids, q_pos, allowed_new, logits_to_keep=0):
         """Backbone forward of (B, Q) new tokens against the cache, written at the next free slots (the
         caller keeps or drops them). Returns logits and, with heads, the tapped states of the new tokens."""
-        allowed, k_pos = self.slots.begin(q_pos, allowed_new)
+        allowed, k_pos = self.state.slots.begin(q_pos, allowed_new)
         mask = None if allowed is None else attention_masks(self.backbone.config, allowed, q_pos, k_pos,
                                                             self._mask_dtype)
         self._taps.clear()
-        out = forward_with_cache(self.backbone, self.cache, input_ids=ids, position_ids=q_pos, attention_mask=mask,
+        out = forward_with_cache(self.backbone, self.state.cache, input_ids=ids, position_ids=q_pos, attention_mask=mask,
                                  use_cache=True, logits_to_keep=logits_to_keep)
         states = [self._taps[i] for i in self.mtp.tapped] if self.n_run else None
         self.forwards += 1
@@ -143,7 +144,7 @@ class SpeculativeDecoder:
     def _heads_step(self, states, keep_idx, keep_valid, q_pos, next_tokens=None):
         """Heads on the committed new positions (B, m): head_logits (B, n_heads, V) at the last one.
         ``next_tokens`` (B, m): the committed tokens (eagle3 reads each position with the token after it;
-        ``self.root_next`` follows the last)."""
+        ``self.state.root_next`` follows the last)."""
         b, m = keep_idx.shape
         sel = [s.gather(1, keep_idx[..., None].expand(-1, -1, s.shape[-1])) for s in states]  # (B, m, H)
         pos = q_pos.gather(1, keep_idx)
@@ -151,11 +152,11 @@ class SpeculativeDecoder:
         rows = torch.arange(b, device=self.device)
         if self.eagle:  # the drafter reads position p's state with the token after it (the next root last)
             tokens = torch.cat([next_tokens[:, 1:], next_tokens[:, :1]], 1)
-            tokens[rows, last] = self.root_next
-            self.eagle_state.commit(sel, tokens, q_pos.gather(1, keep_idx), keep_valid)
+            tokens[rows, last] = self.state.root_next
+            self.state.eagle_state.commit(sel, tokens, q_pos.gather(1, keep_idx), keep_valid)
             return
         if self.mtp.sequential:  # drafted depth by depth by the proposer (head_top), from this state
-            self.seq_states = [s[rows, last] for s in sel]  # (B, H) per tap
+            self.state.seq_states = [s[rows, last] for s in sel]  # (B, H) per tap
             return
         outs = []
         for k, head in enumerate(self.mtp.heads[: self.n_run]):
@@ -164,17 +165,17 @@ class SpeculativeDecoder:
                     allowed_new = torch.ones(m, m, dtype=torch.bool, device=self.device).tril()[None] & \
                         keep_valid[:, None, :]
                     allowed_new |= torch.eye(m, dtype=torch.bool, device=self.device)[None]
-                    allowed, k_pos = self.head_slots.begin(pos, allowed_new)
-                h = head(sel, pos, self.head_caches[k], attn=(allowed, pos, k_pos))
+                    allowed, k_pos = self.state.head_slots.begin(pos, allowed_new)
+                h = head(sel, pos, self.state.head_caches[k], attn=(allowed, pos, k_pos))
             else:
                 h = head([s[rows, last][:, None] for s in sel], pos[rows, last][:, None])
                 outs.append(h[:, 0])
                 continue
             outs.append(h[rows, last])
         if self.transformer_heads:
-            self.head_slots.keep_all(keep_valid)
+            self.state.head_slots.keep_all(keep_valid)
         hidden = torch.stack(outs, 1)  # (B, n_heads, H)
-        self.head_logits = self._head_logits(hidden)
+        self.state.head_logits = self._head_logits(hidden)
 
     # ------------------------------------------------------------------ state for proposers
 
@@ -187,13 +188,13 @@ class SpeculativeDecoder:
         its target (B, M, k): the step's root token, then the node's path. ``full=False``: over the draft
         shortlist only, (B, M, |shortlist|), when there is one."""
         if self.eagle:
-            small = self.eagle_state.draft_logits(prev_ids)  # (B, M, Vd)
+            small = self.state.eagle_state.draft_logits(prev_ids)  # (B, M, Vd)
             if not full:
                 return small
             out = small.new_full((*small.shape[:-1], self._vocab), float("-inf"))
             return out.index_copy_(-1, self.draft_vocab, small)
         m = prev_ids.shape[1]
-        states = [s[:, None].expand(-1, m, -1) for s in self.seq_states]
+        states = [s[:, None].expand(-1, m, -1) for s in self.state.seq_states]
         return self._head_logits(self.mtp.head_hidden(k, states, prev_ids=prev_ids), full)
 
     def _head_logits(self, hidden: torch.Tensor, full: bool = True) -> torch.Tensor:
@@ -221,19 +222,45 @@ class SpeculativeDecoder:
         """Log-probabilities (B, M, V) of sequential head k (see ``_sequential_logits``)."""
         return self._sequential_logits(k, prev_ids).float().log_softmax(-1)
 
+    # the running batch as proposers and servers read it (one object holds it: ``self.state``, a Batch)
+
     @property
     def batch(self) -> int:
-        return len(self.prompts)
+        return len(self.state)
+
+    @property
+    def root(self) -> torch.Tensor:
+        return self.state.root
+
+    @property
+    def head_logits(self) -> torch.Tensor | None:
+        return self.state.head_logits
+
+    @property
+    def requests(self) -> list["Request"]:
+        return self.state.requests
+
+    @property
+    def prompts(self) -> list[list[int]]:
+        return self.state.prompts
+
+    @property
+    def results(self) -> list[RowResult]:
+        return self.state.results
+
+    @property
+    def done(self) -> list[bool]:
+        return self.state.done
 
     def sequences(self) -> list[list[int]]:
         """Each row's tokens so far, prompt + emitted (the root last)."""
-        return [p + r.tokens for p, r in zip(self.prompts, self.results)]
+        return [p + r.tokens for p, r in zip(self.state.prompts, self.state.results)]
 
     def shallow_chain(self, layers: int, length: int) -> torch.Tensor:
         """Greedy chain of ``length`` tokens after the root from the first ``layers`` layers; the cache is
         restored afterwards (only those layers' entries grew)."""
-        s = self.slots.end
-        tok, p = self.root, self.next_pos
+        s = self.state.slots.end
+        tok, p = self.state.root, self.state.next_pos
         out = []
         n_run, self.n_run = self.n_run, 0
         eye = torch.ones(self.batch, 1, 1, dtype=torch.bool, device=self.device)
@@ -241,13 +268,13 @@ class SpeculativeDecoder:
             with first_layers(self.backbone, layers):
                 for i in range(length):
                     logits, _ = self._forward(tok[:, None], p[:, None], eye)
-                    self.slots.keep_all(eye[:, 0])
+                    self.state.slots.keep_all(eye[:, 0])
                     tok = greedy_tokens(logits[:, -1])
                     out.append(tok)
                     p = p + 1
         finally:
             self.n_run = n_run
-            self.slots.truncate(s)
+            self.state.slots.truncate(s)
         return torch.stack(out, 1)
 
     # ------------------------------------------------------------------ the loop
@@ -274,7 +301,7 @@ class SpeculativeDecoder:
         return accept_sample(logits, draft, sampling, generator)
 
     def _accept(self, logits, draft: Draft):
-        groups = self._groups(self.requests)
+        groups = self._groups(self.state.requests)
         if groups[0][0] is None:
             return self._accept_with(logits, draft, groups[0][1], groups[0][2])
         parts = [(rows, self._accept_with(logits[rows], draft.rows(rows), sampling, gen))
@@ -300,7 +327,7 @@ class SpeculativeDecoder:
 
     def _emit(self, row: int, tokens: list[int]) -> list[int]:
         """Append tokens to a row until a stop condition; returns what was appended."""
-        res, req = self.results[row], self.requests[row]
+        res, req = self.state.results[row], self.state.requests[row]
         added = []
         for t in tokens:
             res.tokens.append(t)
@@ -315,7 +342,7 @@ class SpeculativeDecoder:
                 res.finish = "stop"
                 break
         if res.finish in ("eos", "stop") or len(res.tokens) >= req.max_new_tokens:
-            self.done[row] = True
+            self.state.done[row] = True
         return added
 
     def _hits_stop(self, tokens: list[int], req: "Request") -> bool:
@@ -339,28 +366,19 @@ class SpeculativeDecoder:
         self.forwards = self.verify_tokens = self.verify_forwards = 0
         with self.session():
             self.add(requests, callback)
-            while not all(self.done):
+            while not all(self.state.done):
                 self.step(callback)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         # the slots and caches stay until the next call: they show what was committed
-        return GenerateOutput(self.results, time.perf_counter() - start, self.forwards, self.verify_tokens,
+        return GenerateOutput(self.state.results, time.perf_counter() - start, self.forwards, self.verify_tokens,
                               self.verify_forwards)
 
     # ------------------------------------------------------------------ a running batch (continuous batching)
 
-    # per-row state besides the slot layouts: tensors with the batch first (lists of them for seq_states)
-    _ROW_TENSORS = ("root", "next_pos", "head_logits", "root_next")
-    _STATE = (*_ROW_TENSORS, "slots", "cache", "seq_states", "eagle_state", "head_slots", "head_caches")
-
     def reset(self) -> None:
         """Forget the running batch (rows, slots, caches)."""
-        self.requests: list[Request] = []
-        self.prompts: list[list[int]] = []
-        self.results: list[RowResult] = []
-        self.done: list[bool] = []
-        for name in self._STATE:
-            setattr(self, name, None)
+        self.state = Batch()
 
     @contextlib.contextmanager
     def session(self):
@@ -376,9 +394,9 @@ class SpeculativeDecoder:
 
     def _size_for_batch(self) -> None:
         """Drafts sized for the running batch and its longest context (methods.cached_batch_cost, context_cost)."""
-        if self._resize is None or not self.requests:
+        if self._resize is None or not self.state.requests:
             return
-        key = (len(self.requests), context_bucket(max(len(r.prompt) + r.max_new_tokens // 2 for r in self.requests)))
+        key = (len(self.state.requests), context_bucket(max(len(r.prompt) + r.max_new_tokens // 2 for r in self.state.requests)))
         if key not in self._sized:
             self._sized[key] = self._resize(*key)
         self.proposer = self._sized[key]
@@ -415,28 +433,27 @@ class SpeculativeDecoder:
             raise RuntimeError("SpeculativeDecoder.add / step / drop run inside `with decoder.session():`")
         for r in requests:
             self.check(r)
-        b_old, b = len(self.requests), len(requests)
+        b_old, b = len(self.state.requests), len(requests)
         longest = max(len(r.prompt) for r in requests)
         capacity = longest + max(r.max_new_tokens for r in requests) + 64
         total = b_old + b
         self._check_room(requests, total, capacity)
-        old = self._take_state() if b_old else None
+        old = self.state
+        self.state = Batch(list(requests), [list(r.prompt) for r in requests], [RowResult() for _ in requests],
+                           [False] * b)  # the new rows, prefilled on their own
         try:
             self._prefill(requests, longest, capacity)
         except BaseException:
-            for name, value in (old or {}).items():  # the running rows go on as they were
-                setattr(self, name, value)
+            self.state = old  # the running rows go on as they were
             raise
-        if old is not None:
-            self._join(old)
-        self.requests += requests
-        self.prompts += [list(r.prompt) for r in requests]
-        self.results += [RowResult() for _ in requests]
-        self.done += [False] * b
+        if b_old:  # the running rows, then the new ones
+            new, self.state = self.state, old
+            self._join_cache(new)
+            self.state.extend(new)
         self._size_for_batch()
         rows = list(range(b_old, total))
-        for i, root in zip(rows, self.root[b_old:].tolist()):
-            self.results[i].steps = 1
+        for i, root in zip(rows, self.state.root[b_old:].tolist()):
+            self.state.results[i].steps = 1
             added = self._emit(i, [root])
             if callback:
                 callback(i, added)
@@ -446,7 +463,7 @@ class SpeculativeDecoder:
 
     def _check_room(self, requests: list["Request"], total: int, capacity: int) -> None:
         """Refuse, in one line, rows whose KV cache would not fit in the device's free memory."""
-        slots = max(capacity, self.slots.capacity if self.slots is not None else 0)
+        slots = max(capacity, self.state.slots.capacity if self.state.slots is not None else 0)
         need, free = kv_bytes(self.backbone.config, self.backbone.dtype, total, slots), free_memory(self.device)
         if free is not None and need > 0.8 * free:
             longest = max(len(r.prompt) for r in requests)
@@ -463,10 +480,10 @@ class SpeculativeDecoder:
         else:
             causal = torch.ones(longest, longest, dtype=torch.bool, device=dev).tril()
             allowed = (causal[None] & valid[:, None, :]) | torch.eye(longest, dtype=torch.bool, device=dev)[None]
-        self.slots = Slots(ids.shape[0], dev, capacity, bucket=self.bucket)
-        self.cache = self.slots.cache()  # full layers: sliding windows come from our masks
+        self.state.slots = Slots(ids.shape[0], dev, capacity, bucket=self.bucket)
+        self.state.cache = self.state.slots.cache()  # full layers: sliding windows come from our masks
         logits, states = self._forward(ids, pos, allowed, logits_to_keep=1)
-        self.slots.keep_all(valid)
+        self.state.slots.keep_all(valid)
         return logits, states
 
     def _verify(self, q_tokens, q_pos, allowed_new, draft: Draft):
@@ -476,61 +493,31 @@ class SpeculativeDecoder:
     def _commit(self, keep_idx, keep_valid, lengths: list[int]) -> None:
         """Keep each row's accepted query positions (``keep_idx`` (B, m), root first; ``lengths`` on the host) in
         the cache; the rest of the step's entries are dropped."""
-        self.slots.keep(keep_idx, keep_valid)
+        self.state.slots.keep(keep_idx, keep_valid)
 
-    def _join_cache(self, old: dict) -> None:
-        old["slots"].extend(self.slots)
-        self.slots, self.cache = old["slots"], old["cache"]
+    def _join_cache(self, new: Batch) -> None:
+        """The backbone's cache of the rows just prefilled (``new``), after the running batch's (``self.state``)."""
+        self.state.slots.extend(new.slots)  # the cache keeps reading the grown slots
 
-    def _select_cache(self, index, keep: list[int]) -> None:
-        self.slots.select(index)
-
-    def _take_state(self) -> dict:
-        return {name: getattr(self, name, None) for name in self._STATE}
-
-    def _join(self, old: dict) -> None:
-        """The running batch's state ``old`` followed by the rows just prefilled (the decoder's state now)."""
-        for name in self._ROW_TENSORS:
-            mine = getattr(self, name)
-            if mine is not None:
-                setattr(self, name, torch.cat([old[name], mine]))
-        if self.seq_states is not None:
-            self.seq_states = [torch.cat([a, b]) for a, b in zip(old["seq_states"], self.seq_states)]
-        self._join_cache(old)
-        if self.head_slots is not None:
-            old["head_slots"].extend(self.head_slots)
-            self.head_slots, self.head_caches = old["head_slots"], old["head_caches"]
-        if self.eagle_state is not None:
-            old["eagle_state"].extend(self.eagle_state)
-            self.eagle_state = old["eagle_state"]
+    def _select_cache(self, index: torch.Tensor, keep: list[int]) -> None:
+        """Only the rows ``keep`` (``index`` on the device) stay in the backbone's cache, in that order."""
+        self.state.slots.select(index)
 
     @torch.inference_mode()
     def drop(self, rows: list[int]) -> None:
         """Remove rows from the running batch (finished, or their client left) between steps; the others keep
         their order. Their slots are freed and the holes compacted away."""
         gone = set(rows)
-        keep = [i for i in range(len(self.requests)) if i not in gone]
-        if len(keep) == len(self.requests):
+        keep = [i for i in range(len(self.state.requests)) if i not in gone]
+        if len(keep) == len(self.state.requests):
             return
         if not keep:
             forwards = (self.forwards, self.verify_tokens, self.verify_forwards)
             self.reset()
             self.forwards, self.verify_tokens, self.verify_forwards = forwards
             return
-        for name in ("requests", "prompts", "results", "done"):
-            setattr(self, name, [getattr(self, name)[i] for i in keep])
-        index = torch.tensor(keep, device=self.device)
-        for name in self._ROW_TENSORS:
-            t = getattr(self, name)
-            if t is not None:
-                setattr(self, name, t.index_select(0, index))
-        if self.seq_states is not None:
-            self.seq_states = [t.index_select(0, index) for t in self.seq_states]
+        index = self.state.select(keep)
         self._select_cache(index, keep)
-        if self.head_slots is not None:
-            self.head_slots.select(index)
-        if self.eagle_state is not None:
-            self.eagle_state.select(index)
         self._size_for_batch()
 
     def _prefill(self, requests: list["Request"], longest: int, capacity: int) -> None:
@@ -543,19 +530,19 @@ class SpeculativeDecoder:
             ids[i, longest - len(p):] = torch.tensor(p, device=dev)
             valid[i, longest - len(p):] = True
         pos = (valid.long().cumsum(1) - 1).clamp(min=0)
-        self.head_logits = self.seq_states = self.root_next = self.eagle_state = None
-        self.head_slots = self.head_caches = None
+        self.state.head_logits = self.state.seq_states = self.state.root_next = self.state.eagle_state = None
+        self.state.head_slots = self.state.head_caches = None
         logits, states = self._prefill_backbone(ids, pos, valid, capacity, requests)
-        self.next_pos = pos[:, -1] + 1
-        self.root = self._choose(logits[:, -1], requests)
+        self.state.next_pos = pos[:, -1] + 1
+        self.state.root = self._choose(logits[:, -1], requests)
         if self.n_run:
             if self.eagle:
-                self.eagle_state = EagleDraftState(self.mtp, b, dev, capacity, self.bucket)
-                self.root_next = self.root
+                self.state.eagle_state = EagleDraftState(self.mtp, b, dev, capacity, self.bucket)
+                self.state.root_next = self.state.root
                 self._heads_step(states, torch.arange(longest, device=dev).expand(b, -1), valid, pos, ids)
             elif self.transformer_heads:
-                self.head_slots = Slots(b, dev, capacity, bucket=self.bucket)
-                self.head_caches = [self.head_slots.cache() for _ in range(self.n_run)]
+                self.state.head_slots = Slots(b, dev, capacity, bucket=self.bucket)
+                self.state.head_caches = [self.state.head_slots.cache() for _ in range(self.n_run)]
                 idx = torch.arange(longest, device=dev).expand(b, -1)
                 self._heads_step(states, idx, valid, pos)
             else:
@@ -566,13 +553,13 @@ class SpeculativeDecoder:
     def step(self, callback: Callable[[int, list[int]], None] | None = None) -> list[list[int] | None]:
         """One propose -> verify -> accept -> commit step over the running batch; returns, per row, the tokens
         it emitted (None for rows already done)."""
-        dev, b = self.device, len(self.requests)
-        if all(self.done):  # e.g. every row just joined and ended at its first token: nothing to verify
+        dev, b = self.device, len(self.state.requests)
+        if all(self.state.done):  # e.g. every row just joined and ended at its first token: nothing to verify
             return [None] * b
         draft = self.proposer.propose(self)
         n = draft.size
-        q_tokens = torch.cat([self.root[:, None], draft.tokens], 1)  # (B, 1+N)
-        q_pos = self.next_pos[:, None] + draft.depth_q()
+        q_tokens = torch.cat([self.state.root[:, None], draft.tokens], 1)  # (B, 1+N)
+        q_pos = self.state.next_pos[:, None] + draft.depth_q()
         allowed_new = draft.ancestor_mask()
         if n and not bool(draft.valid.all()):  # padding nodes see only themselves
             node_valid = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=dev), draft.valid], 1)
@@ -587,7 +574,7 @@ class SpeculativeDecoder:
         path = acc.path
         path_tokens = q_tokens.gather(1, path.clamp(min=0))
         host = torch.cat([acc.length[:, None], acc.next_root[:, None], path_tokens], 1).tolist()
-        lengths = [0 if self.done[i] else row[0] for i, row in enumerate(host)]
+        lengths = [0 if self.state.done[i] else row[0] for i, row in enumerate(host)]
         m = max(lengths)
 
         # commit: move each row's accepted slots to the front of the step's slots, drop the rest
@@ -596,24 +583,24 @@ class SpeculativeDecoder:
                                         torch.tensor(lengths, device=dev)[:, None])
         keep_idx = keep_idx.clamp(min=0)
         self._commit(keep_idx, keep_valid, lengths)
-        self.next_pos = self.next_pos + torch.tensor(lengths, device=dev)
+        self.state.next_pos = self.state.next_pos + torch.tensor(lengths, device=dev)
         if self.n_run:
-            self.root_next = acc.next_root
+            self.state.root_next = acc.next_root
             self._heads_step(states, keep_idx, keep_valid, q_pos, path_tokens[:, :m])
         emitted: list[list[int] | None] = [None] * b  # what each row emitted (cut at its stop)
         verified: list[list[int] | None] = [None] * b  # what the step verified (what proposers learn from)
         for i, row in enumerate(host):
-            if self.done[i]:
+            if self.state.done[i]:
                 continue
             verified[i] = row[2:2 + lengths[i]][1:] + [row[1]]
-            res = self.results[i]
+            res = self.state.results[i]
             res.steps += 1
             emitted[i] = self._emit(i, verified[i])
             res.accepted.append(len(emitted[i]))
             if callback:
                 callback(i, emitted[i])
         self.proposer.observe(verified)
-        self.root = acc.next_root
+        self.state.root = acc.next_root
         return emitted
 
 

@@ -140,7 +140,7 @@ class LlamaCppDecoder(SpeculativeDecoder):
         idx = keep_idx.tolist()
         self.target.rows.commit({i: idx[i][:n] for i, n in enumerate(lengths) if n})
 
-    def _join_cache(self, old: dict) -> None:
+    def _join_cache(self, new) -> None:
         pass  # the new rows were appended to the same llama.cpp context
 
     def _select_cache(self, index, keep: list[int]) -> None:
