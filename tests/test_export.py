@@ -201,6 +201,71 @@ def test_export_bad_input_is_one_line(saved_heads, tmp_path, capsys, monkeypatch
     assert not (tmp_path / "o").exists()
 
 
+def _snapshot(root):
+    """Every file under ``root`` (links not followed) with its bytes: what must not change."""
+    import os
+    import stat
+
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(dirpath, d))]:
+            p, st = os.path.join(dirpath, name), os.lstat(os.path.join(dirpath, name))
+            out[p] = (os.readlink(p) if os.path.islink(p) else open(p, "rb").read() if stat.S_ISREG(st.st_mode)
+                      else (st.st_mode, st.st_rdev))  # a FIFO or device: its kind, never opened
+    return out
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("where", ["parent-of-input", "inside-input", "dev-null", "fifo", "symlink-to-input",
+                                   "foreign-folder"])
+def test_export_never_replaces_what_it_did_not_write(tmp_path, capsys, saved_heads, where, overwrite):
+    """An --out that holds the input, lies inside it, is a device, a FIFO, a link to the input or a folder of
+    someone's files is refused in one line (exit 2), with or without --overwrite, and every byte stays."""
+    import os
+    import shutil
+
+    run_dir = tmp_path / "RUN"
+    heads = run_dir / "e3"
+    shutil.copytree(saved_heads["eagle3"], heads)
+    (run_dir / "notes.txt").write_text("my notes")
+    (run_dir / "other-run").mkdir()
+    (run_dir / "other-run" / "log.jsonl").write_text("{}\n")
+    out = {"parent-of-input": run_dir, "inside-input": heads / "sub", "dev-null": tmp_path / "null",
+           "fifo": tmp_path / "pipe", "symlink-to-input": tmp_path / "link", "foreign-folder": run_dir}[where]
+    if where == "dev-null":  # a device node like /dev/null, of our own (a regression must not break the machine's)
+        try:
+            os.mknod(out, 0o666 | __import__("stat").S_IFCHR, os.makedev(1, 3))
+        except PermissionError:
+            pytest.skip("making a device node needs root")
+    if where == "fifo":
+        os.mkfifo(out)
+    if where == "symlink-to-input":
+        os.symlink(heads, out)
+    before, dev = _snapshot(tmp_path), os.stat("/dev/null")
+    code, _, err = run(["export", "--heads", str(heads), "--format", "eagle3", "--out", str(out)]
+                       + (["--overwrite"] if overwrite else []), capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert _snapshot(tmp_path) == before
+    assert os.stat("/dev/null").st_rdev == dev.st_rdev and not os.path.isdir("/dev/null")
+    if where == "dev-null":
+        assert os.stat(out).st_rdev == dev.st_rdev and not os.path.isdir(out)
+    if where == "fifo":
+        import stat
+
+        assert stat.S_ISFIFO(os.lstat(out).st_mode) and not list(tmp_path.glob(".pipe.*"))
+
+
+def test_export_overwrite_replaces_an_export_of_its_own_but_not_a_folder_with_other_files(tmp_path, capsys,
+                                                                                            saved_heads):
+    e3 = str(saved_heads["eagle3"])
+    out = tmp_path / "x"
+    assert run(["export", "--heads", e3, "--format", "eagle3", "--out", str(out)], capsys)[0] == 0
+    assert run(["export", "--heads", e3, "--format", "eagle3", "--out", str(out), "--overwrite"], capsys)[0] == 0
+    (out / "mine.txt").write_text("keep")
+    code, _, err = run(["export", "--heads", e3, "--format", "eagle3", "--out", str(out), "--overwrite"], capsys)
+    assert code == 2 and "mine.txt" in err and (out / "mine.txt").read_text() == "keep"
+
+
 # ----------------------------------------------------------------------------- vLLM's Medusa, re-read
 
 

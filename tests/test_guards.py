@@ -190,3 +190,31 @@ def test_every_transformers_load_is_local_only():
                     and not any(k.arg == "local_files_only" for k in node.keywords)):
                 found.append(f"{path.name}:{node.lineno}: {ast.unparse(node)[:80]}")
     assert found == []
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+@pytest.mark.parametrize("where", ["parent", "inside"])
+@pytest.mark.parametrize("command", ["train", "analyze", "export", "convert", "pretrain"])
+def test_a_folder_output_apart_from_every_input(tmp_path, capsys, command, where, overwrite):
+    """Every command that writes a folder refuses one that holds an input or lies inside one, with or without
+    --overwrite, in one line, before anything is read or written; the input stays byte for byte."""
+    from tests.conftest import one_line_error, save_tiny_folder
+
+    runs = tmp_path / "RUN"
+    model = save_tiny_folder(runs / "model")
+    (runs / "notes.txt").write_text("mine")
+    data = runs / "data.txt"
+    data.write_text("def f(x):\n    return x\n" * 20)
+    out = str(runs if where == "parent" else model / "sub")
+    argv = {"train": ["train", "--model", str(model), "--out", out],
+            "analyze": ["analyze", "--model", str(model), "--out", out],
+            "export": ["export", "--heads", str(model), "--format", "eagle3", "--out", out],
+            "convert": ["convert", str(model), "--out", out],
+            "pretrain": ["pretrain", "--data", str(data), "--tokenizer", str(model), "--out", out]}[command]
+    if command == "pretrain" and where == "inside":
+        argv[argv.index("--out") + 1] = str(model / "sub")  # inside the tokenizer's folder
+    before = {p: p.read_bytes() for p in runs.rglob("*") if p.is_file()}
+    capsys.readouterr()  # the fixture's own output
+    one_line_error(capsys, argv + overwrite, "--out")
+    assert {p: p.read_bytes() for p in runs.rglob("*") if p.is_file()} == before
+    assert not (model / "sub").exists()

@@ -9,6 +9,7 @@ run). Token 1 is the prefill's sample; tokens 2 and 3 come from the verify steps
 and 2, or the next root).
 """
 
+import pytest
 import torch
 
 from mtp.decode import engine as engine_module
@@ -120,3 +121,19 @@ def test_the_distribution_test_catches_a_broken_acceptance_rule(monkeypatch):
         monkeypatch.setattr(engine_module, "accept_sample", broken)
         (stat, p, dof), _, _ = distribution_test(model, heads, rows=1000)
         assert p < 1e-10, (broken.__name__, stat, dof, p)
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1e-300, 1.0), (5e-324, 1.0), (9e-38, 1.0), (1.0, 1e-300),
+                                                (1e-38, 5e-324)])
+def test_tiny_temperatures_and_top_p_sample_the_top_token_without_nans(temperature, top_p):
+    """Valid per OpenAI's API, and 0 in float32: the distribution is the limit (all mass on the largest logit,
+    greedy exactly), never NaN; a batch of such rows and greedy ones decodes together."""
+    from mtp.decode.accept import Sampling
+
+    logits = torch.tensor([[1.0, 3.0, 2.0, -1.0], [0.5, 0.1, 0.4, 0.45]])
+    s = Sampling(temperature=temperature, top_p=top_p)
+    probs = s.probs(logits)
+    assert torch.isfinite(probs).all()
+    assert probs.argmax(-1).tolist() == [1, 0] and torch.allclose(probs.max(-1).values, torch.ones(2))
+    g = torch.Generator().manual_seed(0)
+    assert s.choose(logits, g).tolist() == [1, 0]

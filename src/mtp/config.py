@@ -223,16 +223,21 @@ def check_outputs_apart(cfg: Config) -> None:
         for v in value if isinstance(value, (list, tuple)) else [value]:
             if isinstance(v, str) and v:
                 if f.name in OUTPUT_FIELDS:
-                    outputs.append((flag_of(f), v))
+                    outputs.append((flag_of(f), v, "DIR" in (f.metadata.get("metavar") or "")))
                 else:
                     inputs.extend([v, v.split("=", 1)[1]] if "=" in v else [v])  # compare's NAME=FILE
     try:
         found = [Path(i).expanduser().resolve() for i in inputs if Path(i).expanduser().exists()]
         seen = {}
-        for flag, out in outputs:
+        for flag, out, folder_out in outputs:
             p = Path(out).expanduser().resolve()
             if p in found:
                 raise UserError(f"{flag} {out} is also an input: choose another output")
+            for i in found if folder_out else ():  # a folder written (or replaced) whole: apart from every input
+                if i in p.parents:
+                    raise UserError(f"{flag} {out} is inside the input {i}: choose an output folder outside it")
+                if p in i.parents:
+                    raise UserError(f"{flag} {out} holds the input {i}: choose an output folder that does not")
             folder = next((i for i in found if i.is_dir() and p.parent == i), None)
             if folder is not None and (p.name in FOLDER_FILES or p.suffix in (".safetensors", ".gguf", ".pth", ".bin")):
                 raise UserError(f"{flag} {out} would replace a file of the input folder {folder}: choose another "
@@ -858,6 +863,7 @@ class ServeConfig(DraftOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         _require(0 <= self.port <= 65535, f"--port must be in [0, 65535], got {self.port}")
+        _require(self.temperature <= 2, f"--temperature must be in [0, 2] (as a request's), got {self.temperature}")
         _at_least(self, ("ctx_size",), 256)
         _at_most(self, ("ctx_size",), MAX_NEW_TOKENS)
         _require(self.backend != "llama.cpp" or self.max_batch <= 32,

@@ -321,18 +321,42 @@ def read_proc_kib(path: str, key: str) -> int | None:
     return None
 
 
-def check_new_output(path: str | Path, flag: str, overwrite: bool = False, inputs: tuple = ()) -> Path:
-    """An output folder or file that may be written: absent, an empty folder, or ``overwrite`` given; never
-    one of the ``inputs`` nor inside the installed package. Checked before the work starts."""
+def check_new_output(path: str | Path, flag: str, overwrite: bool = False, inputs=(),
+                     entries: tuple[str, ...] | None = None) -> Path:
+    """An output folder or file that may be written: absent, an empty folder, or ``overwrite`` given; never one
+    of the ``inputs``, inside one or holding one (with or without ``overwrite``), nor inside the installed
+    package. ``overwrite`` replaces only a regular file or a folder: never a device, FIFO or socket, and, where
+    ``entries`` names what the command writes into its folder, never a symbolic link nor a folder holding anything
+    else (someone's other files). Checked before the work starts; nothing is touched when it refuses."""
     p = Path(path).expanduser()
     try:
         resolved = p.resolve()
         refuse_input_as_output(path, flag, inputs)
+        for i in inputs:
+            if i is None or not Path(i).expanduser().exists():
+                continue
+            source = Path(i).expanduser().resolve()
+            if source in resolved.parents:
+                raise UserError(f"{flag} {path} is inside the input {i}: choose an output outside it")
+            if resolved in source.parents:
+                raise UserError(f"{flag} {path} holds the input {i}: replacing it would delete the input; choose "
+                                "another output")
         package = Path(__file__).resolve().parent
         if resolved == package or package in resolved.parents:
             raise UserError(f"{flag} {path} is inside the installed mtp package: choose another output")
+        if p.exists() and not p.is_file() and not p.is_dir():
+            raise UserError(f"{flag} {path} is not a regular file or folder (a device, FIFO or socket): give a path "
+                            "mtp may create")
         if p.exists() and not (p.is_dir() and not any(p.iterdir())) and not overwrite:
             raise UserError(f"{flag} {path} already exists: choose another path or pass --overwrite")
+        if entries is not None and p.is_symlink():
+            raise UserError(f"{flag} {path} is a symbolic link: give the folder itself")
+        if entries is not None and p.is_dir():
+            foreign = sorted(e.name for e in p.iterdir() if e.name not in entries)
+            if foreign:
+                raise UserError(f"{flag} {path} holds files this command does not write ({', '.join(foreign[:3])}"
+                                f"{', ...' if len(foreign) > 3 else ''}): --overwrite replaces only an output of "
+                                "its own; choose another folder")
     except OSError as e:  # a name too long, a loop of links
         raise UserError(f"{flag} {path}: {e.strerror or e}") from None
     check_writable(p, flag)

@@ -52,8 +52,14 @@ class Sampling:
         return self.temperature == 0
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
-        """(..., V) logits -> the distribution that sampling draws from (float32)."""
-        logits = logits.float() / self.temperature
+        """(..., V) logits -> the distribution that sampling draws from (float32).
+
+        Computed in float64 from the logits minus their maximum, so that every temperature and top-p a request
+        may give is sampled as asked: a temperature of 1e-300 (0 in float32) puts all the mass on the largest
+        logit(s) -- greedy, exactly -- instead of dividing by zero into NaNs; a top-p of 1e-300 keeps the most
+        probable token."""
+        logits = logits.double()
+        logits = (logits - logits.amax(-1, keepdim=True)) / self.temperature
         if self.top_k and self.top_k < logits.shape[-1]:
             kth = logits.topk(self.top_k, dim=-1).values[..., -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -62,7 +68,7 @@ class Sampling:
             cum = sorted_logits.softmax(-1).cumsum(-1)
             drop = cum - sorted_logits.softmax(-1) >= self.top_p  # keep the smallest set reaching top_p
             logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-        return logits.softmax(-1)
+        return logits.softmax(-1).float()
 
     def choose(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """One token per row of (B, V) logits."""
@@ -163,8 +169,8 @@ def accept_typical(logits: torch.Tensor, draft: Draft, sampling: Sampling, epsil
     delta = epsilon ** 0.5 if delta is None else delta
     b, n = draft.tokens.shape
     dev = logits.device
-    temp = sampling.temperature or 1.0
-    probs = (logits.float() / temp).softmax(-1)  # (B, 1+N, V)
+    temp = sampling.temperature or 1.0  # float64 less the maximum: a tiny temperature is the argmax, not NaN
+    probs = ((logits.double() - logits.double().amax(-1, keepdim=True)) / temp).softmax(-1).float()  # (B, 1+N, V)
     entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)  # (B, 1+N)
     threshold = torch.minimum(torch.full_like(entropy, epsilon), delta * torch.exp(-entropy))
     rows = torch.arange(b, device=dev)

@@ -12,6 +12,8 @@ from mtp.errors import UserError
 from mtp.export import check_exportable
 
 GGUF_NAME = "eagle3-draft.gguf"
+EXPORT_ENTRIES = ("config.json", "model.safetensors", GGUF_NAME)
+"""What an export folder holds (medusa / eagle3: config and weights; gguf: the draft): all that --overwrite replaces."""
 
 
 def serve_commands(fmt: str, out: Path, model: str, draft_len: int = 4) -> dict[str, str]:
@@ -90,7 +92,7 @@ def export(cfg, command: str = "") -> dict:
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"unknown --dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     target = model or meta.get("backbone")
-    out_path = check_new_output(out, "--out", overwrite, inputs=(folder,))
+    out_path = check_new_output(out, "--out", overwrite, inputs=(folder, model), entries=EXPORT_ENTRIES)
     if fmt == "gguf":
         from mtp.engines import llamacpp
 
