@@ -232,6 +232,15 @@ def test_heads_given_as_a_file_says_so(tmp_path):
     (["analyze", "--max-candidates", str(10 ** 12)], ["--max-candidates must be at most 65536"]),
     (["eval", "--max-candidates", str(10 ** 12)], ["--max-candidates must be at most 65536"]),
     (["bench", "analyze", "--max-candidates", str(10 ** 12)], ["--max-candidates must be at most 65536"]),
+    (["engines", "setup", "llama.cpp", "--jobs", "100000"], ["--jobs must be at most 1024"]),
+    (["bench", "engine", "--draft-len", "2000"], ["--draft-len must be at most 256"]),
+    (["serve", "--max-batch", "100000"], ["--max-batch must be at most 256"]),
+    (["bench", "serve", "--max-batch", "100000"], ["--max-batch must be at most 256"]),
+    (["distill", "--out", "x.jsonl", "--batch-size", "10000"], ["--batch-size must be at most 256"]),
+    (["serve", "--temperature", "3"], ["--temperature must be in [0, 2]"]),
+    (["serve", "--backend", "llama.cpp", "--max-batch", "64"], ["at most 32 rows"]),
+    (["serve", "--backend", "llama.cpp", "--ctx-size", "10"], ["--ctx-size must be at least 256"]),
+    (["bench", "engine", "--engine", "vllm", "--heads", "none"], ["--heads none"]),
 ])
 def test_nonsense_and_unbounded_flags_are_refused_in_one_line(capsys, monkeypatch, argv, fragments):
     """Each of these was once accepted silently (or ran into a traceback, a hang or out-of-memory later)."""

@@ -214,10 +214,12 @@ def test_what_the_llamacpp_backend_does_not_run_is_refused_in_one_line(capsys, m
 
 
 @needs_lib
-@pytest.mark.parametrize("kind, method", [("hydra", "tree"), ("mlp", "blockwise"), ("hydra", "hybrid")])
+@pytest.mark.parametrize("kind, method", [("hydra", "tree"), ("mlp", "blockwise"), ("hydra", "hybrid"),
+                                          ("transformer", "tree"), ("eagle3", "tree"), ("eagle3", "hybrid")])
 def test_heads_draft_on_llamacpps_states_and_the_output_is_its_plain_greedy(tiny_gguf, tmp_path, kind, method):
     """Heads in PyTorch on the states llama.cpp returns (the last layer's output before the final norm, recorded
-    by mtp's source fix): trees verified in one decode, output llama.cpp's own greedy, rows in a batch."""
+    by mtp's source fix; EAGLE-3's three layers' inputs; every prompt position for transformer heads and EAGLE-3):
+    trees verified in one decode, output llama.cpp's own greedy, rows in a batch."""
     from mtp.backbones import load_backbone, load_tokenizer
     from mtp.config import DraftOptions
     from mtp.decode.llama import LlamaCppBackbone
@@ -227,7 +229,8 @@ def test_heads_draft_on_llamacpps_states_and_the_output_is_its_plain_greedy(tiny
     folder = tiny_gguf.parent
     backbone, _ = load_backbone(str(folder))
     torch.manual_seed(1)
-    mtp_model = MTPModel(backbone, HeadsConfig(backbone=str(folder), n_heads=3, kind=kind)).eval()
+    extra = {"eagle_layers": [0, 1, 2]} if kind == "eagle3" else {}
+    mtp_model = MTPModel(backbone, HeadsConfig(backbone=str(folder), n_heads=3, kind=kind, **extra)).eval()
     with torch.no_grad():  # heads that draft something other than the identity's guess
         for p in mtp_model.heads.parameters():
             p.normal_(0, 0.02)

@@ -472,3 +472,29 @@ def test_request_fields_are_parsed_into_typed_values():
         with pytest.raises(ApiError) as e:
             parse(body, kind, lim)
         assert e.value.status == 400 and e.value.param == param
+
+
+def test_port_0_announces_the_port_the_system_chose(served):
+    """``--port 0``: the announcement names the port that was bound, and the server answers there."""
+    import re
+
+    proc = subprocess.Popen([sys.executable, "-m", "mtp", "serve", "--model", str(served[0]), "--method", "plain",
+                             "--port", "0"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        deadline, port = time.monotonic() + 120, None
+        while port is None and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            assert line or proc.poll() is None, "mtp serve exited"
+            found = re.search(r"at http://127\.0\.0\.1:(\d+)/v1", line)
+            port = int(found.group(1)) if found else None
+        assert port and port != 0
+        for _ in range(100):  # uvicorn starts serving on it just after the announcement
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(60)

@@ -84,6 +84,10 @@ def test_chat_stream_is_server_sent_events_ending_in_done(client, model):
     (dict(json={"model": "tiny", "prompt": "x", "max_tokens": 10 ** 6}), 400, None),
     (dict(json={"model": "tiny", "prompt": "x", "temperature": -1}), 400, None),
     (dict(json={"model": "tiny"}), 400, None),
+    # JSON booleans are not numbers, a count is an integer (Python's True == 1 == 1.0)
+    (dict(json={"model": "tiny", "prompt": "x", "n": True}), 400, None),
+    (dict(json={"model": "tiny", "prompt": "x", "n": 1.0}), 400, None),
+    (dict(json={"model": "tiny", "prompt": "x", "presence_penalty": False}), 400, None),
     (dict(content=b"[" + b" " * (1 << 17) + b"]", headers={**AUTH, "Content-Type": "application/json"}), 413,
      "body_too_large"),
 ])
@@ -144,3 +148,30 @@ def test_a_draining_server_answers_503_on_health(model):
     with TestClient(api.app()) as c:
         api.scheduler.drain(0.1)
         assert c.get("/health").status_code == 503
+
+
+def test_models_retrieve_and_routes_with_a_trailing_slash(client):
+    """The openai client's ``models.retrieve`` is ``GET /v1/models/{id}``; ``POST /v1/chat/completions/`` is the
+    same route (a 307 redirect is not followed for POST by clients)."""
+    r = client.get("/v1/models/tiny", headers=AUTH)
+    assert r.status_code == 200 and r.json()["id"] == "tiny" and r.json()["object"] == "model"
+    missing = client.get("/v1/models/other", headers=AUTH)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+    assert client.get("/v1/models/tiny").status_code == 401
+    r = client.post("/v1/chat/completions/", headers=AUTH, follow_redirects=False,
+                    json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+    assert r.status_code == 200, r.text
+
+
+def test_tokens_per_second_is_zero_while_idle(client):
+    import time
+
+    client.post("/v1/completions", json={"model": "tiny", "prompt": "a b", "max_tokens": 6, "temperature": 0},
+                headers=AUTH)
+    for _ in range(50):  # the worker retires the row just after the answer leaves
+        text = client.get("/metrics", headers=AUTH).text
+        value = [float(x.rsplit(" ", 1)[1]) for x in text.splitlines() if x.startswith("mtp_tokens_per_second ")]
+        if value == [0.0]:
+            break
+        time.sleep(0.05)
+    assert value == [0.0]

@@ -65,6 +65,7 @@ def _at_least(cfg, names: tuple[str, ...], low: float = 1) -> None:
 
 MAX_SEED = 2 ** 63 - 1  # torch.manual_seed takes a 64-bit integer; a negative one is an error in numpy and others
 MAX_NEW_TOKENS = 1 << 20  # no model's context is longer; each one is also checked against the model's own
+MAX_BATCH = 256  # rows decoded together (serve's --max-batch, distill's --batch-size): beyond, start-up and memory
 MAX_NODES = 1024  # tree nodes (and draft lengths): each is a token of every verify forward, whose mask is nodes^2
 MAX_CANDIDATES = 1 << 16  # marginalization paths per position; each is a row of V logits (and <= the vocabulary)
 
@@ -616,6 +617,7 @@ class DistillConfig(Runtime, Writes):
         _require(len(self.prompts) > 0, "give at least one --prompts")
         _at_least(self, ("max_new_tokens", "batch_size", "limit", "threads"))
         _at_most(self, ("max_new_tokens",), MAX_NEW_TOKENS)
+        _at_most(self, ("batch_size",), MAX_BATCH)  # llama-server slots / transformers rows decoded together
         _require(0 <= self.follow_ups <= 1, f"--follow-ups must be a share in [0, 1], got {self.follow_ups}")
         _require(self.target in GGUF_KINDS, f"unknown --target {self.target!r}: use one of {', '.join(GGUF_KINDS)}")
         _require(self.temperature >= 0, f"--temperature must be >= 0, got {self.temperature}")
@@ -761,7 +763,8 @@ class DraftOptions(Runtime):
     """Apply the model's chat template to the prompts."""
     backend: str = opt("torch", choices=("torch", "llama.cpp"))
     """What runs the model: torch (PyTorch, every method) | llama.cpp (its GGUF in llama.cpp, in-process, on
-    llama.cpp's CPU kernels: plain and lookup; `mtp engines setup llama.cpp` builds it)."""
+    llama.cpp's CPU kernels: every method but early-exit, with mlp or hydra heads; `mtp engines setup llama.cpp`
+    builds it)."""
     target: str = opt("packaged", choices=GGUF_KINDS)
     """--backend llama.cpp: which GGUF of the model runs: packaged (the shipped file) | f16 | bf16 | f32 | q8_0 |
     q4_0 (converted once from the model by llama.cpp's tools)."""
@@ -871,6 +874,7 @@ class ServeConfig(DraftOptions):
         _require(bool(self.host.strip()), "--host is empty")
         _require(self.api_key is None or bool(self.api_key.strip()), "--api-key is empty")
         _at_least(self, ("max_batch", "max_tokens", "max_prompt_tokens", "max_body_bytes"))
+        _at_most(self, ("max_batch",), MAX_BATCH)  # the start-up measures verify costs for every batch size
         _at_most(self, ("max_tokens", "max_prompt_tokens"), MAX_NEW_TOKENS)
         _at_least(self, ("max_queue",), 0)
         for name in ("timeout", "shutdown_timeout"):
@@ -932,6 +936,7 @@ class BenchServeConfig(Runtime, Writes):
         _require(bool(self.concurrency) and all(c >= 1 for c in self.concurrency),
                  "--concurrency takes client counts of at least 1, e.g. --concurrency 1 --concurrency 8")
         _at_least(self, ("limit", "max_tokens", "requests", "soak_clients", "max_batch"))
+        _at_most(self, ("max_batch",), MAX_BATCH)
         _at_most(self, ("max_tokens",), MAX_NEW_TOKENS)
         _at_least(self, ("max_queue",), 0)
         _require(self.duration == self.duration and 0 <= self.duration <= 86400,
@@ -1037,6 +1042,7 @@ class EnginesConfig(Config):
         super().__post_init__()
         _require(self.action != "setup" or self.engine is not None, "say which engine to set up: llama.cpp or vllm")
         _at_least(self, ("jobs",))
+        _at_most(self, ("jobs",), 1024)  # make -j beyond this starts thousands of compilers, not a faster build
 
 
 @dataclass
@@ -1242,6 +1248,7 @@ class BenchEngineConfig(Writes):
         for name in ("limit", "max_new_tokens", "draft_len", "threads", "rounds"):
             value = getattr(self, name)
             _require(1 <= value <= 100_000, f"--{name.replace('_', '-')} must be between 1 and 100000, got {value}")
+        _at_most(self, ("draft_len",), 256)  # tokens drafted per step: llama.cpp's and vLLM's drafts are a few
         _require(0.0 <= self.p_min < 1.0, f"--p-min must be in [0, 1), got {self.p_min}")
         _require(self.draft_vocab in (None, 0) or self.draft_vocab >= 64,
                  f"--draft-vocab must be 0 (as trained) or at least 64, got {self.draft_vocab}")

@@ -11,8 +11,8 @@ llama.cpp (:mod:`mtp.engines.llamacpp_lib`) instead of a PyTorch module.
 Logits come back as float32 numpy arrays and enter the acceptance rules as CPU tensors (no copy). Heads run in
 PyTorch on the states llama.cpp returns for the layers they tap (the last layer's output before the final norm
 for ``--tap last``: a source fix records it, :mod:`mtp.engines.patches`), with the unembedding of the PyTorch
-model they were loaded on. Heads that read every prompt position (transformer, eagle3) are not run here yet:
-the prefill returns the last position's states only.
+model they were loaded on. Heads that read every prompt position (transformer heads, EAGLE-3) get the states of
+every prompt token from the prefill; the others the last token's only.
 """
 
 from __future__ import annotations
@@ -65,10 +65,6 @@ class LlamaCppDecoder(SpeculativeDecoder):
     """:class:`SpeculativeDecoder` whose backbone forwards run in llama.cpp (see the module's text)."""
 
     def __init__(self, target: LlamaCppBackbone, tokenizer, **kw):
-        heads = kw.get("mtp_model")
-        if heads is not None and (heads.autoregressive or heads.config.kind == "transformer"):
-            raise UserError(f"{heads.config.kind} heads read every prompt position: on --backend llama.cpp only "
-                            "mlp and hydra heads run for now (use --backend torch)")
         super().__init__(target, tokenizer, **kw)
         if self.proposer.name == "early-exit":
             raise UserError("early-exit drafts with the first layers of a PyTorch model: use --backend torch")
@@ -113,13 +109,19 @@ class LlamaCppDecoder(SpeculativeDecoder):
         return tuple(self.mtp.tapped) if self.n_run else ()
 
     def _prefill_backbone(self, ids, pos, valid, capacity: int, requests):
-        logits, states = self.target.rows.add_rows([list(r.prompt) for r in requests], self._layers())
+        # transformer heads and EAGLE-3 read every prompt position; the others the last one only
+        every = self.eagle or self.transformer_heads
+        logits, states = self.target.rows.add_rows([list(r.prompt) for r in requests], self._layers(), every)
         self.forwards += 1
-        if states is not None:  # the heads read the last prompt position (column -1 of the left-padded batch)
+        if states is not None:  # (B, L, H) per layer, left-padded like ``ids``
             padded = []
             for s in states:
-                full = torch.zeros(ids.shape[0], ids.shape[1], s.shape[-1], dtype=self._heads_dtype())
-                full[:, -1] = torch.from_numpy(s)
+                full = torch.zeros(ids.shape[0], ids.shape[1], self.target.ctx.n_embd, dtype=self._heads_dtype())
+                if every:
+                    for r, rows in enumerate(s):
+                        full[r, ids.shape[1] - len(rows):] = torch.from_numpy(rows)
+                else:
+                    full[:, -1] = torch.from_numpy(s)
                 padded.append(full)
             states = padded
         return torch.from_numpy(logits)[:, None], states

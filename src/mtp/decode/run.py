@@ -272,7 +272,8 @@ def build_llama_decoder(target, tokenizer, method: str, opts: DraftOptions, mtp_
     left_open = (method in ("tree", "dynamic", "hybrid") and opts.nodes is None and opts.tree is None) or \
         (method == "blockwise" and opts.draft_len is None)
     cost = cached_verify_curve(target) if calibrate and left_open else None
-    width = (len(shortlist) if shortlist is not None else
+    width = (heads.eagle.draft_ids.numel() if heads is not None and heads.eagle is not None else
+             len(shortlist) if shortlist is not None else
              heads.backbone.get_output_embeddings().weight.shape[0] if heads is not None else None)
     proposer, sizing = make_proposer(method, opts, depth=heads.draft_depth if heads is not None else 0,
                                      heads_dir=folder if heads is not None else None, cost=cost,

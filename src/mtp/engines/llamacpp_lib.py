@@ -333,12 +333,24 @@ class RowCache:
                             "fewer rows or smaller trees")
         return self._free.pop()
 
-    def add_rows(self, prompts: list[list[int]], layers=()) -> tuple[np.ndarray, list[np.ndarray] | None]:
+    def add_rows(self, prompts: list[list[int]], layers=(), every_position: bool = False
+                 ) -> tuple[np.ndarray, list | None]:
         """Prefill new rows (appended after the running ones); returns each new row's last-token logits (B, V)
         and, with ``layers``, the states of each new row's last prompt token at those layers ((B, H) each).
-        The prompt but its last token runs without capturing (only the last token is an output)."""
+        The prompt but its last token runs without capturing (only the last token is an output).
+        ``every_position``: the states of every prompt token instead (per layer, one (len(prompt), H) array per
+        row), for heads that read the whole prompt (transformer heads, EAGLE-3); every token is then an output,
+        which costs the unembedding of each (about a tenth more prefill for smollm2)."""
         seqs = [self._take() for _ in prompts]
         layers = tuple(layers)
+        if every_position and layers:
+            try:
+                return self._prefill_every_position(prompts, seqs, layers)
+            except BaseException:
+                for s in seqs:
+                    self.ctx.seq_rm(s)
+                    self._free.append(s)
+                raise
         try:
             self.ctx.capture(())
             body = [(r, i, t) for r, p in enumerate(prompts) for i, t in enumerate(p[:-1])]
@@ -356,6 +368,23 @@ class RowCache:
         self.base += seqs
         self.past += [len(p) for p in prompts]
         return logits, states
+
+    def _prefill_every_position(self, prompts, seqs, layers):
+        self.ctx.capture(layers)
+        states = [[np.zeros((len(p), self.ctx.n_embd), dtype=np.float32) for p in prompts] for _ in layers]
+        last = np.zeros((len(prompts), self.ctx.n_vocab), dtype=np.float32)
+        body = [(r, i, t) for r, p in enumerate(prompts) for i, t in enumerate(p)]
+        for start in range(0, len(body), self.ctx.n_batch):
+            part = body[start:start + self.ctx.n_batch]
+            logits, got = self.ctx.decode([t for *_, t in part], [i for _, i, _ in part], [seqs[r] for r, _, _ in part])
+            for k, (r, i, _) in enumerate(part):
+                for layer, g in zip(states, got):
+                    layer[r][i] = g[k]
+                if i == len(prompts[r]) - 1:
+                    last[r] = logits[k]
+        self.base += seqs
+        self.past += [len(p) for p in prompts]
+        return last, states
 
     def verify(self, tokens: list[list[int]], parents: list[list[int]], valid: list[list[bool]],
                rows: list[int] | None = None) -> tuple[np.ndarray, list[np.ndarray] | None]:

@@ -91,6 +91,7 @@ class Api:
     def __init__(self, scheduler: Scheduler, tokenizer, settings: Settings, metrics: Metrics):
         self.scheduler, self.tokenizer, self.settings, self.metrics = scheduler, tokenizer, settings, metrics
         self.vocab = len(tokenizer)
+        self.created = int(time.time())
 
     @staticmethod
     def error_response(e: ApiError) -> JSONResponse:
@@ -262,11 +263,21 @@ class Api:
     async def text_completions(self, request):
         return await self.completions(request, "completion")
 
+    def _model(self) -> dict:
+        return {"id": self.settings.model_names[0], "object": "model", "created": self.created, "owned_by": "mtp"}
+
     async def models(self, request):
         self.authorize(request)
-        created = int(time.time())
-        return JSONResponse({"object": "list", "data": [
-            {"id": self.settings.model_names[0], "object": "model", "created": created, "owned_by": "mtp"}]})
+        return JSONResponse({"object": "list", "data": [self._model()]})
+
+    async def model(self, request):
+        """``GET /v1/models/{id}`` (the openai client's ``models.retrieve``): this model, by any name it answers to."""
+        self.authorize(request)
+        name = request.path_params["name"]
+        if name not in self.settings.model_names:
+            raise ApiError(404, f"model {name!r} is not served here (this server serves "
+                                f"{self.settings.model_names[0]!r})", param="model", code="model_not_found")
+        return JSONResponse(self._model())
 
     async def health(self, request):
         if self.scheduler.draining:
@@ -300,9 +311,13 @@ class Api:
             Route("/v1/chat/completions", self.route("chat", self.chat), methods=["POST"]),
             Route("/v1/completions", self.route("completions", self.text_completions), methods=["POST"]),
             Route("/v1/models", self.route("models", self.models), methods=["GET"]),
+            Route("/v1/models/{name:path}", self.route("model", self.model), methods=["GET"]),
             Route("/health", self.route("health", self.health), methods=["GET"]),
             Route("/metrics", self.route("metrics", self.metrics_text), methods=["GET"]),
         ]
+        # a route with a trailing slash is the same route (clients do not follow a 307 redirect for POST)
+        routes += [Route(r.path + "/", r.endpoint, methods=list(r.methods - {"HEAD"})) for r in list(routes)
+                   if not r.path.endswith("}")]
         return Starlette(routes=routes, lifespan=self.lifespan, exception_handlers={HTTPException: self.http_error})
 
 
@@ -365,14 +380,36 @@ def serve(cfg, command: str = "") -> None:
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=cfg.shutdown_timeout + 5, lifespan="on")
     server = Server(config)
-    say(f"serving {names[0]!r} at http://{cfg.host}:{cfg.port}/v1 (max batch {cfg.max_batch}, queue "
+    sock = listen(cfg.host, cfg.port)  # bound here: --port 0 announces the port the system chose
+    port = sock.getsockname()[1]
+    host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+    say(f"serving {names[0]!r} at http://{host}:{port}/v1 (max batch {cfg.max_batch}, queue "
         f"{cfg.max_queue}{', API key required' if api_key else ''})")
     try:
-        server.run()
-    except SystemExit:  # uvicorn could not bind after all (it logged why)
-        raise UserError(f"cannot listen on {cfg.host}:{cfg.port}") from None
+        server.run(sockets=[sock])
+    except SystemExit:  # uvicorn could not serve after all (it logged why)
+        raise UserError(f"cannot listen on {cfg.host}:{port}") from None
+    finally:
+        sock.close()
     say("stopped")
     return None
+
+
+def listen(host: str, port: int):
+    """A listening socket on ``host:port`` (0: a free port the system picks), as uvicorn would make it."""
+    import socket
+
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def check_port(host: str, port: int) -> None:

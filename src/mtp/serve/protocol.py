@@ -69,14 +69,15 @@ class Params:
 
 # fields accepted only at their "off" value: {name: test that the value is off}
 _OFF = {
-    "n": lambda v: v in (None, 1),
-    "presence_penalty": lambda v: v in (None, 0),
-    "frequency_penalty": lambda v: v in (None, 0),
-    "repetition_penalty": lambda v: v in (None, 1),
+    # JSON booleans are not numbers here (Python's True == 1), and a count is an integer (not 1.0)
+    "n": lambda v: v is None or (_is_int(v) and v == 1),
+    "presence_penalty": lambda v: v is None or (_is_number(v) and v == 0),
+    "frequency_penalty": lambda v: v is None or (_is_number(v) and v == 0),
+    "repetition_penalty": lambda v: v is None or (_is_number(v) and v == 1),
     "logprobs": lambda v: v in (None, False, 0),
-    "top_logprobs": lambda v: v in (None, 0),
+    "top_logprobs": lambda v: v is None or (_is_int(v) and v == 0),
     "logit_bias": lambda v: v in (None, {}),
-    "best_of": lambda v: v in (None, 1),
+    "best_of": lambda v: v is None or (_is_int(v) and v == 1),
     "suffix": lambda v: v in (None, ""),
     "tools": lambda v: v in (None, []),
     "tool_choice": lambda v: v in (None, "none"),

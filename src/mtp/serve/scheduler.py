@@ -270,6 +270,10 @@ class Scheduler:
             self.metrics.outcomes.labels(outcome=outcome).inc()
 
     def _gauges(self) -> None:
+        if not self.running:  # idle: no tokens per second (not the last busy moment's), a fresh window after
+            self._window.clear()
         if self.metrics:
             self.metrics.queue.set(len(self.waiting))
             self.metrics.running.set(len(self.running))
+            if not self.running:
+                self.metrics.tokens_per_s.set(0)
