@@ -15,17 +15,16 @@ from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:  # types only: the engine imports this module
+if TYPE_CHECKING:  # types only (Request and RowResult are the engine's, which imports this module)
     from mtp.decode.eagle import EagleDraftState
-    from mtp.decode.engine import Request, RowResult
     from mtp.decode.slots import Slots
 
 
 @dataclass
 class Batch:
-    requests: list[Request] = field(default_factory=list)
+    requests: list["Request"] = field(default_factory=list)
     prompts: list[list[int]] = field(default_factory=list)
-    results: list[RowResult] = field(default_factory=list)
+    results: list["RowResult"] = field(default_factory=list)
     done: list[bool] = field(default_factory=list)
     root: torch.Tensor | None = None  # (B,) the step's root: the token already certain
     next_pos: torch.Tensor | None = None  # (B,) its position
