@@ -135,8 +135,8 @@ class SpeculativeDecoder:
         mask = None if allowed is None else attention_masks(self.backbone.config, allowed, q_pos, k_pos,
                                                             self._mask_dtype)
         self._taps.clear()
-        out = forward_with_cache(self.backbone, self.state.cache, input_ids=ids, position_ids=q_pos, attention_mask=mask,
-                                 use_cache=True, logits_to_keep=logits_to_keep)
+        out = forward_with_cache(self.backbone, self.state.cache, input_ids=ids, position_ids=q_pos,
+                                 attention_mask=mask, use_cache=True, logits_to_keep=logits_to_keep)
         states = [self._taps[i] for i in self.mtp.tapped] if self.n_run else None
         self.forwards += 1
         return out.logits, states
@@ -396,7 +396,8 @@ class SpeculativeDecoder:
         """Drafts sized for the running batch and its longest context (methods.cached_batch_cost, context_cost)."""
         if self._resize is None or not self.state.requests:
             return
-        key = (len(self.state.requests), context_bucket(max(len(r.prompt) + r.max_new_tokens // 2 for r in self.state.requests)))
+        requests = self.state.requests
+        key = (len(requests), context_bucket(max(len(r.prompt) + r.max_new_tokens // 2 for r in requests)))
         if key not in self._sized:
             self._sized[key] = self._resize(*key)
         self.proposer = self._sized[key]
