@@ -24,7 +24,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from mtp.config import HEAD_METHODS, DraftOptions
+from mtp.config import DraftOptions
 from mtp.errors import UserError
 from mtp.machine import cpu_name, cpu_signature
 
@@ -304,27 +304,19 @@ def run_mtp(cfg, prompts: list[list[int]], engine_plain: list[dict] | None = Non
     (``--mtp-backend torch``) or on llama.cpp's kernels with the same GGUF as the engine (``llama.cpp``, the same
     threads). Like the engine's own figures, each row's time is its decoding after the prefill (from its first
     token to its last). ``engine_plain``: the engine's plain rows, to compare with (speedup and identical share)."""
-    from mtp.decode.run import build_decoder, build_llama_decoder, eos_ids, load_for_decoding, load_llama_target
+    from mtp.decode.run import eos_ids, open_target
 
     methods = ["plain", *cfg.mtp_methods]
-    needs_heads = any(m in HEAD_METHODS for m in methods)
     on_llama = cfg.mtp_backend == "llama.cpp"
-    backbone = tokenizer = heads = folder = None
-    if needs_heads or not on_llama:
-        backbone, tokenizer, heads, folder = load_for_decoding(
-            cfg.model, (cfg.mtp_heads or (cfg.heads if cfg.heads != "none" else "default")) if needs_heads else None,
-            cfg.mtp_dtype, "cpu")
-    target = None
-    if on_llama:
-        target, tokenizer = load_llama_target(cfg.model, cfg.target, threads=cfg.threads)
-    eos = eos_ids(target if on_llama else backbone, tokenizer)
+    opts = DraftOptions(backend=cfg.mtp_backend, target=cfg.target, dtype=cfg.mtp_dtype)
+    loaded = open_target(opts, cfg.model, cfg.mtp_heads or (cfg.heads if cfg.heads != "none" else "default"),
+                         methods, {}, threads=cfg.threads)
+    target = loaded.backbone if on_llama else None
+    eos = eos_ids(loaded.backbone, loaded.tokenizer)
     results, plain = [], None
     try:
         for method in methods:
-            if on_llama:
-                dec, _ = build_llama_decoder(target, tokenizer, method, DraftOptions(), heads, folder)
-            else:
-                dec, _ = build_decoder(backbone, tokenizer, heads, folder, cfg.model, method)
+            dec, _ = loaded.decoder(method, opts)
             dec.generate(prompts[:1], max_new_tokens=8, eos_token_ids=eos)  # warm-up
             rows = []
             for p in prompts:

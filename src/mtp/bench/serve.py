@@ -239,11 +239,7 @@ def bench_serve(cfg, command: str = "") -> dict:
         say(f"{method}: starting the server")
         server = ServerProcess(args)
         try:
-            asyncio.run(_scaling(server.url, cfg.model, prompts, 2, 2, 8))  # warm-up
-            runs = {}
-            for c in cfg.concurrency:
-                say(f"{method}: {c} concurrent client(s)")
-                runs[str(c)] = asyncio.run(_scaling(server.url, cfg.model, prompts, c, cfg.requests, cfg.max_tokens))
+            runs = _scaling_runs(server.url, cfg, prompts, lambda c: say(f"{method}: {c} concurrent client(s)"))
             rss_warm = server.rss_bytes()  # after the scaling runs: the largest batches have been allocated
             soak, rss_series = None, []
             if cfg.duration > 0 and (method == cfg.methods[-1] or cfg.soak_all):
@@ -254,14 +250,10 @@ def bench_serve(cfg, command: str = "") -> dict:
             rss_end = server.rss_bytes()
         finally:
             code, log = server.stop()
-        one = runs.get("1")
         entry = {"scaling": runs, "soak": soak, "rss_warm_mb": rss_warm and rss_warm / 2**20,
                  "rss_end_mb": rss_end and rss_end / 2**20, "rss_soak_mb": [round(x / 2**20) for x in rss_series],
                  "exit_status": code,
                  "server_tracebacks": log.count("Traceback")}
-        if one:
-            for c, run in runs.items():
-                run["vs_one_client"] = run["tokens_per_s"] / one["tokens_per_s"]
         result["methods"][method] = entry
     if cfg.backend == "llama.cpp":
         say("llama-server, plain, on the same GGUF and threads, the same clients (its own scaling, for reference)")
@@ -287,25 +279,34 @@ def _llama_server_scaling(cfg, prompts: list[str], max_tokens: int, prompt_limit
 
     from mtp.decode.llama import default_threads
     from mtp.engines import llamacpp
+    from mtp.serve.app import llama_ctx_size
     from mtp.engines.targets import target_gguf
 
     server = llamacpp.require_server()
     port = llamacpp.free_port()
-    ctx = min(16384, cfg.max_batch * (prompt_limit + max_tokens + 64))
+    ctx = llama_ctx_size(cfg.max_batch, prompt_limit, max_tokens)  # what `mtp serve --backend llama.cpp` holds
     cmd = [str(server), "-m", str(target_gguf(cfg.model, cfg.target)), "--host", "127.0.0.1", "--port", str(port),
            "-c", str(ctx), "-np", str(cfg.max_batch), "--kv-unified", "-t", str(default_threads()), "--no-webui"]
     with tempfile.TemporaryDirectory() as tmp, llamacpp.Server(cmd, port, Path(tmp) / "llama-server.log") as srv:
-        url = srv.url
-        asyncio.run(_scaling(url, cfg.model, prompts, 2, 2, 8))  # warm-up
-        runs = {}
-        for c in cfg.concurrency:
-            runs[str(c)] = asyncio.run(_scaling(url, cfg.model, prompts, c, cfg.requests, cfg.max_tokens))
-            runs[str(c)].pop("answers")
+        runs = _scaling_runs(srv.url, cfg, prompts)
+    for run in runs.values():
+        run.pop("answers")
+    return {"command": " ".join(cmd), "scaling": runs}
+
+
+def _scaling_runs(url: str, cfg, prompts: list[str], announce=None) -> dict:
+    """A warm-up, then the scaling run at each of --concurrency, each with its tokens/s against one client's."""
+    asyncio.run(_scaling(url, cfg.model, prompts, 2, 2, 8))  # warm-up
+    runs = {}
+    for c in cfg.concurrency:
+        if announce:
+            announce(c)
+        runs[str(c)] = asyncio.run(_scaling(url, cfg.model, prompts, c, cfg.requests, cfg.max_tokens))
     one = runs.get("1")
     for run in runs.values():
         if one:
             run["vs_one_client"] = run["tokens_per_s"] / one["tokens_per_s"]
-    return {"command": " ".join(cmd), "scaling": runs}
+    return runs
 
 
 async def _with_rss(server, series: list, work):

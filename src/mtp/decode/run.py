@@ -302,10 +302,12 @@ class Loaded:
 
 
 def open_target(opts: DraftOptions, model_name: str, heads: str | None, methods, needs: dict[str, int],
-                exit_layer: int | None = None, before_load=None, n_ctx: int | None = None) -> Loaded:
+                exit_layer: int | None = None, before_load=None, n_ctx: int | None = None,
+                threads: int | None = None) -> Loaded:
     """Load what ``methods`` decode with on ``opts.backend``: heads only where a head method is among them. On
     llama.cpp the heads sit on the PyTorch model whose embeddings and unembedding they use, and ``n_ctx`` is
-    llama.cpp's KV cells, shared by every row of a batch (default: the model's context, at most 8192)."""
+    llama.cpp's KV cells, shared by every row of a batch (default: the model's context, at most 8192), ``threads``
+its compute threads (default: every CPU this process may use)."""
     need_heads = any(m in HEAD_METHODS for m in methods)
     if opts.backend != "llama.cpp":
         backbone, tokenizer, mtp_model, folder = load_for_decoding(model_name, heads if need_heads else None,
@@ -322,7 +324,7 @@ def open_target(opts: DraftOptions, model_name: str, heads: str | None, methods,
                                                     before_load=before_load)
     elif before_load is not None:
         before_load()
-    backbone, tokenizer = load_llama_target(model_name, opts.target, needs, n_ctx)
+    backbone, tokenizer = load_llama_target(model_name, opts.target, needs, n_ctx, threads)
     return Loaded("llama.cpp", model_name, backbone, tokenizer, mtp_model, folder)
 
 

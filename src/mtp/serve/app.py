@@ -343,7 +343,7 @@ def serve(cfg, command: str = "") -> None:
     with_heads = f", heads {heads}" if heads and method in HEAD_METHODS else ""
     runs_on = f"GGUF {cfg.target} on llama.cpp" if cfg.backend == "llama.cpp" else cfg.dtype
     loading = f"loading {cfg.model} ({runs_on}, {method}{with_heads})"
-    n_ctx = cfg.ctx_size or min(16384, cfg.max_batch * (cfg.max_prompt_tokens + cfg.max_tokens + 64))
+    n_ctx = cfg.ctx_size or llama_ctx_size(cfg.max_batch, cfg.max_prompt_tokens, cfg.max_tokens)
     loaded = open_target(cfg, cfg.model, heads, [method], {"--max-tokens": cfg.max_tokens}, cfg.exit_layer,
                          before_load=lambda: say(loading), n_ctx=n_ctx)
     backbone, tokenizer = loaded.backbone, loaded.tokenizer
@@ -393,6 +393,12 @@ def serve(cfg, command: str = "") -> None:
         sock.close()
     say("stopped")
     return None
+
+
+def llama_ctx_size(max_batch: int, max_prompt_tokens: int, max_tokens: int) -> int:
+    """``--backend llama.cpp``'s default KV cells: what --max-batch requests of the longest prompt and answer (and a
+    tree each) hold, at most 16384."""
+    return min(16384, max_batch * (max_prompt_tokens + max_tokens + 64))
 
 
 def listen(host: str, port: int):
