@@ -109,6 +109,29 @@ def test_jsonl_files(tmp_path):
         load_corpus(str(nofield))
 
 
+def test_a_utf8_byte_order_mark_is_ignored_in_every_text_and_json_input(tmp_path):
+    """One policy for a leading UTF-8 BOM (what Windows editors write): dropped, in .jsonl and text files, JSON
+    --config files, --tree files and request bodies alike; nowhere part of the text."""
+    from mtp.cli import parse
+    from mtp.io import parse_json
+    from mtp.trees import read_tree
+
+    bom = b"\xef\xbb\xbf"
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(bom + json.dumps({"text": "hello"}).encode() + b"\n")
+    assert [d.text for d in load_corpus(str(jsonl)).documents] == ["hello"]
+    txt = tmp_path / "bom.txt"
+    txt.write_bytes(bom + b"plain text here")
+    assert [d.text for d in load_corpus(str(txt)).documents] == ["plain text here"]
+    cfg = tmp_path / "cfg.json"
+    cfg.write_bytes(bom + b'{"max_new_tokens": 7}')
+    assert parse(["generate", "hi", "--config", str(cfg)])[1].max_new_tokens == 7
+    tree = tmp_path / "tree.json"
+    tree.write_bytes(bom + b"[[0],[0,0]]")
+    assert read_tree(str(tree)) == read_tree("[[0],[0,0]]")
+    assert parse_json(bom + b'{"a": 1}', "body") == parse_json("\ufeff" + '{"a": 1}', "body") == {"a": 1}
+
+
 @pytest.mark.parametrize("add_bos", [True, False])
 def test_windows_respect_context_horizon_and_budget(add_bos):
     tok = char_tokenizer(add_bos)

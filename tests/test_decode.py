@@ -939,3 +939,31 @@ def test_measurements_are_cached_once_and_a_malformed_entry_is_measured_again(mo
     methods.cached_verify_cost("tiny", model)
     methods.cached_context_growth("tiny", model)
     assert calls == [256, "g", 256, "g"]
+
+
+def test_exact_top_logits_recompute_a_bf16_models_best_logits_in_float32():
+    """bfloat16 rounds a logit of ~20 to steps of 0.125, so the best tokens tie exactly and the greedy pick follows
+    the kernel's rounding. Within exact_top_logits the logits come out in float32 and the best ones equal the
+    float32 product of the same (bf16) final hidden state and unembedding rows; a float32 model is untouched."""
+    from mtp.model.trunk import EXACT_TOP, exact_top_logits
+
+    model = tiny_model("llama", vocab=64, dtype=torch.bfloat16)
+    ids = torch.tensor([PROMPTS[0]])
+    seen = {}
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, a, o: seen.__setitem__("x", a[0]))
+    with torch.no_grad():
+        plain = model(ids).logits
+        with exact_top_logits(model):
+            exact = model(ids).logits
+    handle.remove()
+    assert plain.dtype == torch.bfloat16 and exact.dtype == torch.float32
+    full = seen["x"].float() @ model.get_output_embeddings().weight.float().T  # every logit, in float32
+    top = plain.topk(EXACT_TOP, dim=-1).indices
+    assert torch.allclose(exact.gather(-1, top), full.gather(-1, top), rtol=1e-6, atol=1e-6)
+    best = top.gather(-1, full.gather(-1, top).argmax(-1, keepdim=True)).squeeze(-1)  # float32's pick among them
+    assert torch.equal(exact.argmax(-1), best)
+    model32 = tiny_model("llama", vocab=64, dtype=torch.float32)
+    with torch.no_grad():
+        before = model32(ids).logits
+        with exact_top_logits(model32):
+            assert torch.equal(model32(ids).logits, before)

@@ -200,6 +200,40 @@ def test_the_decoder_on_llamacpp_is_llamacpps_plain_greedy(tiny_gguf, method):
         target.close()
 
 
+@needs_lib
+def test_a_batchs_verify_curve_is_measured_with_the_context_to_itself_and_resumed_rows_decode_on(tiny_gguf):
+    """verify_curve for B rows at once (what drafts for a batch are sized from) leaves no row and no cell behind;
+    with rows running it is not measured (cached_batch_curve: None, the decoder keeps one row's sizes). A row
+    resumed from the tokens it already produced (Request.generated, what the server does after a failed step)
+    goes on exactly as the row would have."""
+    from mtp.backbones import load_tokenizer
+    from mtp.config import DraftOptions
+    from mtp.decode.engine import Request
+    from mtp.decode.llama import LlamaCppBackbone, cached_batch_curve, verify_curve
+    from mtp.decode.run import build_llama_decoder
+    from transformers import AutoConfig
+
+    folder = tiny_gguf.parent
+    target = LlamaCppBackbone(tiny_gguf, AutoConfig.from_pretrained(folder), n_ctx=2048, threads=2)
+    try:
+        curve = verify_curve(target, points=(1, 2, 4), repeats=1, warmup=0, batch=2)
+        assert set(curve) == {1, 2, 4} and all(t > 0 for t in curve.values())
+        assert target.rows.rows == 0 and target.rows.dropped == 0
+        decoder, _ = build_llama_decoder(target, load_tokenizer(folder), "plain", DraftOptions())
+        want = _greedy_alone(tiny_gguf, PREFIX, 20)
+        with decoder.session():
+            decoder.reset()
+            decoder.add([Request(list(PREFIX), 20)])
+            assert cached_batch_curve(target, 4, {1: 1.0}) is None  # rows running, nothing cached: not measured
+            decoder.reset()
+            decoder.add([Request(list(PREFIX), 20, generated=tuple(want[:7]))])
+            while not all(decoder.done):
+                decoder.step()
+            assert decoder.results[0].tokens == want
+    finally:
+        target.close()
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--method", "early-exit"], "needs --backend torch"),
     (["--target", "q5_k"], "--target"),

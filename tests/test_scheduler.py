@@ -61,7 +61,8 @@ def test_deadline_queue_limit_and_drain():
         assert full.value.status == 429
         sched.start()
         (kind, error), = [e for e in await events(expired) if e[0] != "tokens"]
-        assert kind == "error" and error.code == "timeout"
+        assert kind == "error" and (error.status, error.code) == (503, "timeout")  # the server was busy: retry
+        assert error.headers == {"Retry-After": "1"}
         assert (await events(later))[-1] == ("done", "length")
         long = Job(Request(PROMPTS[1], 480, frozenset()), loop, 60.0)
         sched.submit(long)
@@ -84,12 +85,13 @@ def test_deadline_queue_limit_and_drain():
 
 
 @pytest.mark.parametrize("part, fail_at, first_len, first_ends", [
-    ("step", 2, 10, ("error",)),  # the engine's step
+    ("step", 2, 10, ("done",)),  # the engine's step: the row resumes, its answer unchanged
     ("drop", 1, 3, ("error", "done")),  # bookkeeping after a step ("done" was sent before the drop failed)
 ])
 def test_a_failure_in_any_part_of_the_loop_fails_that_batch_only(monkeypatch, part, fail_at, first_len, first_ends):
-    """An injected failure in a step or in a drop ends that batch with a 500 and the worker serves the next
-    request, token for token plain greedy."""
+    """An injected failure in a step is recovered (the rows resume from the tokens they sent, the answer token
+    for token plain greedy); one in the scheduler's own bookkeeping ends that batch with a 500. Either way the
+    worker serves the next request, token for token plain greedy."""
     model = tiny_model("llama", vocab=64)
     dec = SpeculativeDecoder(model, Tok())
     sched = Scheduler(dec, max_batch=4, max_queue=4)
@@ -108,10 +110,13 @@ def test_a_failure_in_any_part_of_the_loop_fails_that_batch_only(monkeypatch, pa
         sched.start()
         first = Job(Request(PROMPTS[0], first_len, frozenset()), loop, 60.0)
         sched.submit(first)
-        kind, error = (await events(first))[-1]
+        evs = await events(first)
+        kind, value = evs[-1]
         assert kind in first_ends
         if kind == "error":
-            assert error.status == 500
+            assert value.status == 500
+        else:
+            assert [t for k, v in evs if k == "tokens" for t in v] == reference_greedy(model, PROMPTS[0], first_len)
         second = Job(Request(PROMPTS[1], 6, frozenset()), loop, 60.0)
         sched.submit(second)
         evs = await events(second)
@@ -123,6 +128,82 @@ def test_a_failure_in_any_part_of_the_loop_fails_that_batch_only(monkeypatch, pa
         run(main())
     finally:
         sched.stop()
+
+
+def test_a_request_past_its_deadline_while_decoding_ends_with_the_tokens_it_has(monkeypatch):
+    """--timeout passing mid-decoding ends the answer there (finish "length", as max_tokens would; transformers'
+    max_time), its tokens plain greedy: not an error that throws them away, nor a 503 a client would retry."""
+    import time
+
+    model = tiny_model("llama", vocab=64)
+    sched = Scheduler(SpeculativeDecoder(model, Tok()), max_batch=2, max_queue=4)
+    real = SpeculativeDecoder.step
+
+    def slow(self, *args):
+        time.sleep(0.05)
+        return real(self, *args)
+
+    monkeypatch.setattr(SpeculativeDecoder, "step", slow)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        job = Job(Request(PROMPTS[0], 400, frozenset()), loop, 0.5)
+        sched.start()
+        sched.submit(job)
+        return await events(job)
+
+    try:
+        evs = run(main())
+    finally:
+        sched.stop()
+    tokens = [t for k, v in evs if k == "tokens" for t in v]
+    assert evs[-1] == ("done", "length") and 1 <= len(tokens) < 400
+    assert tokens == reference_greedy(model, PROMPTS[0], len(tokens))
+
+
+POISON = 63  # a token whose row the injected fault below breaks, alone or in any batch
+
+
+def test_a_request_that_breaks_a_step_fails_alone_with_a_4xx(monkeypatch):
+    """Mixed batch: one row's request makes every step it is part of fail. That row ends with a 422 (a client
+    must not retry it: it would fail again); the rows batched with it resume from the tokens they already sent
+    and finish, token for token plain greedy; requests after it are served."""
+    model = tiny_model("llama", vocab=64)
+    sched = Scheduler(SpeculativeDecoder(model, Tok()), max_batch=4, max_queue=8)
+    real = SpeculativeDecoder.step
+    seen = {"n": 0}
+
+    def poisoned(self, *args):
+        if any(POISON in r.prompt for r in self.requests) and self.results[0].steps >= 1:
+            seen["n"] += 1
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return real(self, *args)
+
+    monkeypatch.setattr(SpeculativeDecoder, "step", poisoned)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        good = [Job(Request(p, 12, frozenset()), loop, 60.0) for p in (PROMPTS[0], PROMPTS[1])]
+        bad = Job(Request(PROMPTS[2] + [POISON], 12, frozenset()), loop, 60.0)
+        for j in (good[0], bad, good[1]):  # admitted together: one batch
+            sched.submit(j)
+        sched.start()
+        out = [await events(j) for j in (*good, bad)]
+        after = Job(Request(PROMPTS[2], 5, frozenset()), loop, 60.0)
+        sched.submit(after)
+        return out, await events(after)
+
+    try:
+        (ev0, ev1, bad_evs), after = run(main())
+    finally:
+        sched.stop()
+    for prompt, evs in zip(PROMPTS, (ev0, ev1)):
+        assert evs[-1] == ("done", "length")
+        assert [t for k, v in evs if k == "tokens" for t in v] == reference_greedy(model, prompt, 12)
+    kind, error = bad_evs[-1]
+    assert kind == "error" and (error.status, error.code) == (422, "decoding_failed"), bad_evs[-1]
+    assert error.type == "invalid_request_error" and "inf, nan" in error.message
+    assert after[-1] == ("done", "length") and seen["n"] >= 2
 
 
 def test_a_cancelled_job_leaves_and_the_others_go_on():

@@ -354,7 +354,7 @@ def test_metrics_count_the_requests_and_tokens_served(server, served):
     assert delta("mtp_http_requests_total", route="completions", status="200") == requests
     assert delta("mtp_requests_finished_total", outcome="ok") == requests
     assert sum(delta("mtp_requests_finished_total", outcome=o) for o in
-               ("cancelled", "timeout", "shutting_down", "engine_error", "internal_error")) == 0
+               ("cancelled", "timeout", "time_limit", "shutting_down", "decoding_failed", "internal_error")) == 0
     assert delta("mtp_prompt_tokens_total") == prompt_tokens
     # every token the clients received (what usage counts); each request's first comes from its prefill
     assert delta("mtp_generation_tokens_total") == sum(u.completion_tokens for u in usages) == sum(sizes.values())
@@ -395,8 +395,92 @@ def test_a_full_queue_answers_429(served):
     assert code == 0 and "Traceback" not in err, err
 
 
+def _slow_send(port: int, parts: list[bytes], gap: float, out: dict, key: str) -> None:
+    """A slow-loris client: sends ``parts`` ``gap`` seconds apart; records what came back and when."""
+    start = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as c:
+        try:
+            for part in parts:
+                c.sendall(part)
+                time.sleep(gap)
+        except OSError:  # the server closed the connection on us: what we want
+            pass
+        data = b""
+        try:
+            while chunk := c.recv(65536):
+                data += chunk
+        except OSError:
+            pass
+    out[key] = (data, time.monotonic() - start)
+
+
+def test_slow_clients_are_cut_off_and_connections_capped_while_others_are_served(served):
+    """Header lines or body bytes dribbled every 0.5 s: after --read-timeout (1.5 s) a 408 and a closed
+    connection, not an open one for as long as the client likes; beyond --max-connections a 503 at once; a
+    normal request is answered meanwhile."""
+    s = Server(*served, "--read-timeout", "1.5", "--max-connections", "6")
+    try:
+        out = {}
+        head = [b"POST /v1/completions HTTP/1.1\r\n", b"Host: x\r\n"] + [b"X-Slow: 1\r\n"] * 40
+        body = json.dumps({"model": str(served[0]), "prompt": "a", "max_tokens": 4}).encode()
+        slow_body = [b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body)] + [body[i:i + 1] for i in range(len(body))]
+        clients = [threading.Thread(target=_slow_send, args=(s.port, head, 0.5, out, f"head{i}")) for i in range(2)]
+        clients += [threading.Thread(target=_slow_send, args=(s.port, slow_body, 0.5, out, f"body{i}"))
+                    for i in range(3)]
+        for t in clients:
+            t.start()
+        time.sleep(0.3)
+        r = s.post("/v1/completions", {"model": str(served[0]), "prompt": "ab", "max_tokens": 4}, key=None)
+        assert r.status_code == 200  # served while five slow clients hold connections
+        extra = [socket.create_connection(("127.0.0.1", s.port), timeout=10) for _ in range(2)]
+        try:
+            extra[-1].settimeout(10)
+            over = extra[-1].recv(4096)  # the seventh connection: refused without a request
+        finally:
+            for c in extra:
+                c.close()
+        for t in clients:
+            t.join(60)
+        assert not any(t.is_alive() for t in clients)
+        assert over.startswith(b"HTTP/1.1 503") and b"too_many_connections" in over, over[:200]
+        for key, (data, seconds) in out.items():
+            assert data.startswith(b"HTTP/1.1 408"), (key, data[:200])
+            assert b"request_timeout" in data and seconds < 10, (key, seconds)
+        assert s.post("/v1/completions", {"model": str(served[0]), "prompt": "ab", "max_tokens": 4},
+                      key=None).status_code == 200
+    finally:
+        code, err = s.stop()
+    assert code == 0 and "Traceback" not in err, err
+
+
+def test_bench_serves_soak_answers_every_class_as_it_should(served):
+    """bench serve's soak against a real server: valid requests (some at a field's edge: temperature 1e-300,
+    5e-324, top_p 1e-300, ...) all answered, every bad class (numbers out of range included) a 4xx, the slow-loris
+    client cut off with a 408 within --read-timeout, no 5xx."""
+    import asyncio
+
+    from mtp.bench.serve import BAD_KINDS, EXTREME, _soak
+
+    s = Server(*served, "--read-timeout", "1", "--max-body-bytes", "4096", "--max-prompt-tokens", "64")
+    try:
+        soak = asyncio.run(_soak(s.url, str(served[0]), ["ab", "hello", "x y"], 3, 6.0, 4, 0.3, 4096, 64, 0, 1.0))
+    finally:
+        code, err = s.stop()
+    assert code == 0 and "Traceback" not in err, err
+    assert soak["server_errors_5xx"] == 0 and not soak["connection_failures"], soak
+    assert soak["valid_completed"] == soak["valid"] > 0
+    assert soak["extreme_completed"] == soak["extreme"] >= len(EXTREME), soak["extreme_by_kind"]
+    assert set(soak["extreme_by_kind"]) == set(EXTREME)
+    assert soak["bad_answered_4xx"] == soak["bad"] >= len(BAD_KINDS), soak["bad_by_kind"]
+    assert soak["slow_clients"] >= 2 and soak["slow_cut_408"] == soak["slow_clients"], soak
+    assert soak["slow_seconds_max"] < 4
+
+
 def test_sigterm_ends_streams_with_an_event_and_exits_cleanly(served):
-    s = Server(*served, "--shutdown-timeout", "0.5")
+    """SIGTERM drains: the socket stays open while requests are in flight (/health answers 503 "shutting down",
+    a new request 503 shutting_down), each stream ends with [DONE] or an error event, then the server exits 0."""
+    s = Server(*served, "--shutdown-timeout", "1.5", "--max-batch", "1")
     body = {"model": str(served[0]), "prompt": "s", "max_tokens": 256, "temperature": 1.0, "stream": True}
     events = []
 
@@ -411,10 +495,14 @@ def test_sigterm_ends_streams_with_an_event_and_exits_cleanly(served):
         t.start()
     time.sleep(0.5)
     s.proc.send_signal(signal.SIGTERM)
+    health = httpx.get(s.url + "/health", timeout=5)  # one row at a time: three long streams are still going
+    refused = httpx.post(s.url + "/v1/completions", json={**body, "stream": False}, timeout=5)
     for t in readers:
         t.join(30)
     code, err = s.stop()
     assert code == 0 and "Traceback" not in err, err
+    assert (health.status_code, health.json()) == (503, {"status": "shutting down"})
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
     assert not any(t.is_alive() for t in readers)
     # each stream ended with [DONE] (finished in time) or with an error object
     ends = [e for e in events if e == "[DONE]" or '"error"' in e]

@@ -849,7 +849,8 @@ class ServeConfig(DraftOptions):
     max_queue: int = 64
     """Requests waiting for a row; beyond it the server answers 429."""
     timeout: float = 600.0
-    """Seconds a request may take, waiting included; then it ends with an error."""
+    """Seconds a request may take, waiting included: one still waiting for a row then gets a 503 (retry later);
+    one decoding ends there with the tokens it has (finish_reason "length")."""
     max_tokens: int = 1024
     """Most new tokens a request may ask for (and what a chat request without max_tokens gets)."""
     max_prompt_tokens: int = 4096
@@ -857,7 +858,13 @@ class ServeConfig(DraftOptions):
     max_body_bytes: int = 1 << 20
     """Largest request body accepted."""
     shutdown_timeout: float = 30.0
-    """On SIGTERM, seconds the requests in flight get to finish before they end with an error event."""
+    """On SIGTERM, seconds the requests in flight get to finish before they end with an error event (meanwhile
+    /health answers 503 and new requests are refused)."""
+    read_timeout: float = 30.0
+    """Seconds a client may take to send a request's headers, and again its body; then the connection is closed
+    (headers) or the request answered 408 (body)."""
+    max_connections: int = 512
+    """Open connections at most; one more is answered 503 and closed."""
     ctx_size: int | None = opt(None, metavar="CELLS")
     """--backend llama.cpp: KV cells shared by all rows; a request holds its prompt + max tokens of them while it
     runs, and waits in the queue while they are taken (default: what --max-batch requests of --max-prompt-tokens +
@@ -877,7 +884,9 @@ class ServeConfig(DraftOptions):
         _at_most(self, ("max_batch",), MAX_BATCH)  # the start-up measures verify costs for every batch size
         _at_most(self, ("max_tokens", "max_prompt_tokens"), MAX_NEW_TOKENS)
         _at_least(self, ("max_queue",), 0)
-        for name in ("timeout", "shutdown_timeout"):
+        _at_least(self, ("max_connections",), 1)
+        _at_most(self, ("max_connections",), 1 << 16)
+        for name in ("timeout", "shutdown_timeout", "read_timeout"):
             value = getattr(self, name)
             _require(value == value and 0 < value < float("inf"),
                      f"--{name.replace('_', '-')} must be a positive number of seconds, got {value}")

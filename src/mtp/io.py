@@ -147,14 +147,15 @@ def check_readable(path: str | Path, what: str = "file") -> Path:
 
 
 def read_text(path: str | Path, what: str = "file") -> str:
-    """The UTF-8 text of a user's file; one line naming it for each way it is unusable."""
+    """The UTF-8 text of a user's file; one line naming it for each way it is unusable. A UTF-8 byte order mark at
+    its start is dropped (editors on Windows write one; it is no text), as :func:`parse_json` drops one."""
     p = check_readable(path, what)
     try:
         raw = p.read_bytes()
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror or e}: check its permissions") from None
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
         raise UserError(f"{path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}): "
                         "convert it to UTF-8") from None
@@ -163,8 +164,11 @@ def read_text(path: str | Path, what: str = "file") -> str:
 def parse_json(text: str | bytes, where: str, fix: str = "", what: str = "is corrupt: ") -> object:
     """JSON text parsed, every way it can be unreadable one line (``where`` names it, ``what`` says how it is bad,
     ``fix`` ends the message): not JSON, nested too deeply, an integer of more digits than Python converts
-    (4300), or a string holding a lone surrogate (a ``\\ud800`` escape: no UTF-8 text, tokenizers reject it)."""
+    (4300), or a string holding a lone surrogate (a ``\\ud800`` escape: no UTF-8 text, tokenizers reject it).
+    A UTF-8 byte order mark at the start is ignored (RFC 8259 allows it), whether ``text`` is bytes or str."""
     end = f": {fix}" if fix else ""
+    if isinstance(text, str):
+        text = text.removeprefix("\ufeff")  # bytes: json.loads itself reads a BOM as UTF-8
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:

@@ -6,8 +6,10 @@ Per method, a server process on a free loopback port (real model) and asyncio cl
    ``c`` concurrent clients (``--concurrency``): aggregate tokens/s, time to first token and time per output
    token (p50 / p95 over requests);
 2. **soak** (``--duration`` seconds, ``--soak-clients`` clients): streamed and plain requests with
-   ``--bad-share`` of them malformed or oversized; every valid one must complete, every bad one get its 4xx,
-   none a 5xx; the server's resident memory at the end against after warm-up.
+   ``--bad-share`` of them malformed, oversized or out of range, one valid request in ten at a field's edge
+   (temperature 1e-300, top_p 1e-300, ...), and beside them a slow-loris client (its body a byte at a time);
+   every valid one must complete, every bad one get its 4xx, the slow one a 408 within the server's
+   ``--read-timeout``, none a 5xx; the server's resident memory at the end against after warm-up.
 
 Afterwards (servers stopped) each distinct prompt is decoded alone in this process, as ``mtp generate`` does
 (same method, dtype, heads, batch 1): the share of the servers' temperature-0 answers identical to it.
@@ -91,7 +93,16 @@ async def _request(client, url: str, model: str, prompt: str, max_tokens: int, s
 CLIENT_TIMEOUT, CONNECT_TIMEOUT = 630.0, 30.0  # seconds
 
 BAD_KINDS = ("malformed-json", "oversized-body", "wrong-type", "unknown-parameter", "unknown-model",
-             "max-tokens-too-large", "prompt-too-long")
+             "max-tokens-too-large", "prompt-too-long", "number-overflow", "boolean-as-number")
+
+# Valid requests at the edges of the numbers a field takes: each must be answered (200, a complete answer)
+EXTREME = {
+    "temperature-1e-300": {"temperature": 1e-300},  # greedy in the limit (no NaN, no error)
+    "temperature-5e-324": {"temperature": 5e-324},  # the smallest positive double
+    "top-p-1e-300": {"temperature": 1.0, "top_p": 1e-300},
+    "temperature-2": {"temperature": 2.0, "seed": 2 ** 63 - 1},
+    "max-tokens-1": {"max_tokens": 1},
+}
 
 
 async def _bad_request(client, url: str, model: str, kind: str, body_limit: int, prompt_limit: int) -> dict:
@@ -111,6 +122,10 @@ async def _bad_request(client, url: str, model: str, kind: str, body_limit: int,
         content = json.dumps({**good, "max_tokens": 10 ** 7}).encode()
     elif kind == "prompt-too-long":
         content = json.dumps({**good, "messages": [{"role": "user", "content": "word " * (prompt_limit + 10)}]}).encode()
+    elif kind == "number-overflow":  # 1e999 is infinity to a JSON parser
+        content = json.dumps(good).encode()[:-1] + b', "temperature": 1e999}'
+    elif kind == "boolean-as-number":
+        content = json.dumps({**good, "n": True}).encode()
     r = await client.post(url + "/v1/chat/completions", content=content, headers={"Content-Type": "application/json"})
     return {"kind": kind, "status": r.status_code}
 
@@ -148,14 +163,57 @@ def _answers(rows: list[dict]) -> list[list[str]]:
     return [[r["prompt"], r["text"]] for r in rows]
 
 
+async def _extreme_request(client, url: str, model: str, kind: str, prompt: str) -> dict:
+    """One valid request with a field at its edge (:data:`EXTREME`): answered completely, or a failure."""
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 8, **EXTREME[kind]}
+    r = await client.post(url + "/v1/chat/completions", json=body)
+    complete = r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+    return {"kind": kind, "status": r.status_code, "complete": complete}
+
+
+async def _slow_client(url: str, body_limit: int, read_timeout: float, stop_at: float) -> list[dict]:
+    """Slow-loris clients, one after another until ``stop_at``: headers, then the body one byte every
+    ``read_timeout / 4`` s. Each should be answered 408 and cut off within about ``read_timeout`` s."""
+    from urllib.parse import urlsplit
+
+    host, port = urlsplit(url).hostname, urlsplit(url).port
+    out = []
+    while time.monotonic() < stop_at:
+        start = time.monotonic()
+        reader, writer = await asyncio.open_connection(host, port)
+        body = b'{"model": "m", "messages": [{"role": "user", "content": "' + b"x" * 200 + b'"}]}'
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body))
+        status, head = 0, b""
+        try:
+            for byte in body:  # a byte, then a quarter of the read time-out for the server to give up
+                writer.write(bytes([byte]))
+                await writer.drain()
+                try:
+                    head = await asyncio.wait_for(reader.read(64), read_timeout / 4)
+                    break
+                except TimeoutError:
+                    continue
+            else:  # the whole body went through: whatever the server answers
+                head = await asyncio.wait_for(reader.read(64), read_timeout)
+        except (ConnectionError, OSError, TimeoutError):
+            pass
+        finally:
+            writer.close()
+        if head.startswith(b"HTTP/1.1 "):
+            status = int(head[9:12])
+        out.append({"status": status, "seconds": time.monotonic() - start})
+    return out
+
+
 async def _soak(url: str, model: str, prompts: list[str], clients: int, duration: float, max_tokens: int,
-                bad_share: float, body_limit: int, prompt_limit: int, seed: int) -> dict:
+                bad_share: float, body_limit: int, prompt_limit: int, seed: int, read_timeout: float = 30.0) -> dict:
     import httpx
 
     rng = random.Random(seed)
     plan = [rng.random() < bad_share for _ in range(100000)]
     counter = {"i": 0}
-    valid, bad, failures = [], [], []
+    valid, bad, failures, extreme = [], [], [], []
     stop_at = time.monotonic() + duration
     timeout = httpx.Timeout(CLIENT_TIMEOUT, connect=CONNECT_TIMEOUT)
     async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=clients + 4)) as client:
@@ -168,6 +226,10 @@ async def _soak(url: str, model: str, prompts: list[str], clients: int, duration
                         kind = BAD_KINDS[counter.setdefault("bad", 0) % len(BAD_KINDS)]  # every class in turn
                         counter["bad"] += 1
                         bad.append(await _bad_request(client, url, model, kind, body_limit, prompt_limit))
+                    elif i % 10 == 5:  # one valid request in ten sits at a field's edge, every class in turn
+                        kind = list(EXTREME)[counter.setdefault("extreme", 0) % len(EXTREME)]
+                        counter["extreme"] += 1
+                        extreme.append(await _extreme_request(client, url, model, kind, prompts[i % len(prompts)]))
                     else:
                         valid.append(await _request(client, url, model, prompts[i % len(prompts)], max_tokens,
                                                     stream=i % 2 == 0))
@@ -175,16 +237,21 @@ async def _soak(url: str, model: str, prompts: list[str], clients: int, duration
                     failures.append(f"{type(e).__name__}: {e}")
 
         start = time.perf_counter()
-        await asyncio.gather(*(worker(k) for k in range(clients)))
+        *_, slow = await asyncio.gather(*(worker(k) for k in range(clients)),
+                                        _slow_client(url, body_limit, read_timeout, stop_at))
         wall = time.perf_counter() - start
     statuses: dict[str, int] = {}
-    for r in valid + bad:
+    for r in valid + bad + extreme:
         statuses[str(r["status"])] = statuses.get(str(r["status"]), 0) + 1
     ok = [r for r in valid if r["status"] == 200 and r["complete"]]
     bad_4xx = [r for r in bad if 400 <= r["status"] < 500]
     return {"clients": clients, "seconds": wall, "valid": len(valid), "valid_completed": len(ok),
             "bad": len(bad), "bad_answered_4xx": len(bad_4xx), "bad_by_kind": _by_kind(bad),
             "status_counts": statuses, "server_errors_5xx": sum(v for k, v in statuses.items() if k.startswith("5")),
+            "extreme": len(extreme), "extreme_completed": sum(r["complete"] for r in extreme),
+            "extreme_by_kind": _by_kind(extreme), "slow_clients": len(slow),
+            "slow_cut_408": sum(r["status"] == 408 for r in slow),
+            "slow_seconds_max": max((r["seconds"] for r in slow), default=None),
             "connection_failures": failures[:10], "tokens": sum(r["tokens"] for r in ok),
             "tokens_per_s": sum(r["tokens"] for r in ok) / wall, "answers": _answers(ok)}
 
@@ -229,11 +296,13 @@ def bench_serve(cfg, command: str = "") -> dict:
     say = (lambda *a: None) if cfg.quiet else (lambda m: print(f"bench serve: {m}", file=sys.stderr, flush=True))
     result = {"command": command, "machine": machine_info(cfg.device), "config": cfg.to_dict(), "methods": {}}
     body_limit, prompt_limit = 65536, 2048
+    read_timeout = min(30.0, max(2.0, cfg.duration / 6))  # a slow-loris client is cut several times in a soak
     for method in cfg.methods:
         args = ["--model", cfg.model, "--dtype", cfg.dtype, "--device", cfg.device, "--method", method,
                 "--max-batch", str(cfg.max_batch), "--max-queue", str(cfg.max_queue), "--max-tokens",
                 str(server_max_tokens), "--max-body-bytes", str(body_limit), "--max-prompt-tokens",
-                str(prompt_limit), "--backend", cfg.backend, "--target", cfg.target, "--quiet"]
+                str(prompt_limit), "--backend", cfg.backend, "--target", cfg.target, "--quiet",
+                "--read-timeout", f"{read_timeout:g}"]
         if method in HEAD_METHODS:
             args += ["--heads", cfg.heads]
         say(f"{method}: starting the server")
@@ -246,7 +315,7 @@ def bench_serve(cfg, command: str = "") -> dict:
                 say(f"{method}: {cfg.soak_clients} clients for {cfg.duration:g} s, {cfg.bad_share:.0%} bad requests")
                 soak = asyncio.run(_with_rss(server, rss_series, _soak(
                     server.url, cfg.model, prompts, cfg.soak_clients, cfg.duration, cfg.max_tokens, cfg.bad_share,
-                    body_limit, prompt_limit, cfg.seed)))
+                    body_limit, prompt_limit, cfg.seed, read_timeout)))
             rss_end = server.rss_bytes()
         finally:
             code, log = server.stop()
@@ -361,4 +430,9 @@ def format_bench_serve(r: dict) -> str:
                          f"4xx ({', '.join(f'{k} {v}' for k, v in s['bad_by_kind'].items())}), "
                          f"{s['server_errors_5xx']} 5xx, {len(s['connection_failures'])} dropped connections, "
                          f"{s['tokens_per_s']:.1f} tokens/s")
+            if "extreme" in s:
+                slowest = f", cut after {s['slow_seconds_max']:.1f} s at most" if s["slow_clients"] else ""
+                lines.append(f"{method} soak: {s['extreme_completed']}/{s['extreme']} valid requests at a field's edge "
+                             f"answered ({', '.join(s['extreme_by_kind'])}); {s['slow_cut_408']}/{s['slow_clients']} "
+                             f"slow-loris clients answered 408{slowest}")
     return "\n".join(lines)

@@ -43,7 +43,7 @@ from mtp.decode.tree import Draft
 from mtp.errors import UserError
 from mtp.hf_compat import first_layers, forward_with_cache
 from mtp.model.attention import attention_masks
-from mtp.model.trunk import capture_hidden, final_norm
+from mtp.model.trunk import capture_hidden, exact_top_logits, final_norm
 
 
 @dataclass
@@ -83,8 +83,11 @@ class SpeculativeDecoder:
     def __init__(self, backbone, tokenizer, mtp_model=None, proposer: Proposer | None = None,
                  sampling: Sampling | None = None, acceptance: str = "exact", seed: int = 0,
                  typical_epsilon: float = 0.09, draft_vocab: torch.Tensor | None = None, bucket: int = 64,
-                 resize: Callable[[int, int], Proposer] | None = None):
+                 resize: Callable[[int, int], Proposer] | None = None, exact_logits: bool = True):
         self.backbone, self.tokenizer, self.mtp = backbone, tokenizer, mtp_model
+        # a bf16 / fp16 backbone's best logits recomputed in float32 (model.trunk.exact_top_logits): greedy picks
+        # that do not flip between a one-token decode and a tree verify over bfloat16's exact ties
+        self.exact_logits = exact_logits
         heads = mtp_model  # the MTPModel: its heads, taps and unembedding
         self.proposer = proposer or PlainProposer()
         self.sampling = sampling or Sampling()
@@ -387,6 +390,8 @@ class SpeculativeDecoder:
         self._mask_dtype = self.backbone.dtype
         with contextlib.ExitStack() as hooks:
             self._taps = hooks.enter_context(capture_hidden(self.backbone, self.mtp.tapped)) if self.n_run else {}
+            if self.exact_logits:
+                hooks.enter_context(exact_top_logits(self.backbone))
             try:
                 yield self
             finally:
@@ -422,6 +427,8 @@ class SpeculativeDecoder:
             raise UserError(f"max new tokens must be >= 1, got {request.max_new_tokens}")
         if not request.prompt:
             raise UserError("empty prompt: give at least one token of text")
+        if len(request.generated) >= request.max_new_tokens:
+            raise UserError(f"a resumed row already has {len(request.generated)} of its {request.max_new_tokens} tokens")
         if self.max_context and len(request.prompt) + request.max_new_tokens > self.max_context:
             raise UserError(f"prompt of {len(request.prompt)} tokens + {request.max_new_tokens} new tokens is longer "
                             f"than the model's context ({self.max_context} tokens)")
@@ -435,13 +442,13 @@ class SpeculativeDecoder:
         for r in requests:
             self.check(r)
         b_old, b = len(self.state.requests), len(requests)
-        longest = max(len(r.prompt) for r in requests)
-        capacity = longest + max(r.max_new_tokens for r in requests) + 64
+        longest = max(len(r.context) for r in requests)
+        capacity = longest + max(r.max_new_tokens - len(r.generated) for r in requests) + 64
         total = b_old + b
         self._check_room(requests, total, capacity)
         old = self.state
-        self.state = Batch(list(requests), [list(r.prompt) for r in requests], [RowResult() for _ in requests],
-                           [False] * b)  # the new rows, prefilled on their own
+        self.state = Batch(list(requests), [list(r.prompt) for r in requests],
+                           [RowResult(tokens=list(r.generated)) for r in requests], [False] * b)  # prefilled alone
         try:
             self._prefill(requests, longest, capacity)
         except BaseException:
@@ -467,7 +474,7 @@ class SpeculativeDecoder:
         slots = max(capacity, self.state.slots.capacity if self.state.slots is not None else 0)
         need, free = kv_bytes(self.backbone.config, self.backbone.dtype, total, slots), free_memory(self.device)
         if free is not None and need > 0.8 * free:
-            longest = max(len(r.prompt) for r in requests)
+            longest = max(len(r.context) for r in requests)
             raise UserError(f"{total} prompt(s) of up to {longest} tokens + {max(r.max_new_tokens for r in requests)} "
                             f"new tokens need {need / 2**30:.1f} GiB of KV cache, {free / 2**30:.1f} GiB of "
                             f"{self.device.type} memory is free: decode fewer prompts at once or fewer new tokens")
@@ -524,7 +531,7 @@ class SpeculativeDecoder:
     def _prefill(self, requests: list["Request"], longest: int, capacity: int) -> None:
         """Prompts of new rows, left-padded, through the backbone into fresh slots; the heads read them."""
         dev, b = self.device, len(requests)
-        prompts = [r.prompt for r in requests]
+        prompts = [r.context for r in requests]
         ids = torch.zeros(b, longest, dtype=torch.long, device=dev)
         valid = torch.zeros(b, longest, dtype=torch.bool, device=dev)
         for i, p in enumerate(prompts):
@@ -615,3 +622,12 @@ class Request:
     stop: tuple = ()
     sampling: Sampling | None = None
     generator: torch.Generator | None = None
+    generated: tuple = ()
+    """Tokens this row already produced and emitted (a row resumed after its batch failed, see
+    mtp.serve.scheduler): read as context after the prompt, counted against ``max_new_tokens`` and stop strings,
+    not emitted again."""
+
+    @property
+    def context(self) -> list[int]:
+        """What the prefill reads: the prompt, then the tokens already generated."""
+        return list(self.prompt) + list(self.generated)

@@ -111,7 +111,7 @@ class LlamaCppDecoder(SpeculativeDecoder):
     def _prefill_backbone(self, ids, pos, valid, capacity: int, requests):
         # transformer heads and EAGLE-3 read every prompt position; the others the last one only
         every = self.eagle or self.transformer_heads
-        logits, states = self.target.rows.add_rows([list(r.prompt) for r in requests], self._layers(), every)
+        logits, states = self.target.rows.add_rows([r.context for r in requests], self._layers(), every)
         self.forwards += 1
         if states is not None:  # (B, L, H) per layer, left-padded like ``ids``
             padded = []
@@ -156,11 +156,12 @@ LLAMA_POINTS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32)  # where llama.cpp'
 
 
 def verify_curve(target: LlamaCppBackbone, context: int = 256, points=LLAMA_POINTS, repeats: int = 7,
-                 warmup: int = 2) -> dict[int, float]:
-    """llama.cpp's cost t(k), in seconds (the median of ``repeats``), of verifying a chain of k tokens -- one
-    decode, the logits of all k read back as the decoder reads them -- after a cached ``context``-token prompt.
-    Rounds over every k, alternating direction, like :func:`mtp.decode.methods.verify_cost` (same format: the
-    draft sizing reads either). The ceiling a method can reach is tau * t(1) / t(k)."""
+                 warmup: int = 2, batch: int = 1) -> dict[int, float]:
+    """llama.cpp's cost t(k), in seconds (the median of ``repeats``), of verifying a chain of k tokens in each of
+    ``batch`` rows -- one decode, the logits of all read back as the decoder reads them -- after a cached
+    ``context``-token prompt per row. Rounds over every k, alternating direction, like
+    :func:`mtp.decode.methods.verify_cost` (same format: the draft sizing reads either; per row, t_B(k) of B rows
+    at once). The ceiling a method can reach is tau * t(1) / t(k)."""
     import statistics
     import time
 
@@ -168,18 +169,19 @@ def verify_curve(target: LlamaCppBackbone, context: int = 256, points=LLAMA_POIN
     if rows.rows:
         raise RuntimeError("verify_curve needs the target to itself (no running rows)")
     vocab = target.ctx.n_vocab
-    rows.add_rows([[(17 + 31 * i) % vocab for i in range(context)]])
+    rows.add_rows([[(17 + 31 * i + 5 * b) % vocab for i in range(context)] for b in range(batch)])
     times: dict[int, list[float]] = {k: [] for k in points}
     try:
         for r in range(warmup + repeats):
             for k in (points if r % 2 == 0 else points[::-1]):
-                tokens = [[(101 + 7 * j) % vocab for j in range(k)]]
+                tokens = [[(101 + 7 * j + 3 * b) % vocab for j in range(k)] for b in range(batch)]
                 start = time.perf_counter()
-                rows.verify(tokens, [list(range(-1, k - 2))], [[True] * (k - 1)])
+                rows.verify(tokens, [list(range(-1, k - 2))] * batch, [[True] * (k - 1)] * batch)
                 elapsed = time.perf_counter() - start
-                rows.commit({0: [0]})
-                rows.ctx.seq_rm(rows.base[0], context)  # back to the prompt alone
-                rows.past[0] = context
+                rows._step = None  # no commit: every row back to its prompt alone (chains: no spare sequences)
+                for b in range(batch):
+                    rows.ctx.seq_rm(rows.base[b], context)
+                    rows.past[b] = context
                 if r >= warmup:
                     times[k].append(elapsed)
         return {k: statistics.median(ts) for k, ts in times.items()}
@@ -187,19 +189,51 @@ def verify_curve(target: LlamaCppBackbone, context: int = 256, points=LLAMA_POIN
         rows.keep_rows([])
 
 
-def cached_verify_curve(target: LlamaCppBackbone) -> dict[int, float]:
-    """:func:`verify_curve` measured once per GGUF file, CPU, thread count and llama.cpp build; kept in the user
-    cache beside the PyTorch curves."""
+def _curve_key(target: LlamaCppBackbone) -> str:
+    """The GGUF file, CPU, thread count and llama.cpp build a curve was measured on."""
     import hashlib
     import json
 
-    from mtp.decode.methods import _measured_once
     from mtp.engines import llamacpp
     from mtp.machine import cpu_signature
 
     st = target.gguf.stat()
     raw = json.dumps([str(target.gguf.resolve()), st.st_size, int(st.st_mtime), cpu_signature(),
                       target.ctx.threads, llamacpp.build_stamp()], sort_keys=True)
-    key = hashlib.sha1(raw.encode()).hexdigest()[:16]
-    return _measured_once(f"llama.cpp-{key}.json", lambda d: {int(k): float(v) for k, v in d.items()},
+    return hashlib.sha1(raw.encode()).hexdigest()[:16]
+
+
+def cached_verify_curve(target: LlamaCppBackbone) -> dict[int, float]:
+    """:func:`verify_curve` measured once per GGUF file, CPU, thread count and llama.cpp build; kept in the user
+    cache beside the PyTorch curves."""
+    from mtp.decode.methods import _measured_once
+
+    return _measured_once(f"llama.cpp-{_curve_key(target)}.json", lambda d: {int(k): float(v) for k, v in d.items()},
                           lambda: verify_curve(target), f"llama.cpp's verify cost t(k) for {target.gguf.name}")
+
+
+def cached_batch_curve(target: LlamaCppBackbone, batch: int, cost: dict[int, float]) -> dict[int, float] | None:
+    """llama.cpp's verify curve for ``batch`` rows at once (rounded up to a power of two), measured once like
+    :func:`cached_verify_curve`: from 2 rows on a batch's verify is compute-bound sooner (on a 2-core EPYC, 8
+    one-token rows of the packaged Q4_1 smollm2 cost 6.1x one), so drafts that pay for one row do not for eight.
+    The measurement needs the context to itself: with rows running and nothing cached, None (the caller keeps its
+    sizes; ``mtp serve`` and ``bench decode`` measure up front, :meth:`LlamaCppDecoder.prepare`)."""
+    import json
+
+    from mtp.decode.methods import BATCH_POINTS, _measured_once, batch_bucket, cache_dir
+
+    b = batch_bucket(batch)
+    if b == 1:
+        return cost
+    name = f"llama.cpp-{_curve_key(target)}.batch{b}.json"
+    parse = lambda d: {int(k): float(v) for k, v in d.items()}  # noqa: E731
+    if target.rows.rows:  # cannot measure now
+        try:
+            return parse(json.loads(cache_dir("verify", name).read_text()))
+        except (OSError, ValueError, TypeError, AttributeError):
+            return None
+    cells = b * (256 + max(BATCH_POINTS) + 8)
+    if cells > target.ctx.n_ctx or b > target.ctx.n_seq // 2:
+        return None  # this context cannot hold the measurement (a small --ctx-size): keep one row's sizes
+    return _measured_once(name, parse, lambda: verify_curve(target, points=BATCH_POINTS, repeats=5, warmup=1, batch=b),
+                          f"llama.cpp's verify cost for {b} rows at once")

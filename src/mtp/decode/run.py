@@ -261,7 +261,7 @@ def build_llama_decoder(target, tokenizer, method: str, opts: DraftOptions, mtp_
                         calibrate: bool = True) -> tuple[SpeculativeDecoder, Sizing]:
     """A decoder whose verify runs in llama.cpp (``target``); heads (mlp, hydra) draft in PyTorch on the states it
     returns. Sizes left open are chosen from llama.cpp's own verify curve on this machine (measured once)."""
-    from mtp.decode.llama import LlamaCppDecoder, cached_verify_curve
+    from mtp.decode.llama import LlamaCppDecoder, cached_batch_curve, cached_verify_curve
 
     if method == "early-exit":
         raise UserError("early-exit drafts with the first layers of a PyTorch model: it needs --backend torch")
@@ -280,8 +280,20 @@ def build_llama_decoder(target, tokenizer, method: str, opts: DraftOptions, mtp_
                                      n_layers=target.config.num_hidden_layers, vocab=width)
     if shortlist is not None:
         sizing.draft_vocab = len(shortlist)
+    resize = None
+    if cost is not None:  # sized from the curve: re-sized for a batch of rows from llama.cpp's curve for as many
+        def resize(batch: int, context: int):
+            curve = cached_batch_curve(target, batch, cost)
+            if curve is None or curve is cost:  # one row, or not measurable now: one row's sizes
+                return proposer
+            sized, resized = make_proposer(method, opts, depth=heads.draft_depth if heads is not None else 0,
+                                           heads_dir=folder if heads is not None else None, cost=curve,
+                                           n_layers=target.config.num_hidden_layers, vocab=width)
+            gain = resized.expected_speedup
+            # where even the smallest draft costs more than it saves for this many rows: plain decoding
+            return PlainProposer() if gain is not None and gain < 1 else sized
     return LlamaCppDecoder(target, tokenizer, mtp_model=heads, proposer=proposer, sampling=Sampling.of(opts),
-                           acceptance=opts.acceptance, seed=opts.seed, draft_vocab=shortlist), sizing
+                           acceptance=opts.acceptance, seed=opts.seed, draft_vocab=shortlist, resize=resize), sizing
 
 
 class Loaded:

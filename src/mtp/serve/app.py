@@ -24,6 +24,7 @@ import torch
 from sse_starlette import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -47,6 +48,7 @@ class Settings:
     timeout: float = 600.0
     fingerprint: str = "mtp"
     eos: tuple[int, ...] = ()
+    read_timeout: float = 30.0  # a request's body, once its headers are in (the headers: GuardedH11Protocol)
 
 
 class Metrics:
@@ -58,8 +60,9 @@ class Metrics:
         self.registry = r = CollectorRegistry()
         self.requests = Counter("mtp_http_requests", "HTTP requests by route and status", ["route", "status"],
                                 registry=r)
-        self.outcomes = Counter("mtp_requests_finished", "Decoding requests by outcome (ok, cancelled, timeout, "
-                                "queue_full, shutting_down, engine_error)", ["outcome"], registry=r)
+        self.outcomes = Counter("mtp_requests_finished", "Decoding requests by outcome (ok, time_limit: cut at "
+                                "--timeout, cancelled, timeout: waited in the queue past it, queue_full, "
+                                "shutting_down, decoding_failed, internal_error)", ["outcome"], registry=r)
         self.prompt_tokens = Counter("mtp_prompt_tokens", "Prompt tokens of accepted requests", registry=r)
         self.tokens = Counter("mtp_generation_tokens", "Tokens generated (what usage.completion_tokens sums; "
                               "each request's first one comes from its prefill)", registry=r)
@@ -114,11 +117,18 @@ class Api:
             raise ApiError(413, f"request body larger than {self.settings.max_body_bytes} bytes (--max-body-bytes)",
                            code="body_too_large")
         body = bytearray()
-        async for part in request.stream():
-            body += part
-            if len(body) > self.settings.max_body_bytes:
-                raise ApiError(413, f"request body larger than {self.settings.max_body_bytes} bytes "
-                               "(--max-body-bytes)", code="body_too_large")
+        try:
+            async with asyncio.timeout(self.settings.read_timeout):
+                async for part in request.stream():
+                    body += part
+                    if len(body) > self.settings.max_body_bytes:
+                        raise ApiError(413, f"request body larger than {self.settings.max_body_bytes} bytes "
+                                       "(--max-body-bytes)", code="body_too_large")
+        except TimeoutError:  # a client that sends its body a byte at a time holds a connection: not for long
+            raise ApiError(408, f"the request body did not arrive within {self.settings.read_timeout:g} s "
+                           "(--read-timeout)", code="request_timeout", headers={"Connection": "close"}) from None
+        except ClientDisconnect:
+            raise ApiError(499, "client closed the request", code="client_closed") from None
         try:
             return parse_json(bytes(body), "the request body", what="is ")
         except UserError as e:  # not JSON, too deep, a 5000-digit number, a lone surrogate
@@ -358,27 +368,44 @@ def serve(cfg, command: str = "") -> None:
     limits = Limits(max_tokens=cfg.max_tokens, max_prompt_tokens=cfg.max_prompt_tokens, context=context,
                     default_temperature=cfg.temperature, default_top_p=cfg.top_p, default_top_k=cfg.top_k)
     names = tuple(dict.fromkeys([cfg.served_model_name or cfg.model, cfg.model]))
-    settings = Settings(names, limits, api_key, cfg.max_body_bytes, cfg.timeout, f"mtp-{method}", tuple(eos))
+    settings = Settings(names, limits, api_key, cfg.max_body_bytes, cfg.timeout, f"mtp-{method}", tuple(eos),
+                        cfg.read_timeout)
     metrics = Metrics()
     scheduler = Scheduler(decoder, cfg.max_batch, cfg.max_queue, metrics)
     app = create_app(scheduler, tokenizer, settings, metrics)
     AppStatus.disable_automatic_graceful_drain()  # streams end through the scheduler's drain, with an event
 
     class Server(uvicorn.Server):
-        def handle_exit(self, sig, frame):  # SIGTERM / SIGINT: stop taking requests, let the others finish
-            if not self.should_exit:
+        """uvicorn's server, but the first SIGTERM / SIGINT drains: the socket stays open (/health answers 503
+        "shutting down", a new completion 503), the requests in flight finish (up to --shutdown-timeout), then it
+        stops. A second signal stops it at once."""
+
+        draining = False
+
+        def handle_exit(self, sig, frame):
+            if self.draining or self.should_exit:
+                super().handle_exit(sig, frame)
+            else:
                 say(f"{signal.Signals(sig).name}: finishing {len(scheduler.running) + scheduler.queue_depth()} "
                     f"request(s) (up to {cfg.shutdown_timeout:g} s), taking no new ones")
-            scheduler.drain(cfg.shutdown_timeout)
-            super().handle_exit(sig, frame)
+                scheduler.drain(cfg.shutdown_timeout)
+                self.draining = True
             # a SIGTERM that stopped the server gracefully ends the process with status 0 (uvicorn would raise
             # it again once stopped); Ctrl-C still ends as an interrupt
             captured = getattr(self, "_captured_signals", None)
             if captured is not None:
+                if sig == signal.SIGINT and sig not in captured:
+                    captured.append(sig)
                 self._captured_signals = [s for s in captured if s != signal.SIGTERM]
 
+        async def on_tick(self, counter: int) -> bool:
+            if self.draining and (scheduler.idle or not scheduler.thread.is_alive()):
+                self.should_exit = True  # every request has its last event: uvicorn lets their responses end
+            return await super().on_tick(counter)
+
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=cfg.shutdown_timeout + 5, lifespan="on")
+                            timeout_graceful_shutdown=cfg.shutdown_timeout + 5, lifespan="on",
+                            http=guarded_protocol(cfg.read_timeout, cfg.max_connections))
     server = Server(config)
     sock = listen(cfg.host, cfg.port)  # bound here: --port 0 announces the port the system chose
     port = sock.getsockname()[1]
@@ -393,6 +420,63 @@ def serve(cfg, command: str = "") -> None:
         sock.close()
     say("stopped")
     return None
+
+
+def _raw_response(status: str, message: str, code: str) -> bytes:
+    body = json.dumps({"error": {"message": message, "type": "server_error" if status[0] == "5" else
+                                 "invalid_request_error", "param": None, "code": code}}).encode()
+    return (f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\nconnection: close\r\n"
+            f"content-length: {len(body)}\r\n\r\n").encode() + body
+
+
+def guarded_protocol(read_timeout: float, max_connections: int):
+    """uvicorn's h11 protocol with the two bounds it lacks (a slow-loris client otherwise holds a connection as
+    long as it likes): a request's headers must arrive within ``read_timeout`` seconds of its first byte (or of
+    the connection), else a 408 and the connection closes (nginx's client_header_timeout; the body has its own
+    bound, :meth:`Api.read_json`); and at most ``max_connections`` are open, one more is answered 503 and closed."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(H11Protocol):
+        _headers_timer = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            if len(self.connections) > max_connections:
+                transport.write(_raw_response("503 Service Unavailable", f"more than {max_connections} open "
+                                              "connections (--max-connections): retry later", "too_many_connections"))
+                transport.close()
+                return
+            self._arm()
+
+        def _arm(self) -> None:
+            if self._headers_timer is None:
+                self._headers_timer = self.loop.call_later(read_timeout, self._headers_late)
+
+        def _disarm(self) -> None:
+            if self._headers_timer is not None:
+                self._headers_timer.cancel()
+                self._headers_timer = None
+
+        def data_received(self, data: bytes) -> None:
+            if self.conn.their_state is h11.IDLE:  # a request's first bytes (a new connection, or after keep-alive)
+                self._arm()
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:  # its headers are in
+                self._disarm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _headers_late(self) -> None:
+            self._headers_timer = None
+            if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+                self.transport.write(_raw_response("408 Request Timeout", f"the request headers did not arrive "
+                                                   f"within {read_timeout:g} s (--read-timeout)", "request_timeout"))
+                self.transport.close()
+
+    return GuardedH11Protocol
 
 
 def llama_ctx_size(max_batch: int, max_prompt_tokens: int, max_tokens: int) -> int:

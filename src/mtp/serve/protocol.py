@@ -26,7 +26,8 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
         self.type = type or {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-                             413: "invalid_request_error", 429: "rate_limit_error"}.get(status, "server_error")
+                             413: "invalid_request_error", 422: "invalid_request_error",
+                             429: "rate_limit_error"}.get(status, "server_error")
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}

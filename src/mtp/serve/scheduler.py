@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import sys
 import threading
 import time
@@ -145,8 +146,10 @@ class Scheduler:
             if job.cancelled:
                 self._count("cancelled")
             elif now >= job.deadline:
+                # the server was busy: try again later
                 self._fail(job, ApiError(503, f"timed out after {job.timeout:g} s waiting for a free row "
-                                              f"(--timeout)", code="timeout", type="server_error"))
+                                              f"(--timeout)", code="timeout", type="server_error",
+                                         headers={"Retry-After": "1"}))
             elif len(self.running) + len(admit) < self.max_batch and not (self._full and self.running):
                 admit.append(job)
             else:
@@ -177,13 +180,10 @@ class Scheduler:
                             self.waiting.extendleft(reversed(jobs[k:]))
                         return
                 return
-            error = ApiError(400, str(e)) if isinstance(e, UserError) else \
-                ApiError(503, f"could not start decoding: {type(e).__name__}: {e}", code="engine_error",
-                         type="server_error")
+            # alone (a new row is prefilled on its own): the failure is this request's, and it would fail again
             if not isinstance(e, UserError):
                 traceback.print_exc(file=sys.stderr)
-            for job in jobs:
-                self._fail(job, error)
+            self._fail(jobs[0], self._own_failure(e))
             return
 
     def _on_tokens(self, row: int, tokens: list[int]) -> None:
@@ -203,10 +203,9 @@ class Scheduler:
         live = sum(1 for d in self.decoder.done if not d)
         try:
             self.decoder.step(self._on_tokens)
-        except Exception as e:  # noqa: BLE001 - the batch is lost, the server is not
+        except Exception:  # noqa: BLE001 - the batch's state is lost, its requests are not
             traceback.print_exc(file=sys.stderr)
-            self._end_all(ApiError(500, f"decoding failed: {type(e).__name__}: {e}", code="engine_error",
-                                   type="server_error"), waiting=False)
+            self._recover()
             return
         new = sum(j.tokens for j in self.running) - before
         now = time.monotonic()
@@ -237,14 +236,68 @@ class Scheduler:
                 self._count("cancelled")
                 gone.append(row)
             elif now >= job.deadline:
-                self._fail(job, ApiError(503, f"timed out after {job.timeout:g} s (--timeout); "
-                                              f"{job.tokens} tokens were generated", code="timeout",
-                                         type="server_error"))
+                # its own decoding took too long: the answer ends with the tokens it has, as max_tokens would end
+                # it (transformers' max_time), not with an error that throws them away
+                job.send("done", "length")
+                self._count("time_limit")
                 gone.append(row)
         if gone:
             self._full = False
             self.decoder.drop(gone)
             self.running = [j for i, j in enumerate(self.running) if i not in set(gone)]
+        self._gauges()
+
+    @staticmethod
+    def _own_failure(e: Exception) -> ApiError:
+        """The error of a request that failed on its own: a 4xx (it would fail again; clients must not retry it)."""
+        if isinstance(e, UserError):
+            return ApiError(400, str(e))
+        return ApiError(422, f"this request cannot be decoded: {type(e).__name__}: {str(e)[:200]}",
+                        code="decoding_failed")
+
+    def _recover(self) -> None:
+        """A step of the batch failed. Rows that had finished end as they were; every other row resumes alone
+        (its prompt and the tokens it already sent re-read, :attr:`Request.generated`) for one step: a row that
+        fails again on its own fails alone (a 4xx), the others go on together. Each retry decodes at least one
+        more token per row, so a failure that comes from batching itself cannot loop."""
+        old, results, done = self.running, list(self.decoder.results), list(self.decoder.done)
+        self.running = []
+        self.decoder.reset()
+        alive = []
+        for job, res, finished in zip(old, results, done):
+            if job.cancelled:
+                self._count("cancelled")
+            elif finished:
+                job.send("done", res.finish)
+                self._count("ok")
+            else:
+                job.request = dataclasses.replace(job.request, generated=tuple(res.tokens))
+                alive.append(job)
+        survivors = []
+        for job in alive:
+            self.running = [job]
+            try:
+                self.decoder.add([job.request], self._on_tokens)
+                if not self.decoder.done[0]:
+                    self.decoder.step(self._on_tokens)
+                survivors.append((job, self.decoder.results[0]))
+            except Exception as e:  # noqa: BLE001 - this row's own failure
+                traceback.print_exc(file=sys.stderr)
+                self._fail(job, self._own_failure(e))
+            finally:
+                self.running = []
+                self.decoder.reset()
+        again = []
+        for job, res in survivors:
+            if res.finish in ("eos", "stop") or len(res.tokens) >= job.request.max_new_tokens:
+                job.send("done", res.finish)
+                self._count("ok")
+            else:
+                job.request = dataclasses.replace(job.request, generated=tuple(res.tokens))
+                again.append(job)
+        self._full = False
+        if again:
+            self._admit(again)
         self._gauges()
 
     def _end_all(self, error: ApiError, waiting: bool = True) -> None:
