@@ -293,3 +293,89 @@ def add_lora(backbone, lora: dict):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         return get_peft_model(backbone, LoraConfig(**lora))
+
+
+FLOAT32_ATTENTION = "mtp_sdpa_float32"  # transformers' sdpa attention, computed in float32 (float32_attention)
+
+
+PER_QUERY_MAX = 128  # queries of one forward attended one by one (decoding steps, tree verifies); more: a prefill
+
+
+def _sdpa_float32(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers' attention signature: query (B, Hq, Q, D), key / value (B, Hkv, L, D), the mask (B, 1, Q, L)
+    additive or boolean; returns (B, Q, Hq, D). Up to PER_QUERY_MAX queries with a mask, each query attends to
+    exactly the keys its mask shows, gathered in cache order, in one float32 call of one query (the same call a
+    one-token decode makes): its result does not depend on what else the forward holds."""
+    import torch
+    import torch.nn.functional as F
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    dtype = query.dtype
+    b, heads, q_len, d = query.shape
+    if attention_mask is None or q_len > PER_QUERY_MAX or attention_mask.dim() != 4:
+        if attention_mask is not None and attention_mask.is_floating_point():
+            attention_mask = attention_mask.float()
+        out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
+                                              scaling=scaling, dropout=dropout, **kwargs)
+        return out.to(dtype), weights
+    picks = _visible_keys(attention_mask, key.shape[2])
+    gqa = key.shape[1] != heads
+    keys, values, queries = key.float(), value.float(), query.float()  # once per layer, not per query
+    out = torch.empty(b, q_len, heads, d, dtype=dtype, device=query.device)
+    for r in range(b):
+        for i in range(q_len):
+            idx = picks[r][i]
+            k = keys[r:r + 1, :, idx] if isinstance(idx, slice) else keys[r:r + 1].index_select(2, idx)
+            v = values[r:r + 1, :, idx] if isinstance(idx, slice) else values[r:r + 1].index_select(2, idx)
+            a = F.scaled_dot_product_attention(queries[r:r + 1, :, i:i + 1], k, v, scale=scaling, enable_gqa=gqa)
+            out[r, i] = a[0, :, 0].to(dtype)
+    return out, None
+
+
+_PICKS: list = [None, None]  # the last mask seen and its per-query key picks (every layer of a forward shares it)
+
+
+def _visible_keys(mask, length: int) -> list[list]:
+    """Per row and query, the keys it sees: a slice when they are a prefix of the cache, else their indices."""
+    import torch
+
+    if _PICKS[0] is mask:
+        return _PICKS[1]
+    visible = (mask if mask.dtype == torch.bool else mask == 0)[:, 0, :, :length]
+    counts = visible.sum(-1).tolist()
+    prefix = (visible.cumsum(-1) == torch.arange(1, length + 1, device=mask.device)).sum(-1).tolist()
+    picks = [[slice(0, c) if p == c else visible[r, i].nonzero().squeeze(-1)
+              for i, (c, p) in enumerate(zip(cs, ps))] for r, (cs, ps) in enumerate(zip(counts, prefix))]
+    _PICKS[:] = [mask, picks]
+    return picks
+
+
+@contextlib.contextmanager
+def float32_attention(model):
+    """Within the block a bfloat16 / float16 model's attention (transformers' sdpa) runs in float32 on its bf16
+    queries, keys and values, and its output is rounded back once. In bfloat16, transformers computes one query
+    token's attention in another layout than several tokens' (grouped queries packed, ``pack_gqa``, against keys
+    repeated), and the two round differently: a tree verify and a one-token decode of the same position then
+    differ in a few dozen of 576 numbers after the first layer, enough to flip the greedy pick at a near-tie. In
+    float32 the two layouts differ in the last bits only, which rounding to bfloat16 almost always erases. Weights
+    and matrix products stay in the model's dtype (those are batch-invariant on the CPUs measured). Other
+    attention implementations, and float32 models, are left alone."""
+    import torch
+
+    configs = {id(c): c for c in [model.config] + [getattr(m, "config", None) for m in model.modules()]
+               if c is not None and getattr(c, "_attn_implementation", None) == "sdpa"}
+    if not configs or model.dtype not in (torch.bfloat16, torch.float16):
+        yield
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(FLOAT32_ATTENTION, _sdpa_float32)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(FLOAT32_ATTENTION, sdpa_mask)
+    for c in configs.values():
+        c._attn_implementation = FLOAT32_ATTENTION
+    try:
+        yield
+    finally:
+        for c in configs.values():
+            c._attn_implementation = "sdpa"

@@ -29,7 +29,7 @@ a = ap.parse_args()
 backbone, tok = load_backbone(a.model, "bfloat16")
 eos = eos_ids(backbone, tok)
 prompts = [encode_prompt(tok, t, True) for t in load_prompts(a.prompts, "eval", a.limit, 0)]
-decs = {on: SpeculativeDecoder(backbone, tok, exact_logits=on) for on in (True, False)}
+decs = {on: SpeculativeDecoder(backbone, tok, invariant_attention=on) for on in (True, False)}
 for d in decs.values():
     d.generate([prompts[0]], 8, eos)
 ratios, same, tps = [], 0, {True: [], False: []}

@@ -3,7 +3,7 @@ answers differ, the first differing position, the two tokens chosen there, and h
 puts them (its logit of plain's token minus the other's) -- near zero: a near-tie that bfloat16's rounding decides
 either way; large: a real error.
 
-    .venv/bin/python docs/results/bf16_identity/flips.py --method hybrid [--exact | --no-exact] [--limit 20]
+    .venv/bin/python docs/results/bf16_identity/flips.py --method hybrid [--invariant | --no-invariant] [--limit 20]
 """
 
 import argparse
@@ -25,7 +25,7 @@ ap.add_argument("--method", default="hybrid")
 ap.add_argument("--prompts", default="docs/results/drafts/outside_prompts.jsonl")
 ap.add_argument("--limit", type=int, default=20)
 ap.add_argument("--max-new-tokens", type=int, default=128)
-ap.add_argument("--exact", action=argparse.BooleanOptionalAction, default=True)
+ap.add_argument("--invariant", action=argparse.BooleanOptionalAction, default=True)
 ap.add_argument("--json")
 a = ap.parse_args()
 
@@ -35,7 +35,7 @@ tok = loaded.tokenizer
 eos = eos_ids(loaded.backbone, tok)
 plain, _ = loaded.decoder("plain", opts)
 method, _ = loaded.decoder(a.method, opts)
-plain.exact_logits = method.exact_logits = a.exact
+plain.invariant_attention = method.invariant_attention = a.invariant
 ref32, _ = load_backbone(a.model, "float32")
 prompts = [encode_prompt(tok, t, True) for t in load_prompts(a.prompts, "eval", a.limit, 0)]
 rows = []
@@ -56,7 +56,7 @@ for p in prompts:
                  "fp32_top1_top2_margin": float(top2.values[0] - top2.values[1]),
                  "fp32_argmax_is_plain": int(logits.argmax()) == x[i]})
 gaps = [abs(r["fp32_gap"]) for r in rows if "fp32_gap" in r]
-r = {"command": " ".join(sys.argv), "machine": machine_info("cpu"), "method": a.method, "exact_logits": a.exact,
+r = {"command": " ".join(sys.argv), "machine": machine_info("cpu"), "method": a.method, "invariant_attention": a.invariant,
      "prompts": len(prompts), "differing": len(rows), "median_abs_fp32_gap": statistics.median(gaps) if gaps else None,
      "max_abs_fp32_gap": max(gaps, default=None), "rows": rows}
 print(json.dumps(r, indent=1))

@@ -41,9 +41,9 @@ from mtp.decode.proposers import PlainProposer, Proposer
 from mtp.decode.slots import Slots, free_memory, kv_bytes
 from mtp.decode.tree import Draft
 from mtp.errors import UserError
-from mtp.hf_compat import first_layers, forward_with_cache
+from mtp.hf_compat import first_layers, float32_attention, forward_with_cache
 from mtp.model.attention import attention_masks
-from mtp.model.trunk import capture_hidden, exact_top_logits, final_norm
+from mtp.model.trunk import capture_hidden, final_norm
 
 
 @dataclass
@@ -83,11 +83,11 @@ class SpeculativeDecoder:
     def __init__(self, backbone, tokenizer, mtp_model=None, proposer: Proposer | None = None,
                  sampling: Sampling | None = None, acceptance: str = "exact", seed: int = 0,
                  typical_epsilon: float = 0.09, draft_vocab: torch.Tensor | None = None, bucket: int = 64,
-                 resize: Callable[[int, int], Proposer] | None = None, exact_logits: bool = True):
+                 resize: Callable[[int, int], Proposer] | None = None, invariant_attention: bool = True):
         self.backbone, self.tokenizer, self.mtp = backbone, tokenizer, mtp_model
-        # a bf16 / fp16 backbone's best logits recomputed in float32 (model.trunk.exact_top_logits): greedy picks
-        # that do not flip between a one-token decode and a tree verify over bfloat16's exact ties
-        self.exact_logits = exact_logits
+        # a bf16 / fp16 backbone's attention per query in float32 (hf_compat.float32_attention): a position
+        # verified in a tree computes what a one-token decode of it computes, so greedy picks do not flip
+        self.invariant_attention = invariant_attention
         heads = mtp_model  # the MTPModel: its heads, taps and unembedding
         self.proposer = proposer or PlainProposer()
         self.sampling = sampling or Sampling()
@@ -390,8 +390,8 @@ class SpeculativeDecoder:
         self._mask_dtype = self.backbone.dtype
         with contextlib.ExitStack() as hooks:
             self._taps = hooks.enter_context(capture_hidden(self.backbone, self.mtp.tapped)) if self.n_run else {}
-            if self.exact_logits:
-                hooks.enter_context(exact_top_logits(self.backbone))
+            if self.invariant_attention:
+                hooks.enter_context(float32_attention(self.backbone))
             try:
                 yield self
             finally:

@@ -38,38 +38,6 @@ def unembed(backbone, hidden: torch.Tensor, normed: bool = False) -> torch.Tenso
     return torch.tanh(logits / cap) * cap if cap else logits
 
 
-EXACT_TOP = 8  # candidates whose logits are recomputed in float32 (ties in bfloat16 are rarely wider)
-
-
-@contextlib.contextmanager
-def exact_top_logits(backbone, k: int = EXACT_TOP):
-    """Within the block, a low-precision backbone's logits come out in float32, and its ``k`` largest per position
-    recomputed in float32 from the same final hidden state (products of the bf16 / fp16 values accumulated in
-    float32): the argmax greedy decoding takes no longer depends on how bfloat16 rounded the logits (at a logit of
-    20 its step is 0.125, so near-best tokens tie exactly and any change of batch shape flips the pick). Costs k
-    rows of the unembedding per position; a float32 model is left alone."""
-    head = backbone.get_output_embeddings()
-    if head is None or head.weight.dtype not in (torch.bfloat16, torch.float16):
-        yield
-        return
-
-    def refine(module, args, out):
-        x = args[0]
-        top = out.topk(min(k, out.shape[-1]), dim=-1).indices  # (..., k)
-        w = module.weight[top].float()  # (..., k, H)
-        exact = (w @ x.float().unsqueeze(-1)).squeeze(-1)  # (..., k)
-        bias = getattr(module, "bias", None)
-        if bias is not None:
-            exact = exact + bias[top].float()
-        return out.float().scatter(-1, top, exact)
-
-    handle = head.register_forward_hook(refine)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 @contextlib.contextmanager
 def capture_hidden(backbone, layers: list[int]):
     """Record the residual stream before the final norm: index 0 = embeddings, i = output of layer i.
