@@ -353,13 +353,15 @@ def _visible_keys(mask, length: int) -> list[list]:
 @contextlib.contextmanager
 def float32_attention(model):
     """Within the block a bfloat16 / float16 model's attention (transformers' sdpa) runs in float32 on its bf16
-    queries, keys and values, and its output is rounded back once. In bfloat16, transformers computes one query
+    queries, keys and values, each query of a decoding step or tree verify alone over exactly the keys it sees
+    (:func:`_sdpa_float32`), and its output is rounded back once. In bfloat16, transformers computes one query
     token's attention in another layout than several tokens' (grouped queries packed, ``pack_gqa``, against keys
     repeated), and the two round differently: a tree verify and a one-token decode of the same position then
     differ in a few dozen of 576 numbers after the first layer, enough to flip the greedy pick at a near-tie. In
-    float32 the two layouts differ in the last bits only, which rounding to bfloat16 almost always erases. Weights
-    and matrix products stay in the model's dtype (those are batch-invariant on the CPUs measured). Other
-    attention implementations, and float32 models, are left alone."""
+    float32 the two layouts still differ in a last bit now and then, which bfloat16 rounding can carry on; one
+    query over its own keys is the same call either way. Weights and matrix products stay in the model's dtype
+    (batch-invariant on the CPU measured, docs/results/bf16_identity.md). Other attention implementations, and
+    float32 models, are left alone. One decoding thread at a time (the key picks of the last mask are kept)."""
     import torch
 
     configs = {id(c): c for c in [model.config] + [getattr(m, "config", None) for m in model.modules()]

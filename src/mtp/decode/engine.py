@@ -428,7 +428,8 @@ class SpeculativeDecoder:
         if not request.prompt:
             raise UserError("empty prompt: give at least one token of text")
         if len(request.generated) >= request.max_new_tokens:
-            raise UserError(f"a resumed row already has {len(request.generated)} of its {request.max_new_tokens} tokens")
+            raise UserError(f"a resumed row already has {len(request.generated)} of its {request.max_new_tokens} "
+                            "tokens")
         if self.max_context and len(request.prompt) + request.max_new_tokens > self.max_context:
             raise UserError(f"prompt of {len(request.prompt)} tokens + {request.max_new_tokens} new tokens is longer "
                             f"than the model's context ({self.max_context} tokens)")

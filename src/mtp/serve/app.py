@@ -422,11 +422,13 @@ def serve(cfg, command: str = "") -> None:
     return None
 
 
-def _raw_response(status: str, message: str, code: str) -> bytes:
-    body = json.dumps({"error": {"message": message, "type": "server_error" if status[0] == "5" else
-                                 "invalid_request_error", "param": None, "code": code}}).encode()
-    return (f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\nconnection: close\r\n"
-            f"content-length: {len(body)}\r\n\r\n").encode() + body
+def _raw_response(error: ApiError) -> bytes:
+    """An error answered below the app (by the HTTP protocol itself), then the connection closes."""
+    from http import HTTPStatus
+
+    body = json.dumps(error.body()).encode()
+    return (f"HTTP/1.1 {error.status} {HTTPStatus(error.status).phrase}\r\ncontent-type: application/json\r\n"
+            f"connection: close\r\ncontent-length: {len(body)}\r\n\r\n").encode() + body
 
 
 def guarded_protocol(read_timeout: float, max_connections: int):
@@ -443,8 +445,9 @@ def guarded_protocol(read_timeout: float, max_connections: int):
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
             if len(self.connections) > max_connections:
-                transport.write(_raw_response("503 Service Unavailable", f"more than {max_connections} open "
-                                              "connections (--max-connections): retry later", "too_many_connections"))
+                busy = ApiError(503, f"more than {max_connections} open connections (--max-connections): retry later",
+                                code="too_many_connections")
+                transport.write(_raw_response(busy))
                 transport.close()
                 return
             self._arm()
@@ -472,8 +475,9 @@ def guarded_protocol(read_timeout: float, max_connections: int):
         def _headers_late(self) -> None:
             self._headers_timer = None
             if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
-                self.transport.write(_raw_response("408 Request Timeout", f"the request headers did not arrive "
-                                                   f"within {read_timeout:g} s (--read-timeout)", "request_timeout"))
+                self.transport.write(_raw_response(ApiError(408, f"the request headers did not arrive within "
+                                                            f"{read_timeout:g} s (--read-timeout)",
+                                                            code="request_timeout")))
                 self.transport.close()
 
     return GuardedH11Protocol

@@ -267,38 +267,37 @@ class Scheduler:
         for job, res, finished in zip(old, results, done):
             if job.cancelled:
                 self._count("cancelled")
-            elif finished:
-                job.send("done", res.finish)
-                self._count("ok")
-            else:
-                job.request = dataclasses.replace(job.request, generated=tuple(res.tokens))
+            elif self._settle(job, res, finished):
                 alive.append(job)
-        survivors = []
+        again = []
         for job in alive:
             self.running = [job]
             try:
                 self.decoder.add([job.request], self._on_tokens)
                 if not self.decoder.done[0]:
                     self.decoder.step(self._on_tokens)
-                survivors.append((job, self.decoder.results[0]))
+                if self._settle(job, self.decoder.results[0], self.decoder.done[0]):
+                    again.append(job)
             except Exception as e:  # noqa: BLE001 - this row's own failure
                 traceback.print_exc(file=sys.stderr)
                 self._fail(job, self._own_failure(e))
             finally:
                 self.running = []
                 self.decoder.reset()
-        again = []
-        for job, res in survivors:
-            if res.finish in ("eos", "stop") or len(res.tokens) >= job.request.max_new_tokens:
-                job.send("done", res.finish)
-                self._count("ok")
-            else:
-                job.request = dataclasses.replace(job.request, generated=tuple(res.tokens))
-                again.append(job)
         self._full = False
         if again:
             self._admit(again)
         self._gauges()
+
+    def _settle(self, job: Job, result, finished: bool) -> bool:
+        """A row taken out of the batch: a finished one gets its done event; any other resumes from the tokens it
+        sent (its request's ``generated``) and True is returned."""
+        if finished:
+            job.send("done", result.finish)
+            self._count("ok")
+            return False
+        job.request = dataclasses.replace(job.request, generated=tuple(result.tokens))
+        return True
 
     def _end_all(self, error: ApiError, waiting: bool = True) -> None:
         for job in self.running:
