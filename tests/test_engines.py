@@ -301,3 +301,39 @@ def test_converter_needs_match_the_engines_extra():
     extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert list(llamacpp.CONVERTER_NEEDS) == extras["engines"]
     assert "mtp[engines]" in extras["test"]
+
+
+def test_a_prompt_llama_server_refuses_is_named_with_its_reason(tmp_path):
+    """A prompt longer than llama-server's context is one line naming the prompt and llama-server's own reason
+    (its token count against the context), not "failed on a request (HTTP Error 400 ...)"."""
+    import http.server
+    import threading
+
+    answer = {"error": {"code": 400, "message": "the request exceeds the available context size, try increasing it",
+                        "type": "exceed_context_size_error", "n_prompt_tokens": 5000, "n_ctx": 4096}}
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = json.dumps(answer).encode()
+            self.send_response(400)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    server = object.__new__(llamacpp.Server)  # the client side only: no llama-server process behind it
+    server.url, server.log = f"http://127.0.0.1:{httpd.server_address[1]}", tmp_path / "log"
+    try:
+        with pytest.raises(UserError) as e:
+            server.complete("word " * 5000, 16)
+    finally:
+        httpd.shutdown()
+    message = str(e.value)
+    assert "\n" not in message and message.startswith("llama-server refused the prompt 'word word")
+    assert "exceeds the available context size" in message and "5000 tokens, its context 4096" in message

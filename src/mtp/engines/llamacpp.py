@@ -251,6 +251,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def refusal(error, prompt: str | list[int]) -> str:
+    """One line for a request llama-server answered with a 4xx: which prompt, and llama-server's own reason (for a
+    prompt longer than its context: how many tokens against how many cells)."""
+    try:
+        body = json.loads(error.read() or b"{}").get("error", {})
+    except (ValueError, OSError, AttributeError):
+        body = {}
+    if not isinstance(body, dict):
+        body = {}
+    reason = str(body.get("message") or error.reason or "refused")[:200]
+    counts = ""
+    if isinstance(body.get("n_prompt_tokens"), int) and isinstance(body.get("n_ctx"), int):
+        counts = f": the prompt is {body['n_prompt_tokens']} tokens, its context {body['n_ctx']}"
+    shown = f"{len(prompt)} token ids" if isinstance(prompt, list) else repr(prompt[:60] + ("..." if len(prompt) > 60
+                                                                                          else ""))
+    return f"llama-server refused the prompt {shown} (HTTP {error.code}): {reason}{counts}"
+
+
 class Server:
     """A running llama-server; a context manager that always stops it. Every wait has a time-out."""
 
@@ -333,6 +351,11 @@ class Server:
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
                 return json.loads(r.read())
+        except urllib.error.HTTPError as e:  # the server answered: it refused this request, say which and why
+            if e.code >= 500:
+                raise UserError(f"llama-server failed on a request (HTTP {e.code}): {self._tail()} "
+                                f"(log: {self.log})") from None
+            raise UserError(refusal(e, prompt)) from None
         except (urllib.error.URLError, OSError, ValueError) as e:
             try:  # a crash closes the socket a moment before the process is reaped
                 self.proc.wait(timeout=2)
