@@ -964,17 +964,15 @@ def test_in_bfloat16_every_method_is_identical_to_the_plain_loop_bit_for_bit():
         got = [r.tokens for r in dec.generate(prompts, max_new_tokens=24, eos_token_ids=[]).rows]
         assert got == want, name
     # the mechanism: a 4-token causal forward's logits equal four one-token decodes' (bf16, bit for bit)
-    from transformers import DynamicCache
-
-    from mtp.hf_compat import float32_attention
+    from mtp.hf_compat import float32_attention, forward_with_cache, new_cache
     from mtp.model.attention import attention_masks
 
     ids, extra = torch.tensor([prompts[2]]), torch.tensor([[5, 6, 7, 8]])
     n = ids.shape[1]
     with torch.no_grad(), float32_attention(model):
         def cache():
-            c = DynamicCache(config=model.config)
-            model(ids, past_key_values=c, use_cache=True)
+            c = new_cache()
+            forward_with_cache(model, c, ids, use_cache=True)
             return c
 
         c1, singles = cache(), []
@@ -982,10 +980,11 @@ def test_in_bfloat16_every_method_is_identical_to_the_plain_loop_bit_for_bit():
             pos = torch.tensor([[n + j]])
             allowed = torch.ones(1, 1, n + j + 1, dtype=torch.bool)
             mask = attention_masks(model.config, allowed, pos, torch.arange(n + j + 1)[None], model.dtype)
-            singles.append(model(extra[:, j:j + 1], position_ids=pos, past_key_values=c1, attention_mask=mask,
-                                 use_cache=True).logits[0, -1])
+            singles.append(forward_with_cache(model, c1, extra[:, j:j + 1], position_ids=pos, attention_mask=mask,
+                                              use_cache=True).logits[0, -1])
         pos = torch.arange(n, n + 4)[None]
         allowed = torch.ones(1, 4, n + 4, dtype=torch.bool).tril(n)
         mask = attention_masks(model.config, allowed, pos, torch.arange(n + 4)[None], model.dtype)
-        chunk = model(extra, position_ids=pos, past_key_values=cache(), attention_mask=mask, use_cache=True).logits[0]
+        chunk = forward_with_cache(model, cache(), extra, position_ids=pos, attention_mask=mask,
+                                   use_cache=True).logits[0]
     assert torch.equal(torch.stack(singles), chunk)
