@@ -358,10 +358,15 @@ def test_bench_decode_cli(tiny_folder, tiny_heads, capsys, tmp_path):
                               "--prompts", str(prompts), "--methods", "blockwise,tree,hybrid,lookup",
                               "--batch-size", "2", "--draft-len", "3",
                               "--max-new-tokens", "10", "--nodes", "4", "--json", str(out_json), "--plot", str(plot),
-                              "--quiet"], capsys)
+                              "--compare-guarded", "--quiet"], capsys)
     assert code == 0, err
     r = json.loads(out_json.read_text())
-    assert set(r["methods"]) == {"transformers", "plain", "blockwise", "tree", "hybrid", "lookup"}
+    drafting = ("blockwise", "tree", "hybrid", "lookup")
+    assert set(r["methods"]) == {"transformers", "plain", *drafting, *(f"{m}-guarded" for m in drafting)}
+    for m in drafting:  # the guarded rows say how many steps they drafted; the others have no guard
+        guard = r["methods"][f"{m}-guarded"]["guard"]
+        assert sum(g["drafted_steps"] for g in guard.values()) > 0 and "guard" not in r["methods"][m]
+    assert "drafted batch" in out
     for m in r["methods"].values():
         assert m["identical_share"] == 1.0 and m["tau"] >= 1.0 and m["speedup"] > 0
     width = {name: m["verify_tokens_per_forward"] for name, m in r["methods"].items()}

@@ -759,6 +759,9 @@ class DraftOptions(Runtime):
     forward decides); 0 = the whole vocabulary (default: from the heads)."""
     adapt: bool = False
     """Re-size the tree / draft every 8 steps from the acceptance seen while decoding."""
+    guard: bool = False
+    """Time the steps while decoding and decode plainly wherever the drafts are measured not to make tokens come
+    faster than plain steps (retried now and then; lossless either way)."""
     chat: bool = True
     """Apply the model's chat template to the prompts."""
     backend: str = opt("torch", choices=("torch", "llama.cpp"))
@@ -979,6 +982,8 @@ class BenchDecodeConfig(DraftOptions, Writes):
     """Prompts."""
     compare_adaptive: bool = False
     """Also run blockwise / tree / hybrid with --adapt (rows '<method>-adaptive')."""
+    compare_guarded: bool = False
+    """Also run every drafting method with --guard (rows '<method>-guarded')."""
     json: str | None = opt(None, metavar="FILE")
     """Write the result as JSON."""
     plot: str | None = opt(None, metavar="FILE.png")

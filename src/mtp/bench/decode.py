@@ -39,6 +39,8 @@ def bench_decode(cfg: BenchDecodeConfig, command: str = "") -> dict:
             dec, info = loaded.decoder(m, dataclasses.replace(cfg, adapt=True))
             if info.adaptive:
                 decoders[f"{m}-adaptive"], infos[f"{m}-adaptive"] = dec, info
+        if cfg.compare_guarded and not cfg.guard and m != "plain":  # drafts kept only where they are timed to pay
+            decoders[f"{m}-guarded"], infos[f"{m}-guarded"] = loaded.decoder(m, dataclasses.replace(cfg, guard=True))
     if not on_torch and batch_size > 1:  # llama.cpp measures a batch's curve only with its context to itself
         for dec in decoders.values():
             dec.prepare(min(batch_size, len(encoded)))
@@ -88,6 +90,7 @@ def bench_decode(cfg: BenchDecodeConfig, command: str = "") -> dict:
             / len(reference),
             **({"config": infos[name].as_dict()} if name in infos else {}),
             **({"adaptive_sizes": sizes} if name in decoders and (sizes := adaptive_sizes(decoders[name])) else {}),
+            **({"guard": decoders[name].guard.report()} if name in decoders and decoders[name].guard else {}),
         }
     return {"model": model_name, "heads": str(folder) if folder else None, "prompts": prompts,
             "n_prompts": len(texts), "batch_size": batch_size, "max_new_tokens": max_new_tokens,
@@ -121,6 +124,11 @@ def format_bench_decode(r: dict) -> str:
         lines.append(f"| {name} | {m['tokens_per_s']:.1f} | {m['tau']:.2f} | "
                      f"{m['verify_tokens_per_forward']:.1f} | {m['speedup']:.2f}x | "
                      f"{m['median_batch_speedup']:.2f}x | {ident} |" + (f" {plain} |" if both else ""))
+    for name, m in r["methods"].items():
+        if m.get("guard"):
+            shares = ", ".join(f"batch {k}: {g['draft_share']:.0%} of {g['drafted_steps'] + g['plain_steps']} steps"
+                               for k, g in m["guard"].items())
+            lines.append(f"\n{name}: drafted {shares}; the guard decoded the other steps plainly")
     threads = (f"{r['llama_threads']} llama.cpp threads" if "llama_threads" in r else
                f"{r['torch_threads']} torch threads, device {r['machine']['device']}")
     lines.append(f"\nspeedup: against {r['baseline']} ({r['baseline_tokens_per_s']:.1f} tokens/s); "

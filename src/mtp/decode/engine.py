@@ -36,6 +36,7 @@ from torch import nn
 from mtp.decode.batch import Batch
 from mtp.decode.accept import Accepted, Sampling, accept_greedy, accept_sample, accept_typical, greedy_tokens
 from mtp.decode.eagle import EagleDraftState
+from mtp.decode.guard import SpeedGuard
 from mtp.decode.methods import LONG_PROMPT, context_bucket
 from mtp.decode.proposers import PlainProposer, Proposer
 from mtp.decode.slots import Slots, free_memory, kv_bytes
@@ -83,13 +84,16 @@ class SpeculativeDecoder:
     def __init__(self, backbone, tokenizer, mtp_model=None, proposer: Proposer | None = None,
                  sampling: Sampling | None = None, acceptance: str = "exact", seed: int = 0,
                  typical_epsilon: float = 0.09, draft_vocab: torch.Tensor | None = None, bucket: int = 64,
-                 resize: Callable[[int, int], Proposer] | None = None, invariant_attention: bool = True):
+                 resize: Callable[[int, int], Proposer] | None = None, invariant_attention: bool = True,
+                 guard: bool = False):
         self.backbone, self.tokenizer, self.mtp = backbone, tokenizer, mtp_model
         # a bf16 / fp16 backbone's attention per query in float32 (hf_compat.float32_attention): a position
         # verified in a tree computes what a one-token decode of it computes, so greedy picks do not flip
         self.invariant_attention = invariant_attention
         heads = mtp_model  # the MTPModel: its heads, taps and unembedding
         self.proposer = proposer or PlainProposer()
+        # ``guard``: drafts must be measured to pay, step by step, or the decoder decodes plainly (mtp.decode.guard)
+        self.guard = SpeedGuard() if guard else None
         self.sampling = sampling or Sampling()
         if acceptance not in ("exact", "typical"):
             raise UserError(f"unknown acceptance {acceptance!r}: use exact or typical")
@@ -565,7 +569,9 @@ class SpeculativeDecoder:
         dev, b = self.device, len(self.state.requests)
         if all(self.state.done):  # e.g. every row just joined and ended at its first token: nothing to verify
             return [None] * b
-        draft = self.proposer.propose(self)
+        guarded = self.guard is not None and not isinstance(self.proposer, PlainProposer)
+        drafting = not guarded or self.guard.drafting(self.state.done.count(False))
+        draft = self.proposer.propose(self) if drafting else Draft.empty(b, dev)
         n = draft.size
         q_tokens = torch.cat([self.state.root[:, None], draft.tokens], 1)  # (B, 1+N)
         q_pos = self.state.next_pos[:, None] + draft.depth_q()
@@ -608,7 +614,10 @@ class SpeculativeDecoder:
             res.accepted.append(len(emitted[i]))
             if callback:
                 callback(i, emitted[i])
-        self.proposer.observe(verified)
+        if drafting:
+            self.proposer.observe(verified)
+        if guarded:
+            self.guard.record(sum(len(e) for e in emitted if e))
         self.state.root = acc.next_root
         return emitted
 

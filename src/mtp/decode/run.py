@@ -120,7 +120,7 @@ def build_decoder(backbone, tokenizer, mtp_model, folder: Path | None, model_nam
             return PlainProposer() if gain is not None and gain < 1 else proposer
     return SpeculativeDecoder(backbone, tokenizer, mtp_model=heads, proposer=proposer, sampling=Sampling.of(opts),
                               acceptance=opts.acceptance, seed=opts.seed, draft_vocab=shortlist,
-                              resize=resize), sizing
+                              resize=resize, guard=opts.guard), sizing
 
 
 MIN_DRAFT_VOCAB = 4096
@@ -293,7 +293,8 @@ def build_llama_decoder(target, tokenizer, method: str, opts: DraftOptions, mtp_
             # where even the smallest draft costs more than it saves for this many rows: plain decoding
             return PlainProposer() if gain is not None and gain < 1 else sized
     return LlamaCppDecoder(target, tokenizer, mtp_model=heads, proposer=proposer, sampling=Sampling.of(opts),
-                           acceptance=opts.acceptance, seed=opts.seed, draft_vocab=shortlist, resize=resize), sizing
+                           acceptance=opts.acceptance, seed=opts.seed, draft_vocab=shortlist, resize=resize,
+                           guard=opts.guard), sizing
 
 
 class Loaded:
@@ -353,7 +354,8 @@ def generate_command(cfg: GenerateConfig, command: str = "") -> dict:
     row = out.rows[0]
     sizes = {k: v for k, v in sizing.as_dict().items() if k not in ("method", "tree", "adaptive")}
     result = {"method": method, "sizes": sizes, "backend": cfg.backend,
-              "adapted": adaptive_sizes(decoder), "tokens": len(row.tokens), "seconds": out.seconds,
+              "adapted": adaptive_sizes(decoder), "guard": decoder.guard.report() if decoder.guard else None,
+              "tokens": len(row.tokens), "seconds": out.seconds,
               "tokens_per_s": len(row.tokens) / out.seconds, "tau": row.acceptance_length,
               "dtype": cfg.dtype if cfg.backend == "torch" else f"GGUF {cfg.target}",
               "greedy": cfg.temperature == 0, "command": command}
@@ -371,6 +373,8 @@ def show_generate(r: dict) -> str:
     if (a := r["adapted"]) is not None:
         unit = "draft length" if r["method"] == "blockwise" else "nodes"
         sizes += f", re-sized while decoding: {unit} {a['min']}-{a['max']}, last {a['final']}"
+    if g := (r.get("guard") or {}).get("1"):
+        sizes += f", drafted {g['draft_share']:.0%} of steps (the guard timed the rest to go faster plainly)"
     line = (f"[{r['method']}{' (' + sizes + ')' if sizes else ''}] {r['tokens']} tokens in {r['seconds']:.2f} s: "
             f"{r['tokens_per_s']:.1f} tokens/s, {r['tau']:.2f} tokens per backbone forward")
     if "speedup" not in r:

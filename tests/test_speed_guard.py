@@ -1,0 +1,114 @@
+"""The speed guard (mtp.decode.guard): drafts run only where they are timed to make tokens come faster, and the
+output never changes."""
+
+import pytest
+
+from mtp.decode.engine import SpeculativeDecoder
+from mtp.decode.guard import FIRST_DRAFT, PROBE, SpeedGuard
+from mtp.decode.proposers import LookupProposer, TreeProposer
+from mtp.decode.tree import compile_tree
+from mtp.errors import UserError
+from tests.conftest import tiny_model
+from tests.test_decode import PROMPTS, Tok, reference_greedy, with_heads
+
+
+class FakeClock:
+    """Each step costs what the test says: ``cost(drafting)`` seconds."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def run_steps(guard, clock, steps, draft_cost, draft_tokens, plain_cost=1.0, rows=1):
+    """``steps`` steps; a drafted step takes ``draft_cost`` s and gives ``draft_tokens`` tokens, a plain one
+    ``plain_cost`` s and one token per row. Returns the arm of every step."""
+    arms = []
+    for _ in range(steps):
+        drafting = guard.drafting(rows)
+        clock.now += draft_cost if drafting else plain_cost
+        guard.record(draft_tokens if drafting else rows)
+        arms.append(drafting)
+    return arms
+
+
+def test_drafts_that_do_not_pay_are_dropped_and_retried_ever_less_often():
+    clock = FakeClock()
+    guard = SpeedGuard(clock)
+    # drafted steps: 1.5 tokens in 2 s (0.75 tokens/s); plain: 1 token/s
+    arms = run_steps(guard, clock, 2000, draft_cost=2.0, draft_tokens=1.5)
+    assert all(arms[:FIRST_DRAFT])  # the drafts first (their sizing expected them to pay)
+    assert not any(arms[FIRST_DRAFT:FIRST_DRAFT + PROBE + 1])  # then plain is measured
+    share = sum(arms[200:]) / len(arms[200:])
+    assert share < 0.05, share  # retried now and then, less and less
+    report = guard.report()["1"]
+    assert report["draft_tokens_per_s"] == pytest.approx(0.75) and report["plain_tokens_per_s"] == pytest.approx(1.0)
+
+
+def test_drafts_that_pay_keep_running_and_a_change_of_text_is_noticed():
+    clock = FakeClock()
+    guard = SpeedGuard(clock)
+    arms = run_steps(guard, clock, 600, draft_cost=1.2, draft_tokens=2.0)  # 1.67 tokens/s against 1
+    assert sum(arms[100:]) / len(arms[100:]) > 0.9
+    # the text changes: the drafts stop being accepted; the guard turns to plain within a few hundred steps
+    arms = run_steps(guard, clock, 800, draft_cost=1.2, draft_tokens=1.0)
+    assert sum(arms[-300:]) / 300 < 0.1
+    # and back: drafts pay again
+    arms = run_steps(guard, clock, 1200, draft_cost=1.2, draft_tokens=2.5)
+    assert sum(arms[-300:]) / 300 > 0.9
+
+
+def test_batch_sizes_are_judged_apart():
+    clock = FakeClock()
+    guard = SpeedGuard(clock)
+    run_steps(guard, clock, 300, draft_cost=1.2, draft_tokens=2.0, rows=1)  # one row: drafts pay
+    run_steps(guard, clock, 300, draft_cost=5.0, draft_tokens=8.0, plain_cost=2.0, rows=4)  # 4 rows: 1.6 vs 2 tokens/s
+    report = guard.report()
+    assert set(report) == {"1", "4"}
+    assert report["1"]["draft_share"] > 0.9 and report["4"]["draft_share"] < 0.3
+    with pytest.raises(UserError):
+        guard.drafting(0)
+
+
+class CostedGuard(SpeedGuard):
+    """A guard whose drafted steps take ``draft_cost`` seconds and plain ones 1 s."""
+
+    def __init__(self, draft_cost: float):
+        self.now = 0.0
+        super().__init__(clock=lambda: self.now)
+        self.draft_cost, self._drafting = draft_cost, False
+
+    def drafting(self, rows):
+        self._drafting = super().drafting(rows)
+        return self._drafting
+
+    def record(self, tokens):
+        self.now += self.draft_cost if self._drafting else 1.0
+        super().record(tokens)
+
+
+def test_a_guarded_decoder_says_what_plain_greedy_says_whichever_arm_runs():
+    """Whatever the timings (drafting slow, then fast), every row's output is plain greedy's, with heads whose
+    state must follow plain steps too (eagle3's own cache, transformer heads')."""
+    model = tiny_model("llama", vocab=64)
+    refs = [reference_greedy(model, p, 160) for p in PROMPTS]
+    for kind in ("mlp", "hydra", "transformer", "eagle3"):
+        heads = with_heads(model, kind)
+        proposer = TreeProposer(compile_tree([(0,), (1,), (0, 0), (0, 0, 0)]))
+        for slow in (True, False):
+            dec = SpeculativeDecoder(model, Tok(), mtp_model=heads, proposer=proposer, guard=True)
+            dec.guard = CostedGuard(20.0 if slow else 0.1)
+            out = dec.generate(PROMPTS, max_new_tokens=160, eos_token_ids=[])
+            assert [r.tokens for r in out.rows] == refs, (kind, slow)
+            report = dec.guard.report()
+            steps = sum(g["drafted_steps"] + g["plain_steps"] for g in report.values())
+            plain = sum(g["plain_steps"] for g in report.values())
+            if slow:
+                assert plain > steps // 3, (kind, report)
+            else:
+                assert plain < steps // 4, (kind, report)  # plain measured, retried less and less
+    # a lookup decoder, one row alone
+    dec = SpeculativeDecoder(model, Tok(), proposer=LookupProposer(draft_len=4), guard=True)
+    assert dec.generate(PROMPTS[1:2], max_new_tokens=160, eos_token_ids=[]).rows[0].tokens == refs[1]
