@@ -2,6 +2,7 @@
 output never changes."""
 
 import pytest
+import torch
 
 from mtp.decode.engine import SpeculativeDecoder
 from mtp.decode.guard import FIRST_DRAFT, PROBE, SpeedGuard
@@ -112,3 +113,49 @@ def test_a_guarded_decoder_says_what_plain_greedy_says_whichever_arm_runs():
     # a lookup decoder, one row alone
     dec = SpeculativeDecoder(model, Tok(), proposer=LookupProposer(draft_len=4), guard=True)
     assert dec.generate(PROMPTS[1:2], max_new_tokens=160, eos_token_ids=[]).rows[0].tokens == refs[1]
+
+
+def test_lookup_draft_length_follows_the_curve_and_the_acceptance_seen():
+    from mtp.decode.proposers import SizedLookupProposer
+
+    steep = {1: 1.0, 2: 1.7, 3: 2.2, 4: 2.6, 5: 3.2, 6: 3.7, 8: 4.4, 10: 5.5, 12: 6.2, 16: 7.9, 32: 15.4}
+    flat = {k: 1.0 + 0.01 * k for k in steep}
+    p = SizedLookupProposer(steep)
+    assert p.draft_len == 1  # a steep curve and an unknown text: the shortest draft
+    assert SizedLookupProposer(flat).draft_len >= 4  # tokens nearly free: longer, as far as the prior's 0.5 per token pays
+
+    # a text that copies: every drafted token accepted -> longer drafts
+    for _ in range(40):
+        p._drafted = [p.draft_len]
+        p.observe([list(range(p.draft_len + 1))])
+    assert p.draft_len >= 15 and p.acceptance()[0] > 0.9
+    # then nothing is accepted any more -> back to the shortest
+    for _ in range(400):
+        p._drafted = [p.draft_len]
+        p.observe([[7]])
+    assert p.draft_len == 1 and p.sizes[0] == 1 and max(p.sizes) >= 15
+    # a row with no draft, or one that finished, teaches nothing
+    before = p.reached.clone()
+    p._drafted = [0, 3]
+    p.observe([[1, 2], None])
+    assert torch.equal(p.reached, before)
+    with pytest.raises(UserError):
+        SizedLookupProposer({1: 1.0})
+
+
+def test_sized_lookup_reproduces_plain_greedy_and_reports_its_lengths(monkeypatch):
+    import mtp.decode.run as run
+    from mtp.config import DraftOptions
+
+    flat = {k: 1.0 + 0.01 * k for k in (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32)}
+    monkeypatch.setattr(run, "cached_verify_cost", lambda name, backbone: flat)
+    model = tiny_model("llama", vocab=64)
+    refs = [reference_greedy(model, p, 60) for p in PROMPTS]
+    dec, info = run.build_decoder(model, Tok(), None, None, "tiny", "lookup", DraftOptions())
+    assert info.as_dict()["draft_len_from"].startswith("verify cost") and info.draft_len >= 4
+    out = dec.generate(PROMPTS, max_new_tokens=60, eos_token_ids=[])
+    assert [r.tokens for r in out.rows] == refs
+    sizes = run.adaptive_sizes(dec)
+    assert sizes["observed_steps"] > 0 and sizes["initial"] == info.draft_len
+    fixed, info = run.build_decoder(model, Tok(), None, None, "tiny", "lookup", DraftOptions(draft_len=5))
+    assert info.draft_len == 5 and run.adaptive_sizes(fixed) is None

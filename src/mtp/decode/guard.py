@@ -9,8 +9,7 @@ heads, Python, reading back) is in no curve. So the guard times whole steps, wal
 - ``draft``: the decoder's proposer, as sized;
 - ``plain``: no draft (one token per step, the proposer not called).
 
-Each arm's rate is its tokens per second over its latest steps (mean tokens per step over the median seconds per
-step: one slow step on a shared machine does not decide). It starts with the drafts, tries plain, then keeps the
+Each arm's rate is its tokens per second over its latest steps. It starts with the drafts, tries plain, then keeps the
 faster arm and re-tries the other one now and then, less often each time it loses again (so a text that turns
 repetitive halfway, where prompt lookup starts to pay, is noticed). Rates are kept per batch size (a power of
 two): a server's batch changes what a step costs for both arms.
@@ -22,7 +21,6 @@ updated on plain steps too, so drafting can resume at any step.
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -50,9 +48,12 @@ class _Arm:
     time: float = 0.0
 
     def rate(self) -> float | None:
+        """Tokens per second over the window: all its tokens over all its time (not mean tokens over the median
+        step: a lookup step with no match costs what a plain step costs, one with a long draft several times
+        that, so the drafts' step times are bimodal and a median would leave the long ones out)."""
         if len(self.seconds) < PROBE // 2:
             return None
-        return statistics.fmean(self.tokens) / max(statistics.median(self.seconds), 1e-9)
+        return sum(self.tokens) / max(sum(self.seconds), 1e-9)
 
 
 @dataclass

@@ -22,7 +22,8 @@ import torch
 
 from mtp.config import HEAD_METHODS, METHODS, DraftOptions  # noqa: F401 (METHODS, HEAD_METHODS: re-exported)
 from mtp.decode.proposers import (AdaptiveTreeProposer, DynamicTreeProposer, EarlyExitProposer, LookupProposer,
-                                  PlainProposer, Proposer, TreeProposer, UnionProposer, blockwise)
+                                  PlainProposer, Proposer, SizedLookupProposer, TreeProposer, UnionProposer,
+                                  blockwise)
 from mtp.decode.slots import Slots
 from mtp.decode.tree import chain_tree, compile_tree, tree_from_accuracy
 from mtp.errors import UserError
@@ -279,7 +280,7 @@ class Sizing:
 
     def as_dict(self) -> dict:
         out: dict = {"method": self.method}
-        what = "draft_len" if self.method == "blockwise" else "nodes"
+        what = "draft_len" if self.method in ("blockwise", "lookup") else "nodes"
         for key, value in (("nodes", self.nodes), ("tree", self.tree), ("draft_len", self.draft_len),
                            ("lookup_draft_len", self.lookup_draft_len), ("exit_layer", self.exit_layer),
                            (f"{what}_from", self.sized_from),
@@ -402,8 +403,16 @@ def _hybrid(inp: DraftInputs) -> tuple[Proposer, Sizing]:
     return UnionProposer([tree_proposer, LookupProposer(draft_len=look_len)]), sizing
 
 
+LOOKUP_SIZED = "verify cost x the acceptance seen (re-chosen every 8 steps)"
+
+
 @proposer("lookup")
 def _lookup(inp: DraftInputs) -> tuple[Proposer, Sizing]:
+    """Prompt lookup: --draft-len tokens, or a length re-chosen while decoding from the verify-cost curve and the
+    acceptance its drafts get (:class:`~mtp.decode.proposers.SizedLookupProposer`); 8 without a curve."""
+    if inp.opts.draft_len is None and inp.cost is not None:
+        sized = SizedLookupProposer(inp.cost)
+        return sized, Sizing("lookup", draft_len=sized.draft_len, sized_from=LOOKUP_SIZED, adaptive=LOOKUP_SIZED)
     draft_len = inp.opts.draft_len or 8
     return LookupProposer(draft_len=draft_len), Sizing("lookup", draft_len=draft_len)
 

@@ -268,6 +268,79 @@ class LookupProposer(Proposer):
         return Draft.chain(tokens.to(state.device), valid.to(state.device))
 
 
+class SizedLookupProposer(LookupProposer):
+    """Prompt lookup whose draft length is chosen, while decoding, from the verify-cost curve and the acceptance
+    the drafts get on this text.
+
+    How far a copied continuation holds depends on the text (an edit of the prompt's code: long; a fresh answer:
+    a token or two), and what a drafted token costs on the machine (a steep CPU curve: most of a decoded one).
+    Per draft position j the proposer counts the steps whose draft reached j with the tokens before it accepted,
+    and how many of those accepted j too: h_j = P(token j accepted | tokens 1..j-1 were), with ``prior``
+    pseudo-observations of the estimate at j - 1 (``prior_rate`` at j = 1). The expected tokens of a step drafting k are
+    1 + sum_j<=k prod_i<=j h_i; every ``every`` steps the length is re-chosen among the lengths the curve was
+    measured at, maximizing expected tokens * t(1) / t(1 + k). Lossless: only how many tokens are verified
+    changes."""
+
+    def __init__(self, cost: dict, max_len: int = 31, max_ngram: int = 3, every: int = 8,
+                 prior_rate: float = 0.5, prior: float = 4.0):
+        if every < 1 or prior <= 0 or not 0 < prior_rate < 1 or max_len < 1:
+            raise UserError("sized lookup: every >= 1, prior > 0, 0 < prior rate < 1 and a draft length >= 1")
+        self.cost = cost
+        self.lengths = sorted(k - 1 for k in cost if 1 < k <= max_len + 1)
+        if 1 not in cost or not self.lengths:
+            raise UserError("sized lookup needs the verify cost of 1 and of 2 or more tokens")
+        top = self.lengths[-1]
+        self.reached = torch.zeros(top + 1)  # per position j: steps whose draft had j tokens, 1..j-1 accepted
+        self.kept = torch.zeros(top + 1)  # ... and j accepted too
+        self.every, self.prior_rate, self.prior, self.steps = every, prior_rate, prior, 0
+        self._drafted: list[int] | None = None
+        super().__init__(draft_len=self._choose(), max_ngram=max_ngram)
+        self.sizes = [self.draft_len]
+
+    def acceptance(self) -> list[float]:
+        """h_j for j = 1..longest length: the estimated chance that draft token j is accepted after 1..j-1 were.
+        Position j's prior is position j - 1's estimate (a copied span that held for j - 1 tokens tends to hold
+        on), so positions never drafted yet are judged by the nearest one that was: drafts grow when the text
+        copies, though a length never tried has no counts of its own."""
+        out, prev = [], self.prior_rate
+        for kept, reached in zip(self.kept[1:].tolist(), self.reached[1:].tolist()):
+            prev = (kept + self.prior * prev) / (reached + self.prior)
+            out.append(prev)
+        return out
+
+    def expected_gain(self, k: int) -> float:
+        survive, tokens = 1.0, 1.0
+        for h in self.acceptance()[:k]:
+            survive *= h
+            tokens += survive
+        return tokens * self.cost[1] / self.cost[k + 1]
+
+    def _choose(self) -> int:
+        return max(self.lengths, key=self.expected_gain)
+
+    def propose(self, state) -> Draft:
+        draft = super().propose(state)
+        self._drafted = draft.valid.sum(1).tolist() if draft.size else [0] * state.batch
+        return draft
+
+    def observe(self, verified: list[list[int] | None]) -> None:
+        if self._drafted is None:
+            return
+        for row, tokens in enumerate(verified):
+            n = self._drafted[row] if row < len(self._drafted) else 0
+            if not tokens or not n:
+                continue
+            accepted = min(len(tokens) - 1, n)  # verified = the accepted draft tokens, then the next root
+            upto = min(n, accepted + 1)  # positions 1..upto were reached with everything before accepted
+            self.reached[1:upto + 1] += 1
+            self.kept[1:accepted + 1] += 1
+        self._drafted = None
+        self.steps += 1
+        if self.steps % self.every == 0:
+            self.draft_len = self._choose()
+            self.sizes.append(self.draft_len)
+
+
 class EarlyExitProposer(Proposer):
     """Draft a chain with the backbone's first ``layers`` layers (logit lens), sharing the committed cache."""
 

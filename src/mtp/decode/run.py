@@ -17,7 +17,7 @@ from mtp.decode.accept import Sampling
 from mtp.decode.engine import GenerateOutput, RowResult, SpeculativeDecoder
 from mtp.decode.methods import (HEAD_METHODS, cached_batch_cost, cached_context_growth, cached_verify_cost,
                                 context_cost, make_proposer, Sizing)
-from mtp.decode.proposers import AdaptiveTreeProposer, PlainProposer, UnionProposer
+from mtp.decode.proposers import AdaptiveTreeProposer, PlainProposer, SizedLookupProposer, UnionProposer
 from mtp.errors import UserError
 from mtp.heads_format import read_accuracy, read_heads_config, resolve_heads
 from mtp.model.mtp import MTPModel
@@ -97,7 +97,7 @@ def build_decoder(backbone, tokenizer, mtp_model, folder: Path | None, model_nam
         raise UserError(f"--adapt / --compare-adaptive re-size drafts of independent heads; "
                         f"{mtp_model.config.kind} heads are sequential")
     left_open = (method in ("tree", "dynamic", "hybrid") and opts.nodes is None and opts.tree is None) or \
-        (method == "blockwise" and opts.draft_len is None)
+        (method in ("blockwise", "lookup") and opts.draft_len is None)
     cost = cached_verify_cost(model_name, backbone) if calibrate and left_open else None
     width = (heads.eagle.draft_ids.numel() if heads is not None and heads.eagle is not None else
              len(shortlist) if shortlist is not None else backbone.get_output_embeddings().weight.shape[0])
@@ -152,6 +152,11 @@ def draft_shortlist(mtp_model, size: int | None) -> torch.Tensor | None:
 def adaptive_sizes(decoder: SpeculativeDecoder) -> dict | None:
     """What an adaptive tree / draft was re-sized to while decoding (None for fixed sizes)."""
     p = decoder.proposer
+    if isinstance(p, SizedLookupProposer):
+        sizes = sorted(p.sizes)
+        return {"initial": p.sizes[0], "final": p.sizes[-1], "median": sizes[len(sizes) // 2], "min": sizes[0],
+                "max": sizes[-1], "resizings": len(p.sizes) - 1, "observed_steps": p.steps,
+                "estimated_acceptance": [round(h, 4) for h in p.acceptance()[:8]]}
     found = [q for q in (p.proposers if isinstance(p, UnionProposer) else [p]) if isinstance(q, AdaptiveTreeProposer)]
     if not found:
         return None
@@ -270,7 +275,7 @@ def build_llama_decoder(target, tokenizer, method: str, opts: DraftOptions, mtp_
     heads = mtp_model if method in HEAD_METHODS else None
     shortlist = draft_shortlist(heads, opts.draft_vocab) if heads is not None else None
     left_open = (method in ("tree", "dynamic", "hybrid") and opts.nodes is None and opts.tree is None) or \
-        (method == "blockwise" and opts.draft_len is None)
+        (method in ("blockwise", "lookup") and opts.draft_len is None)
     cost = cached_verify_curve(target) if calibrate and left_open else None
     width = (heads.eagle.draft_ids.numel() if heads is not None and heads.eagle is not None else
              len(shortlist) if shortlist is not None else
@@ -371,7 +376,7 @@ def generate_command(cfg: GenerateConfig, command: str = "") -> dict:
 def show_generate(r: dict) -> str:
     sizes = ", ".join(f"{k} {v}" for k, v in r["sizes"].items())
     if (a := r["adapted"]) is not None:
-        unit = "draft length" if r["method"] == "blockwise" else "nodes"
+        unit = "draft length" if r["method"] in ("blockwise", "lookup") else "nodes"
         sizes += f", re-sized while decoding: {unit} {a['min']}-{a['max']}, last {a['final']}"
     if g := (r.get("guard") or {}).get("1"):
         sizes += f", drafted {g['draft_share']:.0%} of steps (the guard timed the rest to go faster plainly)"
