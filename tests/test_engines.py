@@ -71,10 +71,10 @@ def test_mtp_rows_in_the_engine_benchmark_are_lossless_and_consistent(tiny_folde
     monkeypatch.setattr(SpeculativeDecoder, "generate", counting_generate)
     cfg = SimpleNamespace(model=str(tiny_folder), heads=str(tmp_path / "h"), mtp_heads=None, mtp_backend="torch",
                           mtp_dtype="float32", target="packaged", threads=None,
-                          mtp_methods=["blockwise", "tree"], max_new_tokens=12)
+                          mtp_methods=["blockwise", "tree", "tree-guarded"], max_new_tokens=12)
     prompts = [[1, 5, 9, 13, 5, 9], [1, 30, 31]]
     results = run_mtp(cfg, prompts)
-    assert [r["name"] for r in results] == ["mtp plain", "mtp blockwise", "mtp tree"]
+    assert [r["name"] for r in results] == ["mtp plain", "mtp blockwise", "mtp tree", "mtp tree-guarded"]
     plain = results[0]
     for i, r in enumerate(results):
         steps = forwards[i * 3 + 1: i * 3 + 3]  # the warm-up run first, then one per prompt

@@ -196,6 +196,11 @@ def test_the_decoder_on_llamacpp_is_llamacpps_plain_greedy(tiny_gguf, method):
                 decoder.step()
             got = [r.tokens for r in decoder.results]
         assert got == want[1:]
+        if method == "lookup":  # a decoder built after another decoded (its rows left): its length from the curve,
+            # which is measured now, with the context to itself; the guard on; the same output
+            sized, info = build_llama_decoder(target, load_tokenizer(folder), "lookup", DraftOptions(guard=True))
+            assert info.as_dict().get("draft_len_from", "").startswith("verify cost") and sized.guard is not None
+            assert [r.tokens for r in sized.generate(prompts, 24, eos_token_ids=[]).rows] == want
     finally:
         target.close()
 

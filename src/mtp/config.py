@@ -1233,7 +1233,8 @@ class BenchEngineConfig(Writes):
     enforce_eager: bool = True
     """vLLM without graph compilation (starts in ~40 s instead of ~200 s on a CPU; ~25 % slower per token)."""
     mtp_methods: list[str] = opt(factory=lambda: ["blockwise", "tree"])
-    """mtp's own engine with the same heads, beside the engine (comma-separated; "" skips it)."""
+    """mtp's own engine with the same heads, beside the engine (comma-separated; "" skips it; METHOD-guarded: with
+    --guard)."""
     mtp_dtype: str = "float32"
     """dtype of mtp's own engine (bfloat16 pays on CPUs with AMX, float32 elsewhere)."""
     mtp_heads: str | None = opt(None, metavar="DIR|default|eagle3")
@@ -1274,7 +1275,7 @@ class BenchEngineConfig(Writes):
         for mode in self.ngram_modes:
             _require(mode in llama_modes, f"unknown llama.cpp n-gram mode {mode!r}: use {', '.join(llama_modes[:3])}")
         for m in self.mtp_methods:
-            _require(m in (*HEAD_METHODS, "lookup"),
+            _require(m.removesuffix("-guarded") in (*HEAD_METHODS, "lookup"),
                      f"--mtp-methods: {m!r} is not one of {', '.join((*HEAD_METHODS, 'lookup'))}")
 
     def check_files(self) -> None:

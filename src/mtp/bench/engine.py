@@ -14,6 +14,7 @@ median is kept: a drift in the machine's speed shifts all of them alike.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -310,13 +311,14 @@ def run_mtp(cfg, prompts: list[list[int]], engine_plain: list[dict] | None = Non
     on_llama = cfg.mtp_backend == "llama.cpp"
     opts = DraftOptions(backend=cfg.mtp_backend, target=cfg.target, dtype=cfg.mtp_dtype)
     loaded = open_target(opts, cfg.model, cfg.mtp_heads or (cfg.heads if cfg.heads != "none" else "default"),
-                         methods, {}, threads=cfg.threads)
+                         [m.removesuffix("-guarded") for m in methods], {}, threads=cfg.threads)
     target = loaded.backbone if on_llama else None
     eos = eos_ids(loaded.backbone, loaded.tokenizer)
     results, plain = [], None
     try:
-        for method in methods:
-            dec, _ = loaded.decoder(method, opts)
+        for method in methods:  # METHOD-guarded: the method with the speed guard (mtp.decode.guard)
+            base = method.removesuffix("-guarded")
+            dec, _ = loaded.decoder(base, dataclasses.replace(opts, guard=base != method))
             dec.generate(prompts[:1], max_new_tokens=8, eos_token_ids=eos)  # warm-up
             rows = []
             for p in prompts:

@@ -208,8 +208,15 @@ def cached_verify_curve(target: LlamaCppBackbone) -> dict[int, float]:
     cache beside the PyTorch curves."""
     from mtp.decode.methods import _measured_once
 
+    def measure():
+        # one decoder decodes on a target at a time: what an earlier one left when its generate call ended goes
+        # (a server builds its decoder, and measures, before it takes requests)
+        if target.rows.rows:
+            target.rows.keep_rows([])
+        return verify_curve(target)
+
     return _measured_once(f"llama.cpp-{_curve_key(target)}.json", lambda d: {int(k): float(v) for k, v in d.items()},
-                          lambda: verify_curve(target), f"llama.cpp's verify cost t(k) for {target.gguf.name}")
+                          measure, f"llama.cpp's verify cost t(k) for {target.gguf.name}")
 
 
 def cached_batch_curve(target: LlamaCppBackbone, batch: int, cost: dict[int, float]) -> dict[int, float] | None:
