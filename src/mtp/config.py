@@ -803,6 +803,10 @@ class DraftOptions(Runtime):
 class GenerateConfig(DraftOptions):
     """Decode faster with the model's own MTP heads (lossless), streaming, with the speedup over plain decoding."""
 
+    guard: bool = True
+    """Time the steps while decoding and decode plainly wherever the drafts are measured not to make tokens come
+    faster than plain steps (retried now and then; lossless either way); --no-guard drafts every step."""
+
     prompt: str = opt("", positional=True)
     """The prompt (the chat template is applied unless --no-chat)."""
     model: str = opt(DEFAULT_MODEL, metavar="NAME|PATH")
@@ -831,6 +835,10 @@ class ServeConfig(DraftOptions):
     """An OpenAI-compatible server (chat and text completions, streamed or not) on mtp's engine: requests are
     decoded together (continuous batching) with the model's MTP heads, losslessly. --temperature, --top-p and
     --top-k are the defaults of requests that do not set them."""
+
+    guard: bool = True
+    """Time the steps while decoding and decode plainly wherever the drafts are measured not to make tokens come
+    faster than plain steps (retried now and then; lossless either way); --no-guard drafts every step."""
 
     model: str = opt(DEFAULT_MODEL, metavar="NAME|PATH")
     """Backbone: built-in name, Hugging Face folder or .gguf file."""
