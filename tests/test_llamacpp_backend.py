@@ -405,3 +405,35 @@ def test_bench_decode_and_bench_context_run_on_llamacpp(tiny_gguf, tmp_path):
     assert list(c["methods"]) == ["plain", "lookup"] and [row["context"] for row in c["methods"]["plain"]["rows"]] \
         == [16, 64]
     assert "llama.cpp threads" in format_bench_context(c)
+
+
+def test_backend_auto_picks_the_backend_measured_faster_and_torch_where_llamacpp_cannot_run(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    import mtp.decode.run as run
+    from mtp.engines import llamacpp
+
+    built = tmp_path / "bin"
+    built.mkdir()
+    (built / "libllama.so").write_bytes(b"")
+    monkeypatch.setattr(llamacpp, "library_dir", lambda: built)
+    times = {"torch": 0.020, "llama.cpp": 0.008, "torch_dtype": "float32"}
+    monkeypatch.setattr(run, "cached_backend_times", lambda model, target, dtype: dict(times))
+
+    def opts(**kw):
+        return SimpleNamespace(**{"backend": "auto", "device": "cpu", "dtype": "float32", "target": "packaged", **kw})
+
+    said = []
+    assert run.resolve_backend(opts(), "smollm2-135m", ["tree"], said.append) == "llama.cpp"
+    assert "8.0 ms on llama.cpp" in said[0] and "20.0 ms on PyTorch float32" in said[0]
+    times.update(torch=0.005)
+    assert run.resolve_backend(opts(), "smollm2-135m", ["tree"]) == "torch"  # measured slower: torch
+    times.update(torch=0.020)
+    assert run.resolve_backend(opts(backend="torch"), "smollm2-135m", ["tree"]) == "torch"  # as given
+    assert run.resolve_backend(opts(backend="llama.cpp"), str(tmp_path), ["tree"]) == "llama.cpp"
+    for reason in (dict(dtype="bfloat16"), dict(device="cuda")):  # a PyTorch precision, a GPU
+        assert run.resolve_backend(opts(**reason), "smollm2-135m", ["tree"]) == "torch", reason
+    assert run.resolve_backend(opts(), str(tmp_path), ["tree"]) == "torch"  # not built in: no GGUF of it
+    assert run.resolve_backend(opts(), "smollm2-135m", ["early-exit"]) == "torch"
+    (built / "libllama.so").unlink()
+    assert run.resolve_backend(opts(), "smollm2-135m", ["tree"]) == "torch"  # llama.cpp not built

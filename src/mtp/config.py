@@ -764,10 +764,11 @@ class DraftOptions(Runtime):
     faster than plain steps (retried now and then; lossless either way)."""
     chat: bool = True
     """Apply the model's chat template to the prompts."""
-    backend: str = opt("torch", choices=("torch", "llama.cpp"))
+    backend: str = opt("torch", choices=("torch", "llama.cpp", "auto"))
     """What runs the model: torch (PyTorch, every method) | llama.cpp (its GGUF in llama.cpp, in-process, on
-    llama.cpp's CPU kernels: every method but early-exit, with mlp or hydra heads; `mtp engines setup llama.cpp`
-    builds it)."""
+    llama.cpp's CPU kernels: every method but early-exit, every head family; `mtp engines setup llama.cpp` builds
+    it) | auto (llama.cpp where it is measured, once, to decode the built-in model faster than PyTorch on this
+    CPU, else torch; torch with --dtype other than auto, on a GPU and for early exit)."""
     target: str = opt("packaged", choices=GGUF_KINDS)
     """--backend llama.cpp: which GGUF of the model runs: packaged (the shipped file) | f16 | bf16 | f32 | q8_0 |
     q4_0 (converted once from the model by llama.cpp's tools)."""
@@ -803,6 +804,11 @@ class DraftOptions(Runtime):
 class GenerateConfig(DraftOptions):
     """Decode faster with the model's own MTP heads (lossless), streaming, with the speedup over plain decoding."""
 
+    backend: str = opt("auto", choices=("torch", "llama.cpp", "auto"))
+    """What runs the model: auto (default: llama.cpp where it is measured, once, to decode the built-in model
+    faster than PyTorch on this CPU, else torch; torch with --dtype other than auto, on a GPU and for early exit)
+    | torch (PyTorch, every method) | llama.cpp (its GGUF in llama.cpp's CPU kernels, in-process; `mtp engines
+    setup llama.cpp` builds it)."""
     guard: bool = True
     """Time the steps while decoding and decode plainly wherever the drafts are measured not to make tokens come
     faster than plain steps (retried now and then; lossless either way); --no-guard drafts every step."""
@@ -836,6 +842,11 @@ class ServeConfig(DraftOptions):
     decoded together (continuous batching) with the model's MTP heads, losslessly. --temperature, --top-p and
     --top-k are the defaults of requests that do not set them."""
 
+    backend: str = opt("auto", choices=("torch", "llama.cpp", "auto"))
+    """What runs the model: auto (default: llama.cpp where it is measured, once, to decode the built-in model
+    faster than PyTorch on this CPU, else torch; torch with --dtype other than auto, on a GPU and for early exit)
+    | torch (PyTorch, every method) | llama.cpp (its GGUF in llama.cpp's CPU kernels, in-process; `mtp engines
+    setup llama.cpp` builds it)."""
     guard: bool = True
     """Time the steps while decoding and decode plainly wherever the drafts are measured not to make tokens come
     faster than plain steps (retried now and then; lossless either way); --no-guard drafts every step."""

@@ -3,6 +3,7 @@ encoding, streaming, baselines."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -319,6 +320,66 @@ class Loaded:
                              opts, calibrate)
 
 
+def resolve_backend(opts: DraftOptions, model_name: str, methods, say=None) -> str:
+    """``--backend auto``: llama.cpp where it decodes this model faster than PyTorch on this machine -- measured
+    once (one decoded token after a 256-token prompt on each, :func:`cached_backend_times`) -- else torch. Always
+    torch on a GPU, with --dtype bfloat16 / float16 / float64 (a PyTorch precision), for a model that is not built in (no GGUF of
+    it), for early exit (it runs the first layers of a PyTorch model) and where llama.cpp is not built.
+    ``say(line)``: told which was chosen and why. Any other --backend is returned as given."""
+    if opts.backend != "auto":
+        return opts.backend
+    from mtp.backbones import BUILTIN_MODELS
+    from mtp.engines import llamacpp
+
+    if opts.device != "cpu" or opts.dtype not in ("auto", "float32") or model_name not in BUILTIN_MODELS \
+            or "early-exit" in methods or not (llamacpp.library_dir() / "libllama.so").is_file():
+        return "torch"
+    times = cached_backend_times(model_name, opts.target, opts.dtype)
+    backend = "llama.cpp" if times["llama.cpp"] < times["torch"] else "torch"
+    if say is not None:
+        say(f"--backend auto: {backend} (a decoded token: {times['llama.cpp'] * 1e3:.1f} ms on llama.cpp with the "
+            f"{opts.target} GGUF, {times['torch'] * 1e3:.1f} ms on PyTorch {times['torch_dtype']}, measured once on "
+            f"this CPU; --backend torch|llama.cpp chooses)")
+    return backend
+
+
+def cached_backend_times(model_name: str, target: str = "packaged", dtype: str = "auto") -> dict:
+    """Seconds per plain decoded token of ``model_name`` on each backend here (PyTorch in ``dtype``, llama.cpp on its ``target`` GGUF; one token after a cached 256-token prompt, median of 9), measured
+    once per model, GGUF, CPU, threads, torch and llama.cpp build and kept in the user cache."""
+    import hashlib
+    import json
+
+    from mtp.backbones import resolve_dtype
+    from mtp.decode.llama import LlamaCppBackbone, default_threads, verify_curve
+    from mtp.decode.methods import _measured_once, verify_cost
+    from mtp.engines import llamacpp
+    from mtp.engines.targets import target_gguf
+    from mtp.machine import cpu_signature
+
+    gguf = target_gguf(model_name, target)
+    dtype = resolve_dtype(dtype, "cpu", model_name, quiet=True)
+    st = gguf.stat()
+    raw = json.dumps([model_name, str(gguf.resolve()), st.st_size, int(st.st_mtime), dtype, cpu_signature(),
+                      torch.get_num_threads(), default_threads(), torch.__version__, llamacpp.build_stamp()])
+    name = f"backends-{hashlib.sha1(raw.encode()).hexdigest()[:16]}.json"
+
+    def measure() -> dict:
+        backbone, _ = load_backbone(model_name, dtype=dtype, device="cpu", require_tokenizer=False)
+        torch_s = verify_cost(backbone, points=(1,), repeats=9)[1]
+        del backbone
+        llama = LlamaCppBackbone(gguf, backbone_config(model_name), n_ctx=1024)
+        try:
+            llama_s = verify_curve(llama, points=(1,), repeats=9)[1]
+        finally:
+            llama.close()
+        return {"torch": torch_s, "llama.cpp": llama_s, "torch_dtype": dtype}
+
+    def parse(d: dict) -> dict:
+        return {"torch": float(d["torch"]), "llama.cpp": float(d["llama.cpp"]), "torch_dtype": str(d["torch_dtype"])}
+
+    return _measured_once(name, parse, measure, f"how fast {model_name} decodes on PyTorch and on llama.cpp here")
+
+
 def open_target(opts: DraftOptions, model_name: str, heads: str | None, methods, needs: dict[str, int],
                 exit_layer: int | None = None, before_load=None, n_ctx: int | None = None,
                 threads: int | None = None) -> Loaded:
@@ -327,6 +388,8 @@ def open_target(opts: DraftOptions, model_name: str, heads: str | None, methods,
     llama.cpp's KV cells, shared by every row of a batch (default: the model's context, at most 8192), ``threads``
 its compute threads (default: every CPU this process may use)."""
     need_heads = any(m in HEAD_METHODS for m in methods)
+    if opts.backend == "auto":  # commands that say which one it is resolve it first
+        opts = dataclasses.replace(opts, backend=resolve_backend(opts, model_name, methods))
     if opts.backend != "llama.cpp":
         backbone, tokenizer, mtp_model, folder = load_for_decoding(model_name, heads if need_heads else None,
                                                                   opts.dtype, opts.device, needs, exit_layer,
@@ -349,6 +412,8 @@ its compute threads (default: every CPU this process may use)."""
 def generate_command(cfg: GenerateConfig, command: str = "") -> dict:
     """Stream the model's answer; the result holds tokens/s, tokens per step and the speedup over plain decoding."""
     heads, method = choose_method(cfg.model, cfg.heads, cfg.method)
+    cfg.backend = resolve_backend(cfg, cfg.model, [method],
+                                  None if cfg.quiet else lambda line: print(f"mtp: {line}", file=sys.stderr))
     loaded = open_target(cfg, cfg.model, heads, [method], {"--max-new-tokens": cfg.max_new_tokens}, cfg.exit_layer)
     backbone, tokenizer = loaded.backbone, loaded.tokenizer
     decoder, sizing = loaded.decoder(method, cfg)

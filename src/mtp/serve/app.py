@@ -31,7 +31,7 @@ from starlette.routing import Route
 from mtp.config import HEAD_METHODS
 from mtp.decode.accept import Sampling
 from mtp.decode.engine import Request
-from mtp.decode.run import choose_method, eos_ids, open_target
+from mtp.decode.run import choose_method, eos_ids, open_target, resolve_backend
 from mtp.errors import UserError
 from mtp.io import parse_json
 from mtp.serve.protocol import (ApiError, Limits, Params, TextStream, bad, chunk, final_text, new_id, parse,
@@ -350,6 +350,9 @@ def serve(cfg, command: str = "") -> None:
     say = (lambda *a: None) if cfg.quiet else (lambda msg: print(f"mtp serve: {msg}", file=sys.stderr, flush=True))
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         say(f"warning: listening on {cfg.host} without --api-key: anyone who can reach it can use it")
+    if cfg.backend == "auto" and cfg.max_batch > 32:  # more rows than one llama.cpp context serves
+        cfg.backend = "torch"
+    cfg.backend = resolve_backend(cfg, cfg.model, [method], say)
     with_heads = f", heads {heads}" if heads and method in HEAD_METHODS else ""
     runs_on = f"GGUF {cfg.target} on llama.cpp" if cfg.backend == "llama.cpp" else cfg.dtype
     loading = f"loading {cfg.model} ({runs_on}, {method}{with_heads})"
