@@ -136,3 +136,55 @@ def test_a_step_over_rows_that_are_all_done_emits_nothing():
         assert all(dec.done)
         assert dec.step() == [None, None]
         assert [len(r.tokens) for r in dec.results] == [1, 1]
+
+
+def test_the_decoder_reaches_the_backbone_only_through_its_executor_and_proposers_get_a_draft_context():
+    """The executor interface is all the loop needs (prefill, verify, commit, join, select, reset, check_room):
+    a recording executor sees every backbone step of a schedule with rows joining and leaving, no forward of the
+    model runs outside it, and each draft is made from a DraftContext, never the decoder itself."""
+    from mtp.decode.executors.pytorch import TorchExecutor
+    from mtp.decode.proposers import DraftContext, TreeProposer
+
+    model = tiny_model("llama", vocab=64)
+    heads = with_heads(model, "mlp")
+    calls, outside = [], []
+
+    class Recording(TorchExecutor):
+        pass
+
+    for name in ("reset", "check_room", "prefill", "verify", "commit", "join", "select"):
+        def wrapped(self, *a, _name=name, **kw):
+            calls.append(_name)
+            return getattr(TorchExecutor, _name)(self, *a, **kw)
+        setattr(Recording, name, wrapped)
+
+    executor = Recording(model)
+    inside = []
+    real_forward = executor.forward
+
+    def forward(*a, **kw):
+        inside.append(1)
+        return real_forward(*a, **kw)
+
+    executor.forward = forward
+    hook = model.register_forward_pre_hook(lambda *_: outside.append(1))
+
+    contexts = []
+    tree = methods(heads)["tree"]
+
+    class Seeing(TreeProposer):
+        def propose(self, ctx):
+            contexts.append(type(ctx))
+            return super().propose(ctx)
+
+    try:
+        dec = SpeculativeDecoder(model, Tok(), mtp_model=heads, proposer=Seeing(tree.tree), executor=executor)
+        done = run_schedule(dec)
+    finally:
+        hook.remove()
+    everything = PROMPTS + LATE
+    assert all(done[i] == reference_greedy(model, everything[i], 18) for i in done)
+    assert {"prefill", "verify", "commit", "join", "select", "check_room"} <= set(calls)
+    assert calls.count("prefill") == 3 and calls.count("join") == 2  # three groups joined, two after the first
+    assert len(outside) == len(inside) > 0  # every forward of the model went through the executor
+    assert contexts and set(contexts) == {DraftContext}

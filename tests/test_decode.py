@@ -6,8 +6,8 @@ import torch
 from mtp.config import DraftOptions
 from mtp.decode.accept import Sampling, accept_greedy, accept_sample
 from mtp.decode.engine import SpeculativeDecoder
-from mtp.decode.proposers import (DynamicTreeProposer, EarlyExitProposer, LookupProposer, PlainProposer, Proposer,
-                                  TreeProposer, UnionProposer, blockwise)
+from mtp.decode.proposers import (DraftContext, DynamicTreeProposer, EarlyExitProposer, LookupProposer, PlainProposer,
+                                  Proposer, TreeProposer, UnionProposer, blockwise)
 from mtp.decode.tree import Draft, chain_tree, compile_tree, tree_from_accuracy
 from mtp.errors import UserError
 from mtp.model.mtp import HeadsConfig, MTPModel
@@ -103,12 +103,12 @@ def test_stop_strings_and_streaming():
 class Oracle(Proposer):
     """Drafts the true continuation (always accepted), a wrong one (never) or a half-right one."""
 
-    def __init__(self, ref, mode, depth=4):
-        self.ref, self.mode, self.depth = ref, mode, depth
+    def __init__(self, ref, mode, depth=4, prompt=PROMPTS[0]):
+        self.ref, self.mode, self.depth, self.prompt = ref, mode, depth, prompt
 
     def propose(self, state):
         seq = state.sequences()[0]
-        done = len(seq) - len(state.prompts[0])
+        done = len(seq) - len(self.prompt)
         nxt = self.ref[done: done + self.depth] + [0] * self.depth
         nxt = nxt[: self.depth]
         if self.mode == "never":
@@ -669,9 +669,12 @@ def test_a_batch_where_no_draft_pays_is_decoded_plainly(monkeypatch):
     assert [r.tokens for r in out.rows] == [reference_greedy(model, p, 8) for p in prompts]
 
 
-class _State:
-    def __init__(self, head_logits):
-        self.head_logits = head_logits
+def _State(head_logits):
+    from mtp.decode.proposers import DraftContext
+
+    b = head_logits.shape[0]
+    return DraftContext(batch=b, device=head_logits.device, root=torch.zeros(b, dtype=torch.long),
+                        sequences=lambda: [[0]] * b, head_logits=head_logits, draft_depth=head_logits.shape[1])
 
 
 def test_adaptive_tree_learns_conditional_acceptance_and_resizes():
@@ -786,23 +789,18 @@ def test_sequential_dynamic_tree_is_prefix_closed_and_best_first():
     depth are expanded by their top_k children; the draft is the `nodes` best-scoring nodes of the whole pool."""
     top_k, n_nodes, depth = 3, 9, 3
 
-    class S:
-        batch, device, root, sequential_heads = 2, torch.device("cpu"), torch.tensor([3, 4]), True
+    def head_logprobs(d, prev):  # (B, F, d) -> (B, F, 12), each path's own distribution
+        return torch.stack([torch.stack([_path_logprobs(d, p.tolist()) for p in row]) for row in prev])
 
-        class mtp:
-            draft_depth = depth
-
-        @staticmethod
-        def head_logprobs(d, prev):  # (B, F, d) -> (B, F, 12), each path's own distribution
-            return torch.stack([torch.stack([_path_logprobs(d, p.tolist()) for p in row]) for row in prev])
-
-    draft = DynamicTreeProposer(nodes=n_nodes, top_k=top_k).propose(S())
+    ctx = DraftContext(batch=2, device=torch.device("cpu"), root=torch.tensor([3, 4]), sequences=lambda: [[3], [4]],
+                       draft_depth=depth, sequential_heads=True, head_logprobs=head_logprobs)
+    draft = DynamicTreeProposer(nodes=n_nodes, top_k=top_k).propose(ctx)
     assert draft.tokens.shape == (2, n_nodes)
     for row in range(2):
         parents = draft.parents[row].tolist()
         assert all(p < i for i, p in enumerate(parents))  # parents first, every parent inside the draft
         assert parents.count(-1) >= 1
-        root = int(S.root[row])
+        root = int(ctx.root[row])
         pool, front = {}, [((), 0.0)]
         for d in range(1, depth + 1):
             cands = []
@@ -824,11 +822,10 @@ def test_dynamic_tree_is_best_first():
     import itertools
 
     class S:
-        batch, device = 2, torch.device("cpu")
         head_logits = torch.randn(2, 3, 10, generator=torch.Generator().manual_seed(0)) * 2
 
     top_k, n_nodes = 3, 10
-    draft = DynamicTreeProposer(nodes=n_nodes, top_k=top_k).propose(S())
+    draft = DynamicTreeProposer(nodes=n_nodes, top_k=top_k).propose(_State(S.head_logits))
     logp = S.head_logits.double().log_softmax(-1)
     for row in range(2):
         top = [logp[row, d].topk(top_k).indices.tolist() for d in range(3)]

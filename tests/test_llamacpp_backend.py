@@ -171,7 +171,7 @@ def test_the_decoder_on_llamacpp_is_llamacpps_plain_greedy(tiny_gguf, method):
     from mtp.backbones import load_tokenizer
     from mtp.config import DraftOptions
     from mtp.decode.engine import Request
-    from mtp.decode.llama import LlamaCppBackbone
+    from mtp.decode.executors.llamacpp import LlamaCppBackbone
     from mtp.decode.run import build_llama_decoder
     from transformers import AutoConfig
 
@@ -214,7 +214,7 @@ def test_a_batchs_verify_curve_is_measured_with_the_context_to_itself_and_resume
     from mtp.backbones import load_tokenizer
     from mtp.config import DraftOptions
     from mtp.decode.engine import Request
-    from mtp.decode.llama import LlamaCppBackbone, cached_batch_curve, verify_curve
+    from mtp.decode.executors.llamacpp import LlamaCppBackbone, cached_batch_curve, verify_curve
     from mtp.decode.run import build_llama_decoder
     from transformers import AutoConfig
 
@@ -261,7 +261,7 @@ def test_heads_draft_on_llamacpps_states_and_the_output_is_its_plain_greedy(tiny
     trees verified in one decode, output llama.cpp's own greedy, rows in a batch."""
     from mtp.backbones import load_backbone, load_tokenizer
     from mtp.config import DraftOptions
-    from mtp.decode.llama import LlamaCppBackbone
+    from mtp.decode.executors.llamacpp import LlamaCppBackbone
     from mtp.decode.run import build_llama_decoder
     from mtp.model.mtp import HeadsConfig, MTPModel
 
@@ -333,7 +333,7 @@ def test_a_server_on_llamacpp_queues_rows_its_cells_cannot_hold_yet_and_refuses_
     from mtp.backbones import load_tokenizer
     from mtp.config import DraftOptions
     from mtp.decode.engine import Request
-    from mtp.decode.llama import LlamaCppBackbone
+    from mtp.decode.executors.llamacpp import LlamaCppBackbone
     from mtp.decode.run import build_llama_decoder
     from mtp.serve.scheduler import Job, Scheduler
     from transformers import AutoConfig

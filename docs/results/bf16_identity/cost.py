@@ -32,7 +32,7 @@ eos = eos_ids(loaded.backbone, loaded.tokenizer)
 decs = {}
 for on in (True, False):
     decs[on], _ = loaded.decoder(a.method, opts)
-    decs[on].invariant_attention = on
+    decs[on].executor.invariant_attention = on
 prompts = [encode_prompt(loaded.tokenizer, t, True) for t in load_prompts(a.prompts, "eval", a.limit, 0)]
 for d in decs.values():
     d.generate([prompts[0]], 8, eos)

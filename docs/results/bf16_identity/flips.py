@@ -35,7 +35,7 @@ tok = loaded.tokenizer
 eos = eos_ids(loaded.backbone, tok)
 plain, _ = loaded.decoder("plain", opts)
 method, _ = loaded.decoder(a.method, opts)
-plain.invariant_attention = method.invariant_attention = a.invariant
+plain.executor.invariant_attention = method.executor.invariant_attention = a.invariant
 ref32, _ = load_backbone(a.model, "float32")
 prompts = [encode_prompt(tok, t, True) for t in load_prompts(a.prompts, "eval", a.limit, 0)]
 rows = []

@@ -1,5 +1,5 @@
 """llama.cpp's verify curve t(k)/t(1) measured two ways on this machine, side by side: through mtp's in-process
-bindings (what --backend llama.cpp sizes its drafts from: ``mtp.decode.llama.verify_curve``) and through
+bindings (what --backend llama.cpp sizes its drafts from: ``mtp.decode.executors.llamacpp.verify_curve``) and through
 llama-server (``mtp.engines.policy.measure_verify``: k new tokens after a cached prefix, its own prompt_ms).
 If the two agree, the steep curve is llama.cpp's kernels on this CPU, not mtp's bindings.
 
@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from mtp.backbones import backbone_config
-from mtp.decode.llama import LlamaCppBackbone, verify_curve
+from mtp.decode.executors.llamacpp import LlamaCppBackbone, verify_curve
 from mtp.engines import llamacpp, policy
 from mtp.engines.targets import target_gguf
 from mtp.machine import cpu_signature

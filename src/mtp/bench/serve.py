@@ -346,7 +346,7 @@ def _llama_server_scaling(cfg, prompts: list[str], max_tokens: int, prompt_limit
     need) under the same scaling runs: what the llama.cpp backend's scaling is measured against."""
     import tempfile
 
-    from mtp.decode.llama import default_threads
+    from mtp.decode.executors.llamacpp import default_threads
     from mtp.engines import llamacpp
     from mtp.serve.app import llama_ctx_size
     from mtp.engines.targets import target_gguf

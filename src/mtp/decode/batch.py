@@ -4,8 +4,8 @@ A decoder keeps its rows in one :class:`Batch`: the requests and what they emitt
 positions, what the heads computed for the next draft, and the caches that hold per-row state (the backbone's
 slots, transformer heads' slots, an EAGLE-3 drafter). Rows join (:meth:`Batch.extend`, a prefill's new rows
 after the running ones) and leave (:meth:`Batch.select`, the rows that go on, in order) between steps, as one
-operation on one object. The backbone's own cache is the executor's (PyTorch: slots here; llama.cpp: its
-context, outside): the decoder's ``_join_cache`` / ``_select_cache`` move it along.
+operation on one object. The backbone's own cache is the executor's (PyTorch: ``slots`` / ``cache`` here;
+llama.cpp: its context, outside): the executor's ``join`` / ``select`` move it along (:mod:`mtp.decode.executors`).
 """
 
 from __future__ import annotations

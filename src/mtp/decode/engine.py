@@ -34,17 +34,17 @@ import torch
 from torch import nn
 
 from mtp.decode.batch import Batch
-from mtp.decode.accept import Accepted, Sampling, accept_greedy, accept_sample, accept_typical, greedy_tokens
+from mtp.decode.accept import Accepted, Sampling, accept_greedy, accept_sample, accept_typical
 from mtp.decode.eagle import EagleDraftState
+from mtp.decode.executors import Executor
+from mtp.decode.executors.pytorch import TorchExecutor
 from mtp.decode.guard import SpeedGuard
 from mtp.decode.methods import LONG_PROMPT, context_bucket
-from mtp.decode.proposers import PlainProposer, Proposer
-from mtp.decode.slots import Slots, free_memory, kv_bytes
+from mtp.decode.proposers import DraftContext, PlainProposer, Proposer
+from mtp.decode.slots import Slots
 from mtp.decode.tree import Draft
 from mtp.errors import UserError
-from mtp.hf_compat import first_layers, float32_attention, forward_with_cache
-from mtp.model.attention import attention_masks
-from mtp.model.trunk import capture_hidden, final_norm
+from mtp.model.trunk import final_norm
 
 
 @dataclass
@@ -85,13 +85,16 @@ class SpeculativeDecoder:
                  sampling: Sampling | None = None, acceptance: str = "exact", seed: int = 0,
                  typical_epsilon: float = 0.09, draft_vocab: torch.Tensor | None = None, bucket: int = 64,
                  resize: Callable[[int, int], Proposer] | None = None, invariant_attention: bool = True,
-                 guard: bool = False):
+                 guard: bool = False, executor: Executor | None = None):
         self.backbone, self.tokenizer, self.mtp = backbone, tokenizer, mtp_model
-        # a bf16 / fp16 backbone's attention per query in float32 (hf_compat.float32_attention): a position
-        # verified in a tree computes what a one-token decode of it computes, so greedy picks do not flip
-        self.invariant_attention = invariant_attention
+        # how the backbone's forwards run (mtp.decode.executors): PyTorch unless another is given. A bf16 / fp16
+        # backbone's attention runs per query in float32 there (hf_compat.float32_attention): a position verified
+        # in a tree computes what a one-token decode of it computes, so greedy picks do not flip
+        self.executor = executor or TorchExecutor(backbone, bucket, invariant_attention)
         heads = mtp_model  # the MTPModel: its heads, taps and unembedding
         self.proposer = proposer or PlainProposer()
+        if self.proposer.name == "early-exit" and not self.executor.supports_early_exit:
+            raise UserError("early-exit drafts with the first layers of a PyTorch model: use --backend torch")
         # ``guard``: drafts must be measured to pay, step by step, or the decoder decodes plainly (mtp.decode.guard)
         self.guard = SpeedGuard() if guard else None
         self.sampling = sampling or Sampling()
@@ -131,22 +134,9 @@ class SpeculativeDecoder:
             self._draft_bias = bias.detach()[self.draft_vocab] if bias is not None else None
         self.reset()  # no running batch yet
         self.forwards = self.verify_tokens = self.verify_forwards = 0
-        self._taps = None  # the hidden-state taps, registered inside session()
+        self._in_session = False  # add / step / drop run inside session()
 
     # ------------------------------------------------------------------ forward pieces
-
-    def _forward(self, ids, q_pos, allowed_new, logits_to_keep=0):
-        """Backbone forward of (B, Q) new tokens against the cache, written at the next free slots (the
-        caller keeps or drops them). Returns logits and, with heads, the tapped states of the new tokens."""
-        allowed, k_pos = self.state.slots.begin(q_pos, allowed_new)
-        mask = None if allowed is None else attention_masks(self.backbone.config, allowed, q_pos, k_pos,
-                                                            self._mask_dtype)
-        self._taps.clear()
-        out = forward_with_cache(self.backbone, self.state.cache, input_ids=ids, position_ids=q_pos,
-                                 attention_mask=mask, use_cache=True, logits_to_keep=logits_to_keep)
-        states = [self._taps[i] for i in self.mtp.tapped] if self.n_run else None
-        self.forwards += 1
-        return out.logits, states
 
     def _heads_step(self, states, keep_idx, keep_valid, q_pos, next_tokens=None):
         """Heads on the committed new positions (B, m): head_logits (B, n_heads, V) at the last one.
@@ -263,26 +253,22 @@ class SpeculativeDecoder:
         """Each row's tokens so far, prompt + emitted (the root last)."""
         return [p + r.tokens for p, r in zip(self.state.prompts, self.state.results)]
 
+    def draft_context(self) -> DraftContext:
+        """What the proposer reads this step (:class:`~mtp.decode.proposers.DraftContext`)."""
+        heads = self.mtp is not None
+        return DraftContext(
+            batch=len(self.state), device=self.device, root=self.state.root, sequences=self.sequences,
+            head_logits=self.state.head_logits, draft_depth=self.mtp.draft_depth if heads else 0,
+            sequential_heads=self.sequential_heads, head_top=self.head_top if heads else None,
+            head_logprobs=self.head_logprobs if heads else None, n_layers=self.n_layers,
+            shallow_chain=self.shallow_chain if self.executor.supports_early_exit else None)
+
     def shallow_chain(self, layers: int, length: int) -> torch.Tensor:
-        """Greedy chain of ``length`` tokens after the root from the first ``layers`` layers; the cache is
-        restored afterwards (only those layers' entries grew)."""
-        s = self.state.slots.end
-        tok, p = self.state.root, self.state.next_pos
-        out = []
-        n_run, self.n_run = self.n_run, 0
-        eye = torch.ones(self.batch, 1, 1, dtype=torch.bool, device=self.device)
-        try:
-            with first_layers(self.backbone, layers):
-                for i in range(length):
-                    logits, _ = self._forward(tok[:, None], p[:, None], eye)
-                    self.state.slots.keep_all(eye[:, 0])
-                    tok = greedy_tokens(logits[:, -1])
-                    out.append(tok)
-                    p = p + 1
-        finally:
-            self.n_run = n_run
-            self.state.slots.truncate(s)
-        return torch.stack(out, 1)
+        """Greedy chain of ``length`` tokens after the root from the first ``layers`` layers (early exit); the
+        executor restores its cache afterwards."""
+        chain = self.executor.shallow_chain(self.state, layers, length)
+        self.forwards += length
+        return chain
 
     # ------------------------------------------------------------------ the loop
 
@@ -384,22 +370,23 @@ class SpeculativeDecoder:
     # ------------------------------------------------------------------ a running batch (continuous batching)
 
     def reset(self) -> None:
-        """Forget the running batch (rows, slots, caches)."""
+        """Forget the running batch (rows, slots, caches), in the executor too."""
         self.state = Batch()
+        self.executor.reset()
 
     @contextlib.contextmanager
     def session(self):
-        """Within the block the hidden-state taps the heads read are registered on the backbone (once, not per
-        step): :meth:`add`, :meth:`step` and :meth:`drop` run inside one."""
-        self._mask_dtype = self.backbone.dtype
-        with contextlib.ExitStack() as hooks:
-            self._taps = hooks.enter_context(capture_hidden(self.backbone, self.mtp.tapped)) if self.n_run else {}
-            if self.invariant_attention:
-                hooks.enter_context(float32_attention(self.backbone))
+        """Within the block the executor returns the hidden states the heads read (PyTorch: taps registered on the
+        backbone once, not per step): :meth:`add`, :meth:`step` and :meth:`drop` run inside one."""
+        taps = tuple(self.mtp.tapped) if self.n_run else ()
+        every = self.eagle or self.transformer_heads  # heads that read every prompt position
+        dtype = next(self.mtp.parameters()).dtype if self.n_run else None
+        with self.executor.session(taps, every, dtype):
+            self._in_session = True
             try:
                 yield self
             finally:
-                self._taps = None
+                self._in_session = False
 
     def _size_for_batch(self) -> None:
         """Drafts sized for the running batch and its longest context (methods.cached_batch_cost, context_cost)."""
@@ -442,7 +429,7 @@ class SpeculativeDecoder:
     def add(self, requests: list["Request"], callback: Callable[[int, list[int]], None] | None = None) -> list[int]:
         """Prefill new rows and append them to the running batch (between steps); returns their row indices.
         Each new row's first token is emitted (``callback(row, tokens)``)."""
-        if self._taps is None:
+        if not self._in_session:
             raise RuntimeError("SpeculativeDecoder.add / step / drop run inside `with decoder.session():`")
         for r in requests:
             self.check(r)
@@ -450,7 +437,7 @@ class SpeculativeDecoder:
         longest = max(len(r.context) for r in requests)
         capacity = longest + max(r.max_new_tokens - len(r.generated) for r in requests) + 64
         total = b_old + b
-        self._check_room(requests, total, capacity)
+        self.executor.check_room(self.state, requests, total, capacity)
         old = self.state
         self.state = Batch(list(requests), [list(r.prompt) for r in requests],
                            [RowResult(tokens=list(r.generated)) for r in requests], [False] * b)  # prefilled alone
@@ -461,7 +448,7 @@ class SpeculativeDecoder:
             raise
         if b_old:  # the running rows, then the new ones
             new, self.state = self.state, old
-            self._join_cache(new)
+            self.executor.join(self.state, new)
             self.state.extend(new)
         self._size_for_batch()
         rows = list(range(b_old, total))
@@ -471,50 +458,6 @@ class SpeculativeDecoder:
             if callback:
                 callback(i, added)
         return rows
-
-    # ------------------------------------------------------------------ the backbone's cache (a backend overrides these)
-
-    def _check_room(self, requests: list["Request"], total: int, capacity: int) -> None:
-        """Refuse, in one line, rows whose KV cache would not fit in the device's free memory."""
-        slots = max(capacity, self.state.slots.capacity if self.state.slots is not None else 0)
-        need, free = kv_bytes(self.backbone.config, self.backbone.dtype, total, slots), free_memory(self.device)
-        if free is not None and need > 0.8 * free:
-            longest = max(len(r.context) for r in requests)
-            raise UserError(f"{total} prompt(s) of up to {longest} tokens + {max(r.max_new_tokens for r in requests)} "
-                            f"new tokens need {need / 2**30:.1f} GiB of KV cache, {free / 2**30:.1f} GiB of "
-                            f"{self.device.type} memory is free: decode fewer prompts at once or fewer new tokens")
-
-    def _prefill_backbone(self, ids, pos, valid, capacity: int, requests: list["Request"]):
-        """New rows' left-padded prompts (B, L) into a fresh cache; returns the last position's logits (B, 1, V)
-        and the tapped states (for heads) of every position."""
-        longest, dev = ids.shape[1], self.device
-        if bool(valid.all()):  # no padding: the model's own causal attention
-            allowed = None
-        else:
-            causal = torch.ones(longest, longest, dtype=torch.bool, device=dev).tril()
-            allowed = (causal[None] & valid[:, None, :]) | torch.eye(longest, dtype=torch.bool, device=dev)[None]
-        self.state.slots = Slots(ids.shape[0], dev, capacity, bucket=self.bucket)
-        self.state.cache = self.state.slots.cache()  # full layers: sliding windows come from our masks
-        logits, states = self._forward(ids, pos, allowed, logits_to_keep=1)
-        self.state.slots.keep_all(valid)
-        return logits, states
-
-    def _verify(self, q_tokens, q_pos, allowed_new, draft: Draft):
-        """One forward of every row's [root] + draft nodes: logits (B, 1+N, V) and the tapped states."""
-        return self._forward(q_tokens, q_pos, allowed_new)
-
-    def _commit(self, keep_idx, keep_valid, lengths: list[int]) -> None:
-        """Keep each row's accepted query positions (``keep_idx`` (B, m), root first; ``lengths`` on the host) in
-        the cache; the rest of the step's entries are dropped."""
-        self.state.slots.keep(keep_idx, keep_valid)
-
-    def _join_cache(self, new: Batch) -> None:
-        """The backbone's cache of the rows just prefilled (``new``), after the running batch's (``self.state``)."""
-        self.state.slots.extend(new.slots)  # the cache keeps reading the grown slots
-
-    def _select_cache(self, index: torch.Tensor, keep: list[int]) -> None:
-        """Only the rows ``keep`` (``index`` on the device) stay in the backbone's cache, in that order."""
-        self.state.slots.select(index)
 
     @torch.inference_mode()
     def drop(self, rows: list[int]) -> None:
@@ -530,7 +473,7 @@ class SpeculativeDecoder:
             self.forwards, self.verify_tokens, self.verify_forwards = forwards
             return
         index = self.state.select(keep)
-        self._select_cache(index, keep)
+        self.executor.select(self.state, index, keep)
         self._size_for_batch()
 
     def _prefill(self, requests: list["Request"], longest: int, capacity: int) -> None:
@@ -545,7 +488,8 @@ class SpeculativeDecoder:
         pos = (valid.long().cumsum(1) - 1).clamp(min=0)
         self.state.head_logits = self.state.seq_states = self.state.root_next = self.state.eagle_state = None
         self.state.head_slots = self.state.head_caches = None
-        logits, states = self._prefill_backbone(ids, pos, valid, capacity, requests)
+        logits, states = self.executor.prefill(self.state, ids, pos, valid, capacity, requests)
+        self.forwards += 1
         self.state.next_pos = pos[:, -1] + 1
         self.state.root = self._choose(logits[:, -1], requests)
         if self.n_run:
@@ -571,7 +515,7 @@ class SpeculativeDecoder:
             return [None] * b
         guarded = self.guard is not None and not isinstance(self.proposer, PlainProposer)
         drafting = not guarded or self.guard.drafting(self.state.done.count(False))
-        draft = self.proposer.propose(self) if drafting else Draft.empty(b, dev)
+        draft = self.proposer.propose(self.draft_context()) if drafting else Draft.empty(b, dev)
         n = draft.size
         q_tokens = torch.cat([self.state.root[:, None], draft.tokens], 1)  # (B, 1+N)
         q_pos = self.state.next_pos[:, None] + draft.depth_q()
@@ -582,7 +526,8 @@ class SpeculativeDecoder:
                 torch.eye(n + 1, dtype=torch.bool, device=dev)[None]
         self.verify_tokens += n + 1
         self.verify_forwards += 1
-        logits, states = self._verify(q_tokens, q_pos, allowed_new, draft)
+        logits, states = self.executor.verify(self.state, q_tokens, q_pos, allowed_new, draft)
+        self.forwards += 1
         acc = self._accept(logits, draft)
 
         # the one read-back of the step: per row, its accepted length, next root and path tokens
@@ -597,7 +542,7 @@ class SpeculativeDecoder:
         keep_valid = (keep_idx >= 0) & (torch.arange(m, device=dev)[None] <
                                         torch.tensor(lengths, device=dev)[:, None])
         keep_idx = keep_idx.clamp(min=0)
-        self._commit(keep_idx, keep_valid, lengths)
+        self.executor.commit(self.state, keep_idx, keep_valid, lengths)
         self.state.next_pos = self.state.next_pos + torch.tensor(lengths, device=dev)
         if self.n_run:
             self.state.root_next = acc.next_root

@@ -1,8 +1,10 @@
 """Proposers: where a step's draft comes from. One interface, as transformers' candidate generators.
 
-``propose(state)`` returns a :class:`~mtp.decode.tree.Draft` below the step's root. Head proposers read
-``state.head_logits`` (B, n_heads, V): the heads' predictions at the last committed position, where head
-d predicts the token d places after the root. Training-free proposers need no heads:
+``propose(ctx)`` returns a :class:`~mtp.decode.tree.Draft` below the step's root. ``ctx`` is a
+:class:`DraftContext`: the few things of the running batch a draft is made from, not the decoder. Head proposers
+read ``ctx.head_logits`` (B, n_heads, V): the heads' predictions at the last committed position, where head d
+predicts the token d places after the root (sequential heads: ``ctx.head_top`` / ``ctx.head_logprobs`` per
+depth, given the path before it). Training-free proposers need no heads:
 
 - ``blockwise``: one chain of every head's top-1 token (Stern et al. 2018; Gloeckle et al. §3.2);
 - ``tree``: a static tree of head ranks (Medusa), compiled once (:mod:`mtp.decode.tree`);
@@ -19,6 +21,8 @@ d predicts the token d places after the root. Training-free proposers need no he
 from __future__ import annotations
 
 import heapq
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -26,11 +30,28 @@ from mtp.decode.tree import CompiledTree, Draft, chain_tree, union
 from mtp.errors import UserError
 
 
+@dataclass(frozen=True)
+class DraftContext:
+    """What a proposer reads at a step (the decoder builds one per step; tests build their own)."""
+
+    batch: int  # rows
+    device: torch.device
+    root: torch.Tensor  # (B,) the step's root: the token already certain, not yet in the cache
+    sequences: Callable[[], list[list[int]]]  # each row's tokens so far, prompt + emitted (the root last)
+    head_logits: torch.Tensor | None = None  # (B, n_heads, V) independent heads' predictions after the root
+    draft_depth: int = 0  # how many tokens ahead the heads draft
+    sequential_heads: bool = False  # heads drafted depth by depth (hydra, EAGLE-3): head_top / head_logprobs
+    head_top: Callable[[int, torch.Tensor, int], torch.Tensor] | None = None  # (d, paths (B, M, d), r) -> (B, M, r)
+    head_logprobs: Callable[[int, torch.Tensor], torch.Tensor] | None = None  # (d, paths (B, M, d)) -> (B, M, V)
+    n_layers: int = 0  # the backbone's layers
+    shallow_chain: Callable[[int, int], torch.Tensor] | None = None  # (layers, length) -> (B, length): early exit
+
+
 class Proposer:
     needs_heads = False
     name = ""
 
-    def propose(self, state) -> Draft:
+    def propose(self, ctx: DraftContext) -> Draft:
         raise NotImplementedError
 
     def observe(self, verified: list[list[int] | None]) -> None:
@@ -47,8 +68,8 @@ class PlainProposer(Proposer):
 
     name = "plain"
 
-    def propose(self, state) -> Draft:
-        return Draft.empty(state.batch, state.device)
+    def propose(self, ctx: DraftContext) -> Draft:
+        return Draft.empty(ctx.batch, ctx.device)
 
 
 class TreeProposer(Proposer):
@@ -62,13 +83,13 @@ class TreeProposer(Proposer):
     def heads_needed(self) -> int | None:
         return self.tree.max_depth
 
-    def propose(self, state) -> Draft:
-        if getattr(state, "sequential_heads", False):
-            if state.mtp.draft_depth < self.tree.max_depth:
+    def propose(self, ctx: DraftContext) -> Draft:
+        if ctx.sequential_heads:
+            if ctx.draft_depth < self.tree.max_depth:
                 raise UserError(f"the tree is {self.tree.max_depth} deep but there are only "
-                                f"{state.mtp.draft_depth} heads")
-            return self.tree.draft_sequential(state.root, state.head_top)
-        head_logits = state.head_logits[:, : self.tree.max_depth]
+                                f"{ctx.draft_depth} heads")
+            return self.tree.draft_sequential(ctx.root, ctx.head_top)
+        head_logits = ctx.head_logits[:, : self.tree.max_depth]
         if head_logits.shape[1] < self.tree.max_depth:
             raise UserError(f"the tree is {self.tree.max_depth} deep but the heads predict only "
                             f"{head_logits.shape[1]} tokens ahead")
@@ -121,8 +142,8 @@ class AdaptiveTreeProposer(TreeProposer):
         w = self.prior_weight
         return ((self.hits + w * self.prior) / (self.seen[:, None] + w)).tolist()
 
-    def propose(self, state) -> Draft:
-        head_logits = state.head_logits[:, : self.depth]
+    def propose(self, ctx: DraftContext) -> Draft:
+        head_logits = ctx.head_logits[:, : self.depth]
         if head_logits.shape[1] < self.tree.max_depth:
             raise UserError(f"the tree is {self.tree.max_depth} deep but the heads predict only "
                             f"{head_logits.shape[1]} tokens ahead")
@@ -163,10 +184,10 @@ class DynamicTreeProposer(Proposer):
     def heads_needed(self) -> int | None:
         return self.depth
 
-    def propose(self, state) -> Draft:
-        if getattr(state, "sequential_heads", False):
-            return self._propose_sequential(state)
-        logp = state.head_logits.float().log_softmax(-1)
+    def propose(self, ctx: DraftContext) -> Draft:
+        if ctx.sequential_heads:
+            return self._propose_sequential(ctx)
+        logp = ctx.head_logits.float().log_softmax(-1)
         if self.depth:
             logp = logp[:, : self.depth]
         vals, toks = logp.topk(self.top_k, dim=-1)  # (B, D, k)
@@ -187,18 +208,18 @@ class DynamicTreeProposer(Proposer):
                     for r2 in range(len(v[d + 1])):
                         heapq.heappush(heap, (neg - v[d + 1][r2], r2, count, d + 1))
                 count += 1
-        dev = state.device
+        dev = ctx.device
         return Draft(tokens.to(dev), parents.to(dev), valid.to(dev))
 
-    def _propose_sequential(self, state) -> Draft:
+    def _propose_sequential(self, ctx: DraftContext) -> Draft:
         """EAGLE-2's expand-and-rerank (arXiv 2406.16858) with sequential heads: per depth, the ``top_k``
         best nodes of the previous depth are expanded by their ``top_k`` children (a node's score: the sum of
         the heads' log-probabilities along its path, each head given the path before it); the draft is the
         ``nodes`` best of every node expanded. A child never outscores its parent, so the draft is closed
         under prefixes."""
-        b, dev, k = state.batch, state.device, self.top_k
-        depth = min(self.depth or state.mtp.draft_depth, state.mtp.draft_depth)
-        root = state.root
+        b, dev, k = ctx.batch, ctx.device, self.top_k
+        depth = min(self.depth or ctx.draft_depth, ctx.draft_depth)
+        root = ctx.root
         paths = torch.zeros(b, 1, 0, dtype=torch.long, device=dev)  # the frontier's token paths (B, F, d - 1)
         front_score = torch.zeros(b, 1, device=dev)
         front_idx = torch.full((b, 1), -1, dtype=torch.long, device=dev)  # their indices in the pool
@@ -206,7 +227,7 @@ class DynamicTreeProposer(Proposer):
         for d in range(1, depth + 1):
             f = paths.shape[1]
             prev = torch.cat([root[:, None, None].expand(-1, f, 1), paths], 2)  # (B, F, d)
-            logp = state.head_logprobs(d, prev)  # (B, F, V)
+            logp = ctx.head_logprobs(d, prev)  # (B, F, V)
             val, tok = logp.topk(min(k, logp.shape[-1]), dim=-1)  # (B, F, k')
             kk = tok.shape[-1]
             score = (front_score[..., None] + val).reshape(b, -1)  # (B, F * k')
@@ -255,17 +276,17 @@ class LookupProposer(Proposer):
                 return seq[start + n: start + n + self.draft_len]
         return []
 
-    def propose(self, state) -> Draft:
-        conts = [self._continuation(seq) for seq in state.sequences()]
+    def propose(self, ctx: DraftContext) -> Draft:
+        conts = [self._continuation(seq) for seq in ctx.sequences()]
         width = max((len(c) for c in conts), default=0)
         if width == 0:
-            return Draft.empty(state.batch, state.device)
-        tokens = torch.zeros(state.batch, width, dtype=torch.long)
-        valid = torch.zeros(state.batch, width, dtype=torch.bool)
+            return Draft.empty(ctx.batch, ctx.device)
+        tokens = torch.zeros(ctx.batch, width, dtype=torch.long)
+        valid = torch.zeros(ctx.batch, width, dtype=torch.bool)
         for i, c in enumerate(conts):
             tokens[i, : len(c)] = torch.tensor(c, dtype=torch.long)
             valid[i, : len(c)] = True
-        return Draft.chain(tokens.to(state.device), valid.to(state.device))
+        return Draft.chain(tokens.to(ctx.device), valid.to(ctx.device))
 
 
 class SizedLookupProposer(LookupProposer):
@@ -318,9 +339,9 @@ class SizedLookupProposer(LookupProposer):
     def _choose(self) -> int:
         return max(self.lengths, key=self.expected_gain)
 
-    def propose(self, state) -> Draft:
-        draft = super().propose(state)
-        self._drafted = draft.valid.sum(1).tolist() if draft.size else [0] * state.batch
+    def propose(self, ctx: DraftContext) -> Draft:
+        draft = super().propose(ctx)
+        self._drafted = draft.valid.sum(1).tolist() if draft.size else [0] * ctx.batch
         return draft
 
     def observe(self, verified: list[list[int] | None]) -> None:
@@ -351,12 +372,14 @@ class EarlyExitProposer(Proposer):
             raise UserError("early exit needs at least one layer and a draft length >= 1")
         self.layers, self.draft_len = layers, draft_len
 
-    def propose(self, state) -> Draft:
-        n_layers = state.backbone.config.num_hidden_layers
+    def propose(self, ctx: DraftContext) -> Draft:
+        n_layers = ctx.n_layers
+        if ctx.shallow_chain is None:
+            raise UserError("early-exit drafts with the first layers of a PyTorch model: use --backend torch")
         if self.layers >= n_layers:
             raise UserError(f"early exit at layer {self.layers} of a {n_layers}-layer model drafts nothing: "
                             f"use fewer layers")
-        tokens = state.shallow_chain(self.layers, self.draft_len)
+        tokens = ctx.shallow_chain(self.layers, self.draft_len)
         return Draft.chain(tokens)
 
 
@@ -369,8 +392,8 @@ class UnionProposer(Proposer):
         self.proposers, self.name = proposers, name
         self.needs_heads = any(p.needs_heads for p in proposers)
 
-    def propose(self, state) -> Draft:
-        return union([p.propose(state) for p in self.proposers])
+    def propose(self, ctx: DraftContext) -> Draft:
+        return union([p.propose(ctx) for p in self.proposers])
 
     def observe(self, verified: list[list[int] | None]) -> None:
         for p in self.proposers:

@@ -242,7 +242,7 @@ def load_llama_target(model_name: str, kind: str, needs: dict[str, int] | None =
                       threads: int | None = None):
     """``--backend llama.cpp``: the model's GGUF (``kind``: packaged or a conversion) in llama.cpp, and its
     tokenizer; flags checked against the model's context before anything loads."""
-    from mtp.decode.llama import LlamaCppBackbone
+    from mtp.decode.executors.llamacpp import LlamaCppBackbone
     from mtp.engines.targets import target_gguf
 
     resolve_backbone(model_name)
@@ -267,7 +267,7 @@ def build_llama_decoder(target, tokenizer, method: str, opts: DraftOptions, mtp_
                         calibrate: bool = True) -> tuple[SpeculativeDecoder, Sizing]:
     """A decoder whose verify runs in llama.cpp (``target``); heads (mlp, hydra) draft in PyTorch on the states it
     returns. Sizes left open are chosen from llama.cpp's own verify curve on this machine (measured once)."""
-    from mtp.decode.llama import LlamaCppDecoder, cached_batch_curve, cached_verify_curve
+    from mtp.decode.executors.llamacpp import LlamaCppExecutor, cached_batch_curve, cached_verify_curve
 
     if method == "early-exit":
         raise UserError("early-exit drafts with the first layers of a PyTorch model: it needs --backend torch")
@@ -298,9 +298,9 @@ def build_llama_decoder(target, tokenizer, method: str, opts: DraftOptions, mtp_
             gain = resized.expected_speedup
             # where even the smallest draft costs more than it saves for this many rows: plain decoding
             return PlainProposer() if gain is not None and gain < 1 else sized
-    return LlamaCppDecoder(target, tokenizer, mtp_model=heads, proposer=proposer, sampling=Sampling.of(opts),
-                           acceptance=opts.acceptance, seed=opts.seed, draft_vocab=shortlist, resize=resize,
-                           guard=opts.guard), sizing
+    return SpeculativeDecoder(target, tokenizer, mtp_model=heads, proposer=proposer, sampling=Sampling.of(opts),
+                              acceptance=opts.acceptance, seed=opts.seed, draft_vocab=shortlist, resize=resize,
+                              guard=opts.guard, executor=LlamaCppExecutor(target)), sizing
 
 
 class Loaded:
@@ -350,7 +350,7 @@ def cached_backend_times(model_name: str, target: str = "packaged", dtype: str =
     import json
 
     from mtp.backbones import resolve_dtype
-    from mtp.decode.llama import LlamaCppBackbone, default_threads, verify_curve
+    from mtp.decode.executors.llamacpp import LlamaCppBackbone, default_threads, verify_curve
     from mtp.decode.methods import _measured_once, verify_cost
     from mtp.engines import llamacpp
     from mtp.engines.targets import target_gguf

@@ -1,6 +1,6 @@
-"""The decoding loop on llama.cpp's kernels (``--backend llama.cpp``): the same :class:`SpeculativeDecoder`
-(proposers, acceptance, stop rules, continuous batching), with the target model a GGUF run in-process by
-llama.cpp (:mod:`mtp.engines.llamacpp_lib`) instead of a PyTorch module.
+"""The llama.cpp executor (``--backend llama.cpp``): the decoder's target model a GGUF run in-process by llama.cpp
+(:mod:`mtp.engines.llamacpp_lib`) instead of a PyTorch module, under the same decoding loop (proposers,
+acceptance, stop rules, continuous batching).
 
 - prefill: each new row's prompt into its own llama.cpp sequence;
 - verify: every row's [root] + draft tree in one ``llama_decode``, each root-to-leaf path a sequence, so
@@ -13,6 +13,9 @@ PyTorch on the states llama.cpp returns for the layers they tap (the last layer'
 for ``--tap last``: a source fix records it, :mod:`mtp.engines.patches`), with the unembedding of the PyTorch
 model they were loaded on. Heads that read every prompt position (transformer heads, EAGLE-3) get the states of
 every prompt token from the prefill; the others the last token's only.
+
+Also here: llama.cpp's verify curve t(k) on this machine (:func:`verify_curve`), measured once and cached, which
+sizes the drafts on this backend.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from mtp.decode.engine import SpeculativeDecoder
+from mtp.decode.executors import Executor
 from mtp.decode.tree import Draft
 from mtp.engines.llamacpp_lib import LlamaContext, RowCache
 from mtp.errors import NoRoomYet, UserError
@@ -61,29 +64,37 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
-class LlamaCppDecoder(SpeculativeDecoder):
-    """:class:`SpeculativeDecoder` whose backbone forwards run in llama.cpp (see the module's text)."""
+class LlamaCppExecutor(Executor):
+    """:class:`~mtp.decode.executors.Executor` on a :class:`LlamaCppBackbone` (see the module's text). Its rows live
+    in the target's llama.cpp context, not in the decoder's batch; one decoder decodes on a target at a time."""
 
-    def __init__(self, target: LlamaCppBackbone, tokenizer, **kw):
-        super().__init__(target, tokenizer, **kw)
-        if self.proposer.name == "early-exit":
-            raise UserError("early-exit drafts with the first layers of a PyTorch model: use --backend torch")
-        self.target = target
+    name = "llama.cpp"
+
+    def __init__(self, target: LlamaCppBackbone):
+        self.target, self.config, self.device = target, target.config, target.device
+        self._taps, self._every, self._dtype = (), False, torch.float32
+
+    @contextlib.contextmanager
+    def session(self, taps: tuple[int, ...], every_position: bool = False, states_dtype: torch.dtype | None = None):
+        """llama.cpp returns the states of the layers the heads tap with the logits (no hooks)."""
+        self._taps, self._every, self._dtype = tuple(taps), every_position, states_dtype or torch.float32
+        try:
+            yield self
+        finally:
+            self._taps, self._every = (), False
 
     def reset(self) -> None:
-        super().reset()
-        target = getattr(self, "target", None)
-        if target is not None and target.rows.rows:
-            target.rows.keep_rows([])
+        if self.target.rows.rows:
+            self.target.rows.keep_rows([])
 
-    def _check_room(self, requests, total: int, capacity: int) -> None:
+    def check_room(self, running, requests, total: int, capacity: int) -> None:
         """Every row reserves its prompt, its new tokens and a tree's cells; the cells of dropped tree nodes count
         too (see :class:`~mtp.engines.llamacpp_lib.RowCache`). Rows that would fit an empty context but not beside
         the running ones raise :class:`NoRoomYet` (a server queues them)."""
         rows = self.target.rows
         cells = [len(r.prompt) + r.max_new_tokens + 64 for r in requests]
         own = sum(cells)
-        running = sum(len(r.prompt) + r.max_new_tokens + 64 for r in self.requests)  # held until the row leaves
+        held = sum(len(r.prompt) + r.max_new_tokens + 64 for r in running.requests)  # held until the row leaves
         n_ctx = self.target.ctx.n_ctx
         if max(cells) > n_ctx:
             big = requests[cells.index(max(cells))]
@@ -91,32 +102,17 @@ class LlamaCppDecoder(SpeculativeDecoder):
                             f"{max(cells)} KV cells, llama.cpp's context holds {n_ctx}: ask for fewer new tokens")
         if total > rows.ctx.n_seq // 2:
             raise UserError(f"at most {rows.ctx.n_seq // 2} rows on --backend llama.cpp, got {total}")
-        if own + running + rows.dropped > n_ctx:
-            raise NoRoomYet(f"{len(requests)} new row(s) need {own} KV cells; the {len(self.requests)} running ones "
-                            f"hold {running + rows.dropped} of llama.cpp's {n_ctx}: decode fewer prompts at once")
+        if own + held + rows.dropped > n_ctx:
+            raise NoRoomYet(f"{len(requests)} new row(s) need {own} KV cells; the {len(running.requests)} running "
+                            f"ones hold {held + rows.dropped} of llama.cpp's {n_ctx}: decode fewer prompts at once")
 
-    @contextlib.contextmanager
-    def session(self):
-        """llama.cpp returns the states of the layers the heads tap (no PyTorch hooks)."""
-        self._mask_dtype = torch.float32
-        self._taps = {}
-        try:
-            yield self
-        finally:
-            self._taps = None
-
-    def _layers(self) -> tuple[int, ...]:
-        return tuple(self.mtp.tapped) if self.n_run else ()
-
-    def _prefill_backbone(self, ids, pos, valid, capacity: int, requests):
-        # transformer heads and EAGLE-3 read every prompt position; the others the last one only
-        every = self.eagle or self.transformer_heads
-        logits, states = self.target.rows.add_rows([r.context for r in requests], self._layers(), every)
-        self.forwards += 1
+    def prefill(self, batch, ids, pos, valid, capacity: int, requests):
+        every = self._every
+        logits, states = self.target.rows.add_rows([r.context for r in requests], self._taps, every)
         if states is not None:  # (B, L, H) per layer, left-padded like ``ids``
             padded = []
             for s in states:
-                full = torch.zeros(ids.shape[0], ids.shape[1], self.target.ctx.n_embd, dtype=self._heads_dtype())
+                full = torch.zeros(ids.shape[0], ids.shape[1], self.target.ctx.n_embd, dtype=self._dtype)
                 if every:
                     for r, rows in enumerate(s):
                         full[r, ids.shape[1] - len(rows):] = torch.from_numpy(rows)
@@ -126,30 +122,23 @@ class LlamaCppDecoder(SpeculativeDecoder):
             states = padded
         return torch.from_numpy(logits)[:, None], states
 
-    def _verify(self, q_tokens, q_pos, allowed_new, draft: Draft):
-        active = [i for i, d in enumerate(self.done) if not d]
+    def verify(self, batch, q_tokens, q_pos, allowed_new, draft: Draft):
+        active = [i for i, d in enumerate(batch.done) if not d]
         logits, states = self.target.rows.verify(q_tokens.tolist(), draft.parents.tolist(), draft.valid.tolist(),
                                                  active)
-        self.forwards += 1
         if states is not None:
-            states = [torch.from_numpy(s).to(self._heads_dtype()) for s in states]
+            states = [torch.from_numpy(s).to(self._dtype) for s in states]
         return torch.from_numpy(logits), states
 
-    def _heads_dtype(self) -> torch.dtype:
-        return next(self.mtp.parameters()).dtype
-
-    def _commit(self, keep_idx, keep_valid, lengths: list[int]) -> None:
+    def commit(self, batch, keep_idx, keep_valid, lengths: list[int]) -> None:
         idx = keep_idx.tolist()
         self.target.rows.commit({i: idx[i][:n] for i, n in enumerate(lengths) if n})
 
-    def _join_cache(self, new) -> None:
+    def join(self, batch, new) -> None:
         pass  # the new rows were appended to the same llama.cpp context
 
-    def _select_cache(self, index, keep: list[int]) -> None:
+    def select(self, batch, index, keep: list[int]) -> None:
         self.target.rows.keep_rows(keep)
-
-    def shallow_chain(self, layers: int, length: int) -> torch.Tensor:
-        raise UserError("early-exit drafts with the first layers of a PyTorch model: use --backend torch")
 
 
 LLAMA_POINTS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32)  # where llama.cpp's verify curve is measured
@@ -224,7 +213,7 @@ def cached_batch_curve(target: LlamaCppBackbone, batch: int, cost: dict[int, flo
     :func:`cached_verify_curve`: from 2 rows on a batch's verify is compute-bound sooner (on a 2-core EPYC, 8
     one-token rows of the packaged Q4_1 smollm2 cost 6.1x one), so drafts that pay for one row do not for eight.
     The measurement needs the context to itself: with rows running and nothing cached, None (the caller keeps its
-    sizes; ``mtp serve`` and ``bench decode`` measure up front, :meth:`LlamaCppDecoder.prepare`)."""
+    sizes; ``mtp serve`` and ``bench decode`` measure up front, :meth:`~mtp.decode.engine.SpeculativeDecoder.prepare`)."""
     import json
 
     from mtp.decode.methods import BATCH_POINTS, _measured_once, batch_bucket, cache_dir
