@@ -255,3 +255,27 @@ def test_a_request_that_ends_at_its_first_token_is_answered():
         sched.stop()
     assert eos_first == [("tokens", [first]), ("done", "eos")]
     assert one_token[-1] == ("done", "length") and len(one_token[0][1]) == 1
+
+
+def test_loading_runs_on_a_thread_that_exits_and_hands_back_its_result_or_its_error():
+    """mtp serve loads and measures on a thread that ends before decoding starts (machine.in_own_thread: a second
+    live OpenMP pool throttles every barrier of the decoding thread's compute)."""
+    import threading
+
+    from mtp.errors import UserError
+    from mtp.machine import in_own_thread
+
+    seen = {}
+
+    def load():
+        seen["thread"] = threading.current_thread()
+        return 42
+
+    assert in_own_thread(load) == 42
+    assert seen["thread"] is not threading.current_thread() and not seen["thread"].is_alive()
+
+    def bad():
+        raise UserError("no such model")
+
+    with pytest.raises(UserError, match="no such model"):
+        in_own_thread(bad)

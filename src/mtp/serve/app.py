@@ -34,6 +34,7 @@ from mtp.decode.engine import Request
 from mtp.decode.run import choose_method, eos_ids, open_target, resolve_backend
 from mtp.errors import UserError
 from mtp.io import parse_json
+from mtp.machine import in_own_thread
 from mtp.serve.protocol import (ApiError, Limits, Params, TextStream, bad, chunk, final_text, new_id, parse,
                                 response, usage_chunk)
 from mtp.serve.scheduler import Job, Scheduler
@@ -350,23 +351,32 @@ def serve(cfg, command: str = "") -> None:
     say = (lambda *a: None) if cfg.quiet else (lambda msg: print(f"mtp serve: {msg}", file=sys.stderr, flush=True))
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         say(f"warning: listening on {cfg.host} without --api-key: anyone who can reach it can use it")
-    if cfg.backend == "auto" and cfg.max_batch > 32:  # more rows than one llama.cpp context serves
-        cfg.backend = "torch"
-    cfg.backend = resolve_backend(cfg, cfg.model, [method], say)
-    with_heads = f", heads {heads}" if heads and method in HEAD_METHODS else ""
-    runs_on = f"GGUF {cfg.target} on llama.cpp" if cfg.backend == "llama.cpp" else cfg.dtype
-    loading = f"loading {cfg.model} ({runs_on}, {method}{with_heads})"
-    n_ctx = cfg.ctx_size or llama_ctx_size(cfg.max_batch, cfg.max_prompt_tokens, cfg.max_tokens)
-    loaded = open_target(cfg, cfg.model, heads, [method], {"--max-tokens": cfg.max_tokens}, cfg.exit_layer,
-                         before_load=lambda: say(loading), n_ctx=n_ctx)
-    backbone, tokenizer = loaded.backbone, loaded.tokenizer
-    loaded.tokenizer = copy.deepcopy(tokenizer)  # the decoder's own: the event loop encodes with the other
-    decoder, _ = loaded.decoder(method, cfg)
-    if cfg.backend == "llama.cpp":  # a server's batch may never empty: dropped tree cells are freed as they pile up
-        backbone.rows.max_dropped = backbone.ctx.n_ctx // 8
-    eos = eos_ids(backbone, tokenizer)
-    decoder.prepare(cfg.max_batch)  # drafts sized for every batch size the server will run (curves measured once)
-    decoder.generate([tokenizer("Hello", add_special_tokens=False)["input_ids"] or [0]], 4, eos)  # warm-up
+
+    def load():
+        if cfg.backend == "auto" and cfg.max_batch > 32:  # more rows than one llama.cpp context serves
+            cfg.backend = "torch"
+        cfg.backend = resolve_backend(cfg, cfg.model, [method], say)
+        with_heads = f", heads {heads}" if heads and method in HEAD_METHODS else ""
+        runs_on = f"GGUF {cfg.target} on llama.cpp" if cfg.backend == "llama.cpp" else cfg.dtype
+        loading = f"loading {cfg.model} ({runs_on}, {method}{with_heads})"
+        n_ctx = cfg.ctx_size or llama_ctx_size(cfg.max_batch, cfg.max_prompt_tokens, cfg.max_tokens)
+        loaded = open_target(cfg, cfg.model, heads, [method], {"--max-tokens": cfg.max_tokens}, cfg.exit_layer,
+                             before_load=lambda: say(loading), n_ctx=n_ctx)
+        backbone, tokenizer = loaded.backbone, loaded.tokenizer
+        loaded.tokenizer = copy.deepcopy(tokenizer)  # the decoder's own: the event loop encodes with the other
+        decoder, _ = loaded.decoder(method, cfg)
+        if cfg.backend == "llama.cpp":  # a server's batch may never empty: dropped tree cells are freed as they
+            # pile up
+            backbone.rows.max_dropped = backbone.ctx.n_ctx // 8
+        eos = eos_ids(backbone, tokenizer)
+        decoder.prepare(cfg.max_batch)  # drafts sized for every batch size the server will run (curves measured
+        # once)
+        decoder.generate([tokenizer("Hello", add_special_tokens=False)["input_ids"] or [0]], 4, eos)  # warm-up
+        return backbone, tokenizer, decoder, eos
+
+    # loading and measuring run on a thread that exits, so that the decoding thread's OpenMP pool is the process's
+    # only one (machine.in_own_thread: a second pool throttles every barrier of a decode)
+    backbone, tokenizer, decoder, eos = in_own_thread(load)
     context = getattr(backbone.config, "max_position_embeddings", None)
     limits = Limits(max_tokens=cfg.max_tokens, max_prompt_tokens=cfg.max_prompt_tokens, context=context,
                     default_temperature=cfg.temperature, default_top_p=cfg.top_p, default_top_k=cfg.top_k)

@@ -213,7 +213,8 @@ def cached_batch_curve(target: LlamaCppBackbone, batch: int, cost: dict[int, flo
     :func:`cached_verify_curve`: from 2 rows on a batch's verify is compute-bound sooner (on a 2-core EPYC, 8
     one-token rows of the packaged Q4_1 smollm2 cost 6.1x one), so drafts that pay for one row do not for eight.
     The measurement needs the context to itself: with rows running and nothing cached, None (the caller keeps its
-    sizes; ``mtp serve`` and ``bench decode`` measure up front, :meth:`~mtp.decode.engine.SpeculativeDecoder.prepare`)."""
+    sizes; ``mtp serve`` and ``bench decode`` measure up front:
+    :meth:`~mtp.decode.engine.SpeculativeDecoder.prepare`)."""
     import json
 
     from mtp.decode.methods import BATCH_POINTS, _measured_once, batch_bucket, cache_dir
