@@ -159,3 +159,29 @@ def test_sized_lookup_reproduces_plain_greedy_and_reports_its_lengths(monkeypatc
     assert sizes["observed_steps"] > 0 and sizes["initial"] == info.draft_len
     fixed, info = run.build_decoder(model, Tok(), None, None, "tiny", "lookup", DraftOptions(draft_len=5))
     assert info.draft_len == 5 and run.adaptive_sizes(fixed) is None
+
+
+@pytest.mark.parametrize("pays", [False, True])
+def test_a_guard_that_starts_plain_probes_the_drafts_after_a_few_steps_and_keeps_them_where_they_pay(pays):
+    """Where the sizing expected no draft to pay (start="plain"): plain steps first, then one probe of the drafts;
+    drafts that pay take over, ones that do not are retried ever less often."""
+    clock = FakeClock()
+    guard = SpeedGuard(clock, start="plain")
+    arms = run_steps(guard, clock, 1000, draft_cost=1.2, draft_tokens=2.0 if pays else 1.1)
+    assert not any(arms[:PROBE + 1]) and all(arms[PROBE + 1:2 * (PROBE + 1)])  # plain, then a probe of the drafts
+    tail = sum(arms[200:]) / len(arms[200:])
+    assert tail > 0.9 if pays else tail < 0.05
+    with pytest.raises(UserError, match="draft or plain"):
+        SpeedGuard(clock, start="sometimes")
+
+
+def test_the_decoders_guard_starts_plain_where_the_sizing_expected_no_draft_to_pay():
+    from mtp.config import DraftOptions
+    from mtp.decode.methods import Sizing
+    from mtp.decode.run import speed_guard
+
+    opts = DraftOptions(guard=True)
+    assert speed_guard(opts, Sizing(method="tree", expected_speedup=0.9)).start == "plain"
+    assert speed_guard(opts, Sizing(method="tree", expected_speedup=1.2)) is True
+    assert speed_guard(opts, Sizing(method="tree")) is True  # sizes given by hand: no expectation
+    assert speed_guard(DraftOptions(guard=False), Sizing(method="tree", expected_speedup=0.9)) is False

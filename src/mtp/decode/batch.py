@@ -29,7 +29,9 @@ class Batch:
     root: torch.Tensor | None = None  # (B,) the step's root: the token already certain
     next_pos: torch.Tensor | None = None  # (B,) its position
     root_next: torch.Tensor | None = None  # (B,) eagle3: the token after the last committed position
-    head_logits: torch.Tensor | None = None  # (B, n_heads, V) independent heads' drafts for the next step
+    head_logits: torch.Tensor | None = None  # (B, n_heads, V) heads' drafts for the next step, once computed
+    head_inputs: tuple | None = None  # mlp heads: their inputs ([(B, 1, H) per tap], positions (B, 1)), run lazily
+    head_hidden: torch.Tensor | None = None  # transformer heads: their outputs (B, n_heads, H) at the last position
     seq_states: list[torch.Tensor] | None = None  # sequential heads: the tapped states (B, H) they draft from
     slots: Slots | None = None  # the PyTorch backbone's slots and cache (another executor keeps its own)
     cache: object = None
@@ -48,7 +50,13 @@ class Batch:
         self.results += new.results
         self.done += new.done
         self.root, self.next_pos = _cat(self.root, new.root), _cat(self.next_pos, new.next_pos)
-        self.root_next, self.head_logits = _cat(self.root_next, new.root_next), _cat(self.head_logits, new.head_logits)
+        self.root_next = _cat(self.root_next, new.root_next)
+        both = self.head_logits is not None and new.head_logits is not None  # else computed again when read
+        self.head_logits = torch.cat([self.head_logits, new.head_logits]) if both else None
+        self.head_hidden = _cat(self.head_hidden, new.head_hidden)
+        if new.head_inputs is not None:
+            (mine, my_pos), (theirs, their_pos) = self.head_inputs, new.head_inputs
+            self.head_inputs = ([torch.cat([a, b]) for a, b in zip(mine, theirs)], torch.cat([my_pos, their_pos]))
         if new.seq_states is not None:
             self.seq_states = [torch.cat([a, b]) for a, b in zip(self.seq_states, new.seq_states)]
         if new.head_slots is not None:
@@ -66,6 +74,10 @@ class Batch:
         index = torch.tensor(keep, dtype=torch.long, device=device)
         self.root, self.next_pos = _pick(self.root, index), _pick(self.next_pos, index)
         self.root_next, self.head_logits = _pick(self.root_next, index), _pick(self.head_logits, index)
+        self.head_hidden = _pick(self.head_hidden, index)
+        if self.head_inputs is not None:
+            states, pos = self.head_inputs
+            self.head_inputs = ([t.index_select(0, index) for t in states], pos.index_select(0, index))
         if self.seq_states is not None:
             self.seq_states = [t.index_select(0, index) for t in self.seq_states]
         if self.head_slots is not None:

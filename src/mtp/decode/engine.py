@@ -85,7 +85,7 @@ class SpeculativeDecoder:
                  sampling: Sampling | None = None, acceptance: str = "exact", seed: int = 0,
                  typical_epsilon: float = 0.09, draft_vocab: torch.Tensor | None = None, bucket: int = 64,
                  resize: Callable[[int, int], Proposer] | None = None, invariant_attention: bool = True,
-                 guard: bool = False, executor: Executor | None = None):
+                 guard: bool | SpeedGuard = False, executor: Executor | None = None):
         self.backbone, self.tokenizer, self.mtp = backbone, tokenizer, mtp_model
         # how the backbone's forwards run (mtp.decode.executors): PyTorch unless another is given. A bf16 / fp16
         # backbone's attention runs per query in float32 there (hf_compat.float32_attention): a position verified
@@ -96,7 +96,7 @@ class SpeculativeDecoder:
         if self.proposer.name == "early-exit" and not self.executor.supports_early_exit:
             raise UserError("early-exit drafts with the first layers of a PyTorch model: use --backend torch")
         # ``guard``: drafts must be measured to pay, step by step, or the decoder decodes plainly (mtp.decode.guard)
-        self.guard = SpeedGuard() if guard else None
+        self.guard = guard if isinstance(guard, SpeedGuard) else SpeedGuard() if guard else None
         self.sampling = sampling or Sampling()
         if acceptance not in ("exact", "typical"):
             raise UserError(f"unknown acceptance {acceptance!r}: use exact or typical")
@@ -139,9 +139,11 @@ class SpeculativeDecoder:
     # ------------------------------------------------------------------ forward pieces
 
     def _heads_step(self, states, keep_idx, keep_valid, q_pos, next_tokens=None):
-        """Heads on the committed new positions (B, m): head_logits (B, n_heads, V) at the last one.
-        ``next_tokens`` (B, m): the committed tokens (eagle3 reads each position with the token after it;
-        ``self.state.root_next`` follows the last)."""
+        """Heads on the committed new positions (B, m): what the next draft reads at the last one. Heads with a
+        state of their own (transformer heads' cache, an EAGLE-3 drafter's) run now; independent heads (mlp) only
+        keep their inputs and run when a step drafts (:attr:`head_logits`): a step the speed guard decodes
+        plainly costs no head. ``next_tokens`` (B, m): the committed tokens (eagle3 reads each position with the
+        token after it; ``self.state.root_next`` follows the last)."""
         b, m = keep_idx.shape
         sel = [s.gather(1, keep_idx[..., None].expand(-1, -1, s.shape[-1])) for s in states]  # (B, m, H)
         pos = q_pos.gather(1, keep_idx)
@@ -155,6 +157,10 @@ class SpeculativeDecoder:
         if self.mtp.sequential:  # drafted depth by depth by the proposer (head_top), from this state
             self.state.seq_states = [s[rows, last] for s in sel]  # (B, H) per tap
             return
+        self.state.head_logits = None  # the previous step's
+        if not self.transformer_heads:
+            self.state.head_inputs = ([s[rows, last][:, None] for s in sel], pos[rows, last][:, None])
+            return
         outs = []
         for k, head in enumerate(self.mtp.heads[: self.n_run]):
             if self.transformer_heads:
@@ -163,16 +169,10 @@ class SpeculativeDecoder:
                         keep_valid[:, None, :]
                     allowed_new |= torch.eye(m, dtype=torch.bool, device=self.device)[None]
                     allowed, k_pos = self.state.head_slots.begin(pos, allowed_new)
-                h = head(sel, pos, self.state.head_caches[k], attn=(allowed, pos, k_pos))
-            else:
-                h = head([s[rows, last][:, None] for s in sel], pos[rows, last][:, None])
-                outs.append(h[:, 0])
-                continue
+            h = head(sel, pos, self.state.head_caches[k], attn=(allowed, pos, k_pos))
             outs.append(h[rows, last])
-        if self.transformer_heads:
-            self.state.head_slots.keep_all(keep_valid)
-        hidden = torch.stack(outs, 1)  # (B, n_heads, H)
-        self.state.head_logits = self._head_logits(hidden)
+        self.state.head_slots.keep_all(keep_valid)
+        self.state.head_hidden = torch.stack(outs, 1)  # (B, n_heads, H)
 
     # ------------------------------------------------------------------ state for proposers
 
@@ -231,7 +231,16 @@ class SpeculativeDecoder:
 
     @property
     def head_logits(self) -> torch.Tensor | None:
-        return self.state.head_logits
+        """Independent heads' logits (B, n_heads, V) for the next draft: computed on first read after a step."""
+        st = self.state
+        if st.head_logits is None:
+            if st.head_inputs is not None:
+                states, pos = st.head_inputs
+                hidden = torch.stack([head(states, pos)[:, 0] for head in self.mtp.heads[: self.n_run]], 1)
+                st.head_logits = self._head_logits(hidden)
+            elif st.head_hidden is not None:
+                st.head_logits = self._head_logits(st.head_hidden)
+        return st.head_logits
 
     @property
     def requests(self) -> list["Request"]:
@@ -258,7 +267,7 @@ class SpeculativeDecoder:
         heads = self.mtp is not None
         return DraftContext(
             batch=len(self.state), device=self.device, root=self.state.root, sequences=self.sequences,
-            head_logits=self.state.head_logits, draft_depth=self.mtp.draft_depth if heads else 0,
+            head_logits=self.head_logits if heads and not self.sequential_heads else None, draft_depth=self.mtp.draft_depth if heads else 0,
             sequential_heads=self.sequential_heads, head_top=self.head_top if heads else None,
             head_logprobs=self.head_logprobs if heads else None, n_layers=self.n_layers,
             shallow_chain=self.shallow_chain if self.executor.supports_early_exit else None)
@@ -487,6 +496,7 @@ class SpeculativeDecoder:
             valid[i, longest - len(p):] = True
         pos = (valid.long().cumsum(1) - 1).clamp(min=0)
         self.state.head_logits = self.state.seq_states = self.state.root_next = self.state.eagle_state = None
+        self.state.head_inputs = self.state.head_hidden = None
         self.state.head_slots = self.state.head_caches = None
         logits, states = self.executor.prefill(self.state, ids, pos, valid, capacity, requests)
         self.forwards += 1

@@ -9,8 +9,8 @@ heads, Python, reading back) is in no curve. So the guard times whole steps, wal
 - ``draft``: the decoder's proposer, as sized;
 - ``plain``: no draft (one token per step, the proposer not called).
 
-Each arm's rate is its tokens per second over its latest steps. It starts with the drafts, tries plain, then keeps the
-faster arm and re-tries the other one now and then, less often each time it loses again (so a text that turns
+Each arm's rate is its tokens per second over its latest steps. It starts with the drafts (with plain steps where
+the sizing itself expected the drafts not to pay: ``start="plain"``), tries the other arm, then keeps the faster arm and re-tries the other one now and then, less often each time it loses again (so a text that turns
 repetitive halfway, where prompt lookup starts to pay, is noticed). Rates are kept per batch size (a power of
 two): a server's batch changes what a step costs for both arms.
 
@@ -73,10 +73,13 @@ class _Bucket:
 class SpeedGuard:
     """Per step: :meth:`drafting` says whether to draft; :meth:`record` is told what the step gave and took.
 
-    ``clock``: the time source (tests pass a fake one)."""
+    ``start``: the arm a batch size begins with (draft: for :data:`FIRST_DRAFT` steps; plain: for :data:`PROBE` + 1,
+    then the drafts are probed). ``clock``: the time source (tests pass a fake one)."""
 
-    def __init__(self, clock: Callable[[], float] = time.perf_counter):
-        self.clock = clock
+    def __init__(self, clock: Callable[[], float] = time.perf_counter, start: str = "draft"):
+        if start not in ("draft", "plain"):
+            raise UserError(f"the speed guard starts with draft or plain, not {start!r}")
+        self.clock, self.start = clock, start
         self.buckets: dict[int, _Bucket] = {}
         self._start: float | None = None
         self._key: int | None = None
@@ -93,7 +96,12 @@ class SpeedGuard:
         if rows < 1:
             raise UserError("the speed guard needs at least one row")
         self._key = self._bucket_of(rows)
-        bucket = self.buckets.setdefault(self._key, _Bucket())
+        bucket = self.buckets.get(self._key)
+        if bucket is None:
+            bucket = self.buckets[self._key] = _Bucket()
+            if self.start == "plain":
+                bucket.best = bucket.current = "plain"
+                bucket.left = PROBE + 1
         self._start = self.clock()
         return bucket.current == "draft"
 

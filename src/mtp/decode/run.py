@@ -16,6 +16,7 @@ from mtp.config import DraftOptions, GenerateConfig
 from mtp.data import top_tokens
 from mtp.decode.accept import Sampling
 from mtp.decode.engine import GenerateOutput, RowResult, SpeculativeDecoder
+from mtp.decode.guard import SpeedGuard
 from mtp.decode.methods import (HEAD_METHODS, cached_batch_cost, cached_context_growth, cached_verify_cost,
                                 context_cost, make_proposer, Sizing)
 from mtp.decode.proposers import AdaptiveTreeProposer, PlainProposer, SizedLookupProposer, UnionProposer
@@ -121,7 +122,7 @@ def build_decoder(backbone, tokenizer, mtp_model, folder: Path | None, model_nam
             return PlainProposer() if gain is not None and gain < 1 else proposer
     return SpeculativeDecoder(backbone, tokenizer, mtp_model=heads, proposer=proposer, sampling=Sampling.of(opts),
                               acceptance=opts.acceptance, seed=opts.seed, draft_vocab=shortlist,
-                              resize=resize, guard=opts.guard), sizing
+                              resize=resize, guard=speed_guard(opts, sizing)), sizing
 
 
 MIN_DRAFT_VOCAB = 4096
@@ -148,6 +149,15 @@ def draft_shortlist(mtp_model, size: int | None) -> torch.Tensor | None:
     if size < 64:
         raise UserError(f"--draft-vocab {size} is too small to draft from: use 64 or more (0 = whole vocabulary)")
     return top_tokens(counts, size)
+
+
+def speed_guard(opts: DraftOptions, sizing: Sizing) -> bool | SpeedGuard:
+    """``--guard``'s guard: one that starts with plain steps (and probes the drafts) where the sizing itself expected
+    the smallest draft not to pay (a steep verify curve: two CPU cores), else one that starts with the drafts."""
+    if not opts.guard:
+        return False
+    gain = sizing.expected_speedup
+    return SpeedGuard(start="plain") if gain is not None and gain < 1 else True
 
 
 def adaptive_sizes(decoder: SpeculativeDecoder) -> dict | None:
@@ -300,7 +310,7 @@ def build_llama_decoder(target, tokenizer, method: str, opts: DraftOptions, mtp_
             return PlainProposer() if gain is not None and gain < 1 else sized
     return SpeculativeDecoder(target, tokenizer, mtp_model=heads, proposer=proposer, sampling=Sampling.of(opts),
                               acceptance=opts.acceptance, seed=opts.seed, draft_vocab=shortlist, resize=resize,
-                              guard=opts.guard, executor=LlamaCppExecutor(target)), sizing
+                              guard=speed_guard(opts, sizing), executor=LlamaCppExecutor(target)), sizing
 
 
 class Loaded:
