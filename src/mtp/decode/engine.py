@@ -267,7 +267,8 @@ class SpeculativeDecoder:
         heads = self.mtp is not None
         return DraftContext(
             batch=len(self.state), device=self.device, root=self.state.root, sequences=self.sequences,
-            head_logits=self.head_logits if heads and not self.sequential_heads else None, draft_depth=self.mtp.draft_depth if heads else 0,
+            head_logits=self.head_logits if heads and not self.sequential_heads else None,
+            draft_depth=self.mtp.draft_depth if heads else 0,
             sequential_heads=self.sequential_heads, head_top=self.head_top if heads else None,
             head_logprobs=self.head_logprobs if heads else None, n_layers=self.n_layers,
             shallow_chain=self.shallow_chain if self.executor.supports_early_exit else None)

@@ -10,7 +10,8 @@ heads, Python, reading back) is in no curve. So the guard times whole steps, wal
 - ``plain``: no draft (one token per step, the proposer not called).
 
 Each arm's rate is its tokens per second over its latest steps. It starts with the drafts (with plain steps where
-the sizing itself expected the drafts not to pay: ``start="plain"``), tries the other arm, then keeps the faster arm and re-tries the other one now and then, less often each time it loses again (so a text that turns
+the sizing itself expected the drafts not to pay: ``start="plain"``), tries the other arm, then keeps the faster
+arm and re-tries the other one now and then, less often each time it loses again (so a text that turns
 repetitive halfway, where prompt lookup starts to pay, is noticed). Rates are kept per batch size (a power of
 two): a server's batch changes what a step costs for both arms.
 
