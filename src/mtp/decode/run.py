@@ -333,8 +333,9 @@ class Loaded:
 def resolve_backend(opts: DraftOptions, model_name: str, methods, say=None) -> str:
     """``--backend auto``: llama.cpp where it decodes this model faster than PyTorch on this machine -- measured
     once (one decoded token after a 256-token prompt on each, :func:`cached_backend_times`) -- else torch. Always
-    torch on a GPU, with --dtype bfloat16 / float16 / float64 (a PyTorch precision), for a model that is not built in (no GGUF of
-    it), for early exit (it runs the first layers of a PyTorch model) and where llama.cpp is not built.
+    torch on a GPU, with --dtype bfloat16 / float16 / float64 (a PyTorch precision), for a model that is not built
+    in (no GGUF of it), for early exit (it runs the first layers of a PyTorch model) and where llama.cpp is not
+    built.
     ``say(line)``: told which was chosen and why. Any other --backend is returned as given."""
     if opts.backend != "auto":
         return opts.backend
@@ -354,8 +355,8 @@ def resolve_backend(opts: DraftOptions, model_name: str, methods, say=None) -> s
 
 
 def cached_backend_times(model_name: str, target: str = "packaged", dtype: str = "auto") -> dict:
-    """Seconds per plain decoded token of ``model_name`` on each backend here (PyTorch in ``dtype``, llama.cpp on its ``target`` GGUF; one token after a cached 256-token prompt, median of 9), measured
-    once per model, GGUF, CPU, threads, torch and llama.cpp build and kept in the user cache."""
+    """Seconds per plain decoded token of ``model_name`` on each backend here (PyTorch in ``dtype``, llama.cpp on its
+    ``target`` GGUF; one token after a cached 256-token prompt, median of 9), measured once per model, GGUF, CPU, threads, torch and llama.cpp build and kept in the user cache."""
     import hashlib
     import json
 

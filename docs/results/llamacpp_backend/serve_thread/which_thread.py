@@ -1,3 +1,8 @@
+"""Which thread decodes: the same llama.cpp decoder (plain, 128 tokens) on the main thread, then on a second thread
+(mode none), or on a thread first and then main (first_thread); t1: torch.set_num_threads(1) in each.
+
+    python docs/results/llamacpp_backend/serve_thread/which_thread.py none|t1|first_thread
+"""
 import threading, time, sys, os
 import torch
 from mtp.config import DraftOptions
