@@ -356,7 +356,8 @@ def resolve_backend(opts: DraftOptions, model_name: str, methods, say=None) -> s
 
 def cached_backend_times(model_name: str, target: str = "packaged", dtype: str = "auto") -> dict:
     """Seconds per plain decoded token of ``model_name`` on each backend here (PyTorch in ``dtype``, llama.cpp on its
-    ``target`` GGUF; one token after a cached 256-token prompt, median of 9), measured once per model, GGUF, CPU, threads, torch and llama.cpp build and kept in the user cache."""
+    ``target`` GGUF; one token after a cached 256-token prompt, median of 9), measured once per model, GGUF, CPU,
+    threads, torch and llama.cpp build and kept in the user cache."""
     import hashlib
     import json
 
