@@ -117,7 +117,7 @@ def test_attention_reads_a_bucket_not_the_capacity():
 
 
 def test_a_batch_whose_cache_cannot_fit_is_refused_before_anything_is_allocated(monkeypatch):
-    import mtp.decode.engine as engine
+    import mtp.decode.executors.pytorch as executor
     from mtp.decode.engine import SpeculativeDecoder
     from mtp.decode.slots import kv_bytes
     from mtp.errors import UserError
@@ -126,7 +126,7 @@ def test_a_batch_whose_cache_cannot_fit_is_refused_before_anything_is_allocated(
     per_slot = kv_bytes(model.config, model.dtype, 1, 1)
     assert per_slot == 2 * model.config.num_hidden_layers * model.config.num_key_value_heads * \
         (model.config.hidden_size // model.config.num_attention_heads) * 8  # float64
-    monkeypatch.setattr(engine, "free_memory", lambda device: 100 * per_slot)
+    monkeypatch.setattr(executor, "free_memory", lambda device: 100 * per_slot)
     tok = type("Tok", (), {"eos_token_id": 2, "decode": lambda self, ids, **kw: ""})()
     with pytest.raises(UserError, match=r"GiB of KV cache.*fewer prompts"):
         SpeculativeDecoder(model, tok).generate([[1, 2, 3]] * 2, 8)
