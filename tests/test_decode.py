@@ -990,3 +990,15 @@ def test_in_bfloat16_every_method_is_identical_to_the_plain_loop_bit_for_bit():
         chunk = forward_with_cache(model, cache(), extra, position_ids=pos, attention_mask=mask,
                                    use_cache=True).logits[0]
     assert torch.equal(torch.stack(singles), chunk)
+
+
+def test_independent_heads_run_only_when_read_and_their_logits_can_be_read_after_generate():
+    """mlp heads keep their inputs after a step and run on the first read of head_logits (a step the speed guard
+    decodes plainly costs no head); reading them outside the decoder's inference mode works too."""
+    model = tiny_model("llama", vocab=64)
+    heads = with_heads(model, "mlp")
+    dec = SpeculativeDecoder(model, Tok(), mtp_model=heads, proposer=blockwise(3))
+    dec.generate(PROMPTS[:2], 6, eos_token_ids=[])
+    assert dec.state.head_logits is None and dec.state.head_inputs is not None  # not run since the last step
+    logits = dec.head_logits
+    assert logits.shape[:2] == (2, heads.draft_depth) and dec.state.head_logits is logits

@@ -234,13 +234,19 @@ class SpeculativeDecoder:
         """Independent heads' logits (B, n_heads, V) for the next draft: computed on first read after a step."""
         st = self.state
         if st.head_logits is None:
-            if st.head_inputs is not None:
-                states, pos = st.head_inputs
-                hidden = torch.stack([head(states, pos)[:, 0] for head in self.mtp.heads[: self.n_run]], 1)
-                st.head_logits = self._head_logits(hidden)
-            elif st.head_hidden is not None:
-                st.head_logits = self._head_logits(st.head_hidden)
+            with torch.inference_mode():
+                st.head_logits = self._lazy_head_logits()
         return st.head_logits
+
+    def _lazy_head_logits(self) -> torch.Tensor | None:
+        st = self.state
+        if st.head_inputs is not None:
+            states, pos = st.head_inputs
+            hidden = torch.stack([head(states, pos)[:, 0] for head in self.mtp.heads[: self.n_run]], 1)
+            return self._head_logits(hidden)
+        if st.head_hidden is not None:
+            return self._head_logits(st.head_hidden)
+        return None
 
     @property
     def requests(self) -> list["Request"]:
@@ -264,7 +270,7 @@ class SpeculativeDecoder:
 
     def draft_context(self) -> DraftContext:
         """What the proposer reads this step (:class:`~mtp.decode.proposers.DraftContext`)."""
-        heads = self.mtp is not None
+        heads = self.mtp is not None and self.proposer.needs_heads  # plain (a batch too big to draft for): none
         return DraftContext(
             batch=len(self.state), device=self.device, root=self.state.root, sequences=self.sequences,
             head_logits=self.head_logits if heads and not self.sequential_heads else None,
