@@ -435,5 +435,14 @@ def test_backend_auto_picks_the_backend_measured_faster_and_torch_where_llamacpp
         assert run.resolve_backend(opts(**reason), "smollm2-135m", ["tree"]) == "torch", reason
     assert run.resolve_backend(opts(), str(tmp_path), ["tree"]) == "torch"  # not built in: no GGUF of it
     assert run.resolve_backend(opts(), "smollm2-135m", ["early-exit"]) == "torch"
+    assert run.resolve_backend(opts(max_batch=64), "smollm2-135m", ["tree"]) == "torch"  # more rows than a context
+    # the command line resolves --backend auto before --dtype auto (which would then read as bfloat16 asked for)
+    import mtp.backbones as backbones
+    from mtp.cli import _resolve_auto
+    from mtp.config import GenerateConfig
+
+    monkeypatch.setattr(backbones, "resolve_dtype", lambda *a, **kw: "bfloat16")
+    cfg = _resolve_auto(GenerateConfig(prompt="hi", dtype="auto", method="plain", quiet=True))
+    assert (cfg.backend, cfg.dtype) == ("llama.cpp", "bfloat16")
     (built / "libllama.so").unlink()
     assert run.resolve_backend(opts(), "smollm2-135m", ["tree"]) == "torch"  # llama.cpp not built

@@ -157,8 +157,11 @@ def run(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     cmd, cfg = parse(argv)
     _quiet_libraries()
-    if getattr(cfg, "dtype", None) == "auto":
-        cfg = _resolve_auto_dtype(cfg)
+    if getattr(cfg, "dtype", None) == "auto" or getattr(cfg, "backend", None) == "auto":
+        from mtp.machine import in_own_thread
+
+        # measured (once, cached) on a thread that exits: a server's decoding thread then runs the only OpenMP pool
+        cfg = in_own_thread(lambda: _resolve_auto(cfg))
     result = _load(cmd.run)(cfg, "mtp " + shlex.join(argv))
     if result is None:
         return 0
@@ -173,6 +176,17 @@ def run(argv: list[str] | None = None) -> int:
         _load(cmd.plot)(result, cfg.plot)
         print(f"plot: {cfg.plot}", file=sys.stderr)
     return 0
+
+
+def _resolve_auto(cfg):
+    """--backend auto first (it tells --dtype auto from a PyTorch precision asked for), then --dtype auto."""
+    if getattr(cfg, "backend", None) == "auto" and hasattr(cfg, "method"):  # generate, serve (others: per method)
+        from mtp.decode.run import choose_method, resolve_backend
+
+        _, method = choose_method(cfg.model, cfg.heads, cfg.method)
+        say = None if cfg.quiet else (lambda line: print(f"mtp: {line}", file=sys.stderr))
+        cfg = dataclasses.replace(cfg, backend=resolve_backend(cfg, cfg.model, [method], say))
+    return _resolve_auto_dtype(cfg) if getattr(cfg, "dtype", None) == "auto" else cfg
 
 
 def _resolve_auto_dtype(cfg):

@@ -806,7 +806,8 @@ class GenerateConfig(DraftOptions):
 
     backend: str = opt("auto", choices=("torch", "llama.cpp", "auto"))
     """What runs the model: auto (default: llama.cpp where it is measured, once, to decode the built-in model
-    faster than PyTorch on this CPU, else torch; torch with --dtype other than auto, on a GPU and for early exit)
+    faster than PyTorch on this CPU, else torch; torch with --dtype other than auto or float32, on a GPU and
+    for early exit)
     | torch (PyTorch, every method) | llama.cpp (its GGUF in llama.cpp's CPU kernels, in-process; `mtp engines
     setup llama.cpp` builds it)."""
     guard: bool = True
@@ -844,7 +845,8 @@ class ServeConfig(DraftOptions):
 
     backend: str = opt("auto", choices=("torch", "llama.cpp", "auto"))
     """What runs the model: auto (default: llama.cpp where it is measured, once, to decode the built-in model
-    faster than PyTorch on this CPU, else torch; torch with --dtype other than auto, on a GPU and for early exit)
+    faster than PyTorch on this CPU, else torch; torch with --dtype other than auto or float32, on a GPU and
+    for early exit)
     | torch (PyTorch, every method) | llama.cpp (its GGUF in llama.cpp's CPU kernels, in-process; `mtp engines
     setup llama.cpp` builds it)."""
     guard: bool = True

@@ -334,8 +334,9 @@ def resolve_backend(opts: DraftOptions, model_name: str, methods, say=None) -> s
     """``--backend auto``: llama.cpp where it decodes this model faster than PyTorch on this machine -- measured
     once (one decoded token after a 256-token prompt on each, :func:`cached_backend_times`) -- else torch. Always
     torch on a GPU, with --dtype bfloat16 / float16 / float64 (a PyTorch precision), for a model that is not built
-    in (no GGUF of it), for early exit (it runs the first layers of a PyTorch model) and where llama.cpp is not
-    built.
+    in (no GGUF of it), for early exit (it runs the first layers of a PyTorch model), for a server of more than 32
+    rows and where llama.cpp is not built. ``mtp`` resolves it before ``--dtype auto`` (which would otherwise read
+    as a PyTorch precision asked for).
     ``say(line)``: told which was chosen and why. Any other --backend is returned as given."""
     if opts.backend != "auto":
         return opts.backend
@@ -343,7 +344,8 @@ def resolve_backend(opts: DraftOptions, model_name: str, methods, say=None) -> s
     from mtp.engines import llamacpp
 
     if opts.device != "cpu" or opts.dtype not in ("auto", "float32") or model_name not in BUILTIN_MODELS \
-            or "early-exit" in methods or not (llamacpp.library_dir() / "libllama.so").is_file():
+            or "early-exit" in methods or not (llamacpp.library_dir() / "libllama.so").is_file() \
+            or getattr(opts, "max_batch", 1) > 32:  # a server's rows beyond what one llama.cpp context serves
         return "torch"
     times = cached_backend_times(model_name, opts.target, opts.dtype)
     backend = "llama.cpp" if times["llama.cpp"] < times["torch"] else "torch"

@@ -353,8 +353,6 @@ def serve(cfg, command: str = "") -> None:
         say(f"warning: listening on {cfg.host} without --api-key: anyone who can reach it can use it")
 
     def load():
-        if cfg.backend == "auto" and cfg.max_batch > 32:  # more rows than one llama.cpp context serves
-            cfg.backend = "torch"
         cfg.backend = resolve_backend(cfg, cfg.model, [method], say)
         with_heads = f", heads {heads}" if heads and method in HEAD_METHODS else ""
         runs_on = f"GGUF {cfg.target} on llama.cpp" if cfg.backend == "llama.cpp" else cfg.dtype
