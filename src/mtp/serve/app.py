@@ -363,12 +363,12 @@ def serve(cfg, command: str = "") -> None:
         backbone, tokenizer = loaded.backbone, loaded.tokenizer
         loaded.tokenizer = copy.deepcopy(tokenizer)  # the decoder's own: the event loop encodes with the other
         decoder, _ = loaded.decoder(method, cfg)
-        if cfg.backend == "llama.cpp":  # a server's batch may never empty: dropped tree cells are freed as they
-            # pile up
+        # a server's batch may never empty: on llama.cpp dropped tree cells are freed as they pile up
+        if cfg.backend == "llama.cpp":
             backbone.rows.max_dropped = backbone.ctx.n_ctx // 8
         eos = eos_ids(backbone, tokenizer)
-        decoder.prepare(cfg.max_batch)  # drafts sized for every batch size the server will run (curves measured
-        # once)
+        # drafts sized for every batch size the server will run (curves measured once)
+        decoder.prepare(cfg.max_batch)
         decoder.generate([tokenizer("Hello", add_special_tokens=False)["input_ids"] or [0]], 4, eos)  # warm-up
         return backbone, tokenizer, decoder, eos
 
