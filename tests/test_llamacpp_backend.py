@@ -114,6 +114,49 @@ def test_the_accepted_path_leaves_the_cache_of_a_fresh_prefill(tiny_gguf):
 
 
 @needs_lib
+def test_a_prompt_is_decoded_as_llamacpps_own_prompt_processing_decodes_it(tiny_gguf):
+    """The whole prompt in one decode, its last token the only output, as llama-server and llama-cli decode it; the
+    states heads read come from a second decode of the last token in a spare sequence, whose cell is kept (dropped)
+    and never seen by the row. Decoding the last prompt token on its own instead rounded its keys and values
+    through the one-token kernels: with qwen2.5-coder-0.5b's Q4_K_M weights the next logits were off by 0.24 and
+    6 of 12 greedy answers differed from llama-server's."""
+    from mtp.engines.llamacpp_lib import RowCache
+
+    prompts = [PREFIX, PREFIX[:5] + [900, 901]]
+    with _ctx(tiny_gguf) as ctx:  # llama.cpp's own: the prompts in one decode, then one token each
+        want_first, _ = ctx.decode([t for p in prompts for t in p], [i for p in prompts for i in range(len(p))],
+                                   [s for s, p in enumerate(prompts) for _ in p],
+                                   [i == len(p) - 1 for p in prompts for i in range(len(p))])
+        want_next, _ = ctx.decode([77, 77], [len(p) for p in prompts], [0, 1])
+    with _ctx(tiny_gguf) as ctx:
+        for p in prompts:  # states of every position, for comparison: the last one is what the heads read
+            ctx.capture((1, ctx.n_layer))
+            _, every = ctx.decode(p, list(range(len(p))), [15] * len(p))
+            ctx.seq_rm(15)
+        ctx.capture(())
+        calls = []
+        decode = ctx.decode
+
+        def recording(tokens, positions, seqs, outputs=None):
+            calls.append((len(tokens), outputs, ctx.captured))
+            return decode(tokens, positions, seqs, outputs)
+
+        ctx.decode = recording
+        rows = RowCache(ctx)
+        first, states = rows.add_rows(prompts, layers=(1, ctx.n_layer))
+        prompt_call = calls[0]
+        assert prompt_call[0] == sum(map(len, prompts)) and prompt_call[2] == ()
+        assert [i for i, o in enumerate(prompt_call[1]) if o] == [len(prompts[0]) - 1, sum(map(len, prompts)) - 1]
+        assert calls[1] == (2, None, (1, ctx.n_layer)) and len(calls) == 2  # the states: the last tokens again
+        assert rows.dropped == 2 and ctx.seq_pos_max(rows.trash) == max(map(len, prompts)) - 1
+        assert all(ctx.seq_pos_max(s) == len(p) - 1 for s, p in zip(rows.base, prompts))
+        nxt, _ = rows.verify([[77], [77]], [[], []], [[], []])
+    np.testing.assert_array_equal(first, want_first)
+    np.testing.assert_array_equal(nxt[:, 0], want_next)
+    np.testing.assert_allclose(states[1][1], every[1][-1], rtol=1e-4, atol=1e-4)
+
+
+@needs_lib
 def test_rows_of_a_batch_verify_together_join_and_leave(tiny_gguf):
     from mtp.engines.llamacpp_lib import RowCache
 

@@ -337,7 +337,8 @@ class RowCache:
                  ) -> tuple[np.ndarray, list | None]:
         """Prefill new rows (appended after the running ones); returns each new row's last-token logits (B, V)
         and, with ``layers``, the states of each new row's last prompt token at those layers ((B, H) each).
-        The prompt but its last token runs without capturing (only the last token is an output).
+        The prompts run as llama.cpp's own prompt processing runs them (:meth:`_prefill_whole`); the states come
+        from a second decode of the last token (:meth:`_last_states`).
         ``every_position``: the states of every prompt token instead (per layer, one (len(prompt), H) array per
         row), for heads that read the whole prompt (transformer heads, EAGLE-3); every token is then an output,
         which costs the unembedding of each (about a tenth more prefill for smollm2)."""
@@ -353,13 +354,8 @@ class RowCache:
                 raise
         try:
             self.ctx.capture(())
-            body = [(r, i, t) for r, p in enumerate(prompts) for i, t in enumerate(p[:-1])]
-            for start in range(0, len(body), self.ctx.n_batch):
-                part = body[start:start + self.ctx.n_batch]
-                self.ctx.decode([t for *_, t in part], [i for _, i, _ in part], [seqs[r] for r, _, _ in part],
-                                [False] * len(part))
-            self.ctx.capture(layers)
-            logits, states = self.ctx.decode([p[-1] for p in prompts], [len(p) - 1 for p in prompts], seqs)
+            logits = self._prefill_whole(prompts, seqs)
+            states = self._last_states(prompts, seqs, layers) if layers else None
         except BaseException:
             for s in seqs:
                 self.ctx.seq_rm(s)
@@ -368,6 +364,47 @@ class RowCache:
         self.base += seqs
         self.past += [len(p) for p in prompts]
         return logits, states
+
+    def _prefill_whole(self, prompts, seqs) -> np.ndarray:
+        """Every prompt token in one decode (n_batch at a time), each row's last token the only output: what
+        llama.cpp's own prompt processing computes (llama-server's, ``llama-cli``'s), so that the cache, and the
+        plain greedy decoding that follows, are the same numbers. (Decoding the last token on its own instead
+        rounds its keys and values through the one-token kernels: with Q4_K_M weights that turned 6 of 12
+        greedy answers into others.) Returns each row's last-token logits (B, V)."""
+        last = np.zeros((len(prompts), self.ctx.n_vocab), dtype=np.float32)
+        body = [(r, i, t) for r, p in enumerate(prompts) for i, t in enumerate(p)]
+        for start in range(0, len(body), self.ctx.n_batch):
+            part = body[start:start + self.ctx.n_batch]
+            outs = [i == len(prompts[r]) - 1 for r, i, _ in part]
+            logits, _ = self.ctx.decode([t for *_, t in part], [i for _, i, _ in part],
+                                        [seqs[r] for r, _, _ in part], outs)
+            got = iter(logits)
+            for (r, _, _), out in zip(part, outs):
+                if out:
+                    last[r] = next(got)
+        return last
+
+    def _last_states(self, prompts, seqs, layers) -> list[np.ndarray]:
+        """The states at ``layers`` of each row's last prompt token ((B, H) per layer), from a second decode of that
+        token in a spare sequence that shares the row's other cells (a captured decode makes every token an
+        output, which the prompt's own decode must not). Its cell then joins the dropped ones (a freed cell
+        reused out of order rounds attention differently: see the class text)."""
+        spare = []
+        try:
+            for s, p in zip(seqs, prompts):
+                spare.append(self._take())
+                self.ctx.seq_cp(s, spare[-1], 0, len(p) - 1)
+            self.ctx.capture(layers)
+            _, states = self.ctx.decode([p[-1] for p in prompts], [len(p) - 1 for p in prompts], spare)
+            for t, p in zip(spare, prompts):
+                self.ctx.seq_cp(t, self.trash, len(p) - 1, len(p))
+            self.dropped += len(prompts)
+        finally:
+            for t in spare:
+                self.ctx.seq_rm(t)
+                self._free.append(t)
+        self._compact()
+        return states
 
     def _prefill_every_position(self, prompts, seqs, layers):
         self.ctx.capture(layers)
