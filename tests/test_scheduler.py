@@ -279,3 +279,41 @@ def test_loading_runs_on_a_thread_that_exits_and_hands_back_its_result_or_its_er
 
     with pytest.raises(UserError, match="no such model"):
         in_own_thread(bad)
+
+
+def test_events_from_the_decoding_thread_reach_each_queue_in_order_with_one_wakeup_per_batch():
+    """Mailbox: events posted from another thread arrive in their queues in order; posts made before the loop has
+    emptied the mailbox share one wake-up byte (the loop is not woken per event)."""
+    import threading
+
+    from mtp.serve.scheduler import Mailbox
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        box = Mailbox.of(loop)
+        assert Mailbox.of(loop) is box
+        queues = [asyncio.Queue() for _ in range(3)]
+        writes = []
+        write = box._write
+        box._write = lambda *a: (writes.append(1), write(*a))
+
+        def producer():
+            for i in range(200):
+                box.post(queues[i % 3], ("tokens", [i]))
+            for q in queues:
+                box.post(q, ("done", "length"))
+
+        t = threading.Thread(target=producer)
+        t.start()
+        got = [[] for _ in queues]
+        for q, out in zip(queues, got):
+            while True:
+                kind, value = await asyncio.wait_for(q.get(), 10)
+                if kind == "done":
+                    break
+                out.extend(value)
+        t.join()
+        assert got == [list(range(k, 200, 3)) for k in range(3)]
+        assert 1 <= len(writes) < 203 and not box.pending
+
+    run(main())

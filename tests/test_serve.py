@@ -542,6 +542,34 @@ def test_text_stream_holds_back_what_may_become_a_stop_string_and_cuts_it():
     assert s2.push([], final=True) == "EN"
 
 
+def test_text_stream_detokenizes_incrementally_to_the_whole_texts_decode():
+    """Pushed in chunks of any size, a real tokenizer's tokens stream to exactly the text one decode of all of them
+    gives (split multi-byte characters, special tokens, spaces), cut at the first stop string."""
+    import random
+
+    from mtp.backbones import load_tokenizer, local_model_folder
+    from mtp.serve.protocol import TextStream
+
+    tok = load_tokenizer(local_model_folder("smollm2-135m"))
+    texts = ["def f(x):\n    return x  +  1\n\n\nprint(f(2))", "Grüße aus Köln – naïve café 日本語 🤖🎉 ok",
+             "  leading spaces, trailing  ", "a<|im_end|>b STOP c"]
+    rng = random.Random(0)
+    for text in texts:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        ids = ids + [rng.randrange(tok.vocab_size) for _ in range(40)]  # and arbitrary tokens (bytes, specials)
+        whole = tok.decode(ids, skip_special_tokens=True)
+        for stop in ([], ["STOP"], ["\n\n"]):
+            cut = min([whole.find(s) for s in stop if s in whole] or [len(whole)])
+            for _ in range(3):
+                stream, out, k = TextStream(tok, stop), [], 0
+                while k < len(ids):
+                    n = rng.choice([1, 1, 1, 2, 3, 8])
+                    out.append(stream.push(ids[k:k + n]))
+                    k += n
+                out.append(stream.push([], final=True))
+                assert "".join(out) == whole[:cut], (text, stop)
+
+
 def test_request_fields_are_parsed_into_typed_values():
     from mtp.serve.protocol import ApiError, Limits, parse
 

@@ -256,30 +256,56 @@ def _prompt(v) -> str | list[int]:
 
 class TextStream:
     """A row's text as its tokens arrive: whole characters only, stop strings cut off (and any text that may
-    still become one held back), so a client never sees what the final text will not contain."""
+    still become one held back), so a client never sees what the final text will not contain.
+
+    Detokenized incrementally, as TGI and vLLM do: each push decodes only a window of the last tokens (from
+    ``prefix``, a few tokens before the first unread one, so that a tokenizer's leading-space and merge rules see
+    their context) and keeps what that window adds, instead of the whole text again (quadratic in the answer's
+    length: 0.3 ms a token at 500 tokens, on the decoding thread's cores). Stop strings are searched in the new
+    tail only."""
 
     def __init__(self, tokenizer, stop: list[str]):
         self.tokenizer, self.stop = tokenizer, stop
         self.tokens: list[int] = []
+        self.text = ""  # the text of the tokens up to ``read``
+        self.prefix = self.read = 0  # token offsets: the window decoded starts at prefix; read: tokens in text
         self.sent = 0  # characters handed out
+        self.cut: int | None = None  # where the earliest stop string begins
+        self.scanned = 0  # characters already searched for stop strings
         self.stopped = False
+
+    def _detokenize(self, final: bool) -> None:
+        if self.read == len(self.tokens):
+            return
+        decode = self.tokenizer.decode
+        before = decode(self.tokens[self.prefix:self.read], skip_special_tokens=True)
+        window = decode(self.tokens[self.prefix:], skip_special_tokens=True)
+        if not window.startswith(before):  # a tokenizer that rewrote the window's start: decode it all again
+            self.text = decode(self.tokens, skip_special_tokens=True)
+            self.prefix, self.read = max(0, len(self.tokens) - 4), len(self.tokens)
+            return
+        if window.endswith("\ufffd") and not final:  # a character split across tokens: wait for the rest
+            return
+        self.text += window[len(before):]
+        self.prefix, self.read = max(self.read, len(self.tokens) - 4), len(self.tokens)
 
     def push(self, tokens: list[int], final: bool = False) -> str:
         """The new text to send after ``tokens`` (``final``: the row ended, send what was held back)."""
         self.tokens.extend(tokens)
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        end = len(text)
-        for s in self.stop:
-            at = text.find(s)
-            if at >= 0:
-                end = min(end, at)
-                self.stopped = True
+        self._detokenize(final)
+        text = self.text
+        if self.cut is None:
+            longest = max((len(s) for s in self.stop), default=1)
+            start = max(0, self.scanned - longest + 1)
+            found = [at for s in self.stop if (at := text.find(s, start)) >= 0]
+            if found:
+                self.cut, self.stopped = min(found), True
+            self.scanned = len(text)
+        end = len(text) if self.cut is None else self.cut
         if not self.stopped and not final:
-            if text.endswith("\ufffd"):  # a character split across tokens: wait for the rest
-                end = len(text.rstrip("\ufffd"))
             for s in self.stop:  # the tail may be the start of a stop string
                 for k in range(min(len(s) - 1, end), 0, -1):
-                    if text[:end].endswith(s[:k]):
+                    if text.endswith(s[:k], 0, end):
                         end -= k
                         break
         if end <= self.sent:

@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ctypes
 import dataclasses
+import os
+import socket
 import sys
 import threading
 import time
 import traceback
+import weakref
 from dataclasses import dataclass, field
 
 from mtp.decode.engine import SpeculativeDecoder, Request
@@ -42,10 +46,81 @@ class Job:
 
     def send(self, kind: str, value=None) -> None:
         """An event to the request's coroutine (from the worker thread)."""
+        Mailbox.of(self.loop).post(self.queue, (kind, value))
+
+
+class Mailbox:
+    """Events from the decoding thread to an event loop, without handing the GIL to that loop at each one.
+
+    ``loop.call_soon_threadsafe`` wakes the loop with a socket ``send``, which releases the GIL: the loop's thread
+    wakes, takes it, and the decoding thread waits until the loop has handled the event (until its next blocking
+    call), every step. Here events go into a deque; the first one since the loop last emptied it writes one
+    wake-up byte with a libc ``write`` that keeps the GIL (ctypes.PyDLL), so the decoding thread goes on to its
+    next ``llama_decode`` (which releases the GIL) and the loop handles the events while that runs. The loop reads
+    the byte through ``add_reader`` (public asyncio API) and puts every pending event into its queue."""
+
+    _boxes: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Mailbox]" = weakref.WeakKeyDictionary()
+    _lock = threading.Lock()
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> "Mailbox":
+        box = cls._boxes.get(loop)
+        if box is None:
+            with cls._lock:
+                box = cls._boxes.get(loop)
+                if box is None:
+                    box = cls._boxes[loop] = cls(loop)
+        return box
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.pending: collections.deque = collections.deque()
+        self.armed = False  # a wake-up byte is on its way: no other until the loop has emptied the deque
+        self.rsock, self.wsock = socket.socketpair()
+        self.rsock.setblocking(False)
+        self.wsock.setblocking(False)
+        self._write = _gil_keeping_write()
+        weakref.finalize(loop, _close_all, self.rsock, self.wsock)
         try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, value))
-        except RuntimeError:  # its event loop is gone (server stopped): nobody is listening
+            loop.call_soon_threadsafe(loop.add_reader, self.rsock.fileno(), self._deliver)
+        except RuntimeError:  # the loop is closed: nobody will listen
             pass
+
+    def post(self, queue: asyncio.Queue, item) -> None:
+        """From any thread: ``item`` into ``queue`` on the loop's thread."""
+        self.pending.append((queue, item))
+        if not self.armed:
+            self.armed = True
+            try:
+                self._write(self.wsock.fileno(), b"\0", 1)
+            except (OSError, ValueError):  # closed with its loop: nobody is listening
+                pass
+
+    def _deliver(self) -> None:
+        try:
+            self.rsock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            pass
+        self.armed = False
+        while self.pending:
+            queue, item = self.pending.popleft()
+            queue.put_nowait(item)
+
+
+def _close_all(*socks) -> None:
+    for s in socks:
+        s.close()
+
+
+def _gil_keeping_write():
+    """libc's write(2) called without releasing the GIL (os.write and socket.send release it); os.write where
+    the C library cannot be reached this way."""
+    try:
+        fn = ctypes.PyDLL(None).write
+        fn.argtypes, fn.restype = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t], ctypes.c_ssize_t
+        return fn
+    except (OSError, AttributeError):
+        return lambda fd, data, n: os.write(fd, data[:n])
 
 
 class Scheduler:
