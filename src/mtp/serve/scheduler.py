@@ -72,8 +72,7 @@ class Mailbox:
                     box = cls._boxes[loop] = cls(loop)
         return box
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
+    def __init__(self, loop: asyncio.AbstractEventLoop):  # the loop is not kept: the registry holds it weakly
         self.pending: collections.deque = collections.deque()
         self.armed = False  # a wake-up byte is on its way: no other until the loop has emptied the deque
         self.rsock, self.wsock = socket.socketpair()
