@@ -295,7 +295,7 @@ def test_events_from_the_decoding_thread_reach_each_queue_in_order_with_one_wake
         queues = [asyncio.Queue() for _ in range(3)]
         writes = []
         write = box._write
-        box._write = lambda *a: (writes.append(1), write(*a))
+        box._write = lambda *a: writes.append(1) or write(*a)
 
         def producer():
             for i in range(200):
@@ -315,5 +315,8 @@ def test_events_from_the_decoding_thread_reach_each_queue_in_order_with_one_wake
         t.join()
         assert got == [list(range(k, 200, 3)) for k in range(3)]
         assert 1 <= len(writes) < 203 and not box.pending
+        box._write = lambda *a: -1  # a wake-up byte that did not go: the loop is woken its own way
+        threading.Thread(target=box.post, args=(queues[0], ("done", "stop"))).start()
+        assert await asyncio.wait_for(queues[0].get(), 10) == ("done", "stop") and not box.armed
 
     run(main())

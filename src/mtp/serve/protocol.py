@@ -287,7 +287,7 @@ class TextStream:
         if window.endswith("\ufffd") and not final:  # a character split across tokens: wait for the rest
             return
         self.text += window[len(before):]
-        self.prefix, self.read = max(self.read, len(self.tokens) - 4), len(self.tokens)
+        self.prefix, self.read = max(0, len(self.tokens) - 4), len(self.tokens)
 
     def push(self, tokens: list[int], final: bool = False) -> str:
         """The new text to send after ``tokens`` (``final``: the row ended, send what was held back)."""
@@ -303,6 +303,7 @@ class TextStream:
             self.scanned = len(text)
         end = len(text) if self.cut is None else self.cut
         if not self.stopped and not final:
+            end = len(text.rstrip("\ufffd"))  # a character split across tokens (the fallback's text): wait
             for s in self.stop:  # the tail may be the start of a stop string
                 for k in range(min(len(s) - 1, end), 0, -1):
                     if text.endswith(s[:k], 0, end):

@@ -46,7 +46,13 @@ class Job:
 
     def send(self, kind: str, value=None) -> None:
         """An event to the request's coroutine (from the worker thread)."""
-        Mailbox.of(self.loop).post(self.queue, (kind, value))
+        try:
+            Mailbox.of(self.loop).post(self.queue, (kind, value))
+        except Exception:  # noqa: BLE001 - no mailbox (no fds left, say): the loop's own way, never a raise here
+            try:
+                self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, value))
+            except RuntimeError:  # its event loop is gone (server stopped): nobody is listening
+                pass
 
 
 class Mailbox:
@@ -72,7 +78,8 @@ class Mailbox:
                     box = cls._boxes[loop] = cls(loop)
         return box
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):  # the loop is not kept: the registry holds it weakly
+    def __init__(self, loop: asyncio.AbstractEventLoop):  # the loop is held weakly, as the registry holds it
+        self.loop = weakref.ref(loop)
         self.pending: collections.deque = collections.deque()
         self.armed = False  # a wake-up byte is on its way: no other until the loop has emptied the deque
         self.rsock, self.wsock = socket.socketpair()
@@ -87,18 +94,28 @@ class Mailbox:
 
     def post(self, queue: asyncio.Queue, item) -> None:
         """From any thread: ``item`` into ``queue`` on the loop's thread."""
+        loop = self.loop()
+        if loop is None or loop.is_closed():  # nobody is listening: keep nothing
+            self.pending.clear()
+            return
         self.pending.append((queue, item))
         if not self.armed:
             self.armed = True
             try:
-                self._write(self.wsock.fileno(), b"\0", 1)
-            except (OSError, ValueError):  # closed with its loop: nobody is listening
-                pass
+                wrote = self._write(self.wsock.fileno(), b"\0", 1)
+            except (OSError, ValueError):
+                wrote = -1
+            if wrote != 1:  # the byte did not go: wake the loop its own way
+                self.armed = False
+                try:
+                    loop.call_soon_threadsafe(self._deliver)
+                except RuntimeError:
+                    self.pending.clear()
 
     def _deliver(self) -> None:
         try:
             self.rsock.recv(4096)
-        except (BlockingIOError, InterruptedError):
+        except OSError:  # nothing to read (a wake-up by call_soon_threadsafe), or closed
             pass
         self.armed = False
         while self.pending:
