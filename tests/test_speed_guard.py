@@ -185,3 +185,37 @@ def test_the_decoders_guard_starts_plain_where_the_sizing_expected_no_draft_to_p
     assert speed_guard(opts, Sizing(method="tree", expected_speedup=1.2)) is True
     assert speed_guard(opts, Sizing(method="tree")) is True  # sizes given by hand: no expectation
     assert speed_guard(DraftOptions(guard=False), Sizing(method="tree", expected_speedup=0.9)) is False
+
+
+def test_match_lookup_drafts_per_match_length_and_stops_where_short_matches_fail():
+    """MatchLookupProposer: a class of long matches that copy gets long drafts, a class of 1-token matches that never
+    hold gets none (plain steps) but is probed now and then; the lookup method uses it and stays lossless."""
+    from mtp.decode.proposers import MatchLookupProposer
+
+    steep = {1: 1.0, 2: 1.7, 3: 2.2, 4: 2.6, 8: 4.4, 16: 7.9, 32: 15.4}
+    p = MatchLookupProposer(steep, probe=4)
+    one, long_ = p.classes.index(1), p.classes.index(16)
+    assert p.per_class[one] == 0 and p.per_class[long_] > 0  # priors: a lone token no, a 16-token match yes
+    assert p._match([5, 6, 7, 9, 5, 6, 7]) == (p.classes.index(3), [9, 5, 6, 7]) and p._match([1, 2, 3]) == (-1, [])
+    for _ in range(40):  # long matches copy: all accepted; 1-token matches (when probed) fail
+        p._drafted, p._row_class = [p.per_class[long_], 1], [long_, one]
+        p.observe([list(range(p.per_class[long_] + 1)), [3]])
+    assert p.per_class[long_] == p.lengths[-1] and p.per_class[one] == 0
+    assert p.class_acceptance(long_)[0] > 0.9 and p.class_acceptance(one)[0] < 0.1
+
+    class Ctx:  # what propose reads: the rows' tokens
+        batch, device = 2, "cpu"
+
+        def __init__(self, rows):
+            self.rows = rows
+
+        def sequences(self):
+            return self.rows
+
+    rows = [[8, 1, 2, 9, 4, 1], list(range(20)) + [50] + list(range(20))]  # a 1-token match; a 20-token one
+    drafted = []
+    for _ in range(8):
+        d = p.propose(Ctx(rows))
+        drafted.append(d.valid.sum(1).tolist())
+    assert all(k[1] == 21 for k in drafted)  # the copy row drafts all that followed its match, each step
+    assert sum(k[0] > 0 for k in drafted) == 2  # the 1-token row: only its probes (every 4th visit)

@@ -22,7 +22,7 @@ import torch
 
 from mtp.config import HEAD_METHODS, METHODS, DraftOptions  # noqa: F401 (METHODS, HEAD_METHODS: re-exported)
 from mtp.decode.proposers import (AdaptiveTreeProposer, DynamicTreeProposer, EarlyExitProposer, LookupProposer,
-                                  PlainProposer, Proposer, SizedLookupProposer, TreeProposer, UnionProposer,
+                                  MatchLookupProposer, PlainProposer, Proposer, TreeProposer, UnionProposer,
                                   blockwise)
 from mtp.decode.slots import Slots
 from mtp.decode.tree import chain_tree, compile_tree, tree_from_accuracy
@@ -403,15 +403,16 @@ def _hybrid(inp: DraftInputs) -> tuple[Proposer, Sizing]:
     return UnionProposer([tree_proposer, LookupProposer(draft_len=look_len)]), sizing
 
 
-LOOKUP_SIZED = "verify cost x the acceptance seen (re-chosen every 8 steps)"
+LOOKUP_SIZED = "verify cost x the acceptance seen per match length (re-chosen every 8 steps)"
 
 
 @proposer("lookup")
 def _lookup(inp: DraftInputs) -> tuple[Proposer, Sizing]:
     """Prompt lookup: --draft-len tokens, or a length re-chosen while decoding from the verify-cost curve and the
-    acceptance its drafts get (:class:`~mtp.decode.proposers.SizedLookupProposer`); 8 without a curve."""
+    acceptance its drafts get after matches of each length (:class:`~mtp.decode.proposers.MatchLookupProposer`);
+    8 without a curve."""
     if inp.opts.draft_len is None and inp.cost is not None:
-        sized = SizedLookupProposer(inp.cost)
+        sized = MatchLookupProposer(inp.cost)
         return sized, Sizing("lookup", draft_len=sized.draft_len, sized_from=LOOKUP_SIZED, adaptive=LOOKUP_SIZED)
     draft_len = inp.opts.draft_len or 8
     return LookupProposer(draft_len=draft_len), Sizing("lookup", draft_len=draft_len)

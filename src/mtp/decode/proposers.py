@@ -362,6 +362,108 @@ class SizedLookupProposer(LookupProposer):
             self.sizes.append(self.draft_len)
 
 
+class MatchLookupProposer(SizedLookupProposer):
+    """Prompt lookup sized per match length: how long the tail that matched earlier text is says how far the copy
+    will hold. On qwen2.5-coder-0.5b's answers to edit requests (greedy, 12 requests, 3000 positions) the tokens a
+    16-token copy got right averaged 0.5 after a 1-token match, 3.1 after 3, 5.9 after 5-6, 8.8 after 9-12 and 11
+    after 17 or more. So drafting on every match (what plain prompt lookup does) pays on a steep verify curve only
+    where long matches are common; here each match-length class (the longest n in ``classes`` whose tail n-gram
+    occurs earlier) keeps its own acceptance counts (as :class:`SizedLookupProposer` keeps them for all steps) and
+    its own draft length, chosen among 0 (no draft: a plain step) and the curve's lengths, maximizing expected
+    tokens * t(1) / t(1 + k). A class's prior is n / (n + 1) per position (longer matches: more trust) with
+    ``prior`` pseudo-observations; a class at 0 still drafts the shortest length once every ``probe`` visits,
+    so that a text whose short matches start to hold is noticed. Lossless: only what is verified changes."""
+
+    classes = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+
+    def __init__(self, cost: dict, max_len: int = 31, every: int = 8, prior: float = 4.0, probe: int = 32):
+        if probe < 1:
+            raise UserError("match lookup: probe >= 1")
+        super().__init__(cost, max_len=max_len, max_ngram=self.classes[-1], every=every, prior=prior)
+        top = self.lengths[-1]
+        self.probe = probe
+        self.c_reached = torch.zeros(len(self.classes), top + 1)
+        self.c_kept = torch.zeros(len(self.classes), top + 1)
+        self.visits = [0] * len(self.classes)
+        self.per_class = [self._choose_for(c) for c in range(len(self.classes))]
+        self._row_class: list[int] = []
+
+    def class_acceptance(self, c: int) -> list[float]:
+        """h_j for match class ``c``: :meth:`SizedLookupProposer.acceptance` on that class's counts."""
+        n = self.classes[c]
+        out, prev = [], n / (n + 1)
+        for kept, reached in zip(self.c_kept[c, 1:].tolist(), self.c_reached[c, 1:].tolist()):
+            prev = (kept + self.prior * prev) / (reached + self.prior)
+            out.append(prev)
+        return out
+
+    def _gain_for(self, c: int, k: int) -> float:
+        if k == 0:
+            return 1.0
+        survive, tokens = 1.0, 1.0
+        for h in self.class_acceptance(c)[:k]:
+            survive *= h
+            tokens += survive
+        return tokens * self.cost[1] / self.cost[k + 1]
+
+    def _choose_for(self, c: int) -> int:
+        return max([0, *self.lengths], key=lambda k: self._gain_for(c, k))
+
+    def _match(self, seq: list[int]) -> tuple[int, list[int]]:
+        """(match class, continuation): the longest class length n whose tail n-gram occurs earlier (a longer one
+        cannot match where a shorter one does not), and what followed its latest occurrence; (-1, []) if none."""
+        ids = torch.tensor(seq, dtype=torch.long)
+        found: tuple[int, list[int]] = (-1, [])
+        for c, n in enumerate(self.classes):
+            if n > len(seq) - 1:
+                break
+            hits = (ids[:-1].unfold(0, n, 1) == ids[-n:]).all(1).nonzero()
+            if not len(hits):
+                break
+            start = int(hits[-1])
+            found = (c, seq[start + n: start + n + self.lengths[-1]])
+        return found
+
+    def propose(self, ctx: DraftContext) -> Draft:
+        conts, self._row_class = [], []
+        for seq in ctx.sequences():
+            c, cont = self._match(seq)
+            k = 0
+            if c >= 0:
+                self.visits[c] += 1
+                k = self.per_class[c]
+                if k == 0 and self.visits[c] % self.probe == 0:
+                    k = self.lengths[0]
+            conts.append(cont[:k])
+            self._row_class.append(c if k else -1)
+        self._drafted = [len(x) for x in conts]
+        width = max(self._drafted, default=0)
+        if width == 0:
+            return Draft.empty(ctx.batch, ctx.device)
+        tokens = torch.zeros(ctx.batch, width, dtype=torch.long)
+        valid = torch.zeros(ctx.batch, width, dtype=torch.bool)
+        for i, c in enumerate(conts):
+            tokens[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+            valid[i, : len(c)] = True
+        return Draft.chain(tokens.to(ctx.device), valid.to(ctx.device))
+
+    def observe(self, verified: list[list[int] | None]) -> None:
+        if self._drafted is None:
+            return
+        for row, tokens in enumerate(verified):
+            n = self._drafted[row] if row < len(self._drafted) else 0
+            c = self._row_class[row] if row < len(self._row_class) else -1
+            if not tokens or not n or c < 0:
+                continue
+            accepted = min(len(tokens) - 1, n)
+            upto = min(n, accepted + 1)
+            self.c_reached[c, 1:upto + 1] += 1
+            self.c_kept[c, 1:accepted + 1] += 1
+        super().observe(verified)  # the counts over every class (what is reported), the step count
+        if self.steps % self.every == 0:
+            self.per_class = [self._choose_for(c) for c in range(len(self.classes))]
+
+
 class EarlyExitProposer(Proposer):
     """Draft a chain with the backbone's first ``layers`` layers (logit lens), sharing the committed cache."""
 

@@ -19,7 +19,8 @@ from mtp.decode.engine import GenerateOutput, RowResult, SpeculativeDecoder
 from mtp.decode.guard import SpeedGuard
 from mtp.decode.methods import (HEAD_METHODS, cached_batch_cost, cached_context_growth, cached_verify_cost,
                                 context_cost, make_proposer, Sizing)
-from mtp.decode.proposers import AdaptiveTreeProposer, PlainProposer, SizedLookupProposer, UnionProposer
+from mtp.decode.proposers import (AdaptiveTreeProposer, MatchLookupProposer, PlainProposer, SizedLookupProposer,
+                                  UnionProposer)
 from mtp.errors import UserError
 from mtp.heads_format import read_accuracy, read_heads_config, resolve_heads
 from mtp.model.mtp import MTPModel
@@ -165,9 +166,13 @@ def adaptive_sizes(decoder: SpeculativeDecoder) -> dict | None:
     p = decoder.proposer
     if isinstance(p, SizedLookupProposer):
         sizes = sorted(p.sizes)
-        return {"initial": p.sizes[0], "final": p.sizes[-1], "median": sizes[len(sizes) // 2], "min": sizes[0],
-                "max": sizes[-1], "resizings": len(p.sizes) - 1, "observed_steps": p.steps,
-                "estimated_acceptance": [round(h, 4) for h in p.acceptance()[:8]]}
+        out = {"initial": p.sizes[0], "final": p.sizes[-1], "median": sizes[len(sizes) // 2], "min": sizes[0],
+               "max": sizes[-1], "resizings": len(p.sizes) - 1, "observed_steps": p.steps,
+               "estimated_acceptance": [round(h, 4) for h in p.acceptance()[:8]]}
+        if isinstance(p, MatchLookupProposer):  # the draft length per match length, at the end (0: no draft)
+            out["per_match_length"] = dict(zip(p.classes, p.per_class))
+            out["visits_per_match_length"] = dict(zip(p.classes, p.visits))
+        return out
     found = [q for q in (p.proposers if isinstance(p, UnionProposer) else [p]) if isinstance(q, AdaptiveTreeProposer)]
     if not found:
         return None
