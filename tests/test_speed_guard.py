@@ -156,7 +156,9 @@ def test_sized_lookup_reproduces_plain_greedy_and_reports_its_lengths(monkeypatc
     out = dec.generate(PROMPTS, max_new_tokens=60, eos_token_ids=[])
     assert [r.tokens for r in out.rows] == refs
     sizes = run.adaptive_sizes(dec)
-    assert sizes["observed_steps"] > 0 and sizes["initial"] == info.draft_len
+    # the decoder's proposer was re-sized for its batch of 3 (the batch curve): its own lengths, per match length
+    assert sizes["observed_steps"] > 0 and 1 <= sizes["initial"] <= info.draft_len
+    assert max(sizes["per_match_length"].values()) == sizes["final"] and sum(sizes["visits_per_match_length"].values())
     fixed, info = run.build_decoder(model, Tok(), None, None, "tiny", "lookup", DraftOptions(draft_len=5))
     assert info.draft_len == 5 and run.adaptive_sizes(fixed) is None
 
@@ -190,7 +192,7 @@ def test_the_decoders_guard_starts_plain_where_the_sizing_expected_no_draft_to_p
 def test_match_lookup_drafts_per_match_length_and_stops_where_short_matches_fail():
     """MatchLookupProposer: a class of long matches that copy gets long drafts, a class of 1-token matches that never
     hold gets none (plain steps) but is probed now and then; the lookup method uses it and stays lossless."""
-    from mtp.decode.proposers import MatchLookupProposer
+    from mtp.decode.proposers import DraftContext, MatchLookupProposer
 
     steep = {1: 1.0, 2: 1.7, 3: 2.2, 4: 2.6, 8: 4.4, 16: 7.9, 32: 15.4}
     p = MatchLookupProposer(steep, probe=4)
@@ -203,19 +205,14 @@ def test_match_lookup_drafts_per_match_length_and_stops_where_short_matches_fail
     assert p.per_class[long_] == p.lengths[-1] and p.per_class[one] == 0
     assert p.class_acceptance(long_)[0] > 0.9 and p.class_acceptance(one)[0] < 0.1
 
-    class Ctx:  # what propose reads: the rows' tokens
-        batch, device = 2, "cpu"
-
-        def __init__(self, rows):
-            self.rows = rows
-
-        def sequences(self):
-            return self.rows
-
     rows = [[8, 1, 2, 9, 4, 1], list(range(20)) + [50] + list(range(20))]  # a 1-token match; a 20-token one
     drafted = []
     for _ in range(8):
-        d = p.propose(Ctx(rows))
+        d = p.propose(DraftContext(batch=2, device=torch.device("cpu"), root=torch.zeros(2), sequences=lambda: rows))
         drafted.append(d.valid.sum(1).tolist())
+        p._drafted = None  # (no verify here)
     assert all(k[1] == 21 for k in drafted)  # the copy row drafts all that followed its match, each step
     assert sum(k[0] > 0 for k in drafted) == 2  # the 1-token row: only its probes (every 4th visit)
+    done = DraftContext(batch=2, device=torch.device("cpu"), root=torch.zeros(2), sequences=lambda: rows,
+                        done=(False, True))
+    assert p.propose(done).valid.sum(1).tolist()[1] == 0  # a finished row drafts nothing

@@ -277,7 +277,8 @@ class SpeculativeDecoder:
             draft_depth=self.mtp.draft_depth if heads else 0,
             sequential_heads=self.sequential_heads, head_top=self.head_top if heads else None,
             head_logprobs=self.head_logprobs if heads else None, n_layers=self.n_layers,
-            shallow_chain=self.shallow_chain if self.executor.supports_early_exit else None)
+            shallow_chain=self.shallow_chain if self.executor.supports_early_exit else None,
+            done=tuple(self.state.done))
 
     def shallow_chain(self, layers: int, length: int) -> torch.Tensor:
         """Greedy chain of ``length`` tokens after the root from the first ``layers`` layers (early exit); the

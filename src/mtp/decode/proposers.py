@@ -24,6 +24,7 @@ import heapq
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from mtp.decode.tree import CompiledTree, Draft, chain_tree, union
@@ -45,6 +46,7 @@ class DraftContext:
     head_logprobs: Callable[[int, torch.Tensor], torch.Tensor] | None = None  # (d, paths (B, M, d)) -> (B, M, V)
     n_layers: int = 0  # the backbone's layers
     shallow_chain: Callable[[int, int], torch.Tensor] | None = None  # (layers, length) -> (B, length): early exit
+    done: tuple[bool, ...] | None = None  # rows that finished (still in the batch): nothing to draft for them
 
 
 class Proposer:
@@ -277,7 +279,8 @@ class LookupProposer(Proposer):
         return []
 
     def propose(self, ctx: DraftContext) -> Draft:
-        conts = [self._continuation(seq) for seq in ctx.sequences()]
+        done = ctx.done or (False,) * ctx.batch
+        conts = [[] if d else self._continuation(seq) for seq, d in zip(ctx.sequences(), done)]
         width = max((len(c) for c in conts), default=0)
         if width == 0:
             return Draft.empty(ctx.batch, ctx.device)
@@ -387,6 +390,8 @@ class MatchLookupProposer(SizedLookupProposer):
         self.visits = [0] * len(self.classes)
         self.per_class = [self._choose_for(c) for c in range(len(self.classes))]
         self._row_class: list[int] = []
+        self.draft_len = max(self.per_class)  # what is reported (sizes): the longest any class drafts
+        self.sizes = [self.draft_len]
 
     def class_acceptance(self, c: int) -> list[float]:
         """h_j for match class ``c``: :meth:`SizedLookupProposer.acceptance` on that class's counts."""
@@ -411,23 +416,35 @@ class MatchLookupProposer(SizedLookupProposer):
 
     def _match(self, seq: list[int]) -> tuple[int, list[int]]:
         """(match class, continuation): the longest class length n whose tail n-gram occurs earlier (a longer one
-        cannot match where a shorter one does not), and what followed its latest occurrence; (-1, []) if none."""
-        ids = torch.tensor(seq, dtype=torch.long)
-        found: tuple[int, list[int]] = (-1, [])
-        for c, n in enumerate(self.classes):
+        cannot match where a shorter one does not), and what followed its latest occurrence; (-1, []) if none.
+        The occurrences of the last token are found once and then filtered one position back at a time, so a step
+        costs the length of the sequence once plus the number of candidate occurrences per position."""
+        if len(seq) < 2:
+            return -1, []
+        ids = np.asarray(seq)
+        ends = np.flatnonzero(ids[:-1] == ids[-1])  # where an earlier copy of the tail would end
+        if not len(ends):
+            return -1, []
+        best, best_ends, matched = 0, ends, 1
+        for c, n in enumerate(self.classes[1:], 1):
             if n > len(seq) - 1:
                 break
-            hits = (ids[:-1].unfold(0, n, 1) == ids[-n:]).all(1).nonzero()
-            if not len(hits):
+            cand = ends
+            for j in range(matched, n):
+                cand = cand[cand >= j]
+                cand = cand[ids[cand - j] == ids[-1 - j]]
+                if not len(cand):
+                    break
+            if not len(cand):
                 break
-            start = int(hits[-1])
-            found = (c, seq[start + n: start + n + self.lengths[-1]])
-        return found
+            ends, matched, best, best_ends = cand, n, c, cand
+        e = int(best_ends[-1])  # the latest occurrence
+        return best, seq[e + 1: e + 1 + self.lengths[-1]]
 
     def propose(self, ctx: DraftContext) -> Draft:
         conts, self._row_class = [], []
-        for seq in ctx.sequences():
-            c, cont = self._match(seq)
+        for seq, done in zip(ctx.sequences(), ctx.done or (False,) * ctx.batch):
+            c, cont = self._match(seq) if not done else (-1, [])
             k = 0
             if c >= 0:
                 self.visits[c] += 1
@@ -460,8 +477,9 @@ class MatchLookupProposer(SizedLookupProposer):
             self.c_reached[c, 1:upto + 1] += 1
             self.c_kept[c, 1:accepted + 1] += 1
         super().observe(verified)  # the counts over every class (what is reported), the step count
-        if self.steps % self.every == 0:
+        if self.steps % self.every == 0:  # the parent re-chose its global length and logged it: ours instead
             self.per_class = [self._choose_for(c) for c in range(len(self.classes))]
+            self.draft_len = self.sizes[-1] = max(self.per_class)
 
 
 class EarlyExitProposer(Proposer):
