@@ -280,7 +280,11 @@ class LookupProposer(Proposer):
 
     def propose(self, ctx: DraftContext) -> Draft:
         done = ctx.done or (False,) * ctx.batch
-        conts = [[] if d else self._continuation(seq) for seq, d in zip(ctx.sequences(), done)]
+        return self._chains(ctx, [[] if d else self._continuation(seq) for seq, d in zip(ctx.sequences(), done)])
+
+    @staticmethod
+    def _chains(ctx: DraftContext, conts: list[list[int]]) -> Draft:
+        """Each row's continuation as its chain (rows with none draft nothing)."""
         width = max((len(c) for c in conts), default=0)
         if width == 0:
             return Draft.empty(ctx.batch, ctx.device)
@@ -454,15 +458,7 @@ class MatchLookupProposer(SizedLookupProposer):
             conts.append(cont[:k])
             self._row_class.append(c if k else -1)
         self._drafted = [len(x) for x in conts]
-        width = max(self._drafted, default=0)
-        if width == 0:
-            return Draft.empty(ctx.batch, ctx.device)
-        tokens = torch.zeros(ctx.batch, width, dtype=torch.long)
-        valid = torch.zeros(ctx.batch, width, dtype=torch.bool)
-        for i, c in enumerate(conts):
-            tokens[i, : len(c)] = torch.tensor(c, dtype=torch.long)
-            valid[i, : len(c)] = True
-        return Draft.chain(tokens.to(ctx.device), valid.to(ctx.device))
+        return self._chains(ctx, conts)
 
     def observe(self, verified: list[list[int] | None]) -> None:
         if self._drafted is None:
