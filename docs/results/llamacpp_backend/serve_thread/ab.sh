@@ -1,7 +1,7 @@
 #!/bin/bash
-# A/B: mtp serve --backend llama.cpp plain at one streaming client, before (HEAD) and after the load-thread fix
+# A/B: mtp serve --backend llama.cpp plain at one streaming client, old (OLD_SRC: a checkout's src) and new (this tree), alternating, ROUNDS rounds (default 3)
 cd "$(git rev-parse --show-toplevel)"
-for round in 1 2 3; do
+for round in $(seq ${ROUNDS:-3}); do
   for v in old new; do
     if [ $v = old ]; then export PYTHONPATH=${OLD_SRC:?a checkout of the commit before the fix: OLD_SRC=/path/src}; else unset PYTHONPATH; fi
     .venv/bin/python -m mtp serve --model smollm2-135m --method plain --backend llama.cpp --quiet --port 8123 > /dev/null 2>&1 &
