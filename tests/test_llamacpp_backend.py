@@ -241,7 +241,8 @@ def test_the_decoder_on_llamacpp_is_llamacpps_plain_greedy(tiny_gguf, method):
         assert got == want[1:]
         if method == "lookup":  # a decoder built after another decoded (its rows left): its length from the curve,
             # which is measured now, with the context to itself; the guard on; the same output
-            sized, info = build_llama_decoder(target, load_tokenizer(folder), "lookup", DraftOptions(guard=True))
+            sized, info = build_llama_decoder(target, load_tokenizer(folder), "lookup",
+                                              DraftOptions(guard=True, bit_exact=False))
             assert info.as_dict().get("draft_len_from", "").startswith("verify cost") and sized.guard is not None
             assert [r.tokens for r in sized.generate(prompts, 24, eos_token_ids=[]).rows] == want
     finally:
@@ -489,3 +490,109 @@ def test_backend_auto_picks_the_backend_measured_faster_and_torch_where_llamacpp
     assert (cfg.backend, cfg.dtype) == ("llama.cpp", "bfloat16")
     (built / "libllama.so").unlink()
     assert run.resolve_backend(opts(), "smollm2-135m", ["tree"]) == "torch"  # llama.cpp not built
+
+
+def _one_by_one(rows, n: int, tokens: list[int]) -> np.ndarray:
+    """Logits of ``tokens`` decoded one per decode after the row's first ``n`` tokens; the cells are freed again."""
+    out = []
+    for t in tokens:
+        step, _ = rows.verify([[t]], [[]], [[]])
+        rows.commit({0: [0]})
+        out.append(step[0, 0])
+    rows.ctx.seq_rm(rows.base[0], n)
+    rows.past[0] = n
+    return np.stack(out)
+
+
+@pytest.fixture(scope="module")
+def tiny_q4_1(tmp_path_factory):
+    """A 2-layer random Llama (default init: attention spread over many keys, so the order of its sums shows) in
+    Q4_1 made by llama-quantize: weights whose kernels take each row alone, so a batch's matmuls are exact."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mtp.backbones import local_model_folder
+    from mtp.engines.llamacpp import quantize
+    from mtp.engines.targets import convert_target
+
+    src = local_model_folder("smollm2-135m")
+    folder = tmp_path_factory.mktemp("tiny-q4_1")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    for name in ("tokenizer.json", "generation_config.json"):
+        if (src / name).is_file():
+            shutil.copy(src / name, folder / name)
+    return quantize(convert_target(folder, folder / "model.gguf", "f32"), folder / "q4_1.gguf", "q4_1")
+
+
+@needs_lib
+def test_a_verify_past_512_cells_computes_what_one_token_decodes_compute(tiny_q4_1):
+    """From a 512-cell KV view (300 cells used) llama.cpp splits a lone query's keys across its threads; the source
+    fix fa-split-kv-every-row splits each query of a small batch alike, so a verify's logits are bit for bit those
+    of one-token decodes there as below 256 cells (without the fix they differ by ~5e-3 at 300 cells on this model).
+    exact_width measures the widest such verify (Q4_1: every width tried) and leaves the context empty."""
+    from mtp.decode.executors.llamacpp import LlamaCppBackbone, exact_width
+    from mtp.engines.llamacpp_lib import LlamaContext, RowCache
+
+    follow = [88, 400, 401, 402]
+    with LlamaContext(tiny_q4_1, n_ctx=1024, n_seq=16, n_batch=512, threads=2) as ctx:
+        for n in (40, 300, 600):
+            rows = RowCache(ctx)
+            rows.add_rows([(PREFIX * 50)[:n]])
+            want = _one_by_one(rows, n, follow)
+            got, _ = rows.verify([follow], [[-1, 0, 1]], [[True] * 3])
+            np.testing.assert_array_equal(got[0], want)
+            rows.keep_rows([])
+    target = LlamaCppBackbone(tiny_q4_1, None, n_ctx=1024, threads=2)
+    try:
+        assert exact_width(target, max_k=6) == 6
+        assert target.rows.rows == 0 and target.rows.dropped == 0
+    finally:
+        target.close()
+
+
+@needs_lib
+def test_bit_exact_lookup_drafts_within_the_exact_width_and_answers_as_plain_decoding(tiny_gguf, monkeypatch):
+    """--bit-exact: lookup's drafts are cut at the measured exact width (here forced to 3: at most 2 drafted tokens
+    a step), its answers are one-token greedy decoding's; a width of 1 decodes plainly; a longer --draft-len, a
+    method with heads and the torch backend are refused in one line. On by default for greedy lookup."""
+    import mtp.decode.executors.llamacpp as ex
+    from mtp.backbones import load_tokenizer
+    from mtp.config import DraftOptions
+    from mtp.decode.executors.llamacpp import LlamaCppBackbone
+    from mtp.decode.proposers import PlainProposer
+    from mtp.decode.run import build_llama_decoder
+    from mtp.errors import UserError
+    from transformers import AutoConfig
+
+    folder = tiny_gguf.parent
+    target = LlamaCppBackbone(tiny_gguf, AutoConfig.from_pretrained(folder), n_ctx=1024, threads=2)
+    try:
+        tok = load_tokenizer(folder)
+        monkeypatch.setattr(ex, "cached_exact_width", lambda t: 3)
+        prompts = [PREFIX, PREFIX[3:] * 2]
+        for calibrate in (False, True):
+            decoder, sizing = build_llama_decoder(target, tok, "lookup", DraftOptions(bit_exact=True, backend="llama.cpp"),
+                                                  calibrate=calibrate)
+            for p in prompts:
+                out = decoder.generate([p], 24, eos_token_ids=[])
+                assert out.rows[0].tokens == _greedy_alone(tiny_gguf, p, 24)
+                assert max(out.rows[0].accepted) <= 3
+            assert out.verify_tokens <= 3 * out.verify_forwards
+        # the default: on for greedy lookup whose length is left open, off for a given length or sampling
+        assert build_llama_decoder(target, tok, "lookup", DraftOptions())[1].bit_exact
+        assert not build_llama_decoder(target, tok, "lookup", DraftOptions(draft_len=4))[1].bit_exact
+        assert not build_llama_decoder(target, tok, "lookup", DraftOptions(temperature=0.7))[1].bit_exact
+        with pytest.raises(UserError, match="--draft-len 2 or less"):
+            build_llama_decoder(target, tok, "lookup", DraftOptions(bit_exact=True, backend="llama.cpp", draft_len=4))
+        with pytest.raises(UserError, match="runs plain and lookup"):
+            build_llama_decoder(target, tok, "tree", DraftOptions(bit_exact=True, backend="llama.cpp"))
+        monkeypatch.setattr(ex, "cached_exact_width", lambda t: 1)
+        decoder, sizing = build_llama_decoder(target, tok, "lookup", DraftOptions(bit_exact=True, backend="llama.cpp"))
+        assert isinstance(decoder.proposer, PlainProposer) and sizing.method == "plain"
+    finally:
+        target.close()
+    with pytest.raises(UserError, match="--backend llama.cpp"):
+        DraftOptions(bit_exact=True, backend="torch")

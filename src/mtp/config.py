@@ -731,6 +731,17 @@ class ConvertConfig(Writes):
 # ----------------------------------------------------------------------------- decoding
 
 
+BIT_EXACT_METHODS = ("plain", "lookup")  # what --bit-exact runs (mtp.decode.run._bit_exact says why)
+
+
+def _bit_exact_methods(opts, methods, flag: str = "--methods") -> None:
+    """--bit-exact: every method one it runs."""
+    if opts.bit_exact is True:
+        for m in methods:
+            _require(m in BIT_EXACT_METHODS + ("transformers",),
+                     f"--bit-exact runs {' and '.join(BIT_EXACT_METHODS)}, not {m}: pass {flag} lookup")
+
+
 @dataclass
 class DraftOptions(Runtime):
     """How a decoder drafts and accepts: what `mtp generate`, `mtp bench decode` and `mtp serve` share."""
@@ -772,6 +783,12 @@ class DraftOptions(Runtime):
     target: str = opt("packaged", choices=GGUF_KINDS)
     """--backend llama.cpp: which GGUF of the model runs: packaged (the shipped file) | f16 | bf16 | f32 | q8_0 |
     q4_0 (converted once from the model by llama.cpp's tools)."""
+    bit_exact: bool | None = None
+    """--backend llama.cpp, greedy, plain and lookup: verify at most as many tokens per decode as llama.cpp computes
+    bit for bit like one-token decodes (measured once per GGUF and CPU; 3 with Q4_K_M's repacked kernels on a
+    2-core Zen 4), so that a lone request's answer is llama.cpp's own plain greedy answer token for token (shorter
+    drafts); default: on for greedy lookup whose --draft-len is left open; --no-bit-exact: drafts of any length
+    (near-ties may then round the other way)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -782,6 +799,10 @@ class DraftOptions(Runtime):
         _at_most(self, ("nodes", "draft_len"), MAX_NODES)  # the exit layer is checked against the model's layers
         _require(self.draft_vocab is None or self.draft_vocab >= 0,
                  f"--draft-vocab must be >= 0 (0 = the whole vocabulary), got {self.draft_vocab}")
+        _require(self.bit_exact is not True or self.backend != "torch",
+                 "--bit-exact is llama.cpp's plain greedy token for token: it runs on --backend llama.cpp")
+        _require(self.bit_exact is not True or self.temperature == 0,
+                 "--bit-exact is for greedy decoding (--temperature 0): sampled answers depend on the random draws")
         if self.tree is not None and self.tree.lstrip().startswith("["):  # inline; a file: check_files
             self._check_tree()
 
@@ -833,6 +854,9 @@ class GenerateConfig(DraftOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         _require(bool(self.prompt.strip()), "empty prompt: give some text")
+        if self.bit_exact is True and self.method is None:
+            self.method = "lookup"
+        _bit_exact_methods(self, [self.method], "--method")
         _at_least(self, ("max_new_tokens",))
         _at_most(self, ("max_new_tokens",), MAX_NEW_TOKENS)
 
@@ -897,6 +921,9 @@ class ServeConfig(DraftOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         _require(0 <= self.port <= 65535, f"--port must be in [0, 65535], got {self.port}")
+        if self.bit_exact is True and self.method is None:
+            self.method = "lookup"
+        _bit_exact_methods(self, [self.method], "--method")
         _require(self.temperature <= 2, f"--temperature must be in [0, 2] (as a request's), got {self.temperature}")
         _at_least(self, ("ctx_size",), 256)
         _at_most(self, ("ctx_size",), MAX_NEW_TOKENS)
@@ -1016,6 +1043,7 @@ class BenchDecodeConfig(DraftOptions, Writes):
         _require(len(self.methods) > 0, f"--methods is empty: give at least one of {', '.join(METHODS)}")
         for m in self.methods:
             _require(m in METHODS, f"unknown method {m!r}: use {', '.join(METHODS)}")
+        _bit_exact_methods(self, self.methods)
         _at_least(self, ("batch_size", "max_new_tokens", "limit"))
         _at_most(self, ("max_new_tokens",), MAX_NEW_TOKENS)
 
@@ -1171,6 +1199,7 @@ class BenchContextConfig(DraftOptions, Writes):
         _require(len(self.methods) > 0, "give at least one --methods")
         for m in self.methods:
             _require(m in METHODS + ("transformers",), f"unknown method {m!r}: use transformers, {', '.join(METHODS)}")
+        _bit_exact_methods(self, self.methods)
         _require(len(self.contexts) > 0 and min(self.contexts) >= 1, "--contexts must be positive token counts")
         self.contexts = sorted(set(self.contexts))
         _at_least(self, ("max_new_tokens", "rounds"))
@@ -1255,7 +1284,7 @@ class BenchEngineConfig(Writes):
     """vLLM without graph compilation (starts in ~40 s instead of ~200 s on a CPU; ~25 % slower per token)."""
     mtp_methods: list[str] = opt(factory=lambda: ["blockwise", "tree"])
     """mtp's own engine with the same heads, beside the engine (comma-separated; "" skips it; METHOD-guarded: with
-    --guard)."""
+    --guard; on --mtp-backend llama.cpp, METHOD-exact / METHOD-inexact: with --bit-exact / --no-bit-exact)."""
     mtp_dtype: str = "float32"
     """dtype of mtp's own engine (bfloat16 pays on CPUs with AMX, float32 elsewhere)."""
     mtp_heads: str | None = opt(None, metavar="DIR|default|eagle3")
@@ -1296,8 +1325,11 @@ class BenchEngineConfig(Writes):
         for mode in self.ngram_modes:
             _require(mode in llama_modes, f"unknown llama.cpp n-gram mode {mode!r}: use {', '.join(llama_modes[:3])}")
         for m in self.mtp_methods:
-            _require(m.removesuffix("-guarded") in (*HEAD_METHODS, "lookup"),
+            kind = m.removesuffix("-guarded")
+            _require(kind.removesuffix("-exact").removesuffix("-inexact") in (*HEAD_METHODS, "lookup"),
                      f"--mtp-methods: {m!r} is not one of {', '.join((*HEAD_METHODS, 'lookup'))}")
+            _require(not kind.endswith("exact") or self.mtp_backend == "llama.cpp",
+                     f"--mtp-methods: {m!r} (--bit-exact / --no-bit-exact) is for --mtp-backend llama.cpp")
 
     def check_files(self) -> None:
         super().check_files()

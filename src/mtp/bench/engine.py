@@ -8,8 +8,9 @@ decodes them one at a time (batch 1), greedily, after a warm-up request. Reporte
 ``predicted_ms``; vLLM's request wall time), ``speedup`` (the median over prompts of the per-prompt rate
 ratio to the engine's own plain run, so a slow prompt does not dominate), ``acceptance_length`` (tokens per
 target forward: generated / (generated - accepted drafts)) and ``identical_share`` (outputs token-identical to
-the engine's own plain greedy output). Configurations run ``rounds`` times, alternating, and per prompt the
-median is kept: a drift in the machine's speed shifts all of them alike.
+the engine's own plain greedy output). Configurations run ``rounds`` times, alternating, mtp's own rows right
+after each of the engine's rounds, and per prompt the median is kept: a drift in the machine's speed shifts
+all of them alike.
 """
 
 from __future__ import annotations
@@ -205,7 +206,10 @@ def size_draft_vocab(cfg, server: Path, target: Path, costs, tokenizer, workdir:
     return pick, folder, chosen, cache
 
 
-def run_llamacpp(cfg, prompts: list[list[int]], workdir: Path, tokenizer=None) -> tuple[dict, list]:
+def run_llamacpp(cfg, prompts: list[list[int]], workdir: Path, tokenizer=None,
+                 after_round=None) -> tuple[dict, list]:
+    """llama-server's configurations, ``cfg.rounds`` rounds in alternating order; ``after_round()`` runs after
+    each round (mtp's own rows, interleaved with the engine's)."""
     from mtp.engines import llamacpp, policy
     from mtp.engines.targets import target_gguf
 
@@ -245,6 +249,8 @@ def run_llamacpp(cfg, prompts: list[list[int]], workdir: Path, tokenizer=None) -
                                  "accepted": t.get("draft_n_accepted", 0 if extra else None),
                                  "drafted": t.get("draft_n", 0 if extra else None)})
             runs.setdefault(name, []).append(rows)
+        if after_round is not None:
+            after_round()
     rows = {name: _median_rows(rs) for name, rs in runs.items()}
     results = [_summarize(name, rows[name], rows["plain"] if name != "plain" else None) for name, _ in configs]
     info = {"target_gguf": str(target), "draft_gguf": str(draft / "eagle3-draft.gguf") if draft else None,
@@ -261,7 +267,7 @@ def run_llamacpp(cfg, prompts: list[list[int]], workdir: Path, tokenizer=None) -
 # ----------------------------------------------------------------------------- vLLM
 
 
-def run_vllm(cfg, prompts: list[list[int]], workdir: Path) -> tuple[dict, list]:
+def run_vllm(cfg, prompts: list[list[int]], workdir: Path, after_round=None) -> tuple[dict, list]:
     from mtp.backbones import local_model_folder
     from mtp.engines import vllm
 
@@ -292,6 +298,8 @@ def run_vllm(cfg, prompts: list[list[int]], workdir: Path) -> tuple[dict, list]:
             runs.setdefault(name, []).append(rows)
             meta[name] = {"load_seconds": round(out["load_seconds"], 1), "spec_counters": counters,
                           "vllm": out.get("vllm")}
+        if after_round is not None:
+            after_round()
     rows = {name: _median_rows(rs) for name, rs in runs.items()}
     results = [_summarize(name, rows[name], rows["plain"] if name != "plain" else None) for name, _ in configs]
     return {"target": target, "draft": str(draft), "dtype": cfg.vllm_dtype, "runs": meta}, results
@@ -300,48 +308,85 @@ def run_vllm(cfg, prompts: list[list[int]], workdir: Path) -> tuple[dict, list]:
 # ----------------------------------------------------------------------------- mtp's own engine
 
 
-def run_mtp(cfg, prompts: list[list[int]], engine_plain: list[dict] | None = None) -> list:
+def _base_method(method: str) -> str:
+    """METHOD[-exact|-inexact][-guarded] (with --bit-exact / --no-bit-exact; with the speed guard,
+    mtp.decode.guard) -> METHOD."""
+    return method.removesuffix("-guarded").removesuffix("-exact").removesuffix("-inexact")
+
+
+class MtpRuns:
     """mtp's engine on the same token ids: its plain loop and ``--mtp-methods``, one prompt at a time, on PyTorch
     (``--mtp-backend torch``) or on llama.cpp's kernels with the same GGUF as the engine (``llama.cpp``, the same
     threads). Like the engine's own figures, each row's time is its decoding after the prefill (from its first
-    token to its last). ``engine_plain``: the engine's plain rows, to compare with (speedup and identical share)."""
-    from mtp.decode.run import eos_ids, open_target
+    token to its last). One :meth:`round` per engine round, run right after it, methods in alternating order, so a
+    drift in the machine's speed shifts the engine's rows and ours alike; per prompt the median round is kept.
+    The target stays loaded (idle) while the engine runs."""
 
-    methods = ["plain", *cfg.mtp_methods]
-    on_llama = cfg.mtp_backend == "llama.cpp"
-    opts = DraftOptions(backend=cfg.mtp_backend, target=cfg.target, dtype=cfg.mtp_dtype)
-    loaded = open_target(opts, cfg.model, cfg.mtp_heads or (cfg.heads if cfg.heads != "none" else "default"),
-                         [m.removesuffix("-guarded") for m in methods], {}, threads=cfg.threads)
-    target = loaded.backbone if on_llama else None
-    eos = eos_ids(loaded.backbone, loaded.tokenizer)
-    results, plain = [], None
-    try:
-        for method in methods:  # METHOD-guarded: the method with the speed guard (mtp.decode.guard)
-            base = method.removesuffix("-guarded")
-            dec, _ = loaded.decoder(base, dataclasses.replace(opts, guard=base != method))
-            dec.generate(prompts[:1], max_new_tokens=8, eos_token_ids=eos)  # warm-up
+    def __init__(self, cfg, prompts: list[list[int]]):
+        from mtp.decode.run import eos_ids, open_target
+
+        self.cfg, self.prompts = cfg, prompts
+        self.methods = ["plain", *cfg.mtp_methods]
+        self.on_llama = cfg.mtp_backend == "llama.cpp"
+        self.opts = DraftOptions(backend=cfg.mtp_backend, target=cfg.target, dtype=cfg.mtp_dtype)
+        self.loaded = open_target(self.opts, cfg.model,
+                                  cfg.mtp_heads or (cfg.heads if cfg.heads != "none" else "default"),
+                                  [_base_method(m) for m in self.methods], {}, threads=cfg.threads)
+        self.eos = eos_ids(self.loaded.backbone, self.loaded.tokenizer)
+        self.runs: dict[str, list[list[dict]]] = {}
+        self.rounds = 0
+
+    def round(self):
+        """Every method once over the prompts (the order reversed every other round)."""
+        methods = self.methods if self.rounds % 2 == 0 else self.methods[::-1]
+        self.rounds += 1
+        for method in methods:
+            print(f"mtp: mtp {method} (round {self.rounds}) ...", file=sys.stderr)
+            kind = method.removesuffix("-guarded")
+            exact = True if kind.endswith("-exact") else False if kind.endswith("-inexact") else None  # None: default
+            opts = dataclasses.replace(self.opts, guard=method.endswith("-guarded"), bit_exact=exact)
+            dec, _ = self.loaded.decoder(_base_method(method), opts)
+            dec.generate(self.prompts[:1], max_new_tokens=8, eos_token_ids=self.eos)  # warm-up
             rows = []
-            for p in prompts:
+            for p in self.prompts:
                 first = []
-                out = dec.generate([p], max_new_tokens=cfg.max_new_tokens, eos_token_ids=eos,
+                out = dec.generate([p], max_new_tokens=self.cfg.max_new_tokens, eos_token_ids=self.eos,
                                    callback=lambda row, new: first or first.append(time.perf_counter()))
                 done = time.perf_counter()
                 row = out.rows[0]
                 rows.append({"tokens": row.tokens, "gen_seconds": max(done - first[0], 1e-9),
                              "accepted": len(row.tokens) - row.steps if method != "plain" else None})
-            if method == "plain":
-                plain = rows
-            name = f"mtp{' llama.cpp' if on_llama else ''} {method}"
-            summary = _summarize(name, rows, plain if method != "plain" else None)
+            self.runs.setdefault(method, []).append(rows)
+
+    def results(self, engine_plain: list[dict] | None = None) -> list:
+        """Per method the summary of its median rows; ``engine_plain``: the engine's plain rows, to compare
+        with (speedup and identical share)."""
+        rows = {m: _median_rows(self.runs[m]) for m in self.methods}
+        out = []
+        for method in self.methods:
+            name = f"mtp{' llama.cpp' if self.on_llama else ''} {method}"
+            summary = _summarize(name, rows[method], rows["plain"] if method != "plain" else None)
+            summary["rounds"] = len(self.runs[method])
             if engine_plain is not None:
-                vs = _summarize(name, rows, engine_plain)
+                vs = _summarize(name, rows[method], engine_plain)
                 summary["speedup_vs_engine_plain"] = vs["speedup"]
                 summary["identical_to_engine_plain"] = vs["identical_share"]
-            results.append(summary)
+            out.append(summary)
+        return out
+
+    def close(self):
+        if self.on_llama:
+            self.loaded.backbone.close()
+
+
+def run_mtp(cfg, prompts: list[list[int]], engine_plain: list[dict] | None = None) -> list:
+    """:class:`MtpRuns` alone, one round."""
+    runs = MtpRuns(cfg, prompts)
+    try:
+        runs.round()
+        return runs.results(engine_plain)
     finally:
-        if target is not None:
-            target.close()
-    return results
+        runs.close()
 
 
 def bench_engine(cfg, command: str = "") -> dict:
@@ -365,12 +410,18 @@ def bench_engine(cfg, command: str = "") -> dict:
     workdir = workdir / ".mtp-bench-engine-logs"
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    if cfg.engine == "llama.cpp":
-        info, results = run_llamacpp(cfg, prompts, workdir, tokenizer)
-    else:
-        info, results = run_vllm(cfg, prompts, workdir)
-    engine_plain = info.pop("plain_rows", None)
-    mtp_results = run_mtp(cfg, prompts, engine_plain) if cfg.mtp_methods or cfg.mtp_backend == "llama.cpp" else []
+    ours = MtpRuns(cfg, prompts) if cfg.mtp_methods or cfg.mtp_backend == "llama.cpp" else None
+    try:
+        after = ours.round if ours is not None else None
+        if cfg.engine == "llama.cpp":
+            info, results = run_llamacpp(cfg, prompts, workdir, tokenizer, after_round=after)
+        else:
+            info, results = run_vllm(cfg, prompts, workdir, after_round=after)
+        engine_plain = info.pop("plain_rows", None)
+        mtp_results = ours.results(engine_plain) if ours is not None else []
+    finally:
+        if ours is not None:
+            ours.close()
     return {"engine": cfg.engine, "config": asdict(cfg), "command": command, "machine": machine(), "engine_info": info,
             "results": results, "mtp": mtp_results, "seconds": round(time.time() - started, 1)}
 

@@ -277,6 +277,8 @@ class Sizing:
     """Predicted from the verify cost and the heads' accuracy (hybrid: the tree's alone)."""
     adaptive: str | None = None
     draft_vocab: int | None = None
+    bit_exact: bool | None = None
+    """llama.cpp: drafts cut at the widest verify it computes as one-token decodes (--bit-exact)."""
 
     def as_dict(self) -> dict:
         out: dict = {"method": self.method}
@@ -286,7 +288,8 @@ class Sizing:
                            (f"{what}_from", self.sized_from),
                            ("expected_speedup_of_tree" if self.method == "hybrid" else "expected_speedup",
                             self.expected_speedup),
-                           ("adaptive", self.adaptive), ("draft_vocab", self.draft_vocab)):
+                           ("adaptive", self.adaptive), ("draft_vocab", self.draft_vocab),
+                           ("bit_exact", self.bit_exact)):
             if value is not None:
                 out[key] = value
         return out

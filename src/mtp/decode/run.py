@@ -12,7 +12,7 @@ import torch
 
 from mtp.backbones import (backbone_config, check_context, check_layer, load_backbone, load_tokenizer,
                            local_model_folder, resolve_backbone)
-from mtp.config import DraftOptions, GenerateConfig
+from mtp.config import BIT_EXACT_METHODS, DraftOptions, GenerateConfig
 from mtp.data import top_tokens
 from mtp.decode.accept import Sampling
 from mtp.decode.engine import GenerateOutput, RowResult, SpeculativeDecoder
@@ -286,6 +286,10 @@ def build_llama_decoder(target, tokenizer, method: str, opts: DraftOptions, mtp_
 
     if method == "early-exit":
         raise UserError("early-exit drafts with the first layers of a PyTorch model: it needs --backend torch")
+    if opts.bit_exact is True and method not in BIT_EXACT_METHODS:
+        raise UserError(f"--bit-exact runs plain and lookup, not {method}: heads' states take a KV cell beside the "
+                        "prompt and trees store accepted tokens after rejected ones, which moves where llama.cpp "
+                        "splits its attention, so their answers are not exactly its plain greedy ones")
     if method in HEAD_METHODS and mtp_model is None:
         raise UserError(f"method {method!r} drafts with MTP heads: pass --heads DIR or default")
     heads = mtp_model if method in HEAD_METHODS else None
@@ -296,26 +300,59 @@ def build_llama_decoder(target, tokenizer, method: str, opts: DraftOptions, mtp_
     width = (heads.eagle.draft_ids.numel() if heads is not None and heads.eagle is not None else
              len(shortlist) if shortlist is not None else
              heads.backbone.get_output_embeddings().weight.shape[0] if heads is not None else None)
-    proposer, sizing = make_proposer(method, opts, depth=heads.draft_depth if heads is not None else 0,
-                                     heads_dir=folder if heads is not None else None, cost=cost,
-                                     n_layers=target.config.num_hidden_layers, vocab=width)
+
+    def sized_by(method, opts, cost):
+        return make_proposer(method, opts, depth=heads.draft_depth if heads is not None else 0,
+                             heads_dir=folder if heads is not None else None, cost=cost,
+                             n_layers=target.config.num_hidden_layers, vocab=width)
+
+    # --bit-exact (default: greedy lookup with its length left open): one row's drafts cut at the exact width
+    exact = opts.bit_exact if opts.bit_exact is not None else \
+        (method == "lookup" and opts.temperature == 0 and opts.draft_len is None)
+    proposer, sizing = sized_by(*(_bit_exact(target, method, opts, cost) if exact else (method, opts, cost)))
+    if exact:
+        sizing.bit_exact = True
     if shortlist is not None:
         sizing.draft_vocab = len(shortlist)
     resize = None
     if cost is not None:  # sized from the curve: re-sized for a batch of rows from llama.cpp's curve for as many
+        # (rows side by side in one decode are not computed as each alone, plainly or not: no exact width for them)
         def resize(batch: int, context: int):
             curve = cached_batch_curve(target, batch, cost)
             if curve is None or curve is cost:  # one row, or not measurable now: one row's sizes
                 return proposer
-            sized, resized = make_proposer(method, opts, depth=heads.draft_depth if heads is not None else 0,
-                                           heads_dir=folder if heads is not None else None, cost=curve,
-                                           n_layers=target.config.num_hidden_layers, vocab=width)
+            sized, resized = sized_by(method, opts, curve)
             gain = resized.expected_speedup
             # where even the smallest draft costs more than it saves for this many rows: plain decoding
             return PlainProposer() if gain is not None and gain < 1 else sized
     return SpeculativeDecoder(target, tokenizer, mtp_model=heads, proposer=proposer, sampling=Sampling.of(opts),
                               acceptance=opts.acceptance, seed=opts.seed, draft_vocab=shortlist, resize=resize,
                               guard=speed_guard(opts, sizing), executor=LlamaCppExecutor(target)), sizing
+
+
+def _bit_exact(target, method: str, opts: DraftOptions, cost: dict | None) -> tuple[str, DraftOptions, dict | None]:
+    """--bit-exact: drafts no longer than llama.cpp's exact verify width for ``target`` allows (measured once,
+    :func:`~mtp.decode.executors.llamacpp.cached_exact_width`): the curve cut there, an explicit --draft-len checked
+    against it; plain decoding where no decode of more than one token is exact. Returns (method, opts, cost)."""
+    from mtp.decode.executors.llamacpp import cached_exact_width
+
+    if method == "plain":
+        return method, opts, cost
+    width = cached_exact_width(target)
+    where = f"{target.gguf.name} on this CPU, measured once"
+    if width == 1:
+        if opts.draft_len is not None:
+            raise UserError(f"--bit-exact: no llama.cpp decode of more than one token computes what one-token "
+                            f"decodes compute ({where}): lookup cannot draft exactly, leave --draft-len out")
+        return "plain", opts, None
+    if opts.draft_len is not None and opts.draft_len > width - 1:
+        raise UserError(f"--bit-exact: llama.cpp computes at most {width} tokens per decode as it computes them one "
+                        f"at a time ({where}): use --draft-len {width - 1} or less")
+    if cost is not None:
+        cost = {k: v for k, v in cost.items() if k <= width}
+    elif opts.draft_len is None:
+        opts = dataclasses.replace(opts, draft_len=width - 1)
+    return method, opts, cost
 
 
 class Loaded:
@@ -345,6 +382,8 @@ def resolve_backend(opts: DraftOptions, model_name: str, methods, say=None) -> s
     ``say(line)``: told which was chosen and why. Any other --backend is returned as given."""
     if opts.backend != "auto":
         return opts.backend
+    if getattr(opts, "bit_exact", None) is True:  # llama.cpp's own greedy answers: only its kernels give them
+        return "llama.cpp"
     from mtp.backbones import BUILTIN_MODELS
     from mtp.engines import llamacpp
 

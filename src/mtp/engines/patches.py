@@ -119,7 +119,141 @@ QWEN2_LAST_STATE = SourceFix(
     reason="heads read the last layer's output before the final norm, which llama.cpp did not hand out",
 )
 
-FIXES: tuple[SourceFix, ...] = (AMX_TILE_CONFIG, QWEN2_LAYER_INPUTS, LLAMA_LAST_STATE, QWEN2_LAST_STATE)
+# From 512 KV cells on, ggml's CPU flash attention splits a *lone* query's keys across the threads (each thread one
+# chunk, then the chunks' partial softmaxes merged), while a batch of several queries runs each query over all keys
+# in one pass (ggml-cpu/ops.cpp, ggml_compute_forward_flash_attn_ext_f16): the same attention rounded two ways. A
+# speculative verify decodes a few tokens at once and must reproduce what plain decoding (one token per decode)
+# computes; past 256 used cells (llama.cpp pads its KV view to 256, so the view reaches 512) every verified token's
+# attention rounded differently, and greedy near-ties went the other way (qwen2.5-coder-0.5b Q4_K_M: 33-45 % of
+# answers changed by prompt lookup against llama-server's plain greedy). The fix runs every query of a small batch
+# (fewer than GGML_FA_TILE_Q, the tiled path's threshold) through the lone query's split and merge, query by query:
+# bit for bit a one-token decode's attention. A lone query is untouched (plain decoding computes what upstream
+# does); the split is taken only when the work buffer holds the partials (the second fix sizes it), so a build
+# without that fix falls back to upstream's path instead of overrunning it. tests/test_llamacpp_backend.py checks a
+# verify against one-token decodes past 512 cells.
+_FA_SPLIT_OLD = """    const bool use_split_kv_path = !use_ref && (neq1 == 1 && neq3 == 1) && kv_is_f32_or_f16 && (k->type == v->type) && q->type == GGML_TYPE_F32 && nek1 >= 512;
+
+    if (use_split_kv_path) {
+        const int64_t chunk_size = (nek1 + nth - 1) / nth;
+
+        // Partials buffer layout: [q_head][kv_chunk][M, S, VKQ]
+        const int64_t partial_size  = 2 + DV;
+        float *       partials_base = (float *) params->wdata + nth * (DK + 2*DV + CACHE_LINE_SIZE_F32);
+
+        const int64_t ic_start = ith * chunk_size;
+        const int64_t ic_end   = std::min(ic_start + chunk_size, nek1);
+
+        const int64_t partial_stride = nth * partial_size;
+        float *       chunk_partials = partials_base + ith * partial_size;
+
+        if (ic_start < nek1) {
+            for (int64_t q_head = 0; q_head < neq2; q_head++) {
+                ggml_compute_forward_flash_attn_ext_f16_one_chunk(
+                    params, dst, q_head, q_head + 1, ic_start, ic_end,
+                    chunk_partials, partial_stride);
+            }
+        } else {
+            for (int64_t q_head = 0; q_head < neq2; q_head++) {
+                float * q_partials = chunk_partials + q_head * partial_stride;
+                q_partials[0] = -INFINITY;  // M
+                q_partials[1] = 0.0f;       // S
+            }
+        }
+
+        ggml_barrier(params->threadpool);
+        ggml_flash_attn_ext_reduce_partials(params, dst, nth, chunk_size);
+    } else {
+"""
+_FA_SPLIT_NEW = """    // mtp: every query of a small batch (a speculative verify) is split across the threads as a lone query is, so
+    // that each computes bit for bit what a one-token decode computes (upstream splits a lone query only)
+    const int64_t split_rows = neq1*neq2;  // row ir = iq2*neq1 + iq1, as one_chunk reads it (neq3 == 1)
+    const bool split_fits = params->wsize >= sizeof(float)*(nth*(DK + 2*DV + CACHE_LINE_SIZE_F32) + split_rows*nth*(2 + DV));
+    const bool use_split_kv_path = !use_ref && (neq1 < GGML_FA_TILE_Q && neq3 == 1) && split_fits && kv_is_f32_or_f16 && (k->type == v->type) && q->type == GGML_TYPE_F32 && nek1 >= 512;
+
+    if (use_split_kv_path) {
+        const int64_t chunk_size = (nek1 + nth - 1) / nth;
+
+        // Partials buffer layout: [row][kv_chunk][M, S, VKQ]
+        const int64_t partial_size  = 2 + DV;
+        float *       partials_base = (float *) params->wdata + nth * (DK + 2*DV + CACHE_LINE_SIZE_F32);
+
+        const int64_t ic_start = ith * chunk_size;
+        const int64_t ic_end   = std::min(ic_start + chunk_size, nek1);
+
+        const int64_t partial_stride = nth * partial_size;
+        float *       chunk_partials = partials_base + ith * partial_size;
+
+        if (ic_start < nek1) {
+            for (int64_t ir = 0; ir < split_rows; ir++) {
+                ggml_compute_forward_flash_attn_ext_f16_one_chunk(
+                    params, dst, ir, ir + 1, ic_start, ic_end,
+                    chunk_partials, partial_stride);
+            }
+        } else {
+            for (int64_t ir = 0; ir < split_rows; ir++) {
+                float * q_partials = chunk_partials + ir * partial_stride;
+                q_partials[0] = -INFINITY;  // M
+                q_partials[1] = 0.0f;       // S
+            }
+        }
+
+        ggml_barrier(params->threadpool);
+        if (neq1 == 1) {
+            ggml_flash_attn_ext_reduce_partials(params, dst, nth, chunk_size);
+        } else {
+            // ggml_flash_attn_ext_reduce_partials for every row: the same arithmetic in the same order
+            float * VKQ_final = (float *) params->wdata + ith * (DK + 2*DV + CACHE_LINE_SIZE_F32);
+            for (int64_t ir = ith; ir < split_rows; ir += nth) {
+                float M_final = -INFINITY;
+                float S_final = 0.0f;
+                memset(VKQ_final, 0, DV * sizeof(float));
+                for (int64_t chunk_idx = 0; chunk_idx < nth; ++chunk_idx) {
+                    if (chunk_idx * chunk_size >= nek1) continue;
+                    const float * partial   = partials_base + (ir * nth + chunk_idx) * partial_size;
+                    const float   M_chunk   = partial[0];
+                    const float   S_chunk   = partial[1];
+                    const float * VKQ_chunk = partial + 2;
+                    if (S_chunk == 0.0f) continue;
+                    const float M_new     = fmaxf(M_final, M_chunk);
+                    const float scale_old = expf(M_final - M_new);
+                    const float scale_new = expf(M_chunk - M_new);
+                    for (int64_t d = 0; d < DV; ++d) {
+                        VKQ_final[d] = VKQ_final[d] * scale_old + VKQ_chunk[d] * scale_new;
+                    }
+                    S_final = S_final * scale_old + S_chunk * scale_new;
+                    M_final = M_new;
+                }
+                if (S_final != 0.0f) {
+                    const float S_inv = 1.0f / S_final;
+                    ggml_vec_scale_f32(DV, VKQ_final, S_inv);
+                }
+                const int64_t iq2 = ir / neq1;
+                const int64_t iq1 = ir - iq2 * neq1;
+                memcpy((char *) dst->data + (iq2 + iq1*ne1)*nb1, VKQ_final, nb1);
+            }
+        }
+    } else {
+"""
+FA_SPLIT_KV_ROWS = SourceFix(
+    name="fa-split-kv-every-row", path="ggml/src/ggml-cpu/ops.cpp", old=_FA_SPLIT_OLD, new=_FA_SPLIT_NEW,
+    reason="from 512 KV cells a verify's attention rounded unlike one-token decodes: greedy answers changed",
+)
+FA_SPLIT_KV_WSIZE = SourceFix(
+    name="fa-split-kv-every-row-wsize", path="ggml/src/ggml-cpu/ggml-cpu.c",
+    old="""                        size_t n_chunks = n_tasks;
+                        size_t decode   = sizeof(float)*(neq2*n_chunks*(2+DV) + n_tasks*(DK + 2*DV));
+""",
+    new="""                        size_t n_chunks = n_tasks;
+                        // mtp: partials for every query of a small batch (fa-split-kv-every-row), not one
+                        const int64_t neq1 = node->src[0]->ne[1];
+                        size_t n_rows   = neq1 < GGML_FA_TILE_Q ? neq1 : 1;
+                        size_t decode   = sizeof(float)*(n_rows*neq2*n_chunks*(2+DV) + n_tasks*(DK + 2*DV + CACHE_LINE_SIZE_F32));
+""",
+    reason="the work buffer holds the partials of every query the split attention path now takes",
+)
+
+FIXES: tuple[SourceFix, ...] = (AMX_TILE_CONFIG, QWEN2_LAYER_INPUTS, LLAMA_LAST_STATE, QWEN2_LAST_STATE,
+                                   FA_SPLIT_KV_ROWS, FA_SPLIT_KV_WSIZE)
 
 
 def fingerprint(fixes: tuple[SourceFix, ...] = FIXES) -> str:

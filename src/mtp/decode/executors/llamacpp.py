@@ -234,3 +234,64 @@ def cached_batch_curve(target: LlamaCppBackbone, batch: int, cost: dict[int, flo
         return None  # this context cannot hold the measurement (a small --ctx-size): keep one row's sizes
     return _measured_once(name, parse, lambda: verify_curve(target, points=BATCH_POINTS, repeats=5, warmup=1, batch=b),
                           f"llama.cpp's verify cost for {b} rows at once")
+
+
+EXACT_CONTEXTS = (64, 300)  # a KV view of 256 cells, and of 512 (from where llama.cpp's attention splits a query)
+
+
+def exact_width(target: LlamaCppBackbone, contexts=EXACT_CONTEXTS, max_k: int = 16) -> int:
+    """The most tokens one decode of ``target`` takes whose logits are bit for bit those of decoding the same
+    tokens one at a time (plain decoding): 1 where no batch is. A verify wider than this rounds differently from
+    plain decoding somewhere (llama.cpp's repacked quantized kernels take rows in fours and round otherwise than
+    their one-row kernels: qwen2.5-coder-0.5b's Q4_K_M gives 3 here), and a greedy near-tie can then go the other
+    way. Measured after a prompt of each length in ``contexts`` (below and past the 512-cell view where llama.cpp's
+    attention splits a lone query's keys across threads: the fix ``fa-split-kv-every-row`` in
+    :mod:`mtp.engines.patches` makes a batch's queries split alike), a chain of k synthetic tokens against the same
+    tokens decoded one by one, k = 2, 3, ... until one differs."""
+    import numpy as np
+
+    rows = target.rows
+    if rows.rows:
+        raise RuntimeError("exact_width needs the target to itself (no running rows)")
+    vocab = target.ctx.n_vocab
+    follow = [(101 + 7 * j) % vocab for j in range(max_k)]
+    width = max_k
+    for n in contexts:
+        if n + max_k + 1 > target.ctx.n_ctx:
+            break
+        rows.add_rows([[(17 + 31 * i) % vocab for i in range(n)]])
+        try:
+            ref = []
+            for t in follow[:width]:  # plain decoding: one token per decode
+                logits, _ = rows.verify([[t]], [[]], [[]])
+                rows.commit({0: [0]})
+                ref.append(logits[0, 0])
+            rows.ctx.seq_rm(rows.base[0], n)  # the last cells: the chains below refill them in order
+            rows.past[0] = n
+            for k in range(2, width + 1):
+                logits, _ = rows.verify([follow[:k]], [list(range(-1, k - 2))], [[True] * (k - 1)])
+                rows._step = None  # no commit: back to the prompt alone (a chain: no spare sequences)
+                rows.ctx.seq_rm(rows.base[0], n)
+                rows.past[0] = n
+                if not np.array_equal(logits[0], np.stack(ref[:k])):
+                    width = k - 1
+                    break
+        finally:
+            rows.keep_rows([])
+        if width == 1:
+            break
+    return width
+
+
+def cached_exact_width(target: LlamaCppBackbone) -> int:
+    """:func:`exact_width` measured once per GGUF file, CPU, thread count and llama.cpp build (like the curve)."""
+    from mtp.decode.methods import _measured_once
+
+    def measure():
+        if target.rows.rows:
+            target.rows.keep_rows([])
+        return {"width": exact_width(target)}
+
+    return _measured_once(f"llama.cpp-{_curve_key(target)}.exact.json", lambda d: {"width": int(d["width"])},
+                          measure, f"the widest verify llama.cpp computes like one-token decodes for "
+                                   f"{target.gguf.name}")["width"]
