@@ -574,8 +574,8 @@ def test_bit_exact_lookup_drafts_within_the_exact_width_and_answers_as_plain_dec
         monkeypatch.setattr(ex, "cached_exact_width", lambda t: 3)
         prompts = [PREFIX, PREFIX[3:] * 2]
         for calibrate in (False, True):
-            decoder, sizing = build_llama_decoder(target, tok, "lookup", DraftOptions(bit_exact=True, backend="llama.cpp"),
-                                                  calibrate=calibrate)
+            exact = DraftOptions(bit_exact=True, backend="llama.cpp")
+            decoder, sizing = build_llama_decoder(target, tok, "lookup", exact, calibrate=calibrate)
             for p in prompts:
                 out = decoder.generate([p], 24, eos_token_ids=[])
                 assert out.rows[0].tokens == _greedy_alone(tiny_gguf, p, 24)
