@@ -596,3 +596,48 @@ def test_bit_exact_lookup_drafts_within_the_exact_width_and_answers_as_plain_dec
         target.close()
     with pytest.raises(UserError, match="--backend llama.cpp"):
         DraftOptions(bit_exact=True, backend="torch")
+
+
+@needs_lib
+def test_bit_exact_verifies_stay_inside_llamacpps_kv_view(tiny_q4_1, monkeypatch):
+    """llama.cpp attends a KV view padded to 256 cells and splits its keys across threads by the view's length: a
+    verify that grows the view computes its first tokens otherwise than their one-token decodes did (not bit-exact,
+    shown here at 506 cells: a view of 768 split in two halves of 384 against 512 in halves of 256), one that stays
+    inside is exact. --bit-exact's executor cuts a lone row's draft there
+    (LlamaCppExecutor.fit), and greedy lookup across the step answers as plain decoding on the same target."""
+    import mtp.decode.executors.llamacpp as ex
+    from mtp.backbones import load_tokenizer
+    from mtp.config import DraftOptions
+    from mtp.decode.executors.llamacpp import LlamaCppBackbone, LlamaCppExecutor
+    from mtp.decode.run import build_llama_decoder
+    from mtp.decode.tree import Draft
+    from transformers import AutoConfig
+
+    folder = tiny_q4_1.parent
+    target = LlamaCppBackbone(tiny_q4_1, AutoConfig.from_pretrained(folder), n_ctx=1024, threads=2)
+    try:
+        rows, n, follow = target.rows, 506, [88, 400, 401, 402, 403, 404, 405, 406]
+        rows.add_rows([(PREFIX * 50)[:n]])
+        want = _one_by_one(rows, n, follow)
+        for k, exact in ((8, False), (6, True)):  # cells 506..513 grow the view to 768; 506..511 stay in 512
+            got, _ = rows.verify([follow[:k]], [list(range(-1, k - 2))], [[True] * (k - 1)])
+            rows._step = None
+            rows.ctx.seq_rm(rows.base[0], n)
+            rows.past[0] = n
+            assert np.array_equal(got[0], want[:k]) == exact
+        chain = Draft(torch.tensor([follow[1:]]), torch.tensor([[-1, 0, 1, 2, 3, 4, 5]]), torch.ones(1, 7).bool())
+        assert LlamaCppExecutor(target, bit_exact=True).fit(None, chain).valid.tolist() == [[True] * 5 + [False] * 2]
+        assert LlamaCppExecutor(target).fit(None, chain) is chain
+        rows.keep_rows([])
+
+        monkeypatch.setattr(ex, "cached_exact_width", lambda t: 16)
+        tok = load_tokenizer(folder)
+        plain, _ = build_llama_decoder(target, tok, "plain", DraftOptions(), calibrate=False)
+        lookup, _ = build_llama_decoder(target, tok, "lookup", DraftOptions(bit_exact=True, backend="llama.cpp"),
+                                        calibrate=False)
+        prompt = (PREFIX * 50)[:n - 10]
+        want = plain.generate([prompt], 40, eos_token_ids=[]).rows[0].tokens
+        out = lookup.generate([prompt], 40, eos_token_ids=[])
+        assert out.rows[0].tokens == want and out.verify_tokens > out.verify_forwards
+    finally:
+        target.close()

@@ -1328,8 +1328,9 @@ class BenchEngineConfig(Writes):
             kind = m.removesuffix("-guarded")
             _require(kind.removesuffix("-exact").removesuffix("-inexact") in (*HEAD_METHODS, "lookup"),
                      f"--mtp-methods: {m!r} is not one of {', '.join((*HEAD_METHODS, 'lookup'))}")
-            _require(not kind.endswith("exact") or self.mtp_backend == "llama.cpp",
-                     f"--mtp-methods: {m!r} (--bit-exact / --no-bit-exact) is for --mtp-backend llama.cpp")
+            _require(not kind.endswith("exact") or (kind.startswith("lookup-") and self.mtp_backend == "llama.cpp"),
+                     f"--mtp-methods: {m!r}: -exact / -inexact (--bit-exact / --no-bit-exact) are for lookup on "
+                     "--mtp-backend llama.cpp")
 
     def check_files(self) -> None:
         super().check_files()

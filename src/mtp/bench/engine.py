@@ -320,7 +320,8 @@ class MtpRuns:
     threads). Like the engine's own figures, each row's time is its decoding after the prefill (from its first
     token to its last). One :meth:`round` per engine round, run right after it, methods in alternating order, so a
     drift in the machine's speed shifts the engine's rows and ours alike; per prompt the median round is kept.
-    The target stays loaded (idle) while the engine runs."""
+    The target stays loaded (idle) while the engine runs: a second copy of the model in memory beside the engine's,
+    and every method of ours runs ``--rounds`` times (it ran once before the rounds were interleaved)."""
 
     def __init__(self, cfg, prompts: list[list[int]]):
         from mtp.decode.run import eos_ids, open_target

@@ -534,6 +534,7 @@ class SpeculativeDecoder:
         guarded = self.guard is not None and not isinstance(self.proposer, PlainProposer)
         drafting = not guarded or self.guard.drafting(self.state.done.count(False))
         draft = self.proposer.propose(self.draft_context()) if drafting else Draft.empty(b, dev)
+        draft = self.executor.fit(self.state, draft)
         n = draft.size
         q_tokens = torch.cat([self.state.root[:, None], draft.tokens], 1)  # (B, 1+N)
         q_pos = self.state.next_pos[:, None] + draft.depth_q()

@@ -327,7 +327,8 @@ def build_llama_decoder(target, tokenizer, method: str, opts: DraftOptions, mtp_
             return PlainProposer() if gain is not None and gain < 1 else sized
     return SpeculativeDecoder(target, tokenizer, mtp_model=heads, proposer=proposer, sampling=Sampling.of(opts),
                               acceptance=opts.acceptance, seed=opts.seed, draft_vocab=shortlist, resize=resize,
-                              guard=speed_guard(opts, sizing), executor=LlamaCppExecutor(target)), sizing
+                              guard=speed_guard(opts, sizing), executor=LlamaCppExecutor(target, bit_exact=exact)), \
+        sizing
 
 
 def _bit_exact(target, method: str, opts: DraftOptions, cost: dict | None) -> tuple[str, DraftOptions, dict | None]:
@@ -344,6 +345,9 @@ def _bit_exact(target, method: str, opts: DraftOptions, cost: dict | None) -> tu
         if opts.draft_len is not None:
             raise UserError(f"--bit-exact: no llama.cpp decode of more than one token computes what one-token "
                             f"decodes compute ({where}): lookup cannot draft exactly, leave --draft-len out")
+        print(f"mtp: no llama.cpp decode of more than one token computes what one-token decodes compute ({where}): "
+              "lookup decodes plainly to keep llama.cpp's own greedy answers (--no-bit-exact drafts anyway)",
+              file=sys.stderr)
         return "plain", opts, None
     if opts.draft_len is not None and opts.draft_len > width - 1:
         raise UserError(f"--bit-exact: llama.cpp computes at most {width} tokens per decode as it computes them one "
@@ -382,15 +386,19 @@ def resolve_backend(opts: DraftOptions, model_name: str, methods, say=None) -> s
     ``say(line)``: told which was chosen and why. Any other --backend is returned as given."""
     if opts.backend != "auto":
         return opts.backend
-    if getattr(opts, "bit_exact", None) is True:  # llama.cpp's own greedy answers: only its kernels give them
-        return "llama.cpp"
     from mtp.backbones import BUILTIN_MODELS
     from mtp.engines import llamacpp
 
     if opts.device != "cpu" or opts.dtype not in ("auto", "float32") or model_name not in BUILTIN_MODELS \
             or "early-exit" in methods or not (llamacpp.library_dir() / "libllama.so").is_file() \
             or getattr(opts, "max_batch", 1) > 32:  # a server's rows beyond what one llama.cpp context serves
+        if getattr(opts, "bit_exact", None) is True:
+            raise UserError("--bit-exact gives llama.cpp's own greedy answers and runs on its CPU kernels: here "
+                            "--backend auto runs PyTorch (a GPU, a PyTorch --dtype, a model without a GGUF, more "
+                            "than 32 rows or llama.cpp not built); pass --backend llama.cpp or leave --bit-exact out")
         return "torch"
+    if getattr(opts, "bit_exact", None) is True:  # llama.cpp's own greedy answers: only its kernels give them
+        return "llama.cpp"
     times = cached_backend_times(model_name, opts.target, opts.dtype)
     backend = "llama.cpp" if times["llama.cpp"] < times["torch"] else "torch"
     if say is not None:

@@ -308,9 +308,10 @@ class RowCache:
     The dropped cells cost only their masked entries in attention; ``n_ctx`` must hold them (``dropped``). They are
     freed when no row is left, or, with ``max_dropped`` (a server, whose batch may never empty), once they pass
     it: from then on rows round as described above (still the model's computation, in another order). They also
-    make the cache longer sooner, and from 512 cells on llama.cpp's CPU attention takes another path for one
-    query token than for several (KV split across threads: other rounding), so a greedy near-tie can then go the
-    other way than in one-token plain decoding."""
+    make the cache longer sooner: llama.cpp attends a view padded to 256 cells and splits its keys across threads by
+    the view's length, so where cells lie changes the rounding (the source fix fa-split-kv-every-row makes a few
+    query tokens split as one does; --bit-exact keeps a lone row's verify inside its view,
+    :meth:`~mtp.decode.executors.llamacpp.LlamaCppExecutor.fit`)."""
 
     def __init__(self, ctx: LlamaContext):
         self.ctx = ctx

@@ -62,6 +62,11 @@ class Executor:
         ``pos``: returns the last position's logits (B, 1, V) and the tapped states (per tap (B, L, H)) or None."""
         raise NotImplementedError
 
+    def fit(self, batch: "Batch", draft: "Draft") -> "Draft":
+        """The draft this step verifies: ``draft`` itself, or with nodes the executor cannot verify as asked marked
+        as padding (llama.cpp with --bit-exact: none past where its KV view grows)."""
+        return draft
+
     def verify(self, batch: "Batch", q_tokens: torch.Tensor, q_pos: torch.Tensor, allowed_new: torch.Tensor,
                draft: "Draft"):
         """One forward of (B, 1 + N) query tokens at ``q_pos``, node i seeing node j where ``allowed_new[b, i, j]``:

@@ -32,6 +32,7 @@ from mtp.engines.llamacpp_lib import LlamaContext, RowCache
 from mtp.errors import NoRoomYet, UserError
 
 N_SEQ = 64  # sequences in one context: rows x paths of their trees
+KV_VIEW_PAD = 256  # llama.cpp attends a view of its KV cells padded to this (src/llama-kv-cache.cpp, get_n_kv)
 
 
 class LlamaCppBackbone:
@@ -70,9 +71,10 @@ class LlamaCppExecutor(Executor):
 
     name = "llama.cpp"
 
-    def __init__(self, target: LlamaCppBackbone):
+    def __init__(self, target: LlamaCppBackbone, bit_exact: bool = False):
         self.target, self.config, self.device = target, target.config, target.device
         self._taps, self._every, self._dtype = (), False, torch.float32
+        self.bit_exact = bit_exact
 
     @contextlib.contextmanager
     def session(self, taps: tuple[int, ...], every_position: bool = False, states_dtype: torch.dtype | None = None):
@@ -121,6 +123,21 @@ class LlamaCppExecutor(Executor):
                 padded.append(full)
             states = padded
         return torch.from_numpy(logits)[:, None], states
+
+    def fit(self, batch, draft: Draft) -> Draft:
+        """--bit-exact: no node past the end of the row's KV view. llama.cpp pads its view to KV_VIEW_PAD cells and
+        its attention splits the keys across threads in chunks of view / threads, so a verify that makes the view
+        grow computes its first tokens over another split than their one-token decodes did (up to 0.3 in qwen's
+        logits): such a row verifies only the tokens that fit below the view's next step."""
+        if not self.bit_exact or not draft.size:
+            return draft
+        rows = self.target.rows
+        used = max(rows.past, default=0) + rows.dropped  # the cells the next token's cell lies beyond
+        room = -(-(used + 1) // KV_VIEW_PAD) * KV_VIEW_PAD - used - 1  # draft tokens the view holds as it is
+        if draft.size <= room:
+            return draft
+        valid = draft.valid & (draft.depth() <= room)
+        return Draft(draft.tokens, draft.parents, valid)
 
     def verify(self, batch, q_tokens, q_pos, allowed_new, draft: Draft):
         active = [i for i, d in enumerate(batch.done) if not d]
@@ -286,6 +303,11 @@ def exact_width(target: LlamaCppBackbone, contexts=EXACT_CONTEXTS, max_k: int = 
 def cached_exact_width(target: LlamaCppBackbone) -> int:
     """:func:`exact_width` measured once per GGUF file, CPU, thread count and llama.cpp build (like the curve)."""
     from mtp.decode.methods import _measured_once
+
+    if target.ctx.n_ctx < max(EXACT_CONTEXTS) + 17:  # too small a context to measure past the 512-cell view
+        if target.rows.rows:
+            target.rows.keep_rows([])
+        return exact_width(target)  # what this context shows; not kept for larger ones
 
     def measure():
         if target.rows.rows:
