@@ -37,27 +37,34 @@ def test_tree_layout_puts_each_path_in_a_sequence_in_level_order():
     assert lay.order == [0, 1, 2] and lay.leaves == [2] and lay.n_paths == 1
 
 
-@pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory):
-    """A 2-layer random Llama with smollm2's vocabulary and tokenizer, converted to f32 GGUF by llama.cpp."""
+def _tiny_llama(folder, embedding_scale: float = 1.0):
+    """A 2-layer random Llama with smollm2's vocabulary and tokenizer files, saved to ``folder`` (seed 0)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from mtp.backbones import local_model_folder
-    from mtp.engines.targets import convert_target
 
     src = local_model_folder("smollm2-135m")
-    folder = tmp_path_factory.mktemp("tiny-smol")
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                       bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
     model = LlamaForCausalLM(cfg)
     with torch.no_grad():
-        model.get_input_embeddings().weight.mul_(20.0)  # sharper logits than a random init's near-uniform ones
+        model.get_input_embeddings().weight.mul_(embedding_scale)
     model.save_pretrained(folder)
     for name in ("tokenizer.json", "generation_config.json", "chat_template.jinja"):
         if (src / name).is_file():
             shutil.copy(src / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    """A 2-layer random Llama with smollm2's vocabulary and tokenizer, converted to f32 GGUF by llama.cpp."""
+    from mtp.engines.targets import convert_target
+
+    # embeddings x20: sharper logits than a random init's near-uniform ones
+    folder = _tiny_llama(tmp_path_factory.mktemp("tiny-smol"), embedding_scale=20.0)
     return convert_target(folder, folder / "model.gguf", "f32")
 
 
@@ -508,22 +515,10 @@ def _one_by_one(rows, n: int, tokens: list[int]) -> np.ndarray:
 def tiny_q4_1(tmp_path_factory):
     """A 2-layer random Llama (default init: attention spread over many keys, so the order of its sums shows) in
     Q4_1 made by llama-quantize: weights whose kernels take each row alone, so a batch's matmuls are exact."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from mtp.backbones import local_model_folder
     from mtp.engines.llamacpp import quantize
     from mtp.engines.targets import convert_target
 
-    src = local_model_folder("smollm2-135m")
-    folder = tmp_path_factory.mktemp("tiny-q4_1")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    for name in ("tokenizer.json", "generation_config.json"):
-        if (src / name).is_file():
-            shutil.copy(src / name, folder / name)
+    folder = _tiny_llama(tmp_path_factory.mktemp("tiny-q4_1"))
     return quantize(convert_target(folder, folder / "model.gguf", "f32"), folder / "q4_1.gguf", "q4_1")
 
 
