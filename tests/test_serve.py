@@ -493,7 +493,9 @@ def test_sigterm_ends_streams_with_an_event_and_exits_cleanly(served):
     readers = [threading.Thread(target=read) for _ in range(3)]
     for t in readers:
         t.start()
-    time.sleep(0.5)
+    deadline = time.monotonic() + 30
+    while not events and time.monotonic() < deadline:  # the first stream has begun: the other two wait behind it
+        time.sleep(0.005)  # (a fixed wait raced a fast server: all three could end before it)
     s.proc.send_signal(signal.SIGTERM)
     health = httpx.get(s.url + "/health", timeout=5)  # one row at a time: three long streams are still going
     refused = httpx.post(s.url + "/v1/completions", json={**body, "stream": False}, timeout=5)
