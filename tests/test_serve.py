@@ -494,8 +494,11 @@ def test_sigterm_ends_streams_with_an_event_and_exits_cleanly(served):
     for t in readers:
         t.start()
     deadline = time.monotonic() + 30
-    while not events and time.monotonic() < deadline:  # the first stream has begun: the other two wait behind it
-        time.sleep(0.005)  # (a fixed wait raced a fast server: all three could end before it)
+    while time.monotonic() < deadline:  # signal once the server holds all three (a fixed wait raced a fast server:
+        h = httpx.get(s.url + "/health", timeout=5).json()  # streams could end, or not yet be sent, before it)
+        if h["running"] + h["waiting"] + events.count("[DONE]") >= 3:
+            break
+        time.sleep(0.005)
     s.proc.send_signal(signal.SIGTERM)
     health = httpx.get(s.url + "/health", timeout=5)  # one row at a time: three long streams are still going
     refused = httpx.post(s.url + "/v1/completions", json={**body, "stream": False}, timeout=5)
