@@ -198,6 +198,38 @@ def test_rows_of_a_batch_verify_together_join_and_leave(tiny_gguf):
     np.testing.assert_allclose(nxt[1], alone[0][1], rtol=1e-3, atol=2e-3)
 
 
+
+@needs_lib
+def test_a_joining_prompt_reads_the_cells_of_the_prefix_it_shares_with_a_running_row(tiny_gguf):
+    """--prompt-cache: the shared prefix is not computed again (only the rest is decoded), the row's logits are
+    those of its own whole prefill, and it decodes on after the row it shared with has left."""
+    from mtp.engines.llamacpp_lib import RowCache
+
+    a, b, c = PREFIX + [900, 901], PREFIX + [902, 903, 904], PREFIX[:3] + [905]
+    alone = {}
+    for name, p in (("b", b), ("c", c)):
+        with _ctx(tiny_gguf) as ctx:
+            rows = RowCache(ctx)
+            first, _ = rows.add_rows([p])
+            nxt, _ = rows.verify([[42, 43]], [[-1]], [[True]])
+            alone[name] = (first[0], nxt[0])
+    with _ctx(tiny_gguf) as ctx:
+        rows = RowCache(ctx)
+        rows.share_prefix = 4
+        rows.add_rows([a])
+        decoded = []
+        decode = ctx.decode
+        ctx.decode = lambda tokens, *args, **kw: decoded.append(len(tokens)) or decode(tokens, *args, **kw)
+        first_b, _ = rows.add_rows([b])
+        assert decoded == [3] and rows.shared_tokens == len(PREFIX)  # only b's own three tokens
+        first_c, _ = rows.add_rows([c])  # 3 tokens in common: shorter than share_prefix, computed whole
+        assert decoded == [3, 4] and rows.shared_tokens == len(PREFIX)
+        rows.keep_rows([1])  # a leaves: b keeps the cells it reads
+        nxt, _ = rows.verify([[42, 43]], [[-1]], [[True]])
+    np.testing.assert_allclose(first_b[0], alone["b"][0], rtol=1e-3, atol=2e-3)
+    np.testing.assert_allclose(first_c[0], alone["c"][0], rtol=1e-3, atol=2e-3)
+    np.testing.assert_allclose(nxt[0], alone["b"][1], rtol=1e-3, atol=2e-3)
+
 def _greedy_alone(gguf, prompt, n):
     """llama.cpp's own plain greedy decoding: one token per decode, argmax of its logits."""
     from mtp.engines.llamacpp_lib import RowCache

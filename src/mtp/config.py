@@ -917,6 +917,11 @@ class ServeConfig(DraftOptions):
     """--backend llama.cpp: KV cells shared by all rows; a request holds its prompt + max tokens of them while it
     runs, and waits in the queue while they are taken (default: what --max-batch requests of --max-prompt-tokens +
     --max-tokens hold, at most 16384)."""
+    prompt_cache: bool = True
+    """--backend llama.cpp: a joining request computes only the part of its prompt after the longest prefix (16
+    tokens or more) it shares with a running request's prompt, such as a chat template's system prompt, and reads
+    that request's cells for the rest (what llama-server's cache_prompt does); its answer can then round apart from
+    a lone `mtp generate`'s. --no-prompt-cache: every prompt computed whole."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

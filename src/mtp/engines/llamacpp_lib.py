@@ -290,6 +290,9 @@ class TreeLayout:
         return self.paths[q][0]
 
 
+SHARE_PREFIX_MIN = 16  # the shortest shared prompt prefix a server's joining row reads from a running row's cells
+
+
 class RowCache:
     """The rows of a decoding batch in one llama.cpp context: each row a base sequence holding its committed
     tokens; a verify step adds one spare sequence per extra path of the row's tree, and the commit keeps the
@@ -323,6 +326,9 @@ class RowCache:
         self.dropped = 0  # cells held by dropped tree nodes
         self.max_dropped: int | None = None  # free them once they pass this many (None: only when no row is left)
         self.compactions = 0
+        self.prompts: list[list[int]] = []  # per row: its prompt (what a joining row's prompt may share)
+        self.share_prefix = 0  # a joining prompt reuses a running row's cells of a prefix this long or longer (0: off)
+        self.shared_tokens = 0  # prompt tokens not computed again so far
 
     @property
     def rows(self) -> int:
@@ -354,26 +360,56 @@ class RowCache:
                     self._free.append(s)
                 raise
         try:
+            starts = self._share(prompts, seqs)
             self.ctx.capture(())
-            logits = self._prefill_whole(prompts, seqs)
+            logits = self._prefill_whole(prompts, seqs, starts)
             states = self._last_states(prompts, seqs, layers) if layers else None
         except BaseException:
             for s in seqs:
                 self.ctx.seq_rm(s)
                 self._free.append(s)
             raise
+        self.shared_tokens += sum(starts)
         self.base += seqs
         self.past += [len(p) for p in prompts]
+        self.prompts += [list(p) for p in prompts]
         return logits, states
 
-    def _prefill_whole(self, prompts, seqs) -> np.ndarray:
+    def _share(self, prompts, seqs) -> list[int]:
+        """With ``share_prefix``: each new row's sequence takes the running rows' cells of the longest prefix its
+        prompt shares with one of their prompts (``seq_cp``, a bitset edit: the cells are not copied, and stay while
+        any sequence holds them), if at least ``share_prefix`` tokens long and short of the whole prompt (its last
+        token is decoded, for the logits). Returns, per new row, the tokens taken so (its prefill starts there).
+        What llama-server's ``cache_prompt`` does within a slot, across rows here: a chat template's system prompt,
+        or one document asked about several times, is computed once. The reused keys and values were computed in
+        another prefill, whose batch shape can round them otherwise than this prompt's own would (as with
+        llama-server's cache): a lone row's answer is unchanged, as no running row is there to share with."""
+        starts = [0] * len(prompts)
+        if not self.share_prefix or not self.base:
+            return starts
+        for i, p in enumerate(prompts):
+            best, src = 0, None
+            for r, q in enumerate(self.prompts):
+                n, top = 0, min(len(p) - 1, len(q), self.past[r])
+                while n < top and p[n] == q[n]:
+                    n += 1
+                if n > best:
+                    best, src = n, self.base[r]
+            if best >= self.share_prefix:
+                self.ctx.seq_cp(src, seqs[i], 0, best)
+                starts[i] = best
+        return starts
+
+    def _prefill_whole(self, prompts, seqs, starts: list[int] | None = None) -> np.ndarray:
         """Every prompt token in one decode (n_batch at a time), each row's last token the only output: what
         llama.cpp's own prompt processing computes (llama-server's, ``llama-cli``'s), so that the cache, and the
         plain greedy decoding that follows, are the same numbers. (Decoding the last token on its own instead
         rounds its keys and values through the one-token kernels: with Q4_K_M weights that turned 6 of 12
-        greedy answers into others.) Returns each row's last-token logits (B, V)."""
+        greedy answers into others.) ``starts``: per row, the prompt tokens its sequence holds already (shared
+        cells, :meth:`_share`). Returns each row's last-token logits (B, V)."""
         last = np.zeros((len(prompts), self.ctx.n_vocab), dtype=np.float32)
-        body = [(r, i, t) for r, p in enumerate(prompts) for i, t in enumerate(p)]
+        starts = starts or [0] * len(prompts)
+        body = [(r, i, t) for r, p in enumerate(prompts) for i, t in enumerate(p) if i >= starts[r]]
         for start in range(0, len(body), self.ctx.n_batch):
             part = body[start:start + self.ctx.n_batch]
             outs = [i == len(prompts[r]) - 1 for r, i, _ in part]
@@ -422,6 +458,7 @@ class RowCache:
                     last[r] = logits[k]
         self.base += seqs
         self.past += [len(p) for p in prompts]
+        self.prompts += [list(p) for p in prompts]
         return last, states
 
     def verify(self, tokens: list[list[int]], parents: list[list[int]], valid: list[list[bool]],
@@ -506,6 +543,7 @@ class RowCache:
             self._free.append(self.base[r])
         self.base = [self.base[r] for r in keep]
         self.past = [self.past[r] for r in keep]
+        self.prompts = [self.prompts[r] for r in keep]
         if not self.base:  # nothing left that a freed cell could come before: the dropped cells go too
             self.ctx.clear()
             self.dropped = 0
