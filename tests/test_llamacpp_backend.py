@@ -198,7 +198,6 @@ def test_rows_of_a_batch_verify_together_join_and_leave(tiny_gguf):
     np.testing.assert_allclose(nxt[1], alone[0][1], rtol=1e-3, atol=2e-3)
 
 
-
 @needs_lib
 def test_a_joining_prompt_reads_the_cells_of_the_prefix_it_shares_with_a_running_row(tiny_gguf):
     """--prompt-cache: the shared prefix is not computed again (only the rest is decoded), the row's logits are
@@ -229,6 +228,14 @@ def test_a_joining_prompt_reads_the_cells_of_the_prefix_it_shares_with_a_running
     np.testing.assert_allclose(first_b[0], alone["b"][0], rtol=1e-3, atol=2e-3)
     np.testing.assert_allclose(first_c[0], alone["c"][0], rtol=1e-3, atol=2e-3)
     np.testing.assert_allclose(nxt[0], alone["b"][1], rtol=1e-3, atol=2e-3)
+    with _ctx(tiny_gguf) as ctx:  # a sliding-window model may have overwritten a running row's first cells
+        ctx.shares_prefixes = False
+        rows = RowCache(ctx)
+        rows.share_prefix = 4
+        rows.add_rows([a])
+        rows.add_rows([b])
+        assert rows.shared_tokens == 0
+
 
 def _greedy_alone(gguf, prompt, n):
     """llama.cpp's own plain greedy decoding: one token per decode, argmax of its logits."""
@@ -468,14 +475,26 @@ def test_bench_decode_and_bench_context_run_on_llamacpp(tiny_gguf, tmp_path):
     identity (no transformers model there); a method's rows decode with it; context growth is measured on it."""
     import json
 
-    from mtp.bench.context import bench_context, format_bench_context
-    from mtp.bench.decode import bench_decode, format_bench_decode
-    from mtp.config import BenchContextConfig, BenchDecodeConfig
+    from mtp.io import cache_dir
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in
                                ["def add(a, b): return a + b\n" * 3, "the cat sat on the mat. " * 4, "1, 2, 3, 4, 5,"]))
     folder = str(tiny_gguf.parent)
+    targets = cache_dir("engines", "targets")
+    before = set(targets.glob(f"{tiny_gguf.parent.name}-*"))
+    try:
+        _bench_decode_and_context_on_llamacpp(folder, prompts, tmp_path)
+    finally:  # the f32 conversion the benchmarks made of this temporary folder in the user cache goes with it
+        for made in set(targets.glob(f"{tiny_gguf.parent.name}-*")) - before:
+            shutil.rmtree(made, ignore_errors=True)
+
+
+def _bench_decode_and_context_on_llamacpp(folder, prompts, tmp_path):
+    from mtp.bench.context import bench_context, format_bench_context
+    from mtp.bench.decode import bench_decode, format_bench_decode
+    from mtp.config import BenchContextConfig, BenchDecodeConfig
+
     r = bench_decode(BenchDecodeConfig(model=folder, backend="llama.cpp", target="f32", methods=["lookup"],
                                        prompts=str(prompts), limit=3, max_new_tokens=12, batch_size=2, chat=False))
     assert r["backend"] == "llama.cpp" and list(r["methods"]) == ["plain", "lookup"]

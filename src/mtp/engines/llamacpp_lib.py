@@ -147,6 +147,11 @@ class LlamaContext:
             self.n_embd = ll.llama_model_n_embd(self.model)
             self.batch = ll.llama_batch_init(n_batch, 0, n_seq)
             self.n_layer = ll.llama_model_n_layer(self.model)
+            # a row's cells stay what its prompt put there: not so where llama.cpp may overwrite cells that left a
+            # sliding window (gemma3) or keeps a recurrent state instead
+            self.shares_prefixes = (ll.llama_model_n_swa(self.model) == 0
+                                    and not ll.llama_model_is_recurrent(self.model)
+                                    and not ll.llama_model_is_hybrid(self.model))
             self.captured: tuple[int, ...] = ()
         except BaseException:
             self.close()
@@ -383,9 +388,12 @@ class RowCache:
         What llama-server's ``cache_prompt`` does within a slot, across rows here: a chat template's system prompt,
         or one document asked about several times, is computed once. The reused keys and values were computed in
         another prefill, whose batch shape can round them otherwise than this prompt's own would (as with
-        llama-server's cache): a lone row's answer is unchanged, as no running row is there to share with."""
+        llama-server's cache): a lone row's answer is unchanged, as no running row is there to share with. Not on
+        models with a sliding window or a recurrent state (``LlamaContext.shares_prefixes``): llama.cpp may reuse
+        a cell that left a sequence's window, so a running row's first cells need not hold its prompt any more
+        (llama-server does not reuse prompts there either)."""
         starts = [0] * len(prompts)
-        if not self.share_prefix or not self.base:
+        if not self.share_prefix or not self.base or not self.ctx.shares_prefixes:
             return starts
         for i, p in enumerate(prompts):
             best, src = 0, None
