@@ -363,17 +363,16 @@ def serve(cfg, command: str = "") -> None:
         backbone, tokenizer = loaded.backbone, loaded.tokenizer
         loaded.tokenizer = copy.deepcopy(tokenizer)  # the decoder's own: the event loop encodes with the other
         decoder, _ = loaded.decoder(method, cfg)
-        # a server's batch may never empty: on llama.cpp dropped tree cells are freed as they pile up; a joining
-        # prompt reads the cells of the prefix it shares with a running one (--prompt-cache)
+        # a server's batch may never empty: on llama.cpp dropped tree cells are freed as they pile up
         if cfg.backend == "llama.cpp":
-            from mtp.engines.llamacpp_lib import SHARE_PREFIX_MIN
-
             backbone.rows.max_dropped = backbone.ctx.n_ctx // 8
         eos = eos_ids(backbone, tokenizer)
         # drafts sized for every batch size the server will run (curves measured once)
         decoder.prepare(cfg.max_batch)
         decoder.generate([tokenizer("Hello", add_special_tokens=False)["input_ids"] or [0]], 4, eos)  # warm-up
-        if cfg.backend == "llama.cpp":
+        if cfg.backend == "llama.cpp":  # a joining prompt reads the cells of the prefix it shares with a running one
+            from mtp.engines.llamacpp_lib import SHARE_PREFIX_MIN
+
             backbone.rows.share_prefix = SHARE_PREFIX_MIN if cfg.prompt_cache else 0
         return backbone, tokenizer, decoder, eos
 
