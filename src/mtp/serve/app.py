@@ -81,6 +81,16 @@ class Metrics:
                               registry=r)
         self.latency = Histogram("mtp_request_seconds", "Submission to last token", buckets=buckets, registry=r)
 
+    def count(self, name: str, doc: str, read) -> None:
+        """A counter kept elsewhere: ``read()`` gives its total whenever /metrics is read."""
+        from prometheus_client.core import CounterMetricFamily
+
+        class Reading:
+            def collect(self):
+                yield CounterMetricFamily(name, doc, value=read())
+
+        self.registry.register(Reading())
+
     def text(self) -> bytes:
         from prometheus_client import generate_latest
 
@@ -386,6 +396,9 @@ def serve(cfg, command: str = "") -> None:
     settings = Settings(names, limits, api_key, cfg.max_body_bytes, cfg.timeout, f"mtp-{method}", tuple(eos),
                         cfg.read_timeout)
     metrics = Metrics()
+    if cfg.backend == "llama.cpp":
+        metrics.count("mtp_prompt_tokens_reused", "Prompt tokens read from a running request's KV cells instead of "
+                      "computed (--prompt-cache)", lambda: backbone.rows.shared_tokens)
     scheduler = Scheduler(decoder, cfg.max_batch, cfg.max_queue, metrics)
     app = create_app(scheduler, tokenizer, settings, metrics)
     AppStatus.disable_automatic_graceful_drain()  # streams end through the scheduler's drain, with an event
