@@ -120,13 +120,13 @@ def test_models_health_metrics_and_unknown_routes(client):
     assert client.get("/v1/completions", headers=AUTH).status_code == 405
 
 
-
 def test_a_counter_kept_elsewhere_is_read_when_metrics_are():
     """e.g. the prompt tokens a llama.cpp server's rows read from each other's cells (--prompt-cache)."""
     metrics, kept = Metrics(), [3]
     metrics.count("mtp_prompt_tokens_reused", "reused", lambda: kept[0])
     kept[0] = 40
     assert "mtp_prompt_tokens_reused_total 40.0" in metrics.text().decode()
+
 
 def test_a_model_without_a_chat_template_refuses_chat_with_400(model):
     api, _ = make_api(model, chat_template=False)

@@ -375,10 +375,14 @@ class RowCache:
                 self._free.append(s)
             raise
         self.shared_tokens += sum(starts)
+        self._append(prompts, seqs)
+        return logits, states
+
+    def _append(self, prompts, seqs) -> None:
+        """The prefilled rows join the running ones."""
         self.base += seqs
         self.past += [len(p) for p in prompts]
         self.prompts += [list(p) for p in prompts]
-        return logits, states
 
     def _share(self, prompts, seqs) -> list[int]:
         """With ``share_prefix``: each new row's sequence takes the running rows' cells of the longest prefix its
@@ -464,9 +468,7 @@ class RowCache:
                     layer[r][i] = g[k]
                 if i == len(prompts[r]) - 1:
                     last[r] = logits[k]
-        self.base += seqs
-        self.past += [len(p) for p in prompts]
-        self.prompts += [list(p) for p in prompts]
+        self._append(prompts, seqs)
         return last, states
 
     def verify(self, tokens: list[list[int]], parents: list[list[int]], valid: list[list[bool]],
